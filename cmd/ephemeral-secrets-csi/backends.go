@@ -1,0 +1,51 @@
+package main
+
+import (
+	"fmt"
+	"os"
+
+	"sigs.k8s.io/yaml"
+
+	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
+	"github.com/ephemeral-secrets/csi-driver/pkg/provider/postgres"
+)
+
+// backendConfig is the admin's backend file: one section per provider.
+type backendConfig struct {
+	Postgres *postgres.Config `json:"postgres,omitempty"`
+}
+
+// loadBackends reads the backend file and builds the providers it
+// configures. An empty path configures none.
+func loadBackends(path string) (*provider.Registry, func(), error) {
+	reg := &provider.Registry{}
+	closers := []func(){}
+	closeAll := func() {
+		for _, c := range closers {
+			c()
+		}
+	}
+	if path == "" {
+		return reg, closeAll, nil
+	}
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, nil, fmt.Errorf("backend config: %w", err)
+	}
+	var cfg backendConfig
+	if err := yaml.UnmarshalStrict(data, &cfg); err != nil {
+		// The YAML library's message can quote the offending line; this file holds admin credentials.
+		return nil, nil, fmt.Errorf("backend config %s: not valid (check its keys and indentation)", path)
+	}
+	if cfg.Postgres != nil {
+		p, err := postgres.New(*cfg.Postgres)
+		if err != nil {
+			return nil, nil, err
+		}
+		closers = append(closers, p.Close)
+		if err := reg.Register(postgres.Name, p); err != nil {
+			return nil, nil, err
+		}
+	}
+	return reg, closeAll, nil
+}

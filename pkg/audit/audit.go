@@ -1,0 +1,81 @@
+// Package audit writes one JSON record per lifecycle stage of a credential:
+// request, issue, renew, rotate, revoke, expire, failure. Records carry
+// who, what, when and how long; never a secret.
+package audit
+
+import (
+	"encoding/json"
+	"io"
+	"sync"
+	"time"
+
+	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
+)
+
+// Stage of a credential's life.
+type Stage string
+
+// The stages a record can describe.
+const (
+	Request Stage = "request"
+	Issue   Stage = "issue"
+	Renew   Stage = "renew"
+	Rotate  Stage = "rotate"
+	Revoke  Stage = "revoke"
+	Expire  Stage = "expire"
+	Failure Stage = "failure"
+)
+
+// Outcomes.
+const (
+	Success = "success"
+	Error   = "error"
+	// Pending: the step was accepted and will finish later (a queued revocation).
+	Pending = "pending"
+	// Unrevocable: the backend cannot revoke; the credential lives until ExpiresAt.
+	Unrevocable = "unrevocable"
+)
+
+// Record is one audit line.
+type Record struct {
+	Time      time.Time    `json:"time"`
+	Stage     Stage        `json:"stage"`
+	VolumeID  string       `json:"volume_id"`
+	Pod       provider.Pod `json:"pod"`
+	Class     string       `json:"class,omitempty"`
+	Provider  string       `json:"provider,omitempty"`
+	Role      string       `json:"role,omitempty"`
+	LeaseID   string       `json:"lease_id,omitempty"`
+	ExpiresAt *time.Time   `json:"expires_at,omitempty"`
+	Outcome   string       `json:"outcome"`
+	Error     string       `json:"error,omitempty"`
+	Detail    string       `json:"detail,omitempty"`
+	// Lifetime is how long the credential lived, on revoke and expire.
+	Lifetime string `json:"lifetime,omitempty"`
+}
+
+// Logger writes records as JSON lines. The zero value discards them.
+type Logger struct {
+	mu  sync.Mutex
+	enc *json.Encoder
+	now func() time.Time
+}
+
+// New returns a Logger writing to w.
+func New(w io.Writer) *Logger {
+	return &Logger{enc: json.NewEncoder(w), now: time.Now}
+}
+
+// Log writes r, stamping its time if unset. Errors writing the audit trail
+// are returned so the caller can log them.
+func (l *Logger) Log(r Record) error {
+	if l == nil || l.enc == nil {
+		return nil
+	}
+	if r.Time.IsZero() {
+		r.Time = l.now().UTC()
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.enc.Encode(r)
+}

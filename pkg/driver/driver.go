@@ -1,0 +1,187 @@
+// Package driver serves the CSI Identity and Node services: it validates
+// requests, hands them to the lease manager and maps the outcome to CSI
+// error codes, all in one place.
+package driver
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/url"
+	"os"
+	"path/filepath"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	"google.golang.org/grpc"
+	"google.golang.org/protobuf/types/known/wrapperspb"
+	"k8s.io/klog/v2"
+
+	"github.com/ephemeral-secrets/csi-driver/pkg/lease"
+	"github.com/ephemeral-secrets/csi-driver/pkg/spc"
+	"github.com/ephemeral-secrets/csi-driver/pkg/storage"
+)
+
+// Name is the CSI driver name.
+const Name = "ephemeral-secrets.csi.dev"
+
+// Lifecycle is what the driver needs of the lease manager.
+type Lifecycle interface {
+	Publish(ctx context.Context, v lease.Volume) error
+	Unpublish(ctx context.Context, volumeID, target string) error
+	Ready() bool
+}
+
+var _ Lifecycle = (*lease.Manager)(nil)
+
+// Options configure a Driver.
+type Options struct {
+	NodeID  string
+	Version string
+	Leases  Lifecycle
+	Targets storage.TargetPolicy
+}
+
+// Driver implements csi.IdentityServer and csi.NodeServer.
+type Driver struct {
+	csi.UnimplementedIdentityServer
+	csi.UnimplementedNodeServer
+	opts Options
+}
+
+// New returns a Driver.
+func New(opts Options) *Driver {
+	if opts.Version == "" {
+		opts.Version = "dev"
+	}
+	return &Driver{opts: opts}
+}
+
+// Listen opens the endpoint ("unix:///path" or "unix:/path"), removing a
+// stale socket left by a previous run.
+func Listen(endpoint string) (net.Listener, error) {
+	u, err := url.Parse(endpoint)
+	if err != nil || u.Scheme != "unix" {
+		return nil, fmt.Errorf("endpoint %q: only unix:///path is supported", endpoint)
+	}
+	path := u.Path
+	if path == "" {
+		path = u.Opaque
+	}
+	if err := os.MkdirAll(filepath.Dir(path), 0o750); err != nil {
+		return nil, err
+	}
+	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("removing stale socket: %w", err)
+	}
+	return net.Listen("unix", path)
+}
+
+// Serve serves d on l until ctx is cancelled.
+func (d *Driver) Serve(ctx context.Context, l net.Listener) error {
+	srv := grpc.NewServer(grpc.UnaryInterceptor(logCalls))
+	csi.RegisterIdentityServer(srv, d)
+	csi.RegisterNodeServer(srv, d)
+	go func() {
+		<-ctx.Done()
+		srv.GracefulStop()
+	}()
+	klog.InfoS("Serving CSI", "driver", Name, "endpoint", l.Addr().String())
+	return srv.Serve(l)
+}
+
+// GetPluginInfo implements csi.IdentityServer.
+func (d *Driver) GetPluginInfo(context.Context, *csi.GetPluginInfoRequest) (*csi.GetPluginInfoResponse, error) {
+	return &csi.GetPluginInfoResponse{Name: Name, VendorVersion: d.opts.Version}, nil
+}
+
+// GetPluginCapabilities implements csi.IdentityServer: a node-only plugin
+// has none to announce.
+func (d *Driver) GetPluginCapabilities(context.Context, *csi.GetPluginCapabilitiesRequest) (*csi.GetPluginCapabilitiesResponse, error) {
+	return &csi.GetPluginCapabilitiesResponse{}, nil
+}
+
+// Probe implements csi.IdentityServer: ready once recovery has finished.
+func (d *Driver) Probe(context.Context, *csi.ProbeRequest) (*csi.ProbeResponse, error) {
+	return &csi.ProbeResponse{Ready: wrapperspb.Bool(d.opts.Leases.Ready())}, nil
+}
+
+// NodeGetCapabilities implements csi.NodeServer.
+func (d *Driver) NodeGetCapabilities(context.Context, *csi.NodeGetCapabilitiesRequest) (*csi.NodeGetCapabilitiesResponse, error) {
+	return &csi.NodeGetCapabilitiesResponse{Capabilities: []*csi.NodeServiceCapability{{
+		Type: &csi.NodeServiceCapability_Rpc{Rpc: &csi.NodeServiceCapability_RPC{
+			Type: csi.NodeServiceCapability_RPC_VOLUME_MOUNT_GROUP,
+		}},
+	}}}, nil
+}
+
+// NodeGetInfo implements csi.NodeServer.
+func (d *Driver) NodeGetInfo(context.Context, *csi.NodeGetInfoRequest) (*csi.NodeGetInfoResponse, error) {
+	return &csi.NodeGetInfoResponse{NodeId: d.opts.NodeID}, nil
+}
+
+// NodePublishVolume implements csi.NodeServer: validate, delegate, map errors.
+func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolumeRequest) (*csi.NodePublishVolumeResponse, error) {
+	v, err := d.volumeFor(req)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	if err := d.opts.Leases.Publish(ctx, v); err != nil {
+		return nil, toStatus(err)
+	}
+	return &csi.NodePublishVolumeResponse{}, nil
+}
+
+// NodeUnpublishVolume implements csi.NodeServer. Unknown volumes are fine:
+// kubelet retries any error forever.
+func (d *Driver) NodeUnpublishVolume(ctx context.Context, req *csi.NodeUnpublishVolumeRequest) (*csi.NodeUnpublishVolumeResponse, error) {
+	if req.GetVolumeId() == "" {
+		return nil, toStatus(fmt.Errorf("%w: volume_id is required", errInvalid))
+	}
+	if req.GetTargetPath() == "" {
+		return nil, toStatus(fmt.Errorf("%w: target_path is required", errInvalid))
+	}
+	if err := d.opts.Leases.Unpublish(ctx, req.GetVolumeId(), req.GetTargetPath()); err != nil {
+		return nil, toStatus(err)
+	}
+	return &csi.NodeUnpublishVolumeResponse{}, nil
+}
+
+// volumeFor checks a publish request and turns it into a lease.Volume.
+func (d *Driver) volumeFor(req *csi.NodePublishVolumeRequest) (lease.Volume, error) {
+	var v lease.Volume
+	switch {
+	case req.GetVolumeId() == "":
+		return v, fmt.Errorf("%w: volume_id is required", errInvalid)
+	case req.GetTargetPath() == "":
+		return v, fmt.Errorf("%w: target_path is required", errInvalid)
+	case req.GetVolumeCapability() == nil:
+		return v, fmt.Errorf("%w: volume_capability is required", errInvalid)
+	case req.GetVolumeCapability().GetMount() == nil:
+		return v, fmt.Errorf("%w: only the mount access type is supported", errInvalid)
+	case !req.GetReadonly():
+		return v, fmt.Errorf("%w: the volume must be read-only (readOnly: true in the pod's volume)", errInvalid)
+	}
+	mnt, err := spc.ParseVolumeContext(req.GetVolumeContext(), req.GetSecrets())
+	if err != nil {
+		return v, err
+	}
+	if err := d.opts.Targets.Check(req.GetTargetPath(), mnt.Pod.UID); err != nil {
+		return v, err
+	}
+	group := req.GetVolumeCapability().GetMount().GetVolumeMountGroup()
+	gid, err := lease.ParseGID(group)
+	if err != nil {
+		return v, fmt.Errorf("%w: %v", errInvalid, err)
+	}
+	attrs := make(map[string]string, len(req.GetVolumeContext()))
+	for k, val := range req.GetVolumeContext() {
+		if k != spc.TokensKey {
+			attrs[k] = val
+		}
+	}
+	return lease.Volume{
+		ID: req.GetVolumeId(), TargetPath: req.GetTargetPath(), ReadOnly: true,
+		MountGroup: group, GID: gid, Attributes: attrs, Mount: mnt,
+	}, nil
+}

@@ -1,0 +1,421 @@
+// Package lease manages the life of every credential on the node: issue
+// at publish, renewal on its own timer, rotation where renewal is
+// impossible, a durable revocation queue retried until the backend
+// confirms, and recovery of all of it after a driver restart.
+package lease
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/base32"
+	"errors"
+	"fmt"
+	"maps"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"k8s.io/klog/v2"
+
+	"github.com/ephemeral-secrets/csi-driver/pkg/audit"
+	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
+	"github.com/ephemeral-secrets/csi-driver/pkg/render"
+	"github.com/ephemeral-secrets/csi-driver/pkg/spc"
+	"github.com/ephemeral-secrets/csi-driver/pkg/storage"
+)
+
+// Errors the gRPC edge maps to CSI codes.
+var (
+	// ErrIncompatible: the volume is already published with other arguments.
+	ErrIncompatible = errors.New("volume already published with different arguments")
+	// ErrUnknownProvider: the class names a provider this driver lacks.
+	ErrUnknownProvider = errors.New("unknown provider")
+	// ErrNotReady: recovery after start-up has not finished.
+	ErrNotReady = errors.New("driver is still recovering its state")
+)
+
+// Store is what the manager needs of the storage.
+type Store interface {
+	storage.MetadataReader
+	storage.MetadataWriter
+	storage.DataWriter
+	RemoveOrphans() (int, error)
+}
+
+// Options configure a Manager. Zero durations take the defaults.
+type Options struct {
+	Store     Store
+	Providers *provider.Registry
+	Classes   spc.Resolver
+	Audit     *audit.Logger
+
+	// RenewFraction of a lease's remaining TTL after which it is renewed
+	// (default 2/3), less up to Jitter of that (default 0.1).
+	RenewFraction float64
+	Jitter        float64
+	// RetryMin and RetryMax bound the backoff of failed renewals and
+	// revocations (defaults 1 s and 1 min).
+	RetryMin, RetryMax time.Duration
+	// BackendTimeout bounds one call to a provider (default 30 s).
+	BackendTimeout time.Duration
+	// SweepInterval is how often volumes whose target vanished are looked
+	// for (default 1 min).
+	SweepInterval time.Duration
+}
+
+// Volume is what NodePublishVolume asks for, validated by the caller.
+type Volume struct {
+	ID         string
+	TargetPath string
+	ReadOnly   bool
+	// MountGroup is volume_mount_group as given; GID is it parsed, or -1.
+	MountGroup string
+	GID        int
+	// Attributes is the volume context less the service-account tokens,
+	// which change on every republish.
+	Attributes map[string]string
+	Mount      spc.Mount
+}
+
+// Manager runs the lifecycle of the node's leases.
+type Manager struct {
+	opts  Options
+	locks keyedLock
+
+	ctx    context.Context // cancelled by Close; bounds background work
+	cancel context.CancelFunc
+
+	mu    sync.Mutex
+	vols  map[string]*volume
+	ready bool
+
+	wake    chan struct{}
+	retryAt map[string]time.Time // revocation lease ID -> next attempt; worker only
+}
+
+// volume is the in-memory state of one published volume.
+type volume struct {
+	meta     storage.Metadata
+	lease    provider.Lease
+	spec     *render.Spec
+	tokens   map[string]provider.Token
+	gid      int
+	timer    *time.Timer
+	renewAt  time.Time
+	failures int
+}
+
+// New returns a Manager. Call Recover, then Run.
+func New(opts Options) *Manager {
+	if opts.RenewFraction <= 0 || opts.RenewFraction >= 1 {
+		opts.RenewFraction = 2.0 / 3
+	}
+	if opts.Jitter < 0 || opts.Jitter >= 1 {
+		opts.Jitter = 0.1
+	}
+	if opts.RetryMin <= 0 {
+		opts.RetryMin = time.Second
+	}
+	if opts.RetryMax <= 0 {
+		opts.RetryMax = time.Minute
+	}
+	if opts.BackendTimeout <= 0 {
+		opts.BackendTimeout = 30 * time.Second
+	}
+	if opts.SweepInterval <= 0 {
+		opts.SweepInterval = time.Minute
+	}
+	if opts.Providers == nil {
+		opts.Providers = &provider.Registry{}
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	return &Manager{
+		opts: opts, ctx: ctx, cancel: cancel,
+		vols: map[string]*volume{}, wake: make(chan struct{}, 1), retryAt: map[string]time.Time{},
+	}
+}
+
+// Ready reports whether recovery has finished.
+func (m *Manager) Ready() bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.ready
+}
+
+// Close stops renewals and background work. Leases stay alive and are
+// picked up again by the next Recover.
+func (m *Manager) Close() {
+	m.cancel()
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for _, v := range m.vols {
+		if v.timer != nil {
+			v.timer.Stop()
+		}
+	}
+}
+
+// Publish issues a lease for v and mounts its files on v.TargetPath, or,
+// when v is already published, checks it is the same request and that it
+// is still mounted (a republish: no backend call unless a renewal is due).
+func (m *Manager) Publish(ctx context.Context, v Volume) error {
+	if !m.Ready() {
+		return fmt.Errorf("%w: %w", provider.ErrUnavailable, ErrNotReady)
+	}
+	unlock, err := m.locks.lock(ctx, v.ID)
+	if err != nil {
+		return fmt.Errorf("%w: waiting for another operation on the volume: %w", provider.ErrUnavailable, err)
+	}
+	defer unlock()
+
+	m.mu.Lock()
+	cur := m.vols[v.ID]
+	m.mu.Unlock()
+	if cur != nil {
+		return m.republish(cur, v)
+	}
+	return m.publishNew(ctx, v)
+}
+
+func (m *Manager) republish(cur *volume, v Volume) error {
+	if cur.meta.TargetPath != v.TargetPath || cur.meta.ReadOnly != v.ReadOnly ||
+		cur.meta.MountGroup != v.MountGroup || !maps.Equal(cur.meta.Attributes, v.Attributes) {
+		return ErrIncompatible
+	}
+	m.mu.Lock()
+	if len(v.Mount.Tokens) > 0 {
+		cur.tokens = v.Mount.Tokens
+	}
+	overdue := !cur.renewAt.IsZero() && time.Now().After(cur.renewAt) && cur.failures == 0
+	m.mu.Unlock()
+	if !m.opts.Store.IsMounted(v.TargetPath) {
+		if err := m.opts.Store.Mount(v.ID, v.TargetPath); err != nil {
+			// Never a final code on republish: kubelet would tear the pod's mount down.
+			return fmt.Errorf("%w: restoring the mount: %w", provider.ErrUnavailable, err)
+		}
+		klog.InfoS("Restored missing mount on republish", "volumeID", v.ID)
+	}
+	if overdue {
+		m.schedule(v.ID, 0) // our timer is late (a suspended node?); kubelet's call is the hint
+	}
+	return nil
+}
+
+func (m *Manager) publishNew(ctx context.Context, v Volume) error {
+	pod := v.Mount.Pod
+	rec := audit.Record{Stage: audit.Request, VolumeID: v.ID, Pod: pod, Class: pod.Namespace + "/" + v.Mount.Class}
+	m.audit(rec, audit.Success, nil)
+
+	fail := func(err error) error {
+		m.audit(withStage(rec, audit.Failure), audit.Error, err)
+		return err
+	}
+	class, err := m.opts.Classes.Resolve(ctx, pod.Namespace, v.Mount.Class)
+	if err != nil {
+		return fail(err)
+	}
+	rec.Provider = class.Provider
+	prov, ok := m.opts.Providers.Get(class.Provider)
+	if !ok {
+		return fail(fmt.Errorf("%w: class %s names provider %q; this driver has %s", ErrUnknownProvider,
+			class.Ref(), class.Provider, strings.Join(m.opts.Providers.Names(), ", ")))
+	}
+	spec, err := render.ParseSpec(class.Parameters)
+	if err != nil {
+		return fail(fmt.Errorf("class %s: %w", class.Ref(), err))
+	}
+	params := map[string]string{}
+	for k, val := range class.Parameters {
+		if !render.IsParam(k) {
+			params[k] = val
+		}
+	}
+	leaseID := newLeaseID(pod)
+	now := time.Now().UTC()
+	meta := storage.Metadata{
+		VolumeID: v.ID, TargetPath: v.TargetPath, ReadOnly: v.ReadOnly, MountGroup: v.MountGroup,
+		Attributes: v.Attributes, Class: class.Ref(), Provider: class.Provider, Pod: pod,
+		PendingLeaseID: leaseID, Params: params, State: storage.StateIssuing, CreatedAt: now,
+	}
+	// The intent is recorded before the backend is asked, so a crash from
+	// here on can still find and revoke whatever Issue created.
+	if err := m.opts.Store.WriteMetadata(meta); err != nil {
+		return fail(fmt.Errorf("recording the volume: %w", err))
+	}
+	undo := func(l provider.Lease, cause error) error {
+		if l.ID != "" {
+			m.revokeNowOrQueue(l, meta, "publish failed")
+		}
+		if err := m.opts.Store.DeleteVolume(v.ID); err != nil {
+			klog.ErrorS(err, "Cleaning up after a failed publish", "volumeID", v.ID)
+		}
+		return fail(cause)
+	}
+	if err := m.opts.Store.CreateVolume(v.ID, v.GID); err != nil {
+		return undo(provider.Lease{}, err)
+	}
+
+	ictx, cancel := context.WithTimeout(ctx, m.opts.BackendTimeout)
+	l, err := prov.Issue(ictx, provider.Request{
+		LeaseID: leaseID, Class: class.Ref(), Params: params, Pod: pod, Tokens: v.Mount.Tokens,
+	})
+	cancel()
+	l.ID, l.Provider, l.Params = leaseID, class.Provider, params
+	if err != nil {
+		if mayHaveIssued(err) {
+			// The backend may have acted before the call failed (a timeout):
+			// revoke by ID, which is idempotent, rather than risk a leak.
+			return undo(provider.Lease{ID: leaseID, Provider: class.Provider, Params: params}, err)
+		}
+		return undo(provider.Lease{}, err)
+	}
+	rec.LeaseID, rec.Role = l.ID, l.Role
+	if err := m.opts.Store.WriteLease(v.ID, l); err != nil {
+		return undo(l, fmt.Errorf("recording the lease: %w", err))
+	}
+	files, err := spec.Render(l)
+	if err != nil {
+		return undo(l, fmt.Errorf("class %s: %w", class.Ref(), err))
+	}
+	if err := m.opts.Store.WriteFiles(v.ID, v.GID, files); err != nil {
+		return undo(l, err)
+	}
+	if err := m.opts.Store.Mount(v.ID, v.TargetPath); err != nil {
+		return undo(l, err)
+	}
+	meta.State, meta.LeaseID, meta.PendingLeaseID = storage.StatePublished, l.ID, ""
+	meta.Role, meta.IssuedAt, meta.ExpiresAt = l.Role, l.IssuedAt, l.ExpiresAt
+	if err := m.opts.Store.WriteMetadata(meta); err != nil {
+		_ = m.opts.Store.UnmountTarget(v.TargetPath)
+		return undo(l, fmt.Errorf("recording the volume: %w", err))
+	}
+	vol := &volume{meta: meta, lease: l, spec: spec, tokens: v.Mount.Tokens, gid: v.GID}
+	m.mu.Lock()
+	m.vols[v.ID] = vol
+	m.mu.Unlock()
+	m.scheduleRenewal(vol)
+	m.audit(withExpiry(withStage(rec, audit.Issue), l.ExpiresAt), audit.Success, nil)
+	return nil
+}
+
+// mayHaveIssued reports whether a failed Issue might still have created
+// something in the backend.
+func mayHaveIssued(err error) bool {
+	for _, definite := range []error{provider.ErrPermissionDenied, provider.ErrInvalidParameters, provider.ErrNotFound} {
+		if errors.Is(err, definite) {
+			return false
+		}
+	}
+	return true
+}
+
+// Unpublish unmounts target, queues the revocation of the volume's lease
+// durably, deletes the files and returns without waiting for the backend.
+// An unknown volume is fine.
+func (m *Manager) Unpublish(ctx context.Context, volumeID, target string) error {
+	unlock, err := m.locks.lock(ctx, volumeID)
+	if err != nil {
+		return fmt.Errorf("%w: waiting for another operation on the volume: %w", provider.ErrUnavailable, err)
+	}
+	defer unlock()
+	m.mu.Lock()
+	v := m.vols[volumeID]
+	m.mu.Unlock()
+	if v == nil {
+		return nil
+	}
+	if v.meta.TargetPath != target {
+		klog.InfoS("Unpublish of a target the volume is not published at; nothing to do", "volumeID", volumeID)
+		return nil
+	}
+	if err := m.opts.Store.UnmountTarget(target); err != nil {
+		return err
+	}
+	return m.retire(v, "unpublished")
+}
+
+// retire queues the revocation of v's lease, stops its renewals and
+// deletes its files and metadata.
+func (m *Manager) retire(v *volume, reason string) error {
+	if err := m.enqueue(v.lease, v.meta, reason); err != nil {
+		return err
+	}
+	m.mu.Lock()
+	if v.timer != nil {
+		v.timer.Stop()
+	}
+	delete(m.vols, v.meta.VolumeID)
+	m.mu.Unlock()
+	if err := m.opts.Store.DeleteVolume(v.meta.VolumeID); err != nil {
+		// The revocation is queued; the sweep removes the leftovers.
+		klog.ErrorS(err, "Deleting volume files", "volumeID", v.meta.VolumeID)
+	}
+	return nil
+}
+
+// ClassNotFound is how the driver asks whether an error means the class is
+// missing; kept here so callers need not know which resolver is in use.
+func ClassNotFound(err error) bool { return errors.Is(err, spc.ErrClassNotFound) }
+
+func (m *Manager) audit(r audit.Record, outcome string, err error) {
+	r.Outcome = outcome
+	if err != nil {
+		r.Error = err.Error()
+	}
+	if werr := m.opts.Audit.Log(r); werr != nil {
+		klog.ErrorS(werr, "Writing audit record")
+	}
+}
+
+func withStage(r audit.Record, s audit.Stage) audit.Record { r.Stage = s; return r }
+
+func withExpiry(r audit.Record, t time.Time) audit.Record {
+	if !t.IsZero() {
+		t = t.UTC()
+		r.ExpiresAt = &t
+	}
+	return r
+}
+
+func recordFor(meta storage.Metadata, l provider.Lease) audit.Record {
+	return withExpiry(audit.Record{
+		VolumeID: meta.VolumeID, Pod: meta.Pod, Class: meta.Class, Provider: meta.Provider,
+		Role: l.Role, LeaseID: l.ID,
+	}, l.ExpiresAt)
+}
+
+var leaseEncoding = base32.NewEncoding("abcdefghijklmnopqrstuvwxyz234567").WithPadding(base32.NoPadding)
+
+// newLeaseID makes a unique, non-secret ID of [a-z0-9-] that says which pod
+// the lease is for: "<namespace>-<pod>-<random>", at most 48 bytes.
+func newLeaseID(pod provider.Pod) string {
+	var b [5]byte
+	_, _ = rand.Read(b[:])
+	suffix := leaseEncoding.EncodeToString(b[:]) // 8 characters
+	clean := func(s string, n int) string {
+		s = strings.Map(func(r rune) rune {
+			if r >= 'a' && r <= 'z' || r >= '0' && r <= '9' {
+				return r
+			}
+			return '-'
+		}, strings.ToLower(s))
+		if len(s) > n {
+			s = s[:n]
+		}
+		return strings.Trim(s, "-")
+	}
+	return clean(pod.Namespace, 16) + "-" + clean(pod.Name, 21) + "-" + suffix
+}
+
+// ParseGID parses a volume_mount_group: empty is "none" (-1).
+func ParseGID(s string) (int, error) {
+	if s == "" {
+		return -1, nil
+	}
+	g, err := strconv.ParseUint(s, 10, 31)
+	if err != nil {
+		return 0, fmt.Errorf("volume_mount_group %q is not a numeric group ID", s)
+	}
+	return int(g), nil
+}

@@ -1,0 +1,151 @@
+package lease
+
+import (
+	"context"
+	"errors"
+	"time"
+
+	"k8s.io/klog/v2"
+
+	"github.com/ephemeral-secrets/csi-driver/pkg/audit"
+	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
+	"github.com/ephemeral-secrets/csi-driver/pkg/storage"
+)
+
+// enqueue records the revocation of l durably and wakes the worker.
+func (m *Manager) enqueue(l provider.Lease, meta storage.Metadata, reason string) error {
+	if l.ID == "" {
+		return nil
+	}
+	r := storage.Revocation{
+		Lease: l, VolumeID: meta.VolumeID, Class: meta.Class, Pod: meta.Pod,
+		Reason: reason, EnqueuedAt: time.Now().UTC(),
+	}
+	if err := m.opts.Store.PutRevocation(r); err != nil {
+		return err
+	}
+	rec := recordFor(meta, l)
+	rec.Detail = reason
+	m.audit(withStage(rec, audit.Revoke), audit.Pending, nil)
+	m.kick()
+	return nil
+}
+
+func (m *Manager) kick() {
+	select {
+	case m.wake <- struct{}{}:
+	default:
+	}
+}
+
+// Run works the revocation queue and sweeps for volumes whose target
+// vanished, until ctx is cancelled.
+func (m *Manager) Run(ctx context.Context) {
+	sweep := time.NewTicker(m.opts.SweepInterval)
+	defer sweep.Stop()
+	next := time.NewTimer(0)
+	defer next.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-m.ctx.Done():
+			return
+		case <-sweep.C:
+			m.Sweep(ctx)
+			continue
+		case <-m.wake:
+		case <-next.C:
+		}
+		wait := m.drain(ctx)
+		next.Stop()
+		select {
+		case <-next.C:
+		default:
+		}
+		next.Reset(wait)
+	}
+}
+
+// drain attempts every due revocation once and returns how long until the
+// next one is due.
+func (m *Manager) drain(ctx context.Context) time.Duration {
+	queue, err := m.opts.Store.ListRevocations()
+	if err != nil {
+		klog.ErrorS(err, "Reading the revocation queue")
+		return m.opts.RetryMin
+	}
+	wait := time.Hour
+	for _, r := range queue {
+		if ctx.Err() != nil {
+			return 0
+		}
+		if at, ok := m.retryAt[r.Lease.ID]; ok && time.Now().Before(at) {
+			wait = min(wait, time.Until(at))
+			continue
+		}
+		if d, retry := m.revokeOne(ctx, r); retry {
+			wait = min(wait, d)
+		}
+	}
+	return wait
+}
+
+// revokeOne asks the backend to revoke r. It returns whether r stays
+// queued, and then the delay before its next attempt.
+func (m *Manager) revokeOne(ctx context.Context, r storage.Revocation) (time.Duration, bool) {
+	rec := withExpiry(audit.Record{
+		Stage: audit.Revoke, VolumeID: r.VolumeID, Pod: r.Pod, Class: r.Class,
+		Provider: r.Lease.Provider, Role: r.Lease.Role, LeaseID: r.Lease.ID, Detail: r.Reason,
+	}, r.Lease.ExpiresAt)
+	if !r.Lease.IssuedAt.IsZero() {
+		rec.Lifetime = time.Since(r.Lease.IssuedAt).Round(time.Millisecond).String()
+	}
+	prov, ok := m.opts.Providers.Get(r.Lease.Provider)
+	var err error
+	if !ok {
+		err = errors.Join(ErrUnknownProvider, errors.New(r.Lease.Provider))
+	} else {
+		cctx, cancel := context.WithTimeout(ctx, m.opts.BackendTimeout)
+		err = prov.Revoke(cctx, r.Lease)
+		cancel()
+	}
+	switch {
+	case err == nil, errors.Is(err, provider.ErrNotRevocable):
+		outcome := audit.Success
+		if err != nil {
+			outcome = audit.Unrevocable
+			rec.Detail = r.Reason + "; the backend cannot revoke it: it stays valid until expires_at"
+		}
+		if derr := m.opts.Store.DeleteRevocation(r.Lease.ID); derr != nil {
+			klog.ErrorS(derr, "Removing a finished revocation from the queue", "leaseID", r.Lease.ID)
+		}
+		delete(m.retryAt, r.Lease.ID)
+		m.audit(rec, outcome, nil)
+		klog.V(2).InfoS("Revoked lease", "leaseID", r.Lease.ID, "volumeID", r.VolumeID, "outcome", outcome)
+		return 0, false
+	default:
+		if ctx.Err() != nil {
+			return 0, true
+		}
+		r.Attempts++
+		r.LastError = err.Error()
+		if perr := m.opts.Store.PutRevocation(r); perr != nil {
+			klog.ErrorS(perr, "Updating the revocation queue", "leaseID", r.Lease.ID)
+		}
+		d := m.backoff(r.Attempts)
+		m.retryAt[r.Lease.ID] = time.Now().Add(d)
+		m.audit(withStage(rec, audit.Failure), audit.Error, err)
+		klog.ErrorS(err, "Revocation failed; will retry", "leaseID", r.Lease.ID, "attempt", r.Attempts, "retryIn", d)
+		return d, true
+	}
+}
+
+// QueueLength is the number of revocations not yet confirmed.
+func (m *Manager) QueueLength() int {
+	q, err := m.opts.Store.ListRevocations()
+	if err != nil {
+		return -1
+	}
+	return len(q)
+}

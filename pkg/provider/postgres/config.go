@@ -1,0 +1,187 @@
+package postgres
+
+import (
+	"encoding/json"
+	"fmt"
+	"strings"
+	"text/template"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+)
+
+// Config is the admin's configuration of the postgres provider: the
+// databases the driver may create roles in and, per database, the roles a
+// SecretProviderClass may ask for. It holds admin credentials: in a cluster
+// it comes from a Secret mounted into the driver.
+type Config struct {
+	Connections map[string]*Connection `json:"connections"`
+}
+
+// Connection is one database the driver administers.
+type Connection struct {
+	// URL is a libpq connection string with credentials allowed to create
+	// and drop roles.
+	URL string `json:"url"`
+	// Host, Port and Database are what pods are told to dial (templates see
+	// them as host, port, database); by default those of URL.
+	Host     string `json:"host,omitempty"`
+	Port     string `json:"port,omitempty"`
+	Database string `json:"database,omitempty"`
+	// MaxConns bounds the admin connections the driver holds (default 4).
+	MaxConns int32            `json:"maxConns,omitempty"`
+	Roles    map[string]*Role `json:"roles"`
+}
+
+// Role is a template for the roles the driver creates.
+type Role struct {
+	DefaultTTL Duration `json:"defaultTTL"`
+	MaxTTL     Duration `json:"maxTTL"`
+	// CreationStatements run in one transaction. Templates see .Name,
+	// .Password and .Expiration (already safe to place inside quotes).
+	CreationStatements []string `json:"creationStatements"`
+	// RenewStatements extend the role (default: ALTER ROLE ... VALID UNTIL).
+	RenewStatements []string `json:"renewStatements,omitempty"`
+	// RevocationStatements end the role (default: refuse logins, end its
+	// sessions, drop what it owns, drop it).
+	RevocationStatements []string `json:"revocationStatements,omitempty"`
+	// Allowed lists who may use the role; "*" matches any name.
+	Allowed []Subject `json:"allowed"`
+
+	creation, renew, revoke []*template.Template
+}
+
+// Subject is a namespace and service account.
+type Subject struct {
+	Namespace      string `json:"namespace"`
+	ServiceAccount string `json:"serviceAccount"`
+}
+
+func (s Subject) matches(ns, sa string) bool {
+	return (s.Namespace == "*" || s.Namespace == ns) && (s.ServiceAccount == "*" || s.ServiceAccount == sa)
+}
+
+// Duration is a time.Duration written as "1h30m".
+type Duration struct{ time.Duration }
+
+// UnmarshalJSON implements json.Unmarshaler.
+func (d *Duration) UnmarshalJSON(b []byte) error {
+	var s string
+	if err := json.Unmarshal(b, &s); err != nil {
+		return fmt.Errorf("duration must be a string such as \"1h\"")
+	}
+	v, err := time.ParseDuration(s)
+	if err != nil {
+		return err
+	}
+	d.Duration = v
+	return nil
+}
+
+// MarshalJSON implements json.Marshaler.
+func (d Duration) MarshalJSON() ([]byte, error) { return json.Marshal(d.String()) }
+
+var (
+	defaultRenew = []string{`ALTER ROLE "{{.Name}}" VALID UNTIL '{{.Expiration}}'`}
+	// The role is made unable to log in first, so no session can start
+	// between ending the open ones and dropping it.
+	defaultRevoke = []string{
+		`ALTER ROLE "{{.Name}}" NOLOGIN`,
+		`SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{{.Name}}' AND pid <> pg_backend_pid()`,
+		`DROP OWNED BY "{{.Name}}"`,
+		`DROP ROLE IF EXISTS "{{.Name}}"`,
+	}
+)
+
+// validate checks the configuration and compiles its templates.
+func (c *Config) validate() error {
+	if len(c.Connections) == 0 {
+		return fmt.Errorf("postgres: no connections configured")
+	}
+	for cname, conn := range c.Connections {
+		if conn == nil || conn.URL == "" {
+			return fmt.Errorf("postgres: connection %q: url is empty", cname)
+		}
+		pc, err := pgx.ParseConfig(conn.URL)
+		if err != nil {
+			// pgx's message may quote the URL, password included.
+			return fmt.Errorf("postgres: connection %q: url cannot be parsed", cname)
+		}
+		if conn.Host == "" {
+			conn.Host = pc.Host
+		}
+		if conn.Port == "" {
+			conn.Port = fmt.Sprint(pc.Port)
+		}
+		if conn.Database == "" {
+			conn.Database = pc.Database
+		}
+		if conn.MaxConns <= 0 {
+			conn.MaxConns = 4
+		}
+		if len(conn.Roles) == 0 {
+			return fmt.Errorf("postgres: connection %q: no roles configured", cname)
+		}
+		for rname, r := range conn.Roles {
+			where := fmt.Sprintf("postgres: connection %q role %q", cname, rname)
+			if r == nil {
+				return fmt.Errorf("%s: empty", where)
+			}
+			if r.DefaultTTL.Duration <= 0 {
+				r.DefaultTTL.Duration = time.Hour
+			}
+			if r.MaxTTL.Duration <= 0 {
+				r.MaxTTL.Duration = 24 * time.Hour
+			}
+			if r.DefaultTTL.Duration > r.MaxTTL.Duration {
+				return fmt.Errorf("%s: defaultTTL exceeds maxTTL", where)
+			}
+			if r.DefaultTTL.Duration < time.Minute {
+				return fmt.Errorf("%s: defaultTTL below one minute", where)
+			}
+			if len(r.CreationStatements) == 0 {
+				return fmt.Errorf("%s: creationStatements is empty", where)
+			}
+			if len(r.Allowed) == 0 {
+				return fmt.Errorf("%s: allowed is empty: no one could use the role", where)
+			}
+			for _, s := range r.Allowed {
+				if s.Namespace == "" || s.ServiceAccount == "" {
+					return fmt.Errorf("%s: allowed entries need namespace and serviceAccount (\"*\" for any)", where)
+				}
+			}
+			if r.creation, err = compile(r.CreationStatements); err != nil {
+				return fmt.Errorf("%s: creationStatements: %w", where, err)
+			}
+			if !strings.Contains(strings.Join(r.CreationStatements, "\n"), "{{.Name}}") {
+				return fmt.Errorf("%s: creationStatements never use {{.Name}}", where)
+			}
+			if r.renew, err = compile(orDefault(r.RenewStatements, defaultRenew)); err != nil {
+				return fmt.Errorf("%s: renewStatements: %w", where, err)
+			}
+			if r.revoke, err = compile(orDefault(r.RevocationStatements, defaultRevoke)); err != nil {
+				return fmt.Errorf("%s: revocationStatements: %w", where, err)
+			}
+		}
+	}
+	return nil
+}
+
+func orDefault(s, def []string) []string {
+	if len(s) == 0 {
+		return def
+	}
+	return s
+}
+
+func compile(stmts []string) ([]*template.Template, error) {
+	out := make([]*template.Template, len(stmts))
+	for i, s := range stmts {
+		t, err := template.New(fmt.Sprint(i)).Option("missingkey=error").Parse(s)
+		if err != nil {
+			return nil, err
+		}
+		out[i] = t
+	}
+	return out, nil
+}

@@ -1,0 +1,137 @@
+// Package provider defines the contract between the lease manager and the
+// backends that mint credentials, and a registry of the backends a driver
+// was built with.
+package provider
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sort"
+	"time"
+)
+
+// Sentinel errors a Provider returns (wrapped with %w) so that the lease
+// manager and the gRPC edge can act on what happened without knowing the
+// backend.
+var (
+	// ErrNotRenewable means the lease cannot be extended (it reached its
+	// maximum TTL, or the backend has no renewal): the manager re-issues,
+	// swaps the files and revokes the old lease instead.
+	ErrNotRenewable = errors.New("lease cannot be renewed")
+	// ErrNotRevocable means the backend cannot revoke this credential before
+	// it expires (an STS session, say). The manager records that the
+	// credential lives until its expiry and does not retry.
+	ErrNotRevocable = errors.New("lease cannot be revoked before it expires")
+	// ErrPermissionDenied means the pod's identity may not have what it asked for.
+	ErrPermissionDenied = errors.New("permission denied")
+	// ErrInvalidParameters means the class parameters are wrong; retrying
+	// will not help.
+	ErrInvalidParameters = errors.New("invalid parameters")
+	// ErrNotFound means the object the class names does not exist in the backend.
+	ErrNotFound = errors.New("not found")
+	// ErrUnavailable means the backend could not be reached or refused for a
+	// transient reason; the caller retries later.
+	ErrUnavailable = errors.New("backend unavailable")
+)
+
+// Pod is the identity of the pod a volume belongs to, as kubelet reports it.
+type Pod struct {
+	Namespace      string `json:"namespace"`
+	Name           string `json:"name"`
+	UID            string `json:"uid"`
+	ServiceAccount string `json:"serviceAccount"`
+}
+
+// Token is a service-account token kubelet requested for the pod
+// (CSIDriver.spec.tokenRequests). It is a secret.
+type Token struct {
+	Token     string    `json:"token"`
+	ExpiresAt time.Time `json:"expirationTimestamp"`
+}
+
+// Request is what a Provider needs to mint one lease.
+type Request struct {
+	// LeaseID is chosen by the manager before Issue is called and is
+	// recorded durably first, so that a crash during Issue can still be
+	// cleaned up: Revoke must accept a Lease that carries only ID and Params.
+	// It is unique, not secret, and made of [a-z0-9-].
+	LeaseID string
+	// Class is "namespace/name" of the SecretProviderClass.
+	Class string
+	// Params are the class parameters meant for the provider.
+	Params map[string]string
+	Pod    Pod
+	// Tokens are the pod's service-account tokens keyed by audience.
+	Tokens map[string]Token
+}
+
+// Lease is one credential a backend issued.
+type Lease struct {
+	// ID is Request.LeaseID: not secret, safe for logs and audit.
+	ID string `json:"id"`
+	// Provider names the backend that issued the lease.
+	Provider string `json:"provider"`
+	// Params are the class parameters the lease was issued with.
+	Params map[string]string `json:"params,omitempty"`
+	// Handle is whatever the provider needs to renew and revoke the lease
+	// after a driver restart. It may be secret (a Vault token): it is kept
+	// in memory and in the node's tmpfs state only.
+	Handle map[string]string `json:"handle,omitempty"`
+	// Values are the credential's values (username, password, ...) that
+	// render turns into files. Secret.
+	Values map[string]string `json:"values,omitempty"`
+	// Info holds non-secret details templates may use (host, port, database).
+	Info map[string]string `json:"info,omitempty"`
+	// Role is a non-secret description of what the lease grants (a role
+	// name), for audit.
+	Role      string    `json:"role,omitempty"`
+	IssuedAt  time.Time `json:"issuedAt"`
+	ExpiresAt time.Time `json:"expiresAt"`
+}
+
+// Provider mints, renews and revokes credentials in one backend.
+type Provider interface {
+	// Issue mints a new credential for the request.
+	Issue(ctx context.Context, req Request) (Lease, error)
+	// Renew extends the lease and returns it with its new expiry, or
+	// ErrNotRenewable when the manager must re-issue instead.
+	Renew(ctx context.Context, l Lease) (Lease, error)
+	// Revoke ends the credential. It is idempotent: revoking what is already
+	// gone succeeds. It returns ErrNotRevocable where the backend cannot.
+	Revoke(ctx context.Context, l Lease) error
+}
+
+// Registry maps provider names (SecretProviderClass spec.provider) to
+// Providers. The zero value is empty and ready to use.
+type Registry struct {
+	providers map[string]Provider
+}
+
+// Register adds p under name; registering a name twice is an error.
+func (r *Registry) Register(name string, p Provider) error {
+	if r.providers == nil {
+		r.providers = map[string]Provider{}
+	}
+	if _, ok := r.providers[name]; ok {
+		return fmt.Errorf("provider %q registered twice", name)
+	}
+	r.providers[name] = p
+	return nil
+}
+
+// Get returns the provider registered under name.
+func (r *Registry) Get(name string) (Provider, bool) {
+	p, ok := r.providers[name]
+	return p, ok
+}
+
+// Names lists the registered providers, sorted.
+func (r *Registry) Names() []string {
+	names := make([]string, 0, len(r.providers))
+	for n := range r.providers {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	return names
+}

@@ -1,0 +1,228 @@
+// Package render turns a lease into the files a pod reads: which files,
+// their names, modes and contents (raw values, templates, env or JSON).
+package render
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"sort"
+	"strconv"
+	"strings"
+	"text/template"
+	"time"
+
+	"sigs.k8s.io/yaml"
+
+	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
+	"github.com/ephemeral-secrets/csi-driver/pkg/storage"
+)
+
+// Class parameters render reads; the rest belong to the provider.
+const (
+	FilesParam    = "files"
+	FileModeParam = "fileMode"
+)
+
+// DefaultMode is the mode of a file whose class names none: readable by
+// root and the volume's mount group only.
+const DefaultMode os.FileMode = 0o440
+
+// MaxFiles bounds how many files one volume may hold.
+const MaxFiles = 64
+
+// ErrInvalidSpec means the class's file parameters are wrong.
+var ErrInvalidSpec = errors.New("invalid file specification")
+
+// IsParam reports whether a class parameter belongs to render.
+func IsParam(key string) bool { return key == FilesParam || key == FileModeParam }
+
+// FileSpec is one entry of the class's "files" parameter. Exactly one of
+// Value, Template or Format says what goes in the file.
+type FileSpec struct {
+	Path     string `json:"path"`
+	Value    string `json:"value,omitempty"`    // a lease value by name, as is
+	Template string `json:"template,omitempty"` // Go text/template over the values and info
+	Format   string `json:"format,omitempty"`   // "env" or "json": every value and info entry
+	Mode     string `json:"mode,omitempty"`     // octal, e.g. "0400"
+
+	mode os.FileMode
+	tmpl *template.Template
+}
+
+// Spec is the parsed file layout of a class.
+type Spec struct {
+	Files       []FileSpec
+	DefaultMode os.FileMode
+}
+
+// ParseSpec reads and checks the render parameters of a class. With no
+// "files" parameter every lease value becomes a file named after it.
+func ParseSpec(params map[string]string) (*Spec, error) {
+	s := &Spec{DefaultMode: DefaultMode}
+	if m, ok := params[FileModeParam]; ok {
+		mode, err := parseMode(m)
+		if err != nil {
+			return nil, fmt.Errorf("%w: %s: %v", ErrInvalidSpec, FileModeParam, err)
+		}
+		s.DefaultMode = mode
+	}
+	raw, ok := params[FilesParam]
+	if !ok {
+		return s, nil
+	}
+	if err := yaml.UnmarshalStrict([]byte(raw), &s.Files); err != nil {
+		return nil, fmt.Errorf("%w: %s is not a YAML list of {path, value|template|format, mode}: %v", ErrInvalidSpec, FilesParam, err)
+	}
+	if len(s.Files) == 0 || len(s.Files) > MaxFiles {
+		return nil, fmt.Errorf("%w: %s must list 1 to %d files", ErrInvalidSpec, FilesParam, MaxFiles)
+	}
+	seen := map[string]bool{}
+	for i := range s.Files {
+		f := &s.Files[i]
+		if err := storage.ValidatePath(f.Path); err != nil {
+			return nil, fmt.Errorf("%w: files[%d]: %v", ErrInvalidSpec, i, err)
+		}
+		if seen[f.Path] {
+			return nil, fmt.Errorf("%w: files[%d]: path %q listed twice", ErrInvalidSpec, i, f.Path)
+		}
+		seen[f.Path] = true
+		n := 0
+		for _, set := range []bool{f.Value != "", f.Template != "", f.Format != ""} {
+			if set {
+				n++
+			}
+		}
+		if n != 1 {
+			return nil, fmt.Errorf("%w: files[%d] (%s): set exactly one of value, template, format", ErrInvalidSpec, i, f.Path)
+		}
+		if f.Format != "" && f.Format != "env" && f.Format != "json" {
+			return nil, fmt.Errorf("%w: files[%d] (%s): format %q is not env or json", ErrInvalidSpec, i, f.Path, f.Format)
+		}
+		f.mode = s.DefaultMode
+		if f.Mode != "" {
+			mode, err := parseMode(f.Mode)
+			if err != nil {
+				return nil, fmt.Errorf("%w: files[%d] (%s): mode: %v", ErrInvalidSpec, i, f.Path, err)
+			}
+			f.mode = mode
+		}
+		if f.Template != "" {
+			t, err := template.New(f.Path).Option("missingkey=error").Parse(f.Template)
+			if err != nil {
+				return nil, fmt.Errorf("%w: files[%d] (%s): template: %v", ErrInvalidSpec, i, f.Path, err)
+			}
+			f.tmpl = t
+		}
+	}
+	// A file and a directory of the same name cannot both exist.
+	for p := range seen {
+		for dir := p; strings.Contains(dir, "/"); {
+			dir = dir[:strings.LastIndex(dir, "/")]
+			if seen[dir] {
+				return nil, fmt.Errorf("%w: %q is both a file and a directory", ErrInvalidSpec, dir)
+			}
+		}
+	}
+	return s, nil
+}
+
+func parseMode(s string) (os.FileMode, error) {
+	v, err := strconv.ParseUint(s, 8, 32)
+	if err != nil || v > 0o777 {
+		return 0, fmt.Errorf("%q is not an octal file mode such as 0440", s)
+	}
+	return os.FileMode(v), nil
+}
+
+// Render makes the files for lease l. Errors never quote a value.
+func (s *Spec) Render(l provider.Lease) ([]storage.File, error) {
+	data := make(map[string]string, len(l.Values)+len(l.Info)+2)
+	for k, v := range l.Info {
+		data[k] = v
+	}
+	for k, v := range l.Values {
+		data[k] = v
+	}
+	data["lease_id"] = l.ID
+	if !l.ExpiresAt.IsZero() {
+		data["expires_at"] = l.ExpiresAt.UTC().Format(time.RFC3339)
+	}
+	if len(s.Files) == 0 {
+		files := make([]storage.File, 0, len(l.Values))
+		for _, k := range sortedKeys(l.Values) {
+			if err := storage.ValidatePath(k); err != nil {
+				return nil, fmt.Errorf("%w: value name: %v", ErrInvalidSpec, err)
+			}
+			files = append(files, storage.File{Path: k, Mode: s.DefaultMode, Data: []byte(l.Values[k])})
+		}
+		return files, nil
+	}
+	files := make([]storage.File, 0, len(s.Files))
+	for _, f := range s.Files {
+		var out []byte
+		switch {
+		case f.Value != "":
+			v, ok := data[f.Value]
+			if !ok {
+				return nil, fmt.Errorf("%w: %s: the lease has no value %q (it has %s)", ErrInvalidSpec, f.Path, f.Value, strings.Join(sortedKeys(data), ", "))
+			}
+			out = []byte(v)
+		case f.tmpl != nil:
+			var b bytes.Buffer
+			if err := f.tmpl.Execute(&b, data); err != nil {
+				return nil, fmt.Errorf("%w: %s: template: %v", ErrInvalidSpec, f.Path, templateError(err))
+			}
+			out = b.Bytes()
+		case f.Format == "env":
+			out = envFile(data)
+		case f.Format == "json":
+			b, err := json.MarshalIndent(data, "", "  ")
+			if err != nil {
+				return nil, err
+			}
+			out = append(b, '\n')
+		}
+		files = append(files, storage.File{Path: f.Path, Mode: f.mode, Data: out})
+	}
+	return files, nil
+}
+
+// templateError keeps the location of a template failure and drops
+// anything that could carry a value.
+func templateError(err error) string {
+	var ee template.ExecError
+	if errors.As(err, &ee) {
+		msg := ee.Err.Error()
+		if i := strings.Index(msg, ": "); i > 0 && strings.Contains(msg, "map has no entry for key") {
+			return msg[i+2:]
+		}
+		return "execution failed at " + ee.Name
+	}
+	return "execution failed"
+}
+
+func envFile(data map[string]string) []byte {
+	var b bytes.Buffer
+	for _, k := range sortedKeys(data) {
+		name := strings.ToUpper(strings.Map(func(r rune) rune {
+			if r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' {
+				return r
+			}
+			return '_'
+		}, k))
+		fmt.Fprintf(&b, "%s='%s'\n", name, strings.ReplaceAll(data[k], "'", `'\''`))
+	}
+	return b.Bytes()
+}
+
+func sortedKeys(m map[string]string) []string {
+	keys := make([]string, 0, len(m))
+	for k := range m {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	return keys
+}

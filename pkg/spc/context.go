@@ -1,0 +1,119 @@
+package spc
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"regexp"
+	"sort"
+	"strings"
+
+	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
+)
+
+// Volume attribute keys. The csi.storage.k8s.io/* keys are set by kubelet
+// (CSIDriver podInfoOnMount and tokenRequests); a pod may set only ClassKey.
+const (
+	ClassKey          = "secretProviderClass"
+	PodNameKey        = "csi.storage.k8s.io/pod.name"
+	PodNamespaceKey   = "csi.storage.k8s.io/pod.namespace"
+	PodUIDKey         = "csi.storage.k8s.io/pod.uid"
+	ServiceAccountKey = "csi.storage.k8s.io/serviceAccount.name"
+	EphemeralKey      = "csi.storage.k8s.io/ephemeral"
+	TokensKey         = "csi.storage.k8s.io/serviceAccount.tokens"
+
+	kubeletPrefix = "csi.storage.k8s.io/"
+)
+
+// ErrInvalidContext means the volume context is malformed or asks for
+// something a pod may not ask for.
+var ErrInvalidContext = errors.New("invalid volume context")
+
+var kubeletKeys = map[string]bool{
+	PodNameKey: true, PodNamespaceKey: true, PodUIDKey: true,
+	ServiceAccountKey: true, EphemeralKey: true, TokensKey: true,
+}
+
+// Mount is what a volume context asks for, parsed and checked.
+type Mount struct {
+	Class  string
+	Pod    provider.Pod
+	Tokens map[string]provider.Token
+}
+
+// ParseVolumeContext reads the pod identity and class name from a
+// NodePublishVolume volume_context, and the service-account tokens from it
+// or, when kubelet puts them there (serviceAccountTokenInSecrets), from
+// secrets. Errors wrap ErrInvalidContext and never quote a token.
+func ParseVolumeContext(vc, secrets map[string]string) (Mount, error) {
+	var m Mount
+	keys := make([]string, 0, len(vc))
+	for k := range vc {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	for _, k := range keys {
+		switch {
+		case kubeletKeys[k], k == ClassKey:
+		case strings.HasPrefix(k, kubeletPrefix):
+			return m, fmt.Errorf("%w: attribute %q is reserved for kubelet", ErrInvalidContext, k)
+		default:
+			return m, fmt.Errorf("%w: unknown attribute %q (a pod may set only %q; everything else belongs in the SecretProviderClass)", ErrInvalidContext, k, ClassKey)
+		}
+	}
+	m.Class = vc[ClassKey]
+	m.Pod = provider.Pod{
+		Namespace:      vc[PodNamespaceKey],
+		Name:           vc[PodNameKey],
+		UID:            vc[PodUIDKey],
+		ServiceAccount: vc[ServiceAccountKey],
+	}
+	for _, f := range []struct{ key, val string }{
+		{ClassKey, m.Class}, {PodNamespaceKey, m.Pod.Namespace}, {PodNameKey, m.Pod.Name},
+		{ServiceAccountKey, m.Pod.ServiceAccount},
+	} {
+		if f.val == "" {
+			return m, fmt.Errorf("%w: %q is missing (is podInfoOnMount set on the CSIDriver?)", ErrInvalidContext, f.key)
+		}
+		if err := ValidateObjectName(f.val); err != nil {
+			return m, fmt.Errorf("%w: %q: %v", ErrInvalidContext, f.key, err)
+		}
+	}
+	if !uidPattern.MatchString(m.Pod.UID) {
+		return m, fmt.Errorf("%w: %q is missing or not a UID", ErrInvalidContext, PodUIDKey)
+	}
+	if e, ok := vc[EphemeralKey]; ok && e != "true" && e != "false" {
+		return m, fmt.Errorf("%w: %q must be true or false", ErrInvalidContext, EphemeralKey)
+	}
+	raw := vc[TokensKey]
+	if raw == "" {
+		raw = secrets[TokensKey]
+	}
+	if raw != "" {
+		if err := json.Unmarshal([]byte(raw), &m.Tokens); err != nil {
+			// json errors can quote the input; never pass them on.
+			return m, fmt.Errorf("%w: %q is not a JSON map of audience to token", ErrInvalidContext, TokensKey)
+		}
+	}
+	return m, nil
+}
+
+var (
+	uidPattern  = regexp.MustCompile(`^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$`)
+	namePattern = regexp.MustCompile(`^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$`)
+)
+
+// ValidateObjectName checks a Kubernetes object name (DNS subdomain).
+func ValidateObjectName(s string) error {
+	if len(s) == 0 || len(s) > 253 || !namePattern.MatchString(s) {
+		return fmt.Errorf("%q is not a valid object name", truncate(s, 64))
+	}
+	return nil
+}
+
+func truncate(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	return s[:n] + "..."
+}

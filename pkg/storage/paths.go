@@ -1,0 +1,93 @@
+package storage
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+)
+
+// ErrInvalidPath means a name or path from a user or from kubelet would
+// leave the place it must stay in.
+var ErrInvalidPath = errors.New("invalid path")
+
+// MaxPathLen bounds a file path inside a volume.
+const MaxPathLen = 255
+
+// ValidatePath checks a file path inside a volume: relative, clean, no "."
+// or ".." components, not starting with ".." (reserved for the atomic
+// writer's own entries), and of printable characters.
+func ValidatePath(p string) error {
+	switch {
+	case p == "":
+		return fmt.Errorf("%w: empty file name", ErrInvalidPath)
+	case len(p) > MaxPathLen:
+		return fmt.Errorf("%w: file name longer than %d bytes", ErrInvalidPath, MaxPathLen)
+	case strings.HasPrefix(p, "/"):
+		return fmt.Errorf("%w: %q is absolute", ErrInvalidPath, p)
+	case strings.HasPrefix(p, ".."):
+		return fmt.Errorf("%w: %q starts with \"..\"", ErrInvalidPath, p)
+	}
+	for _, r := range p {
+		if r < 0x20 || r == 0x7f || r == '\\' {
+			return fmt.Errorf("%w: %q has a control character or backslash", ErrInvalidPath, p)
+		}
+	}
+	for _, c := range strings.Split(p, "/") {
+		if c == "" || c == "." || c == ".." {
+			return fmt.Errorf("%w: %q is not a clean relative path", ErrInvalidPath, p)
+		}
+	}
+	return nil
+}
+
+// TargetPolicy checks NodePublishVolume target paths: they must be the
+// mount directory kubelet gives an inline CSI volume of this pod,
+// <KubeletDir>/pods/<pod-uid>/volumes/kubernetes.io~csi/<name>/mount,
+// with no symbolic link anywhere below KubeletDir.
+type TargetPolicy struct {
+	KubeletDir string
+}
+
+// Check validates target for the pod with the given UID. It does not
+// require the final "mount" directory to exist.
+func (p TargetPolicy) Check(target, podUID string) error {
+	root := filepath.Clean(p.KubeletDir)
+	if !filepath.IsAbs(target) || filepath.Clean(target) != target {
+		return fmt.Errorf("%w: target path must be absolute and clean", ErrInvalidPath)
+	}
+	rel, err := filepath.Rel(root, target)
+	if err != nil || strings.HasPrefix(rel, "..") {
+		return fmt.Errorf("%w: target path is not under the kubelet directory %s", ErrInvalidPath, root)
+	}
+	parts := strings.Split(rel, "/")
+	if len(parts) != 6 || parts[0] != "pods" || parts[2] != "volumes" || parts[3] != "kubernetes.io~csi" || parts[5] != "mount" {
+		return fmt.Errorf("%w: target path is not %s/pods/<pod-uid>/volumes/kubernetes.io~csi/<volume>/mount", ErrInvalidPath, root)
+	}
+	if podUID == "" || parts[1] != podUID {
+		return fmt.Errorf("%w: target path is not in the directory of pod %s", ErrInvalidPath, podUID)
+	}
+	if err := ValidatePath(parts[4]); err != nil {
+		return err
+	}
+	// No symlink below the kubelet directory (it may itself be one).
+	cur := root
+	for i, c := range parts {
+		cur = filepath.Join(cur, c)
+		st, err := os.Lstat(cur)
+		if errors.Is(err, os.ErrNotExist) && i >= 4 {
+			return nil // kubelet had not made it yet, or we make "mount" ourselves
+		}
+		if err != nil {
+			return fmt.Errorf("%w: %s: %v", ErrInvalidPath, cur, errors.Unwrap(err))
+		}
+		if st.Mode()&os.ModeSymlink != 0 {
+			return fmt.Errorf("%w: %s is a symbolic link", ErrInvalidPath, cur)
+		}
+		if !st.IsDir() {
+			return fmt.Errorf("%w: %s is not a directory", ErrInvalidPath, cur)
+		}
+	}
+	return nil
+}

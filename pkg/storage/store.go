@@ -1,0 +1,401 @@
+// Package storage keeps each volume's files and metadata in memory (tmpfs):
+// a size-capped tmpfs per volume bind-mounted read-only onto the pod's
+// target path, atomic updates through a "..data" symlink, and the
+// non-secret metadata and revocation queue in the driver's own tmpfs state
+// directory, which survives a driver restart but not a reboot.
+package storage
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+	mount "k8s.io/mount-utils"
+
+	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
+)
+
+// Errors callers map to CSI codes.
+var (
+	ErrTooLarge       = errors.New("volume contents exceed the size cap")
+	ErrVolumeNotFound = errors.New("volume not found")
+)
+
+// State of a volume's lease, recorded before each step so that a crash
+// at any point can be finished or undone.
+type State string
+
+const (
+	// StateIssuing: the lease ID is chosen and Issue may have run; the
+	// lease may exist in the backend without being recorded yet.
+	StateIssuing State = "issuing"
+	// StatePublished: files are written and the lease is recorded.
+	StatePublished State = "published"
+)
+
+// Metadata is what the driver records about a volume: nothing secret.
+type Metadata struct {
+	VolumeID   string            `json:"volumeID"`
+	TargetPath string            `json:"targetPath"`
+	ReadOnly   bool              `json:"readOnly"`
+	MountGroup string            `json:"mountGroup,omitempty"`
+	Attributes map[string]string `json:"attributes"` // volume context less tokens: for idempotency checks
+	Class      string            `json:"class"`
+	Provider   string            `json:"provider"`
+	Pod        provider.Pod      `json:"pod"`
+	LeaseID    string            `json:"leaseID"`
+	// PendingLeaseID is set before a provider is asked to issue and cleared
+	// once the lease is recorded: after a crash it names what to revoke.
+	PendingLeaseID string `json:"pendingLeaseID,omitempty"`
+	Params     map[string]string `json:"params,omitempty"` // provider parameters, to revoke an interrupted issue
+	Role       string            `json:"role,omitempty"`
+	State      State             `json:"state"`
+	CreatedAt  time.Time         `json:"createdAt"`
+	IssuedAt   time.Time         `json:"issuedAt,omitzero"`
+	ExpiresAt  time.Time         `json:"expiresAt,omitzero"`
+	RenewedAt  time.Time         `json:"renewedAt,omitzero"`
+}
+
+// Revocation is one entry of the durable revocation queue.
+type Revocation struct {
+	Lease      provider.Lease `json:"lease"` // may hold a secret handle: tmpfs only
+	VolumeID   string         `json:"volumeID"`
+	Class      string         `json:"class"`
+	Pod        provider.Pod   `json:"pod"`
+	Reason     string         `json:"reason"`
+	EnqueuedAt time.Time      `json:"enqueuedAt"`
+	Attempts   int            `json:"attempts"`
+	LastError  string         `json:"lastError,omitempty"`
+}
+
+// File is one file of a volume.
+type File struct {
+	Path string
+	Mode os.FileMode
+	Data []byte
+}
+
+// MetadataReader reads volume records; all the lease manager's recovery needs.
+type MetadataReader interface {
+	ListVolumes() ([]string, error)
+	ReadMetadata(volumeID string) (Metadata, error)
+	ReadLease(volumeID string) (provider.Lease, error)
+	ListRevocations() ([]Revocation, error)
+}
+
+// MetadataWriter records volume metadata and the revocation queue.
+type MetadataWriter interface {
+	WriteMetadata(m Metadata) error
+	WriteLease(volumeID string, l provider.Lease) error
+	PutRevocation(r Revocation) error
+	DeleteRevocation(leaseID string) error
+}
+
+// DataWriter manages a volume's tmpfs, its files and its bind mount.
+type DataWriter interface {
+	CreateVolume(volumeID string, gid int) error
+	WriteFiles(volumeID string, gid int, files []File) error
+	Mount(volumeID, target string) error
+	IsMounted(target string) bool
+	UnmountTarget(target string) error
+	DeleteVolume(volumeID string) error
+}
+
+// Options size a volume.
+type Options struct {
+	// MaxVolumeBytes caps the bytes of one volume's files (default 1 MiB).
+	MaxVolumeBytes int64
+	// MaxFiles caps the files of one volume (default 256).
+	MaxFiles int
+}
+
+// Filesystem is the tmpfs-backed store.
+type Filesystem struct {
+	root    string
+	opts    Options
+	mounter mount.Interface
+}
+
+var (
+	_ MetadataReader = (*Filesystem)(nil)
+	_ MetadataWriter = (*Filesystem)(nil)
+	_ DataWriter     = (*Filesystem)(nil)
+)
+
+// Open prepares root as the driver's state directory: created if absent
+// and, unless it already is one, covered by a private tmpfs so nothing
+// the driver records ever reaches a persistent disk.
+func Open(root string, opts Options) (*Filesystem, error) {
+	if opts.MaxVolumeBytes <= 0 {
+		opts.MaxVolumeBytes = 1 << 20
+	}
+	if opts.MaxFiles <= 0 {
+		opts.MaxFiles = 256
+	}
+	root = filepath.Clean(root)
+	if err := os.MkdirAll(root, 0o700); err != nil {
+		return nil, fmt.Errorf("state directory: %w", err)
+	}
+	var st unix.Statfs_t
+	if err := unix.Statfs(root, &st); err != nil {
+		return nil, fmt.Errorf("state directory: %w", err)
+	}
+	if st.Type != unix.TMPFS_MAGIC {
+		if err := unix.Mount("tmpfs", root, "tmpfs", unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, "mode=0700,size=64m"); err != nil {
+			return nil, fmt.Errorf("mounting tmpfs on state directory %s: %w", root, err)
+		}
+	}
+	for _, d := range []string{"volumes", "revocations"} {
+		if err := os.MkdirAll(filepath.Join(root, d), 0o700); err != nil {
+			return nil, fmt.Errorf("state directory: %w", err)
+		}
+	}
+	return &Filesystem{root: root, opts: opts, mounter: mount.NewWithoutSystemd("")}, nil
+}
+
+// Root is the state directory.
+func (f *Filesystem) Root() string { return f.root }
+
+// key names a volume's directory: volume IDs come from kubelet and may hold
+// any character, so they never become path components themselves.
+func key(volumeID string) string {
+	sum := sha256.Sum256([]byte(volumeID))
+	return hex.EncodeToString(sum[:16])
+}
+
+func (f *Filesystem) volumeDir(id string) string {
+	return filepath.Join(f.root, "volumes", key(id))
+}
+
+// DataDir is the directory holding the volume's tmpfs (the bind source).
+func (f *Filesystem) DataDir(id string) string { return filepath.Join(f.volumeDir(id), "fs") }
+
+// CreateVolume makes the volume's directory and mounts its size-capped tmpfs.
+// It is idempotent.
+func (f *Filesystem) CreateVolume(id string, gid int) error {
+	dir := f.DataDir(id)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return err
+	}
+	if notMnt, err := f.mounter.IsLikelyNotMountPoint(dir); err == nil && !notMnt {
+		return nil
+	}
+	mode := "0755"
+	if gid > 0 {
+		mode = "0750"
+	}
+	// Every file takes at least a page, and an update briefly holds the old
+	// and new sets side by side.
+	size := 2*f.opts.MaxVolumeBytes + 2*int64(f.opts.MaxFiles)*4096 + 64<<10
+	data := fmt.Sprintf("size=%d,nr_inodes=%d,mode=%s,uid=0,gid=%d", size, 4*f.opts.MaxFiles+16, mode, max(gid, 0))
+	if err := unix.Mount("tmpfs", dir, "tmpfs", unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, data); err != nil {
+		return fmt.Errorf("mounting volume tmpfs: %w", err)
+	}
+	return nil
+}
+
+// Mount binds the volume's tmpfs read-only, nosuid, nodev, noexec onto
+// target, creating target (but not its parent) if needed. It is idempotent.
+func (f *Filesystem) Mount(id, target string) error {
+	if err := os.Mkdir(target, 0o750); err != nil && !errors.Is(err, os.ErrExist) {
+		return fmt.Errorf("creating target: %w", err)
+	}
+	if f.IsMounted(target) {
+		return nil
+	}
+	if err := unix.Mount(f.DataDir(id), target, "", unix.MS_BIND, ""); err != nil {
+		return fmt.Errorf("bind mount: %w", err)
+	}
+	flags := uintptr(unix.MS_BIND | unix.MS_REMOUNT | unix.MS_RDONLY | unix.MS_NOSUID | unix.MS_NODEV | unix.MS_NOEXEC)
+	if err := unix.Mount("", target, "", flags, ""); err != nil {
+		_ = unix.Unmount(target, 0)
+		return fmt.Errorf("read-only remount: %w", err)
+	}
+	return nil
+}
+
+// IsMounted reports whether something is mounted on target.
+func (f *Filesystem) IsMounted(target string) bool {
+	notMnt, err := f.mounter.IsLikelyNotMountPoint(target)
+	return err == nil && !notMnt
+}
+
+// UnmountTarget unmounts target and removes the directory. A target that
+// is absent or not mounted is fine.
+func (f *Filesystem) UnmountTarget(target string) error {
+	if err := unmount(target); err != nil {
+		return err
+	}
+	if err := os.Remove(target); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("removing target: %w", err)
+	}
+	return nil
+}
+
+func unmount(path string) error {
+	for range 8 { // stacked mounts from repeated binds come off one by one
+		err := unix.Unmount(path, unix.UMOUNT_NOFOLLOW)
+		switch {
+		case err == nil:
+			continue
+		case errors.Is(err, unix.EINVAL), errors.Is(err, unix.ENOENT):
+			return nil // not a mount point (any more), or gone
+		case errors.Is(err, unix.EBUSY):
+			if err := unix.Unmount(path, unix.MNT_DETACH|unix.UMOUNT_NOFOLLOW); err != nil {
+				return fmt.Errorf("unmounting %s: %w", path, err)
+			}
+		default:
+			return fmt.Errorf("unmounting %s: %w", path, err)
+		}
+	}
+	return nil
+}
+
+// DeleteVolume unmounts the volume's tmpfs and removes its directory and
+// metadata. Deleting an unknown volume is fine.
+func (f *Filesystem) DeleteVolume(id string) error {
+	if err := unmount(f.DataDir(id)); err != nil {
+		return err
+	}
+	return os.RemoveAll(f.volumeDir(id))
+}
+
+// WriteMetadata records m, replacing what was there atomically.
+func (f *Filesystem) WriteMetadata(m Metadata) error {
+	if err := os.MkdirAll(f.volumeDir(m.VolumeID), 0o700); err != nil {
+		return err
+	}
+	return writeJSON(filepath.Join(f.volumeDir(m.VolumeID), "meta.json"), m)
+}
+
+// ReadMetadata returns the volume's metadata or ErrVolumeNotFound.
+func (f *Filesystem) ReadMetadata(id string) (Metadata, error) {
+	var m Metadata
+	err := readJSON(filepath.Join(f.volumeDir(id), "meta.json"), &m)
+	return m, err
+}
+
+// WriteLease records the volume's current lease (secret: tmpfs, mode 0600).
+func (f *Filesystem) WriteLease(id string, l provider.Lease) error {
+	return writeJSON(filepath.Join(f.volumeDir(id), "lease.json"), l)
+}
+
+// ReadLease returns the volume's current lease or ErrVolumeNotFound.
+func (f *Filesystem) ReadLease(id string) (provider.Lease, error) {
+	var l provider.Lease
+	err := readJSON(filepath.Join(f.volumeDir(id), "lease.json"), &l)
+	return l, err
+}
+
+// ListVolumes returns the IDs of every volume with metadata.
+func (f *Filesystem) ListVolumes() ([]string, error) {
+	entries, err := os.ReadDir(filepath.Join(f.root, "volumes"))
+	if err != nil {
+		return nil, err
+	}
+	var ids []string
+	for _, e := range entries {
+		var m Metadata
+		if err := readJSON(filepath.Join(f.root, "volumes", e.Name(), "meta.json"), &m); err != nil {
+			continue // a directory whose metadata never got written: see Orphans
+		}
+		ids = append(ids, m.VolumeID)
+	}
+	sort.Strings(ids)
+	return ids, nil
+}
+
+// RemoveOrphans removes volume directories that have no metadata (a crash
+// between creating the directory and recording the volume; no lease was
+// issued for them) and returns how many it removed.
+func (f *Filesystem) RemoveOrphans() (int, error) {
+	entries, err := os.ReadDir(filepath.Join(f.root, "volumes"))
+	if err != nil {
+		return 0, err
+	}
+	n := 0
+	for _, e := range entries {
+		dir := filepath.Join(f.root, "volumes", e.Name())
+		if _, err := os.Stat(filepath.Join(dir, "meta.json")); err == nil {
+			continue
+		}
+		if err := unmount(filepath.Join(dir, "fs")); err != nil {
+			return n, err
+		}
+		if err := os.RemoveAll(dir); err != nil {
+			return n, err
+		}
+		n++
+	}
+	return n, nil
+}
+
+func revocationPath(root, leaseID string) string {
+	return filepath.Join(root, "revocations", key(leaseID)+".json")
+}
+
+// PutRevocation adds or updates an entry of the revocation queue.
+func (f *Filesystem) PutRevocation(r Revocation) error {
+	return writeJSON(revocationPath(f.root, r.Lease.ID), r)
+}
+
+// DeleteRevocation removes an entry; removing an absent one is fine.
+func (f *Filesystem) DeleteRevocation(leaseID string) error {
+	err := os.Remove(revocationPath(f.root, leaseID))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	return err
+}
+
+// ListRevocations returns the queue, oldest first.
+func (f *Filesystem) ListRevocations() ([]Revocation, error) {
+	entries, err := os.ReadDir(filepath.Join(f.root, "revocations"))
+	if err != nil {
+		return nil, err
+	}
+	var out []Revocation
+	for _, e := range entries {
+		if !strings.HasSuffix(e.Name(), ".json") {
+			continue
+		}
+		var r Revocation
+		if err := readJSON(filepath.Join(f.root, "revocations", e.Name()), &r); err != nil {
+			return nil, err
+		}
+		out = append(out, r)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].EnqueuedAt.Before(out[j].EnqueuedAt) })
+	return out, nil
+}
+
+func writeJSON(path string, v any) error {
+	data, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	tmp := path + ".tmp"
+	if err := os.WriteFile(tmp, data, 0o600); err != nil {
+		return err
+	}
+	return os.Rename(tmp, path)
+}
+
+func readJSON(path string, v any) error {
+	data, err := os.ReadFile(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return ErrVolumeNotFound
+	}
+	if err != nil {
+		return err
+	}
+	return json.Unmarshal(data, v)
+}
