@@ -52,9 +52,9 @@ func main() {
 
 type serveFlags struct {
 	endpoint, nodeID, stateDir, kubeletDir, classes, backends, auditLog string
-	maxVolumeBytes                                                     int64
-	sweep, retryMin, retryMax, backendTimeout                          time.Duration
-	renewFraction                                                      float64
+	maxVolumeBytes                                                      int64
+	sweep, retryMin, retryMax, backendTimeout                           time.Duration
+	renewFraction                                                       float64
 }
 
 func serve(args []string) error {

@@ -54,14 +54,14 @@ type Metadata struct {
 	LeaseID    string            `json:"leaseID"`
 	// PendingLeaseID is set before a provider is asked to issue and cleared
 	// once the lease is recorded: after a crash it names what to revoke.
-	PendingLeaseID string `json:"pendingLeaseID,omitempty"`
-	Params     map[string]string `json:"params,omitempty"` // provider parameters, to revoke an interrupted issue
-	Role       string            `json:"role,omitempty"`
-	State      State             `json:"state"`
-	CreatedAt  time.Time         `json:"createdAt"`
-	IssuedAt   time.Time         `json:"issuedAt,omitzero"`
-	ExpiresAt  time.Time         `json:"expiresAt,omitzero"`
-	RenewedAt  time.Time         `json:"renewedAt,omitzero"`
+	PendingLeaseID string            `json:"pendingLeaseID,omitempty"`
+	Params         map[string]string `json:"params,omitempty"` // provider parameters, to revoke an interrupted issue
+	Role           string            `json:"role,omitempty"`
+	State          State             `json:"state"`
+	CreatedAt      time.Time         `json:"createdAt"`
+	IssuedAt       time.Time         `json:"issuedAt,omitzero"`
+	ExpiresAt      time.Time         `json:"expiresAt,omitzero"`
+	RenewedAt      time.Time         `json:"renewedAt,omitzero"`
 }
 
 // Revocation is one entry of the durable revocation queue.
