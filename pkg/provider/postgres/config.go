@@ -136,8 +136,8 @@ func (c *Config) validate() error {
 			if r.DefaultTTL.Duration > r.MaxTTL.Duration {
 				return fmt.Errorf("%s: defaultTTL exceeds maxTTL", where)
 			}
-			if r.DefaultTTL.Duration < time.Minute {
-				return fmt.Errorf("%s: defaultTTL below one minute", where)
+			if r.DefaultTTL.Duration < 5*time.Second {
+				return fmt.Errorf("%s: defaultTTL below 5s", where)
 			}
 			if len(r.CreationStatements) == 0 {
 				return fmt.Errorf("%s: creationStatements is empty", where)

@@ -135,8 +135,8 @@ func (p *Provider) Issue(ctx context.Context, req provider.Request) (provider.Le
 	}
 	ttl := t.role.DefaultTTL.Duration
 	if s := req.Params[TTLParam]; s != "" {
-		if ttl, err = time.ParseDuration(s); err != nil || ttl < time.Minute {
-			return provider.Lease{}, fmt.Errorf("%w: ttl %q is not a duration of at least 1m", provider.ErrInvalidParameters, s)
+		if ttl, err = time.ParseDuration(s); err != nil || ttl < 5*time.Second {
+			return provider.Lease{}, fmt.Errorf("%w: ttl %q is not a duration of at least 5s", provider.ErrInvalidParameters, s)
 		}
 		if ttl > t.role.MaxTTL.Duration {
 			return provider.Lease{}, fmt.Errorf("%w: ttl %s exceeds the role's maxTTL %s", provider.ErrInvalidParameters, ttl, t.role.MaxTTL.Duration)

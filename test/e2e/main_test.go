@@ -1,0 +1,310 @@
+// Package e2e runs the real driver binary against a real PostgreSQL, with
+// real tmpfs and bind mounts, playing kubelet over the CSI socket.
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/ephemeral-secrets/csi-driver/test/harness"
+	"github.com/ephemeral-secrets/csi-driver/test/kubelet"
+	"github.com/ephemeral-secrets/csi-driver/test/pgtest"
+)
+
+var (
+	driverBin string
+	pg        *pgtest.Server
+)
+
+func TestMain(m *testing.M) {
+	os.Exit(run(m))
+}
+
+func run(m *testing.M) int {
+	if os.Geteuid() != 0 {
+		fmt.Println("e2e tests mount tmpfs and need root")
+		return 1
+	}
+	dir, err := os.MkdirTemp("", "esc-e2e-bin-")
+	if err != nil {
+		fmt.Println(err)
+		return 1
+	}
+	defer os.RemoveAll(dir)
+	if driverBin, err = harness.Build(dir); err != nil {
+		fmt.Println(err)
+		return 1
+	}
+	if pg, err = pgtest.Start(); err != nil {
+		fmt.Println(err)
+		return 1
+	}
+	defer pg.Close()
+	harness.RegisterLog(pg.LogFile)
+	ctx := context.Background()
+	if err := pg.Exec(ctx,
+		`CREATE TABLE public.items (id int PRIMARY KEY, name text)`,
+		`INSERT INTO public.items VALUES (1, 'first'), (2, 'second')`,
+		`CREATE TABLE public.payroll (id int, salary int)`,
+	); err != nil {
+		fmt.Println(err)
+		return 1
+	}
+	defer os.RemoveAll(harness.LogDir())
+	code := m.Run()
+	// Every log line of the suite (driver, audit, PostgreSQL's own) against
+	// every password and token the suite issued or sent.
+	if n, lines, err := harness.CheckLogs(); err != nil {
+		fmt.Println("FAIL: log check:", err)
+		return 1
+	} else {
+		fmt.Printf("log check: %d secrets searched in %d log lines: none found\n", n, lines)
+	}
+	return code
+}
+
+// classes is the SecretProviderClass file of the suite.
+const classes = `apiVersion: secrets-store.csi.x-k8s.io/v1
+kind: SecretProviderClass
+metadata:
+  name: app-db
+  namespace: team-a
+spec:
+  provider: postgres
+  parameters:
+    connection: main
+    role: reader
+    files: |
+      - path: username
+        value: username
+      - path: password
+        value: password
+      - path: dsn
+        template: "postgres://{{ .username }}:{{ .password }}@{{ .host }}:{{ .port }}/{{ .database }}?sslmode=disable"
+      - path: pg.env
+        template: |
+          PGHOST={{ .host }}
+          PGPORT={{ .port }}
+          PGDATABASE={{ .database }}
+          PGUSER={{ .username }}
+          PGPASSWORD={{ .password }}
+      - path: config/db.json
+        format: json
+        mode: "0400"
+---
+apiVersion: secrets-store.csi.x-k8s.io/v1
+kind: SecretProviderClass
+metadata:
+  name: short-lived
+  namespace: team-a
+spec:
+  provider: postgres
+  parameters:
+    connection: main
+    role: rotating
+---
+apiVersion: secrets-store.csi.x-k8s.io/v1
+kind: SecretProviderClass
+metadata:
+  name: blocking
+  namespace: team-a
+spec:
+  provider: postgres
+  parameters:
+    connection: main
+    role: blocking
+---
+apiVersion: secrets-store.csi.x-k8s.io/v1
+kind: SecretProviderClass
+metadata:
+  name: payroll
+  namespace: team-a
+spec:
+  provider: postgres
+  parameters:
+    connection: main
+    role: payroll
+---
+apiVersion: secrets-store.csi.x-k8s.io/v1
+kind: SecretProviderClass
+metadata:
+  name: huge
+  namespace: team-a
+spec:
+  provider: postgres
+  parameters:
+    connection: main
+    role: reader
+    files: |
+      - path: big
+        template: '{{ printf "%0900000d" 0 }}{{ printf "%0900000d" 0 }}'
+---
+apiVersion: secrets-store.csi.x-k8s.io/v1
+kind: SecretProviderClass
+metadata:
+  name: escape
+  namespace: team-a
+spec:
+  provider: postgres
+  parameters:
+    connection: main
+    role: reader
+    files: |
+      - path: ../../etc/evil
+        value: password
+---
+apiVersion: secrets-store.csi.x-k8s.io/v1
+kind: SecretProviderClass
+metadata:
+  name: absolute
+  namespace: team-a
+spec:
+  provider: postgres
+  parameters:
+    connection: main
+    role: reader
+    files: |
+      - path: /etc/evil
+        value: password
+`
+
+// backends configures the postgres provider against the suite's server.
+func backends(ttl, maxTTL string) string {
+	return fmt.Sprintf(`postgres:
+  connections:
+    main:
+      url: %s
+      roles:
+        reader:
+          defaultTTL: %s
+          maxTTL: 1h
+          creationStatements:
+            - CREATE ROLE "{{.Name}}" LOGIN PASSWORD '{{.Password}}' VALID UNTIL '{{.Expiration}}'
+            - GRANT SELECT ON public.items TO "{{.Name}}"
+          allowed:
+            - namespace: team-a
+              serviceAccount: app
+        rotating:
+          defaultTTL: %s
+          maxTTL: %s
+          creationStatements:
+            - CREATE ROLE "{{.Name}}" LOGIN PASSWORD '{{.Password}}' VALID UNTIL '{{.Expiration}}'
+            - GRANT SELECT ON public.items TO "{{.Name}}"
+          allowed:
+            - namespace: team-a
+              serviceAccount: "*"
+        blocking:
+          creationStatements:
+            - CREATE ROLE "{{.Name}}" LOGIN PASSWORD '{{.Password}}' VALID UNTIL '{{.Expiration}}'
+            - SELECT pg_advisory_xact_lock(4242)
+          allowed:
+            - namespace: team-a
+              serviceAccount: app
+        payroll:
+          creationStatements:
+            - CREATE ROLE "{{.Name}}" LOGIN PASSWORD '{{.Password}}' VALID UNTIL '{{.Expiration}}'
+            - GRANT SELECT ON public.payroll TO "{{.Name}}"
+          allowed:
+            - namespace: team-a
+              serviceAccount: payroll-job
+`, pg.AdminURL(), ttl, ttl, maxTTL)
+}
+
+// setup starts a driver in a fresh environment; extra flags follow.
+type fixture struct {
+	env    *harness.Env
+	driver *harness.Driver
+	kube   *kubelet.Kubelet
+	audit  string
+}
+
+func setup(t *testing.T, ttl, maxTTL string, extra ...string) *fixture {
+	t.Helper()
+	env, err := harness.NewEnv()
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := &fixture{env: env, audit: harness.LogPath("audit")}
+	write := func(name, content string) string {
+		p := filepath.Join(env.Base, name)
+		if err := os.WriteFile(p, []byte(content), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	args := append([]string{
+		"--classes-file", write("classes.yaml", classes),
+		"--backend-config", write("backends.yaml", backends(ttl, maxTTL)),
+		"--audit-log", f.audit,
+		"--retry-min", "200ms", "--retry-max", "1s", "--backend-timeout", "5s",
+	}, extra...)
+	f.driver = &harness.Driver{Bin: driverBin, Env: env, Args: args}
+	if err := f.driver.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if f.kube, err = kubelet.Dial(env.Endpoint(), env.KubeletDir); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		f.kube.Close()
+		f.driver.Stop()
+		if t.Failed() {
+			out, _ := os.ReadFile(f.driver.LogFile)
+			t.Logf("driver log (tail):\n%s", tailString(string(out), 4000))
+		}
+		if err := env.Close(); err != nil {
+			t.Errorf("cleaning up: %v", err)
+		}
+	})
+	return f
+}
+
+func tailString(s string, n int) string {
+	if len(s) > n {
+		return s[len(s)-n:]
+	}
+	return s
+}
+
+// readFile reads a file of a mounted volume that holds no secret.
+func readFile(t *testing.T, target, name string) string {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(target, name))
+	if err != nil {
+		t.Fatalf("reading %s: %v", name, err)
+	}
+	return strings.TrimSpace(string(b))
+}
+
+// readSecret reads a file of a mounted volume and remembers its content as a secret.
+func readSecret(t *testing.T, target, name string) string {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(target, name))
+	if err != nil {
+		t.Fatalf("reading %s: %v", name, err)
+	}
+	s := strings.TrimSpace(string(b))
+	harness.RememberSecret(s)
+	return s
+}
+
+// eventually polls cond until it holds or the timeout passes.
+func eventually(t *testing.T, timeout time.Duration, what string, cond func() (bool, error)) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	var lastErr error
+	for time.Now().Before(deadline) {
+		ok, err := cond()
+		if ok && err == nil {
+			return
+		}
+		lastErr = err
+		time.Sleep(100 * time.Millisecond)
+	}
+	t.Fatalf("%s: not within %s (last error: %v)", what, timeout, lastErr)
+}

@@ -1,0 +1,305 @@
+// Package harness runs the real driver binary for tests: it builds it,
+// lays out a kubelet directory and a state directory, starts and kills
+// the process, and captures its logs so that tests can search them for
+// every secret the suite saw.
+package harness
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	"golang.org/x/sys/unix"
+
+	"github.com/ephemeral-secrets/csi-driver/test/kubelet"
+)
+
+// Build compiles the driver into dir and returns the binary's path.
+func Build(dir string) (string, error) {
+	root, err := moduleRoot()
+	if err != nil {
+		return "", err
+	}
+	bin := filepath.Join(dir, "ephemeral-secrets-csi")
+	cmd := exec.Command("go", "build", "-o", bin, "./cmd/ephemeral-secrets-csi")
+	cmd.Dir = root
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return "", fmt.Errorf("go build: %v: %s", err, out)
+	}
+	return bin, nil
+}
+
+func moduleRoot() (string, error) {
+	dir, err := os.Getwd()
+	if err != nil {
+		return "", err
+	}
+	for {
+		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
+			return dir, nil
+		}
+		parent := filepath.Dir(dir)
+		if parent == dir {
+			return "", errors.New("go.mod not found")
+		}
+		dir = parent
+	}
+}
+
+// LogDir holds the logs of a whole test binary, so that they outlive
+// each test's environment until CheckLogs reads them.
+var LogDir = sync.OnceValue(func() string {
+	dir, err := os.MkdirTemp("", "esc-logs-")
+	if err != nil {
+		panic(err)
+	}
+	return dir
+})
+
+// LogPath names a new log file in LogDir and registers it.
+func LogPath(name string) string {
+	f, err := os.CreateTemp(LogDir(), name+"-*.log")
+	if err != nil {
+		panic(err)
+	}
+	f.Close()
+	RegisterLog(f.Name())
+	return f.Name()
+}
+
+// Env is one test's directories.
+type Env struct {
+	Base, KubeletDir, StateDir, Socket string
+}
+
+// NewEnv makes the directories under a new temporary base.
+func NewEnv() (*Env, error) {
+	base, err := os.MkdirTemp("", "esc-env-")
+	if err != nil {
+		return nil, err
+	}
+	e := &Env{
+		Base: base, KubeletDir: filepath.Join(base, "kubelet"), StateDir: filepath.Join(base, "state"),
+		Socket: filepath.Join(base, "csi", "csi.sock"),
+	}
+	for _, d := range []string{e.KubeletDir, filepath.Dir(e.Socket)} {
+		if err := os.MkdirAll(d, 0o750); err != nil {
+			return nil, err
+		}
+	}
+	return e, nil
+}
+
+// Endpoint is the CSI endpoint URL.
+func (e *Env) Endpoint() string { return "unix://" + e.Socket }
+
+// Close unmounts everything under the base and removes it.
+func (e *Env) Close() error {
+	UnmountUnder(e.Base)
+	return os.RemoveAll(e.Base)
+}
+
+// Mounts lists the mount points under prefix, deepest first.
+func Mounts(prefix string) []string {
+	data, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		return nil
+	}
+	var out []string
+	sc := bufio.NewScanner(bytes.NewReader(data))
+	for sc.Scan() {
+		f := strings.Fields(sc.Text())
+		if len(f) > 4 && (f[4] == prefix || strings.HasPrefix(f[4], prefix+"/")) {
+			out = append(out, f[4])
+		}
+	}
+	sort.Slice(out, func(i, j int) bool { return len(out[i]) > len(out[j]) })
+	return out
+}
+
+// MountOptions returns the per-mount options and the filesystem type of the
+// mount at path, from /proc/self/mountinfo.
+func MountOptions(path string) (opts []string, fstype, superOpts string, ok bool) {
+	data, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		return nil, "", "", false
+	}
+	sc := bufio.NewScanner(bytes.NewReader(data))
+	for sc.Scan() {
+		f := strings.Fields(sc.Text())
+		if len(f) < 10 || f[4] != path {
+			continue
+		}
+		i := 6
+		for i < len(f) && f[i] != "-" {
+			i++
+		}
+		if i+3 < len(f) {
+			opts, fstype, superOpts, ok = strings.Split(f[5], ","), f[i+1], f[i+3], true
+		}
+	}
+	return opts, fstype, superOpts, ok
+}
+
+// UnmountUnder detaches every mount under prefix.
+func UnmountUnder(prefix string) {
+	for range 3 {
+		ms := Mounts(prefix)
+		if len(ms) == 0 {
+			return
+		}
+		for _, m := range ms {
+			_ = unix.Unmount(m, unix.MNT_DETACH)
+		}
+	}
+}
+
+// Driver is the driver binary running as a child process.
+type Driver struct {
+	Bin     string
+	Env     *Env
+	Args    []string // extra flags
+	LogFile string
+	cmd     *exec.Cmd
+	done    chan struct{}
+}
+
+// Start starts the driver and waits until its Probe says ready.
+func (d *Driver) Start(ctx context.Context) error {
+	if d.LogFile == "" {
+		d.LogFile = LogPath("driver")
+	}
+	log, err := os.OpenFile(d.LogFile, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	if err != nil {
+		return err
+	}
+	defer log.Close()
+	args := append([]string{
+		"serve", "--endpoint", d.Env.Endpoint(), "--node-id", "test-node",
+		"--state-dir", d.Env.StateDir, "--kubelet-dir", d.Env.KubeletDir, "-v", "10",
+	}, d.Args...)
+	d.cmd = exec.Command(d.Bin, args...)
+	d.cmd.Stdout, d.cmd.Stderr = log, log
+	if err := d.cmd.Start(); err != nil {
+		return err
+	}
+	d.done = make(chan struct{})
+	go func(c *exec.Cmd, done chan struct{}) { _ = c.Wait(); close(done) }(d.cmd, d.done)
+
+	k, err := kubelet.Dial(d.Env.Endpoint(), d.Env.KubeletDir)
+	if err != nil {
+		return err
+	}
+	defer k.Close()
+	id := csi.NewIdentityClient(k.Conn())
+	deadline := time.Now().Add(30 * time.Second)
+	for time.Now().Before(deadline) {
+		select {
+		case <-d.done:
+			out, _ := os.ReadFile(d.LogFile)
+			return fmt.Errorf("driver exited: %s", tail(out, 3000))
+		default:
+		}
+		pctx, cancel := context.WithTimeout(ctx, time.Second)
+		resp, err := id.Probe(pctx, &csi.ProbeRequest{})
+		cancel()
+		if err == nil && resp.GetReady().GetValue() {
+			return nil
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	return errors.New("driver not ready after 30s")
+}
+
+func tail(b []byte, n int) []byte {
+	if len(b) > n {
+		return b[len(b)-n:]
+	}
+	return b
+}
+
+// Kill ends the driver with SIGKILL, as a crash would.
+func (d *Driver) Kill() {
+	d.signal(syscall.SIGKILL)
+}
+
+// Stop ends the driver with SIGTERM.
+func (d *Driver) Stop() {
+	d.signal(syscall.SIGTERM)
+}
+
+func (d *Driver) signal(sig syscall.Signal) {
+	if d.cmd == nil || d.cmd.Process == nil {
+		return
+	}
+	_ = d.cmd.Process.Signal(sig)
+	select {
+	case <-d.done:
+	case <-time.After(15 * time.Second):
+		_ = d.cmd.Process.Kill()
+		<-d.done
+	}
+	d.cmd = nil
+}
+
+var (
+	secretsMu sync.Mutex
+	secrets   = map[string]bool{}
+	logFiles  = map[string]bool{}
+)
+
+// RememberSecret records a value that must never appear in a log.
+func RememberSecret(s string) {
+	if len(s) < 8 {
+		return // too short to search for without false hits
+	}
+	secretsMu.Lock()
+	defer secretsMu.Unlock()
+	secrets[s] = true
+}
+
+// RegisterLog records a log file to search.
+func RegisterLog(path string) {
+	secretsMu.Lock()
+	defer secretsMu.Unlock()
+	logFiles[path] = true
+}
+
+// CheckLogs searches every registered log for every remembered secret. It
+// fails if no secret was remembered or no log line read: a check that
+// cannot fail is no check.
+func CheckLogs() (secretCount, lineCount int, err error) {
+	secretsMu.Lock()
+	defer secretsMu.Unlock()
+	var leaks []string
+	for path := range logFiles {
+		data, rerr := os.ReadFile(path)
+		if rerr != nil {
+			continue
+		}
+		lineCount += bytes.Count(data, []byte("\n"))
+		for s := range secrets {
+			if bytes.Contains(data, []byte(s)) {
+				leaks = append(leaks, fmt.Sprintf("%s holds a secret (%d chars, starts %q)", path, len(s), s[:3]))
+			}
+		}
+	}
+	if len(leaks) > 0 {
+		return len(secrets), lineCount, fmt.Errorf("secrets in logs:\n%s", strings.Join(leaks, "\n"))
+	}
+	if len(secrets) == 0 || lineCount == 0 {
+		return len(secrets), lineCount, fmt.Errorf("log check ran on %d secrets and %d log lines: nothing was checked", len(secrets), lineCount)
+	}
+	return len(secrets), lineCount, nil
+}
