@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ephemeral-secrets/csi-driver/pkg/storage"
 	"github.com/ephemeral-secrets/csi-driver/test/harness"
 	"github.com/ephemeral-secrets/csi-driver/test/kubelet"
 	"github.com/ephemeral-secrets/csi-driver/test/pgtest"
@@ -307,4 +308,10 @@ func eventually(t *testing.T, timeout time.Duration, what string, cond func() (b
 		time.Sleep(100 * time.Millisecond)
 	}
 	t.Fatalf("%s: not within %s (last error: %v)", what, timeout, lastErr)
+}
+
+// storageOf opens the fixture's state directory read-only in effect (it is
+// already a tmpfs, so Open mounts nothing).
+func storageOf(f *fixture) (*storage.Filesystem, error) {
+	return storage.Open(f.env.StateDir, storage.Options{})
 }

@@ -28,7 +28,11 @@ func dbVolume(class string) kubelet.Volume {
 }
 
 func newPod(name, sa string) kubelet.Pod {
-	p := kubelet.NewPod("team-a", name, sa)
+	return withToken(kubelet.NewPod("team-a", name, sa))
+}
+
+// withToken gives the pod a service-account token, remembered as a secret.
+func withToken(p kubelet.Pod) kubelet.Pod {
 	p.Tokens = map[string]string{"vault": "sa-token-" + p.UID}
 	harness.RememberSecret(p.Tokens["vault"])
 	return p
