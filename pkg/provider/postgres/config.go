@@ -38,7 +38,8 @@ type Role struct {
 	DefaultTTL Duration `json:"defaultTTL"`
 	MaxTTL     Duration `json:"maxTTL"`
 	// CreationStatements run in one transaction. Templates see .Name,
-	// .Password and .Expiration (already safe to place inside quotes).
+	// .Password (the SCRAM-SHA-256 verifier: the plaintext never reaches
+	// the server), .PlainPassword and .Expiration, all safe inside quotes.
 	CreationStatements []string `json:"creationStatements"`
 	// RenewStatements extend the role (default: ALTER ROLE ... VALID UNTIL).
 	RenewStatements []string `json:"renewStatements,omitempty"`

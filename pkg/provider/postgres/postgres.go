@@ -152,9 +152,13 @@ func (p *Provider) Issue(ctx context.Context, req provider.Request) (provider.Le
 	if err != nil {
 		return provider.Lease{}, err
 	}
-	stmts, err := renderAll(t.role.creation, name, password, exp)
+	verifier, err := scramVerifier(password)
 	if err != nil {
-		return provider.Lease{}, scrub(err, password)
+		return provider.Lease{}, err
+	}
+	stmts, err := renderAll(t.role.creation, stmtData{Name: name, Password: verifier, PlainPassword: password}, exp)
+	if err != nil {
+		return provider.Lease{}, scrub(err, password, verifier)
 	}
 	err = pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error {
 		for _, s := range stmts {
@@ -165,7 +169,7 @@ func (p *Provider) Issue(ctx context.Context, req provider.Request) (provider.Le
 		return nil
 	})
 	if err != nil {
-		return provider.Lease{}, classify(scrub(err, password), "creating role")
+		return provider.Lease{}, classify(scrub(err, password, verifier), "creating role")
 	}
 	return provider.Lease{
 		Values: map[string]string{"username": name, "password": password},
@@ -212,7 +216,7 @@ func (p *Provider) Renew(ctx context.Context, l provider.Lease) (provider.Lease,
 	if err != nil {
 		return l, err
 	}
-	stmts, err := renderAll(t.role.renew, name, "", exp)
+	stmts, err := renderAll(t.role.renew, stmtData{Name: name}, exp)
 	if err != nil {
 		return l, err
 	}
@@ -264,7 +268,7 @@ func (p *Provider) Revoke(ctx context.Context, l provider.Lease) error {
 	if !exists {
 		return nil
 	}
-	stmts, err := renderAll(t.role.revoke, name, "", time.Time{})
+	stmts, err := renderAll(t.role.revoke, stmtData{Name: name}, time.Time{})
 	if err != nil {
 		return err
 	}
@@ -302,12 +306,20 @@ func newPassword() string {
 	return rand.Text() + rand.Text()[:6]
 }
 
+// stmtData is what statement templates see.
 type stmtData struct {
-	Name, Password, Expiration string
+	// Name is the role's name, of [a-z0-9_].
+	Name string
+	// Password is the SCRAM-SHA-256 verifier of the password: PostgreSQL
+	// stores it as given, and the plaintext never leaves the driver.
+	Password string
+	// PlainPassword is the password itself, for servers that cannot take a
+	// verifier. PostgreSQL logs failing statements: avoid it.
+	PlainPassword string
+	Expiration    string
 }
 
-func renderAll(ts []*template.Template, name, password string, exp time.Time) ([]string, error) {
-	d := stmtData{Name: name, Password: password}
+func renderAll(ts []*template.Template, d stmtData, exp time.Time) ([]string, error) {
 	if !exp.IsZero() {
 		d.Expiration = exp.UTC().Format("2006-01-02 15:04:05+00")
 	}

@@ -1,0 +1,251 @@
+package storage
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
+)
+
+// newStore opens a store on a fresh tmpfs; it needs root.
+func newStore(t testing.TB, opts Options) *Filesystem {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to mount tmpfs")
+	}
+	root := t.TempDir()
+	s, err := Open(filepath.Join(root, "state"), opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		for _, m := range []string{"a", "b"} {
+			_ = unix.Unmount(filepath.Join(root, "target-"+m), unix.MNT_DETACH)
+		}
+		entries, _ := os.ReadDir(filepath.Join(s.root, "volumes"))
+		for _, e := range entries {
+			_ = unix.Unmount(filepath.Join(s.root, "volumes", e.Name(), "fs"), unix.MNT_DETACH)
+		}
+		_ = unix.Unmount(s.root, unix.MNT_DETACH)
+	})
+	return s
+}
+
+func TestOpenPutsStateOnTmpfs(t *testing.T) {
+	s := newStore(t, Options{})
+	var st unix.Statfs_t
+	if err := unix.Statfs(s.Root(), &st); err != nil || st.Type != unix.TMPFS_MAGIC {
+		t.Fatalf("state dir is not tmpfs: %v type %x", err, st.Type)
+	}
+	// Opening again (a restart) keeps what is there.
+	if err := s.WriteMetadata(Metadata{VolumeID: "v1", State: StatePublished}); err != nil {
+		t.Fatal(err)
+	}
+	s2, err := Open(s.Root(), Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ids, _ := s2.ListVolumes(); len(ids) != 1 || ids[0] != "v1" {
+		t.Fatalf("after reopen: %v", ids)
+	}
+}
+
+func TestWriteFilesSwapsAtomically(t *testing.T) {
+	s := newStore(t, Options{})
+	const id = "vol"
+	if err := s.CreateVolume(id, 1234); err != nil {
+		t.Fatal(err)
+	}
+	gen := func(n int) []File {
+		v := []byte(fmt.Sprint(n))
+		return []File{{Path: "a", Mode: 0o440, Data: v}, {Path: "sub/b", Mode: 0o400, Data: v}}
+	}
+	if err := s.WriteFiles(id, 1234, gen(0)); err != nil {
+		t.Fatal(err)
+	}
+	dir := s.DataDir(id)
+	var stop atomic.Bool
+	var torn atomic.Int64
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		for !stop.Load() {
+			// A reader that resolves ..data once sees one generation.
+			real, err := filepath.EvalSymlinks(filepath.Join(dir, "..data"))
+			if err != nil {
+				continue
+			}
+			a, err1 := os.ReadFile(filepath.Join(real, "a"))
+			b, err2 := os.ReadFile(filepath.Join(real, "sub/b"))
+			if err1 == nil && err2 == nil && !bytes.Equal(a, b) {
+				torn.Add(1)
+			}
+		}
+	})
+	for n := 1; n <= 300; n++ {
+		if err := s.WriteFiles(id, 1234, gen(n)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	stop.Store(true)
+	wg.Wait()
+	if torn.Load() != 0 {
+		t.Fatalf("%d torn reads", torn.Load())
+	}
+	got, err := os.ReadFile(filepath.Join(dir, "sub/b"))
+	if err != nil || string(got) != "300" {
+		t.Fatalf("final content %q %v", got, err)
+	}
+	entries, _ := os.ReadDir(dir)
+	var names []string
+	for _, e := range entries {
+		names = append(names, e.Name())
+	}
+	if len(names) != 4 { // a, sub, ..data and one version directory
+		t.Fatalf("old versions left behind: %v", names)
+	}
+	st, _ := os.Stat(filepath.Join(dir, "sub/b"))
+	if sys := st.Sys().(*syscall.Stat_t); st.Mode().Perm() != 0o400 || sys.Gid != 1234 || sys.Uid != 0 {
+		t.Fatalf("mode %o owner %d:%d", st.Mode().Perm(), sys.Uid, sys.Gid)
+	}
+	// A name dropped from the set disappears.
+	if err := s.WriteFiles(id, 1234, []File{{Path: "a", Mode: 0o440, Data: []byte("x")}}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Lstat(filepath.Join(dir, "sub")); !os.IsNotExist(err) {
+		t.Fatalf("dropped name still present: %v", err)
+	}
+}
+
+func TestWriteFilesRefusesOversizedSets(t *testing.T) {
+	s := newStore(t, Options{MaxVolumeBytes: 4096, MaxFiles: 4})
+	if err := s.CreateVolume("v", -1); err != nil {
+		t.Fatal(err)
+	}
+	big := []File{{Path: "a", Mode: 0o440, Data: bytes.Repeat([]byte("x"), 4097)}}
+	if err := s.WriteFiles("v", -1, big); !errors.Is(err, ErrTooLarge) {
+		t.Fatalf("oversized: %v", err)
+	}
+	many := make([]File, 5)
+	for i := range many {
+		many[i] = File{Path: fmt.Sprint("f", i), Mode: 0o440}
+	}
+	if err := s.WriteFiles("v", -1, many); !errors.Is(err, ErrTooLarge) {
+		t.Fatalf("too many files: %v", err)
+	}
+	if err := s.WriteFiles("v", -1, []File{{Path: "../x", Mode: 0o440}}); !errors.Is(err, ErrInvalidPath) {
+		t.Fatalf("escaping name: %v", err)
+	}
+}
+
+func TestMountIsReadOnlyAndUnmountCleansUp(t *testing.T) {
+	s := newStore(t, Options{})
+	target := filepath.Join(filepath.Dir(s.Root()), "target-a")
+	if err := s.CreateVolume("v", -1); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.WriteFiles("v", -1, []File{{Path: "k", Mode: 0o444, Data: []byte("v")}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Mount("v", target); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Mount("v", target); err != nil { // idempotent
+		t.Fatal(err)
+	}
+	if !s.IsMounted(target) {
+		t.Fatal("not mounted")
+	}
+	if err := os.WriteFile(filepath.Join(target, "new"), nil, 0o600); !errors.Is(err, syscall.EROFS) {
+		t.Fatalf("write into the mount: %v", err)
+	}
+	var st unix.Statfs_t
+	if err := unix.Statfs(target, &st); err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range []int64{unix.ST_RDONLY, unix.ST_NOSUID, unix.ST_NODEV, unix.ST_NOEXEC} {
+		if st.Flags&f == 0 {
+			t.Errorf("mount flags %x lack %x", st.Flags, f)
+		}
+	}
+	if err := s.UnmountTarget(target); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(target); !os.IsNotExist(err) {
+		t.Fatalf("target left: %v", err)
+	}
+	if err := s.UnmountTarget(target); err != nil {
+		t.Fatalf("second unmount: %v", err)
+	}
+	if err := s.DeleteVolume("v"); err != nil {
+		t.Fatal(err)
+	}
+	if data, _ := os.ReadFile("/proc/self/mountinfo"); strings.Contains(string(data), s.volumeDir("v")) {
+		t.Fatal("volume tmpfs still mounted")
+	}
+}
+
+func TestRevocationQueueRoundTrip(t *testing.T) {
+	s := newStore(t, Options{})
+	for i, id := range []string{"b-lease", "a-lease"} {
+		r := Revocation{Lease: provider.Lease{ID: id, Provider: "postgres"}, Reason: "test"}
+		r.EnqueuedAt = r.EnqueuedAt.AddDate(0, 0, i)
+		if err := s.PutRevocation(r); err != nil {
+			t.Fatal(err)
+		}
+	}
+	q, err := s.ListRevocations()
+	if err != nil || len(q) != 2 || q[0].Lease.ID != "b-lease" {
+		t.Fatalf("queue %v %v", q, err)
+	}
+	st, _ := os.Stat(revocationPath(s.root, "a-lease"))
+	if st.Mode().Perm() != 0o600 {
+		t.Errorf("queue entry mode %o, want 0600", st.Mode().Perm())
+	}
+	if err := s.DeleteRevocation("a-lease"); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.DeleteRevocation("a-lease"); err != nil {
+		t.Fatal(err)
+	}
+	if q, _ := s.ListRevocations(); len(q) != 1 {
+		t.Fatalf("after delete: %v", q)
+	}
+}
+
+func BenchmarkWriteFiles(b *testing.B) {
+	s := newStore(b, Options{})
+	if err := s.CreateVolume("v", 1000); err != nil {
+		b.Fatal(err)
+	}
+	files := []File{
+		{Path: "username", Mode: 0o440, Data: bytes.Repeat([]byte("u"), 256)},
+		{Path: "password", Mode: 0o440, Data: bytes.Repeat([]byte("p"), 256)},
+		{Path: "dsn", Mode: 0o440, Data: bytes.Repeat([]byte("d"), 256)},
+	}
+	for b.Loop() {
+		if err := s.WriteFiles("v", 1000, files); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+func BenchmarkWriteMetadata(b *testing.B) {
+	s := newStore(b, Options{})
+	m := Metadata{VolumeID: "v", TargetPath: "/var/lib/kubelet/pods/x/volumes/kubernetes.io~csi/v/mount", State: StatePublished,
+		Attributes: map[string]string{"secretProviderClass": "db"}, Pod: provider.Pod{Namespace: "ns", Name: "pod"}}
+	for b.Loop() {
+		if err := s.WriteMetadata(m); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
