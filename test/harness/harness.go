@@ -32,7 +32,11 @@ func Build(dir string) (string, error) {
 		return "", err
 	}
 	bin := filepath.Join(dir, "ephemeral-secrets-csi")
-	cmd := exec.Command("go", "build", "-o", bin, "./cmd/ephemeral-secrets-csi")
+	args := []string{"build", "-o", bin}
+	if raceEnabled {
+		args = append(args, "-race")
+	}
+	cmd := exec.Command("go", append(args, "./cmd/ephemeral-secrets-csi")...)
 	cmd.Dir = root
 	if out, err := cmd.CombinedOutput(); err != nil {
 		return "", fmt.Errorf("go build: %v: %s", err, out)
@@ -289,6 +293,9 @@ func CheckLogs() (secretCount, lineCount int, err error) {
 			continue
 		}
 		lineCount += bytes.Count(data, []byte("\n"))
+		if bytes.Contains(data, []byte("WARNING: DATA RACE")) {
+			leaks = append(leaks, path+" reports a data race")
+		}
 		for s := range secrets {
 			if bytes.Contains(data, []byte(s)) {
 				leaks = append(leaks, fmt.Sprintf("%s holds a secret (%d chars, starts %q)", path, len(s), s[:3]))
@@ -296,7 +303,7 @@ func CheckLogs() (secretCount, lineCount int, err error) {
 		}
 	}
 	if len(leaks) > 0 {
-		return len(secrets), lineCount, fmt.Errorf("secrets in logs:\n%s", strings.Join(leaks, "\n"))
+		return len(secrets), lineCount, fmt.Errorf("log check:\n%s", strings.Join(leaks, "\n"))
 	}
 	if len(secrets) == 0 || lineCount == 0 {
 		return len(secrets), lineCount, fmt.Errorf("log check ran on %d secrets and %d log lines: nothing was checked", len(secrets), lineCount)

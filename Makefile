@@ -1,0 +1,50 @@
+# ephemeral-secrets-csi. Run as root on Linux: the driver and its tests
+# mount tmpfs. `make demo` and `make test` install what they need.
+
+GO        ?= go
+BIN       := bin/ephemeral-secrets-csi
+VERSION   ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+LDFLAGS   := -s -w -X main.version=$(VERSION)
+GOBIN     := $(shell $(GO) env GOPATH)/bin
+STATICCHECK_VERSION ?= 2025.1.1
+FUZZTIME  ?= 30s
+# Tests that start servers and mount filesystems: one package at a time
+# keeps a two-core machine responsive; -race is part of the standard run.
+TESTFLAGS ?= -race -count=1 -timeout 30m -p 1
+
+.PHONY: all build test demo lint fuzz bench postgres clean
+
+all: build
+
+build:
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "$(LDFLAGS)" -o $(BIN) ./cmd/ephemeral-secrets-csi
+
+# PostgreSQL server binaries from the distribution, for the demo and the tests.
+postgres:
+	@if ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then \
+		echo "installing PostgreSQL (apt)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql >/dev/null; \
+	fi
+
+demo: postgres build
+	$(GO) run ./test/demo --driver $(BIN)
+
+test: postgres
+	$(GO) test $(TESTFLAGS) ./...
+
+lint:
+	$(GO) vet ./...
+	@test -x $(GOBIN)/staticcheck || $(GO) install honnef.co/go/tools/cmd/staticcheck@$(STATICCHECK_VERSION)
+	$(GOBIN)/staticcheck ./...
+	@out=$$(gofmt -l .); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+
+# Each fuzz target for FUZZTIME (their seed corpora already run in `make test`).
+fuzz:
+	$(GO) test ./pkg/storage -run '^$$' -fuzz '^FuzzValidatePath$$' -fuzztime $(FUZZTIME)
+	$(GO) test ./pkg/storage -run '^$$' -fuzz '^FuzzTargetPolicy$$' -fuzztime $(FUZZTIME)
+	$(GO) test ./pkg/spc -run '^$$' -fuzz '^FuzzParseVolumeContext$$' -fuzztime $(FUZZTIME)
+	$(GO) test ./pkg/spc -run '^$$' -fuzz '^FuzzParseClasses$$' -fuzztime $(FUZZTIME)
+	$(GO) test ./pkg/render -run '^$$' -fuzz '^FuzzParseSpec$$' -fuzztime $(FUZZTIME)
+
+clean:
+	rm -rf bin bench-results.json
