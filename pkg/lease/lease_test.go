@@ -1,0 +1,105 @@
+package lease
+
+import (
+	"context"
+	"regexp"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
+)
+
+func TestNewLeaseID(t *testing.T) {
+	valid := regexp.MustCompile(`^[a-z0-9-]{1,48}$`)
+	seen := map[string]bool{}
+	for _, pod := range []provider.Pod{
+		{Namespace: "ai-agents", Name: "research-agent-7f9c"},
+		{Namespace: strings.Repeat("n", 63), Name: strings.Repeat("p.q", 80)},
+		{Namespace: "a", Name: "b"},
+	} {
+		for range 100 {
+			id := newLeaseID(pod)
+			if !valid.MatchString(id) || seen[id] {
+				t.Fatalf("lease ID %q invalid or repeated", id)
+			}
+			seen[id] = true
+		}
+	}
+	if id := newLeaseID(provider.Pod{Namespace: "ai-agents", Name: "agent"}); !strings.HasPrefix(id, "ai-agents-agent-") {
+		t.Errorf("%q does not say which pod it is for", id)
+	}
+}
+
+func TestBackoff(t *testing.T) {
+	m := New(Options{RetryMin: 100 * time.Millisecond, RetryMax: time.Second})
+	defer m.Close()
+	want := []time.Duration{100, 200, 400, 800, 1000, 1000}
+	for i, w := range want {
+		if got := m.backoff(i + 1); got != w*time.Millisecond {
+			t.Errorf("backoff(%d) = %s, want %s", i+1, got, w*time.Millisecond)
+		}
+	}
+}
+
+func TestParseGID(t *testing.T) {
+	for in, want := range map[string]int{"": -1, "0": 0, "2000": 2000} {
+		if got, err := ParseGID(in); err != nil || got != want {
+			t.Errorf("ParseGID(%q) = %d, %v", in, got, err)
+		}
+	}
+	for _, in := range []string{"wheel", "-1", "99999999999", "1.5"} {
+		if _, err := ParseGID(in); err == nil {
+			t.Errorf("ParseGID(%q) accepted", in)
+		}
+	}
+}
+
+func TestKeyedLockSerialisesOneKeyOnly(t *testing.T) {
+	var k keyedLock
+	ctx := context.Background()
+	var inA, maxA atomic.Int32
+	var wg sync.WaitGroup
+	for range 8 {
+		wg.Go(func() {
+			unlock, err := k.lock(ctx, "a")
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			n := inA.Add(1)
+			for {
+				m := maxA.Load()
+				if n <= m || maxA.CompareAndSwap(m, n) {
+					break
+				}
+			}
+			time.Sleep(time.Millisecond)
+			inA.Add(-1)
+			unlock()
+		})
+	}
+	// Another key is not held up by "a".
+	unlockA, _ := k.lock(ctx, "a-held")
+	unlockB, err := k.lock(ctx, "b")
+	if err != nil {
+		t.Fatal(err)
+	}
+	unlockB()
+	// Waiting honours the context.
+	cctx, cancel := context.WithTimeout(ctx, 20*time.Millisecond)
+	defer cancel()
+	if _, err := k.lock(cctx, "a-held"); err == nil {
+		t.Fatal("lock of a held key did not wait for the context")
+	}
+	unlockA()
+	wg.Wait()
+	if maxA.Load() != 1 {
+		t.Fatalf("%d holders of one key at once", maxA.Load())
+	}
+	if len(k.entries) != 0 {
+		t.Fatalf("lock entries leak: %d", len(k.entries))
+	}
+}
