@@ -245,7 +245,7 @@ func (m *Manager) publishNew(ctx context.Context, v Volume) error {
 	}
 	undo := func(l provider.Lease, cause error) error {
 		if l.ID != "" {
-			m.revokeNowOrQueue(l, meta, "publish failed")
+			m.enqueueOrLog(l, meta, "publish failed")
 		}
 		if err := m.opts.Store.DeleteVolume(v.ID); err != nil {
 			klog.ErrorS(err, "Cleaning up after a failed publish", "volumeID", v.ID)
@@ -314,6 +314,11 @@ func mayHaveIssued(err error) bool {
 // durably, deletes the files and returns without waiting for the backend.
 // An unknown volume is fine.
 func (m *Manager) Unpublish(ctx context.Context, volumeID, target string) error {
+	if !m.Ready() {
+		// Until recovery has loaded every volume, "unknown" cannot be told
+		// from "not loaded yet"; kubelet retries.
+		return fmt.Errorf("%w: %w", provider.ErrUnavailable, ErrNotReady)
+	}
 	unlock, err := m.locks.lock(ctx, volumeID)
 	if err != nil {
 		return fmt.Errorf("%w: waiting for another operation on the volume: %w", provider.ErrUnavailable, err)

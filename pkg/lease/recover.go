@@ -29,15 +29,18 @@ func (m *Manager) Recover(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("listing volumes: %w", err)
 	}
-	resumed, revoked := 0, 0
+	resumed, revoked, failed := 0, 0, 0
 	for _, id := range ids {
+		// One bad volume must not keep the node's other pods from mounting:
+		// it is logged and retried by the sweep.
 		ok, err := m.recoverVolume(ctx, id)
-		if err != nil {
-			return fmt.Errorf("recovering volume %s: %w", id, err)
-		}
-		if ok {
+		switch {
+		case err != nil:
+			failed++
+			klog.ErrorS(err, "Recovering volume; the sweep retries", "volumeID", id)
+		case ok:
 			resumed++
-		} else {
+		default:
 			revoked++
 		}
 	}
@@ -45,7 +48,7 @@ func (m *Manager) Recover(ctx context.Context) error {
 	m.ready = true
 	m.mu.Unlock()
 	m.kick()
-	klog.InfoS("Recovery finished", "resumed", resumed, "retired", revoked, "pendingRevocations", m.QueueLength())
+	klog.InfoS("Recovery finished", "resumed", resumed, "retired", revoked, "failed", failed, "pendingRevocations", m.QueueLength())
 	return nil
 }
 
@@ -109,15 +112,26 @@ func (m *Manager) specFor(ctx context.Context, meta storage.Metadata) (*render.S
 	return render.ParseSpec(class.Parameters)
 }
 
-// Sweep retires volumes whose target is no longer mounted (the pod went
-// away without an unpublish reaching us).
+// Sweep does while running what Recover does at start: it retires
+// volumes whose target is no longer mounted (the pod went away without an
+// unpublish reaching us), and recovers volumes the store has but memory
+// does not (a clean-up that failed, a recovery that failed).
 func (m *Manager) Sweep(ctx context.Context) {
+	stored, err := m.opts.Store.ListVolumes()
+	if err != nil {
+		klog.ErrorS(err, "Sweep: listing volumes")
+	}
 	m.mu.Lock()
 	ids := make([]string, 0, len(m.vols))
 	for id := range m.vols {
 		ids = append(ids, id)
 	}
 	m.mu.Unlock()
+	for _, id := range stored {
+		if !m.has(id) {
+			ids = append(ids, id)
+		}
+	}
 	for _, id := range ids {
 		lctx, cancel := context.WithTimeout(ctx, time.Second)
 		unlock, err := m.locks.lock(lctx, id)
@@ -128,7 +142,13 @@ func (m *Manager) Sweep(ctx context.Context) {
 		m.mu.Lock()
 		v := m.vols[id]
 		m.mu.Unlock()
-		if v != nil && !m.opts.Store.IsMounted(v.meta.TargetPath) {
+		if v == nil {
+			// Under the lock no publish is half done: stored but not in
+			// memory means left behind.
+			if _, err := m.recoverVolume(ctx, id); err != nil && !errors.Is(err, storage.ErrVolumeNotFound) {
+				klog.ErrorS(err, "Sweep: recovering volume", "volumeID", id)
+			}
+		} else if !m.opts.Store.IsMounted(v.meta.TargetPath) {
 			klog.InfoS("Target vanished without an unpublish; revoking", "volumeID", id, "leaseID", v.lease.ID)
 			_ = m.opts.Store.UnmountTarget(v.meta.TargetPath)
 			if err := m.retire(v, "target gone"); err != nil {
@@ -137,6 +157,12 @@ func (m *Manager) Sweep(ctx context.Context) {
 		}
 		unlock()
 	}
+}
+
+func (m *Manager) has(id string) bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.vols[id] != nil
 }
 
 // Lease returns the current lease ID and expiry of a volume, for tests and

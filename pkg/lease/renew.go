@@ -119,14 +119,14 @@ func (m *Manager) rotate(ctx context.Context, prov provider.Provider, v *volume)
 	nl.ID, nl.Provider, nl.Params = newID, v.meta.Provider, v.meta.Params
 	if err != nil {
 		if mayHaveIssued(err) {
-			m.revokeNowOrQueue(nl, v.meta, "rotation failed")
+			m.enqueueOrLog(nl, v.meta, "rotation failed")
 		}
 		v.meta.PendingLeaseID = ""
 		_ = m.opts.Store.WriteMetadata(v.meta)
 		return fmt.Errorf("re-issuing: %w", err)
 	}
 	if err := m.install(v, nl, true); err != nil {
-		m.revokeNowOrQueue(nl, v.meta, "rotation failed")
+		m.enqueueOrLog(nl, v.meta, "rotation failed")
 		return err
 	}
 	if err := m.enqueue(old, v.meta, "rotated"); err != nil {
@@ -164,8 +164,8 @@ func (m *Manager) install(v *volume, l provider.Lease, rotated bool) error {
 	return nil
 }
 
-// revokeNowOrQueue tries to revoke l at once and queues it if that fails.
-func (m *Manager) revokeNowOrQueue(l provider.Lease, meta storage.Metadata, reason string) {
+// enqueueOrLog queues the revocation of l; the worker runs it at once.
+func (m *Manager) enqueueOrLog(l provider.Lease, meta storage.Metadata, reason string) {
 	if err := m.enqueue(l, meta, reason); err != nil {
 		klog.ErrorS(err, "Queueing a revocation", "leaseID", l.ID)
 	}

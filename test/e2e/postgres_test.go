@@ -462,3 +462,24 @@ func TestKilledDuringIssueLeavesNothing(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+func TestSweepRevokesATargetThatVanishedWhileRunning(t *testing.T) {
+	ctx := context.Background()
+	f := setup(t, "1h", "2h", "--sweep-interval", "300ms")
+	pod := newPod("swept", "app")
+	target, err := f.kube.Publish(ctx, pod, dbVolume("app-db"))
+	if err != nil {
+		t.Fatalf("publish: %v", err)
+	}
+	user := readFile(t, target, "username")
+	readSecret(t, target, "password")
+	// The mount goes away without an unpublish (a node agent cleaned up).
+	harness.UnmountUnder(target)
+	eventually(t, 10*time.Second, "role of the vanished target dropped by the sweep", roleGone(ctx, user))
+	if left := harness.Mounts(filepath.Join(f.env.StateDir, "volumes")); len(left) != 0 {
+		t.Errorf("volume tmpfs left behind: %v", left)
+	}
+	if err := f.kube.Unpublish(ctx, pod, "db"); err != nil {
+		t.Errorf("late unpublish: %v, want OK", err)
+	}
+}
