@@ -233,6 +233,14 @@ func tail(b []byte, n int) []byte {
 	return b
 }
 
+// Pid is the driver process's ID, 0 when it is not running.
+func (d *Driver) Pid() int {
+	if d.cmd == nil || d.cmd.Process == nil {
+		return 0
+	}
+	return d.cmd.Process.Pid
+}
+
 // Kill ends the driver with SIGKILL, as a crash would.
 func (d *Driver) Kill() {
 	d.signal(syscall.SIGKILL)

@@ -1,0 +1,198 @@
+// Package cli is the ephemeral-secrets-csi command line: "serve" runs the
+// node plugin (CSI Identity and Node services), "leases" lists the node's
+// live credentials. The binary's main only calls Main; a build with extra
+// providers (the benchmark's) passes them in.
+package cli
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"syscall"
+	"text/tabwriter"
+	"time"
+
+	"k8s.io/klog/v2"
+
+	"github.com/ephemeral-secrets/csi-driver/pkg/audit"
+	"github.com/ephemeral-secrets/csi-driver/pkg/driver"
+	"github.com/ephemeral-secrets/csi-driver/pkg/lease"
+	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
+	"github.com/ephemeral-secrets/csi-driver/pkg/spc"
+	"github.com/ephemeral-secrets/csi-driver/pkg/storage"
+)
+
+// Register adds providers to the registry a serving driver uses, beside
+// those the backend configuration sets up.
+type Register func(*provider.Registry) error
+
+// Main runs the command with args (without the program name) and returns
+// the exit code.
+func Main(version string, args []string, extra ...Register) int {
+	cmd := "serve"
+	if len(args) > 0 && (args[0] == "serve" || args[0] == "leases" || args[0] == "version") {
+		cmd, args = args[0], args[1:]
+	}
+	var err error
+	switch cmd {
+	case "serve":
+		err = serve(version, args, extra)
+	case "leases":
+		err = leases(args, os.Stdout)
+	case "version":
+		fmt.Println(version)
+	}
+	if err != nil {
+		klog.ErrorS(err, "Exiting")
+		klog.Flush()
+		return 1
+	}
+	return 0
+}
+
+type serveFlags struct {
+	endpoint, nodeID, stateDir, kubeletDir, classes, backends, auditLog string
+	maxVolumeBytes                                                      int64
+	sweep, retryMin, retryMax, backendTimeout                           time.Duration
+	renewFraction                                                       float64
+}
+
+func serve(version string, args []string, extra []Register) error {
+	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
+	klog.InitFlags(fs)
+	host, _ := os.Hostname()
+	var f serveFlags
+	fs.StringVar(&f.endpoint, "endpoint", "unix:///csi/csi.sock", "CSI endpoint (unix:///path)")
+	fs.StringVar(&f.nodeID, "node-id", host, "node ID reported by NodeGetInfo")
+	fs.StringVar(&f.stateDir, "state-dir", "/run/ephemeral-secrets-csi", "state directory; covered by a tmpfs unless it is one")
+	fs.StringVar(&f.kubeletDir, "kubelet-dir", "/var/lib/kubelet", "kubelet root directory: targets must be under its pods/")
+	fs.StringVar(&f.classes, "classes-file", "", "YAML file of SecretProviderClass documents")
+	fs.StringVar(&f.backends, "backend-config", "", "YAML file configuring the backends (admin credentials; mount it from a Secret)")
+	fs.StringVar(&f.auditLog, "audit-log", "-", "where audit records go: - for stdout, or a file path")
+	fs.Int64Var(&f.maxVolumeBytes, "max-volume-bytes", 1<<20, "size cap of one volume's files")
+	fs.DurationVar(&f.sweep, "sweep-interval", time.Minute, "how often volumes whose target vanished are looked for")
+	fs.DurationVar(&f.retryMin, "retry-min", time.Second, "first retry delay of a failed renewal or revocation")
+	fs.DurationVar(&f.retryMax, "retry-max", time.Minute, "longest retry delay")
+	fs.DurationVar(&f.backendTimeout, "backend-timeout", 30*time.Second, "bound on one backend call")
+	fs.Float64Var(&f.renewFraction, "renew-fraction", 2.0/3, "fraction of a lease's TTL after which it is renewed")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if f.classes == "" {
+		return errors.New("--classes-file is required")
+	}
+
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+
+	auditOut, closeAudit, err := openAudit(f.auditLog)
+	if err != nil {
+		return err
+	}
+	defer closeAudit()
+	store, err := storage.Open(f.stateDir, storage.Options{MaxVolumeBytes: f.maxVolumeBytes})
+	if err != nil {
+		return err
+	}
+	classes, err := spc.NewFileResolver(f.classes)
+	if err != nil {
+		return err
+	}
+	providers, closeProviders, err := loadBackends(f.backends)
+	if err != nil {
+		return err
+	}
+	defer closeProviders()
+	for _, r := range extra {
+		if err := r(providers); err != nil {
+			return err
+		}
+	}
+
+	mgr := lease.New(lease.Options{
+		Store: store, Providers: providers, Classes: classes, Audit: audit.New(auditOut),
+		RenewFraction: f.renewFraction, RetryMin: f.retryMin, RetryMax: f.retryMax,
+		BackendTimeout: f.backendTimeout, SweepInterval: f.sweep,
+	})
+	defer mgr.Close()
+	l, err := driver.Listen(f.endpoint)
+	if err != nil {
+		return err
+	}
+	d := driver.New(driver.Options{NodeID: f.nodeID, Version: version, Leases: mgr, Targets: storage.TargetPolicy{KubeletDir: f.kubeletDir}})
+	// Serve at once (Probe says not ready) and recover meanwhile.
+	errc := make(chan error, 1)
+	go func() { errc <- d.Serve(ctx, l) }()
+	if err := mgr.Recover(ctx); err != nil {
+		return fmt.Errorf("recovery: %w", err)
+	}
+	go mgr.Run(ctx)
+	select {
+	case <-ctx.Done():
+		klog.InfoS("Shutting down; live leases are resumed at the next start")
+		return <-errc
+	case err := <-errc:
+		return err
+	}
+}
+
+func openAudit(path string) (io.Writer, func(), error) {
+	if path == "-" || path == "" {
+		return os.Stdout, func() {}, nil
+	}
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	if err != nil {
+		return nil, nil, fmt.Errorf("audit log: %w", err)
+	}
+	return f, func() { _ = f.Close() }, nil
+}
+
+// leases prints the node's live leases and pending revocations. It reads
+// the state directory only: nothing secret is printed.
+func leases(args []string, out io.Writer) error {
+	fs := flag.NewFlagSet("leases", flag.ContinueOnError)
+	stateDir := fs.String("state-dir", "/run/ephemeral-secrets-csi", "the driver's state directory")
+	asJSON := fs.Bool("json", false, "print JSON")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	store, err := storage.Open(*stateDir, storage.Options{})
+	if err != nil {
+		return err
+	}
+	inv, err := lease.ReadInventory(store)
+	if err != nil {
+		return err
+	}
+	if *asJSON {
+		enc := json.NewEncoder(out)
+		enc.SetIndent("", "  ")
+		return enc.Encode(inv)
+	}
+	tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
+	fmt.Fprintf(tw, "LIVE LEASES (%d)\n", len(inv.Live))
+	fmt.Fprintln(tw, "POD\tSERVICE ACCOUNT\tCLASS\tPROVIDER\tROLE\tLEASE\tSTATE\tEXPIRES")
+	for _, l := range inv.Live {
+		fmt.Fprintf(tw, "%s/%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", l.Pod.Namespace, l.Pod.Name, l.Pod.ServiceAccount,
+			l.Class, l.Provider, l.Role, l.LeaseID, l.State, when(l.ExpiresAt))
+	}
+	fmt.Fprintf(tw, "\nPENDING REVOCATIONS (%d)\n", len(inv.Pending))
+	fmt.Fprintln(tw, "POD\tPROVIDER\tROLE\tLEASE\tREASON\tQUEUED\tATTEMPTS\tLAST ERROR")
+	for _, p := range inv.Pending {
+		fmt.Fprintf(tw, "%s/%s\t%s\t%s\t%s\t%s\t%s\t%d\t%s\n", p.Pod.Namespace, p.Pod.Name, p.Provider, p.Role,
+			p.LeaseID, p.Reason, when(p.EnqueuedAt), p.Attempts, p.LastError)
+	}
+	return tw.Flush()
+}
+
+func when(t time.Time) string {
+	if t.IsZero() {
+		return "-"
+	}
+	return t.UTC().Format(time.RFC3339)
+}

@@ -1,0 +1,485 @@
+// Command bench measures the driver as kubelet sees it: the real binary
+// (with a benchmark-only "static" provider) over its real CSI socket,
+// side by side with the floor, the bare system calls a publish and
+// unpublish cannot avoid, timed in this same process and run. It prints a
+// table and writes bench-results.json. Run it as root through "make bench".
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+	"path/filepath"
+	"runtime"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	"github.com/jackc/pgx/v5"
+	"golang.org/x/sys/unix"
+
+	"github.com/ephemeral-secrets/csi-driver/test/harness"
+	"github.com/ephemeral-secrets/csi-driver/test/kubelet"
+	"github.com/ephemeral-secrets/csi-driver/test/pgtest"
+)
+
+func main() {
+	bin := flag.String("driver", "bin/bench-driver", "benchmark build of the driver (test/bench/driver)")
+	out := flag.String("out", "bench-results.json", "where the JSON results go")
+	n1 := flag.Int("n", 500, "volumes for the concurrency-1 rows")
+	n16 := flag.Int("n16", 1000, "volumes for the concurrency-16 rows and the memory row")
+	npg := flag.Int("npg", 100, "volumes for the postgres rows")
+	flag.Parse()
+	if err := run(*bin, *out, *n1, *n16, *npg); err != nil {
+		fmt.Fprintln(os.Stderr, "bench:", err)
+		os.Exit(1)
+	}
+}
+
+type latency struct {
+	P50      float64 `json:"p50_ms"`
+	P99      float64 `json:"p99_ms"`
+	OpsPerS  float64 `json:"ops_per_s,omitempty"`
+	Samples  int     `json:"samples"`
+	Failures int     `json:"failures,omitempty"`
+}
+
+type results struct {
+	Floor struct {
+		CycleP50 float64 `json:"mount_cycle_p50_ms"`
+		CycleP99 float64 `json:"mount_cycle_p99_ms"`
+	} `json:"floor"`
+	Publish   map[string]latency `json:"publish"`
+	Republish map[string]latency `json:"republish"`
+	Unpublish map[string]latency `json:"unpublish"`
+	RSS       struct {
+		Idle    float64 `json:"idle"`
+		Volumes float64 `json:"volumes_1000"`
+	} `json:"rss_mib"`
+	Postgres struct {
+		PublishP50 float64 `json:"publish_p50_ms"`
+		PublishP99 float64 `json:"publish_p99_ms"`
+		RevokeP50  float64 `json:"revoke_after_unpublish_p50_ms"`
+		RevokeP99  float64 `json:"revoke_after_unpublish_p99_ms"`
+	} `json:"postgres"`
+	Targets []target `json:"targets"`
+	Machine struct {
+		CPUs int    `json:"cpus"`
+		Go   string `json:"go"`
+		Date string `json:"date"`
+	} `json:"machine"`
+}
+
+type target struct {
+	What  string  `json:"what"`
+	Value float64 `json:"value"`
+	Limit float64 `json:"limit"`
+	Unit  string  `json:"unit"`
+	Met   bool    `json:"met"`
+}
+
+func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+
+func summarize(ds []time.Duration, elapsed time.Duration, failures int) latency {
+	if len(ds) == 0 {
+		return latency{Failures: failures}
+	}
+	s := append([]time.Duration(nil), ds...)
+	sort.Slice(s, func(i, j int) bool { return s[i] < s[j] })
+	pct := func(p float64) float64 { return ms(s[min(len(s)-1, int(p*float64(len(s))))]) }
+	l := latency{P50: pct(0.50), P99: pct(0.99), Samples: len(s), Failures: failures}
+	if elapsed > 0 {
+		l.OpsPerS = float64(len(s)) / elapsed.Seconds()
+	}
+	return l
+}
+
+func run(bin, out string, n1, n16, npg int) error {
+	if os.Geteuid() != 0 {
+		return errors.New("run as root: the driver mounts tmpfs")
+	}
+	var r results
+	r.Publish, r.Republish, r.Unpublish = map[string]latency{}, map[string]latency{}, map[string]latency{}
+	r.Machine.CPUs, r.Machine.Go, r.Machine.Date = runtime.NumCPU(), runtime.Version(), time.Now().UTC().Format(time.RFC3339)
+	ctx := context.Background()
+
+	env, err := harness.NewEnv()
+	if err != nil {
+		return err
+	}
+	defer env.Close()
+
+	fmt.Println("floor: bare system calls of a publish + unpublish ...")
+	floor, err := measureFloor(filepath.Join(env.Base, "floor"), 300)
+	if err != nil {
+		return fmt.Errorf("floor: %w", err)
+	}
+	r.Floor.CycleP50, r.Floor.CycleP99 = floor.P50, floor.P99
+
+	pg, err := pgtest.Start()
+	if err != nil {
+		return err
+	}
+	defer pg.Close()
+	classes := filepath.Join(env.Base, "classes.yaml")
+	backends := filepath.Join(env.Base, "backends.yaml")
+	if err := os.WriteFile(classes, []byte(classesYAML), 0o600); err != nil {
+		return err
+	}
+	if err := os.WriteFile(backends, []byte(fmt.Sprintf(backendsYAML, pg.AdminURL())), 0o600); err != nil {
+		return err
+	}
+	drv := &harness.Driver{Bin: bin, Env: env, LogFile: filepath.Join(env.Base, "driver.log"), Args: []string{
+		"--classes-file", classes, "--backend-config", backends, "--audit-log", filepath.Join(env.Base, "audit.log"), "-v", "0",
+	}}
+	if err := drv.Start(ctx); err != nil {
+		return err
+	}
+	defer drv.Stop()
+	kube, err := kubelet.Dial(env.Endpoint(), env.KubeletDir)
+	if err != nil {
+		return err
+	}
+	defer kube.Close()
+	time.Sleep(time.Second)
+	if r.RSS.Idle, err = rssMiB(drv.Pid()); err != nil {
+		return err
+	}
+
+	fmt.Println("driver: warm-up ...")
+	if _, _, err := cycle(ctx, kube, "warm", "static", 50, 4); err != nil {
+		return err
+	}
+
+	fmt.Printf("driver: %d publishes, republishes, unpublishes at concurrency 1 ...\n", n1)
+	reqs, err := requests(kube, "c1", "static", n1)
+	if err != nil {
+		return err
+	}
+	pub, el, fails := timeAll(reqs, 1, func(req *csi.NodePublishVolumeRequest) error {
+		_, err := kube.Node.NodePublishVolume(ctx, req)
+		return err
+	})
+	r.Publish["c1"] = summarize(pub, el, fails)
+	repub, _, fails := timeAll(reqs, 1, func(req *csi.NodePublishVolumeRequest) error {
+		_, err := kube.Node.NodePublishVolume(ctx, req)
+		return err
+	})
+	r.Republish["c1"] = summarize(repub, 0, fails)
+	unpub, el, fails := timeAll(reqs, 1, unpublisher(ctx, kube))
+	r.Unpublish["c1"] = summarize(unpub, el, fails)
+
+	fmt.Printf("driver: %d publishes and unpublishes at concurrency 16, memory with them live ...\n", n16)
+	reqs, err = requests(kube, "c16", "static", n16)
+	if err != nil {
+		return err
+	}
+	pub, el, fails = timeAll(reqs, 16, func(req *csi.NodePublishVolumeRequest) error {
+		_, err := kube.Node.NodePublishVolume(ctx, req)
+		return err
+	})
+	r.Publish["c16"] = summarize(pub, el, fails)
+	time.Sleep(500 * time.Millisecond)
+	if r.RSS.Volumes, err = rssMiB(drv.Pid()); err != nil {
+		return err
+	}
+	unpub, el, fails = timeAll(reqs, 16, unpublisher(ctx, kube))
+	r.Unpublish["c16"] = summarize(unpub, el, fails)
+
+	fmt.Printf("postgres: %d publishes, and the time from unpublish to the role refusing logins ...\n", npg)
+	if err := measurePostgres(ctx, kube, pg, npg, &r); err != nil {
+		return err
+	}
+
+	r.Targets = targets(&r)
+	printTable(&r, bin)
+	data, err := json.MarshalIndent(r, "", "  ")
+	if err != nil {
+		return err
+	}
+	if err := os.WriteFile(out, append(data, '\n'), 0o644); err != nil {
+		return err
+	}
+	fmt.Println("\nwrote", out)
+	return nil
+}
+
+// requests builds n publish requests of distinct pods, with the target
+// parents kubelet would have made, outside any timing.
+func requests(k *kubelet.Kubelet, prefix, class string, n int) ([]*csi.NodePublishVolumeRequest, error) {
+	reqs := make([]*csi.NodePublishVolumeRequest, n)
+	for i := range reqs {
+		pod := kubelet.NewPod("bench", fmt.Sprintf("%s-%d", prefix, i), "bench")
+		pod.Tokens = map[string]string{"vault": "bench-token"}
+		req, err := k.PublishRequest(pod, kubelet.Volume{Name: "secrets", ReadOnly: true, MountGroup: "2000",
+			Attributes: map[string]string{"secretProviderClass": class}})
+		if err != nil {
+			return nil, err
+		}
+		reqs[i] = req
+	}
+	return reqs, nil
+}
+
+func unpublisher(ctx context.Context, k *kubelet.Kubelet) func(*csi.NodePublishVolumeRequest) error {
+	return func(req *csi.NodePublishVolumeRequest) error {
+		_, err := k.Node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: req.VolumeId, TargetPath: req.TargetPath})
+		return err
+	}
+}
+
+// timeAll runs op on every request with the given concurrency and returns
+// each call's latency, the wall time and the failures.
+func timeAll(reqs []*csi.NodePublishVolumeRequest, conc int, op func(*csi.NodePublishVolumeRequest) error) ([]time.Duration, time.Duration, int) {
+	lat := make([]time.Duration, len(reqs))
+	errs := make([]error, len(reqs))
+	next := make(chan int)
+	var wg sync.WaitGroup
+	start := time.Now()
+	for range conc {
+		wg.Go(func() {
+			for i := range next {
+				t := time.Now()
+				errs[i] = op(reqs[i])
+				lat[i] = time.Since(t)
+			}
+		})
+	}
+	for i := range reqs {
+		next <- i
+	}
+	close(next)
+	wg.Wait()
+	elapsed := time.Since(start)
+	var ok []time.Duration
+	fails := 0
+	for i, err := range errs {
+		if err != nil {
+			if fails == 0 {
+				fmt.Fprintln(os.Stderr, "  first failure:", err)
+			}
+			fails++
+			continue
+		}
+		ok = append(ok, lat[i])
+	}
+	return ok, elapsed, fails
+}
+
+func cycle(ctx context.Context, k *kubelet.Kubelet, prefix, class string, n, conc int) ([]time.Duration, time.Duration, error) {
+	reqs, err := requests(k, prefix, class, n)
+	if err != nil {
+		return nil, 0, err
+	}
+	pub, el, fails := timeAll(reqs, conc, func(req *csi.NodePublishVolumeRequest) error {
+		_, err := k.Node.NodePublishVolume(ctx, req)
+		return err
+	})
+	_, _, ufails := timeAll(reqs, conc, unpublisher(ctx, k))
+	if fails+ufails > 0 {
+		return nil, 0, fmt.Errorf("%d publishes and %d unpublishes failed", fails, ufails)
+	}
+	return pub, el, nil
+}
+
+// measureFloor times the system calls a publish and an unpublish cannot
+// avoid, as the driver makes them: a size-capped tmpfs, three 256-byte
+// files, a read-only bind onto the target, and both unmounts.
+func measureFloor(dir string, n int) (latency, error) {
+	data := bytes.Repeat([]byte("x"), 256)
+	var ds []time.Duration
+	for i := range n {
+		src, dst := filepath.Join(dir, fmt.Sprint("src", i)), filepath.Join(dir, fmt.Sprint("dst", i))
+		if err := os.MkdirAll(src, 0o700); err != nil {
+			return latency{}, err
+		}
+		if err := os.MkdirAll(dst, 0o700); err != nil {
+			return latency{}, err
+		}
+		t := time.Now()
+		if err := unix.Mount("tmpfs", src, "tmpfs", unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, "size=4m,mode=0750"); err != nil {
+			return latency{}, err
+		}
+		for _, name := range []string{"a", "b", "c"} {
+			fd, err := unix.Open(filepath.Join(src, name), unix.O_WRONLY|unix.O_CREAT|unix.O_EXCL|unix.O_CLOEXEC, 0o440)
+			if err != nil {
+				return latency{}, err
+			}
+			if _, err := unix.Write(fd, data); err != nil {
+				return latency{}, err
+			}
+			unix.Close(fd)
+		}
+		if err := unix.Mount(src, dst, "", unix.MS_BIND, ""); err != nil {
+			return latency{}, err
+		}
+		if err := unix.Mount("", dst, "", unix.MS_BIND|unix.MS_REMOUNT|unix.MS_RDONLY|unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, ""); err != nil {
+			return latency{}, err
+		}
+		if err := unix.Unmount(dst, 0); err != nil {
+			return latency{}, err
+		}
+		if err := unix.Unmount(src, 0); err != nil {
+			return latency{}, err
+		}
+		ds = append(ds, time.Since(t))
+	}
+	return summarize(ds, 0, 0), os.RemoveAll(dir)
+}
+
+func measurePostgres(ctx context.Context, k *kubelet.Kubelet, pg *pgtest.Server, n int, r *results) error {
+	admin, err := pgx.Connect(ctx, pg.AdminURL())
+	if err != nil {
+		return err
+	}
+	defer admin.Close(ctx)
+	reqs, err := requests(k, "pg", "pg", n)
+	if err != nil {
+		return err
+	}
+	pub, _, fails := timeAll(reqs, 1, func(req *csi.NodePublishVolumeRequest) error {
+		_, err := k.Node.NodePublishVolume(ctx, req)
+		return err
+	})
+	if fails > 0 {
+		return fmt.Errorf("%d postgres publishes failed", fails)
+	}
+	p := summarize(pub, 0, 0)
+	r.Postgres.PublishP50, r.Postgres.PublishP99 = p.P50, p.P99
+	var revoke []time.Duration
+	for _, req := range reqs {
+		user, err := os.ReadFile(filepath.Join(req.TargetPath, "username"))
+		if err != nil {
+			return err
+		}
+		if _, err := k.Node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: req.VolumeId, TargetPath: req.TargetPath}); err != nil {
+			return err
+		}
+		start := time.Now()
+		for {
+			// Unable to log in: the role is gone or NOLOGIN.
+			var canLogin bool
+			err := admin.QueryRow(ctx, `SELECT coalesce((SELECT rolcanlogin FROM pg_roles WHERE rolname = $1), false)`, string(user)).Scan(&canLogin)
+			if err != nil {
+				return err
+			}
+			if !canLogin {
+				break
+			}
+			if time.Since(start) > 10*time.Second {
+				return fmt.Errorf("role %s still logs in 10 s after unpublish", user)
+			}
+			time.Sleep(time.Millisecond)
+		}
+		revoke = append(revoke, time.Since(start))
+	}
+	rv := summarize(revoke, 0, 0)
+	r.Postgres.RevokeP50, r.Postgres.RevokeP99 = rv.P50, rv.P99
+	return nil
+}
+
+func rssMiB(pid int) (float64, error) {
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0, err
+	}
+	for _, line := range strings.Split(string(data), "\n") {
+		if f := strings.Fields(line); len(f) >= 2 && f[0] == "VmRSS:" {
+			kb, err := strconv.ParseFloat(f[1], 64)
+			return kb / 1024, err
+		}
+	}
+	return 0, errors.New("no VmRSS")
+}
+
+func targets(r *results) []target {
+	t := func(what string, v, limit float64, unit string, atLeast bool) target {
+		met := v <= limit
+		if atLeast {
+			met = v >= limit
+		}
+		return target{What: what, Value: v, Limit: limit, Unit: unit, Met: met}
+	}
+	return []target{
+		t("publish p50 c1 / floor p50", r.Publish["c1"].P50/r.Floor.CycleP50, 2.5, "x", false),
+		t("publish p50 c1", r.Publish["c1"].P50, 0.5, "ms", false),
+		t("publish p99 c1", r.Publish["c1"].P99, 2, "ms", false),
+		t("publishes/s c16", r.Publish["c16"].OpsPerS, 3*899, "/s", true),
+		t("republish p50 c1", r.Republish["c1"].P50, 0.1, "ms", false),
+		t("unpublish p50 c1", r.Unpublish["c1"].P50, 0.5, "ms", false),
+		t("RSS idle", r.RSS.Idle, 20, "MiB", false),
+		t("RSS with 1000 volumes", r.RSS.Volumes, 40, "MiB", false),
+		t("postgres publish p50", r.Postgres.PublishP50, 10, "ms", false),
+		t("postgres revoke after unpublish p99", r.Postgres.RevokeP99, 1000, "ms", false),
+	}
+}
+
+func printTable(r *results, bin string) {
+	fmt.Printf("\nephemeral-secrets-csi benchmark (%s, %d CPUs, %s): real CSI socket, 3 files x 256 B per volume\n\n", filepath.Base(bin), r.Machine.CPUs, r.Machine.Go)
+	fmt.Printf("%-34s %9s %9s %10s %8s\n", "row", "p50 ms", "p99 ms", "ops/s", "samples")
+	row := func(name string, l latency) {
+		ops := "-"
+		if l.OpsPerS > 0 {
+			ops = fmt.Sprintf("%.0f", l.OpsPerS)
+		}
+		fmt.Printf("%-34s %9.3f %9.3f %10s %8d\n", name, l.P50, l.P99, ops, l.Samples)
+	}
+	row("floor: mount cycle (syscalls only)", latency{P50: r.Floor.CycleP50, P99: r.Floor.CycleP99})
+	row("publish c1", r.Publish["c1"])
+	row("publish c16", r.Publish["c16"])
+	row("republish c1", r.Republish["c1"])
+	row("unpublish c1", r.Unpublish["c1"])
+	row("unpublish c16", r.Unpublish["c16"])
+	row("postgres publish c1", latency{P50: r.Postgres.PublishP50, P99: r.Postgres.PublishP99})
+	row("postgres revoke after unpublish", latency{P50: r.Postgres.RevokeP50, P99: r.Postgres.RevokeP99})
+	fmt.Printf("\nresident memory: %.1f MiB idle, %.1f MiB with 1000 live volumes\n\n", r.RSS.Idle, r.RSS.Volumes)
+	fmt.Printf("%-38s %10s %10s  %s\n", "target", "measured", "limit", "")
+	for _, t := range r.Targets {
+		mark := "met"
+		if !t.Met {
+			mark = "MISSED"
+		}
+		fmt.Printf("%-38s %10.3f %10s  %s\n", t.What, t.Value, fmt.Sprintf("%g %s", t.Limit, t.Unit), mark)
+	}
+}
+
+const classesYAML = `apiVersion: secrets-store.csi.x-k8s.io/v1
+kind: SecretProviderClass
+metadata:
+  name: static
+  namespace: bench
+spec:
+  provider: static
+---
+apiVersion: secrets-store.csi.x-k8s.io/v1
+kind: SecretProviderClass
+metadata:
+  name: pg
+  namespace: bench
+spec:
+  provider: postgres
+  parameters:
+    connection: main
+    role: bench
+`
+
+const backendsYAML = `postgres:
+  connections:
+    main:
+      url: %s
+      maxConns: 8
+      roles:
+        bench:
+          creationStatements:
+            - CREATE ROLE "{{.Name}}" LOGIN PASSWORD '{{.Password}}' VALID UNTIL '{{.Expiration}}'
+          allowed:
+            - namespace: bench
+              serviceAccount: bench
+`
