@@ -114,8 +114,10 @@ func serve(version string, args []string, extra []Register) error {
 		}
 	}
 
+	targets := storage.TargetPolicy{KubeletDir: f.kubeletDir}
 	mgr := lease.New(lease.Options{
 		Store: store, Providers: providers, Classes: classes, Audit: audit.New(auditOut),
+		VerifyTarget:  targets.CheckNoSymlinks,
 		RenewFraction: f.renewFraction, RetryMin: f.retryMin, RetryMax: f.retryMax,
 		BackendTimeout: f.backendTimeout, SweepInterval: f.sweep,
 	})
@@ -124,7 +126,7 @@ func serve(version string, args []string, extra []Register) error {
 	if err != nil {
 		return err
 	}
-	d := driver.New(driver.Options{NodeID: f.nodeID, Version: version, Leases: mgr, Targets: storage.TargetPolicy{KubeletDir: f.kubeletDir}})
+	d := driver.New(driver.Options{NodeID: f.nodeID, Version: version, Leases: mgr, Targets: targets})
 	// Serve at once (Probe says not ready) and recover meanwhile.
 	errc := make(chan error, 1)
 	go func() { errc <- d.Serve(ctx, l) }()

@@ -11,6 +11,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"runtime"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/grpc"
@@ -79,7 +80,9 @@ func Listen(endpoint string) (net.Listener, error) {
 
 // Serve serves d on l until ctx is cancelled.
 func (d *Driver) Serve(ctx context.Context, l net.Listener) error {
-	srv := grpc.NewServer(grpc.UnaryInterceptor(logCalls))
+	// Stream workers are reused goroutines: a call does not start on a
+	// fresh stack that must grow again each time.
+	srv := grpc.NewServer(grpc.UnaryInterceptor(logCalls), grpc.NumStreamWorkers(uint32(runtime.GOMAXPROCS(0))))
 	csi.RegisterIdentityServer(srv, d)
 	csi.RegisterNodeServer(srv, d)
 	go func() {
@@ -166,7 +169,9 @@ func (d *Driver) volumeFor(req *csi.NodePublishVolumeRequest) (lease.Volume, err
 	if err != nil {
 		return v, err
 	}
-	if err := d.opts.Targets.Check(req.GetTargetPath(), mnt.Pod.UID); err != nil {
+	// The shape only: the manager walks the path for symlinks right before
+	// it mounts, which a republish of a live mount does not.
+	if err := d.opts.Targets.CheckPath(req.GetTargetPath(), mnt.Pod.UID); err != nil {
 		return v, err
 	}
 	group := req.GetVolumeCapability().GetMount().GetVolumeMountGroup()

@@ -62,6 +62,11 @@ type Options struct {
 	// SweepInterval is how often volumes whose target vanished are looked
 	// for (default 1 min).
 	SweepInterval time.Duration
+	// VerifyTarget is called before anything is mounted on a target, as
+	// close to the mount as possible: the driver checks there that no
+	// symbolic link leads the mount out of the pod's directory. Nil
+	// accepts every target.
+	VerifyTarget func(target string) error
 }
 
 // Volume is what NodePublishVolume asks for, validated by the caller.
@@ -190,7 +195,7 @@ func (m *Manager) republish(cur *volume, v Volume) error {
 	overdue := !cur.renewAt.IsZero() && time.Now().After(cur.renewAt) && cur.failures == 0
 	m.mu.Unlock()
 	if !m.opts.Store.IsMounted(v.TargetPath) {
-		if err := m.opts.Store.Mount(v.ID, v.TargetPath); err != nil {
+		if err := m.mount(v.ID, v.TargetPath); err != nil {
 			// Never a final code on republish: kubelet would tear the pod's mount down.
 			return fmt.Errorf("%w: restoring the mount: %w", provider.ErrUnavailable, err)
 		}
@@ -210,6 +215,11 @@ func (m *Manager) publishNew(ctx context.Context, v Volume) error {
 	fail := func(err error) error {
 		m.audit(withStage(rec, audit.Failure), audit.Error, err)
 		return err
+	}
+	if m.opts.VerifyTarget != nil { // early, to mint nothing for a bad target; again at the mount
+		if err := m.opts.VerifyTarget(v.TargetPath); err != nil {
+			return fail(err)
+		}
 	}
 	class, err := m.opts.Classes.Resolve(ctx, pod.Namespace, v.Mount.Class)
 	if err != nil {
@@ -281,7 +291,7 @@ func (m *Manager) publishNew(ctx context.Context, v Volume) error {
 	if err := m.opts.Store.WriteFiles(v.ID, v.GID, files); err != nil {
 		return undo(l, err)
 	}
-	if err := m.opts.Store.Mount(v.ID, v.TargetPath); err != nil {
+	if err := m.mount(v.ID, v.TargetPath); err != nil {
 		return undo(l, err)
 	}
 	meta.State, meta.LeaseID, meta.PendingLeaseID = storage.StatePublished, l.ID, ""
@@ -297,6 +307,16 @@ func (m *Manager) publishNew(ctx context.Context, v Volume) error {
 	m.scheduleRenewal(vol)
 	m.audit(withExpiry(withStage(rec, audit.Issue), l.ExpiresAt), audit.Success, nil)
 	return nil
+}
+
+// mount verifies target, then binds the volume onto it.
+func (m *Manager) mount(id, target string) error {
+	if m.opts.VerifyTarget != nil {
+		if err := m.opts.VerifyTarget(target); err != nil {
+			return err
+		}
+	}
+	return m.opts.Store.Mount(id, target)
 }
 
 // mayHaveIssued reports whether a failed Issue might still have created

@@ -4,7 +4,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"regexp"
 	"sort"
 	"strings"
 
@@ -79,7 +78,7 @@ func ParseVolumeContext(vc, secrets map[string]string) (Mount, error) {
 			return m, fmt.Errorf("%w: %q: %v", ErrInvalidContext, f.key, err)
 		}
 	}
-	if !uidPattern.MatchString(m.Pod.UID) {
+	if !isUID(m.Pod.UID) {
 		return m, fmt.Errorf("%w: %q is missing or not a UID", ErrInvalidContext, PodUIDKey)
 	}
 	if e, ok := vc[EphemeralKey]; ok && e != "true" && e != "false" {
@@ -98,14 +97,38 @@ func ParseVolumeContext(vc, secrets map[string]string) (Mount, error) {
 	return m, nil
 }
 
-var (
-	uidPattern  = regexp.MustCompile(`^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$`)
-	namePattern = regexp.MustCompile(`^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$`)
-)
+// isUID reports whether s is a UID as Kubernetes writes them
+// (8-4-4-4-12 hexadecimal digits).
+func isUID(s string) bool {
+	if len(s) != 36 {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		switch i {
+		case 8, 13, 18, 23:
+			if c != '-' {
+				return false
+			}
+		default:
+			if !(c >= '0' && c <= '9' || c >= 'a' && c <= 'f' || c >= 'A' && c <= 'F') {
+				return false
+			}
+		}
+	}
+	return true
+}
 
-// ValidateObjectName checks a Kubernetes object name (DNS subdomain).
+// ValidateObjectName checks a Kubernetes object name (DNS subdomain:
+// lower-case alphanumerics, '-' and '.', alphanumeric at both ends).
 func ValidateObjectName(s string) error {
-	if len(s) == 0 || len(s) > 253 || !namePattern.MatchString(s) {
+	ok := len(s) > 0 && len(s) <= 253
+	for i := 0; ok && i < len(s); i++ {
+		c := s[i]
+		alnum := c >= 'a' && c <= 'z' || c >= '0' && c <= '9'
+		ok = alnum || (c == '-' || c == '.') && i > 0 && i < len(s)-1
+	}
+	if !ok {
 		return fmt.Errorf("%q is not a valid object name", truncate(s, 64))
 	}
 	return nil

@@ -41,6 +41,8 @@ func (f *Filesystem) WriteFiles(id string, gid int, files []File) error {
 	}
 	gid = max(gid, 0)
 	dir := f.DataDir(id)
+	_, oldErr := os.Readlink(filepath.Join(dir, dataLink))
+	hadVersion := oldErr == nil
 	newDir, err := f.writeVersion(dir, gid, files)
 	if err != nil {
 		return err
@@ -64,7 +66,9 @@ func (f *Filesystem) WriteFiles(id string, gid int, files []File) error {
 		if err := os.Symlink(filepath.Join(dataLink, name), link); err != nil {
 			return err
 		}
-		_ = unix.Fchownat(unix.AT_FDCWD, link, 0, gid, unix.AT_SYMLINK_NOFOLLOW)
+	}
+	if !hadVersion {
+		return nil // a first write: nothing old to remove
 	}
 	entries, err := os.ReadDir(dir)
 	if err != nil {
@@ -103,8 +107,13 @@ func (f *Filesystem) writeVersion(dir string, gid int, files []File) (string, er
 			}
 			return err
 		}
-		if err := os.Chmod(p, dirMode); err != nil { // umask
-			return err
+		if dirMode&f.umask != 0 {
+			if err := os.Chmod(p, dirMode); err != nil {
+				return err
+			}
+		}
+		if gid == 0 {
+			return nil // we are root: already root:root
 		}
 		return os.Chown(p, 0, gid)
 	}
@@ -129,16 +138,19 @@ func (f *Filesystem) writeVersion(dir string, gid int, files []File) (string, er
 				}
 			}
 		}
-		fd, err := unix.Open(p, unix.O_WRONLY|unix.O_CREAT|unix.O_EXCL|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0o600)
+		// Created with its final mode: a pod cannot open the volume's files
+		// before ..data points at them, so no window needs guarding.
+		mode := file.Mode.Perm()
+		fd, err := unix.Open(p, unix.O_WRONLY|unix.O_CREAT|unix.O_EXCL|unix.O_NOFOLLOW|unix.O_CLOEXEC, uint32(mode))
 		if err != nil {
 			return fail(fmt.Errorf("creating %s: %w", file.Path, err))
 		}
 		err = writeAll(fd, file.Data)
-		if err == nil {
+		if err == nil && gid != 0 {
 			err = unix.Fchown(fd, 0, gid)
 		}
-		if err == nil {
-			err = unix.Fchmod(fd, uint32(file.Mode.Perm()))
+		if err == nil && mode&f.umask != 0 {
+			err = unix.Fchmod(fd, uint32(mode))
 		}
 		if cerr := unix.Close(fd); err == nil {
 			err = cerr

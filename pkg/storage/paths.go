@@ -50,9 +50,17 @@ type TargetPolicy struct {
 	KubeletDir string
 }
 
-// Check validates target for the pod with the given UID. It does not
-// require the final "mount" directory to exist.
+// Check validates target for the pod with the given UID: CheckPath, then
+// CheckNoSymlinks.
 func (p TargetPolicy) Check(target, podUID string) error {
+	if err := p.CheckPath(target, podUID); err != nil {
+		return err
+	}
+	return p.CheckNoSymlinks(target)
+}
+
+// CheckPath checks the shape of target, without touching the filesystem.
+func (p TargetPolicy) CheckPath(target, podUID string) error {
 	root := filepath.Clean(p.KubeletDir)
 	if !filepath.IsAbs(target) || filepath.Clean(target) != target {
 		return fmt.Errorf("%w: target path must be absolute and clean", ErrInvalidPath)
@@ -68,15 +76,25 @@ func (p TargetPolicy) Check(target, podUID string) error {
 	if podUID == "" || parts[1] != podUID {
 		return fmt.Errorf("%w: target path is not in the directory of pod %s", ErrInvalidPath, podUID)
 	}
-	if err := ValidatePath(parts[4]); err != nil {
-		return err
+	return ValidatePath(parts[4])
+}
+
+// CheckNoSymlinks checks that no component of target below the kubelet
+// directory (which may itself be a link) is a symbolic link or not a
+// directory. The final "mount" directory need not exist yet. Call it just
+// before mounting: it is a look at the filesystem, not a shape check.
+func (p TargetPolicy) CheckNoSymlinks(target string) error {
+	root := filepath.Clean(p.KubeletDir)
+	rel, err := filepath.Rel(root, target)
+	if err != nil {
+		return fmt.Errorf("%w: %v", ErrInvalidPath, err)
 	}
-	// No symlink below the kubelet directory (it may itself be one).
+	parts := strings.Split(rel, "/")
 	cur := root
 	for i, c := range parts {
 		cur = filepath.Join(cur, c)
 		st, err := os.Lstat(cur)
-		if errors.Is(err, os.ErrNotExist) && i >= 4 {
+		if errors.Is(err, os.ErrNotExist) && i >= len(parts)-2 {
 			return nil // kubelet had not made it yet, or we make "mount" ourselves
 		}
 		if err != nil {

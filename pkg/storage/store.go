@@ -122,6 +122,7 @@ type Filesystem struct {
 	root    string
 	opts    Options
 	mounter mount.Interface
+	umask   os.FileMode // the process's, read once: modes it cannot strip need no chmod
 }
 
 var (
@@ -158,7 +159,9 @@ func Open(root string, opts Options) (*Filesystem, error) {
 			return nil, fmt.Errorf("state directory: %w", err)
 		}
 	}
-	return &Filesystem{root: root, opts: opts, mounter: mount.NewWithoutSystemd("")}, nil
+	umask := unix.Umask(0o022)
+	unix.Umask(umask)
+	return &Filesystem{root: root, opts: opts, mounter: mount.NewWithoutSystemd(""), umask: os.FileMode(umask)}, nil
 }
 
 // Root is the state directory.
@@ -182,11 +185,17 @@ func (f *Filesystem) DataDir(id string) string { return filepath.Join(f.volumeDi
 // It is idempotent.
 func (f *Filesystem) CreateVolume(id string, gid int) error {
 	dir := f.DataDir(id)
-	if err := os.MkdirAll(dir, 0o700); err != nil {
+	if err := mkdir(f.volumeDir(id)); err != nil {
 		return err
 	}
-	if notMnt, err := f.mounter.IsLikelyNotMountPoint(dir); err == nil && !notMnt {
-		return nil
+	err := os.Mkdir(dir, 0o700)
+	switch {
+	case errors.Is(err, os.ErrExist):
+		if f.IsMounted(dir) {
+			return nil
+		}
+	case err != nil:
+		return err
 	}
 	mode := "0755"
 	if gid > 0 {
@@ -205,11 +214,14 @@ func (f *Filesystem) CreateVolume(id string, gid int) error {
 // Mount binds the volume's tmpfs read-only, nosuid, nodev, noexec onto
 // target, creating target (but not its parent) if needed. It is idempotent.
 func (f *Filesystem) Mount(id, target string) error {
-	if err := os.Mkdir(target, 0o750); err != nil && !errors.Is(err, os.ErrExist) {
+	err := os.Mkdir(target, 0o750)
+	switch {
+	case errors.Is(err, os.ErrExist):
+		if f.IsMounted(target) {
+			return nil
+		}
+	case err != nil:
 		return fmt.Errorf("creating target: %w", err)
-	}
-	if f.IsMounted(target) {
-		return nil
 	}
 	if err := unix.Mount(f.DataDir(id), target, "", unix.MS_BIND, ""); err != nil {
 		return fmt.Errorf("bind mount: %w", err)
@@ -270,10 +282,15 @@ func (f *Filesystem) DeleteVolume(id string) error {
 
 // WriteMetadata records m, replacing what was there atomically.
 func (f *Filesystem) WriteMetadata(m Metadata) error {
-	if err := os.MkdirAll(f.volumeDir(m.VolumeID), 0o700); err != nil {
-		return err
+	path := filepath.Join(f.volumeDir(m.VolumeID), "meta.json")
+	err := writeJSON(path, m)
+	if errors.Is(err, os.ErrNotExist) { // the volume's first record
+		if err := mkdir(f.volumeDir(m.VolumeID)); err != nil {
+			return err
+		}
+		err = writeJSON(path, m)
 	}
-	return writeJSON(filepath.Join(f.volumeDir(m.VolumeID), "meta.json"), m)
+	return err
 }
 
 // ReadMetadata returns the volume's metadata or ErrVolumeNotFound.
@@ -377,14 +394,33 @@ func (f *Filesystem) ListRevocations() ([]Revocation, error) {
 	return out, nil
 }
 
+// mkdir makes a directory of the driver's own (0700) unless it exists.
+func mkdir(dir string) error {
+	if err := os.Mkdir(dir, 0o700); err != nil && !errors.Is(err, os.ErrExist) {
+		return err
+	}
+	return nil
+}
+
+// writeJSON replaces path with v atomically (write a temporary file,
+// rename it). It uses the system calls directly: os.File would try to
+// register a regular file with the poller on every open.
 func writeJSON(path string, v any) error {
 	data, err := json.Marshal(v)
 	if err != nil {
 		return err
 	}
 	tmp := path + ".tmp"
-	if err := os.WriteFile(tmp, data, 0o600); err != nil {
-		return err
+	fd, err := unix.Open(tmp, unix.O_WRONLY|unix.O_CREAT|unix.O_TRUNC|unix.O_CLOEXEC|unix.O_NOFOLLOW, 0o600)
+	if err != nil {
+		return &os.PathError{Op: "open", Path: tmp, Err: err}
+	}
+	err = writeAll(fd, data)
+	if cerr := unix.Close(fd); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return &os.PathError{Op: "write", Path: tmp, Err: err}
 	}
 	return os.Rename(tmp, path)
 }

@@ -42,7 +42,8 @@ func StartInProcess(env *Env, o InProcessOptions) (*InProcess, error) {
 		return nil, err
 	}
 	lo := o.Lease
-	lo.Store, lo.Providers, lo.Classes = store, o.Providers, classes
+	targets := storage.TargetPolicy{KubeletDir: env.KubeletDir}
+	lo.Store, lo.Providers, lo.Classes, lo.VerifyTarget = store, o.Providers, classes, targets.CheckNoSymlinks
 	if o.Audit != nil {
 		lo.Audit = audit.New(o.Audit)
 	}
@@ -56,7 +57,7 @@ func StartInProcess(env *Env, o InProcessOptions) (*InProcess, error) {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	p := &InProcess{Env: env, Manager: mgr, Store: store, cancel: cancel, served: make(chan error, 1)}
-	d := driver.New(driver.Options{NodeID: "test-node", Leases: mgr, Targets: storage.TargetPolicy{KubeletDir: env.KubeletDir}})
+	d := driver.New(driver.Options{NodeID: "test-node", Leases: mgr, Targets: targets})
 	go func() { p.served <- d.Serve(ctx, l) }()
 	if err := mgr.Recover(ctx); err != nil {
 		p.Stop()

@@ -6,6 +6,8 @@ package main
 
 import (
 	"context"
+	"net/http"
+	_ "net/http/pprof"
 	"os"
 	"strings"
 	"time"
@@ -36,6 +38,10 @@ func (static) Renew(_ context.Context, l provider.Lease) (provider.Lease, error)
 func (static) Revoke(context.Context, provider.Lease) error { return nil }
 
 func main() {
+	// ESC_BENCH_PPROF=127.0.0.1:6060 serves net/http/pprof, for profiling.
+	if addr := os.Getenv("ESC_BENCH_PPROF"); addr != "" {
+		go func() { _ = http.ListenAndServe(addr, nil) }()
+	}
 	os.Exit(cli.Main("bench", os.Args[1:], func(r *provider.Registry) error {
 		return r.Register("static", static{})
 	}))
