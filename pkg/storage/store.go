@@ -188,13 +188,7 @@ func (f *Filesystem) CreateVolume(id string, gid int) error {
 	if err := mkdir(f.volumeDir(id)); err != nil {
 		return err
 	}
-	err := os.Mkdir(dir, 0o700)
-	switch {
-	case errors.Is(err, os.ErrExist):
-		if f.IsMounted(dir) {
-			return nil
-		}
-	case err != nil:
+	if mounted, err := f.mountPoint(dir, 0o700); err != nil || mounted {
 		return err
 	}
 	mode := "0755"
@@ -214,14 +208,8 @@ func (f *Filesystem) CreateVolume(id string, gid int) error {
 // Mount binds the volume's tmpfs read-only, nosuid, nodev, noexec onto
 // target, creating target (but not its parent) if needed. It is idempotent.
 func (f *Filesystem) Mount(id, target string) error {
-	err := os.Mkdir(target, 0o750)
-	switch {
-	case errors.Is(err, os.ErrExist):
-		if f.IsMounted(target) {
-			return nil
-		}
-	case err != nil:
-		return fmt.Errorf("creating target: %w", err)
+	if mounted, err := f.mountPoint(target, 0o750); err != nil || mounted {
+		return err
 	}
 	if err := unix.Mount(f.DataDir(id), target, "", unix.MS_BIND, ""); err != nil {
 		return fmt.Errorf("bind mount: %w", err)
@@ -232,6 +220,19 @@ func (f *Filesystem) Mount(id, target string) error {
 		return fmt.Errorf("read-only remount: %w", err)
 	}
 	return nil
+}
+
+// mountPoint makes dir, or finds it made already; then, and only then,
+// it looks whether something is mounted there (a retried call).
+func (f *Filesystem) mountPoint(dir string, mode os.FileMode) (mounted bool, err error) {
+	err = os.Mkdir(dir, mode)
+	switch {
+	case errors.Is(err, os.ErrExist):
+		return f.IsMounted(dir), nil
+	case err != nil:
+		return false, fmt.Errorf("creating mount point: %w", err)
+	}
+	return false, nil
 }
 
 // IsMounted reports whether something is mounted on target.
