@@ -11,6 +11,8 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net"
+	"net/http"
 	"os"
 	"os/signal"
 	"syscall"
@@ -22,6 +24,7 @@ import (
 	"github.com/ephemeral-secrets/csi-driver/pkg/audit"
 	"github.com/ephemeral-secrets/csi-driver/pkg/driver"
 	"github.com/ephemeral-secrets/csi-driver/pkg/lease"
+	"github.com/ephemeral-secrets/csi-driver/pkg/metrics"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
 	"github.com/ephemeral-secrets/csi-driver/pkg/spc"
 	"github.com/ephemeral-secrets/csi-driver/pkg/storage"
@@ -57,6 +60,7 @@ func Main(version string, args []string, extra ...Register) int {
 
 type serveFlags struct {
 	endpoint, nodeID, stateDir, kubeletDir, classes, backends, auditLog string
+	metricsAddr                                                         string
 	maxVolumeBytes                                                      int64
 	sweep, retryMin, retryMax, backendTimeout                           time.Duration
 	renewFraction                                                       float64
@@ -80,6 +84,7 @@ func serve(version string, args []string, extra []Register) error {
 	fs.DurationVar(&f.retryMax, "retry-max", time.Minute, "longest retry delay")
 	fs.DurationVar(&f.backendTimeout, "backend-timeout", 30*time.Second, "bound on one backend call")
 	fs.Float64Var(&f.renewFraction, "renew-fraction", 2.0/3, "fraction of a lease's TTL after which it is renewed")
+	fs.StringVar(&f.metricsAddr, "metrics-address", ":9810", "where /metrics, /healthz and /readyz are served; empty: nowhere")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -115,8 +120,11 @@ func serve(version string, args []string, extra []Register) error {
 	}
 
 	targets := storage.TargetPolicy{KubeletDir: f.kubeletDir}
-	mgr := lease.New(lease.Options{
-		Store: store, Providers: providers, Classes: classes, Audit: audit.New(auditOut),
+	var mgr *lease.Manager
+	m := metrics.New(func() metrics.State { return mgr.State() })
+	mgr = lease.New(lease.Options{
+		Metrics: m,
+		Store:   store, Providers: providers, Classes: classes, Audit: audit.New(auditOut),
 		VerifyTarget:  targets.CheckNoSymlinks,
 		RenewFraction: f.renewFraction, RetryMin: f.retryMin, RetryMax: f.retryMax,
 		BackendTimeout: f.backendTimeout, SweepInterval: f.sweep,
@@ -126,7 +134,17 @@ func serve(version string, args []string, extra []Register) error {
 	if err != nil {
 		return err
 	}
-	d := driver.New(driver.Options{NodeID: f.nodeID, Version: version, Leases: mgr, Targets: targets})
+	d := driver.New(driver.Options{NodeID: f.nodeID, Version: version, Leases: mgr, Targets: targets, Metrics: m})
+	if f.metricsAddr != "" {
+		ml, err := net.Listen("tcp", f.metricsAddr)
+		if err != nil {
+			return fmt.Errorf("metrics address: %w", err)
+		}
+		srv := &http.Server{Handler: m.Handler(mgr.Ready), ReadHeaderTimeout: 10 * time.Second}
+		go func() { _ = srv.Serve(ml) }()
+		defer srv.Close()
+		klog.InfoS("Serving metrics and health", "address", ml.Addr().String())
+	}
 	// Serve at once (Probe says not ready) and recover meanwhile.
 	errc := make(chan error, 1)
 	go func() { errc <- d.Serve(ctx, l) }()

@@ -19,6 +19,7 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/ephemeral-secrets/csi-driver/pkg/lease"
+	"github.com/ephemeral-secrets/csi-driver/pkg/metrics"
 	"github.com/ephemeral-secrets/csi-driver/pkg/spc"
 	"github.com/ephemeral-secrets/csi-driver/pkg/storage"
 )
@@ -41,6 +42,8 @@ type Options struct {
 	Version string
 	Leases  Lifecycle
 	Targets storage.TargetPolicy
+	// Metrics records each call's duration; nil records nothing.
+	Metrics *metrics.Metrics
 }
 
 // Driver implements csi.IdentityServer and csi.NodeServer.
@@ -82,7 +85,7 @@ func Listen(endpoint string) (net.Listener, error) {
 func (d *Driver) Serve(ctx context.Context, l net.Listener) error {
 	// Stream workers are reused goroutines: a call does not start on a
 	// fresh stack that must grow again each time.
-	srv := grpc.NewServer(grpc.UnaryInterceptor(logCalls), grpc.NumStreamWorkers(uint32(runtime.GOMAXPROCS(0))))
+	srv := grpc.NewServer(grpc.UnaryInterceptor(d.observe), grpc.NumStreamWorkers(uint32(runtime.GOMAXPROCS(0))))
 	csi.RegisterIdentityServer(srv, d)
 	csi.RegisterNodeServer(srv, d)
 	go func() {

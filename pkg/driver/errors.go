@@ -3,6 +3,7 @@ package driver
 import (
 	"context"
 	"errors"
+	"strings"
 	"time"
 
 	"google.golang.org/grpc"
@@ -61,17 +62,20 @@ func toStatus(err error) error {
 
 type volumeRequest interface{ GetVolumeId() string }
 
-// logCalls logs every call's method, volume, duration and code. Requests
-// are never logged: they carry service-account tokens.
-func logCalls(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
+// observe logs every call's method, volume, duration and code, and
+// records its duration. Requests are never logged: they carry
+// service-account tokens.
+func (d *Driver) observe(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
 	start := time.Now()
 	resp, err := handler(ctx, req)
 	vol := ""
 	if r, ok := req.(volumeRequest); ok {
 		vol = r.GetVolumeId()
 	}
+	took := time.Since(start)
 	code := status.Code(err)
-	kv := []any{"method", info.FullMethod, "volumeID", vol, "duration", time.Since(start), "code", code.String()}
+	d.opts.Metrics.RPC(info.FullMethod[strings.LastIndex(info.FullMethod, "/")+1:], code.String(), took)
+	kv := []any{"method", info.FullMethod, "volumeID", vol, "duration", took, "code", code.String()}
 	switch {
 	case err != nil:
 		klog.ErrorS(err, "CSI call failed", kv...)

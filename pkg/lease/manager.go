@@ -19,6 +19,7 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/ephemeral-secrets/csi-driver/pkg/audit"
+	"github.com/ephemeral-secrets/csi-driver/pkg/metrics"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
 	"github.com/ephemeral-secrets/csi-driver/pkg/render"
 	"github.com/ephemeral-secrets/csi-driver/pkg/spc"
@@ -67,6 +68,8 @@ type Options struct {
 	// symbolic link leads the mount out of the pod's directory. Nil
 	// accepts every target.
 	VerifyTarget func(target string) error
+	// Metrics counts lease operations; nil counts nothing.
+	Metrics *metrics.Metrics
 }
 
 // Volume is what NodePublishVolume asks for, validated by the caller.
@@ -99,7 +102,9 @@ type Manager struct {
 	retryAt map[string]time.Time // revocation lease ID -> next attempt; worker only
 }
 
-// volume is the in-memory state of one published volume.
+// volume is the in-memory state of one published volume. Its fields
+// change only under the volume's lock and m.mu together, so either one is
+// enough to read them (State reads under m.mu alone).
 type volume struct {
 	meta     storage.Metadata
 	lease    provider.Lease
@@ -214,6 +219,12 @@ func (m *Manager) publishNew(ctx context.Context, v Volume) error {
 
 	fail := func(err error) error {
 		m.audit(withStage(rec, audit.Failure), audit.Error, err)
+		if rec.Provider != "" {
+			m.opts.Metrics.LeaseOp(rec.Provider, metrics.OpIssue, metrics.Error)
+			if errors.Is(err, provider.ErrPermissionDenied) {
+				m.opts.Metrics.AuthFailure(rec.Provider)
+			}
+		}
 		return err
 	}
 	if m.opts.VerifyTarget != nil { // early, to mint nothing for a bad target; again at the mount
@@ -306,6 +317,7 @@ func (m *Manager) publishNew(ctx context.Context, v Volume) error {
 	m.mu.Unlock()
 	m.scheduleRenewal(vol)
 	m.audit(withExpiry(withStage(rec, audit.Issue), l.ExpiresAt), audit.Success, nil)
+	m.opts.Metrics.LeaseOp(class.Provider, metrics.OpIssue, metrics.Success)
 	return nil
 }
 

@@ -10,6 +10,7 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/ephemeral-secrets/csi-driver/pkg/audit"
+	"github.com/ephemeral-secrets/csi-driver/pkg/metrics"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
 	"github.com/ephemeral-secrets/csi-driver/pkg/storage"
 )
@@ -79,6 +80,7 @@ func (m *Manager) renew(id string) {
 		nl.ID, nl.Provider, nl.Params = v.lease.ID, v.lease.Provider, v.lease.Params
 		if err = m.install(v, nl, false); err == nil {
 			m.audit(withExpiry(withStage(rec, audit.Renew), nl.ExpiresAt), audit.Success, nil)
+			m.opts.Metrics.LeaseOp(v.meta.Provider, metrics.OpRenew, metrics.Success)
 			return
 		}
 	case errors.Is(err, provider.ErrNotRenewable) || time.Now().After(v.lease.ExpiresAt):
@@ -89,12 +91,16 @@ func (m *Manager) renew(id string) {
 	if m.ctx.Err() != nil {
 		return
 	}
+	m.mu.Lock()
 	v.failures++
-	stage := audit.Renew
+	m.mu.Unlock()
+	stage, op := audit.Renew, metrics.OpRenew
 	if !v.lease.ExpiresAt.IsZero() && time.Now().After(v.lease.ExpiresAt) {
-		stage = audit.Expire // the pod now holds a dead credential; keep trying to replace it
+		// The pod now holds a dead credential; keep trying to replace it.
+		stage, op = audit.Expire, metrics.OpExpire
 	}
 	m.audit(withStage(rec, stage), audit.Error, err)
+	m.opts.Metrics.LeaseOp(v.meta.Provider, op, metrics.Error)
 	klog.ErrorS(err, "Renewing lease failed; will retry", "volumeID", id, "leaseID", v.lease.ID, "attempt", v.failures)
 	m.schedule(id, m.backoff(v.failures))
 }
@@ -109,8 +115,8 @@ func (m *Manager) rotate(ctx context.Context, prov provider.Provider, v *volume)
 	if err := m.opts.Store.WriteMetadata(meta); err != nil {
 		return fmt.Errorf("recording the rotation: %w", err)
 	}
-	v.meta = meta
 	m.mu.Lock()
+	v.meta = meta
 	tokens := v.tokens
 	m.mu.Unlock()
 	nl, err := prov.Issue(ctx, provider.Request{
@@ -121,7 +127,9 @@ func (m *Manager) rotate(ctx context.Context, prov provider.Provider, v *volume)
 		if mayHaveIssued(err) {
 			m.enqueueOrLog(nl, v.meta, "rotation failed")
 		}
+		m.mu.Lock()
 		v.meta.PendingLeaseID = ""
+		m.mu.Unlock()
 		_ = m.opts.Store.WriteMetadata(v.meta)
 		return fmt.Errorf("re-issuing: %w", err)
 	}
@@ -133,6 +141,7 @@ func (m *Manager) rotate(ctx context.Context, prov provider.Provider, v *volume)
 		klog.ErrorS(err, "Queueing revocation of the rotated-out lease", "leaseID", old.ID)
 	}
 	m.audit(withExpiry(withStage(recordFor(v.meta, nl), audit.Rotate), nl.ExpiresAt), audit.Success, nil)
+	m.opts.Metrics.LeaseOp(v.meta.Provider, metrics.OpRotate, metrics.Success)
 	return nil
 }
 
@@ -159,7 +168,9 @@ func (m *Manager) install(v *volume, l provider.Lease, rotated bool) error {
 	if err := m.opts.Store.WriteMetadata(meta); err != nil {
 		return err
 	}
+	m.mu.Lock()
 	v.meta, v.lease, v.failures = meta, l, 0
+	m.mu.Unlock()
 	m.scheduleRenewal(v)
 	return nil
 }

@@ -8,6 +8,7 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/ephemeral-secrets/csi-driver/pkg/audit"
+	"github.com/ephemeral-secrets/csi-driver/pkg/metrics"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
 	"github.com/ephemeral-secrets/csi-driver/pkg/storage"
 )
@@ -122,6 +123,7 @@ func (m *Manager) revokeOne(ctx context.Context, r storage.Revocation) (time.Dur
 		}
 		delete(m.retryAt, r.Lease.ID)
 		m.audit(rec, outcome, nil)
+		m.opts.Metrics.LeaseOp(r.Lease.Provider, metrics.OpRevoke, outcome)
 		klog.V(2).InfoS("Revoked lease", "leaseID", r.Lease.ID, "volumeID", r.VolumeID, "outcome", outcome)
 		return 0, false
 	default:
@@ -136,9 +138,37 @@ func (m *Manager) revokeOne(ctx context.Context, r storage.Revocation) (time.Dur
 		d := m.backoff(r.Attempts)
 		m.retryAt[r.Lease.ID] = time.Now().Add(d)
 		m.audit(withStage(rec, audit.Failure), audit.Error, err)
+		m.opts.Metrics.LeaseOp(r.Lease.Provider, metrics.OpRevoke, metrics.Error)
 		klog.ErrorS(err, "Revocation failed; will retry", "leaseID", r.Lease.ID, "attempt", r.Attempts, "retryIn", d)
 		return d, true
 	}
+}
+
+// State reports the node's lease state for the metrics gauges.
+func (m *Manager) State() metrics.State {
+	s := metrics.State{LiveLeases: map[string]int{}}
+	now := time.Now()
+	m.mu.Lock()
+	for _, v := range m.vols {
+		s.LiveLeases[v.meta.Provider]++
+		if v.failures > 0 {
+			s.RenewalFailing++
+		}
+		if !v.lease.ExpiresAt.IsZero() {
+			left := max(v.lease.ExpiresAt.Sub(now), 0)
+			if s.SoonestExpiry == 0 || left < s.SoonestExpiry {
+				s.SoonestExpiry = left
+			}
+		}
+	}
+	m.mu.Unlock()
+	if q, err := m.opts.Store.ListRevocations(); err == nil {
+		s.RevocationQueue = len(q)
+		if len(q) > 0 {
+			s.OldestRevocation = now.Sub(q[0].EnqueuedAt)
+		}
+	}
+	return s
 }
 
 // QueueLength is the number of revocations not yet confirmed.

@@ -483,3 +483,63 @@ func TestSweepRevokesATargetThatVanishedWhileRunning(t *testing.T) {
 		t.Errorf("late unpublish: %v, want OK", err)
 	}
 }
+
+func TestMetricsAndHealthFollowTheLifecycle(t *testing.T) {
+	ctx := context.Background()
+	f := setup(t, "1h", "2h")
+	if code, _, err := f.driver.Scrape("/readyz"); err != nil || code != 200 {
+		t.Fatalf("/readyz: %d %v", code, err)
+	}
+	if code, _, err := f.driver.Scrape("/healthz"); err != nil || code != 200 {
+		t.Fatalf("/healthz: %d %v", code, err)
+	}
+	pod := newPod("metered", "app")
+	target, err := f.kube.Publish(ctx, pod, dbVolume("app-db"))
+	if err != nil {
+		t.Fatalf("publish: %v", err)
+	}
+	user := readFile(t, target, "username")
+	readSecret(t, target, "password")
+	_, body, err := f.driver.Scrape("/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{
+		`ephemeral_secrets_live_leases{provider="postgres"} 1`,
+		`ephemeral_secrets_lease_operations_total{operation="issue",outcome="success",provider="postgres"} 1`,
+		`ephemeral_secrets_csi_operation_duration_seconds_count{code="OK",method="NodePublishVolume"} 1`,
+		`ephemeral_secrets_revocation_queue_depth 0`,
+	} {
+		if !strings.Contains(body, want) {
+			t.Errorf("after publish, /metrics lacks %s", want)
+		}
+	}
+	// A refused publish counts as an authorisation failure.
+	nosy := newPod("nosy", "app")
+	if _, err := f.kube.Publish(ctx, nosy, dbVolume("payroll")); err == nil {
+		t.Fatal("unauthorised publish succeeded")
+	}
+	if err := f.kube.Unpublish(ctx, pod, "db"); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 10*time.Second, "role dropped", roleGone(ctx, user))
+	eventually(t, 5*time.Second, "metrics after unpublish", func() (bool, error) {
+		_, body, err = f.driver.Scrape("/metrics")
+		return strings.Contains(body, `ephemeral_secrets_lease_operations_total{operation="revoke",outcome="success",provider="postgres"} 1`), err
+	})
+	for _, want := range []string{
+		`ephemeral_secrets_authorization_failures_total{provider="postgres"} 1`,
+		`ephemeral_secrets_csi_operation_duration_seconds_count{code="PermissionDenied",method="NodePublishVolume"} 1`,
+		`ephemeral_secrets_csi_operation_duration_seconds_count{code="OK",method="NodeUnpublishVolume"} 1`,
+	} {
+		if !strings.Contains(body, want) {
+			t.Errorf("after unpublish, /metrics lacks %s", want)
+		}
+	}
+	if strings.Contains(body, `ephemeral_secrets_live_leases{provider="postgres"} 1`) {
+		t.Errorf("the revoked lease is still counted live")
+	}
+	if strings.Contains(body, user) {
+		t.Errorf("a role name reached the metrics")
+	}
+}

@@ -10,6 +10,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
+	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -175,6 +178,8 @@ type Driver struct {
 	Env     *Env
 	Args    []string // extra flags
 	LogFile string
+	// MetricsAddr is where /metrics is served (127.0.0.1 and a free port).
+	MetricsAddr string
 	cmd     *exec.Cmd
 	done    chan struct{}
 }
@@ -189,8 +194,16 @@ func (d *Driver) Start(ctx context.Context) error {
 		return err
 	}
 	defer log.Close()
+	if d.MetricsAddr == "" {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			return err
+		}
+		d.MetricsAddr = l.Addr().String()
+		l.Close()
+	}
 	args := append([]string{
-		"serve", "--endpoint", d.Env.Endpoint(), "--node-id", "test-node",
+		"serve", "--endpoint", d.Env.Endpoint(), "--node-id", "test-node", "--metrics-address", d.MetricsAddr,
 		"--state-dir", d.Env.StateDir, "--kubelet-dir", d.Env.KubeletDir, "-v", "10",
 	}, d.Args...)
 	d.cmd = exec.Command(d.Bin, args...)
@@ -231,6 +244,25 @@ func tail(b []byte, n int) []byte {
 		return b[len(b)-n:]
 	}
 	return b
+}
+
+// Scrape fetches path (/metrics, /readyz) from the driver's metrics
+// server and returns the status code and body. The body is kept as a log
+// that CheckLogs searches for secrets.
+func (d *Driver) Scrape(path string) (int, string, error) {
+	resp, err := http.Get("http://" + d.MetricsAddr + path)
+	if err != nil {
+		return 0, "", err
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return 0, "", err
+	}
+	if err := os.WriteFile(LogPath("scrape"), body, 0o600); err != nil {
+		return 0, "", err
+	}
+	return resp.StatusCode, string(body), nil
 }
 
 // Pid is the driver process's ID, 0 when it is not running.

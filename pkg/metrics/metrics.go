@@ -1,0 +1,146 @@
+// Package metrics exposes the driver's Prometheus metrics and health
+// endpoints. Labels are provider names, operations, outcomes and gRPC
+// methods and codes: never a pod, a lease or anything secret.
+package metrics
+
+import (
+	"net/http"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+)
+
+const namespace = "ephemeral_secrets"
+
+// Operations counted by LeaseOp.
+const (
+	OpIssue  = "issue"
+	OpRenew  = "renew"
+	OpRotate = "rotate"
+	OpRevoke = "revoke"
+	OpExpire = "expire"
+)
+
+// Outcomes counted by LeaseOp.
+const (
+	Success     = "success"
+	Error       = "error"
+	Unrevocable = "unrevocable"
+)
+
+// State is what the lease manager reports at each scrape.
+type State struct {
+	LiveLeases map[string]int // by provider
+	// RevocationQueue is the number of revocations not yet confirmed, and
+	// OldestRevocation the age of the oldest.
+	RevocationQueue  int
+	OldestRevocation time.Duration
+	// RenewalFailing counts live leases whose last renewal failed.
+	RenewalFailing int
+	// SoonestExpiry is the time left on the live lease closest to expiry
+	// (0 with no live lease).
+	SoonestExpiry time.Duration
+}
+
+// Metrics holds the driver's collectors. A nil *Metrics records nothing.
+type Metrics struct {
+	reg          *prometheus.Registry
+	rpc          *prometheus.HistogramVec
+	leaseOps     *prometheus.CounterVec
+	authFailures *prometheus.CounterVec
+}
+
+// New returns Metrics whose gauges are read from state at each scrape.
+func New(state func() State) *Metrics {
+	m := &Metrics{
+		reg: prometheus.NewRegistry(),
+		rpc: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Namespace: namespace, Name: "csi_operation_duration_seconds",
+			Help:    "Duration of CSI calls by method and gRPC code (NodePublishVolume, NodeUnpublishVolume, ...).",
+			Buckets: []float64{.0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30},
+		}, []string{"method", "code"}),
+		leaseOps: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: namespace, Name: "lease_operations_total",
+			Help: "Lease operations by provider, operation (issue, renew, rotate, revoke, expire) and outcome.",
+		}, []string{"provider", "operation", "outcome"}),
+		authFailures: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: namespace, Name: "authorization_failures_total",
+			Help: "Publishes refused because the pod's identity may not have what it asked for.",
+		}, []string{"provider"}),
+	}
+	m.reg.MustRegister(m.rpc, m.leaseOps, m.authFailures, &stateCollector{state: state},
+		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return m
+}
+
+// RPC records one CSI call.
+func (m *Metrics) RPC(method, code string, d time.Duration) {
+	if m == nil {
+		return
+	}
+	m.rpc.WithLabelValues(method, code).Observe(d.Seconds())
+}
+
+// LeaseOp records one lease operation.
+func (m *Metrics) LeaseOp(provider, op, outcome string) {
+	if m == nil {
+		return
+	}
+	m.leaseOps.WithLabelValues(provider, op, outcome).Inc()
+}
+
+// AuthFailure records a refused publish.
+func (m *Metrics) AuthFailure(provider string) {
+	if m == nil {
+		return
+	}
+	m.authFailures.WithLabelValues(provider).Inc()
+}
+
+// Handler serves /metrics, /healthz (the process answers) and /readyz
+// (ready() is true: recovery after start-up has finished).
+func (m *Metrics) Handler(ready func() bool) http.Handler {
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{}))
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) {
+		_, _ = w.Write([]byte("ok\n"))
+	})
+	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
+		if !ready() {
+			http.Error(w, "recovering state after start-up", http.StatusServiceUnavailable)
+			return
+		}
+		_, _ = w.Write([]byte("ok\n"))
+	})
+	return mux
+}
+
+var (
+	liveDesc    = prometheus.NewDesc(namespace+"_live_leases", "Leases alive on the node, by provider.", []string{"provider"}, nil)
+	queueDesc   = prometheus.NewDesc(namespace+"_revocation_queue_depth", "Revocations queued and not yet confirmed by their backend.", nil, nil)
+	oldestDesc  = prometheus.NewDesc(namespace+"_revocation_queue_oldest_seconds", "Age of the oldest queued revocation (0 when the queue is empty).", nil, nil)
+	failingDesc = prometheus.NewDesc(namespace+"_renewal_failing_leases", "Live leases whose last renewal attempt failed.", nil, nil)
+	soonestDesc = prometheus.NewDesc(namespace+"_soonest_lease_expiry_seconds", "Time left on the live lease closest to expiry (0 with none).", nil, nil)
+	_stateDescs = []*prometheus.Desc{liveDesc, queueDesc, oldestDesc, failingDesc, soonestDesc}
+)
+
+type stateCollector struct{ state func() State }
+
+func (c *stateCollector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range _stateDescs {
+		ch <- d
+	}
+}
+
+func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
+	s := c.state()
+	for p, n := range s.LiveLeases {
+		ch <- prometheus.MustNewConstMetric(liveDesc, prometheus.GaugeValue, float64(n), p)
+	}
+	ch <- prometheus.MustNewConstMetric(queueDesc, prometheus.GaugeValue, float64(s.RevocationQueue))
+	ch <- prometheus.MustNewConstMetric(oldestDesc, prometheus.GaugeValue, s.OldestRevocation.Seconds())
+	ch <- prometheus.MustNewConstMetric(failingDesc, prometheus.GaugeValue, float64(s.RenewalFailing))
+	ch <- prometheus.MustNewConstMetric(soonestDesc, prometheus.GaugeValue, s.SoonestExpiry.Seconds())
+}
