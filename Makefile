@@ -12,7 +12,7 @@ FUZZTIME  ?= 30s
 # keeps a two-core machine responsive; -race is part of the standard run.
 TESTFLAGS ?= -race -count=1 -timeout 30m -p 1
 
-.PHONY: all build test demo lint fuzz bench postgres clean
+.PHONY: all build test demo lint fuzz bench postgres kube clean
 
 all: build
 
@@ -26,10 +26,17 @@ postgres:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql >/dev/null; \
 	fi
 
+# A real kube-apiserver (built from the Go module proxy, cached in
+# ~/.cache/ephemeral-secrets-csi) and etcd (apt), for the Kubernetes tests.
+kube:
+	@command -v etcd >/dev/null || { echo "installing etcd (apt)"; apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends etcd-server >/dev/null; }
+	test/kube/build-apiserver.sh
+
 demo: postgres build
 	$(GO) run ./test/demo --driver $(BIN)
 
-test: postgres
+test: postgres kube
 	$(GO) test $(TESTFLAGS) ./...
 
 lint:

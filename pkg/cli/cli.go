@@ -19,10 +19,14 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"k8s.io/client-go/dynamic"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/tools/clientcmd"
 	"k8s.io/klog/v2"
 
 	"github.com/ephemeral-secrets/csi-driver/pkg/audit"
 	"github.com/ephemeral-secrets/csi-driver/pkg/driver"
+	"github.com/ephemeral-secrets/csi-driver/pkg/events"
 	"github.com/ephemeral-secrets/csi-driver/pkg/lease"
 	"github.com/ephemeral-secrets/csi-driver/pkg/metrics"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
@@ -60,7 +64,7 @@ func Main(version string, args []string, extra ...Register) int {
 
 type serveFlags struct {
 	endpoint, nodeID, stateDir, kubeletDir, classes, backends, auditLog string
-	metricsAddr                                                         string
+	metricsAddr, kubeconfig                                             string
 	maxVolumeBytes                                                      int64
 	sweep, retryMin, retryMax, backendTimeout                           time.Duration
 	renewFraction                                                       float64
@@ -75,7 +79,8 @@ func serve(version string, args []string, extra []Register) error {
 	fs.StringVar(&f.nodeID, "node-id", host, "node ID reported by NodeGetInfo")
 	fs.StringVar(&f.stateDir, "state-dir", "/run/ephemeral-secrets-csi", "state directory; covered by a tmpfs unless it is one")
 	fs.StringVar(&f.kubeletDir, "kubelet-dir", "/var/lib/kubelet", "kubelet root directory: targets must be under its pods/")
-	fs.StringVar(&f.classes, "classes-file", "", "YAML file of SecretProviderClass documents")
+	fs.StringVar(&f.classes, "classes-file", "", "YAML file of SecretProviderClass documents, instead of the cluster's")
+	fs.StringVar(&f.kubeconfig, "kubeconfig", "", "kubeconfig for the Kubernetes API; empty: the in-cluster service account")
 	fs.StringVar(&f.backends, "backend-config", "", "YAML file configuring the backends (admin credentials; mount it from a Secret)")
 	fs.StringVar(&f.auditLog, "audit-log", "-", "where audit records go: - for stdout, or a file path")
 	fs.Int64Var(&f.maxVolumeBytes, "max-volume-bytes", 1<<20, "size cap of one volume's files")
@@ -88,8 +93,9 @@ func serve(version string, args []string, extra []Register) error {
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	if f.classes == "" {
-		return errors.New("--classes-file is required")
+	inCluster := os.Getenv("KUBERNETES_SERVICE_HOST") != ""
+	if f.classes == "" && f.kubeconfig == "" && !inCluster {
+		return errors.New("no classes: give --classes-file, or run in a cluster (or give --kubeconfig)")
 	}
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
@@ -101,10 +107,6 @@ func serve(version string, args []string, extra []Register) error {
 	}
 	defer closeAudit()
 	store, err := storage.Open(f.stateDir, storage.Options{MaxVolumeBytes: f.maxVolumeBytes})
-	if err != nil {
-		return err
-	}
-	classes, err := spc.NewFileResolver(f.classes)
 	if err != nil {
 		return err
 	}
@@ -122,6 +124,45 @@ func serve(version string, args []string, extra []Register) error {
 	targets := storage.TargetPolicy{KubeletDir: f.kubeletDir}
 	var mgr *lease.Manager
 	m := metrics.New(func() metrics.State { return mgr.State() })
+
+	var classes spc.Resolver
+	var sink events.Sink
+	if f.kubeconfig != "" || inCluster {
+		cfg, err := clientcmd.BuildConfigFromFlags("", f.kubeconfig)
+		if err != nil {
+			return fmt.Errorf("kubernetes client: %w", err)
+		}
+		cfg.UserAgent = "ephemeral-secrets-csi/" + version
+		cfg.WrapTransport = m.CountRequests
+		clients, err := kubernetes.NewForConfig(cfg)
+		if err != nil {
+			return err
+		}
+		rec := events.NewRecorder(clients, driver.Name, f.nodeID)
+		defer rec.Shutdown()
+		sink = rec
+		if f.classes == "" {
+			dyn, err := dynamic.NewForConfig(cfg)
+			if err != nil {
+				return err
+			}
+			kr := spc.NewKubeResolver(dyn, 10*time.Minute)
+			sctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+			err = kr.Start(ctx, sctx)
+			cancel()
+			if err != nil {
+				return fmt.Errorf("watching SecretProviderClasses (is the CRD installed?): %w", err)
+			}
+			classes = kr
+		}
+	}
+	if f.classes != "" {
+		fr, err := spc.NewFileResolver(f.classes)
+		if err != nil {
+			return err
+		}
+		classes = fr
+	}
 	mgr = lease.New(lease.Options{
 		Metrics: m,
 		Store:   store, Providers: providers, Classes: classes, Audit: audit.New(auditOut),
@@ -134,7 +175,7 @@ func serve(version string, args []string, extra []Register) error {
 	if err != nil {
 		return err
 	}
-	d := driver.New(driver.Options{NodeID: f.nodeID, Version: version, Leases: mgr, Targets: targets, Metrics: m})
+	d := driver.New(driver.Options{NodeID: f.nodeID, Version: version, Leases: mgr, Targets: targets, Metrics: m, Events: sink})
 	if f.metricsAddr != "" {
 		ml, err := net.Listen("tcp", f.metricsAddr)
 		if err != nil {

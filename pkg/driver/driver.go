@@ -18,6 +18,7 @@ import (
 	"google.golang.org/protobuf/types/known/wrapperspb"
 	"k8s.io/klog/v2"
 
+	"github.com/ephemeral-secrets/csi-driver/pkg/events"
 	"github.com/ephemeral-secrets/csi-driver/pkg/lease"
 	"github.com/ephemeral-secrets/csi-driver/pkg/metrics"
 	"github.com/ephemeral-secrets/csi-driver/pkg/spc"
@@ -44,6 +45,9 @@ type Options struct {
 	Targets storage.TargetPolicy
 	// Metrics records each call's duration; nil records nothing.
 	Metrics *metrics.Metrics
+	// Events receives a warning for the pod of each failed publish; nil
+	// sends none.
+	Events events.Sink
 }
 
 // Driver implements csi.IdentityServer and csi.NodeServer.
@@ -129,10 +133,11 @@ func (d *Driver) NodeGetInfo(context.Context, *csi.NodeGetInfoRequest) (*csi.Nod
 // NodePublishVolume implements csi.NodeServer: validate, delegate, map errors.
 func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolumeRequest) (*csi.NodePublishVolumeResponse, error) {
 	v, err := d.volumeFor(req)
-	if err != nil {
-		return nil, toStatus(err)
+	if err == nil {
+		err = d.opts.Leases.Publish(ctx, v)
 	}
-	if err := d.opts.Leases.Publish(ctx, v); err != nil {
+	if err != nil {
+		d.warn(v, err)
 		return nil, toStatus(err)
 	}
 	return &csi.NodePublishVolumeResponse{}, nil
@@ -169,6 +174,7 @@ func (d *Driver) volumeFor(req *csi.NodePublishVolumeRequest) (lease.Volume, err
 		return v, fmt.Errorf("%w: the volume must be read-only (readOnly: true in the pod's volume)", errInvalid)
 	}
 	mnt, err := spc.ParseVolumeContext(req.GetVolumeContext(), req.GetSecrets())
+	v.Mount = mnt // the pod, if known, for the event of a failure
 	if err != nil {
 		return v, err
 	}

@@ -29,7 +29,8 @@ func codeFor(err error) codes.Code {
 	case err == nil:
 		return codes.OK
 	case errors.Is(err, provider.ErrUnavailable),
-		errors.Is(err, lease.ErrNotReady):
+		errors.Is(err, lease.ErrNotReady),
+		errors.Is(err, spc.ErrNotSynced):
 		return codes.Unavailable
 	case errors.Is(err, context.DeadlineExceeded):
 		return codes.DeadlineExceeded
@@ -54,6 +55,35 @@ func codeFor(err error) codes.Code {
 	default:
 		return codes.Internal
 	}
+}
+
+// reasons name a failed publish in the pod's events, by CSI code.
+var reasons = map[codes.Code]string{
+	codes.InvalidArgument:   "InvalidVolumeRequest",
+	codes.NotFound:          "SecretProviderClassNotFound",
+	codes.PermissionDenied:  "CredentialNotAllowed",
+	codes.ResourceExhausted: "VolumeTooLarge",
+	codes.AlreadyExists:     "VolumeConflict",
+	codes.Unavailable:       "BackendUnavailable",
+	codes.DeadlineExceeded:  "BackendTimeout",
+}
+
+// warn sends the pod a Warning event saying why its volume failed, when
+// the pod is known.
+func (d *Driver) warn(v lease.Volume, err error) {
+	pod := v.Mount.Pod
+	if d.opts.Events == nil || pod.Name == "" || pod.Namespace == "" {
+		return
+	}
+	reason, ok := reasons[codeFor(err)]
+	if !ok {
+		reason = "PublishFailed"
+	}
+	msg := "ephemeral-secrets: " + err.Error()
+	if v.Mount.Class != "" {
+		msg = "ephemeral-secrets: class " + v.Mount.Class + ": " + err.Error()
+	}
+	d.opts.Events.Warning(pod, reason, msg)
 }
 
 func toStatus(err error) error {

@@ -5,6 +5,7 @@ package metrics
 
 import (
 	"net/http"
+	"strconv"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -50,6 +51,7 @@ type Metrics struct {
 	rpc          *prometheus.HistogramVec
 	leaseOps     *prometheus.CounterVec
 	authFailures *prometheus.CounterVec
+	kubeRequests *prometheus.CounterVec
 }
 
 // New returns Metrics whose gauges are read from state at each scrape.
@@ -69,8 +71,12 @@ func New(state func() State) *Metrics {
 			Namespace: namespace, Name: "authorization_failures_total",
 			Help: "Publishes refused because the pod's identity may not have what it asked for.",
 		}, []string{"provider"}),
+		kubeRequests: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: namespace, Name: "kubernetes_api_requests_total",
+			Help: "Requests the driver made to the Kubernetes API, by HTTP method and status code.",
+		}, []string{"method", "code"}),
 	}
-	m.reg.MustRegister(m.rpc, m.leaseOps, m.authFailures, &stateCollector{state: state},
+	m.reg.MustRegister(m.rpc, m.leaseOps, m.authFailures, m.kubeRequests, &stateCollector{state: state},
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
@@ -98,6 +104,27 @@ func (m *Metrics) AuthFailure(provider string) {
 	}
 	m.authFailures.WithLabelValues(provider).Inc()
 }
+
+// CountRequests wraps an HTTP transport so that every Kubernetes API
+// request is counted (rest.Config.WrapTransport).
+func (m *Metrics) CountRequests(rt http.RoundTripper) http.RoundTripper {
+	if m == nil {
+		return rt
+	}
+	return roundTripper(func(req *http.Request) (*http.Response, error) {
+		resp, err := rt.RoundTrip(req)
+		code := "error"
+		if err == nil {
+			code = strconv.Itoa(resp.StatusCode)
+		}
+		m.kubeRequests.WithLabelValues(req.Method, code).Inc()
+		return resp, err
+	})
+}
+
+type roundTripper func(*http.Request) (*http.Response, error)
+
+func (f roundTripper) RoundTrip(r *http.Request) (*http.Response, error) { return f(r) }
 
 // Handler serves /metrics, /healthz (the process answers) and /readyz
 // (ready() is true: recovery after start-up has finished).

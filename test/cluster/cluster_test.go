@@ -1,0 +1,247 @@
+package cluster
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	authenticationv1 "k8s.io/api/authentication/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/client-go/dynamic"
+
+	"github.com/ephemeral-secrets/csi-driver/pkg/spc"
+	"github.com/ephemeral-secrets/csi-driver/test/harness"
+	"github.com/ephemeral-secrets/csi-driver/test/kubelet"
+)
+
+const backendsYAML = `postgres:
+  connections:
+    main:
+      url: %s
+      roles:
+        reader:
+          creationStatements:
+            - CREATE ROLE "{{.Name}}" LOGIN PASSWORD '{{.Password}}' VALID UNTIL '{{.Expiration}}'
+          allowed:
+            - namespace: team-a
+              serviceAccount: app
+`
+
+type fixture struct {
+	env    *harness.Env
+	driver *harness.Driver
+	kube   *kubelet.Kubelet
+}
+
+func setup(t *testing.T) *fixture {
+	t.Helper()
+	env, err := harness.NewEnv()
+	if err != nil {
+		t.Fatal(err)
+	}
+	backends := filepath.Join(env.Base, "backends.yaml")
+	if err := os.WriteFile(backends, []byte(fmt.Sprintf(backendsYAML, pg.AdminURL())), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	f := &fixture{env: env}
+	f.driver = &harness.Driver{Bin: driverBin, Env: env, Args: []string{
+		"--kubeconfig", driverKubeconfig(t, env.Base), "--backend-config", backends,
+		"--audit-log", harness.LogPath("cluster-audit"),
+	}}
+	if err := f.driver.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if f.kube, err = kubelet.Dial(env.Endpoint(), env.KubeletDir); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		f.kube.Close()
+		f.driver.Stop()
+		if t.Failed() {
+			out, _ := os.ReadFile(f.driver.LogFile)
+			s := string(out)
+			if len(s) > 4000 {
+				s = s[len(s)-4000:]
+			}
+			t.Logf("driver log (tail):\n%s", s)
+		}
+		_ = env.Close()
+	})
+	return f
+}
+
+func createClass(t *testing.T, ns, name string, params map[string]any) {
+	t.Helper()
+	dyn, err := dynamic.NewForConfig(cluster.Config())
+	if err != nil {
+		t.Fatal(err)
+	}
+	obj := &unstructured.Unstructured{Object: map[string]any{
+		"apiVersion": "secrets-store.csi.x-k8s.io/v1", "kind": "SecretProviderClass",
+		"metadata": map[string]any{"name": name, "namespace": ns},
+		"spec":     map[string]any{"provider": "postgres", "parameters": params},
+	}}
+	if _, err := dyn.Resource(spc.GVR).Namespace(ns).Create(context.Background(), obj, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func updateClass(t *testing.T, ns, name string, params map[string]any) {
+	t.Helper()
+	dyn, err := dynamic.NewForConfig(cluster.Config())
+	if err != nil {
+		t.Fatal(err)
+	}
+	ri := dyn.Resource(spc.GVR).Namespace(ns)
+	obj, err := ri.Get(context.Background(), name, metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := unstructured.SetNestedField(obj.Object, params, "spec", "parameters"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ri.Update(context.Background(), obj, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// podFor is a kubelet pod with the API object's UID and a real
+// TokenRequest token for its service account (audience "vault").
+func podFor(t *testing.T, ns, name, sa, uid string) kubelet.Pod {
+	t.Helper()
+	tr, err := clients.CoreV1().ServiceAccounts(ns).CreateToken(context.Background(), sa,
+		&authenticationv1.TokenRequest{Spec: authenticationv1.TokenRequestSpec{Audiences: []string{"vault"}}}, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	harness.RememberSecret(tr.Status.Token)
+	return kubelet.Pod{Namespace: ns, Name: name, UID: uid, ServiceAccount: sa, Tokens: map[string]string{"vault": tr.Status.Token}}
+}
+
+func volume(class string) kubelet.Volume {
+	return kubelet.Volume{Name: "db", ReadOnly: true, Attributes: map[string]string{"secretProviderClass": class}}
+}
+
+// apiRequests sums the driver's Kubernetes API request counter.
+func apiRequests(t *testing.T, d *harness.Driver) int {
+	t.Helper()
+	_, body, err := d.Scrape("/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for _, line := range strings.Split(body, "\n") {
+		if strings.HasPrefix(line, "ephemeral_secrets_kubernetes_api_requests_total{") {
+			v, err := strconv.ParseFloat(line[strings.LastIndex(line, " ")+1:], 64)
+			if err != nil {
+				t.Fatal(err)
+			}
+			n += int(v)
+		}
+	}
+	return n
+}
+
+func TestClassesComeFromThePodsNamespaceThroughTheCache(t *testing.T) {
+	ctx := context.Background()
+	uidsA := namespace(t, "team-a", "app", "agent", "agent-2", "nosy")
+	uidsB := namespace(t, "team-b", "app", "intruder")
+	createClass(t, "team-a", "db", map[string]any{"connection": "main", "role": "reader"})
+	f := setup(t)
+
+	// A pod in team-a gets its class; the publish asks the API nothing.
+	pod := podFor(t, "team-a", "agent", "app", uidsA["agent"])
+	before := apiRequests(t, f.driver)
+	target, err := f.kube.Publish(ctx, pod, volume("db"))
+	if err != nil {
+		t.Fatalf("publish in team-a: %v", err)
+	}
+	pw, err := os.ReadFile(filepath.Join(target, "password"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	harness.RememberSecret(string(pw))
+	if _, err := f.kube.Publish(ctx, pod, volume("db")); err != nil {
+		t.Fatalf("republish: %v", err)
+	}
+	if err := f.kube.Unpublish(ctx, pod, "db"); err != nil {
+		t.Fatal(err)
+	}
+	if after := apiRequests(t, f.driver); after != before {
+		t.Errorf("publish, republish and unpublish made %d Kubernetes API requests, want 0", after-before)
+	}
+
+	// The same class name from team-b is not found: classes do not cross namespaces.
+	intruder := podFor(t, "team-b", "intruder", "app", uidsB["intruder"])
+	_, err = f.kube.Publish(ctx, intruder, volume("db"))
+	if status.Code(err) != codes.NotFound {
+		t.Fatalf("team-b using team-a's class: %v, want NotFound", err)
+	}
+	// ...and the pod is told why.
+	eventually(t, 10*time.Second, "warning event on the team-b pod", func() (bool, error) {
+		evs, err := clients.CoreV1().Events("team-b").List(ctx, metav1.ListOptions{})
+		if err != nil {
+			return false, err
+		}
+		for _, e := range evs.Items {
+			if e.InvolvedObject.Name == "intruder" && e.Type == "Warning" && e.Reason == "SecretProviderClassNotFound" {
+				if !strings.Contains(e.Message, "db") {
+					t.Errorf("event message does not name the class: %q", e.Message)
+				}
+				return true, nil
+			}
+		}
+		return false, nil
+	})
+
+	// A refused service account: PermissionDenied, and an event that carries no token.
+	createClass(t, "team-b", "db", map[string]any{"connection": "main", "role": "reader"})
+	eventually(t, 10*time.Second, "team-b's own class seen", func() (bool, error) {
+		_, err := f.kube.Publish(ctx, intruder, volume("db"))
+		return status.Code(err) == codes.PermissionDenied, nil
+	})
+	eventually(t, 10*time.Second, "permission event", func() (bool, error) {
+		evs, err := clients.CoreV1().Events("team-b").List(ctx, metav1.ListOptions{})
+		if err != nil {
+			return false, err
+		}
+		for _, e := range evs.Items {
+			if e.Reason == "CredentialNotAllowed" {
+				if strings.Contains(e.Message, intruder.Tokens["vault"]) {
+					t.Errorf("event carries the pod's token")
+				}
+				return true, nil
+			}
+		}
+		return false, nil
+	})
+
+	// An edit of the class is seen without a restart.
+	updateClass(t, "team-a", "db", map[string]any{"connection": "main", "role": "reader",
+		"files": "- {path: dsn, template: 'postgres://{{ .username }}@{{ .host }}:{{ .port }}/{{ .database }}'}\n- {path: password, value: password}"})
+	pod2 := podFor(t, "team-a", "agent-2", "app", uidsA["agent-2"])
+	eventually(t, 10*time.Second, "updated class used", func() (bool, error) {
+		target, err := f.kube.Publish(ctx, pod2, volume("db"))
+		if err != nil {
+			return false, err
+		}
+		pw, _ := os.ReadFile(filepath.Join(target, "password"))
+		harness.RememberSecret(string(pw))
+		if _, err := os.Stat(filepath.Join(target, "dsn")); err != nil {
+			// Published with the old layout: unpublish and try again.
+			return false, f.kube.Unpublish(ctx, pod2, "db")
+		}
+		return true, nil
+	})
+	if err := f.kube.Unpublish(ctx, pod2, "db"); err != nil {
+		t.Fatal(err)
+	}
+}

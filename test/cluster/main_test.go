@@ -1,0 +1,149 @@
+// Package cluster runs the driver binary against a real kube-apiserver
+// and etcd: classes come from SecretProviderClass objects through an
+// informer, failures become events on the pod, and the driver works with
+// nothing but the RBAC of deploy/.
+package cluster
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	authenticationv1 "k8s.io/api/authentication/v1"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/tools/clientcmd"
+	clientcmdapi "k8s.io/client-go/tools/clientcmd/api"
+
+	"github.com/ephemeral-secrets/csi-driver/test/harness"
+	"github.com/ephemeral-secrets/csi-driver/test/kube"
+	"github.com/ephemeral-secrets/csi-driver/test/pgtest"
+)
+
+var (
+	cluster   *kube.Cluster
+	clients   *kubernetes.Clientset
+	pg        *pgtest.Server
+	driverBin string
+	repoRoot  string
+)
+
+func TestMain(m *testing.M) { os.Exit(run(m)) }
+
+func run(m *testing.M) int {
+	fail := func(err error) int { fmt.Println(err); return 1 }
+	var err error
+	if repoRoot, err = filepath.Abs("../.."); err != nil {
+		return fail(err)
+	}
+	dir, err := os.MkdirTemp("", "esc-cluster-bin-")
+	if err != nil {
+		return fail(err)
+	}
+	defer os.RemoveAll(dir)
+	if driverBin, err = harness.Build(dir); err != nil {
+		return fail(err)
+	}
+	if pg, err = pgtest.Start(); err != nil {
+		return fail(err)
+	}
+	defer pg.Close()
+	if cluster, err = kube.Start(); err != nil {
+		return fail(err)
+	}
+	defer cluster.Stop()
+	for _, l := range cluster.LogFiles {
+		harness.RegisterLog(l) // the API server's and etcd's logs are searched for tokens too
+	}
+	if clients, err = kubernetes.NewForConfig(cluster.Config()); err != nil {
+		return fail(err)
+	}
+	ctx := context.Background()
+	for _, f := range []string{"deploy/crds/secretproviderclasses.yaml", "deploy/kubernetes/rbac.yaml"} {
+		data, err := os.ReadFile(filepath.Join(repoRoot, f))
+		if err != nil {
+			return fail(err)
+		}
+		if err := kube.Apply(ctx, cluster.Config(), data, false); err != nil {
+			return fail(fmt.Errorf("%s: %w", f, err))
+		}
+	}
+	defer os.RemoveAll(harness.LogDir())
+	code := m.Run()
+	if n, lines, err := harness.CheckLogs(); err != nil {
+		fmt.Println("FAIL: log check:", err)
+		return 1
+	} else {
+		fmt.Printf("log check: %d secrets searched in %d log lines: none found\n", n, lines)
+	}
+	return code
+}
+
+// driverKubeconfig writes a kubeconfig that authenticates as the driver's
+// own service account, with a token from the TokenRequest API: the driver
+// gets exactly the RBAC of deploy/kubernetes/rbac.yaml.
+func driverKubeconfig(t *testing.T, dir string) string {
+	t.Helper()
+	tr, err := clients.CoreV1().ServiceAccounts("ephemeral-secrets").CreateToken(context.Background(), "ephemeral-secrets-csi",
+		&authenticationv1.TokenRequest{Spec: authenticationv1.TokenRequestSpec{ExpirationSeconds: ptr(int64(3600))}}, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatalf("token for the driver: %v", err)
+	}
+	harness.RememberSecret(tr.Status.Token)
+	cfg := clientcmdapi.NewConfig()
+	cfg.Clusters["test"] = &clientcmdapi.Cluster{Server: cluster.URL, CertificateAuthorityData: cluster.CAPEM}
+	cfg.AuthInfos["driver"] = &clientcmdapi.AuthInfo{Token: tr.Status.Token}
+	cfg.Contexts["test"] = &clientcmdapi.Context{Cluster: "test", AuthInfo: "driver"}
+	cfg.CurrentContext = "test"
+	path := filepath.Join(dir, "kubeconfig")
+	if err := clientcmd.WriteToFile(*cfg, path); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+func ptr[T any](v T) *T { return &v }
+
+// namespace creates a namespace with a service account, a pod object (so
+// that events have something to point at) and returns the pod's UID.
+func namespace(t *testing.T, ns, sa string, pods ...string) map[string]string {
+	t.Helper()
+	ctx := context.Background()
+	if _, err := clients.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := clients.CoreV1().ServiceAccounts(ns).Create(ctx, &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: sa}}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	uids := map[string]string{}
+	for _, name := range pods {
+		p, err := clients.CoreV1().Pods(ns).Create(ctx, &corev1.Pod{
+			ObjectMeta: metav1.ObjectMeta{Name: name},
+			Spec: corev1.PodSpec{ServiceAccountName: sa, Containers: []corev1.Container{{Name: "app", Image: "busybox"}}},
+		}, metav1.CreateOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		uids[name] = string(p.UID)
+	}
+	return uids
+}
+
+func eventually(t *testing.T, timeout time.Duration, what string, cond func() (bool, error)) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	var lastErr error
+	for time.Now().Before(deadline) {
+		ok, err := cond()
+		if ok && err == nil {
+			return
+		}
+		lastErr = err
+		time.Sleep(100 * time.Millisecond)
+	}
+	t.Fatalf("%s: not within %s (last error: %v)", what, timeout, lastErr)
+}

@@ -1,0 +1,278 @@
+// Package kube starts a real kube-apiserver with its etcd on 127.0.0.1 for
+// tests: a throwaway CA and serving certificate, a service-account signing
+// key (so TokenRequest works), and an admin bearer token. The API server
+// binary is built from the Go module proxy by build-apiserver.sh ("make
+// kube"); etcd comes from the distribution (etcd-server).
+package kube
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/rsa"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"fmt"
+	"math/big"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"syscall"
+	"time"
+
+	"k8s.io/client-go/rest"
+)
+
+// AdminToken is the bearer token of the test cluster's admin (system:masters).
+const AdminToken = "esc-test-admin-token"
+
+// Cluster is a running etcd and kube-apiserver.
+type Cluster struct {
+	dir      string
+	etcd     *exec.Cmd
+	api      *exec.Cmd
+	URL      string // https://127.0.0.1:PORT
+	CAPEM    []byte
+	Issuer   string // the service-account token issuer (the URL)
+	LogFiles []string
+}
+
+// APIServerPath finds the kube-apiserver binary: $ESC_KUBE_APISERVER, or
+// where build-apiserver.sh puts it.
+func APIServerPath() (string, error) {
+	if p := os.Getenv("ESC_KUBE_APISERVER"); p != "" {
+		return p, nil
+	}
+	cache, err := os.UserCacheDir()
+	if err != nil {
+		return "", err
+	}
+	p := filepath.Join(cache, "ephemeral-secrets-csi", "bin", "kube-apiserver")
+	if _, err := os.Stat(p); err != nil {
+		return "", fmt.Errorf("kube-apiserver not built: run make kube (%w)", err)
+	}
+	return p, nil
+}
+
+// Start starts etcd and kube-apiserver and waits until the API is ready.
+func Start() (*Cluster, error) {
+	apiserver, err := APIServerPath()
+	if err != nil {
+		return nil, err
+	}
+	etcdBin, err := exec.LookPath("etcd")
+	if err != nil {
+		return nil, fmt.Errorf("etcd not found (apt-get install etcd-server): %w", err)
+	}
+	dir, err := os.MkdirTemp("", "esc-kube-")
+	if err != nil {
+		return nil, err
+	}
+	c := &Cluster{dir: dir}
+	ok := false
+	defer func() {
+		if !ok {
+			c.Stop()
+		}
+	}()
+	ports, err := freePorts(3)
+	if err != nil {
+		return nil, err
+	}
+	etcdURL := fmt.Sprintf("http://127.0.0.1:%d", ports[0])
+	peerURL := fmt.Sprintf("http://127.0.0.1:%d", ports[1])
+	c.etcd = exec.Command(etcdBin, "--data-dir", filepath.Join(dir, "etcd"),
+		"--listen-client-urls", etcdURL, "--advertise-client-urls", etcdURL,
+		"--listen-peer-urls", peerURL, "--initial-advertise-peer-urls", peerURL,
+		"--initial-cluster", "default="+peerURL, "--log-level", "warn")
+	if err := c.start(c.etcd, "etcd.log"); err != nil {
+		return nil, err
+	}
+
+	c.URL = fmt.Sprintf("https://127.0.0.1:%d", ports[2])
+	c.Issuer = c.URL
+	certFile, keyFile, saPub, saKey, err := c.writeCerts()
+	if err != nil {
+		return nil, err
+	}
+	tokens := filepath.Join(dir, "tokens.csv")
+	if err := os.WriteFile(tokens, []byte(AdminToken+",admin,admin-uid,system:masters\n"), 0o600); err != nil {
+		return nil, err
+	}
+	c.api = exec.Command(apiserver,
+		"--etcd-servers", etcdURL,
+		"--bind-address", "127.0.0.1", "--advertise-address", "127.0.0.1",
+		"--secure-port", strconv.Itoa(ports[2]),
+		"--tls-cert-file", certFile, "--tls-private-key-file", keyFile,
+		"--token-auth-file", tokens,
+		"--authorization-mode", "RBAC",
+		"--service-account-issuer", c.Issuer,
+		"--service-account-key-file", saPub,
+		"--service-account-signing-key-file", saKey,
+		"--api-audiences", c.Issuer+",vault,sts.amazonaws.com",
+		"--service-cluster-ip-range", "10.96.0.0/24",
+		"--enable-priority-and-fairness=false",
+		"--disable-admission-plugins", "ServiceAccount",
+		"--cert-dir", filepath.Join(dir, "certs"),
+		"--v", "1")
+	if err := c.start(c.api, "apiserver.log"); err != nil {
+		return nil, err
+	}
+	if err := c.waitReady(90 * time.Second); err != nil {
+		return nil, err
+	}
+	ok = true
+	return c, nil
+}
+
+func (c *Cluster) start(cmd *exec.Cmd, logName string) error {
+	path := filepath.Join(c.dir, logName)
+	log, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	c.LogFiles = append(c.LogFiles, path)
+	cmd.Stdout, cmd.Stderr = log, log
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	return cmd.Start()
+}
+
+// Config is an admin client configuration.
+func (c *Cluster) Config() *rest.Config {
+	return &rest.Config{Host: c.URL, BearerToken: AdminToken, TLSClientConfig: rest.TLSClientConfig{CAData: c.CAPEM}}
+}
+
+func (c *Cluster) waitReady(timeout time.Duration) error {
+	pool := x509.NewCertPool()
+	pool.AppendCertsFromPEM(c.CAPEM)
+	client := &http.Client{Timeout: 2 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}}
+	deadline := time.Now().Add(timeout)
+	for time.Now().Before(deadline) {
+		req, _ := http.NewRequestWithContext(context.Background(), http.MethodGet, c.URL+"/readyz", nil)
+		req.Header.Set("Authorization", "Bearer "+AdminToken)
+		resp, err := client.Do(req)
+		if err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusOK {
+				return nil
+			}
+		}
+		if c.api.ProcessState != nil {
+			break
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	log, _ := os.ReadFile(filepath.Join(c.dir, "apiserver.log"))
+	if len(log) > 3000 {
+		log = log[len(log)-3000:]
+	}
+	return fmt.Errorf("kube-apiserver not ready in %s: %s", timeout, log)
+}
+
+// Stop stops the API server and etcd and removes their files.
+func (c *Cluster) Stop() {
+	for _, cmd := range []*exec.Cmd{c.api, c.etcd} {
+		if cmd != nil && cmd.Process != nil {
+			_ = cmd.Process.Signal(syscall.SIGTERM)
+			done := make(chan struct{})
+			go func() { _ = cmd.Wait(); close(done) }()
+			select {
+			case <-done:
+			case <-time.After(10 * time.Second):
+				_ = cmd.Process.Kill()
+				<-done
+			}
+		}
+	}
+	_ = os.RemoveAll(c.dir)
+}
+
+// writeCerts makes a CA, a serving certificate for 127.0.0.1, and the
+// service-account key pair.
+func (c *Cluster) writeCerts() (certFile, keyFile, saPub, saKey string, err error) {
+	caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return
+	}
+	now := time.Now()
+	caTmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "esc-test-ca"},
+		NotBefore: now.Add(-time.Hour), NotAfter: now.Add(24 * time.Hour),
+		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign | x509.KeyUsageDigitalSignature,
+	}
+	caDER, err := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, &caKey.PublicKey, caKey)
+	if err != nil {
+		return
+	}
+	caCert, _ := x509.ParseCertificate(caDER)
+	c.CAPEM = pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: caDER})
+
+	srvKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return
+	}
+	srvTmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(2), Subject: pkix.Name{CommonName: "kube-apiserver"},
+		NotBefore: now.Add(-time.Hour), NotAfter: now.Add(24 * time.Hour),
+		IPAddresses: []net.IP{net.ParseIP("127.0.0.1")}, DNSNames: []string{"localhost", "kubernetes"},
+		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+	}
+	srvDER, err := x509.CreateCertificate(rand.Reader, srvTmpl, caCert, &srvKey.PublicKey, caKey)
+	if err != nil {
+		return
+	}
+	srvKeyDER, err := x509.MarshalECPrivateKey(srvKey)
+	if err != nil {
+		return
+	}
+	saPriv, err := rsa.GenerateKey(rand.Reader, 2048)
+	if err != nil {
+		return
+	}
+	saPubDER, err := x509.MarshalPKIXPublicKey(&saPriv.PublicKey)
+	if err != nil {
+		return
+	}
+	certFile, keyFile = filepath.Join(c.dir, "serving.crt"), filepath.Join(c.dir, "serving.key")
+	saPub, saKey = filepath.Join(c.dir, "sa.pub"), filepath.Join(c.dir, "sa.key")
+	for path, block := range map[string]*pem.Block{
+		certFile: {Type: "CERTIFICATE", Bytes: append(srvDER, []byte{}...)},
+		keyFile:  {Type: "EC PRIVATE KEY", Bytes: srvKeyDER},
+		saPub:    {Type: "PUBLIC KEY", Bytes: saPubDER},
+		saKey:    {Type: "RSA PRIVATE KEY", Bytes: x509.MarshalPKCS1PrivateKey(saPriv)},
+	} {
+		data := pem.EncodeToMemory(block)
+		if path == certFile {
+			data = append(data, c.CAPEM...)
+		}
+		if err = os.WriteFile(path, data, 0o600); err != nil {
+			return
+		}
+	}
+	return
+}
+
+func freePorts(n int) ([]int, error) {
+	var ls []net.Listener
+	defer func() {
+		for _, l := range ls {
+			l.Close()
+		}
+	}()
+	var ports []int
+	for range n {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			return nil, err
+		}
+		ls = append(ls, l)
+		ports = append(ports, l.Addr().(*net.TCPAddr).Port)
+	}
+	return ports, nil
+}
