@@ -123,7 +123,7 @@ func namespace(t *testing.T, ns, sa string, pods ...string) map[string]string {
 	for _, name := range pods {
 		p, err := clients.CoreV1().Pods(ns).Create(ctx, &corev1.Pod{
 			ObjectMeta: metav1.ObjectMeta{Name: name},
-			Spec: corev1.PodSpec{ServiceAccountName: sa, Containers: []corev1.Container{{Name: "app", Image: "busybox"}}},
+			Spec:       corev1.PodSpec{ServiceAccountName: sa, Containers: []corev1.Container{{Name: "app", Image: "busybox"}}},
 		}, metav1.CreateOptions{})
 		if err != nil {
 			t.Fatal(err)

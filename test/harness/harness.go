@@ -180,8 +180,8 @@ type Driver struct {
 	LogFile string
 	// MetricsAddr is where /metrics is served (127.0.0.1 and a free port).
 	MetricsAddr string
-	cmd     *exec.Cmd
-	done    chan struct{}
+	cmd         *exec.Cmd
+	done        chan struct{}
 }
 
 // Start starts the driver and waits until its Probe says ready.
