@@ -52,6 +52,9 @@ type Record struct {
 	Detail    string       `json:"detail,omitempty"`
 	// Lifetime is how long the credential lived, on revoke and expire.
 	Lifetime string `json:"lifetime,omitempty"`
+	// FirstSeen marks the first request on this node from the pod's
+	// namespace and service account for this class.
+	FirstSeen bool `json:"first_seen,omitempty"`
 }
 
 // Logger writes records as JSON lines. The zero value discards them.

@@ -100,6 +100,8 @@ type Manager struct {
 
 	wake    chan struct{}
 	retryAt map[string]time.Time // revocation lease ID -> next attempt; worker only
+
+	seen map[string]time.Time // "namespace/serviceaccount/class" -> first request; under mu
 }
 
 // volume is the in-memory state of one published volume. Its fields
@@ -143,6 +145,7 @@ func New(opts Options) *Manager {
 	return &Manager{
 		opts: opts, ctx: ctx, cancel: cancel,
 		vols: map[string]*volume{}, wake: make(chan struct{}, 1), retryAt: map[string]time.Time{},
+		seen: map[string]time.Time{},
 	}
 }
 
@@ -215,7 +218,9 @@ func (m *Manager) republish(cur *volume, v Volume) error {
 func (m *Manager) publishNew(ctx context.Context, v Volume) error {
 	pod := v.Mount.Pod
 	rec := audit.Record{Stage: audit.Request, VolumeID: v.ID, Pod: pod, Class: pod.Namespace + "/" + v.Mount.Class}
+	rec.FirstSeen = m.firstSeen(pod, v.Mount.Class)
 	m.audit(rec, audit.Success, nil)
+	rec.FirstSeen = false
 
 	fail := func(err error) error {
 		m.audit(withStage(rec, audit.Failure), audit.Error, err)
@@ -319,6 +324,26 @@ func (m *Manager) publishNew(ctx context.Context, v Volume) error {
 	m.audit(withExpiry(withStage(rec, audit.Issue), l.ExpiresAt), audit.Success, nil)
 	m.opts.Metrics.LeaseOp(class.Provider, metrics.OpIssue, metrics.Success)
 	return nil
+}
+
+// seenRecord names the node's record of which identities asked for what.
+const seenRecord = "seen"
+
+// firstSeen reports whether this is the first request on the node from
+// the pod's namespace and service account for class, and remembers it.
+func (m *Manager) firstSeen(pod provider.Pod, class string) bool {
+	key := pod.Namespace + "/" + pod.ServiceAccount + "/" + class
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if _, ok := m.seen[key]; ok {
+		return false
+	}
+	m.seen[key] = time.Now().UTC()
+	if err := m.opts.Store.WriteRecord(seenRecord, m.seen); err != nil {
+		klog.ErrorS(err, "Recording a first-seen request")
+	}
+	m.opts.Metrics.FirstSeen(pod.Namespace)
+	return true
 }
 
 // mount verifies target, then binds the volume onto it.

@@ -29,6 +29,12 @@ func (m *Manager) Recover(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("listing volumes: %w", err)
 	}
+	seen := map[string]time.Time{}
+	if err := m.opts.Store.ReadRecord(seenRecord, &seen); err == nil {
+		m.mu.Lock()
+		m.seen = seen
+		m.mu.Unlock()
+	}
 	resumed, revoked, failed := 0, 0, 0
 	for _, id := range ids {
 		// One bad volume must not keep the node's other pods from mounting:

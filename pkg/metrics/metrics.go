@@ -52,6 +52,7 @@ type Metrics struct {
 	leaseOps     *prometheus.CounterVec
 	authFailures *prometheus.CounterVec
 	kubeRequests *prometheus.CounterVec
+	firstSeen    *prometheus.CounterVec
 }
 
 // New returns Metrics whose gauges are read from state at each scrape.
@@ -76,7 +77,11 @@ func New(state func() State) *Metrics {
 			Help: "Requests the driver made to the Kubernetes API, by HTTP method and status code.",
 		}, []string{"method", "code"}),
 	}
-	m.reg.MustRegister(m.rpc, m.leaseOps, m.authFailures, m.kubeRequests, &stateCollector{state: state},
+	m.firstSeen = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: namespace, Name: "first_seen_requests_total",
+		Help: "Requests from a namespace/service account for a class it never asked for on this node before.",
+	}, []string{"namespace"})
+	m.reg.MustRegister(m.rpc, m.leaseOps, m.authFailures, m.kubeRequests, m.firstSeen, &stateCollector{state: state},
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
@@ -103,6 +108,14 @@ func (m *Metrics) AuthFailure(provider string) {
 		return
 	}
 	m.authFailures.WithLabelValues(provider).Inc()
+}
+
+// FirstSeen records a first-seen request from namespace.
+func (m *Metrics) FirstSeen(namespace string) {
+	if m == nil {
+		return
+	}
+	m.firstSeen.WithLabelValues(namespace).Inc()
 }
 
 // CountRequests wraps an HTTP transport so that every Kubernetes API

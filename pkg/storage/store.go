@@ -93,6 +93,10 @@ type MetadataReader interface {
 
 // MetadataWriter records volume metadata and the revocation queue.
 type MetadataWriter interface {
+	// WriteRecord and ReadRecord keep a small named record of the node's
+	// own (not a volume's), such as which identities asked for what.
+	WriteRecord(name string, v any) error
+	ReadRecord(name string, v any) error
 	WriteMetadata(m Metadata) error
 	WriteLease(volumeID string, l provider.Lease) error
 	PutRevocation(r Revocation) error
@@ -292,6 +296,22 @@ func (f *Filesystem) WriteMetadata(m Metadata) error {
 		err = writeJSON(path, m)
 	}
 	return err
+}
+
+// WriteRecord implements MetadataWriter.
+func (f *Filesystem) WriteRecord(name string, v any) error {
+	if err := ValidatePath(name); err != nil || strings.Contains(name, "/") {
+		return fmt.Errorf("%w: record name %q", ErrInvalidPath, name)
+	}
+	return writeJSON(filepath.Join(f.root, name+".json"), v)
+}
+
+// ReadRecord implements MetadataWriter; a missing record is ErrVolumeNotFound.
+func (f *Filesystem) ReadRecord(name string, v any) error {
+	if err := ValidatePath(name); err != nil || strings.Contains(name, "/") {
+		return fmt.Errorf("%w: record name %q", ErrInvalidPath, name)
+	}
+	return readJSON(filepath.Join(f.root, name+".json"), v)
 }
 
 // ReadMetadata returns the volume's metadata or ErrVolumeNotFound.

@@ -181,6 +181,29 @@ func TestPublishServesWorkingCredentialsAndUnpublishRevokesThem(t *testing.T) {
 	}
 }
 
+// firstSeenFlags returns the first_seen flag of each request record.
+func firstSeenFlags(t *testing.T, path string) []bool {
+	t.Helper()
+	data, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []bool
+	for _, line := range strings.Split(strings.TrimSpace(string(data)), "\n") {
+		var r struct {
+			Stage     string
+			FirstSeen bool `json:"first_seen"`
+		}
+		if err := json.Unmarshal([]byte(line), &r); err != nil {
+			t.Fatal(err)
+		}
+		if r.Stage == "request" {
+			out = append(out, r.FirstSeen)
+		}
+	}
+	return out
+}
+
 // auditRecords returns "stage/outcome" of each audit record, in order.
 func auditRecords(t *testing.T, path string) []string {
 	t.Helper()
@@ -509,10 +532,23 @@ func TestMetricsAndHealthFollowTheLifecycle(t *testing.T) {
 		`ephemeral_secrets_lease_operations_total{operation="issue",outcome="success",provider="postgres"} 1`,
 		`ephemeral_secrets_csi_operation_duration_seconds_count{code="OK",method="NodePublishVolume"} 1`,
 		`ephemeral_secrets_revocation_queue_depth 0`,
+		`ephemeral_secrets_first_seen_requests_total{namespace="team-a"} 1`,
 	} {
 		if !strings.Contains(body, want) {
 			t.Errorf("after publish, /metrics lacks %s", want)
 		}
+	}
+	// The same service account and class again is not first seen.
+	again := newPod("metered-2", "app")
+	if _, err := f.kube.Publish(ctx, again, dbVolume("app-db")); err != nil {
+		t.Fatal(err)
+	}
+	readSecret(t, f.kube.TargetPath(again, "db"), "password")
+	if err := f.kube.Unpublish(ctx, again, "db"); err != nil {
+		t.Fatal(err)
+	}
+	if got := firstSeenFlags(t, f.audit); len(got) < 2 || !got[0] || got[1] {
+		t.Errorf("first_seen of the request records: %v, want [true false]", got)
 	}
 	// A refused publish counts as an authorisation failure.
 	nosy := newPod("nosy", "app")
@@ -525,12 +561,13 @@ func TestMetricsAndHealthFollowTheLifecycle(t *testing.T) {
 	eventually(t, 10*time.Second, "role dropped", roleGone(ctx, user))
 	eventually(t, 5*time.Second, "metrics after unpublish", func() (bool, error) {
 		_, body, err = f.driver.Scrape("/metrics")
-		return strings.Contains(body, `ephemeral_secrets_lease_operations_total{operation="revoke",outcome="success",provider="postgres"} 1`), err
+		return strings.Contains(body, `ephemeral_secrets_lease_operations_total{operation="revoke",outcome="success",provider="postgres"} 2`), err
 	})
 	for _, want := range []string{
 		`ephemeral_secrets_authorization_failures_total{provider="postgres"} 1`,
+		`ephemeral_secrets_first_seen_requests_total{namespace="team-a"} 2`,
 		`ephemeral_secrets_csi_operation_duration_seconds_count{code="PermissionDenied",method="NodePublishVolume"} 1`,
-		`ephemeral_secrets_csi_operation_duration_seconds_count{code="OK",method="NodeUnpublishVolume"} 1`,
+		`ephemeral_secrets_csi_operation_duration_seconds_count{code="OK",method="NodeUnpublishVolume"} 2`,
 	} {
 		if !strings.Contains(body, want) {
 			t.Errorf("after unpublish, /metrics lacks %s", want)

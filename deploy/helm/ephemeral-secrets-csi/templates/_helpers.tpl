@@ -1,0 +1,3 @@
+{{- define "esc.labels" -}}
+app.kubernetes.io/name: ephemeral-secrets-csi
+{{- end -}}
