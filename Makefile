@@ -26,12 +26,17 @@ postgres:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql >/dev/null; \
 	fi
 
-# A real kube-apiserver (built from the Go module proxy, cached in
-# ~/.cache/ephemeral-secrets-csi) and etcd (apt), for the Kubernetes tests.
+# For the Kubernetes tests: a real kube-apiserver (built from the Go module
+# proxy), helm and kustomize, cached in $(TOOLS); etcd from apt.
+TOOLS     := $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/ephemeral-secrets-csi/bin
+HELM_VERSION      ?= v3.22.0
+KUSTOMIZE_VERSION ?= v5.8.0
 kube:
 	@command -v etcd >/dev/null || { echo "installing etcd (apt)"; apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends etcd-server >/dev/null; }
-	test/kube/build-apiserver.sh
+	test/kube/build-apiserver.sh $(TOOLS)
+	@test -x $(TOOLS)/helm || GOBIN=$(TOOLS) $(GO) install helm.sh/helm/v3/cmd/helm@$(HELM_VERSION)
+	@test -x $(TOOLS)/kustomize || GOBIN=$(TOOLS) $(GO) install sigs.k8s.io/kustomize/kustomize/v5@$(KUSTOMIZE_VERSION)
 
 demo: postgres build
 	$(GO) run ./test/demo --driver $(BIN)

@@ -62,6 +62,7 @@ func setup(t *testing.T) *fixture {
 	if f.kube, err = kubelet.Dial(env.Endpoint(), env.KubeletDir); err != nil {
 		t.Fatal(err)
 	}
+	f.kube.TokensInSecrets = true // as deploy/ sets serviceAccountTokenInSecrets
 	t.Cleanup(func() {
 		f.kube.Close()
 		f.driver.Stop()

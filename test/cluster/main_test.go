@@ -63,7 +63,10 @@ func run(m *testing.M) int {
 		return fail(err)
 	}
 	ctx := context.Background()
-	for _, f := range []string{"deploy/crds/secretproviderclasses.yaml", "deploy/kubernetes/rbac.yaml"} {
+	if _, err := clients.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "ephemeral-secrets"}}, metav1.CreateOptions{}); err != nil {
+		return fail(err)
+	}
+	for _, f := range []string{"deploy/kustomize/crds/secretproviderclasses.yaml", "deploy/kustomize/base/rbac.yaml"} {
 		data, err := os.ReadFile(filepath.Join(repoRoot, f))
 		if err != nil {
 			return fail(err)

@@ -49,13 +49,19 @@ func APIServerPath() (string, error) {
 	if p := os.Getenv("ESC_KUBE_APISERVER"); p != "" {
 		return p, nil
 	}
+	return Tool("kube-apiserver")
+}
+
+// Tool finds one of the test tools "make kube" installs (kube-apiserver,
+// helm, kustomize) in ~/.cache/ephemeral-secrets-csi/bin.
+func Tool(name string) (string, error) {
 	cache, err := os.UserCacheDir()
 	if err != nil {
 		return "", err
 	}
-	p := filepath.Join(cache, "ephemeral-secrets-csi", "bin", "kube-apiserver")
+	p := filepath.Join(cache, "ephemeral-secrets-csi", "bin", name)
 	if _, err := os.Stat(p); err != nil {
-		return "", fmt.Errorf("kube-apiserver not built: run make kube (%w)", err)
+		return "", fmt.Errorf("%s not installed: run make kube (%w)", name, err)
 	}
 	return p, nil
 }
@@ -118,6 +124,7 @@ func Start() (*Cluster, error) {
 		"--api-audiences", c.Issuer+",vault,sts.amazonaws.com",
 		"--service-cluster-ip-range", "10.96.0.0/24",
 		"--enable-priority-and-fairness=false",
+		"--allow-privileged=true",
 		"--disable-admission-plugins", "ServiceAccount",
 		"--cert-dir", filepath.Join(dir, "certs"),
 		"--v", "1")

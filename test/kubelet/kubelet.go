@@ -42,7 +42,11 @@ func NewPod(namespace, name, serviceAccount string) Pod {
 type Kubelet struct {
 	Dir  string
 	Node csi.NodeClient
-	conn *grpc.ClientConn
+	// TokensInSecrets passes service-account tokens in the request's
+	// secrets, as kubelet does for a CSIDriver with
+	// serviceAccountTokenInSecrets, instead of in volume_context.
+	TokensInSecrets bool
+	conn            *grpc.ClientConn
 }
 
 // Dial connects to a CSI endpoint (unix:///path).
@@ -114,7 +118,15 @@ func (k *Kubelet) PublishRequest(pod Pod, v Volume) (*csi.NodePublishVolumeReque
 		b, _ := json.Marshal(toks)
 		vc["csi.storage.k8s.io/serviceAccount.tokens"] = string(b)
 	}
+	var secrets map[string]string
+	if k.TokensInSecrets {
+		if t, ok := vc["csi.storage.k8s.io/serviceAccount.tokens"]; ok {
+			secrets = map[string]string{"csi.storage.k8s.io/serviceAccount.tokens": t}
+			delete(vc, "csi.storage.k8s.io/serviceAccount.tokens")
+		}
+	}
 	return &csi.NodePublishVolumeRequest{
+		Secrets:    secrets,
 		VolumeId:   VolumeID(pod, v.Name),
 		TargetPath: target,
 		VolumeCapability: &csi.VolumeCapability{
