@@ -52,7 +52,9 @@ func setup(t *testing.T) *fixture {
 		t.Fatal(err)
 	}
 	f := &fixture{env: env}
-	f.driver = &harness.Driver{Bin: driverBin, Env: env, Args: []string{
+	f.driver = &harness.Driver{Bin: driverBin, Env: env, Environ: []string{
+		"WHOAMI_API_SERVER=" + cluster.URL, "WHOAMI_CA_FILE=" + caFile,
+	}, Args: []string{
 		"--kubeconfig", driverKubeconfig(t, env.Base), "--backend-config", backends,
 		"--audit-log", harness.LogPath("cluster-audit"),
 	}}
@@ -81,6 +83,11 @@ func setup(t *testing.T) *fixture {
 
 func createClass(t *testing.T, ns, name string, params map[string]any) {
 	t.Helper()
+	createClassOf(t, ns, name, "postgres", params)
+}
+
+func createClassOf(t *testing.T, ns, name, prov string, params map[string]any) {
+	t.Helper()
 	dyn, err := dynamic.NewForConfig(cluster.Config())
 	if err != nil {
 		t.Fatal(err)
@@ -88,7 +95,7 @@ func createClass(t *testing.T, ns, name string, params map[string]any) {
 	obj := &unstructured.Unstructured{Object: map[string]any{
 		"apiVersion": "secrets-store.csi.x-k8s.io/v1", "kind": "SecretProviderClass",
 		"metadata": map[string]any{"name": name, "namespace": ns},
-		"spec":     map[string]any{"provider": "postgres", "parameters": params},
+		"spec":     map[string]any{"provider": prov, "parameters": params},
 	}}
 	if _, err := dyn.Resource(spc.GVR).Namespace(ns).Create(context.Background(), obj, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
@@ -244,5 +251,43 @@ func TestClassesComeFromThePodsNamespaceThroughTheCache(t *testing.T) {
 	})
 	if err := f.kube.Unpublish(ctx, pod2, "db"); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// A real TokenRequest token for the pod's service account reaches the
+// provider: the test-only whoami provider shows it to the API server,
+// which names the pod's service account. A token for another audience is
+// refused by the server.
+func TestThePodsOwnTokenReachesTheProvider(t *testing.T) {
+	ctx := context.Background()
+	uids := namespace(t, "team-c", "agent", "bot", "bot-2")
+	createClassOf(t, "team-c", "who", "whoami", map[string]any{})
+	f := setup(t)
+	pod := podFor(t, "team-c", "bot", "agent", uids["bot"])
+	target, err := f.kube.Publish(ctx, pod, volume("who"))
+	if err != nil {
+		t.Fatalf("publish: %v", err)
+	}
+	got, err := os.ReadFile(filepath.Join(target, "identity"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if string(got) != "system:serviceaccount:team-c:agent" {
+		t.Errorf("the provider saw %q, want the pod's service account", got)
+	}
+	if err := f.kube.Unpublish(ctx, pod, "db"); err != nil {
+		t.Fatal(err)
+	}
+	// A token minted for another audience does not pass.
+	tr, err := clients.CoreV1().ServiceAccounts("team-c").CreateToken(ctx, "agent",
+		&authenticationv1.TokenRequest{Spec: authenticationv1.TokenRequestSpec{Audiences: []string{"some-other-service"}}}, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	harness.RememberSecret(tr.Status.Token)
+	wrong := kubelet.Pod{Namespace: "team-c", Name: "bot-2", UID: uids["bot-2"], ServiceAccount: "agent",
+		Tokens: map[string]string{"vault": tr.Status.Token}}
+	if _, err := f.kube.Publish(ctx, wrong, volume("who")); status.Code(err) != codes.PermissionDenied {
+		t.Fatalf("token of another audience: %v, want PermissionDenied", err)
 	}
 }

@@ -30,6 +30,7 @@ var (
 	pg        *pgtest.Server
 	driverBin string
 	repoRoot  string
+	caFile    string
 )
 
 func TestMain(m *testing.M) { os.Exit(run(m)) }
@@ -45,7 +46,8 @@ func run(m *testing.M) int {
 		return fail(err)
 	}
 	defer os.RemoveAll(dir)
-	if driverBin, err = harness.Build(dir); err != nil {
+	// The real command plus the test-only "whoami" provider.
+	if driverBin, err = harness.BuildPackage(dir, "./test/cluster/driver"); err != nil {
 		return fail(err)
 	}
 	if pg, err = pgtest.Start(); err != nil {
@@ -60,6 +62,10 @@ func run(m *testing.M) int {
 		harness.RegisterLog(l) // the API server's and etcd's logs are searched for tokens too
 	}
 	if clients, err = kubernetes.NewForConfig(cluster.Config()); err != nil {
+		return fail(err)
+	}
+	caFile = filepath.Join(dir, "ca.crt")
+	if err := os.WriteFile(caFile, cluster.CAPEM, 0o600); err != nil {
 		return fail(err)
 	}
 	ctx := context.Background()

@@ -30,16 +30,22 @@ import (
 
 // Build compiles the driver into dir and returns the binary's path.
 func Build(dir string) (string, error) {
+	return BuildPackage(dir, "./cmd/ephemeral-secrets-csi")
+}
+
+// BuildPackage compiles a main package of this module (a test build of the
+// driver with an extra provider) into dir.
+func BuildPackage(dir, pkg string) (string, error) {
 	root, err := moduleRoot()
 	if err != nil {
 		return "", err
 	}
-	bin := filepath.Join(dir, "ephemeral-secrets-csi")
+	bin := filepath.Join(dir, filepath.Base(pkg))
 	args := []string{"build", "-o", bin}
 	if raceEnabled {
 		args = append(args, "-race")
 	}
-	cmd := exec.Command("go", append(args, "./cmd/ephemeral-secrets-csi")...)
+	cmd := exec.Command("go", append(args, pkg)...)
 	cmd.Dir = root
 	if out, err := cmd.CombinedOutput(); err != nil {
 		return "", fmt.Errorf("go build: %v: %s", err, out)
@@ -180,8 +186,10 @@ type Driver struct {
 	LogFile string
 	// MetricsAddr is where /metrics is served (127.0.0.1 and a free port).
 	MetricsAddr string
-	cmd         *exec.Cmd
-	done        chan struct{}
+	// Environ is added to the driver's environment.
+	Environ []string
+	cmd     *exec.Cmd
+	done    chan struct{}
 }
 
 // Start starts the driver and waits until its Probe says ready.
@@ -207,6 +215,7 @@ func (d *Driver) Start(ctx context.Context) error {
 		"--state-dir", d.Env.StateDir, "--kubelet-dir", d.Env.KubeletDir, "-v", "10",
 	}, d.Args...)
 	d.cmd = exec.Command(d.Bin, args...)
+	d.cmd.Env = append(os.Environ(), d.Environ...)
 	d.cmd.Stdout, d.cmd.Stderr = log, log
 	if err := d.cmd.Start(); err != nil {
 		return err
