@@ -20,7 +20,6 @@ import (
 	"time"
 
 	"k8s.io/client-go/dynamic"
-	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/clientcmd"
 	"k8s.io/klog/v2"
 
@@ -134,18 +133,14 @@ func serve(version string, args []string, extra []Register) error {
 		}
 		cfg.UserAgent = "ephemeral-secrets-csi/" + version
 		cfg.WrapTransport = m.CountRequests
-		clients, err := kubernetes.NewForConfig(cfg)
+		dyn, err := dynamic.NewForConfig(cfg)
 		if err != nil {
 			return err
 		}
-		rec := events.NewRecorder(clients, driver.Name, f.nodeID)
-		defer rec.Shutdown()
+		rec := events.NewRecorder(dyn, driver.Name, f.nodeID)
+		go rec.Run(ctx)
 		sink = rec
 		if f.classes == "" {
-			dyn, err := dynamic.NewForConfig(cfg)
-			if err != nil {
-				return err
-			}
 			kr := spc.NewKubeResolver(dyn, 10*time.Minute)
 			sctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
 			err = kr.Start(ctx, sctx)

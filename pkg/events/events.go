@@ -2,47 +2,122 @@
 // a Warning event on the pod, which "kubectl describe pod" shows. Messages
 // carry the reason and the class, never a secret (the driver's errors
 // never hold one).
+//
+// Events are written with the dynamic client, as unstructured objects: the
+// typed clientset and its scheme of every API group would double the
+// driver's resident memory for one kind of object.
 package events
 
 import (
-	corev1 "k8s.io/api/core/v1"
-	"k8s.io/apimachinery/pkg/types"
-	"k8s.io/client-go/kubernetes"
-	"k8s.io/client-go/kubernetes/scheme"
-	typedcorev1 "k8s.io/client-go/kubernetes/typed/core/v1"
-	"k8s.io/client-go/tools/record"
+	"context"
+	"sync"
+	"time"
+
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/runtime/schema"
+	"k8s.io/client-go/dynamic"
+	"k8s.io/klog/v2"
 
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
 )
 
-// Sink records a warning about a pod. A nil Sink records nothing.
+// Sink records a warning about a pod.
 type Sink interface {
 	Warning(pod provider.Pod, reason, message string)
 }
 
-// Recorder sends events to the Kubernetes API in the background.
+var eventsGVR = schema.GroupVersionResource{Version: "v1", Resource: "events"}
+
+// Recorder sends events in the background, at most one per pod, reason and
+// message every Interval, dropping what it cannot send: an event is
+// advice, never worth slowing a publish.
 type Recorder struct {
-	broadcaster record.EventBroadcaster
-	recorder    record.EventRecorder
+	client    dynamic.Interface
+	component string
+	node      string
+	// Interval between two identical events (default 5 min).
+	Interval time.Duration
+
+	queue chan event
+	mu    sync.Mutex
+	sent  map[string]time.Time
+}
+
+type event struct {
+	pod             provider.Pod
+	reason, message string
+	at              time.Time
 }
 
 var _ Sink = (*Recorder)(nil)
 
-// NewRecorder returns a Recorder reporting as component (the driver name)
-// from node.
-func NewRecorder(client kubernetes.Interface, component, node string) *Recorder {
-	b := record.NewBroadcaster()
-	b.StartRecordingToSink(&typedcorev1.EventSinkImpl{Interface: client.CoreV1().Events("")})
-	return &Recorder{broadcaster: b, recorder: b.NewRecorder(scheme.Scheme, corev1.EventSource{Component: component, Host: node})}
+// NewRecorder returns a Recorder reporting as component from node; Run
+// sends what it records.
+func NewRecorder(client dynamic.Interface, component, node string) *Recorder {
+	return &Recorder{client: client, component: component, node: node, Interval: 5 * time.Minute,
+		queue: make(chan event, 256), sent: map[string]time.Time{}}
 }
 
 // Warning implements Sink.
 func (r *Recorder) Warning(pod provider.Pod, reason, message string) {
-	ref := &corev1.ObjectReference{
-		APIVersion: "v1", Kind: "Pod", Namespace: pod.Namespace, Name: pod.Name, UID: types.UID(pod.UID),
+	now := time.Now()
+	key := pod.UID + "\x00" + reason + "\x00" + message
+	r.mu.Lock()
+	last, ok := r.sent[key]
+	if ok && now.Sub(last) < r.Interval {
+		r.mu.Unlock()
+		return
 	}
-	r.recorder.Event(ref, corev1.EventTypeWarning, reason, message)
+	r.sent[key] = now
+	if len(r.sent) > 4096 { // forget old keys now and then
+		for k, t := range r.sent {
+			if now.Sub(t) >= r.Interval {
+				delete(r.sent, k)
+			}
+		}
+	}
+	r.mu.Unlock()
+	select {
+	case r.queue <- event{pod: pod, reason: reason, message: message, at: now}:
+	default:
+		klog.V(2).InfoS("Event queue full; dropping an event", "pod", pod.Namespace+"/"+pod.Name, "reason", reason)
+	}
 }
 
-// Shutdown flushes and stops the broadcaster.
-func (r *Recorder) Shutdown() { r.broadcaster.Shutdown() }
+// Run sends queued events until ctx is done.
+func (r *Recorder) Run(ctx context.Context) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case e := <-r.queue:
+			sctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+			if _, err := r.client.Resource(eventsGVR).Namespace(e.pod.Namespace).Create(sctx, r.object(e), metav1.CreateOptions{}); err != nil {
+				klog.ErrorS(err, "Sending an event", "pod", e.pod.Namespace+"/"+e.pod.Name, "reason", e.reason)
+			}
+			cancel()
+		}
+	}
+}
+
+func (r *Recorder) object(e event) *unstructured.Unstructured {
+	ts := e.at.UTC().Format(time.RFC3339)
+	return &unstructured.Unstructured{Object: map[string]any{
+		"apiVersion": "v1",
+		"kind":       "Event",
+		"metadata":   map[string]any{"generateName": e.pod.Name + ".", "namespace": e.pod.Namespace},
+		"involvedObject": map[string]any{
+			"apiVersion": "v1", "kind": "Pod", "namespace": e.pod.Namespace, "name": e.pod.Name, "uid": e.pod.UID,
+		},
+		"type":               "Warning",
+		"reason":             e.reason,
+		"message":            e.message,
+		"source":             map[string]any{"component": r.component, "host": r.node},
+		"reportingComponent": r.component,
+		"reportingInstance":  r.node,
+		"firstTimestamp":     ts,
+		"lastTimestamp":      ts,
+		"count":              int64(1),
+	}}
+}

@@ -6,11 +6,12 @@ import (
 	"fmt"
 	"time"
 
-	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/runtime/schema"
+	"k8s.io/apimachinery/pkg/watch"
 	"k8s.io/client-go/dynamic"
-	"k8s.io/client-go/dynamic/dynamicinformer"
 	"k8s.io/client-go/tools/cache"
 )
 
@@ -27,16 +28,26 @@ var ErrNotSynced = errors.New("SecretProviderClass cache not synced yet")
 // held in memory.
 type KubeResolver struct {
 	informer cache.SharedIndexInformer
-	lister   cache.GenericLister
 }
 
 var _ Resolver = (*KubeResolver)(nil)
 
 // NewKubeResolver prepares the cache; Start fills it.
+//
+// It builds its informer from the dynamic client's list and watch rather
+// than through dynamicinformer, which links every typed informer of
+// client-go (and doubles the driver's resident memory).
 func NewKubeResolver(client dynamic.Interface, resync time.Duration) *KubeResolver {
-	factory := dynamicinformer.NewDynamicSharedInformerFactory(client, resync)
-	gi := factory.ForResource(GVR)
-	inf := gi.Informer()
+	ri := client.Resource(GVR)
+	lw := &cache.ListWatch{
+		ListWithContextFunc: func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) {
+			return ri.List(ctx, o)
+		},
+		WatchFuncWithContext: func(ctx context.Context, o metav1.ListOptions) (watch.Interface, error) {
+			return ri.Watch(ctx, o)
+		},
+	}
+	inf := cache.NewSharedIndexInformer(lw, &unstructured.Unstructured{}, resync, cache.Indexers{})
 	_ = inf.SetTransform(func(obj any) (any, error) {
 		if u, ok := obj.(*unstructured.Unstructured); ok {
 			u.SetManagedFields(nil)
@@ -44,7 +55,7 @@ func NewKubeResolver(client dynamic.Interface, resync time.Duration) *KubeResolv
 		}
 		return obj, nil
 	})
-	return &KubeResolver{informer: inf, lister: gi.Lister()}
+	return &KubeResolver{informer: inf}
 }
 
 // Start runs the informer until run is done and waits, at most until wait
@@ -62,12 +73,12 @@ func (r *KubeResolver) Resolve(_ context.Context, namespace, name string) (*Clas
 	if !r.informer.HasSynced() {
 		return nil, ErrNotSynced
 	}
-	obj, err := r.lister.ByNamespace(namespace).Get(name)
-	if apierrors.IsNotFound(err) {
-		return nil, fmt.Errorf("%w: %s/%s", ErrClassNotFound, namespace, name)
-	}
+	obj, ok, err := r.informer.GetStore().GetByKey(namespace + "/" + name)
 	if err != nil {
 		return nil, err
+	}
+	if !ok {
+		return nil, fmt.Errorf("%w: %s/%s", ErrClassNotFound, namespace, name)
 	}
 	u, ok := obj.(*unstructured.Unstructured)
 	if !ok {
