@@ -57,6 +57,10 @@ func setup(t *testing.T) *fixture {
 	}, Args: []string{
 		"--kubeconfig", driverKubeconfig(t, env.Base), "--backend-config", backends,
 		"--audit-log", harness.LogPath("cluster-audit"),
+		// Not the harness's -v=10: from -v=6 client-go traces its requests
+		// (debuggingRoundTripper), and that tracer races with itself under
+		// -race (client-go v0.35.4, transport/round_trippers.go:558/621).
+		"-v", "5",
 	}}
 	if err := f.driver.Start(context.Background()); err != nil {
 		t.Fatal(err)

@@ -342,8 +342,12 @@ func CheckLogs() (secretCount, lineCount int, err error) {
 			continue
 		}
 		lineCount += bytes.Count(data, []byte("\n"))
-		if bytes.Contains(data, []byte("WARNING: DATA RACE")) {
-			leaks = append(leaks, path+" reports a data race")
+		if i := bytes.Index(data, []byte("WARNING: DATA RACE")); i >= 0 {
+			report := data[i:]
+			if j := bytes.Index(report, []byte("\n==================")); j > 0 {
+				report = report[:j]
+			}
+			leaks = append(leaks, path+" reports a data race:\n"+string(report))
 		}
 		for s := range secrets {
 			if bytes.Contains(data, []byte(s)) {
