@@ -12,7 +12,7 @@ FUZZTIME  ?= 30s
 # keeps a two-core machine responsive; -race is part of the standard run.
 TESTFLAGS ?= -race -count=1 -timeout 30m -p 1
 
-.PHONY: all build test demo lint fuzz bench postgres kube clean
+.PHONY: all build test demo lint fuzz bench postgres kube vault clean
 
 all: build
 
@@ -38,10 +38,15 @@ kube:
 	@test -x $(TOOLS)/helm || GOBIN=$(TOOLS) $(GO) install helm.sh/helm/v3/cmd/helm@$(HELM_VERSION)
 	@test -x $(TOOLS)/kustomize || GOBIN=$(TOOLS) $(GO) install sigs.k8s.io/kustomize/kustomize/v5@$(KUSTOMIZE_VERSION)
 
+# A real Vault server for the vault provider's tests (built from the Go
+# module proxy into $(TOOLS); several minutes the first time).
+vault:
+	test/vault/build-vault.sh $(TOOLS)
+
 demo: postgres build
 	$(GO) run ./test/demo --driver $(BIN)
 
-test: postgres kube
+test: postgres kube vault
 	$(GO) test $(TESTFLAGS) ./...
 
 lint:

@@ -8,11 +8,13 @@ import (
 
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider/postgres"
+	"github.com/ephemeral-secrets/csi-driver/pkg/provider/vault"
 )
 
 // backendConfig is the admin's backend file: one section per provider.
 type backendConfig struct {
 	Postgres *postgres.Config `json:"postgres,omitempty"`
+	Vault    *vault.Config    `json:"vault,omitempty"`
 }
 
 // loadBackends reads the backend file and builds the providers it
@@ -44,6 +46,15 @@ func loadBackends(path string) (*provider.Registry, func(), error) {
 		}
 		closers = append(closers, p.Close)
 		if err := reg.Register(postgres.Name, p); err != nil {
+			return nil, nil, err
+		}
+	}
+	if cfg.Vault != nil {
+		p, err := vault.New(*cfg.Vault)
+		if err != nil {
+			return nil, nil, err
+		}
+		if err := reg.Register(vault.Name, p); err != nil {
 			return nil, nil, err
 		}
 	}

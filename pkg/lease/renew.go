@@ -24,6 +24,9 @@ func (m *Manager) scheduleRenewal(v *volume) {
 	}
 	left := time.Until(v.lease.ExpiresAt)
 	d := time.Duration(float64(left) * m.opts.RenewFraction * (1 - m.opts.Jitter*rand.Float64()))
+	if !v.lease.RenewAt.IsZero() {
+		d = min(d, time.Until(v.lease.RenewAt))
+	}
 	m.schedule(v.meta.VolumeID, max(d, 0))
 }
 

@@ -88,6 +88,10 @@ type Lease struct {
 	Role      string    `json:"role,omitempty"`
 	IssuedAt  time.Time `json:"issuedAt"`
 	ExpiresAt time.Time `json:"expiresAt"`
+	// RenewAt, when set, is when the provider wants the lease renewed (a
+	// class's renewBefore); the manager renews at the earlier of it and
+	// its own renewal point.
+	RenewAt time.Time `json:"renewAt,omitzero"`
 }
 
 // Provider mints, renews and revokes credentials in one backend.

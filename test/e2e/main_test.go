@@ -47,6 +47,11 @@ func run(m *testing.M) int {
 	}
 	defer pg.Close()
 	harness.RegisterLog(pg.LogFile)
+	defer func() { // after the log check, which reads its log
+		if vaultSrv != nil {
+			vaultSrv.Close()
+		}
+	}()
 	ctx := context.Background()
 	if err := pg.Exec(ctx,
 		`CREATE TABLE public.items (id int PRIMARY KEY, name text)`,
@@ -216,7 +221,7 @@ func backends(ttl, maxTTL string) string {
 `, pg.AdminURL(), ttl, ttl, maxTTL)
 }
 
-// setup starts a driver in a fresh environment; extra flags follow.
+// fixture is one test's driver, environment and kubelet.
 type fixture struct {
 	env    *harness.Env
 	driver *harness.Driver
@@ -224,7 +229,16 @@ type fixture struct {
 	audit  string
 }
 
+// setup starts a driver with the suite's postgres classes and backends;
+// extra flags follow.
 func setup(t *testing.T, ttl, maxTTL string, extra ...string) *fixture {
+	t.Helper()
+	return startFixture(t, classes, backends(ttl, maxTTL), extra...)
+}
+
+// startFixture starts a driver in a fresh environment with these classes
+// and backend configuration, and stops and removes it all at the end.
+func startFixture(t *testing.T, classesYAML, backendsYAML string, extra ...string) *fixture {
 	t.Helper()
 	env, err := harness.NewEnv()
 	if err != nil {
@@ -239,8 +253,8 @@ func setup(t *testing.T, ttl, maxTTL string, extra ...string) *fixture {
 		return p
 	}
 	args := append([]string{
-		"--classes-file", write("classes.yaml", classes),
-		"--backend-config", write("backends.yaml", backends(ttl, maxTTL)),
+		"--classes-file", write("classes.yaml", classesYAML),
+		"--backend-config", write("backends.yaml", backendsYAML),
 		"--audit-log", f.audit,
 		"--retry-min", "200ms", "--retry-max", "1s", "--backend-timeout", "5s",
 	}, extra...)

@@ -1,0 +1,125 @@
+package vault
+
+import (
+	"fmt"
+	"strconv"
+	"strings"
+	"time"
+
+	"sigs.k8s.io/yaml"
+
+	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
+)
+
+// Class parameters. The first ones are those of hashicorp/vault-csi-provider,
+// so its SecretProviderClasses carry over unchanged.
+const (
+	AddressParam        = "vaultAddress"
+	RoleParam           = "roleName"
+	AuthMountParam      = "vaultAuthMountPath"
+	OldAuthMountParam   = "vaultKubernetesMountPath"
+	AudienceParam       = "audience"
+	NamespaceParam      = "vaultNamespace"
+	CACertParam         = "vaultCACertPath"
+	CADirParam          = "vaultCADirectory"
+	TLSServerNameParam  = "vaultTLSServerName"
+	SkipTLSVerifyParam  = "vaultSkipTLSVerify"
+	ClientCertParam     = "vaultTLSClientCertPath"
+	ClientKeyParam      = "vaultTLSClientKeyPath"
+	ObjectsParam        = "objects"
+	RenewBeforeParam    = "renewBefore"
+	csiProviderMetadata = "csi.storage.k8s.io/" // not ours: never reaches a provider
+)
+
+var known = map[string]bool{
+	AddressParam: true, RoleParam: true, AuthMountParam: true, OldAuthMountParam: true, AudienceParam: true,
+	NamespaceParam: true, CACertParam: true, CADirParam: true, TLSServerNameParam: true, SkipTLSVerifyParam: true,
+	ClientCertParam: true, ClientKeyParam: true, ObjectsParam: true, RenewBeforeParam: true,
+}
+
+// Object is one entry of the "objects" parameter: a file named ObjectName
+// holding SecretKey of the response to SecretPath.
+type Object struct {
+	ObjectName string         `json:"objectName"`
+	SecretPath string         `json:"secretPath"`
+	SecretKey  string         `json:"secretKey,omitempty"`
+	Method     string         `json:"method,omitempty"`
+	SecretArgs map[string]any `json:"secretArgs,omitempty"`
+	Encoding   string         `json:"encoding,omitempty"`
+	// FilePermission is accepted for compatibility; modes belong to the
+	// class's files/fileMode parameters here.
+	FilePermission any `json:"filePermission,omitempty"`
+}
+
+// classParams are the parsed class parameters.
+type classParams struct {
+	address, role, authMount, audience, namespace    string
+	caCert, caDir, serverName, clientCert, clientKey string
+	skipVerify                                       bool
+	objects                                          []Object
+	renewBefore                                      time.Duration
+}
+
+func parseParams(p map[string]string) (classParams, error) {
+	var c classParams
+	for k := range p {
+		if !known[k] && !strings.HasPrefix(k, csiProviderMetadata) {
+			return c, fmt.Errorf("%w: unknown parameter %q for provider vault", provider.ErrInvalidParameters, k)
+		}
+	}
+	c.address = strings.TrimRight(p[AddressParam], "/")
+	c.role = p[RoleParam]
+	c.authMount = p[AuthMountParam]
+	if c.authMount == "" {
+		c.authMount = p[OldAuthMountParam]
+	}
+	if c.authMount == "" {
+		c.authMount = "kubernetes"
+	}
+	c.authMount = strings.Trim(strings.TrimPrefix(c.authMount, "auth/"), "/")
+	c.audience = p[AudienceParam]
+	if c.audience == "" {
+		c.audience = "vault"
+	}
+	c.namespace = p[NamespaceParam]
+	c.caCert, c.caDir, c.serverName = p[CACertParam], p[CADirParam], p[TLSServerNameParam]
+	c.clientCert, c.clientKey = p[ClientCertParam], p[ClientKeyParam]
+	if v := p[SkipTLSVerifyParam]; v != "" {
+		b, err := strconv.ParseBool(v)
+		if err != nil {
+			return c, fmt.Errorf("%w: %s must be true or false", provider.ErrInvalidParameters, SkipTLSVerifyParam)
+		}
+		c.skipVerify = b
+	}
+	if v := p[RenewBeforeParam]; v != "" {
+		d, err := time.ParseDuration(v)
+		if err != nil || d < 0 {
+			return c, fmt.Errorf("%w: %s %q is not a duration", provider.ErrInvalidParameters, RenewBeforeParam, v)
+		}
+		c.renewBefore = d
+	}
+	if c.role == "" {
+		return c, fmt.Errorf("%w: %s is required", provider.ErrInvalidParameters, RoleParam)
+	}
+	if err := yaml.Unmarshal([]byte(p[ObjectsParam]), &c.objects); err != nil {
+		return c, fmt.Errorf("%w: %s is not a YAML list of objects: %v", provider.ErrInvalidParameters, ObjectsParam, err)
+	}
+	if len(c.objects) == 0 {
+		return c, fmt.Errorf("%w: %s lists no object", provider.ErrInvalidParameters, ObjectsParam)
+	}
+	seen := map[string]bool{}
+	for i, o := range c.objects {
+		switch {
+		case o.ObjectName == "" || o.SecretPath == "":
+			return c, fmt.Errorf("%w: objects[%d] needs objectName and secretPath", provider.ErrInvalidParameters, i)
+		case seen[o.ObjectName]:
+			return c, fmt.Errorf("%w: objectName %q is listed twice", provider.ErrInvalidParameters, o.ObjectName)
+		case o.Method != "" && o.Method != "GET" && o.Method != "POST" && o.Method != "PUT":
+			return c, fmt.Errorf("%w: objects[%d]: method %q is not GET, POST or PUT", provider.ErrInvalidParameters, i, o.Method)
+		case o.Encoding != "" && o.Encoding != "utf-8" && o.Encoding != "base64" && o.Encoding != "hex":
+			return c, fmt.Errorf("%w: objects[%d]: encoding %q is not utf-8, base64 or hex", provider.ErrInvalidParameters, i, o.Encoding)
+		}
+		seen[o.ObjectName] = true
+	}
+	return c, nil
+}
