@@ -43,12 +43,19 @@ type fixture struct {
 
 func setup(t *testing.T) *fixture {
 	t.Helper()
+	return setupWith(t, fmt.Sprintf(backendsYAML, pg.AdminURL()))
+}
+
+// setupWith starts the driver, reading classes from the cluster, with this
+// backend configuration.
+func setupWith(t *testing.T, backendsConfig string) *fixture {
+	t.Helper()
 	env, err := harness.NewEnv()
 	if err != nil {
 		t.Fatal(err)
 	}
 	backends := filepath.Join(env.Base, "backends.yaml")
-	if err := os.WriteFile(backends, []byte(fmt.Sprintf(backendsYAML, pg.AdminURL())), 0o600); err != nil {
+	if err := os.WriteFile(backends, []byte(backendsConfig), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	f := &fixture{env: env}

@@ -212,6 +212,38 @@ path "secret/data/app" { capabilities = ["read"] }
 	return nil
 }
 
+// SetupKubernetesAuth enables the kubernetes auth method against a real
+// API server: Vault checks pods' tokens with TokenReview, as reviewerJWT
+// (a service account bound to system:auth-delegator). Role "k8s-app" is
+// for service account sa of namespace ns, audience "vault", and may read
+// secret/data/app.
+func (s *Server) SetupKubernetesAuth(ctx context.Context, host string, caPEM []byte, reviewerJWT, ns, sa string) error {
+	cl, err := s.Client()
+	if err != nil {
+		return err
+	}
+	for _, st := range []struct {
+		path string
+		data map[string]any
+	}{
+		{"sys/auth/kubernetes", map[string]any{"type": "kubernetes"}},
+		{"auth/kubernetes/config", map[string]any{
+			"kubernetes_host": host, "kubernetes_ca_cert": string(caPEM), "token_reviewer_jwt": reviewerJWT,
+			"disable_local_ca_jwt": true,
+		}},
+		{"sys/policies/acl/k8s-app", map[string]any{"policy": `path "secret/data/app" { capabilities = ["read"] }`}},
+		{"auth/kubernetes/role/k8s-app", map[string]any{
+			"bound_service_account_names": []string{sa}, "bound_service_account_namespaces": []string{ns},
+			"audience": "vault", "token_policies": []string{"k8s-app"}, "token_ttl": "1h",
+		}},
+	} {
+		if _, err := cl.Logical().WriteWithContext(ctx, st.path, st.data); err != nil {
+			return fmt.Errorf("%s: %w", st.path, err)
+		}
+	}
+	return nil
+}
+
 // Token signs a service-account token as the cluster would issue it, for
 // the pod's namespace and service account, with the given audience.
 func (s *Server) Token(ns, sa, audience string) (string, error) {
