@@ -116,6 +116,7 @@ type volume struct {
 	timer    *time.Timer
 	renewAt  time.Time
 	failures int
+	digest   [32]byte // of the files last written; zero after a restart
 }
 
 // New returns a Manager. Call Recover, then Run.
@@ -316,7 +317,7 @@ func (m *Manager) publishNew(ctx context.Context, v Volume) error {
 		_ = m.opts.Store.UnmountTarget(v.TargetPath)
 		return undo(l, fmt.Errorf("recording the volume: %w", err))
 	}
-	vol := &volume{meta: meta, lease: l, spec: spec, tokens: v.Mount.Tokens, gid: v.GID}
+	vol := &volume{meta: meta, lease: l, spec: spec, tokens: v.Mount.Tokens, gid: v.GID, digest: digest(files)}
 	m.mu.Lock()
 	m.vols[v.ID] = vol
 	m.mu.Unlock()

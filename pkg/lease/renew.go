@@ -2,6 +2,7 @@ package lease
 
 import (
 	"context"
+	"crypto/sha256"
 	"errors"
 	"fmt"
 	"math/rand/v2"
@@ -158,8 +159,14 @@ func (m *Manager) install(v *volume, l provider.Lease, rotated bool) error {
 	if err := m.opts.Store.WriteLease(v.meta.VolumeID, l); err != nil {
 		return err
 	}
-	if err := m.opts.Store.WriteFiles(v.meta.VolumeID, v.gid, files); err != nil {
-		return err
+	// Unchanged files (a renewal that only moved the expiry, a re-read of
+	// a static secret of the same version) are left alone: no swap for
+	// readers to notice.
+	if d := digest(files); d != v.digest {
+		if err := m.opts.Store.WriteFiles(v.meta.VolumeID, v.gid, files); err != nil {
+			return err
+		}
+		v.digest = d
 	}
 	meta := v.meta
 	meta.LeaseID, meta.PendingLeaseID, meta.Role, meta.ExpiresAt = l.ID, "", l.Role, l.ExpiresAt
@@ -176,6 +183,18 @@ func (m *Manager) install(v *volume, l provider.Lease, rotated bool) error {
 	m.mu.Unlock()
 	m.scheduleRenewal(v)
 	return nil
+}
+
+// digest identifies a set of files: names, modes and contents.
+func digest(files []storage.File) [sha256.Size]byte {
+	h := sha256.New()
+	for _, f := range files {
+		fmt.Fprintf(h, "%s\x00%o\x00%d\x00", f.Path, f.Mode, len(f.Data))
+		h.Write(f.Data)
+	}
+	var d [sha256.Size]byte
+	h.Sum(d[:0])
+	return d
 }
 
 // enqueueOrLog queues the revocation of l; the worker runs it at once.
