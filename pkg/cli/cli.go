@@ -217,7 +217,7 @@ func leases(args []string, out io.Writer) error {
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	store, err := storage.Open(*stateDir, storage.Options{})
+	store, err := storage.OpenExisting(*stateDir)
 	if err != nil {
 		return err
 	}

@@ -168,6 +168,26 @@ func Open(root string, opts Options) (*Filesystem, error) {
 	return &Filesystem{root: root, opts: opts, mounter: mount.NewWithoutSystemd(""), umask: os.FileMode(umask)}, nil
 }
 
+// OpenExisting opens a state directory a driver made, for reading: it
+// mounts nothing and creates nothing, and fails where there is no driver
+// state (the "leases" command must not cover a mistyped path with a tmpfs).
+func OpenExisting(root string) (*Filesystem, error) {
+	root = filepath.Clean(root)
+	var st unix.Statfs_t
+	if err := unix.Statfs(root, &st); err != nil {
+		return nil, fmt.Errorf("state directory: %w", err)
+	}
+	if st.Type != unix.TMPFS_MAGIC {
+		return nil, fmt.Errorf("state directory %s is not a driver's tmpfs state", root)
+	}
+	for _, d := range []string{"volumes", "revocations"} {
+		if _, err := os.Stat(filepath.Join(root, d)); err != nil {
+			return nil, fmt.Errorf("state directory %s holds no driver state: %w", root, err)
+		}
+	}
+	return &Filesystem{root: root, opts: Options{MaxVolumeBytes: 1 << 20, MaxFiles: 256}, mounter: mount.NewWithoutSystemd("")}, nil
+}
+
 // Root is the state directory.
 func (f *Filesystem) Root() string { return f.root }
 

@@ -249,3 +249,18 @@ func BenchmarkWriteMetadata(b *testing.B) {
 		}
 	}
 }
+
+func TestOpenExistingNeverMounts(t *testing.T) {
+	s := newStore(t, Options{})
+	if _, err := OpenExisting(s.Root()); err != nil {
+		t.Fatalf("a driver's state: %v", err)
+	}
+	plain := t.TempDir()
+	if _, err := OpenExisting(plain); err == nil {
+		t.Fatal("a plain directory was taken for driver state")
+	}
+	var st unix.Statfs_t
+	if err := unix.Statfs(plain, &st); err != nil || st.Type == unix.TMPFS_MAGIC {
+		t.Fatalf("OpenExisting mounted something: %v %x", err, st.Type)
+	}
+}

@@ -327,5 +327,5 @@ func eventually(t *testing.T, timeout time.Duration, what string, cond func() (b
 // storageOf opens the fixture's state directory read-only in effect (it is
 // already a tmpfs, so Open mounts nothing).
 func storageOf(f *fixture) (*storage.Filesystem, error) {
-	return storage.Open(f.env.StateDir, storage.Options{})
+	return storage.OpenExisting(f.env.StateDir)
 }
