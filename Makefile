@@ -12,7 +12,7 @@ FUZZTIME  ?= 30s
 # keeps a two-core machine responsive; -race is part of the standard run.
 TESTFLAGS ?= -race -count=1 -timeout 30m -p 1
 
-.PHONY: all build test demo lint fuzz bench postgres kube vault clean
+.PHONY: all build test demo lint fuzz bench postgres kube vault aws clean
 
 all: build
 
@@ -43,10 +43,15 @@ kube:
 vault:
 	test/vault/build-vault.sh $(TOOLS)
 
+# MinIO (STS and S3) for the aws provider's tests, from the Go module proxy.
+MINIO_VERSION ?= latest
+aws:
+	@test -x $(TOOLS)/minio || GOBIN=$(TOOLS) $(GO) install github.com/minio/minio@$(MINIO_VERSION)
+
 demo: postgres build
 	$(GO) run ./test/demo --driver $(BIN)
 
-test: postgres kube vault
+test: postgres kube vault aws
 	$(GO) test $(TESTFLAGS) ./...
 
 lint:

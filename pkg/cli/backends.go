@@ -7,6 +7,7 @@ import (
 	"sigs.k8s.io/yaml"
 
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
+	"github.com/ephemeral-secrets/csi-driver/pkg/provider/aws"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider/postgres"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider/vault"
 )
@@ -15,6 +16,7 @@ import (
 type backendConfig struct {
 	Postgres *postgres.Config `json:"postgres,omitempty"`
 	Vault    *vault.Config    `json:"vault,omitempty"`
+	AWS      *aws.Config      `json:"aws,omitempty"`
 }
 
 // loadBackends reads the backend file and builds the providers it
@@ -39,22 +41,28 @@ func loadBackends(path string) (*provider.Registry, func(), error) {
 		// The YAML library's message can quote the offending line; this file holds admin credentials.
 		return nil, nil, fmt.Errorf("backend config %s: not valid (check its keys and indentation)", path)
 	}
+	add := func(name string, p provider.Provider, err error) error {
+		if err != nil {
+			return err
+		}
+		return reg.Register(name, p)
+	}
 	if cfg.Postgres != nil {
 		p, err := postgres.New(*cfg.Postgres)
-		if err != nil {
+		if err := add(postgres.Name, p, err); err != nil {
 			return nil, nil, err
 		}
 		closers = append(closers, p.Close)
-		if err := reg.Register(postgres.Name, p); err != nil {
-			return nil, nil, err
-		}
 	}
 	if cfg.Vault != nil {
 		p, err := vault.New(*cfg.Vault)
-		if err != nil {
+		if err := add(vault.Name, p, err); err != nil {
 			return nil, nil, err
 		}
-		if err := reg.Register(vault.Name, p); err != nil {
+	}
+	if cfg.AWS != nil {
+		p, err := aws.New(*cfg.AWS)
+		if err := add(aws.Name, p, err); err != nil {
 			return nil, nil, err
 		}
 	}

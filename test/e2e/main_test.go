@@ -47,9 +47,18 @@ func run(m *testing.M) int {
 	}
 	defer pg.Close()
 	harness.RegisterLog(pg.LogFile)
-	defer func() { // after the log check, which reads its log
+	defer func() { // after the log check, which reads their logs
 		if vaultSrv != nil {
 			vaultSrv.Close()
+		}
+		if minio != nil {
+			minio.Close()
+		}
+		if oidc != nil {
+			oidc.Close()
+		}
+		if awsSecrets != nil {
+			awsSecrets.Close()
 		}
 	}()
 	ctx := context.Background()

@@ -91,6 +91,21 @@ func LogPath(name string) string {
 	return f.Name()
 }
 
+// Tool finds one of the servers and tools the Makefile installs for tests
+// (kube-apiserver, helm, kustomize, vault, minio) in
+// ~/.cache/ephemeral-secrets-csi/bin.
+func Tool(name string) (string, error) {
+	cache, err := os.UserCacheDir()
+	if err != nil {
+		return "", err
+	}
+	p := filepath.Join(cache, "ephemeral-secrets-csi", "bin", name)
+	if _, err := os.Stat(p); err != nil {
+		return "", fmt.Errorf("%s not installed: run make test, or make kube/vault/aws (%w)", name, err)
+	}
+	return p, nil
+}
+
 // Env is one test's directories.
 type Env struct {
 	Base, KubeletDir, StateDir, Socket string

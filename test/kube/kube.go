@@ -27,6 +27,8 @@ import (
 	"time"
 
 	"k8s.io/client-go/rest"
+
+	"github.com/ephemeral-secrets/csi-driver/test/harness"
 )
 
 // AdminToken is the bearer token of the test cluster's admin (system:masters).
@@ -52,19 +54,8 @@ func APIServerPath() (string, error) {
 	return Tool("kube-apiserver")
 }
 
-// Tool finds one of the test tools "make kube" installs (kube-apiserver,
-// helm, kustomize) in ~/.cache/ephemeral-secrets-csi/bin.
-func Tool(name string) (string, error) {
-	cache, err := os.UserCacheDir()
-	if err != nil {
-		return "", err
-	}
-	p := filepath.Join(cache, "ephemeral-secrets-csi", "bin", name)
-	if _, err := os.Stat(p); err != nil {
-		return "", fmt.Errorf("%s not installed: run make kube (%w)", name, err)
-	}
-	return p, nil
-}
+// Tool finds one of the test tools "make kube" installs.
+func Tool(name string) (string, error) { return harness.Tool(name) }
 
 // Start starts etcd and kube-apiserver and waits until the API is ready.
 func Start() (*Cluster, error) {

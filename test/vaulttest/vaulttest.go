@@ -23,6 +23,8 @@ import (
 
 	"github.com/golang-jwt/jwt/v5"
 	api "github.com/openbao/openbao/api/v2"
+
+	"github.com/ephemeral-secrets/csi-driver/test/harness"
 )
 
 // RootToken is the dev server's root token.
@@ -39,20 +41,12 @@ type Server struct {
 	key     *ecdsa.PrivateKey
 }
 
-// Binary finds the vault binary "make vault" builds.
+// Binary finds the vault binary "make vault" builds ($ESC_VAULT overrides).
 func Binary() (string, error) {
 	if p := os.Getenv("ESC_VAULT"); p != "" {
 		return p, nil
 	}
-	cache, err := os.UserCacheDir()
-	if err != nil {
-		return "", err
-	}
-	p := filepath.Join(cache, "ephemeral-secrets-csi", "bin", "vault")
-	if _, err := os.Stat(p); err != nil {
-		return "", fmt.Errorf("vault not built: run make vault (%w)", err)
-	}
-	return p, nil
+	return harness.Tool("vault")
 }
 
 // Start starts a dev server and waits until it answers.

@@ -1,0 +1,383 @@
+// Package aws is the provider for AWS: temporary credentials minted per pod
+// with STS (AssumeRoleWithWebIdentity with the pod's own service-account
+// token, or AssumeRole with the node's credentials where the admin allows
+// it), and Secrets Manager and SSM Parameter Store values, with the
+// parameters of aws/secrets-store-csi-driver-provider-aws.
+//
+// STS sessions cannot be revoked one by one: at unpublish their files go,
+// and the audit says the credentials stay valid until their expiry, which
+// defaults to the shortest STS allows (15 minutes).
+package aws
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"slices"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/aws/aws-sdk-go-v2/aws"
+	"github.com/aws/aws-sdk-go-v2/config"
+	"github.com/aws/aws-sdk-go-v2/credentials"
+	"github.com/aws/aws-sdk-go-v2/service/secretsmanager"
+	"github.com/aws/aws-sdk-go-v2/service/ssm"
+	"github.com/aws/aws-sdk-go-v2/service/sts"
+	ststypes "github.com/aws/aws-sdk-go-v2/service/sts/types"
+	smithy "github.com/aws/smithy-go"
+	smithyhttp "github.com/aws/smithy-go/transport/http"
+	"github.com/jmespath/go-jmespath"
+
+	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
+)
+
+// Name is the provider name a SecretProviderClass gives as spec.provider.
+const Name = "aws"
+
+// Config is the admin's configuration of the aws provider.
+type Config struct {
+	// Region for classes that name none.
+	Region string `json:"region,omitempty"`
+	// Endpoints classes may name instead of AWS's own (private or
+	// STS-compatible endpoints). Pods' tokens go to no other place.
+	Endpoints []string `json:"endpoints,omitempty"`
+	// AllowNodeCredentials lets sts objects assume roles with the node's
+	// own credentials (assumeWith: node).
+	AllowNodeCredentials bool `json:"allowNodeCredentials,omitempty"`
+}
+
+// Provider implements provider.Provider for AWS.
+type Provider struct {
+	cfg Config
+	now func() time.Time
+}
+
+var _ provider.Provider = (*Provider)(nil)
+
+// New returns a provider.
+func New(cfg Config) (*Provider, error) {
+	for i, e := range cfg.Endpoints {
+		if !strings.HasPrefix(e, "https://") && !strings.HasPrefix(e, "http://") {
+			return nil, fmt.Errorf("aws: endpoint %q is not an http(s) URL", e)
+		}
+		cfg.Endpoints[i] = strings.TrimRight(e, "/")
+	}
+	return &Provider{cfg: cfg, now: time.Now}, nil
+}
+
+func (p *Provider) endpoint(e string) (*string, error) {
+	if e == "" {
+		return nil, nil
+	}
+	e = strings.TrimRight(e, "/")
+	if !slices.Contains(p.cfg.Endpoints, e) {
+		return nil, fmt.Errorf("%w: endpoint %q is not one of the admin's AWS endpoints", provider.ErrPermissionDenied, e)
+	}
+	return aws.String(e), nil
+}
+
+// sessionName says which pod a session is for (at most 64 characters).
+func sessionName(req provider.Request) string {
+	s := "esc-" + req.LeaseID
+	if len(s) > 64 {
+		s = s[:64]
+	}
+	return s
+}
+
+// Issue mints the class's sts sessions and reads its secrets.
+func (p *Provider) Issue(ctx context.Context, req provider.Request) (provider.Lease, error) {
+	c, err := parseParams(req.Params, p.cfg.Region)
+	if err != nil {
+		return provider.Lease{}, err
+	}
+	stsEP, err := p.endpoint(c.stsEndpoint)
+	if err != nil {
+		return provider.Lease{}, err
+	}
+	base := aws.Config{Region: c.region, Credentials: aws.AnonymousCredentials{}}
+	stsAnon := sts.NewFromConfig(base, func(o *sts.Options) { o.BaseEndpoint = stsEP })
+	token := func() (string, error) {
+		t, ok := req.Tokens[c.audience]
+		if !ok || t.Token == "" {
+			return "", fmt.Errorf("%w: no service-account token for audience %q (add it to the CSIDriver's tokenRequests)", provider.ErrPermissionDenied, c.audience)
+		}
+		return t.Token, nil
+	}
+	l := provider.Lease{Values: map[string]string{}, Handle: map[string]string{}, IssuedAt: p.now(), Role: ""}
+	versions := map[string]string{}
+
+	for _, o := range c.objects {
+		if o.ObjectType != TypeSTS {
+			continue
+		}
+		var creds *ststypes.Credentials
+		switch o.AssumeWith {
+		case "node":
+			if !p.cfg.AllowNodeCredentials {
+				return provider.Lease{}, fmt.Errorf("%w: %s: the admin does not allow sessions from the node's credentials", provider.ErrPermissionDenied, o.ObjectName)
+			}
+			nodeCfg, err := config.LoadDefaultConfig(ctx, config.WithRegion(c.region))
+			if err != nil {
+				return provider.Lease{}, fmt.Errorf("%w: node credentials: %v", provider.ErrUnavailable, err)
+			}
+			out, err := sts.NewFromConfig(nodeCfg, func(op *sts.Options) { op.BaseEndpoint = stsEP }).AssumeRole(ctx, &sts.AssumeRoleInput{
+				RoleArn: aws.String(o.RoleArn), RoleSessionName: aws.String(sessionName(req)),
+				DurationSeconds: aws.Int32(o.DurationSeconds), Policy: optional(o.SessionPolicy), Tags: podTags(req, o.SessionTags),
+			})
+			if err != nil {
+				return provider.Lease{}, classify(err, "AssumeRole")
+			}
+			creds = out.Credentials
+		default:
+			jwt, err := token()
+			if err != nil {
+				return provider.Lease{}, err
+			}
+			out, err := stsAnon.AssumeRoleWithWebIdentity(ctx, &sts.AssumeRoleWithWebIdentityInput{
+				RoleArn: aws.String(o.RoleArn), RoleSessionName: aws.String(sessionName(req)), WebIdentityToken: aws.String(jwt),
+				DurationSeconds: aws.Int32(o.DurationSeconds), Policy: optional(o.SessionPolicy),
+			})
+			if err != nil {
+				return provider.Lease{}, classifyLogin(err)
+			}
+			creds = out.Credentials
+		}
+		if creds == nil || creds.AccessKeyId == nil || creds.SecretAccessKey == nil {
+			return provider.Lease{}, fmt.Errorf("%w: STS returned no credentials", provider.ErrUnavailable)
+		}
+		addCredentialFiles(l.Values, o.ObjectName, creds)
+		if creds.Expiration != nil && (l.ExpiresAt.IsZero() || creds.Expiration.Before(l.ExpiresAt)) {
+			l.ExpiresAt = *creds.Expiration
+		}
+		l.Role = o.RoleArn
+	}
+
+	if c.hasSecrets() {
+		// Secrets are read as the role the pod's token assumes.
+		if c.roleArn == "" {
+			return provider.Lease{}, fmt.Errorf("%w: %s is required to read Secrets Manager or SSM", provider.ErrInvalidParameters, RoleArnParam)
+		}
+		jwt, err := token()
+		if err != nil {
+			return provider.Lease{}, err
+		}
+		out, err := stsAnon.AssumeRoleWithWebIdentity(ctx, &sts.AssumeRoleWithWebIdentityInput{
+			RoleArn: aws.String(c.roleArn), RoleSessionName: aws.String(sessionName(req)), WebIdentityToken: aws.String(jwt),
+			DurationSeconds: aws.Int32(900),
+		})
+		if err != nil {
+			return provider.Lease{}, classifyLogin(err)
+		}
+		if l.Role == "" {
+			l.Role = c.roleArn
+		}
+		secretCfg := base
+		secretCfg.Credentials = credentials.NewStaticCredentialsProvider(
+			aws.ToString(out.Credentials.AccessKeyId), aws.ToString(out.Credentials.SecretAccessKey), aws.ToString(out.Credentials.SessionToken))
+		if err := p.readSecrets(ctx, c, secretCfg, l.Values, versions); err != nil {
+			return provider.Lease{}, err
+		}
+	}
+	vj, _ := json.Marshal(versions)
+	l.Handle["versions"] = string(vj)
+	return l, nil
+}
+
+func optional(s string) *string {
+	if s == "" {
+		return nil
+	}
+	return aws.String(s)
+}
+
+// podTags tag a node-credential session with the pod it is for.
+func podTags(req provider.Request, extra map[string]string) []ststypes.Tag {
+	tags := map[string]string{
+		"kubernetes-namespace": req.Pod.Namespace, "kubernetes-pod-name": req.Pod.Name,
+		"kubernetes-pod-uid": req.Pod.UID, "kubernetes-service-account": req.Pod.ServiceAccount,
+	}
+	for k, v := range extra {
+		tags[k] = v
+	}
+	keys := make([]string, 0, len(tags))
+	for k := range tags {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	out := make([]ststypes.Tag, 0, len(keys))
+	for _, k := range keys {
+		out = append(out, ststypes.Tag{Key: aws.String(k), Value: aws.String(tags[k])})
+	}
+	return out
+}
+
+// addCredentialFiles writes a session as a shared credentials file, a
+// credential_process document and an env file.
+func addCredentialFiles(values map[string]string, name string, c *ststypes.Credentials) {
+	id, secret, session := aws.ToString(c.AccessKeyId), aws.ToString(c.SecretAccessKey), aws.ToString(c.SessionToken)
+	exp := ""
+	if c.Expiration != nil {
+		exp = c.Expiration.UTC().Format(time.RFC3339)
+	}
+	values[name] = fmt.Sprintf("[default]\naws_access_key_id = %s\naws_secret_access_key = %s\naws_session_token = %s\n", id, secret, session)
+	doc, _ := json.MarshalIndent(map[string]any{
+		"Version": 1, "AccessKeyId": id, "SecretAccessKey": secret, "SessionToken": session, "Expiration": exp,
+	}, "", "  ")
+	values[name+".json"] = string(doc) + "\n"
+	values[name+".env"] = fmt.Sprintf("AWS_ACCESS_KEY_ID=%s\nAWS_SECRET_ACCESS_KEY=%s\nAWS_SESSION_TOKEN=%s\n", id, secret, session)
+}
+
+// readSecrets reads every Secrets Manager and SSM object, from region and,
+// where that fails for a reason other than the secret's, failoverRegion.
+func (p *Provider) readSecrets(ctx context.Context, c classParams, cfg aws.Config, values, versions map[string]string) error {
+	smEP, err := p.endpoint(c.smEndpoint)
+	if err != nil {
+		return err
+	}
+	ssmEP, err := p.endpoint(c.ssmEndpoint)
+	if err != nil {
+		return err
+	}
+	regions := []string{c.region}
+	if c.failoverRegion != "" {
+		regions = append(regions, c.failoverRegion)
+	}
+	for _, o := range c.objects {
+		if o.ObjectType == TypeSTS {
+			continue
+		}
+		var val, version string
+		for i, region := range regions {
+			rc := cfg.Copy()
+			rc.Region = region
+			if o.ObjectType == TypeSecretsManager {
+				val, version, err = getSecret(ctx, secretsmanager.NewFromConfig(rc, func(op *secretsmanager.Options) { op.BaseEndpoint = smEP }), o)
+			} else {
+				val, version, err = getParameter(ctx, ssm.NewFromConfig(rc, func(op *ssm.Options) { op.BaseEndpoint = ssmEP }), o)
+			}
+			if err == nil || !errors.Is(err, provider.ErrUnavailable) || i == len(regions)-1 {
+				break
+			}
+		}
+		if err != nil {
+			return err
+		}
+		values[o.fileName()] = val
+		versions[o.ObjectName] = version
+		if len(o.JMESPath) > 0 {
+			var doc any
+			if err := json.Unmarshal([]byte(val), &doc); err != nil {
+				return fmt.Errorf("%w: %s: jmesPath needs a JSON secret", provider.ErrInvalidParameters, o.ObjectName)
+			}
+			for _, j := range o.JMESPath {
+				res, err := jmespath.Search(j.Path, doc)
+				if err != nil {
+					return fmt.Errorf("%w: %s: jmesPath %q: %v", provider.ErrInvalidParameters, o.ObjectName, j.Path, err)
+				}
+				s, ok := res.(string)
+				if !ok {
+					return fmt.Errorf("%w: %s: jmesPath %q does not select a string", provider.ErrInvalidParameters, o.ObjectName, j.Path)
+				}
+				values[j.ObjectAlias] = s
+			}
+		}
+	}
+	return nil
+}
+
+func getSecret(ctx context.Context, cl *secretsmanager.Client, o Object) (string, string, error) {
+	in := &secretsmanager.GetSecretValueInput{SecretId: aws.String(o.ObjectName)}
+	if o.ObjectVersion != "" {
+		in.VersionId = aws.String(o.ObjectVersion)
+	}
+	if o.ObjectVersionLabel != "" {
+		in.VersionStage = aws.String(o.ObjectVersionLabel)
+	}
+	out, err := cl.GetSecretValue(ctx, in)
+	if err != nil {
+		return "", "", classify(err, "GetSecretValue "+o.ObjectName)
+	}
+	if out.SecretString != nil {
+		return *out.SecretString, aws.ToString(out.VersionId), nil
+	}
+	return string(out.SecretBinary), aws.ToString(out.VersionId), nil
+}
+
+func getParameter(ctx context.Context, cl *ssm.Client, o Object) (string, string, error) {
+	name := o.ObjectName
+	switch {
+	case o.ObjectVersion != "":
+		name += ":" + o.ObjectVersion
+	case o.ObjectVersionLabel != "":
+		name += ":" + o.ObjectVersionLabel
+	}
+	out, err := cl.GetParameter(ctx, &ssm.GetParameterInput{Name: aws.String(name), WithDecryption: aws.Bool(true)})
+	if err != nil {
+		return "", "", classify(err, "GetParameter "+o.ObjectName)
+	}
+	if out.Parameter == nil || out.Parameter.Value == nil {
+		return "", "", fmt.Errorf("%w: parameter %s has no value", provider.ErrNotFound, o.ObjectName)
+	}
+	return *out.Parameter.Value, fmt.Sprint(out.Parameter.Version), nil
+}
+
+// Renew: STS sessions cannot be extended; the manager re-issues (a new
+// session, and the secrets read again) and swaps the files, which change
+// only where a value did.
+func (p *Provider) Renew(_ context.Context, l provider.Lease) (provider.Lease, error) {
+	return l, provider.ErrNotRenewable
+}
+
+// Revoke: secrets need nothing; STS sessions cannot be revoked one by one.
+func (p *Provider) Revoke(_ context.Context, l provider.Lease) error {
+	c, err := parseParams(l.Params, p.cfg.Region)
+	if err != nil {
+		return err
+	}
+	if c.hasSTS() {
+		return fmt.Errorf("%w: STS sessions live until their expiry", provider.ErrNotRevocable)
+	}
+	return nil
+}
+
+// classifyLogin classifies an AssumeRoleWithWebIdentity error. Besides the
+// codes AWS gives a bad token, STS-compatible servers (MinIO) answer
+// InvalidParameterValue for one; the other parameters are the admin's and
+// ours, checked before the call, so that answer is about the pod's token.
+func classifyLogin(err error) error {
+	var ae smithy.APIError
+	if errors.As(err, &ae) && ae.ErrorCode() == "InvalidParameterValue" {
+		return fmt.Errorf("%w: AssumeRoleWithWebIdentity: %s: %s", provider.ErrPermissionDenied, ae.ErrorCode(), ae.ErrorMessage())
+	}
+	return classify(err, "AssumeRoleWithWebIdentity")
+}
+
+// classify maps an AWS error to the provider's sentinels, with AWS's
+// reason (which never holds a key or a token).
+func classify(err error, what string) error {
+	var ae smithy.APIError
+	if errors.As(err, &ae) {
+		code, msg := ae.ErrorCode(), ae.ErrorMessage()
+		switch {
+		case strings.Contains(code, "AccessDenied"), code == "InvalidIdentityToken", code == "ExpiredTokenException",
+			code == "IDPRejectedClaim", code == "UnrecognizedClientException", code == "InvalidClientTokenId":
+			return fmt.Errorf("%w: %s: %s: %s", provider.ErrPermissionDenied, what, code, msg)
+		case code == "ResourceNotFoundException", code == "ParameterNotFound", code == "ParameterVersionNotFound",
+			code == "ParameterVersionLabelNotFound":
+			return fmt.Errorf("%w: %s: %s: %s", provider.ErrNotFound, what, code, msg)
+		case strings.Contains(code, "Throttl"), code == "TooManyRequestsException", code == "RequestLimitExceeded",
+			code == "InternalServiceError", code == "InternalFailure", code == "ServiceUnavailable", code == "IDPCommunicationError":
+			return fmt.Errorf("%w: %s: %s: %s", provider.ErrUnavailable, what, code, msg)
+		}
+		var re *smithyhttp.ResponseError
+		if errors.As(err, &re) && re.HTTPStatusCode() >= http.StatusInternalServerError {
+			return fmt.Errorf("%w: %s: %s: %s", provider.ErrUnavailable, what, code, msg)
+		}
+		return fmt.Errorf("%s: %s: %s", what, code, msg)
+	}
+	return fmt.Errorf("%w: %s: %v", provider.ErrUnavailable, what, err)
+}

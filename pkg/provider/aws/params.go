@@ -1,0 +1,197 @@
+package aws
+
+import (
+	"fmt"
+	"strings"
+
+	"sigs.k8s.io/yaml"
+
+	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
+)
+
+// Class parameters: those of aws/secrets-store-csi-driver-provider-aws
+// (region, failoverRegion, objects), and ours for temporary credentials
+// and endpoints.
+const (
+	RegionParam         = "region"
+	FailoverRegionParam = "failoverRegion"
+	ObjectsParam        = "objects"
+	RoleArnParam        = "roleArn"  // the role the pod's token assumes to read secrets
+	AudienceParam       = "audience" // of the pod's token (default sts.amazonaws.com)
+	STSEndpointParam    = "stsEndpoint"
+	SMEndpointParam     = "secretsManagerEndpoint"
+	SSMEndpointParam    = "ssmEndpoint"
+)
+
+// Object types.
+const (
+	TypeSecretsManager = "secretsmanager"
+	TypeSSMParameter   = "ssmparameter"
+	TypeSTS            = "sts"
+)
+
+// Object is one entry of the "objects" parameter.
+type Object struct {
+	ObjectName         string    `json:"objectName"`
+	ObjectType         string    `json:"objectType,omitempty"`
+	ObjectAlias        string    `json:"objectAlias,omitempty"`
+	ObjectVersion      string    `json:"objectVersion,omitempty"`
+	ObjectVersionLabel string    `json:"objectVersionLabel,omitempty"`
+	JMESPath           []JMESRef `json:"jmesPath,omitempty"`
+	// FilePermission is accepted for compatibility; modes belong to the
+	// class's files/fileMode parameters here.
+	FilePermission string `json:"filePermission,omitempty"`
+
+	// objectType sts: temporary credentials for the pod.
+	RoleArn         string            `json:"roleArn,omitempty"`
+	DurationSeconds int32             `json:"durationSeconds,omitempty"`
+	SessionPolicy   string            `json:"sessionPolicy,omitempty"`
+	SessionTags     map[string]string `json:"sessionTags,omitempty"`
+	// AssumeWith is "webIdentity" (the pod's token; the default) or "node"
+	// (the node's own credentials, where the admin allows it).
+	AssumeWith string `json:"assumeWith,omitempty"`
+}
+
+// JMESRef writes one JSON field of a secret to a file of its own.
+type JMESRef struct {
+	Path        string `json:"path"`
+	ObjectAlias string `json:"objectAlias"`
+}
+
+type classParams struct {
+	region, failoverRegion, roleArn, audience string
+	stsEndpoint, smEndpoint, ssmEndpoint      string
+	objects                                   []Object
+}
+
+func (c classParams) hasSecrets() bool {
+	for _, o := range c.objects {
+		if o.ObjectType != TypeSTS {
+			return true
+		}
+	}
+	return false
+}
+
+func (c classParams) hasSTS() bool {
+	for _, o := range c.objects {
+		if o.ObjectType == TypeSTS {
+			return true
+		}
+	}
+	return false
+}
+
+var known = map[string]bool{
+	RegionParam: true, FailoverRegionParam: true, ObjectsParam: true, RoleArnParam: true, AudienceParam: true,
+	STSEndpointParam: true, SMEndpointParam: true, SSMEndpointParam: true,
+}
+
+func parseParams(p map[string]string, defaultRegion string) (classParams, error) {
+	var c classParams
+	for k := range p {
+		if !known[k] && !strings.HasPrefix(k, "csi.storage.k8s.io/") {
+			return c, fmt.Errorf("%w: unknown parameter %q for provider aws", provider.ErrInvalidParameters, k)
+		}
+	}
+	c.region, c.failoverRegion, c.roleArn = p[RegionParam], p[FailoverRegionParam], p[RoleArnParam]
+	if c.region == "" {
+		c.region = defaultRegion
+	}
+	if c.region == "" {
+		return c, fmt.Errorf("%w: %s is required", provider.ErrInvalidParameters, RegionParam)
+	}
+	c.audience = p[AudienceParam]
+	if c.audience == "" {
+		c.audience = "sts.amazonaws.com"
+	}
+	c.stsEndpoint, c.smEndpoint, c.ssmEndpoint = p[STSEndpointParam], p[SMEndpointParam], p[SSMEndpointParam]
+	if err := yaml.Unmarshal([]byte(p[ObjectsParam]), &c.objects); err != nil {
+		return c, fmt.Errorf("%w: %s is not a YAML list of objects: %v", provider.ErrInvalidParameters, ObjectsParam, err)
+	}
+	if len(c.objects) == 0 {
+		return c, fmt.Errorf("%w: %s lists no object", provider.ErrInvalidParameters, ObjectsParam)
+	}
+	names := map[string]bool{}
+	claim := func(name string) error {
+		if names[name] {
+			return fmt.Errorf("%w: file %q would be written twice", provider.ErrInvalidParameters, name)
+		}
+		names[name] = true
+		return nil
+	}
+	for i := range c.objects {
+		o := &c.objects[i]
+		if o.ObjectName == "" {
+			return c, fmt.Errorf("%w: objects[%d] has no objectName", provider.ErrInvalidParameters, i)
+		}
+		if o.ObjectType == "" {
+			if strings.HasPrefix(o.ObjectName, "arn:") {
+				o.ObjectType = arnType(o.ObjectName)
+			}
+		}
+		switch o.ObjectType {
+		case TypeSecretsManager, TypeSSMParameter:
+			if o.ObjectVersion != "" && o.ObjectVersionLabel != "" {
+				return c, fmt.Errorf("%w: %s: objectVersion and objectVersionLabel exclude each other", provider.ErrInvalidParameters, o.ObjectName)
+			}
+			if err := claim(o.fileName()); err != nil {
+				return c, err
+			}
+			for _, j := range o.JMESPath {
+				if j.Path == "" || j.ObjectAlias == "" {
+					return c, fmt.Errorf("%w: %s: jmesPath entries need path and objectAlias", provider.ErrInvalidParameters, o.ObjectName)
+				}
+				if err := claim(j.ObjectAlias); err != nil {
+					return c, err
+				}
+			}
+		case TypeSTS:
+			if o.RoleArn == "" {
+				o.RoleArn = c.roleArn
+			}
+			if o.RoleArn == "" {
+				return c, fmt.Errorf("%w: %s: an sts object needs roleArn", provider.ErrInvalidParameters, o.ObjectName)
+			}
+			if o.DurationSeconds == 0 {
+				o.DurationSeconds = 900 // the shortest STS allows
+			}
+			if o.DurationSeconds < 900 || o.DurationSeconds > 43200 {
+				return c, fmt.Errorf("%w: %s: durationSeconds must be 900 to 43200", provider.ErrInvalidParameters, o.ObjectName)
+			}
+			if o.AssumeWith == "" {
+				o.AssumeWith = "webIdentity"
+			}
+			if o.AssumeWith != "webIdentity" && o.AssumeWith != "node" {
+				return c, fmt.Errorf("%w: %s: assumeWith is webIdentity or node", provider.ErrInvalidParameters, o.ObjectName)
+			}
+			for _, n := range []string{o.ObjectName, o.ObjectName + ".json", o.ObjectName + ".env"} {
+				if err := claim(n); err != nil {
+					return c, err
+				}
+			}
+		default:
+			return c, fmt.Errorf("%w: %s: objectType must be secretsmanager, ssmparameter or sts", provider.ErrInvalidParameters, o.ObjectName)
+		}
+	}
+	return c, nil
+}
+
+// fileName is where an object's value goes: its alias, or its name with
+// slashes made underscores (as the AWS provider does).
+func (o Object) fileName() string {
+	if o.ObjectAlias != "" {
+		return o.ObjectAlias
+	}
+	return strings.ReplaceAll(o.ObjectName, "/", "_")
+}
+
+func arnType(arn string) string {
+	switch {
+	case strings.Contains(arn, ":secretsmanager:"):
+		return TypeSecretsManager
+	case strings.Contains(arn, ":ssm:"):
+		return TypeSSMParameter
+	}
+	return ""
+}
