@@ -47,7 +47,8 @@ func StartOIDC() (*OIDC, error) {
 			"x": b64(key.PublicKey.X.FillBytes(make([]byte, 32))), "y": b64(key.PublicKey.Y.FillBytes(make([]byte, 32))),
 		}}})
 	})
-	o.srv = httptest.NewServer(mux)
+	o.srv = httptest.NewUnstartedServer(mux) // its handlers read o.srv: set it before serving
+	o.srv.Start()
 	return o, nil
 }
 
