@@ -41,7 +41,7 @@ kube:
 # A real Vault server for the vault provider's tests (built from the Go
 # module proxy into $(TOOLS); several minutes the first time).
 vault:
-	test/vault/build-vault.sh $(TOOLS)
+	test/vaulttest/build-vault.sh $(TOOLS)
 
 # MinIO (STS and S3) for the aws provider's tests, from the Go module proxy.
 MINIO_VERSION ?= latest
