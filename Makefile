@@ -44,7 +44,7 @@ vault:
 	test/vaulttest/build-vault.sh $(TOOLS)
 
 # MinIO (STS and S3) for the aws provider's tests, from the Go module proxy.
-MINIO_VERSION ?= latest
+MINIO_VERSION ?= v0.0.0-20260212201848-7aac2a2c5b7c
 aws:
 	@test -x $(TOOLS)/minio || GOBIN=$(TOOLS) $(GO) install github.com/minio/minio@$(MINIO_VERSION)
 
