@@ -263,6 +263,7 @@ func showAudit(path string) error {
 			Stage, Outcome, Detail, Error string
 			LeaseID                       string `json:"lease_id"`
 			Lifetime                      string
+			FirstSeen                     bool `json:"first_seen"`
 			Pod                           struct{ Namespace, Name string }
 		}
 		if err := json.Unmarshal(sc.Bytes(), &r); err != nil {
@@ -271,6 +272,9 @@ func showAudit(path string) error {
 		detail := strings.TrimSpace(r.Detail + " " + r.Error)
 		if r.Lifetime != "" {
 			detail += " (lived " + r.Lifetime + ")"
+		}
+		if r.FirstSeen {
+			detail = strings.TrimSpace(detail + " first request of this service account for this class on the node")
 		}
 		fmt.Printf("    %-12s %-8s %-9s %-30s %-38s %s\n", r.Time.Format("15:04:05.000"), r.Stage, r.Outcome,
 			r.Pod.Namespace+"/"+r.Pod.Name, r.LeaseID, detail)
