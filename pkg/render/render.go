@@ -12,6 +12,7 @@ import (
 	"strconv"
 	"strings"
 	"text/template"
+	"text/template/parse"
 	"time"
 
 	"sigs.k8s.io/yaml"
@@ -32,6 +33,10 @@ const DefaultMode os.FileMode = 0o440
 
 // MaxFiles bounds how many files one volume may hold.
 const MaxFiles = 64
+
+// MaxTemplateOutput bounds what one template may produce; execution stops
+// there (the volume's own size cap is checked later, on all files).
+const MaxTemplateOutput = 4 << 20
 
 // ErrInvalidSpec means the class's file parameters are wrong.
 var ErrInvalidSpec = errors.New("invalid file specification")
@@ -114,6 +119,11 @@ func ParseSpec(params map[string]string) (*Spec, error) {
 			if err != nil {
 				return nil, fmt.Errorf("%w: files[%d] (%s): template: %v", ErrInvalidSpec, i, f.Path, err)
 			}
+			if len(t.Templates()) > 1 || callsTemplate(t.Tree.Root) {
+				// Templates that call templates can recurse without end: a
+				// class author could stall the node's driver.
+				return nil, fmt.Errorf("%w: files[%d] (%s): template: define, template and block are not allowed", ErrInvalidSpec, i, f.Path)
+			}
 			f.tmpl = t
 		}
 	}
@@ -127,6 +137,45 @@ func ParseSpec(params map[string]string) (*Spec, error) {
 		}
 	}
 	return s, nil
+}
+
+// callsTemplate reports whether a template tree calls another template.
+func callsTemplate(n parse.Node) bool {
+	switch n := n.(type) {
+	case *parse.TemplateNode:
+		return true
+	case *parse.ListNode:
+		if n == nil {
+			return false
+		}
+		for _, c := range n.Nodes {
+			if callsTemplate(c) {
+				return true
+			}
+		}
+	case *parse.IfNode:
+		return callsTemplate(n.List) || callsTemplate(n.ElseList)
+	case *parse.RangeNode:
+		return callsTemplate(n.List) || callsTemplate(n.ElseList)
+	case *parse.WithNode:
+		return callsTemplate(n.List) || callsTemplate(n.ElseList)
+	}
+	return false
+}
+
+// limitedBuffer fails writes past max, which stops a template's execution.
+type limitedBuffer struct {
+	bytes.Buffer
+	max  int
+	full bool
+}
+
+func (b *limitedBuffer) Write(p []byte) (int, error) {
+	if b.Len()+len(p) > b.max {
+		b.full = true
+		return 0, errors.New("output limit")
+	}
+	return b.Buffer.Write(p)
 }
 
 func parseMode(s string) (os.FileMode, error) {
@@ -171,8 +220,11 @@ func (s *Spec) Render(l provider.Lease) ([]storage.File, error) {
 			}
 			out = []byte(v)
 		case f.tmpl != nil:
-			var b bytes.Buffer
-			if err := f.tmpl.Execute(&b, data); err != nil {
+			b := &limitedBuffer{max: MaxTemplateOutput}
+			if err := f.tmpl.Execute(b, data); err != nil {
+				if b.full {
+					return nil, fmt.Errorf("%w: %s: template output exceeds %d bytes", ErrInvalidSpec, f.Path, MaxTemplateOutput)
+				}
 				return nil, fmt.Errorf("%w: %s: template: %v", ErrInvalidSpec, f.Path, templateError(err))
 			}
 			out = b.Bytes()

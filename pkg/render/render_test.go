@@ -124,6 +124,16 @@ func TestRenderErrorsNeverQuoteValues(t *testing.T) {
 	}
 }
 
+func TestTemplateOutputIsBounded(t *testing.T) {
+	s, err := ParseSpec(map[string]string{FilesParam: `- {path: x, template: '{{range $i, $v := .}}{{printf "%0999999d" 0}}{{printf "%0999999d" 0}}{{printf "%0999999d" 0}}{{end}}'}`})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Render(lease); !errors.Is(err, ErrInvalidSpec) || !strings.Contains(err.Error(), "exceeds") {
+		t.Fatalf("unbounded output: %v", err)
+	}
+}
+
 // FuzzParseSpec: never panics; every accepted path is safe inside a volume.
 func FuzzParseSpec(f *testing.F) {
 	f.Add("- {path: a, value: password}\n- {path: b/c, format: env, mode: '0400'}")
