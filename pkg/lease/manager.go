@@ -265,10 +265,15 @@ func (m *Manager) publishNew(ctx context.Context, v Volume) error {
 		Attributes: v.Attributes, Class: class.Ref(), Provider: class.Provider, Pod: pod,
 		PendingLeaseID: leaseID, Params: params, State: storage.StateIssuing, CreatedAt: now,
 	}
-	// The intent is recorded before the backend is asked, so a crash from
-	// here on can still find and revoke whatever Issue created.
-	if err := m.opts.Store.WriteMetadata(meta); err != nil {
-		return fail(fmt.Errorf("recording the volume: %w", err))
+	// The volume's tmpfs first (a crash now leaves a directory without a
+	// record, which recovery removes), then the intent, before the backend
+	// is asked, so that a crash from there on can still find and revoke
+	// whatever Issue created.
+	if err := m.opts.Store.CreateVolume(v.ID, v.GID); err != nil {
+		if derr := m.opts.Store.DeleteVolume(v.ID); derr != nil {
+			klog.ErrorS(derr, "Cleaning up after a failed publish", "volumeID", v.ID)
+		}
+		return fail(err)
 	}
 	undo := func(l provider.Lease, cause error) error {
 		if l.ID != "" {
@@ -279,8 +284,8 @@ func (m *Manager) publishNew(ctx context.Context, v Volume) error {
 		}
 		return fail(cause)
 	}
-	if err := m.opts.Store.CreateVolume(v.ID, v.GID); err != nil {
-		return undo(provider.Lease{}, err)
+	if err := m.opts.Store.WriteMetadata(meta); err != nil {
+		return undo(provider.Lease{}, fmt.Errorf("recording the volume: %w", err))
 	}
 
 	ictx, cancel := context.WithTimeout(ctx, m.opts.BackendTimeout)
