@@ -34,7 +34,11 @@ type MinIO struct {
 var roleARN = regexp.MustCompile(`arn:minio:iam:::role/[A-Za-z0-9_-]+`)
 
 // StartMinIO starts MinIO with its OpenID identity provider set to issuer.
-func StartMinIO(oidcConfigURL string) (*MinIO, error) {
+func StartMinIO(oidcConfigURL string) (*MinIO, error) { return StartMinIOTrusting(oidcConfigURL, nil) }
+
+// StartMinIOTrusting is StartMinIO for an issuer served over TLS by a CA
+// MinIO must trust (a kube-apiserver's).
+func StartMinIOTrusting(oidcConfigURL string, caPEM []byte) (*MinIO, error) {
 	bin, err := harness.Tool("minio")
 	if err != nil {
 		return nil, err
@@ -58,8 +62,17 @@ func StartMinIO(oidcConfigURL string) (*MinIO, error) {
 		return nil, err
 	}
 	defer log.Close()
+	certs := filepath.Join(dir, "certs")
+	if err := os.MkdirAll(filepath.Join(certs, "CAs"), 0o700); err != nil {
+		return nil, err
+	}
+	if caPEM != nil {
+		if err := os.WriteFile(filepath.Join(certs, "CAs", "issuer-ca.crt"), caPEM, 0o600); err != nil {
+			return nil, err
+		}
+	}
 	m.cmd = exec.Command(bin, "server", "--address", "127.0.0.1:"+strconv.Itoa(ports[0]),
-		"--console-address", "127.0.0.1:"+strconv.Itoa(ports[1]), filepath.Join(dir, "data"))
+		"--console-address", "127.0.0.1:"+strconv.Itoa(ports[1]), "--certs-dir", certs, filepath.Join(dir, "data"))
 	m.cmd.Env = append(os.Environ(),
 		"MINIO_ROOT_USER="+RootUser, "MINIO_ROOT_PASSWORD="+RootPassword, "MINIO_BROWSER=off",
 		"MINIO_IDENTITY_OPENID_CONFIG_URL="+oidcConfigURL,
