@@ -94,7 +94,7 @@ func run(m *testing.M) int {
 
 // driverKubeconfig writes a kubeconfig that authenticates as the driver's
 // own service account, with a token from the TokenRequest API: the driver
-// gets exactly the RBAC of deploy/kubernetes/rbac.yaml.
+// gets exactly the RBAC of deploy/kustomize/base/rbac.yaml.
 func driverKubeconfig(t *testing.T, dir string) string {
 	t.Helper()
 	tr, err := clients.CoreV1().ServiceAccounts("ephemeral-secrets").CreateToken(context.Background(), "ephemeral-secrets-csi",
