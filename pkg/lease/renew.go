@@ -2,6 +2,7 @@ package lease
 
 import (
 	"context"
+	"math"
 	"crypto/sha256"
 	"errors"
 	"fmt"
@@ -19,12 +20,18 @@ import (
 // scheduleRenewal arms v's timer at RenewFraction of the lease's remaining
 // life, less a random jitter so that volumes published together do not
 // all renew together.
+//
+// A lease without expiry (a static secret) is renewed only at the RenewAt
+// its provider asks for (a rotation poll), or never.
 func (m *Manager) scheduleRenewal(v *volume) {
-	if v.lease.ExpiresAt.IsZero() {
-		return // no expiry: nothing to renew
+	if v.lease.ExpiresAt.IsZero() && v.lease.RenewAt.IsZero() {
+		return // nothing ever to renew
 	}
-	left := time.Until(v.lease.ExpiresAt)
-	d := time.Duration(float64(left) * m.opts.RenewFraction * (1 - m.opts.Jitter*rand.Float64()))
+	d := time.Duration(math.MaxInt64)
+	if !v.lease.ExpiresAt.IsZero() {
+		left := time.Until(v.lease.ExpiresAt)
+		d = time.Duration(float64(left) * m.opts.RenewFraction * (1 - m.opts.Jitter*rand.Float64()))
+	}
 	if !v.lease.RenewAt.IsZero() {
 		d = min(d, time.Until(v.lease.RenewAt))
 	}

@@ -108,6 +108,24 @@ spec:
 apiVersion: secrets-store.csi.x-k8s.io/v1
 kind: SecretProviderClass
 metadata:
+  name: aws-polled
+  namespace: team-a
+spec:
+  provider: aws
+  parameters:
+    region: us-east-1
+    roleArn: "%[2]s"
+    stsEndpoint: "%[1]s"
+    secretsManagerEndpoint: "%[3]s"
+    rotationPollInterval: 1s
+    objects: |
+      - objectName: "prod/rotating"
+        objectType: secretsmanager
+        objectAlias: token
+---
+apiVersion: secrets-store.csi.x-k8s.io/v1
+kind: SecretProviderClass
+metadata:
   name: aws-denied
   namespace: team-a
 spec:
@@ -268,4 +286,40 @@ func TestAWSSecretsManagerAndSSMValues(t *testing.T) {
 		t.Errorf("throttled: %v, want Unavailable", err)
 	}
 	awsSecrets.Throttle(0)
+}
+
+func TestAWSSecretsAreReReadAndSwappedOnlyWhenChanged(t *testing.T) {
+	ctx := context.Background()
+	f := setupAWS(t)
+	awsSecrets.PutSecret("prod/rotating", "rotating-secret-v1")
+	pod := awsPod(t, "aws-poll")
+	target, err := f.kube.Publish(ctx, pod, dbVolume("aws-polled"))
+	if err != nil {
+		t.Fatalf("publish: %v", err)
+	}
+	if got := readSecret(t, target, "token"); got != "rotating-secret-v1" {
+		t.Fatalf("token = %q", got)
+	}
+	version := func() string {
+		l, err := os.Readlink(filepath.Join(target, "..data"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return l
+	}
+	first, reads := version(), awsSecrets.Requests()
+	time.Sleep(3500 * time.Millisecond) // three polls
+	if awsSecrets.Requests() <= reads {
+		t.Fatalf("no re-read in three poll intervals")
+	}
+	if version() != first {
+		t.Errorf("files were swapped although the secret did not change")
+	}
+	awsSecrets.PutSecret("prod/rotating", "rotating-secret-v2")
+	eventually(t, 10*time.Second, "the new version reaches the pod", func() (bool, error) {
+		return readSecret(t, target, "token") == "rotating-secret-v2", nil
+	})
+	if err := f.kube.Unpublish(ctx, pod, "db"); err != nil {
+		t.Fatal(err)
+	}
 }

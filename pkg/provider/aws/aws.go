@@ -184,6 +184,9 @@ func (p *Provider) Issue(ctx context.Context, req provider.Request) (provider.Le
 	}
 	vj, _ := json.Marshal(versions)
 	l.Handle["versions"] = string(vj)
+	if c.rotationPoll > 0 && c.hasSecrets() {
+		l.RenewAt = l.IssuedAt.Add(c.rotationPoll)
+	}
 	return l, nil
 }
 
@@ -325,9 +328,9 @@ func getParameter(ctx context.Context, cl *ssm.Client, o Object) (string, string
 	return *out.Parameter.Value, fmt.Sprint(out.Parameter.Version), nil
 }
 
-// Renew: STS sessions cannot be extended; the manager re-issues (a new
-// session, and the secrets read again) and swaps the files, which change
-// only where a value did.
+// Renew: STS sessions cannot be extended, and a rotation poll is a fresh
+// read; the manager re-issues (a new session, the secrets read again) and
+// swaps the files only where a value changed.
 func (p *Provider) Renew(_ context.Context, l provider.Lease) (provider.Lease, error) {
 	return l, provider.ErrNotRenewable
 }

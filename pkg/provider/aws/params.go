@@ -3,6 +3,7 @@ package aws
 import (
 	"fmt"
 	"strings"
+	"time"
 
 	"sigs.k8s.io/yaml"
 
@@ -21,6 +22,10 @@ const (
 	STSEndpointParam    = "stsEndpoint"
 	SMEndpointParam     = "secretsManagerEndpoint"
 	SSMEndpointParam    = "ssmEndpoint"
+	// RotationPollParam: how often Secrets Manager and SSM values are read
+	// again while the pod runs (ours; off by default). Files change only
+	// when a value did.
+	RotationPollParam = "rotationPollInterval"
 )
 
 // Object types.
@@ -61,6 +66,7 @@ type JMESRef struct {
 type classParams struct {
 	region, failoverRegion, roleArn, audience string
 	stsEndpoint, smEndpoint, ssmEndpoint      string
+	rotationPoll                              time.Duration
 	objects                                   []Object
 }
 
@@ -84,7 +90,7 @@ func (c classParams) hasSTS() bool {
 
 var known = map[string]bool{
 	RegionParam: true, FailoverRegionParam: true, ObjectsParam: true, RoleArnParam: true, AudienceParam: true,
-	STSEndpointParam: true, SMEndpointParam: true, SSMEndpointParam: true,
+	STSEndpointParam: true, SMEndpointParam: true, SSMEndpointParam: true, RotationPollParam: true,
 }
 
 func parseParams(p map[string]string, defaultRegion string) (classParams, error) {
@@ -106,6 +112,13 @@ func parseParams(p map[string]string, defaultRegion string) (classParams, error)
 		c.audience = "sts.amazonaws.com"
 	}
 	c.stsEndpoint, c.smEndpoint, c.ssmEndpoint = p[STSEndpointParam], p[SMEndpointParam], p[SSMEndpointParam]
+	if v := p[RotationPollParam]; v != "" {
+		d, err := time.ParseDuration(v)
+		if err != nil || d < time.Second {
+			return c, fmt.Errorf("%w: %s %q is not a duration of at least 1s", provider.ErrInvalidParameters, RotationPollParam, v)
+		}
+		c.rotationPoll = d
+	}
 	if err := yaml.Unmarshal([]byte(p[ObjectsParam]), &c.objects); err != nil {
 		return c, fmt.Errorf("%w: %s is not a YAML list of objects: %v", provider.ErrInvalidParameters, ObjectsParam, err)
 	}
