@@ -2,10 +2,10 @@ package lease
 
 import (
 	"context"
-	"math"
 	"crypto/sha256"
 	"errors"
 	"fmt"
+	"math"
 	"math/rand/v2"
 	"time"
 
