@@ -382,6 +382,20 @@ func TestBackendOutageUnpublishIsFastAndRevocationCatchesUp(t *testing.T) {
 	readSecret(t, target, "password")
 
 	pg.Stop()
+	// A republish during the outage is still OK: it asks the backend nothing.
+	if _, err := f.kube.Publish(ctx, pod, dbVolume("app-db")); err != nil {
+		_ = pg.Restart()
+		t.Fatalf("republish during the outage: %v, want OK", err)
+	}
+	// A republish after the mount went away puts it back, the same credential.
+	harness.UnmountUnder(target)
+	if _, err := f.kube.Publish(ctx, pod, dbVolume("app-db")); err != nil {
+		_ = pg.Restart()
+		t.Fatalf("republish of a lost mount: %v, want OK", err)
+	}
+	if got := readFile(t, target, "username"); got != user {
+		t.Errorf("the restored mount serves %q, want %q", got, user)
+	}
 	start := time.Now()
 	err = f.kube.Unpublish(ctx, pod, "db")
 	took := time.Since(start)
