@@ -205,7 +205,7 @@ func TestClassesComeFromThePodsNamespaceThroughTheCache(t *testing.T) {
 		t.Fatalf("team-b using team-a's class: %v, want NotFound", err)
 	}
 	// ...and the pod is told why.
-	eventually(t, 10*time.Second, "warning event on the team-b pod", func() (bool, error) {
+	harness.Eventually(t, 10*time.Second, "warning event on the team-b pod", func() (bool, error) {
 		evs, err := clients.CoreV1().Events("team-b").List(ctx, metav1.ListOptions{})
 		if err != nil {
 			return false, err
@@ -223,11 +223,11 @@ func TestClassesComeFromThePodsNamespaceThroughTheCache(t *testing.T) {
 
 	// A refused service account: PermissionDenied, and an event that carries no token.
 	createClass(t, "team-b", "db", map[string]any{"connection": "main", "role": "reader"})
-	eventually(t, 10*time.Second, "team-b's own class seen", func() (bool, error) {
+	harness.Eventually(t, 10*time.Second, "team-b's own class seen", func() (bool, error) {
 		_, err := f.kube.Publish(ctx, intruder, volume("db"))
 		return status.Code(err) == codes.PermissionDenied, nil
 	})
-	eventually(t, 10*time.Second, "permission event", func() (bool, error) {
+	harness.Eventually(t, 10*time.Second, "permission event", func() (bool, error) {
 		evs, err := clients.CoreV1().Events("team-b").List(ctx, metav1.ListOptions{})
 		if err != nil {
 			return false, err
@@ -247,7 +247,7 @@ func TestClassesComeFromThePodsNamespaceThroughTheCache(t *testing.T) {
 	updateClass(t, "team-a", "db", map[string]any{"connection": "main", "role": "reader",
 		"files": "- {path: dsn, template: 'postgres://{{ .username }}@{{ .host }}:{{ .port }}/{{ .database }}'}\n- {path: password, value: password}"})
 	pod2 := podFor(t, "team-a", "agent-2", "app", uidsA["agent-2"])
-	eventually(t, 10*time.Second, "updated class used", func() (bool, error) {
+	harness.Eventually(t, 10*time.Second, "updated class used", func() (bool, error) {
 		target, err := f.kube.Publish(ctx, pod2, volume("db"))
 		if err != nil {
 			return false, err

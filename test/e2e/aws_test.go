@@ -224,7 +224,7 @@ func TestAWSSessionCredentialsWorkAreReplacedAndGo(t *testing.T) {
 	if !errors.As(err, &ae) || ae.ErrorCode() != "AccessDenied" {
 		t.Errorf("writing an object the policy does not allow: %v, want AccessDenied", err)
 	}
-	eventually(t, 30*time.Second, "credentials replaced before expiry", func() (bool, error) {
+	harness.Eventually(t, 30*time.Second, "credentials replaced before expiry", func() (bool, error) {
 		return loadCredentials(t, target).AccessKeyID != creds.AccessKeyID, nil
 	})
 	if err := f.kube.Unpublish(ctx, pod, "db"); err != nil {
@@ -233,7 +233,7 @@ func TestAWSSessionCredentialsWorkAreReplacedAndGo(t *testing.T) {
 	if _, err := os.Stat(target); !os.IsNotExist(err) {
 		t.Errorf("files left after unpublish: %v", err)
 	}
-	eventually(t, 10*time.Second, "the audit says the session lives until it expires", func() (bool, error) {
+	harness.Eventually(t, 10*time.Second, "the audit says the session lives until it expires", func() (bool, error) {
 		return strings.Contains(strings.Join(auditRecords(t, f.audit), " "), "revoke/unrevocable"), nil
 	})
 	// A token minted for another audience is refused by STS.
@@ -316,7 +316,7 @@ func TestAWSSecretsAreReReadAndSwappedOnlyWhenChanged(t *testing.T) {
 		t.Errorf("files were swapped although the secret did not change")
 	}
 	awsSecrets.PutSecret("prod/rotating", "rotating-secret-v2")
-	eventually(t, 10*time.Second, "the new version reaches the pod", func() (bool, error) {
+	harness.Eventually(t, 10*time.Second, "the new version reaches the pod", func() (bool, error) {
 		return readSecret(t, target, "token") == "rotating-secret-v2", nil
 	})
 	if err := f.kube.Unpublish(ctx, pod, "db"); err != nil {

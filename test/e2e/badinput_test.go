@@ -142,7 +142,7 @@ func assertNothingLeft(t *testing.T, f *fixture, pod kubelet.Pod) {
 		t.Errorf("target directory left")
 	}
 	ctx := context.Background()
-	eventually(t, 10*time.Second, "no role and no queued revocation left", func() (bool, error) {
+	harness.Eventually(t, 10*time.Second, "no role and no queued revocation left", func() (bool, error) {
 		n, err := pg.CountRoles(ctx, "esc_")
 		if err != nil || n != 0 {
 			return false, err

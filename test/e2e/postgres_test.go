@@ -160,7 +160,7 @@ func TestPublishServesWorkingCredentialsAndUnpublishRevokesThem(t *testing.T) {
 	if _, err := os.Stat(target); !os.IsNotExist(err) {
 		t.Errorf("target still there after unpublish: %v", err)
 	}
-	eventually(t, 10*time.Second, "role dropped", roleGone(ctx, user))
+	harness.Eventually(t, 10*time.Second, "role dropped", roleGone(ctx, user))
 	if refused, err := loginRefused(ctx, user, password); !refused {
 		t.Errorf("login after revocation was not refused: %v", err)
 	}
@@ -238,7 +238,7 @@ func TestRenewalExtendsTheRoleThenRotationSwapsIt(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 10*time.Second, "VALID UNTIL extended on the same role", func() (bool, error) {
+	harness.Eventually(t, 10*time.Second, "VALID UNTIL extended on the same role", func() (bool, error) {
 		v, err := pg.ValidUntil(ctx, user)
 		return v.After(first), err
 	})
@@ -247,12 +247,12 @@ func TestRenewalExtendsTheRoleThenRotationSwapsIt(t *testing.T) {
 	}
 	// At maxTTL the role cannot be extended: a new one is swapped in and the old dropped.
 	var next string
-	eventually(t, 20*time.Second, "rotation to a new role", func() (bool, error) {
+	harness.Eventually(t, 20*time.Second, "rotation to a new role", func() (bool, error) {
 		next = readFile(t, target, "username")
 		return next != user, nil
 	})
 	readSecret(t, target, "password")
-	eventually(t, 10*time.Second, "old role dropped after rotation", roleGone(ctx, user))
+	harness.Eventually(t, 10*time.Second, "old role dropped after rotation", roleGone(ctx, user))
 	if refused, err := loginRefused(ctx, user, password); !refused {
 		t.Errorf("old credentials still log in: %v", err)
 	}
@@ -264,7 +264,7 @@ func TestRenewalExtendsTheRoleThenRotationSwapsIt(t *testing.T) {
 	if err := f.kube.Unpublish(ctx, pod, "db"); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 10*time.Second, "rotated-in role dropped at unpublish", roleGone(ctx, next))
+	harness.Eventually(t, 10*time.Second, "rotated-in role dropped at unpublish", roleGone(ctx, next))
 	if !slices.Contains(auditRecords(t, f.audit), "rotate/success") || !slices.Contains(auditRecords(t, f.audit), "renew/success") {
 		t.Errorf("audit lacks renew or rotate: %v", auditRecords(t, f.audit))
 	}
@@ -289,7 +289,7 @@ func TestKilledAfterPublishResumesServingAndRenewing(t *testing.T) {
 		t.Fatalf("after restart the volume serves %q, want the same role", got)
 	}
 	before, _ := pg.ValidUntil(ctx, user)
-	eventually(t, 10*time.Second, "renewal resumed after restart", func() (bool, error) {
+	harness.Eventually(t, 10*time.Second, "renewal resumed after restart", func() (bool, error) {
 		v, err := pg.ValidUntil(ctx, user)
 		return v.After(before), err
 	})
@@ -309,7 +309,7 @@ func TestKilledAfterPublishResumesServingAndRenewing(t *testing.T) {
 	if err := f.kube.Unpublish(ctx, pod, "db"); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 10*time.Second, "role dropped", roleGone(ctx, user))
+	harness.Eventually(t, 10*time.Second, "role dropped", roleGone(ctx, user))
 }
 
 func TestKilledBetweenUnpublishAndRevocationStillRevokes(t *testing.T) {
@@ -358,7 +358,7 @@ func TestKilledBetweenUnpublishAndRevocationStillRevokes(t *testing.T) {
 	if err := f.driver.Start(ctx); err != nil {
 		t.Fatalf("restart: %v", err)
 	}
-	eventually(t, 10*time.Second, "role dropped after restart", roleGone(ctx, user))
+	harness.Eventually(t, 10*time.Second, "role dropped after restart", roleGone(ctx, user))
 }
 
 func writeFile(t *testing.T, dir, name string, data []byte) string {
@@ -410,7 +410,7 @@ func TestBackendOutageUnpublishIsFastAndRevocationCatchesUp(t *testing.T) {
 	if took > 4*time.Second {
 		t.Errorf("unpublish waited on the backend (%s)", took)
 	}
-	eventually(t, 15*time.Second, "role dropped once PostgreSQL is back, without a new call", roleGone(ctx, user))
+	harness.Eventually(t, 15*time.Second, "role dropped once PostgreSQL is back, without a new call", roleGone(ctx, user))
 }
 
 func TestPodDeletedWhileDriverDownIsRevokedAtStart(t *testing.T) {
@@ -432,7 +432,7 @@ func TestPodDeletedWhileDriverDownIsRevokedAtStart(t *testing.T) {
 	if err := f.driver.Start(ctx); err != nil {
 		t.Fatalf("restart: %v", err)
 	}
-	eventually(t, 10*time.Second, "role of the vanished pod dropped", roleGone(ctx, user))
+	harness.Eventually(t, 10*time.Second, "role of the vanished pod dropped", roleGone(ctx, user))
 	if left := harness.Mounts(filepath.Join(f.env.StateDir, "volumes")); len(left) != 0 {
 		t.Errorf("volume tmpfs left behind: %v", left)
 	}
@@ -457,7 +457,7 @@ func TestKilledDuringIssueLeavesNothing(t *testing.T) {
 		_, err := f.kube.Publish(ctx, pod, dbVolume("blocking"))
 		done <- err
 	}()
-	eventually(t, 5*time.Second, "issue waiting on the lock", func() (bool, error) {
+	harness.Eventually(t, 5*time.Second, "issue waiting on the lock", func() (bool, error) {
 		var waiting int
 		err := blocker.QueryRow(ctx, `SELECT count(*) FROM pg_locks WHERE NOT granted`).Scan(&waiting)
 		return waiting > 0, err
@@ -478,7 +478,7 @@ func TestKilledDuringIssueLeavesNothing(t *testing.T) {
 	if left := harness.Mounts(filepath.Join(f.env.StateDir, "volumes")); len(left) != 0 {
 		t.Errorf("volume tmpfs left: %v", left)
 	}
-	eventually(t, 10*time.Second, "interrupted issue revoked and queue empty", func() (bool, error) {
+	harness.Eventually(t, 10*time.Second, "interrupted issue revoked and queue empty", func() (bool, error) {
 		out, err := exec.Command(driverBin, "leases", "--state-dir", f.env.StateDir, "--json").Output()
 		if err != nil {
 			return false, err
@@ -512,7 +512,7 @@ func TestSweepRevokesATargetThatVanishedWhileRunning(t *testing.T) {
 	readSecret(t, target, "password")
 	// The mount goes away without an unpublish (a node agent cleaned up).
 	harness.UnmountUnder(target)
-	eventually(t, 10*time.Second, "role of the vanished target dropped by the sweep", roleGone(ctx, user))
+	harness.Eventually(t, 10*time.Second, "role of the vanished target dropped by the sweep", roleGone(ctx, user))
 	if left := harness.Mounts(filepath.Join(f.env.StateDir, "volumes")); len(left) != 0 {
 		t.Errorf("volume tmpfs left behind: %v", left)
 	}
@@ -572,8 +572,8 @@ func TestMetricsAndHealthFollowTheLifecycle(t *testing.T) {
 	if err := f.kube.Unpublish(ctx, pod, "db"); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 10*time.Second, "role dropped", roleGone(ctx, user))
-	eventually(t, 5*time.Second, "metrics after unpublish", func() (bool, error) {
+	harness.Eventually(t, 10*time.Second, "role dropped", roleGone(ctx, user))
+	harness.Eventually(t, 5*time.Second, "metrics after unpublish", func() (bool, error) {
 		_, body, err = f.driver.Scrape("/metrics")
 		return strings.Contains(body, `ephemeral_secrets_lease_operations_total{operation="revoke",outcome="success",provider="postgres"} 2`), err
 	})

@@ -152,7 +152,7 @@ func TestVaultDatabaseLeaseIsRenewedRotatedAndRevoked(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 12*time.Second, "lease renewed (VALID UNTIL extended)", func() (bool, error) {
+	harness.Eventually(t, 12*time.Second, "lease renewed (VALID UNTIL extended)", func() (bool, error) {
 		v, err := pg.ValidUntil(ctx, user)
 		return v.After(first), err
 	})
@@ -161,12 +161,12 @@ func TestVaultDatabaseLeaseIsRenewedRotatedAndRevoked(t *testing.T) {
 	}
 	// At max TTL a new user is read, swapped in, and the old one dropped.
 	var next string
-	eventually(t, 25*time.Second, "rotation at max TTL", func() (bool, error) {
+	harness.Eventually(t, 25*time.Second, "rotation at max TTL", func() (bool, error) {
 		next = readFile(t, target, "db-username")
 		return next != user, nil
 	})
 	readSecret(t, target, "db-password")
-	eventually(t, 10*time.Second, "old user dropped", roleGone(ctx, user))
+	harness.Eventually(t, 10*time.Second, "old user dropped", roleGone(ctx, user))
 	// The volume's Vault token, from the driver's tmpfs state.
 	store, err := storageOf(f)
 	if err != nil {
@@ -188,8 +188,8 @@ func TestVaultDatabaseLeaseIsRenewedRotatedAndRevoked(t *testing.T) {
 	if err := f.kube.Unpublish(ctx, pod, "db"); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 10*time.Second, "user dropped after unpublish", roleGone(ctx, next))
-	eventually(t, 10*time.Second, "token revoked", func() (bool, error) {
+	harness.Eventually(t, 10*time.Second, "user dropped after unpublish", roleGone(ctx, next))
+	harness.Eventually(t, 10*time.Second, "token revoked", func() (bool, error) {
 		_, err := root.Logical().Write("auth/token/lookup", map[string]any{"token": token})
 		return err != nil, nil
 	})
@@ -266,5 +266,5 @@ func TestVaultOutageAndCrashStillRevoke(t *testing.T) {
 	if err := v.Resume(); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 15*time.Second, "user dropped once driver and Vault are back", roleGone(ctx, user))
+	harness.Eventually(t, 15*time.Second, "user dropped once driver and Vault are back", roleGone(ctx, user))
 }
