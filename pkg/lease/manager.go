@@ -422,10 +422,6 @@ func (m *Manager) retire(v *volume, reason string) error {
 	return nil
 }
 
-// ClassNotFound is how the driver asks whether an error means the class is
-// missing; kept here so callers need not know which resolver is in use.
-func ClassNotFound(err error) bool { return errors.Is(err, spc.ErrClassNotFound) }
-
 func (m *Manager) audit(r audit.Record, outcome string, err error) {
 	r.Outcome = outcome
 	if err != nil {

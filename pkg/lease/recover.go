@@ -170,15 +170,3 @@ func (m *Manager) has(id string) bool {
 	defer m.mu.Unlock()
 	return m.vols[id] != nil
 }
-
-// Lease returns the current lease ID and expiry of a volume, for tests and
-// the admin listing.
-func (m *Manager) Lease(volumeID string) (id string, expiresAt time.Time, ok bool) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	v := m.vols[volumeID]
-	if v == nil {
-		return "", time.Time{}, false
-	}
-	return v.lease.ID, v.lease.ExpiresAt, true
-}
