@@ -1,13 +1,16 @@
 package spc
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"fmt"
+	"io"
 	"os"
 	"sync"
 	"time"
 
+	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
 	"sigs.k8s.io/yaml"
 )
 
@@ -88,7 +91,15 @@ type document struct {
 // class without a namespace is in "default", as kubectl would place it.
 func ParseClasses(data []byte) (map[string]*Class, error) {
 	classes := map[string]*Class{}
-	for i, raw := range splitDocuments(data) {
+	reader := utilyaml.NewYAMLReader(bufio.NewReader(bytes.NewReader(data)))
+	for i := 0; ; i++ {
+		raw, err := reader.Read()
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			return nil, fmt.Errorf("document %d: %w", i+1, err)
+		}
 		var d document
 		if err := yaml.Unmarshal(raw, &d); err != nil {
 			return nil, fmt.Errorf("document %d: %w", i+1, err)
@@ -123,18 +134,4 @@ func ParseClasses(data []byte) (map[string]*Class, error) {
 		classes[key] = &Class{Namespace: ns, Name: d.Metadata.Name, Provider: d.Spec.Provider, Parameters: params}
 	}
 	return classes, nil
-}
-
-func splitDocuments(data []byte) [][]byte {
-	var docs [][]byte
-	var cur bytes.Buffer
-	for _, line := range bytes.SplitAfter(data, []byte("\n")) {
-		if bytes.Equal(bytes.TrimRight(line, " \t\r\n"), []byte("---")) {
-			docs = append(docs, bytes.Clone(cur.Bytes()))
-			cur.Reset()
-			continue
-		}
-		cur.Write(line)
-	}
-	return append(docs, cur.Bytes())
 }
