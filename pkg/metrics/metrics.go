@@ -24,11 +24,11 @@ const (
 	OpExpire = "expire"
 )
 
-// Outcomes counted by LeaseOp.
+// Outcomes counted by LeaseOp (revocations also report the audit
+// outcomes pending and unrevocable).
 const (
-	Success     = "success"
-	Error       = "error"
-	Unrevocable = "unrevocable"
+	Success = "success"
+	Error   = "error"
 )
 
 // State is what the lease manager reports at each scrape.
