@@ -2,7 +2,6 @@ package awstest
 
 import (
 	"fmt"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -47,14 +46,9 @@ func StartMinIOTrusting(oidcConfigURL string, caPEM []byte) (*MinIO, error) {
 	if err != nil {
 		return nil, err
 	}
-	ports := make([]int, 2)
-	for i := range ports {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			return nil, err
-		}
-		ports[i] = l.Addr().(*net.TCPAddr).Port
-		l.Close()
+	ports, err := harness.FreePorts(2)
+	if err != nil {
+		return nil, err
 	}
 	m := &MinIO{URL: "http://127.0.0.1:" + strconv.Itoa(ports[0]), LogFile: filepath.Join(dir, "minio.log"), dir: dir}
 	log, err := os.Create(m.LogFile)

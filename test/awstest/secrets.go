@@ -15,20 +15,19 @@ import (
 type Secrets struct {
 	srv *httptest.Server
 
-	mu         sync.Mutex
-	secrets    map[string][]secretVersion // newest last
-	params     map[string][]string        // versions, 1-based
-	throttle   int                        // answer this many requests with ThrottlingException first
-	deny       map[string]bool
-	requests   int
-	accessKeys map[string]bool // access key IDs seen in SigV4 Authorization headers
+	mu       sync.Mutex
+	secrets  map[string][]secretVersion // newest last
+	params   map[string][]string        // versions, 1-based
+	throttle int                        // answer this many requests with ThrottlingException first
+	deny     map[string]bool
+	requests int
 }
 
 type secretVersion struct{ id, value string }
 
 // StartSecrets starts the server.
 func StartSecrets() *Secrets {
-	s := &Secrets{secrets: map[string][]secretVersion{}, params: map[string][]string{}, deny: map[string]bool{}, accessKeys: map[string]bool{}}
+	s := &Secrets{secrets: map[string][]secretVersion{}, params: map[string][]string{}, deny: map[string]bool{}}
 	s.srv = httptest.NewServer(http.HandlerFunc(s.serve))
 	return s
 }
@@ -74,13 +73,6 @@ func (s *Secrets) Requests() int {
 	return s.requests
 }
 
-// SignedBy reports whether a request was signed with this access key ID.
-func (s *Secrets) SignedBy(accessKeyID string) bool {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.accessKeys[accessKeyID]
-}
-
 func apiError(w http.ResponseWriter, status int, typ, msg string) {
 	w.Header().Set("Content-Type", "application/x-amz-json-1.1")
 	w.Header().Set("X-Amzn-ErrorType", typ)
@@ -97,8 +89,6 @@ func (s *Secrets) serve(w http.ResponseWriter, r *http.Request) {
 		apiError(w, http.StatusBadRequest, "MissingAuthenticationTokenException", "Request is missing Authentication Token")
 		return
 	}
-	key := strings.SplitN(strings.TrimPrefix(auth, "AWS4-HMAC-SHA256 Credential="), "/", 2)[0]
-	s.accessKeys[key] = true
 	if s.throttle > 0 {
 		s.throttle--
 		apiError(w, http.StatusBadRequest, "ThrottlingException", "Rate exceeded")

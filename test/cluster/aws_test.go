@@ -12,7 +12,6 @@ import (
 	"github.com/aws/aws-sdk-go-v2/config"
 	"github.com/aws/aws-sdk-go-v2/credentials"
 	"github.com/aws/aws-sdk-go-v2/service/s3"
-	authenticationv1 "k8s.io/api/authentication/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
@@ -55,14 +54,9 @@ func TestAWSSessionFromTheClustersOwnTokens(t *testing.T) {
 		"objects": fmt.Sprintf("- {objectName: aws, objectType: sts, roleArn: %q}\n", m.RoleARN),
 	})
 	f := setupWith(t, fmt.Sprintf("aws:\n  endpoints: [%q]\n", m.URL))
-	tr, err := clients.CoreV1().ServiceAccounts("team-aws").CreateToken(ctx, "trainer",
-		&authenticationv1.TokenRequest{Spec: authenticationv1.TokenRequestSpec{Audiences: []string{"sts.amazonaws.com"}}}, metav1.CreateOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	harness.RememberSecret(tr.Status.Token)
+	tr := saToken(t, "team-aws", "trainer", "sts.amazonaws.com")
 	pod := kubelet.Pod{Namespace: "team-aws", Name: "job", UID: uids["job"], ServiceAccount: "trainer",
-		Tokens: map[string]string{"sts.amazonaws.com": tr.Status.Token}}
+		Tokens: map[string]string{"sts.amazonaws.com": tr}}
 	target, err := f.kube.Publish(ctx, pod, volume("session"))
 	if err != nil {
 		t.Fatalf("publish: %v", err)
@@ -93,14 +87,9 @@ func TestAWSSessionFromTheClustersOwnTokens(t *testing.T) {
 	}
 
 	// A cluster token for another audience buys nothing.
-	other, err := clients.CoreV1().ServiceAccounts("team-aws").CreateToken(ctx, "trainer",
-		&authenticationv1.TokenRequest{Spec: authenticationv1.TokenRequestSpec{Audiences: []string{"vault"}}}, metav1.CreateOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	harness.RememberSecret(other.Status.Token)
+	other := saToken(t, "team-aws", "trainer", "vault")
 	wrong := kubelet.Pod{Namespace: "team-aws", Name: "wrong-aud", UID: uids["wrong-aud"], ServiceAccount: "trainer",
-		Tokens: map[string]string{"sts.amazonaws.com": other.Status.Token}}
+		Tokens: map[string]string{"sts.amazonaws.com": other}}
 	if _, err := f.kube.Publish(ctx, wrong, volume("session")); err == nil || !strings.Contains(err.Error(), "PermissionDenied") {
 		t.Errorf("a token for another audience: %v, want PermissionDenied", err)
 	}

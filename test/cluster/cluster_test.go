@@ -12,7 +12,6 @@ import (
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
-	authenticationv1 "k8s.io/api/authentication/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/client-go/dynamic"
@@ -136,13 +135,8 @@ func updateClass(t *testing.T, ns, name string, params map[string]any) {
 // TokenRequest token for its service account (audience "vault").
 func podFor(t *testing.T, ns, name, sa, uid string) kubelet.Pod {
 	t.Helper()
-	tr, err := clients.CoreV1().ServiceAccounts(ns).CreateToken(context.Background(), sa,
-		&authenticationv1.TokenRequest{Spec: authenticationv1.TokenRequestSpec{Audiences: []string{"vault"}}}, metav1.CreateOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	harness.RememberSecret(tr.Status.Token)
-	return kubelet.Pod{Namespace: ns, Name: name, UID: uid, ServiceAccount: sa, Tokens: map[string]string{"vault": tr.Status.Token}}
+	tr := saToken(t, ns, sa, "vault")
+	return kubelet.Pod{Namespace: ns, Name: name, UID: uid, ServiceAccount: sa, Tokens: map[string]string{"vault": tr}}
 }
 
 func volume(class string) kubelet.Volume {
@@ -290,14 +284,9 @@ func TestThePodsOwnTokenReachesTheProvider(t *testing.T) {
 		t.Fatal(err)
 	}
 	// A token minted for another audience does not pass.
-	tr, err := clients.CoreV1().ServiceAccounts("team-c").CreateToken(ctx, "agent",
-		&authenticationv1.TokenRequest{Spec: authenticationv1.TokenRequestSpec{Audiences: []string{"some-other-service"}}}, metav1.CreateOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	harness.RememberSecret(tr.Status.Token)
+	tr := saToken(t, "team-c", "agent", "some-other-service")
 	wrong := kubelet.Pod{Namespace: "team-c", Name: "bot-2", UID: uids["bot-2"], ServiceAccount: "agent",
-		Tokens: map[string]string{"vault": tr.Status.Token}}
+		Tokens: map[string]string{"vault": tr}}
 	if _, err := f.kube.Publish(ctx, wrong, volume("who")); status.Code(err) != codes.PermissionDenied {
 		t.Fatalf("token of another audience: %v, want PermissionDenied", err)
 	}

@@ -82,13 +82,7 @@ func run(m *testing.M) int {
 	}
 	defer os.RemoveAll(harness.LogDir())
 	code := m.Run()
-	if n, lines, err := harness.CheckLogs(); err != nil {
-		fmt.Println("FAIL: log check:", err)
-		return 1
-	} else {
-		fmt.Printf("log check: %d secrets searched in %d log lines: none found\n", n, lines)
-	}
-	return code
+	return max(code, harness.ReportLogs())
 }
 
 // driverKubeconfig writes a kubeconfig that authenticates as the driver's
@@ -96,15 +90,10 @@ func run(m *testing.M) int {
 // gets exactly the RBAC of deploy/kustomize/base/rbac.yaml.
 func driverKubeconfig(t *testing.T, dir string) string {
 	t.Helper()
-	tr, err := clients.CoreV1().ServiceAccounts("ephemeral-secrets").CreateToken(context.Background(), "ephemeral-secrets-csi",
-		&authenticationv1.TokenRequest{Spec: authenticationv1.TokenRequestSpec{ExpirationSeconds: ptr(int64(3600))}}, metav1.CreateOptions{})
-	if err != nil {
-		t.Fatalf("token for the driver: %v", err)
-	}
-	harness.RememberSecret(tr.Status.Token)
+	token := saToken(t, "ephemeral-secrets", "ephemeral-secrets-csi")
 	cfg := clientcmdapi.NewConfig()
 	cfg.Clusters["test"] = &clientcmdapi.Cluster{Server: cluster.URL, CertificateAuthorityData: cluster.CAPEM}
-	cfg.AuthInfos["driver"] = &clientcmdapi.AuthInfo{Token: tr.Status.Token}
+	cfg.AuthInfos["driver"] = &clientcmdapi.AuthInfo{Token: token}
 	cfg.Contexts["test"] = &clientcmdapi.Context{Cluster: "test", AuthInfo: "driver"}
 	cfg.CurrentContext = "test"
 	path := filepath.Join(dir, "kubeconfig")
@@ -114,7 +103,19 @@ func driverKubeconfig(t *testing.T, dir string) string {
 	return path
 }
 
-func ptr[T any](v T) *T { return &v }
+// saToken is a real TokenRequest token for service account sa of ns, for
+// the audiences given (the API server's own without any); remembered as a
+// secret for the log check.
+func saToken(t *testing.T, ns, sa string, audiences ...string) string {
+	t.Helper()
+	tr, err := clients.CoreV1().ServiceAccounts(ns).CreateToken(context.Background(), sa,
+		&authenticationv1.TokenRequest{Spec: authenticationv1.TokenRequestSpec{Audiences: audiences}}, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatalf("token for %s/%s: %v", ns, sa, err)
+	}
+	harness.RememberSecret(tr.Status.Token)
+	return tr.Status.Token
+}
 
 // namespace creates a namespace with a service account, a pod object (so
 // that events have something to point at) and returns the pod's UID.

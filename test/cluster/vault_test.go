@@ -10,7 +10,6 @@ import (
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
-	authenticationv1 "k8s.io/api/authentication/v1"
 	corev1 "k8s.io/api/core/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -46,13 +45,8 @@ func TestVaultKubernetesAuthWithRealTokens(t *testing.T) {
 	}, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	rt, err := clients.CoreV1().ServiceAccounts("ephemeral-secrets").CreateToken(ctx, "vault-reviewer",
-		&authenticationv1.TokenRequest{}, metav1.CreateOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	harness.RememberSecret(rt.Status.Token)
-	if err := v.SetupKubernetesAuth(ctx, cluster.URL, cluster.CAPEM, rt.Status.Token, "team-v", "agent"); err != nil {
+	rt := saToken(t, "ephemeral-secrets", "vault-reviewer")
+	if err := v.SetupKubernetesAuth(ctx, cluster.URL, cluster.CAPEM, rt, "team-v", "agent"); err != nil {
 		t.Fatal(err)
 	}
 
@@ -79,14 +73,9 @@ func TestVaultKubernetesAuthWithRealTokens(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	tr, err := clients.CoreV1().ServiceAccounts("team-v").CreateToken(ctx, "agent",
-		&authenticationv1.TokenRequest{Spec: authenticationv1.TokenRequestSpec{Audiences: []string{"sts.amazonaws.com"}}}, metav1.CreateOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	harness.RememberSecret(tr.Status.Token)
+	tr := saToken(t, "team-v", "agent", "sts.amazonaws.com")
 	wrong := kubelet.Pod{Namespace: "team-v", Name: "wrong-aud", UID: uids["wrong-aud"], ServiceAccount: "agent",
-		Tokens: map[string]string{"vault": tr.Status.Token}}
+		Tokens: map[string]string{"vault": tr}}
 	if _, err := f.kube.Publish(ctx, wrong, volume("vault-kv")); status.Code(err) != codes.PermissionDenied {
 		t.Fatalf("a token for another audience: %v, want PermissionDenied", err)
 	}

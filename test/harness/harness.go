@@ -5,13 +5,11 @@
 package harness
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -24,6 +22,7 @@ import (
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"golang.org/x/sys/unix"
+	mount "k8s.io/mount-utils"
 
 	"github.com/ephemeral-secrets/csi-driver/test/kubelet"
 )
@@ -140,41 +139,30 @@ func (e *Env) Close() error {
 
 // Mounts lists the mount points under prefix, deepest first.
 func Mounts(prefix string) []string {
-	data, err := os.ReadFile("/proc/self/mountinfo")
+	infos, err := mount.ParseMountInfo("/proc/self/mountinfo")
 	if err != nil {
 		return nil
 	}
 	var out []string
-	sc := bufio.NewScanner(bytes.NewReader(data))
-	for sc.Scan() {
-		f := strings.Fields(sc.Text())
-		if len(f) > 4 && (f[4] == prefix || strings.HasPrefix(f[4], prefix+"/")) {
-			out = append(out, f[4])
+	for _, m := range infos {
+		if m.MountPoint == prefix || strings.HasPrefix(m.MountPoint, prefix+"/") {
+			out = append(out, m.MountPoint)
 		}
 	}
 	sort.Slice(out, func(i, j int) bool { return len(out[i]) > len(out[j]) })
 	return out
 }
 
-// MountOptions returns the per-mount options and the filesystem type of the
-// mount at path, from /proc/self/mountinfo.
+// MountOptions returns the per-mount options, the filesystem type and the
+// superblock options of the mount at path (the last one mounted there).
 func MountOptions(path string) (opts []string, fstype, superOpts string, ok bool) {
-	data, err := os.ReadFile("/proc/self/mountinfo")
+	infos, err := mount.ParseMountInfo("/proc/self/mountinfo")
 	if err != nil {
 		return nil, "", "", false
 	}
-	sc := bufio.NewScanner(bytes.NewReader(data))
-	for sc.Scan() {
-		f := strings.Fields(sc.Text())
-		if len(f) < 10 || f[4] != path {
-			continue
-		}
-		i := 6
-		for i < len(f) && f[i] != "-" {
-			i++
-		}
-		if i+3 < len(f) {
-			opts, fstype, superOpts, ok = strings.Split(f[5], ","), f[i+1], f[i+3], true
+	for _, m := range infos {
+		if m.MountPoint == path {
+			opts, fstype, superOpts, ok = m.MountOptions, m.FsType, strings.Join(m.SuperOptions, ","), true
 		}
 	}
 	return opts, fstype, superOpts, ok
@@ -218,12 +206,11 @@ func (d *Driver) Start(ctx context.Context) error {
 	}
 	defer log.Close()
 	if d.MetricsAddr == "" {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
+		ports, err := FreePorts(1)
 		if err != nil {
 			return err
 		}
-		d.MetricsAddr = l.Addr().String()
-		l.Close()
+		d.MetricsAddr = fmt.Sprintf("127.0.0.1:%d", ports[0])
 	}
 	args := append([]string{
 		"serve", "--endpoint", d.Env.Endpoint(), "--node-id", "test-node", "--metrics-address", d.MetricsAddr,
@@ -342,6 +329,18 @@ func RegisterLog(path string) {
 	secretsMu.Lock()
 	defer secretsMu.Unlock()
 	logFiles[path] = true
+}
+
+// ReportLogs runs CheckLogs for a TestMain: it prints the outcome and
+// returns the exit code to use (1 on any finding).
+func ReportLogs() int {
+	n, lines, err := CheckLogs()
+	if err != nil {
+		fmt.Println("FAIL: log check:", err)
+		return 1
+	}
+	fmt.Printf("log check: %d secrets searched in %d log lines: none found\n", n, lines)
+	return 0
 }
 
 // CheckLogs searches every registered log for every remembered secret. It

@@ -78,7 +78,7 @@ func Start() (*Cluster, error) {
 			c.Stop()
 		}
 	}()
-	ports, err := freePorts(3)
+	ports, err := harness.FreePorts(3)
 	if err != nil {
 		return nil, err
 	}
@@ -254,23 +254,4 @@ func (c *Cluster) writeCerts() (certFile, keyFile, saPub, saKey string, err erro
 		}
 	}
 	return
-}
-
-func freePorts(n int) ([]int, error) {
-	var ls []net.Listener
-	defer func() {
-		for _, l := range ls {
-			l.Close()
-		}
-	}()
-	var ports []int
-	for range n {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			return nil, err
-		}
-		ls = append(ls, l)
-		ports = append(ports, l.Addr().(*net.TCPAddr).Port)
-	}
-	return ports, nil
 }

@@ -8,7 +8,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net"
 	"os"
 	"os/exec"
 	"os/user"
@@ -19,6 +18,8 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+
+	"github.com/ephemeral-secrets/csi-driver/test/harness"
 )
 
 // AdminPassword is the password of the throwaway server's superuser.
@@ -86,10 +87,12 @@ func Start() (*Server, error) {
 		s.Close()
 		return nil, fmt.Errorf("initdb: %v: %s", err, out)
 	}
-	if s.Port, err = freePort(); err != nil {
+	ports, err := harness.FreePorts(1)
+	if err != nil {
 		s.Close()
 		return nil, err
 	}
+	s.Port = ports[0]
 	if err := s.Restart(); err != nil {
 		s.Close()
 		return nil, err
@@ -219,13 +222,4 @@ func (s *Server) CountRoles(ctx context.Context, prefix string) (int, error) {
 	var n int
 	err = conn.QueryRow(ctx, `SELECT count(*) FROM pg_roles WHERE starts_with(rolname, $1)`, prefix).Scan(&n)
 	return n, err
-}
-
-func freePort() (int, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return 0, err
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port, nil
 }

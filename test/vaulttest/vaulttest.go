@@ -13,7 +13,6 @@ import (
 	"crypto/x509"
 	"encoding/pem"
 	"fmt"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -63,13 +62,11 @@ func Start() (*Server, error) {
 	if err != nil {
 		return nil, err
 	}
-	l, err := net.Listen("tcp", "127.0.0.1:0")
+	ports, err := harness.FreePorts(1)
 	if err != nil {
 		return nil, err
 	}
-	port := l.Addr().(*net.TCPAddr).Port
-	l.Close()
-	s := &Server{Addr: "http://127.0.0.1:" + strconv.Itoa(port), LogFile: filepath.Join(dir, "vault.log"), bin: bin, dir: dir, key: key}
+	s := &Server{Addr: "http://127.0.0.1:" + strconv.Itoa(ports[0]), LogFile: filepath.Join(dir, "vault.log"), bin: bin, dir: dir, key: key}
 	if err := s.Restart(); err != nil {
 		s.Close()
 		return nil, err
