@@ -34,7 +34,7 @@ KUSTOMIZE_VERSION ?= v5.8.0
 kube:
 	@command -v etcd >/dev/null || { echo "installing etcd (apt)"; apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends etcd-server >/dev/null; }
-	test/kube/build-apiserver.sh $(TOOLS)
+	test/kube/build-kube.sh $(TOOLS)
 	@test -x $(TOOLS)/helm || GOBIN=$(TOOLS) $(GO) install helm.sh/helm/v3/cmd/helm@$(HELM_VERSION)
 	@test -x $(TOOLS)/kustomize || GOBIN=$(TOOLS) $(GO) install sigs.k8s.io/kustomize/kustomize/v5@$(KUSTOMIZE_VERSION)
 

@@ -1,7 +1,7 @@
 // Package kube starts a real kube-apiserver with its etcd on 127.0.0.1 for
 // tests: a throwaway CA and serving certificate, a service-account signing
 // key (so TokenRequest works), and an admin bearer token. The API server
-// binary is built from the Go module proxy by build-apiserver.sh ("make
+// binary is built from the Go module proxy by build-kube.sh ("make
 // kube"); etcd comes from the distribution (etcd-server).
 package kube
 
@@ -46,7 +46,7 @@ type Cluster struct {
 }
 
 // APIServerPath finds the kube-apiserver binary: $ESC_KUBE_APISERVER, or
-// where build-apiserver.sh puts it.
+// where build-kube.sh puts it.
 func APIServerPath() (string, error) {
 	if p := os.Getenv("ESC_KUBE_APISERVER"); p != "" {
 		return p, nil

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Builds kube-apiserver from the Go module proxy (no other download is
-# possible here) for the tests that need a real API server. A wrapper
-# module requires k8s.io/kubernetes and points each of its staging modules
-# (the "=> ./staging" replaces of its go.mod) at the matching release.
-# Usage: build-apiserver.sh [OUTDIR]
+# Builds the Kubernetes components the tests run (kube-apiserver,
+# kube-controller-manager, kube-scheduler, kubelet) from the Go module proxy
+# (no other download is possible here). A wrapper module requires
+# k8s.io/kubernetes and points each of its staging modules (the
+# "=> ./staging" replaces of its go.mod) at the matching release; the four
+# commands share one module graph and one build cache.
+# Usage: build-kube.sh [OUTDIR]
 #   (default: ${XDG_CACHE_HOME:-~/.cache}/ephemeral-secrets-csi/bin, kept across clones)
 set -euo pipefail
 K8S=1.35.4
@@ -11,9 +13,14 @@ STAGING=0.35.4
 out=${1:-${XDG_CACHE_HOME:-$HOME/.cache}/ephemeral-secrets-csi/bin}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
-if [ -x "$out/kube-apiserver" ] && "$out/kube-apiserver" --version 2>/dev/null | grep -q "v$K8S"; then
-	exit 0
-fi
+COMMANDS="kube-apiserver kube-controller-manager kube-scheduler kubelet"
+missing=""
+for c in $COMMANDS; do
+	if ! { [ -x "$out/$c" ] && "$out/$c" --version 2>/dev/null | grep -q "v$K8S"; }; then
+		missing="$missing $c"
+	fi
+done
+[ -n "$missing" ] || exit 0
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 modules="api apiextensions-apiserver apimachinery apiserver cli-runtime client-go cloud-provider
@@ -37,23 +44,30 @@ cat > "$work/tools.go" <<'GO'
 
 package tools
 
-import _ "k8s.io/kubernetes/cmd/kube-apiserver"
+import (
+	_ "k8s.io/kubernetes/cmd/kube-apiserver"
+	_ "k8s.io/kubernetes/cmd/kube-controller-manager"
+	_ "k8s.io/kubernetes/cmd/kube-scheduler"
+	_ "k8s.io/kubernetes/cmd/kubelet"
+)
 GO
 cd "$work"
-echo "building kube-apiserver v$K8S (a few minutes) ..."
-# tidy reports that the imported package is a program; it records the
+echo "building$missing v$K8S (several minutes) ..."
+# tidy reports that the imported packages are programs; it records the
 # module graph all the same, which is all the build needs.
 GOFLAGS=-mod=mod go mod tidy -e 2>&1 | grep -v "is a program, not an importable package" || true
 pkg=k8s.io/kubernetes/pkg/version
 base=k8s.io/component-base/version
 build() {
-	GOFLAGS=-mod=mod CGO_ENABLED=0 go build -trimpath -o "$out/kube-apiserver" \
-		-ldflags "-s -w -X $base.gitVersion=v$K8S -X $base.gitMajor=1 -X $base.gitMinor=35 -X $pkg.gitVersion=v$K8S" \
-		k8s.io/kubernetes/cmd/kube-apiserver
+	for c in $missing; do
+		GOFLAGS=-mod=mod CGO_ENABLED=0 go build -trimpath -o "$out/$c" \
+			-ldflags "-s -w -X $base.gitVersion=v$K8S -X $base.gitMajor=1 -X $base.gitMinor=35 -X $pkg.gitVersion=v$K8S" \
+			"k8s.io/kubernetes/cmd/$c" || return 1
+	done
 }
 if ! build; then
 	echo "retrying after another tidy ..."
 	GOFLAGS=-mod=mod go mod tidy -e >/dev/null 2>&1 || true
 	build
 fi
-"$out/kube-apiserver" --version
+for c in $missing; do "$out/$c" --version; done
