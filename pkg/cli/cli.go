@@ -211,8 +211,18 @@ func serve(version string, args []string, extra []Register) error {
 	go mgr.Run(ctx)
 	select {
 	case <-ctx.Done():
-		klog.InfoS("Shutting down; live leases are resumed at the next start")
-		return <-errc
+		err := <-errc
+		mgr.Close()
+		// With nothing to resume (an uninstall after the pods are gone),
+		// leave nothing on the node; otherwise the next start resumes it.
+		if released, rerr := store.Release(); rerr != nil {
+			klog.ErrorS(rerr, "Releasing the state directory")
+		} else if released {
+			klog.InfoS("Shutting down with no live lease and no pending revocation; state directory released")
+		} else {
+			klog.InfoS("Shutting down; live leases and pending revocations are resumed at the next start")
+		}
+		return err
 	case err := <-errc:
 		return err
 	}

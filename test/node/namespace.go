@@ -137,3 +137,45 @@ func killNamespace() {
 		time.Sleep(200 * time.Millisecond)
 	}
 }
+
+// components are the names of the node's processes.
+var components = map[string]bool{
+	"etcd": true, "kube-apiserver": true, "kube-scheduler": true,
+	"kube-controller": true, "kubelet": true, "kube-proxy": true, "containerd": true, "containerd-shim": true, // comm is cut at 15 bytes
+}
+
+// Leftovers lists what a stopped node left on the host, as seen from the
+// host: mounts on the host directories the node covers, cgroups under a
+// node's cgroup root, and node processes in a network namespace other
+// than this process's (a namespace lives as long as a process in it).
+func Leftovers() []string {
+	var left []string
+	mi, _ := os.ReadFile("/proc/self/mountinfo")
+	for _, line := range strings.Split(string(mi), "\n") {
+		f := strings.Fields(line)
+		if len(f) < 5 {
+			continue
+		}
+		for _, dir := range hostDirs {
+			if f[4] == dir || strings.HasPrefix(f[4], dir+"/") {
+				left = append(left, "mount "+f[4])
+			}
+		}
+	}
+	roots, _ := filepath.Glob(filepath.Join(cgroupV1, "*", "esc-node-*"))
+	for _, r := range roots {
+		left = append(left, "cgroup "+r)
+	}
+	own, _ := os.Readlink("/proc/self/ns/net")
+	entries, _ := os.ReadDir("/proc")
+	for _, e := range entries {
+		comm, err := os.ReadFile(filepath.Join("/proc", e.Name(), "comm"))
+		if err != nil || !components[strings.TrimSpace(string(comm))] {
+			continue
+		}
+		if ns, err := os.Readlink(filepath.Join("/proc", e.Name(), "ns/net")); err == nil && ns != own {
+			left = append(left, fmt.Sprintf("process %s (pid %s)", strings.TrimSpace(string(comm)), e.Name()))
+		}
+	}
+	return left
+}

@@ -431,3 +431,30 @@ func poll(ctx context.Context, timeout time.Duration, f func() error) error {
 
 // RestConfig is an admin client configuration.
 func (n *Node) RestConfig() *rest.Config { return n.Config() }
+
+// DeleteWorkloads deletes every pod but the driver's and waits (up to
+// timeout) until they are gone: kubelet unpublishes their volumes and the
+// driver revokes their credentials before the node stops.
+func (n *Node) DeleteWorkloads(ctx context.Context, timeout time.Duration) {
+	nss, err := n.Clients.CoreV1().Namespaces().List(ctx, metav1.ListOptions{})
+	if err != nil {
+		return
+	}
+	for _, ns := range nss.Items {
+		if ns.Name != Namespace {
+			_ = n.Clients.CoreV1().Pods(ns.Name).DeleteCollection(ctx, metav1.DeleteOptions{}, metav1.ListOptions{})
+		}
+	}
+	_ = poll(ctx, timeout, func() error {
+		pods, err := n.Clients.CoreV1().Pods("").List(ctx, metav1.ListOptions{})
+		if err != nil {
+			return err
+		}
+		for _, p := range pods.Items {
+			if p.Namespace != Namespace {
+				return fmt.Errorf("pod %s/%s still there", p.Namespace, p.Name)
+			}
+		}
+		return nil
+	})
+}

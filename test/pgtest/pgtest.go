@@ -213,7 +213,9 @@ func (s *Server) URLFor(user, password, database string) string {
 }
 
 // Exec runs statements as the superuser.
-func (s *Server) Exec(ctx context.Context, stmts ...string) error { return s.ExecIn(ctx, "postgres", stmts...) }
+func (s *Server) Exec(ctx context.Context, stmts ...string) error {
+	return s.ExecIn(ctx, "postgres", stmts...)
+}
 
 // ExecIn runs statements as the superuser in database.
 func (s *Server) ExecIn(ctx context.Context, database string, stmts ...string) error {
