@@ -12,7 +12,7 @@ FUZZTIME  ?= 30s
 # keeps a two-core machine responsive; -race is part of the standard run.
 TESTFLAGS ?= -race -count=1 -timeout 30m -p 1
 
-.PHONY: all build test demo lint fuzz bench postgres kube vault aws clean
+.PHONY: all build test demo lint fuzz bench postgres kube node vault aws clean cluster cluster-down
 
 all: build
 
@@ -38,6 +38,24 @@ kube:
 	@test -x $(TOOLS)/helm || GOBIN=$(TOOLS) $(GO) install helm.sh/helm/v3/cmd/helm@$(HELM_VERSION)
 	@test -x $(TOOLS)/kustomize || GOBIN=$(TOOLS) $(GO) install sigs.k8s.io/kustomize/kustomize/v5@$(KUSTOMIZE_VERSION)
 
+# What a real node needs beside the Kubernetes commands: containerd, runc,
+# the CNI plugins and iptables (kube-proxy), from apt.
+NODE_PACKAGES := containerd runc containernetworking-plugins iptables conntrack
+node: kube
+	@missing=""; for p in $(NODE_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then echo "installing$$missing (apt)"; apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; fi
+
+# A single-node cluster for a person: kubelet, containerd, the control
+# plane, PostgreSQL with the example's database, the driver from the chart.
+# It prints what to export to use kubectl. cluster-down removes all of it.
+cluster: postgres node
+	@KUBE_COMMANDS=kubectl test/kube/build-kube.sh $(TOOLS)
+	$(GO) run ./test/node/cmd/cluster up --dir bin/cluster
+
+cluster-down:
+	$(GO) run ./test/node/cmd/cluster down --dir bin/cluster
+
 # A real Vault server for the vault provider's tests (built from the Go
 # module proxy into $(TOOLS); several minutes the first time).
 vault:
@@ -51,7 +69,7 @@ aws:
 demo: postgres build
 	$(GO) run ./test/demo --driver $(BIN)
 
-test: postgres kube vault aws
+test: postgres kube node vault aws
 	$(GO) test $(TESTFLAGS) ./...
 
 lint:

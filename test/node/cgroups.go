@@ -4,7 +4,10 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"strconv"
 	"strings"
+	"syscall"
+	"time"
 )
 
 // cgroupV1 is where this machine mounts its cgroup v1 hierarchies.
@@ -43,11 +46,50 @@ func makeCgroupRoot(root string) error {
 }
 
 // removeCgroupRoot removes the root and every cgroup under it, deepest
-// first (a cgroup goes only once its processes and children are gone).
+// first (a cgroup goes only once its processes and children are gone:
+// killed processes take a moment to leave, so it tries for a while).
 func removeCgroupRoot(root string) {
 	if root == "" || root == "/" {
 		return
 	}
+	for range 50 {
+		killCgroup(root)
+		if removeCgroupTree(root) {
+			return
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
+
+// cgroupProcs lists the processes in the root's cgroups (the pids
+// hierarchy holds every process of every pod: sandboxes live in pod
+// network namespaces, not the node's).
+func cgroupProcs(root string) []int {
+	var pids []int
+	_ = filepath.WalkDir(filepath.Join(cgroupV1, "pids", root), func(path string, d os.DirEntry, err error) error {
+		if err != nil || d.Name() != "cgroup.procs" {
+			return nil
+		}
+		b, _ := os.ReadFile(path)
+		for _, f := range strings.Fields(string(b)) {
+			if pid, err := strconv.Atoi(f); err == nil {
+				pids = append(pids, pid)
+			}
+		}
+		return nil
+	})
+	return pids
+}
+
+// killCgroup kills every process in the root's cgroups.
+func killCgroup(root string) {
+	for _, pid := range cgroupProcs(root) {
+		_ = syscall.Kill(pid, syscall.SIGKILL)
+	}
+}
+
+// removeCgroupTree makes one pass and reports whether all is gone.
+func removeCgroupTree(root string) bool {
 	hierarchies, _ := os.ReadDir(cgroupV1)
 	for _, h := range hierarchies {
 		top := filepath.Join(cgroupV1, h.Name(), root)
@@ -63,4 +105,6 @@ func removeCgroupRoot(root string) {
 			_ = os.Remove(d)
 		}
 	}
+	left, _ := filepath.Glob(filepath.Join(cgroupV1, "*", root))
+	return len(left) == 0
 }

@@ -166,6 +166,12 @@ func Leftovers() []string {
 	for _, r := range roots {
 		left = append(left, "cgroup "+r)
 	}
+	pidRoots, _ := filepath.Glob(filepath.Join(cgroupV1, "pids", "esc-node-*"))
+	for _, r := range pidRoots {
+		for _, pid := range cgroupProcs("/" + filepath.Base(r)) {
+			left = append(left, fmt.Sprintf("process %d in %s", pid, r))
+		}
+	}
 	own, _ := os.Readlink("/proc/self/ns/net")
 	entries, _ := os.ReadDir("/proc")
 	for _, e := range entries {

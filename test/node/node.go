@@ -194,7 +194,7 @@ func (n *Node) startControlPlane(context.Context) error {
 	}
 	if err := n.start("kube-controller-manager", "kube-controller-manager",
 		"--kubeconfig", kcm, "--authentication-kubeconfig", kcm, "--authorization-kubeconfig", kcm,
-		"--leader-elect=false", "--use-service-account-credentials=false",
+		"--leader-elect=false", "--use-service-account-credentials=true", // each controller with its own role, as kubeadm runs it
 		"--service-account-private-key-file", n.SAKeyFile(), "--root-ca-file", ca,
 		"--bind-address", "127.0.0.1", fmt.Sprintf("--secure-port=%d", ports[0]),
 		"--controllers", "*,-nodeipam,-cloud-node-lifecycle,-service-lb-controller,-node-route-controller",
@@ -457,4 +457,34 @@ func (n *Node) DeleteWorkloads(ctx context.Context, timeout time.Duration) {
 		}
 		return nil
 	})
+}
+
+// Describe summarises the cluster for a person reading a failure: each
+// pod's phase and container states, and the Warning events.
+func (n *Node) Describe(ctx context.Context) string {
+	var b strings.Builder
+	pods, err := n.Clients.CoreV1().Pods("").List(ctx, metav1.ListOptions{})
+	if err != nil {
+		return err.Error()
+	}
+	for _, p := range pods.Items {
+		fmt.Fprintf(&b, "pod %s/%s: %s %s\n", p.Namespace, p.Name, p.Status.Phase, p.Status.Message)
+		for _, cs := range p.Status.ContainerStatuses {
+			fmt.Fprintf(&b, "  container %s: ready=%v restarts=%d state=%+v last=%+v\n", cs.Name, cs.Ready, cs.RestartCount, cs.State, cs.LastTerminationState)
+			tail := int64(40)
+			for _, previous := range []bool{true, false} {
+				logs, err := n.Clients.CoreV1().Pods(p.Namespace).GetLogs(p.Name, &corev1.PodLogOptions{Container: cs.Name, Previous: previous, TailLines: &tail}).DoRaw(ctx)
+				if err == nil && len(logs) > 0 {
+					fmt.Fprintf(&b, "  --- log (previous=%v) ---\n%s\n", previous, logs)
+				}
+			}
+		}
+	}
+	evs, err := n.Clients.CoreV1().Events("").List(ctx, metav1.ListOptions{FieldSelector: "type=Warning"})
+	if err == nil {
+		for _, e := range evs.Items {
+			fmt.Fprintf(&b, "event %s %s/%s %s: %s\n", e.Source.Component, e.InvolvedObject.Namespace, e.InvolvedObject.Name, e.Reason, e.Message)
+		}
+	}
+	return b.String()
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -113,7 +114,7 @@ func testPostgresExample(t *testing.T) {
 	// db-check logged in with the files, read orders and was refused customers.
 	waitLog(t, "ai-agents", "research-agent", "agent", time.Minute, `forbidden query refused: .*customers.*42501`)
 	logs := podLogs(t, "ai-agents", "research-agent", "agent")
-	for _, want := range []string{"login ok: user=esc_ai_agents_research_agent_", "allowed query ok: SELECT count(*) FROM orders: 2"} {
+	for _, want := range []string{"login ok: user=esc_ai_agents_research_agent_", "allowed query ok: SELECT count(*) FROM orders: 1 row(s), first: 2"} {
 		if !strings.Contains(logs, want) {
 			t.Fatalf("db-check log lacks %q:\n%s", want, logs)
 		}
@@ -339,10 +340,10 @@ type metricsSample map[string]float64
 
 func (m metricsSample) get(series string) float64 { return m[series] }
 
-// scrape reads the driver's metrics (host network: the node's loopback).
+// scrape reads the driver pod's metrics.
 func scrape(t *testing.T) metricsSample {
 	t.Helper()
-	resp, err := http.Get("http://127.0.0.1:9810/metrics")
+	resp, err := http.Get("http://" + net.JoinHostPort(driverPod(t).Status.PodIP, "9810") + "/metrics")
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -111,7 +111,7 @@ func up(dir string, port int) error {
 			tail = tail[len(tail)-4000:]
 		}
 		_ = down(dir)
-		return fmt.Errorf("the cluster did not start (%v): %s", err, tail)
+		return fmt.Errorf("the cluster did not start: %s%v\n%s", line, err, tail)
 	}
 	_ = cmd.Process.Release()
 	tools := filepath.Dir(mustTool("kube-apiserver"))
@@ -186,6 +186,7 @@ func serve(dir string) error {
 		err = n.InstallDriver(ctx, repoRoot, backends)
 	}
 	if err != nil {
+		logf("%s", n.Describe(ctx))
 		say("error " + err.Error())
 		return err
 	}
