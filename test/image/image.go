@@ -47,12 +47,12 @@ type Spec struct {
 	Labels     map[string]string
 }
 
-// Annotations on index.json's entries: containerd names the image after the
-// first, OCI tools after the second (the tag alone, as containerd and Docker
-// write it).
+// Annotations on index.json's entries: containerd names the image after
+// AnnotationName (the full reference), OCI tools after annotationRefName
+// (the tag alone, as containerd and Docker write it).
 const (
-	annotationContainerdName = "io.containerd.image.name"
-	annotationRefName        = "org.opencontainers.image.ref.name"
+	AnnotationName    = "io.containerd.image.name"
+	annotationRefName = "org.opencontainers.image.ref.name"
 )
 
 // Write writes the images as one archive at path. Specs of the same Name
@@ -204,8 +204,8 @@ func (a *archive) addName(tag name.Tag, specs []Spec, created time.Time) error {
 		return err
 	}
 	desc.Annotations = map[string]string{
-		annotationContainerdName: tag.Name(),
-		annotationRefName:        tag.TagStr(),
+		AnnotationName:    tag.Name(),
+		annotationRefName: tag.TagStr(),
 	}
 	a.index.Manifests = append(a.index.Manifests, desc)
 	return nil
