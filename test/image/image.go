@@ -14,6 +14,7 @@ import (
 	"io"
 	"os"
 	"path"
+	"path/filepath"
 	"runtime"
 	"sort"
 	"strconv"
@@ -72,11 +73,25 @@ func Write(path string, specs ...Spec) error {
 	if err != nil {
 		return err
 	}
-	var buf bytes.Buffer
-	if err := a.writeTar(&buf, created); err != nil {
+	// A temporary file renamed into place: an interrupted write leaves no
+	// truncated archive under the name.
+	f, err := os.CreateTemp(filepath.Dir(path), ".image-*.tar")
+	if err != nil {
 		return err
 	}
-	return os.WriteFile(path, buf.Bytes(), 0o644)
+	defer os.Remove(f.Name())
+	if err := a.writeTar(f, created); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Chmod(0o644); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Close(); err != nil {
+		return err
+	}
+	return os.Rename(f.Name(), path)
 }
 
 // Index reads index.json back from an archive Write made: one descriptor

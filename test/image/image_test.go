@@ -294,6 +294,9 @@ func TestWriteRefusesBadInput(t *testing.T) {
 	if err := Write(filepath.Join(dir, "x.tar")); err == nil {
 		t.Errorf("no spec: no error")
 	}
+	if left, _ := os.ReadDir(dir); len(left) != 0 {
+		t.Errorf("refused writes left %v behind", left)
+	}
 }
 
 func TestLayerHasNoSurprises(t *testing.T) {
