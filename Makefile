@@ -19,6 +19,22 @@ all: build
 build:
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "$(LDFLAGS)" -o $(BIN) ./cmd/ephemeral-secrets-csi
 
+# The images, without Docker (test/image/cmd/mkimage): archives for
+# `ctr -n k8s.io images import`, `kind load image-archive` or `docker load`.
+# The same commit and Go toolchain give the same digests (SOURCE_DATE_EPOCH,
+# if set, stamps them; else 1970). IMAGE_PLATFORMS: e.g. linux/amd64,linux/arm64.
+IMAGE_REPO          ?= ghcr.io/ephemeral-secrets/csi-driver
+IMAGE_TAG           ?= $(VERSION)
+IMAGE_PLATFORMS     ?= $(shell $(GO) env GOOS)/$(shell $(GO) env GOARCH)
+DB_CHECK_IMAGE_REPO ?= ghcr.io/ephemeral-secrets/db-check
+MKIMAGE = $(GO) run ./test/image/cmd/mkimage --platforms $(IMAGE_PLATFORMS)
+.PHONY: image
+image:
+	@mkdir -p bin
+	$(MKIMAGE) --image driver --name $(IMAGE_REPO):$(IMAGE_TAG) --version $(VERSION) --out bin/ephemeral-secrets-csi-image.tar
+	$(MKIMAGE) --image db-check --name $(DB_CHECK_IMAGE_REPO):$(IMAGE_TAG) --out bin/db-check-image.tar
+	$(MKIMAGE) --image pause --out bin/pause-image.tar
+
 # PostgreSQL server binaries from the distribution, for the demo and the tests.
 postgres:
 	@if ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then \

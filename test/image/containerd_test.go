@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"syscall"
 	"testing"
@@ -149,7 +150,55 @@ func TestImportAndRun(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if want := `hello from the image uid=65532 gid=65532 cat="root:x:0:0:root:/root:/sbin/nologin"`; strings.TrimSpace(out) != want {
+	if want := `hello from the image uid=65532 gid=65532 cat=["root:x:0:0:root:/root:/sbin/nologin"]`; strings.TrimSpace(out) != want {
 		t.Errorf("container printed %q, want %q", out, want)
+	}
+}
+
+// TestImportMultiPlatform imports a two-platform archive the way `kind load
+// image-archive` does (all platforms, from stdin) and runs the host's.
+func TestImportMultiPlatform(t *testing.T) {
+	ctx := context.Background()
+	c := startContainerd(t)
+	hello, err := BuildGo(ctx, "../..", "./test/image/internal/hello", "", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	const ref = "esc.local/hello:multi"
+	other := "linux/arm64"
+	if runtime.GOARCH == "arm64" {
+		other = "linux/amd64"
+	}
+	var specs []Spec
+	for _, p := range []string{other, runtime.GOOS + "/" + runtime.GOARCH} {
+		// The same binary in both: only the host's ever runs.
+		specs = append(specs, Spec{
+			Name:       ref,
+			Platform:   p,
+			Files:      []File{{Path: "/hello", Mode: 0o755, Data: hello}, {Path: "/platform", Mode: 0o644, Data: []byte(p)}},
+			Entrypoint: []string{"/hello", "-cat", "/platform"},
+		})
+	}
+	archive := filepath.Join(t.TempDir(), "multi.tar")
+	if err := Write(archive, specs...); err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.Open(archive)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	imp := exec.CommandContext(ctx, "ctr", "--address", c.address, "-n", "k8s.io", "images", "import", "--all-platforms", "--digests", "--snapshotter", "overlayfs", "-")
+	imp.Stdin = f
+	if out, err := imp.CombinedOutput(); err != nil {
+		t.Fatalf("import: %v\n%s", err, out)
+	}
+	ls, err := c.ctr(ctx, "images", "ls", "name=="+ref)
+	if err != nil || !strings.Contains(ls, "linux/amd64,linux/arm64") {
+		t.Errorf("ctr does not list both platforms of %s: %v\n%s", ref, err, ls)
+	}
+	out, err := c.ctr(ctx, "run", "--rm", ref, "hello-multi")
+	if want := fmt.Sprintf("hello  uid=0 gid=0 cat=[%q]", runtime.GOOS+"/"+runtime.GOARCH); err != nil || strings.TrimSpace(out) != want {
+		t.Errorf("container printed %q (%v), want %q", out, err, want)
 	}
 }

@@ -14,6 +14,7 @@ import (
 	"io"
 	"os"
 	"path"
+	"path/filepath"
 	"runtime"
 	"sort"
 	"strconv"
@@ -47,12 +48,12 @@ type Spec struct {
 	Labels     map[string]string
 }
 
-// Annotations on index.json's entries: containerd names the image after the
-// first, OCI tools after the second (the tag alone, as containerd and Docker
-// write it).
+// Annotations on index.json's entries: containerd names the image after
+// AnnotationName (the full reference), OCI tools after annotationRefName
+// (the tag alone, as containerd and Docker write it).
 const (
-	annotationContainerdName = "io.containerd.image.name"
-	annotationRefName        = "org.opencontainers.image.ref.name"
+	AnnotationName    = "io.containerd.image.name"
+	annotationRefName = "org.opencontainers.image.ref.name"
 )
 
 // Write writes the images as one archive at path. Specs of the same Name
@@ -72,11 +73,25 @@ func Write(path string, specs ...Spec) error {
 	if err != nil {
 		return err
 	}
-	var buf bytes.Buffer
-	if err := a.writeTar(&buf, created); err != nil {
+	// A temporary file renamed into place: an interrupted write leaves no
+	// truncated archive under the name.
+	f, err := os.CreateTemp(filepath.Dir(path), ".image-*.tar")
+	if err != nil {
 		return err
 	}
-	return os.WriteFile(path, buf.Bytes(), 0o644)
+	defer os.Remove(f.Name())
+	if err := a.writeTar(f, created); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Chmod(0o644); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Close(); err != nil {
+		return err
+	}
+	return os.Rename(f.Name(), path)
 }
 
 // Index reads index.json back from an archive Write made: one descriptor
@@ -204,8 +219,8 @@ func (a *archive) addName(tag name.Tag, specs []Spec, created time.Time) error {
 		return err
 	}
 	desc.Annotations = map[string]string{
-		annotationContainerdName: tag.Name(),
-		annotationRefName:        tag.TagStr(),
+		AnnotationName:    tag.Name(),
+		annotationRefName: tag.TagStr(),
 	}
 	a.index.Manifests = append(a.index.Manifests, desc)
 	return nil

@@ -128,7 +128,7 @@ func TestWriteMultiPlatformIndex(t *testing.T) {
 		t.Fatalf("index.json has %d entries, want 1", len(im.Manifests))
 	}
 	d := im.Manifests[0]
-	if d.MediaType != types.OCIImageIndex || d.Annotations[annotationContainerdName] != "esc.local/test:1" || d.Annotations[annotationRefName] != "1" {
+	if d.MediaType != types.OCIImageIndex || d.Annotations[AnnotationName] != "esc.local/test:1" || d.Annotations[annotationRefName] != "1" {
 		t.Errorf("index.json entry %+v", d)
 	}
 	idx, err := top.ImageIndex(d.Digest)
@@ -293,6 +293,9 @@ func TestWriteRefusesBadInput(t *testing.T) {
 	}
 	if err := Write(filepath.Join(dir, "x.tar")); err == nil {
 		t.Errorf("no spec: no error")
+	}
+	if left, _ := os.ReadDir(dir); len(left) != 0 {
+		t.Errorf("refused writes left %v behind", left)
 	}
 }
 

@@ -1,6 +1,6 @@
 // Command hello is the tiny program the image tests run in a container: it
-// prints its arguments, its user and the content of the files it is given
-// with -cat, so a test sees the entrypoint, cmd, user and files at work.
+// prints its arguments, its user and the first line of each file it is
+// given with -cat, so a test sees the entrypoint, cmd, user and files at work.
 package main
 
 import (
@@ -11,16 +11,13 @@ import (
 )
 
 func main() {
-	cat := flag.String("cat", "", "a file whose first line to print")
+	var lines []string
+	flag.Func("cat", "a file whose first line to print (repeatable)", func(name string) error {
+		b, err := os.ReadFile(name)
+		line, _, _ := strings.Cut(string(b), "\n")
+		lines = append(lines, line)
+		return err
+	})
 	flag.Parse()
-	line := ""
-	if *cat != "" {
-		b, err := os.ReadFile(*cat)
-		if err != nil {
-			fmt.Fprintln(os.Stderr, err)
-			os.Exit(1)
-		}
-		line, _, _ = strings.Cut(string(b), "\n")
-	}
-	fmt.Printf("hello %s uid=%d gid=%d cat=%q\n", strings.Join(flag.Args(), " "), os.Getuid(), os.Getgid(), line)
+	fmt.Printf("hello %s uid=%d gid=%d cat=%q\n", strings.Join(flag.Args(), " "), os.Getuid(), os.Getgid(), lines)
 }
