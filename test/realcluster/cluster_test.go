@@ -90,13 +90,16 @@ func testHelmInstall(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Logf("helm install to driver registered with kubelet: %s", time.Since(start).Round(time.Millisecond))
-	ds, err := cluster.Clients.AppsV1().DaemonSets(node.Namespace).Get(ctx, "ephemeral-secrets-csi", metav1.GetOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if ds.Status.NumberReady != 1 {
-		t.Fatalf("DaemonSet has %d ready pods, want 1", ds.Status.NumberReady)
-	}
+	harness.Eventually(t, time.Minute, "the DaemonSet's pod ready", func() (bool, error) {
+		ds, err := cluster.Clients.AppsV1().DaemonSets(node.Namespace).Get(ctx, "ephemeral-secrets-csi", metav1.GetOptions{})
+		if err != nil {
+			return false, err
+		}
+		if ds.Status.NumberReady != 1 {
+			return false, fmt.Errorf("%d ready", ds.Status.NumberReady)
+		}
+		return true, nil
+	})
 	if _, err := cluster.Clients.StorageV1().CSIDrivers().Get(ctx, "ephemeral-secrets.csi.dev", metav1.GetOptions{}); err != nil {
 		t.Fatalf("CSIDriver: %v", err)
 	}
