@@ -66,7 +66,12 @@ func run(m *testing.M) int {
 	if err != nil {
 		return fail(err)
 	}
-	defer os.RemoveAll(work)
+	keep := false
+	defer func() {
+		if !keep {
+			os.RemoveAll(work)
+		}
+	}()
 	imgDir := filepath.Join(work, "images")
 	if err := os.MkdirAll(imgDir, 0o755); err != nil {
 		return fail(err)
@@ -92,7 +97,10 @@ func run(m *testing.M) int {
 	harness.RegisterLog(db.LogFile)
 	code := m.Run()
 	if code != 0 {
+		fmt.Println(cluster.Describe(ctx))
 		dumpLogs()
+		keep = true
+		fmt.Printf("realcluster: the node's files and logs are kept in %s\n", work)
 	}
 	for _, l := range cluster.LogFiles {
 		harness.RegisterLog(l)
