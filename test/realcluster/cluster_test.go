@@ -297,7 +297,7 @@ func testRotationAndRepublish(t *testing.T) {
 	before := scrape(t)
 	// Two rotations: three distinct users logged in, the container never restarted.
 	users := map[string]bool{}
-	rx := regexp.MustCompile(`login ok: user=(esc_team_rotate_agent_[a-z0-9_]+)`)
+	rx := regexp.MustCompile(`login ok: user=(esc_team_rotate_[a-z0-9_]+)`)
 	harness.Eventually(t, 90*time.Second, "db-check logged in as three rotated roles", func() (bool, error) {
 		for _, m := range rx.FindAllStringSubmatch(podLogs(t, rotatingNS, "rotating", "agent"), -1) {
 			users[m[1]] = true

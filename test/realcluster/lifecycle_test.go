@@ -25,7 +25,7 @@ import (
 
 type syscallStat = syscall.Stat_t
 
-var rotatingUser = regexp.MustCompile(`login ok: user=(esc_team_rotate_agent_[a-z0-9_]+)`)
+var rotatingUser = regexp.MustCompile(`login ok: user=(esc_team_rotate_[a-z0-9_]+)`)
 
 func usersIn(logs string) map[string]bool {
 	out := map[string]bool{}
