@@ -19,7 +19,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
-	"github.com/ephemeral-secrets/csi-driver/test/harness"
+	"github.com/ephemeral-secrets/csi-driver/test/freeport"
 )
 
 // AdminPassword is the password of the throwaway server's superuser.
@@ -87,7 +87,7 @@ func Start() (*Server, error) {
 		s.Close()
 		return nil, fmt.Errorf("initdb: %v: %s", err, out)
 	}
-	ports, err := harness.FreePorts(1)
+	ports, err := freeport.Ports(1)
 	if err != nil {
 		s.Close()
 		return nil, err
