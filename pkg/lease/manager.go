@@ -393,7 +393,7 @@ func (m *Manager) mount(id, target string) error {
 // mayHaveIssued reports whether a failed Issue might still have created
 // something in the backend.
 func mayHaveIssued(err error) bool {
-	for _, definite := range []error{provider.ErrPermissionDenied, provider.ErrInvalidParameters, provider.ErrNotFound} {
+	for _, definite := range []error{provider.ErrPermissionDenied, provider.ErrInvalidParameters, provider.ErrNotFound, provider.ErrMisconfigured} {
 		if errors.Is(err, definite) {
 			return false
 		}
