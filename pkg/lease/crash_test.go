@@ -134,6 +134,19 @@ type crashScenario struct {
 	// retry is what kubelet does after the restart, as the op never
 	// returned to it.
 	retry func(t *testing.T, c *crashRun, m *Manager)
+	// fault, if set, makes the op's first call of that kind to the
+	// backend fail so: the writes of the failure path are crash points too.
+	fault struct {
+		call string
+		kind faultKind
+	}
+}
+
+// withFault returns sc, named for it, with the backend failing at call.
+func withFault(sc crashScenario, call string, kind faultKind) crashScenario {
+	sc.name += "/" + call + "-" + string(kind)
+	sc.fault.call, sc.fault.kind = call, kind
+	return sc
 }
 
 func publish(t *testing.T, m *Manager, v Volume) {
@@ -198,6 +211,20 @@ var crashScenarios = []crashScenario{
 	},
 }
 
+func init() {
+	// The failure paths: an issue whose reply was lost (undone at publish,
+	// abandoned at rotation) and a revocation the backend refused.
+	byName := map[string]crashScenario{}
+	for _, sc := range crashScenarios {
+		byName[sc.name] = sc
+	}
+	crashScenarios = append(crashScenarios,
+		withFault(byName["publish"], "Issue", faultLost),
+		withFault(byName["rotate"], "Issue", faultLost),
+		withFault(byName["revoke"], "Revoke", faultError),
+	)
+}
+
 // TestCrashAtEveryWrite stops the manager right after each durable write
 // of publish, renewal, rotation, unpublish and revocation, recovers a new
 // manager from the store as it was left, and checks that no credential is
@@ -230,7 +257,8 @@ func crashAt(t *testing.T, sc crashScenario, k int, ttl time.Duration) bool {
 	ctx := context.Background()
 	n := newNode(t, ttl)
 	cs := &crashStore{Store: n.store}
-	c := &crashRun{node: n, cs: cs, m: n.manager(cs, n.pg, Options{}), vol: n.volume(fmt.Sprintf("p%d", k)), ttl: ttl}
+	fp := &faultyProvider{Provider: n.pg}
+	c := &crashRun{node: n, cs: cs, m: n.manager(cs, fp, Options{}), vol: n.volume(fmt.Sprintf("p%d", k)), ttl: ttl}
 	if err := c.m.Recover(ctx); err != nil {
 		t.Fatal(err)
 	}
@@ -238,6 +266,9 @@ func crashAt(t *testing.T, sc crashScenario, k int, ttl time.Duration) bool {
 		sc.setup(t, c)
 	}
 	cs.arm(k)
+	if sc.fault.call != "" {
+		fp.inject(sc.fault.call, sc.fault.kind)
+	}
 	stopped := func() (after string) {
 		defer func() {
 			if r := recover(); r != nil {

@@ -240,28 +240,35 @@ func (m *Manager) switchTo(v *volume, nl provider.Lease, granted time.Time) erro
 
 // dropRecord queues the revocation of l, a lease of the volume meta
 // describes that it no longer uses, then removes l's record. A record
-// whose revocation could not be queued stays, for recovery to queue.
-func (m *Manager) dropRecord(l provider.Lease, meta storage.Metadata, reason string) {
+// whose revocation could not be queued stays, for recovery to queue; it
+// reports whether the revocation was queued.
+func (m *Manager) dropRecord(l provider.Lease, meta storage.Metadata, reason string) bool {
 	if err := m.enqueue(l, meta, reason); err != nil {
 		klog.ErrorS(err, "Queueing a revocation", "leaseID", l.ID)
-		return
+		return false
 	}
 	if err := m.opts.Store.DeleteLease(meta.VolumeID, l.ID); err != nil {
 		klog.ErrorS(err, "Removing the record of a queued lease", "leaseID", l.ID)
 	}
+	return true
 }
 
 // abandon undoes a rotation that did not switch: v's own files back
-// first where the rotation may have swapped them, then the intent
-// cleared, then the revocation of nl (when it may exist) queued.
+// first where the rotation may have swapped them, then the revocation of
+// nl (when it may exist) queued, then the intent cleared. In that order a
+// crash leaves nl named by the intent or queued: recovery never puts a
+// queued lease in use, and revokes one that is only named.
 func (m *Manager) abandon(v *volume, nl provider.Lease, swapped bool) {
-	if !swapped {
-		// Nothing to restore.
-	} else if err := m.writeFiles(v, v.lease); err != nil {
-		// The pod may be reading nl: keep it, recorded, rather than revoke
-		// what is in use; recovery settles it.
-		klog.ErrorS(err, "Restoring files after a failed rotation; keeping the new lease", "volumeID", v.meta.VolumeID)
-		return
+	if swapped {
+		if err := m.writeFiles(v, v.lease); err != nil {
+			// The pod may be reading nl: keep it, recorded, rather than revoke
+			// what is in use; recovery settles it.
+			klog.ErrorS(err, "Restoring files after a failed rotation; keeping the new lease", "volumeID", v.meta.VolumeID)
+			return
+		}
+	}
+	if nl.ID != "" && !m.dropRecord(nl, v.meta, "rotation failed") {
+		return // the intent still names it
 	}
 	m.mu.Lock()
 	v.meta.PendingLeaseID = ""
@@ -269,9 +276,6 @@ func (m *Manager) abandon(v *volume, nl provider.Lease, swapped bool) {
 	m.mu.Unlock()
 	if err := m.opts.Store.WriteMetadata(meta); err != nil {
 		klog.ErrorS(err, "Clearing a rotation's intent", "volumeID", meta.VolumeID)
-	}
-	if nl.ID != "" {
-		m.dropRecord(nl, meta, "rotation failed")
 	}
 }
 
