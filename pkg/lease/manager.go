@@ -51,12 +51,15 @@ type Options struct {
 	Classes   spc.Resolver
 	Audit     *audit.Logger
 
-	// RenewFraction of a lease's remaining TTL after which it is renewed
-	// (default 2/3), less up to Jitter of that (default 0.1).
+	// RenewFraction of a lease's TTL, counted from when it was granted
+	// (issued or last renewed), after which it is renewed (default 2/3),
+	// less up to Jitter of that (default 0.1).
 	RenewFraction float64
 	Jitter        float64
 	// RetryMin and RetryMax bound the backoff of failed renewals and
-	// revocations (defaults 1 s and 1 min).
+	// revocations (defaults 1 s and 1 min). A failed renewal is retried
+	// after at most a quarter of the time its lease has left, and every
+	// RetryMin in the lease's last minute.
 	RetryMin, RetryMax time.Duration
 	// BackendTimeout bounds one call to a provider (default 30 s).
 	BackendTimeout time.Duration
