@@ -344,7 +344,7 @@ func (m *Manager) publishNew(ctx context.Context, v Volume) error {
 		return undo(l, err)
 	}
 	meta.State, meta.LeaseID, meta.PendingLeaseID = storage.StatePublished, l.ID, ""
-	meta.Role, meta.IssuedAt, meta.ExpiresAt = l.Role, l.IssuedAt, l.ExpiresAt
+	meta.Role, meta.IssuedAt, meta.ExpiresAt, meta.GrantTTL = l.Role, l.IssuedAt, l.ExpiresAt, grantTTL(l, asked)
 	if err := m.opts.Store.WriteMetadata(meta); err != nil {
 		_ = m.opts.Store.UnmountTarget(v.TargetPath)
 		return undo(l, fmt.Errorf("recording the volume: %w", err))

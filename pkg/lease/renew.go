@@ -30,8 +30,14 @@ func (m *Manager) scheduleRenewal(v *volume) {
 		return // nothing ever to renew
 	}
 	d := time.Duration(math.MaxInt64)
-	if !v.lease.ExpiresAt.IsZero() {
-		d = time.Until(renewPoint(v.granted, v.lease.ExpiresAt, m.opts.RenewFraction*(1-m.opts.Jitter*rand.Float64())))
+	if exp := v.lease.ExpiresAt; !exp.IsZero() {
+		f := m.opts.RenewFraction * (1 - m.opts.Jitter*rand.Float64())
+		at := renewPoint(v.granted, exp, f)
+		// A grant a max TTL shortened keeps the margin a full one leaves.
+		if margin := time.Duration(float64(v.meta.GrantTTL) * (1 - f)); exp.Add(-margin).Before(at) {
+			at = exp.Add(-margin)
+		}
+		d = time.Until(at)
 	}
 	if !v.lease.RenewAt.IsZero() {
 		d = min(d, time.Until(v.lease.RenewAt))
@@ -46,6 +52,19 @@ func renewPoint(granted, expires time.Time, fraction float64) time.Time {
 		granted = time.Now()
 	}
 	return granted.Add(time.Duration(float64(expires.Sub(granted)) * fraction))
+}
+
+// grantTTL is the lifetime l was issued with, granted (at the latest)
+// at asked.
+func grantTTL(l provider.Lease, asked time.Time) time.Duration {
+	if l.ExpiresAt.IsZero() {
+		return 0
+	}
+	from := l.IssuedAt
+	if from.IsZero() {
+		from = asked
+	}
+	return max(l.ExpiresAt.Sub(from), 0)
 }
 
 // grantedAt is when a recovered lease's current grant began: the latest
@@ -317,6 +336,7 @@ func (m *Manager) install(v *volume, l provider.Lease, granted time.Time, rotate
 	meta.LeaseID, meta.PendingLeaseID, meta.Role, meta.ExpiresAt = l.ID, "", l.Role, l.ExpiresAt
 	if rotated {
 		meta.IssuedAt, meta.RenewedAt = l.IssuedAt, time.Time{}
+		meta.GrantTTL = grantTTL(l, granted)
 	} else {
 		meta.RenewedAt = granted.UTC()
 	}

@@ -62,6 +62,9 @@ type Metadata struct {
 	IssuedAt       time.Time         `json:"issuedAt,omitzero"`
 	ExpiresAt      time.Time         `json:"expiresAt,omitzero"`
 	RenewedAt      time.Time         `json:"renewedAt,omitzero"`
+	// GrantTTL is the lifetime the lease got when it was issued: renewal
+	// keeps the same margin before expiry when a max TTL shortens a grant.
+	GrantTTL time.Duration `json:"grantTTL,omitempty"`
 	// LapseRecorded is the expiry of the lease whose lapse was last
 	// audited, so that each lapse is recorded once, across restarts too.
 	LapseRecorded time.Time `json:"lapseRecorded,omitzero"`
