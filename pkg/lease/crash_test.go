@@ -193,6 +193,20 @@ var crashScenarios = []crashScenario{
 		retry:   func(t *testing.T, c *crashRun, m *Manager) { publish(t, m, c.vol) },
 	},
 	{
+		// The lease lapsed while its pod held it (as far as the manager
+		// knows): the lapse is recorded, then the lease is replaced.
+		name:    "rotate-after-lapse",
+		running: true,
+		setup: func(t *testing.T, c *crashRun) {
+			publish(t, c.m, c.vol)
+			c.m.mu.Lock()
+			c.m.vols[c.vol.ID].lease.ExpiresAt = time.Now().Add(-time.Second)
+			c.m.mu.Unlock()
+		},
+		op:    func(t *testing.T, c *crashRun) { c.m.renew(c.vol.ID) },
+		retry: func(t *testing.T, c *crashRun, m *Manager) { publish(t, m, c.vol) },
+	},
+	{
 		name:  "unpublish",
 		setup: func(t *testing.T, c *crashRun) { publish(t, c.m, c.vol) },
 		op: func(t *testing.T, c *crashRun) {
