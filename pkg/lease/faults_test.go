@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ephemeral-secrets/csi-driver/pkg/audit"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
 )
 
@@ -20,7 +21,10 @@ const (
 	faultError   faultKind = "error"      // refused before the backend did anything
 	faultTimeout faultKind = "timeout"    // no answer until the call's deadline
 	faultLost    faultKind = "lost-reply" // the backend did it; the answer never came
+	faultSlow    faultKind = "slow"       // the backend answers, after slowCall
 )
+
+const slowCall = 300 * time.Millisecond
 
 // faultyProvider passes calls to a real provider, but makes the next call
 // of one kind (Issue, Renew, Revoke) fail the way it is told, once.
@@ -56,6 +60,8 @@ func fail(ctx context.Context, k faultKind, do func(context.Context) error) erro
 	case faultTimeout:
 		<-ctx.Done()
 		return fmt.Errorf("%w: injected: %w", provider.ErrUnavailable, ctx.Err())
+	case faultSlow:
+		time.Sleep(slowCall)
 	case faultLost:
 		if err := do(context.WithoutCancel(ctx)); err != nil {
 			return err
@@ -208,4 +214,39 @@ func TestBackendFailsAtEachCall(t *testing.T) {
 			})
 		}
 	}
+}
+
+// A renewal that succeeds only after the lease expired still leaves the
+// one expire record of the lapse the pod lived through.
+func TestLateRenewalRecordsTheLapse(t *testing.T) {
+	needPostgres(t)
+	ctx := context.Background()
+	n := newNode(t, time.Hour)
+	fp := &faultyProvider{Provider: n.pg}
+	trail := &auditTrail{}
+	o := faultOptions
+	o.Audit, o.BackendTimeout = audit.New(trail), 5*time.Second
+	m := n.manager(n.store, fp, o)
+	defer m.Close()
+	if err := m.Recover(ctx); err != nil {
+		t.Fatal(err)
+	}
+	v := n.volume("late")
+	publish(t, m, v)
+	halfTTLGone(m, v.ID, time.Hour)
+	m.mu.Lock()
+	lease := m.vols[v.ID].lease
+	m.vols[v.ID].lease.ExpiresAt = time.Now().Add(slowCall / 3) // as the manager knows it
+	m.mu.Unlock()
+	fp.inject("Renew", faultSlow)
+	m.renew(v.ID)
+	if e := trail.expires(t); e[lease.ID] != 1 || len(e) != 1 {
+		t.Fatalf("expire records %v, want one for %s", e, lease.ID)
+	}
+	m.renew(v.ID) // renewed, not lapsed: no second record
+	if e := trail.expires(t); total(e) != 1 {
+		t.Fatalf("expire records %v after a timely renewal, want still one", e)
+	}
+	unpublish(t, m, v)
+	m.drain(ctx)
 }

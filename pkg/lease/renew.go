@@ -153,6 +153,9 @@ func (m *Manager) renew(id string) {
 		var nl provider.Lease
 		nl, err = prov.Renew(ctx, v.lease)
 		if err == nil {
+			if !v.lease.ExpiresAt.IsZero() && time.Now().After(v.lease.ExpiresAt) {
+				m.recordLapse(v) // the renewal came late: the pod held a dead credential meanwhile
+			}
 			nl.ID, nl.Provider, nl.Params = v.lease.ID, v.lease.Provider, v.lease.Params
 			if err = m.install(v, nl, asked, false); err == nil {
 				m.audit(withExpiry(withStage(rec, audit.Renew), nl.ExpiresAt), audit.Success, nil)
