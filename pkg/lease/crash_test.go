@@ -11,87 +11,8 @@ import (
 
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider/postgres"
-	"github.com/ephemeral-secrets/csi-driver/pkg/storage"
+	"github.com/ephemeral-secrets/csi-driver/test/crashstore"
 )
-
-// crashed is what crashStore panics with once the manager must stop.
-type crashed struct{ after string }
-
-// crashStore passes every call to the real store and, once it has let
-// limit writes through (limit > 0), stops the manager right after the
-// last one: it panics, so no more of the manager's code runs and the
-// store stays exactly as written. Only writes count; reads pass always.
-type crashStore struct {
-	Store
-	mu     sync.Mutex
-	limit  int // 0: never stop
-	writes []string
-}
-
-func (s *crashStore) arm(limit int) {
-	s.mu.Lock()
-	s.limit, s.writes = limit, nil
-	s.mu.Unlock()
-}
-
-// wrote counts one write that went through, and stops after the limit.
-func (s *crashStore) wrote(name string, err error) error {
-	if err != nil {
-		return err
-	}
-	s.mu.Lock()
-	s.writes = append(s.writes, name)
-	stop := s.limit > 0 && len(s.writes) == s.limit
-	s.mu.Unlock()
-	if stop {
-		panic(crashed{after: name})
-	}
-	return nil
-}
-
-func (s *crashStore) count() int {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return len(s.writes)
-}
-
-func (s *crashStore) WriteRecord(name string, v any) error {
-	return s.wrote("WriteRecord", s.Store.WriteRecord(name, v))
-}
-func (s *crashStore) WriteMetadata(m storage.Metadata) error {
-	return s.wrote("WriteMetadata", s.Store.WriteMetadata(m))
-}
-func (s *crashStore) WriteLease(id string, l provider.Lease) error {
-	return s.wrote("WriteLease", s.Store.WriteLease(id, l))
-}
-func (s *crashStore) DeleteLease(id, leaseID string) error {
-	return s.wrote("DeleteLease", s.Store.DeleteLease(id, leaseID))
-}
-func (s *crashStore) PutRevocation(r storage.Revocation) error {
-	return s.wrote("PutRevocation", s.Store.PutRevocation(r))
-}
-func (s *crashStore) DeleteRevocation(id string) error {
-	return s.wrote("DeleteRevocation", s.Store.DeleteRevocation(id))
-}
-func (s *crashStore) CreateVolume(id string, gid int) error {
-	return s.wrote("CreateVolume", s.Store.CreateVolume(id, gid))
-}
-func (s *crashStore) WriteFiles(id string, gid int, files []storage.File) error {
-	return s.wrote("WriteFiles", s.Store.WriteFiles(id, gid, files))
-}
-func (s *crashStore) Mount(id, target string) error {
-	return s.wrote("Mount", s.Store.Mount(id, target))
-}
-func (s *crashStore) UnmountTarget(target string) error {
-	return s.wrote("UnmountTarget", s.Store.UnmountTarget(target))
-}
-func (s *crashStore) DeleteVolume(id string) error {
-	return s.wrote("DeleteVolume", s.Store.DeleteVolume(id))
-}
-func (s *crashStore) RemoveOrphans() (int, error) {
-	n, err := s.Store.RemoveOrphans()
-	return n, s.wrote("RemoveOrphans", err)
-}
 
 // revokeRecorder passes calls to the real provider and remembers the
 // lease each Revoke was given.
@@ -118,7 +39,7 @@ func (r *revokeRecorder) Revoke(ctx context.Context, l provider.Lease) error {
 // and the pod's volume.
 type crashRun struct {
 	*node
-	cs  *crashStore
+	cs  *crashstore.Store
 	m   *Manager
 	vol Volume
 	ttl time.Duration
@@ -270,7 +191,7 @@ func TestCrashAtEveryWrite(t *testing.T) {
 func crashAt(t *testing.T, sc crashScenario, k int, ttl time.Duration) bool {
 	ctx := context.Background()
 	n := newNode(t, ttl)
-	cs := &crashStore{Store: n.store}
+	cs := crashstore.New(n.store)
 	fp := &faultyProvider{Provider: n.pg}
 	c := &crashRun{node: n, cs: cs, m: n.manager(cs, fp, Options{}), vol: n.volume(fmt.Sprintf("p%d", k)), ttl: ttl}
 	if err := c.m.Recover(ctx); err != nil {
@@ -279,23 +200,11 @@ func crashAt(t *testing.T, sc crashScenario, k int, ttl time.Duration) bool {
 	if sc.setup != nil {
 		sc.setup(t, c)
 	}
-	cs.arm(k)
+	cs.Arm(k)
 	if sc.fault.call != "" {
 		fp.inject(sc.fault.call, sc.fault.kind)
 	}
-	stopped := func() (after string) {
-		defer func() {
-			if r := recover(); r != nil {
-				cr, ok := r.(crashed)
-				if !ok {
-					panic(r)
-				}
-				after = cr.after
-			}
-		}()
-		sc.op(t, c)
-		return ""
-	}()
+	stopped := crashstore.Run(func() { sc.op(t, c) })
 	c.m.Close()
 	if stopped == "" {
 		return true
