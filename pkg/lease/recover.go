@@ -97,11 +97,14 @@ func (m *Manager) recoverVolume(ctx context.Context, id string) (bool, error) {
 	}
 	gid, _ := ParseGID(meta.MountGroup)
 	v := &volume{meta: meta, lease: cur, spec: spec, gid: gid, granted: grantedAt(meta, cur)}
-	if err := m.finishRotation(ctx, v, byID); err != nil {
+	if err := m.finishRotation(v, byID); err != nil {
 		return false, err
 	}
 	// Records of leases the volume no longer uses (a rotation stopped
 	// after its switch) go to the revocation queue.
+	if records, err = m.opts.Store.ListLeases(id); err != nil {
+		return false, err
+	}
 	for _, l := range records {
 		if l.ID != v.lease.ID {
 			m.dropRecord(l, v.meta, "rotated (finished after a restart)")
@@ -120,19 +123,19 @@ func (m *Manager) recoverVolume(ctx context.Context, id string) (bool, error) {
 // revocation), it goes forward: the new lease's files, then the switch.
 // Otherwise it goes back: the volume's own files, and the revocation of
 // whatever Issue may have made.
-func (m *Manager) finishRotation(ctx context.Context, v *volume, records map[string]provider.Lease) error {
+func (m *Manager) finishRotation(v *volume, records map[string]provider.Lease) error {
 	pending := v.meta.PendingLeaseID
 	if pending == "" {
 		return nil
 	}
 	nl, recorded := records[pending]
 	if recorded && !m.queued(pending) {
-		if err := m.switchTo(v, nl, time.Time{}); err == nil {
+		err := m.switchTo(v, nl, time.Time{})
+		if err == nil {
 			klog.InfoS("Finished a rotation a restart interrupted", "volumeID", v.meta.VolumeID, "leaseID", nl.ID)
 			return nil
-		} else {
-			klog.ErrorS(err, "Finishing a rotation a restart interrupted; undoing it", "volumeID", v.meta.VolumeID)
 		}
+		klog.ErrorS(err, "Finishing a rotation a restart interrupted; undoing it", "volumeID", v.meta.VolumeID)
 	}
 	if !recorded {
 		nl = provider.Lease{ID: pending, Provider: v.meta.Provider, Params: v.meta.Params}
