@@ -147,8 +147,7 @@ func (m *Manager) renew(id string) {
 	lapsed := !v.lease.ExpiresAt.IsZero() && !time.Now().Before(v.lease.ExpiresAt)
 	if lapsed {
 		m.recordLapse(v)
-	}
-	if !lapsed {
+	} else {
 		asked := time.Now()
 		var nl provider.Lease
 		nl, err = prov.Renew(ctx, v.lease)
@@ -199,10 +198,10 @@ func (m *Manager) recordLapse(v *volume) {
 	v.meta = meta
 	m.mu.Unlock()
 	rec := recordFor(meta, v.lease)
-	rec.Detail = "the lease expired while its pod held it; replacing it"
+	rec.Detail = "the lease expired while its pod held it"
 	m.audit(withStage(rec, audit.Expire), audit.Error, nil)
 	m.opts.Metrics.LeaseOp(meta.Provider, metrics.OpExpire, metrics.Error)
-	klog.ErrorS(nil, "Lease lapsed while its pod held it; replacing it", "volumeID", meta.VolumeID, "leaseID", v.lease.ID, "expiredAt", v.lease.ExpiresAt)
+	klog.ErrorS(nil, "Lease lapsed while its pod held it", "volumeID", meta.VolumeID, "leaseID", v.lease.ID, "expiredAt", v.lease.ExpiresAt)
 }
 
 // rotate issues a fresh lease for v, swaps the files to it and queues the
