@@ -12,6 +12,7 @@ import (
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider/postgres"
 	"github.com/ephemeral-secrets/csi-driver/test/crashstore"
+	"github.com/ephemeral-secrets/csi-driver/test/faults"
 )
 
 // revokeRecorder passes calls to the real provider and remembers the
@@ -59,12 +60,12 @@ type crashScenario struct {
 	// backend fail so: the writes of the failure path are crash points too.
 	fault struct {
 		call string
-		kind faultKind
+		kind faults.Kind
 	}
 }
 
 // withFault returns sc, named for it, with the backend failing at call.
-func withFault(sc crashScenario, call string, kind faultKind) crashScenario {
+func withFault(sc crashScenario, call string, kind faults.Kind) crashScenario {
 	sc.name += "/" + call + "-" + string(kind)
 	sc.fault.call, sc.fault.kind = call, kind
 	return sc
@@ -154,9 +155,9 @@ func init() {
 		byName[sc.name] = sc
 	}
 	crashScenarios = append(crashScenarios,
-		withFault(byName["publish"], "Issue", faultLost),
-		withFault(byName["rotate"], "Issue", faultLost),
-		withFault(byName["revoke"], "Revoke", faultError),
+		withFault(byName["publish"], "Issue", faults.Lost),
+		withFault(byName["rotate"], "Issue", faults.Lost),
+		withFault(byName["revoke"], "Revoke", faults.Error),
 	)
 }
 
@@ -192,7 +193,7 @@ func crashAt(t *testing.T, sc crashScenario, k int, ttl time.Duration) bool {
 	ctx := context.Background()
 	n := newNode(t, ttl)
 	cs := crashstore.New(n.store)
-	fp := &faultyProvider{Provider: n.pg}
+	fp := &faults.Provider{Provider: n.pg}
 	c := &crashRun{node: n, cs: cs, m: n.manager(cs, fp, Options{}), vol: n.volume(fmt.Sprintf("p%d", k)), ttl: ttl}
 	if err := c.m.Recover(ctx); err != nil {
 		t.Fatal(err)
@@ -202,7 +203,7 @@ func crashAt(t *testing.T, sc crashScenario, k int, ttl time.Duration) bool {
 	}
 	cs.Arm(k)
 	if sc.fault.call != "" {
-		fp.inject(sc.fault.call, sc.fault.kind)
+		fp.Inject(sc.fault.call, sc.fault.kind)
 	}
 	stopped := crashstore.Run(func() { sc.op(t, c) })
 	c.m.Close()

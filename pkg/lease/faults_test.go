@@ -3,99 +3,15 @@ package lease
 import (
 	"context"
 	"errors"
-	"fmt"
 	"maps"
 	"slices"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/ephemeral-secrets/csi-driver/pkg/audit"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
+	"github.com/ephemeral-secrets/csi-driver/test/faults"
 )
-
-// faultKind is how one backend call goes wrong.
-type faultKind string
-
-const (
-	faultError   faultKind = "error"      // refused before the backend did anything
-	faultTimeout faultKind = "timeout"    // no answer until the call's deadline
-	faultLost    faultKind = "lost-reply" // the backend did it; the answer never came
-	faultSlow    faultKind = "slow"       // the backend answers, after slowCall
-)
-
-const slowCall = 300 * time.Millisecond
-
-// faultyProvider passes calls to a real provider, but makes the next call
-// of one kind (Issue, Renew, Revoke) fail the way it is told, once.
-type faultyProvider struct {
-	provider.Provider
-	mu   sync.Mutex
-	call string
-	kind faultKind
-}
-
-func (f *faultyProvider) inject(call string, kind faultKind) {
-	f.mu.Lock()
-	f.call, f.kind = call, kind
-	f.mu.Unlock()
-}
-
-// take reports the fault for this call, if one is armed, and disarms it.
-func (f *faultyProvider) take(call string) faultKind {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	if f.call != call {
-		return ""
-	}
-	f.call = ""
-	return f.kind
-}
-
-// fail applies fault k around do, the real call.
-func fail(ctx context.Context, k faultKind, do func(context.Context) error) error {
-	switch k {
-	case faultError:
-		return fmt.Errorf("%w: injected: connection refused", provider.ErrUnavailable)
-	case faultTimeout:
-		<-ctx.Done()
-		return fmt.Errorf("%w: injected: %w", provider.ErrUnavailable, ctx.Err())
-	case faultSlow:
-		time.Sleep(slowCall)
-	case faultLost:
-		if err := do(context.WithoutCancel(ctx)); err != nil {
-			return err
-		}
-		return fmt.Errorf("%w: injected: connection reset before the reply", provider.ErrUnavailable)
-	}
-	return do(ctx)
-}
-
-func (f *faultyProvider) Issue(ctx context.Context, req provider.Request) (l provider.Lease, err error) {
-	err = fail(ctx, f.take("Issue"), func(ctx context.Context) error {
-		l, err = f.Provider.Issue(ctx, req)
-		return err
-	})
-	if err != nil {
-		return provider.Lease{}, err
-	}
-	return l, nil
-}
-
-func (f *faultyProvider) Renew(ctx context.Context, in provider.Lease) (l provider.Lease, err error) {
-	err = fail(ctx, f.take("Renew"), func(ctx context.Context) error {
-		l, err = f.Provider.Renew(ctx, in)
-		return err
-	})
-	if err != nil {
-		return in, err
-	}
-	return l, nil
-}
-
-func (f *faultyProvider) Revoke(ctx context.Context, l provider.Lease) error {
-	return fail(ctx, f.take("Revoke"), func(ctx context.Context) error { return f.Provider.Revoke(ctx, l) })
-}
 
 // faultCase is one backend call made to fail in one lifecycle step.
 type faultCase struct {
@@ -164,11 +80,11 @@ func TestBackendFailsAtEachCall(t *testing.T) {
 	needPostgres(t)
 	const ttl = time.Hour
 	for _, fc := range faultCases(ttl) {
-		for _, kind := range []faultKind{faultError, faultTimeout, faultLost} {
+		for _, kind := range faults.Kinds {
 			t.Run(fc.name+"/"+fc.call+"/"+string(kind), func(t *testing.T) {
 				ctx := context.Background()
 				n := newNode(t, ttl)
-				fp := &faultyProvider{Provider: n.pg}
+				fp := &faults.Provider{Provider: n.pg}
 				m := n.manager(n.store, fp, faultOptions)
 				defer m.Close()
 				if err := m.Recover(ctx); err != nil {
@@ -179,9 +95,9 @@ func TestBackendFailsAtEachCall(t *testing.T) {
 				if fc.before != nil {
 					fc.before(t, m, v)
 				}
-				fp.inject(fc.call, kind)
+				fp.Inject(fc.call, kind)
 				err := fc.step(t, m, v)
-				if fp.take(fc.call) != "" {
+				if fp.Take(fc.call) != "" {
 					t.Fatalf("the step never called %s", fc.call)
 				}
 				if err != nil && !errors.Is(err, provider.ErrUnavailable) {
@@ -222,7 +138,7 @@ func TestLateRenewalRecordsTheLapse(t *testing.T) {
 	needPostgres(t)
 	ctx := context.Background()
 	n := newNode(t, time.Hour)
-	fp := &faultyProvider{Provider: n.pg}
+	fp := &faults.Provider{Provider: n.pg}
 	trail := &auditTrail{}
 	o := faultOptions
 	o.Audit, o.BackendTimeout = audit.New(trail), 5*time.Second
@@ -236,9 +152,9 @@ func TestLateRenewalRecordsTheLapse(t *testing.T) {
 	halfTTLGone(m, v.ID, time.Hour)
 	m.mu.Lock()
 	lease := m.vols[v.ID].lease
-	m.vols[v.ID].lease.ExpiresAt = time.Now().Add(slowCall / 3) // as the manager knows it
+	m.vols[v.ID].lease.ExpiresAt = time.Now().Add(faults.SlowCall / 3) // as the manager knows it
 	m.mu.Unlock()
-	fp.inject("Renew", faultSlow)
+	fp.Inject("Renew", faults.Slow)
 	m.renew(v.ID)
 	if e := trail.expires(t); e[lease.ID] != 1 || len(e) != 1 {
 		t.Fatalf("expire records %v, want one for %s", e, lease.ID)
