@@ -5,3 +5,5 @@ package lease
 var NeedPostgres = needPostgres
 
 type ClassMap = classMap
+
+type AuditTrail = auditTrail

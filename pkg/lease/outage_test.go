@@ -87,17 +87,38 @@ func (a *auditTrail) Write(p []byte) (int, error) {
 	return a.buf.Write(p)
 }
 
-// expires counts the expire records per lease ID.
-func (a *auditTrail) expires(t *testing.T) map[string]int {
+// Records are the records written so far.
+func (a *auditTrail) Records(t testing.TB) []audit.Record {
+	t.Helper()
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	out := map[string]int{}
+	var out []audit.Record
 	dec := json.NewDecoder(bytes.NewReader(a.buf.Bytes()))
 	for dec.More() {
 		var r audit.Record
 		if err := dec.Decode(&r); err != nil {
 			t.Fatal(err)
 		}
+		out = append(out, r)
+	}
+	return out
+}
+
+// Count counts the records of stage with outcome ("" for any).
+func (a *auditTrail) Count(t testing.TB, stage audit.Stage, outcome string) int {
+	n := 0
+	for _, r := range a.Records(t) {
+		if r.Stage == stage && (outcome == "" || r.Outcome == outcome) {
+			n++
+		}
+	}
+	return n
+}
+
+// expires counts the expire records per lease ID.
+func (a *auditTrail) expires(t *testing.T) map[string]int {
+	out := map[string]int{}
+	for _, r := range a.Records(t) {
 		if r.Stage == audit.Expire {
 			out[r.LeaseID]++
 		}

@@ -49,6 +49,13 @@ func (f *Provider) Inject(call string, kind Kind) {
 	f.mu.Unlock()
 }
 
+// Armed reports whether a fault is armed and not yet taken.
+func (f *Provider) Armed() bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.call != ""
+}
+
 // Take reports the fault armed for call, if any, and disarms it.
 func (f *Provider) Take(call string) Kind {
 	f.mu.Lock()
