@@ -12,12 +12,28 @@ FUZZTIME  ?= 30s
 # keeps a two-core machine responsive; -race is part of the standard run.
 TESTFLAGS ?= -race -count=1 -timeout 30m -p 1
 
-.PHONY: all build test demo lint fuzz bench postgres kube vault aws clean
+.PHONY: all build test demo lint fuzz bench postgres kube node vault aws clean cluster cluster-down
 
 all: build
 
 build:
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "$(LDFLAGS)" -o $(BIN) ./cmd/ephemeral-secrets-csi
+
+# The images, without Docker (test/image/cmd/mkimage): archives for
+# `ctr -n k8s.io images import`, `kind load image-archive` or `docker load`.
+# The same commit and Go toolchain give the same digests (SOURCE_DATE_EPOCH,
+# if set, stamps them; else 1970). IMAGE_PLATFORMS: e.g. linux/amd64,linux/arm64.
+IMAGE_REPO          ?= ghcr.io/ephemeral-secrets/csi-driver
+IMAGE_TAG           ?= $(VERSION)
+IMAGE_PLATFORMS     ?= $(shell $(GO) env GOOS)/$(shell $(GO) env GOARCH)
+DB_CHECK_IMAGE_REPO ?= ghcr.io/ephemeral-secrets/db-check
+MKIMAGE = $(GO) run ./test/image/cmd/mkimage --platforms $(IMAGE_PLATFORMS)
+.PHONY: image
+image:
+	@mkdir -p bin
+	$(MKIMAGE) --image driver --name $(IMAGE_REPO):$(IMAGE_TAG) --version $(VERSION) --out bin/ephemeral-secrets-csi-image.tar
+	$(MKIMAGE) --image db-check --name $(DB_CHECK_IMAGE_REPO):$(IMAGE_TAG) --out bin/db-check-image.tar
+	$(MKIMAGE) --image pause --out bin/pause-image.tar
 
 # PostgreSQL server binaries from the distribution, for the demo and the tests.
 postgres:
@@ -38,6 +54,24 @@ kube:
 	@test -x $(TOOLS)/helm || GOBIN=$(TOOLS) $(GO) install helm.sh/helm/v3/cmd/helm@$(HELM_VERSION)
 	@test -x $(TOOLS)/kustomize || GOBIN=$(TOOLS) $(GO) install sigs.k8s.io/kustomize/kustomize/v5@$(KUSTOMIZE_VERSION)
 
+# What a real node needs beside the Kubernetes commands: containerd, runc,
+# the CNI plugins and iptables (kube-proxy), from apt.
+NODE_PACKAGES := containerd runc containernetworking-plugins iptables conntrack
+node: kube
+	@missing=""; for p in $(NODE_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then echo "installing$$missing (apt)"; apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; fi
+
+# A single-node cluster for a person: kubelet, containerd, the control
+# plane, PostgreSQL with the example's database, the driver from the chart.
+# It prints what to export to use kubectl. cluster-down removes all of it.
+cluster: postgres node
+	@KUBE_COMMANDS=kubectl test/kube/build-kube.sh $(TOOLS)
+	$(GO) run ./test/node/cmd/cluster up --dir bin/cluster
+
+cluster-down:
+	$(GO) run ./test/node/cmd/cluster down --dir bin/cluster
+
 # A real Vault server for the vault provider's tests (built from the Go
 # module proxy into $(TOOLS); several minutes the first time).
 vault:
@@ -51,7 +85,7 @@ aws:
 demo: postgres build
 	$(GO) run ./test/demo --driver $(BIN)
 
-test: postgres kube vault aws
+test: postgres kube node vault aws
 	$(GO) test $(TESTFLAGS) ./...
 
 lint:

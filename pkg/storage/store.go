@@ -249,15 +249,7 @@ func (f *Filesystem) Mount(id, target string) error {
 	if mounted, err := f.mountPoint(target, 0o750); err != nil || mounted {
 		return err
 	}
-	if err := unix.Mount(f.DataDir(id), target, "", unix.MS_BIND, ""); err != nil {
-		return fmt.Errorf("bind mount: %w", err)
-	}
-	flags := uintptr(unix.MS_BIND | unix.MS_REMOUNT | unix.MS_RDONLY | unix.MS_NOSUID | unix.MS_NODEV | unix.MS_NOEXEC)
-	if err := unix.Mount("", target, "", flags, ""); err != nil {
-		_ = unix.Unmount(target, 0)
-		return fmt.Errorf("read-only remount: %w", err)
-	}
-	return nil
+	return bindReadOnly(f.DataDir(id), target)
 }
 
 // mountPoint makes dir, or finds it made already; then, and only then,

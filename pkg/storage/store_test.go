@@ -310,3 +310,33 @@ func TestOpenExistingNeverMounts(t *testing.T) {
 		t.Fatalf("OpenExisting mounted something: %v %x", err, st.Type)
 	}
 }
+
+func TestReleaseLeavesNothingOnlyWhenEmpty(t *testing.T) {
+	root := filepath.Join(t.TempDir(), "state")
+	f, err := Open(root, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = unix.Unmount(root, unix.MNT_DETACH) })
+	if err := f.PutRevocation(Revocation{Lease: provider.Lease{ID: "l1", Provider: "p"}}); err != nil {
+		t.Fatal(err)
+	}
+	if released, err := f.Release(); err != nil || released {
+		t.Fatalf("Release with a pending revocation = %v, %v; want kept", released, err)
+	}
+	if mounted, _ := f.mounter.IsMountPoint(root); !mounted {
+		t.Fatal("state tmpfs unmounted while a revocation was pending")
+	}
+	if err := f.DeleteRevocation("l1"); err != nil {
+		t.Fatal(err)
+	}
+	if released, err := f.Release(); err != nil || !released {
+		t.Fatalf("Release of an empty store = %v, %v", released, err)
+	}
+	if mounted, _ := f.mounter.IsMountPoint(root); mounted {
+		t.Fatal("state tmpfs still mounted after Release")
+	}
+	if entries, err := os.ReadDir(root); err != nil || len(entries) != 0 {
+		t.Fatalf("state directory holds %v (%v)", entries, err)
+	}
+}
