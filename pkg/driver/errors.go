@@ -52,6 +52,8 @@ func codeFor(err error) codes.Code {
 		return codes.AlreadyExists
 	case errors.Is(err, storage.ErrTooLarge):
 		return codes.ResourceExhausted
+	case errors.Is(err, provider.ErrMisconfigured):
+		return codes.FailedPrecondition
 	default:
 		return codes.Internal
 	}
@@ -66,6 +68,8 @@ var reasons = map[codes.Code]string{
 	codes.AlreadyExists:     "VolumeConflict",
 	codes.Unavailable:       "BackendUnavailable",
 	codes.DeadlineExceeded:  "BackendTimeout",
+
+	codes.FailedPrecondition: "BackendMisconfigured",
 }
 
 // warn sends the pod a Warning event saying why its volume failed, when

@@ -33,6 +33,7 @@ func TestCodeFor(t *testing.T) {
 		{wrap(provider.ErrNotFound), codes.NotFound},
 		{wrap(lease.ErrIncompatible), codes.AlreadyExists},
 		{wrap(storage.ErrTooLarge), codes.ResourceExhausted},
+		{wrap(provider.ErrMisconfigured), codes.FailedPrecondition},
 		{wrap(provider.ErrUnavailable), codes.Unavailable},
 		{wrap(lease.ErrNotReady), codes.Unavailable},
 		{wrap(context.DeadlineExceeded), codes.DeadlineExceeded},

@@ -20,7 +20,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
-	"github.com/ephemeral-secrets/csi-driver/test/harness"
+	"github.com/ephemeral-secrets/csi-driver/test/freeport"
 )
 
 // AdminPassword is the password of the throwaway server's superuser.
@@ -105,7 +105,7 @@ func StartWith(opts Options) (*Server, error) {
 		s.Close()
 		return nil, err
 	}
-	ports, err := harness.FreePorts(1)
+	ports, err := freeport.Ports(1)
 	if err != nil {
 		s.Close()
 		return nil, err
