@@ -12,7 +12,7 @@ FUZZTIME  ?= 30s
 # keeps a two-core machine responsive; -race is part of the standard run.
 TESTFLAGS ?= -race -count=1 -timeout 30m -p 1
 
-.PHONY: all build test demo lint fuzz bench postgres kube vault aws clean
+.PHONY: all build test demo lint fuzz bench postgres kube vault aws clean manifests
 
 all: build
 
@@ -35,8 +35,17 @@ kube:
 	@command -v etcd >/dev/null || { echo "installing etcd (apt)"; apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends etcd-server >/dev/null; }
 	test/kube/build-kube.sh $(TOOLS)
-	@test -x $(TOOLS)/helm || GOBIN=$(TOOLS) $(GO) install helm.sh/helm/v3/cmd/helm@$(HELM_VERSION)
-	@test -x $(TOOLS)/kustomize || GOBIN=$(TOOLS) $(GO) install sigs.k8s.io/kustomize/kustomize/v5@$(KUSTOMIZE_VERSION)
+	@$(MAKE) --no-print-directory $(TOOLS)/helm $(TOOLS)/kustomize
+$(TOOLS)/helm:
+	GOBIN=$(TOOLS) $(GO) install helm.sh/helm/v3/cmd/helm@$(HELM_VERSION)
+$(TOOLS)/kustomize:
+	GOBIN=$(TOOLS) $(GO) install sigs.k8s.io/kustomize/kustomize/v5@$(KUSTOMIZE_VERSION)
+
+# deploy/kustomize, rendered from the chart's defaults (the chart is the
+# one source; test/cluster fails when they differ).
+CHART := deploy/helm/ephemeral-secrets-csi
+manifests: $(TOOLS)/helm
+	deploy/render.sh $(TOOLS)/helm deploy/kustomize
 
 # A real Vault server for the vault provider's tests (built from the Go
 # module proxy into $(TOOLS); several minutes the first time).
