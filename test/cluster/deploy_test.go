@@ -230,4 +230,3 @@ func podSecurityViolations(t *testing.T, msg string) []string {
 	slices.Sort(names)
 	return names
 }
-
