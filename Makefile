@@ -39,8 +39,14 @@ kube:
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends etcd-server >/dev/null; }
 	test/kube/build-kube.sh $(TOOLS)
 	@$(MAKE) --no-print-directory $(TOOLS)/helm $(TOOLS)/kustomize
+# The Kubernetes version helm assumes without a cluster (helm template,
+# helm lint): the one the tests run (helm's release builds use their
+# client-go's).
+HELM_KUBE_MINOR   ?= 35
+HELM_LDFLAGS      := -X helm.sh/helm/v3/internal/version.version=$(HELM_VERSION) \
+	$(foreach p,chartutil lint/rules,-X helm.sh/helm/v3/pkg/$(p).k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/$(p).k8sVersionMinor=$(HELM_KUBE_MINOR))
 $(TOOLS)/helm:
-	GOBIN=$(TOOLS) $(GO) install helm.sh/helm/v3/cmd/helm@$(HELM_VERSION)
+	GOBIN=$(TOOLS) $(GO) install -ldflags "$(HELM_LDFLAGS)" helm.sh/helm/v3/cmd/helm@$(HELM_VERSION)
 $(TOOLS)/kustomize:
 	GOBIN=$(TOOLS) $(GO) install sigs.k8s.io/kustomize/kustomize/v5@$(KUSTOMIZE_VERSION)
 
