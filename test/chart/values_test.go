@@ -2,6 +2,9 @@ package chart
 
 import (
 	"fmt"
+	"os"
+	"path/filepath"
+	"reflect"
 	"slices"
 	"strings"
 	"testing"
@@ -10,6 +13,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	storagev1 "k8s.io/api/storage/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"sigs.k8s.io/yaml"
 )
 
 // Every value set in testdata/every-value.yaml reaches the objects.
@@ -123,7 +127,7 @@ func TestEveryValueReachesTheObjects(t *testing.T) {
 		auds = append(auds, r.Audience)
 		errorf("token lifetime", *r.ExpirationSeconds, 1200)
 	}
-	errorf("audiences", auds, []string{"vault-prod", "sts.amazonaws.com", "custom-audience"})
+	errorf("audiences", auds, []string{"vault-prod", "sts.example.com", "custom-audience"})
 	if p := csi.Spec.ServiceAccountTokenInSecrets; p == nil || !*p {
 		t.Error("serviceAccountTokenInSecrets not set")
 	}
@@ -278,5 +282,62 @@ func TestLintStrict(t *testing.T) {
 		if out, err := helm(t, all...); err != nil {
 			t.Errorf("helm %v: %v\n%s", all, err, out)
 		}
+	}
+}
+
+// testdata/every-value.yaml sets every value of values.yaml (each leaf,
+// to something other than its default), so that a value added to the
+// chart without a check here fails this test.
+func TestEveryValueFileCoversValuesYAML(t *testing.T) {
+	read := func(path string) map[string]any {
+		data, err := os.ReadFile(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var m map[string]any
+		if err := yaml.Unmarshal(data, &m); err != nil {
+			t.Fatal(err)
+		}
+		return m
+	}
+	defaults := read(filepath.Join(chartDir, "values.yaml"))
+	every := read("testdata/every-value.yaml")
+	// Set, but to the default: the registrar release we pin; the driver's
+	// image goes by tag (the registrar's checks the digest); the dashboard
+	// is on (TestDashboardCanBeOff turns it off).
+	same := map[string]bool{"registrar.image.tag": true, "driver.image.digest": true, "monitoring.dashboard.enabled": true}
+	// Maps a user replaces whole: compared whole.
+	whole := map[string]bool{"nodeSelector": true, "updateStrategy": true, "monitoring.dashboard.labels": true}
+	var walk func(prefix string, d, e map[string]any)
+	walk = func(prefix string, d, e map[string]any) {
+		for k, dv := range d {
+			path := prefix + k
+			ev, ok := e[k]
+			if !ok {
+				t.Errorf("%s is not set in testdata/every-value.yaml", path)
+				continue
+			}
+			dm, dIsMap := dv.(map[string]any)
+			em, eIsMap := ev.(map[string]any)
+			if dIsMap && eIsMap && len(dm) > 0 && !whole[path] {
+				walk(path+".", dm, em)
+				continue
+			}
+			if reflect.DeepEqual(dv, ev) && !same[path] {
+				t.Errorf("%s is set to its default (%v) in testdata/every-value.yaml", path, dv)
+			}
+		}
+	}
+	walk("", defaults, every)
+}
+
+func TestDashboardCanBeOff(t *testing.T) {
+	on := render(t, "--set", "monitoring.enabled=true")
+	off := render(t, "--set", "monitoring.enabled=true,monitoring.dashboard.enabled=false")
+	if on["ConfigMap/ephemeral-secrets-csi-dashboard"] == nil || off["ConfigMap/ephemeral-secrets-csi-dashboard"] != nil {
+		t.Errorf("dashboard: on %v, off %v", keysOf(on), keysOf(off))
+	}
+	if off["PrometheusRule/ephemeral-secrets-csi"] == nil {
+		t.Error("the alerts went with the dashboard")
 	}
 }
