@@ -17,10 +17,13 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/client-go/discovery"
 	"k8s.io/client-go/discovery/cached/memory"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/restmapper"
+	"k8s.io/client-go/tools/clientcmd"
+	clientcmdapi "k8s.io/client-go/tools/clientcmd/api"
 
 	"github.com/ephemeral-secrets/csi-driver/test/kube"
 )
@@ -265,4 +268,84 @@ func podSecurityViolations(t *testing.T, msg string) []string {
 	}
 	slices.Sort(names)
 	return names
+}
+
+// helm install and uninstall, as a user runs them, against the API server:
+// the CRD is left alone where it exists, every object is created, NOTES
+// render with the release's names, and uninstall leaves only the CRD.
+func TestHelmInstallAndUninstall(t *testing.T) {
+	helm, err := kube.Tool("helm")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := clientcmdapi.NewConfig()
+	cfg.Clusters["test"] = &clientcmdapi.Cluster{Server: cluster.URL, CertificateAuthorityData: cluster.CAPEM}
+	cfg.AuthInfos["admin"] = &clientcmdapi.AuthInfo{Token: kube.AdminToken}
+	cfg.Contexts["test"] = &clientcmdapi.Context{Cluster: "test", AuthInfo: "admin"}
+	cfg.CurrentContext = "test"
+	dir := t.TempDir()
+	kubeconfig := filepath.Join(dir, "kubeconfig")
+	if err := clientcmd.WriteToFile(*cfg, kubeconfig); err != nil {
+		t.Fatal(err)
+	}
+	run := func(args ...string) string {
+		t.Helper()
+		cmd := exec.Command(helm, args...)
+		cmd.Dir = repoRoot
+		cmd.Env = append(os.Environ(), "KUBECONFIG="+kubeconfig, "HELM_CACHE_HOME="+dir, "HELM_CONFIG_HOME="+dir, "HELM_DATA_HOME="+dir)
+		out, err := cmd.CombinedOutput()
+		if err != nil {
+			t.Fatalf("helm %v: %v\n%s", args, err, out)
+		}
+		return string(out)
+	}
+	ctx := context.Background()
+	const ns, name = "esc-helm", "esc-helm-test"
+	if _, err := clients.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	out := run("install", "esc", "deploy/helm/ephemeral-secrets-csi", "-n", ns,
+		"--set", "fullnameOverride="+name+",providers.vault.enabled=true")
+	for _, want := range []string{"rollout status daemonset/" + name, "-l app.kubernetes.io/instance=esc", "audiences vault"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("NOTES lack %q:\n%s", want, out)
+		}
+	}
+	if _, err := clients.AppsV1().DaemonSets(ns).Get(ctx, name, metav1.GetOptions{}); err != nil {
+		t.Errorf("DaemonSet: %v", err)
+	}
+	csi, err := clients.StorageV1().CSIDrivers().Get(ctx, "ephemeral-secrets.csi.dev", metav1.GetOptions{})
+	if err != nil {
+		t.Fatalf("CSIDriver: %v", err)
+	}
+	// This API server is 1.35: helm saw it and asked for tokens in secrets.
+	if p := csi.Spec.ServiceAccountTokenInSecrets; p == nil || !*p || len(csi.Spec.TokenRequests) != 1 {
+		t.Errorf("CSIDriver spec %+v", csi.Spec)
+	}
+	for _, role := range []string{name, name + "-edit", name + "-view"} {
+		if _, err := clients.RbacV1().ClusterRoles().Get(ctx, role, metav1.GetOptions{}); err != nil {
+			t.Errorf("ClusterRole %s: %v", role, err)
+		}
+	}
+
+	run("uninstall", "esc", "-n", ns, "--wait")
+	if _, err := clients.StorageV1().CSIDrivers().Get(ctx, "ephemeral-secrets.csi.dev", metav1.GetOptions{}); !apierrors.IsNotFound(err) {
+		t.Errorf("CSIDriver after uninstall: %v", err)
+	}
+	if _, err := clients.AppsV1().DaemonSets(ns).Get(ctx, name, metav1.GetOptions{}); !apierrors.IsNotFound(err) {
+		t.Errorf("DaemonSet after uninstall: %v", err)
+	}
+	for _, role := range []string{name, name + "-edit", name + "-view"} {
+		if _, err := clients.RbacV1().ClusterRoles().Get(ctx, role, metav1.GetOptions{}); !apierrors.IsNotFound(err) {
+			t.Errorf("ClusterRole %s after uninstall: %v", role, err)
+		}
+	}
+	dyn, err := dynamic.NewForConfig(cluster.Config())
+	if err != nil {
+		t.Fatal(err)
+	}
+	crd := schema.GroupVersionResource{Group: "apiextensions.k8s.io", Version: "v1", Resource: "customresourcedefinitions"}
+	if _, err := dyn.Resource(crd).Get(ctx, "secretproviderclasses.secrets-store.csi.x-k8s.io", metav1.GetOptions{}); err != nil {
+		t.Errorf("the SecretProviderClass CRD went with the release: %v", err)
+	}
 }
