@@ -23,7 +23,8 @@ import (
 // The images the node runs, built here under local names (nothing can be
 // pulled): the driver, the example workload, and the sandbox image.
 const (
-	DriverRepository = "esc.local/csi-driver"
+	DriverRegistry   = "esc.local"
+	DriverRepository = DriverRegistry + "/csi-driver"
 	ImageTag         = "dev"
 	DriverImage      = DriverRepository + ":" + ImageTag
 	DBCheckImage     = "esc.local/db-check:" + ImageTag
@@ -148,8 +149,8 @@ func (n *Node) InstallDriver(ctx context.Context, repoRoot string, backends []by
 // ChartImageValues are the helm arguments that point the chart at the
 // images built here.
 func ChartImageValues() []string {
-	return []string{"--set", "image.repository=" + DriverRepository, "--set", "image.tag=" + ImageTag,
-		"--set", "image.pullPolicy=Never"}
+	return []string{"--set", "driver.image.registry=" + DriverRegistry, "--set", "driver.image.repository=csi-driver",
+		"--set", "driver.image.tag=" + ImageTag, "--set", "driver.image.pullPolicy=Never"}
 }
 
 // Helm runs helm against the node's API server.

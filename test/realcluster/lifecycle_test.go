@@ -100,7 +100,6 @@ func testDriverRestart(t *testing.T) {
 	if !found {
 		t.Fatal("no successful revoke record for the pod deleted during the gap")
 	}
-	deletePod(t, rotatingNS, "doomed")
 }
 
 // driverPID finds the driver's process (in its container) on the node.
