@@ -67,7 +67,7 @@ type serveFlags struct {
 	endpoint, nodeID, stateDir, kubeletDir, classes, backends, auditLog string
 	metricsAddr, kubeconfig, registrationDir, registrationPath          string
 	maxVolumeBytes                                                      int64
-	sweep, retryMin, retryMax, backendTimeout                           time.Duration
+	sweep, retryMin, retryMax, backendTimeout, rotationGrace            time.Duration
 	renewFraction                                                       float64
 }
 
@@ -88,6 +88,7 @@ func serve(version string, args []string, extra []Register) error {
 	fs.DurationVar(&f.sweep, "sweep-interval", time.Minute, "how often volumes whose target vanished are looked for")
 	fs.DurationVar(&f.retryMin, "retry-min", time.Second, "first retry delay of a failed renewal or revocation")
 	fs.DurationVar(&f.retryMax, "retry-max", time.Minute, "longest retry delay")
+	fs.DurationVar(&f.rotationGrace, "rotation-grace", 5*time.Second, "how long a rotated-out credential stays valid for readers of the old files (never past its expiry; negative: revoke at once)")
 	fs.DurationVar(&f.backendTimeout, "backend-timeout", 30*time.Second, "bound on one backend call")
 	fs.Float64Var(&f.renewFraction, "renew-fraction", 2.0/3, "fraction of a lease's TTL after which it is renewed")
 	fs.StringVar(&f.registrationDir, "registration-dir", "", "kubelet's plugins_registry directory as mounted here: the driver registers itself with kubelet there; empty: no registration (node-driver-registrar's job)")
@@ -166,7 +167,7 @@ func serve(version string, args []string, extra []Register) error {
 		Metrics: m,
 		Store:   store, Providers: providers, Classes: classes, Audit: audit.New(auditOut),
 		VerifyTarget:  targets.CheckNoSymlinks,
-		RenewFraction: f.renewFraction, RetryMin: f.retryMin, RetryMax: f.retryMax,
+		RenewFraction: f.renewFraction, RetryMin: f.retryMin, RetryMax: f.retryMax, RotationGrace: f.rotationGrace,
 		BackendTimeout: f.backendTimeout, SweepInterval: f.sweep,
 	})
 	defer mgr.Close()

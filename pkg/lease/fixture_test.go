@@ -145,6 +145,9 @@ func registry(p provider.Provider) *provider.Registry {
 // manager starts a manager on store with the node's classes.
 func (n *node) manager(store Store, p provider.Provider, o Options) *Manager {
 	o.Store, o.Providers, o.Classes = store, registry(p), n.classes
+	if o.RotationGrace == 0 {
+		o.RotationGrace = -1 // these tests want a rotated-out lease revoked at once
+	}
 	return New(o)
 }
 

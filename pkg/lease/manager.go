@@ -61,6 +61,11 @@ type Options struct {
 	// after at most a quarter of the time its lease has left, and every
 	// RetryMin in the lease's last minute.
 	RetryMin, RetryMax time.Duration
+	// RotationGrace is how long a rotated-out lease stays valid before its
+	// revocation, never past its own expiry: a reader that read the files
+	// just before the swap still logs in with what it read (default 5 s;
+	// negative: revoke at once).
+	RotationGrace time.Duration
 	// BackendTimeout bounds one call to a provider (default 30 s).
 	BackendTimeout time.Duration
 	// SweepInterval is how often volumes whose target vanished are looked
@@ -130,6 +135,9 @@ func New(opts Options) *Manager {
 	}
 	if opts.Jitter < 0 || opts.Jitter >= 1 {
 		opts.Jitter = 0.1
+	}
+	if opts.RotationGrace == 0 {
+		opts.RotationGrace = 5 * time.Second
 	}
 	if opts.RetryMin <= 0 {
 		opts.RetryMin = time.Second

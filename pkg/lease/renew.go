@@ -255,7 +255,7 @@ func (m *Manager) switchTo(v *volume, nl provider.Lease, granted time.Time) erro
 	if err := m.install(v, nl, granted, true); err != nil {
 		return err
 	}
-	m.dropRecord(old, v.meta, "rotated")
+	m.dropRecord(old, v.meta, reasonRotated)
 	return nil
 }
 

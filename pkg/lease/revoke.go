@@ -13,14 +13,25 @@ import (
 	"github.com/ephemeral-secrets/csi-driver/pkg/storage"
 )
 
+// reasonRotated marks the revocation of a lease a rotation replaced: it
+// waits out RotationGrace.
+const reasonRotated = "rotated"
+
 // enqueue records the revocation of l durably and wakes the worker.
 func (m *Manager) enqueue(l provider.Lease, meta storage.Metadata, reason string) error {
 	if l.ID == "" {
 		return nil
 	}
+	now := time.Now().UTC()
 	r := storage.Revocation{
 		Lease: l, VolumeID: meta.VolumeID, Class: meta.Class, Pod: meta.Pod,
-		Reason: reason, EnqueuedAt: time.Now().UTC(),
+		Reason: reason, EnqueuedAt: now,
+	}
+	if reason == reasonRotated && m.opts.RotationGrace > 0 {
+		r.NotBefore = now.Add(m.opts.RotationGrace)
+		if !l.ExpiresAt.IsZero() && l.ExpiresAt.Before(r.NotBefore) {
+			r.NotBefore = l.ExpiresAt.UTC()
+		}
 	}
 	if err := m.opts.Store.PutRevocation(r); err != nil {
 		return err
@@ -83,6 +94,10 @@ func (m *Manager) drain(ctx context.Context) time.Duration {
 		}
 		if at, ok := m.retryAt[r.Lease.ID]; ok && time.Now().Before(at) {
 			wait = min(wait, time.Until(at))
+			continue
+		}
+		if time.Now().Before(r.NotBefore) {
+			wait = min(wait, time.Until(r.NotBefore))
 			continue
 		}
 		if d, retry := m.revokeOne(ctx, r); retry {

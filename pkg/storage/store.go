@@ -78,8 +78,10 @@ type Revocation struct {
 	Pod        provider.Pod   `json:"pod"`
 	Reason     string         `json:"reason"`
 	EnqueuedAt time.Time      `json:"enqueuedAt"`
-	Attempts   int            `json:"attempts"`
-	LastError  string         `json:"lastError,omitempty"`
+	// NotBefore delays the revocation (a rotated-out lease's grace).
+	NotBefore time.Time `json:"notBefore,omitzero"`
+	Attempts  int       `json:"attempts"`
+	LastError string    `json:"lastError,omitempty"`
 }
 
 // File is one file of a volume.

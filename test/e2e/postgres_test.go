@@ -251,6 +251,13 @@ func TestRenewalExtendsTheRoleThenRotationSwapsIt(t *testing.T) {
 		next = readFile(t, target, "username")
 		return next != user, nil
 	})
+	// A reader that read the old files just before the swap still logs in
+	// with them: the old role outlives the swap by the rotation grace.
+	if conn, err := login(ctx, user, password); err != nil {
+		t.Errorf("old credentials refused right after the swap (no rotation grace): %v", err)
+	} else {
+		conn.Close(ctx)
+	}
 	readSecret(t, target, "password")
 	harness.Eventually(t, 10*time.Second, "old role dropped after rotation", roleGone(ctx, user))
 	if refused, err := loginRefused(ctx, user, password); !refused {

@@ -108,7 +108,10 @@ func driverPID(t *testing.T) int {
 	entries, _ := os.ReadDir("/proc")
 	for _, e := range entries {
 		comm, err := os.ReadFile(filepath.Join("/proc", e.Name(), "comm"))
-		if err == nil && strings.TrimSpace(string(comm)) == "ephemeral-secre" { // cut at 15 bytes
+		cg, _ := os.ReadFile(filepath.Join("/proc", e.Name(), "cgroup"))
+		// The driver in its container: in a pod's cgroup (other tests on
+		// the machine may run driver binaries too). comm is cut at 15 bytes.
+		if err == nil && strings.TrimSpace(string(comm)) == "ephemeral-secre" && strings.Contains(string(cg), "/kubepods") {
 			var pid int
 			fmt.Sscanf(e.Name(), "%d", &pid)
 			return pid
