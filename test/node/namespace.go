@@ -36,8 +36,8 @@ func Command(args []string, files ...*os.File) (*exec.Cmd, error) {
 }
 
 // The host directories the node's components use at their standard
-// places; each is covered, in the node's mount namespace only, by a
-// directory of the node's work directory.
+// places; each is covered, in the node's mount namespace only, by a tmpfs
+// of its own.
 var hostDirs = []string{
 	"/var/lib/kubelet",
 	"/var/lib/containerd",
@@ -58,10 +58,10 @@ const (
 
 // prepare sets up the namespaces this process runs in: mounts that
 // propagate among the node's processes and never to the host, the host
-// directories covered by work's, loopback, and the pods' bridge. It
+// directories covered, loopback, and the pods' bridge. It
 // returns the host directories it had to create (empty ones, for Stop to
 // remove).
-func prepare(work string) (created []string, err error) {
+func prepare() (created []string, err error) {
 	if !Inside() {
 		return nil, errors.New("node: not inside the node's namespaces (start the program with node.Command)")
 	}
@@ -80,11 +80,10 @@ func prepare(work string) (created []string, err error) {
 			}
 			created = append(created, dir)
 		}
-		own := filepath.Join(work, "host", strings.ReplaceAll(strings.TrimPrefix(dir, "/"), "/", "_"))
-		if err := os.MkdirAll(own, 0o755); err != nil {
-			return created, err
-		}
-		if err := unix.Mount(own, dir, "", unix.MS_BIND, ""); err != nil {
+		// A tmpfs, not a bind of a work directory: a bind would show the
+		// same directory at two places of one peer group, and the driver's
+		// own mounts there would be seen (and left) twice.
+		if err := unix.Mount("tmpfs", dir, "tmpfs", 0, "mode=0755"); err != nil {
 			return created, fmt.Errorf("covering %s: %w", dir, err)
 		}
 	}

@@ -91,7 +91,7 @@ func Start(ctx context.Context, opts Options) (n *Node, err error) {
 			n = nil
 		}
 	}()
-	if n.created, err = prepare(opts.Work); err != nil {
+	if n.created, err = prepare(); err != nil {
 		return n, err
 	}
 	if err := os.MkdirAll(filepath.Join(opts.Work, "logs"), 0o755); err != nil {

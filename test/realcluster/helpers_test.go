@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -210,4 +211,30 @@ func warnings(t *testing.T, ns, name string) []corev1.Event {
 		}
 	}
 	return out
+}
+
+// followLogs streams a container's log until it ends (the pod goes) and
+// returns a function that waits for the end and gives the whole log.
+func followLogs(t *testing.T, pod *corev1.Pod, container string) func() string {
+	t.Helper()
+	rc, err := cluster.Clients.CoreV1().Pods(pod.Namespace).GetLogs(pod.Name, &corev1.PodLogOptions{Container: container, Follow: true}).Stream(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan string, 1)
+	go func() {
+		defer rc.Close()
+		b, _ := io.ReadAll(rc)
+		keepLog(pod.Name+"-followed", string(b))
+		done <- string(b)
+	}()
+	return func() string {
+		select {
+		case s := <-done:
+			return s
+		case <-time.After(time.Minute):
+			t.Fatal("the log stream did not end")
+			return ""
+		}
+	}
 }

@@ -162,7 +162,9 @@ func testUninstallLeavesNothing(t *testing.T) {
 	for u := range users {
 		roleGone(t, u, 2*time.Minute)
 	}
-	auditRecords(t, driverPod(t))
+	drv := driverPod(t)
+	auditRecords(t, drv)
+	driverLog := followLogs(t, drv, "driver")
 	if _, err := cluster.Helm(ctx, "uninstall", "ephemeral-secrets-csi", "--namespace", node.Namespace, "--wait", "--timeout", "2m"); err != nil {
 		t.Fatal(err)
 	}
@@ -174,13 +176,18 @@ func testUninstallLeavesNothing(t *testing.T) {
 		cn, err := cluster.Clients.StorageV1().CSINodes().Get(ctx, node.Name, metav1.GetOptions{})
 		return err == nil && len(cn.Spec.Drivers) == 0, err
 	})
+	if log := driverLog(); !strings.Contains(log, "state directory released") {
+		t.Errorf("the driver did not release its state at shutdown; its log ends:\n%s", tail(log, 1500))
+	}
 	for _, m := range harness.Mounts("/var/lib/kubelet/pods/") {
 		if strings.Contains(m, "kubernetes.io~csi") {
 			t.Errorf("CSI volume still mounted: %s", m)
 		}
 	}
-	if m := harness.Mounts("/run/ephemeral-secrets-csi"); len(m) > 0 {
-		t.Errorf("state directory still mounted: %v", m)
+	// The node covers the directory with one tmpfs of its own (package
+	// node); the driver's state tmpfs would be a second.
+	if m := harness.Mounts("/run/ephemeral-secrets-csi"); len(m) != 1 {
+		t.Errorf("state directory mounts: %v; want only the node's own", m)
 	}
 	if entries, _ := os.ReadDir("/run/ephemeral-secrets-csi"); len(entries) > 0 {
 		t.Errorf("state directory holds %d entries", len(entries))
@@ -254,4 +261,11 @@ func runTool(bin string, args ...string) ([]byte, error) {
 		}
 	}
 	return out, err
+}
+
+func tail(s string, n int) string {
+	if len(s) > n {
+		return s[len(s)-n:]
+	}
+	return s
 }
