@@ -63,7 +63,7 @@ func TestEveryValueReachesTheObjects(t *testing.T) {
 		"--backend-config=/etc/ephemeral-secrets/backends/config.yaml",
 		"--audit-log=/var/log/esc/audit.jsonl", "--metrics-address=:9900", "-v=4",
 		"--max-volume-bytes=2097152", "--renew-fraction=0.5", "--retry-min=2s", "--retry-max=2m",
-		"--backend-timeout=10s", "--sweep-interval=30s", "--classes-file=/etc/classes/classes.yaml",
+		"--backend-timeout=10s", "--sweep-interval=30s", "--rotation-grace=2s", "--classes-file=/etc/classes/classes.yaml",
 	} {
 		if !slices.Contains(driver.Args, a) {
 			t.Errorf("driver args %v lack %s", driver.Args, a)
