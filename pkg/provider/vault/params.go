@@ -2,7 +2,6 @@ package vault
 
 import (
 	"fmt"
-	"strconv"
 	"strings"
 	"time"
 
@@ -14,28 +13,35 @@ import (
 // Class parameters. The first ones are those of hashicorp/vault-csi-provider,
 // so its SecretProviderClasses carry over unchanged.
 const (
-	AddressParam        = "vaultAddress"
-	RoleParam           = "roleName"
-	AuthMountParam      = "vaultAuthMountPath"
-	OldAuthMountParam   = "vaultKubernetesMountPath"
-	AudienceParam       = "audience"
-	NamespaceParam      = "vaultNamespace"
-	CACertParam         = "vaultCACertPath"
-	CADirParam          = "vaultCADirectory"
-	TLSServerNameParam  = "vaultTLSServerName"
-	SkipTLSVerifyParam  = "vaultSkipTLSVerify"
-	ClientCertParam     = "vaultTLSClientCertPath"
-	ClientKeyParam      = "vaultTLSClientKeyPath"
-	ObjectsParam        = "objects"
-	RenewBeforeParam    = "renewBefore"
+	AddressParam       = "vaultAddress"
+	RoleParam          = "roleName"
+	AuthMountParam     = "vaultAuthMountPath"
+	OldAuthMountParam  = "vaultKubernetesMountPath"
+	AudienceParam      = "audience"
+	NamespaceParam     = "vaultNamespace"
+	CACertParam        = "vaultCACertPath"
+	CADirParam         = "vaultCADirectory"
+	TLSServerNameParam = "vaultTLSServerName"
+	SkipTLSVerifyParam = "vaultSkipTLSVerify"
+	ClientCertParam    = "vaultTLSClientCertPath"
+	ClientKeyParam     = "vaultTLSClientKeyPath"
+	ObjectsParam       = "objects"
+	RenewBeforeParam   = "renewBefore"
+	// TLSProfileParam names one of the admin's TLS profiles (ours).
+	TLSProfileParam     = "vaultTLSProfile"
 	csiProviderMetadata = "csi.storage.k8s.io/" // not ours: never reaches a provider
 )
 
 var known = map[string]bool{
 	AddressParam: true, RoleParam: true, AuthMountParam: true, OldAuthMountParam: true, AudienceParam: true,
 	NamespaceParam: true, CACertParam: true, CADirParam: true, TLSServerNameParam: true, SkipTLSVerifyParam: true,
-	ClientCertParam: true, ClientKeyParam: true, ObjectsParam: true, RenewBeforeParam: true,
+	ClientCertParam: true, ClientKeyParam: true, ObjectsParam: true, RenewBeforeParam: true, TLSProfileParam: true,
 }
+
+// fileParams are vault-csi-provider's parameters that name files on the
+// node. A class may not set them: the driver is privileged, and the files
+// it would read (or present as its client certificate) are the node's.
+var fileParams = []string{CACertParam, CADirParam, ClientCertParam, ClientKeyParam}
 
 // Object is one entry of the "objects" parameter: a file named ObjectName
 // holding SecretKey of the response to SecretPath.
@@ -53,11 +59,14 @@ type Object struct {
 
 // classParams are the parsed class parameters.
 type classParams struct {
-	address, role, authMount, audience, namespace    string
-	caCert, caDir, serverName, clientCert, clientKey string
-	skipVerify                                       bool
-	objects                                          []Object
-	renewBefore                                      time.Duration
+	address, role, authMount, audience, namespace string
+	serverName, tlsProfile                        string
+	// fileParams and skipVerify are kept only to be refused by
+	// checkClass: a class cannot choose trust material.
+	files       []string
+	skipVerify  string
+	objects     []Object
+	renewBefore time.Duration
 }
 
 func parseParams(p map[string]string) (classParams, error) {
@@ -78,18 +87,12 @@ func parseParams(p map[string]string) (classParams, error) {
 	}
 	c.authMount = strings.Trim(strings.TrimPrefix(c.authMount, "auth/"), "/")
 	c.audience = p[AudienceParam]
-	if c.audience == "" {
-		c.audience = "vault"
-	}
 	c.namespace = p[NamespaceParam]
-	c.caCert, c.caDir, c.serverName = p[CACertParam], p[CADirParam], p[TLSServerNameParam]
-	c.clientCert, c.clientKey = p[ClientCertParam], p[ClientKeyParam]
-	if v := p[SkipTLSVerifyParam]; v != "" {
-		b, err := strconv.ParseBool(v)
-		if err != nil {
-			return c, fmt.Errorf("%w: %s must be true or false", provider.ErrInvalidParameters, SkipTLSVerifyParam)
+	c.serverName, c.tlsProfile, c.skipVerify = p[TLSServerNameParam], p[TLSProfileParam], p[SkipTLSVerifyParam]
+	for _, k := range fileParams {
+		if p[k] != "" {
+			c.files = append(c.files, k)
 		}
-		c.skipVerify = b
 	}
 	if v := p[RenewBeforeParam]; v != "" {
 		d, err := time.ParseDuration(v)
