@@ -47,7 +47,14 @@ type Config struct {
 	// AllowNodeCredentials lets sts objects assume roles with the node's
 	// own credentials (assumeWith: node).
 	AllowNodeCredentials bool `json:"allowNodeCredentials,omitempty"`
+	// Audience of the pod's service-account token sent to STS (default
+	// "sts.amazonaws.com"); a class cannot choose another.
+	Audience string `json:"audience,omitempty"`
 }
+
+// DefaultAudience is the audience of the pod's token for STS when the
+// admin names none.
+const DefaultAudience = "sts.amazonaws.com"
 
 // Provider implements provider.Provider for AWS.
 type Provider struct {
@@ -64,6 +71,9 @@ func New(cfg Config) (*Provider, error) {
 			return nil, fmt.Errorf("aws: endpoint %q is not an http(s) URL", e)
 		}
 		cfg.Endpoints[i] = strings.TrimRight(e, "/")
+	}
+	if cfg.Audience == "" {
+		cfg.Audience = DefaultAudience
 	}
 	return &Provider{cfg: cfg, now: time.Now}, nil
 }
@@ -88,25 +98,64 @@ func sessionName(req provider.Request) string {
 	return s
 }
 
+// endpoints are the class's endpoints, each checked against the admin's list.
+type endpoints struct{ sts, sm, ssm *string }
+
+// check refuses, before any AWS call, everything of a class the admin's
+// configuration does not allow: another audience, an endpoint off the
+// list, a session from the node's credentials, a missing roleArn or
+// token. Nothing is minted for a class that fails any of them.
+func (p *Provider) check(c classParams, tokens map[string]provider.Token) (endpoints, string, error) {
+	var ep endpoints
+	if c.audience != "" && c.audience != p.cfg.Audience {
+		return ep, "", fmt.Errorf("%w: %s: the pod's token for STS has the audience the admin configured (%q); a class cannot choose another",
+			provider.ErrInvalidParameters, AudienceParam, p.cfg.Audience)
+	}
+	var err error
+	for _, e := range []struct {
+		dst **string
+		v   string
+	}{{&ep.sts, c.stsEndpoint}, {&ep.sm, c.smEndpoint}, {&ep.ssm, c.ssmEndpoint}} {
+		if *e.dst, err = p.endpoint(e.v); err != nil {
+			return ep, "", err
+		}
+	}
+	needToken := c.hasSecrets()
+	for _, o := range c.objects {
+		switch {
+		case o.ObjectType != TypeSTS:
+		case o.AssumeWith == "node" && !p.cfg.AllowNodeCredentials:
+			return ep, "", fmt.Errorf("%w: %s: the admin does not allow sessions from the node's credentials", provider.ErrPermissionDenied, o.ObjectName)
+		case o.AssumeWith != "node":
+			needToken = true
+		}
+	}
+	if c.hasSecrets() && c.roleArn == "" {
+		return ep, "", fmt.Errorf("%w: %s is required to read Secrets Manager or SSM", provider.ErrInvalidParameters, RoleArnParam)
+	}
+	if !needToken {
+		return ep, "", nil
+	}
+	t, ok := tokens[p.cfg.Audience]
+	if !ok || t.Token == "" {
+		return ep, "", fmt.Errorf("%w: no service-account token for audience %q (add it to the CSIDriver's tokenRequests)", provider.ErrPermissionDenied, p.cfg.Audience)
+	}
+	return ep, t.Token, nil
+}
+
 // Issue mints the class's sts sessions and reads its secrets.
 func (p *Provider) Issue(ctx context.Context, req provider.Request) (provider.Lease, error) {
 	c, err := parseParams(req.Params, p.cfg.Region)
 	if err != nil {
 		return provider.Lease{}, err
 	}
-	stsEP, err := p.endpoint(c.stsEndpoint)
+	ep, jwt, err := p.check(c, req.Tokens)
 	if err != nil {
 		return provider.Lease{}, err
 	}
+	stsEP := ep.sts
 	base := aws.Config{Region: c.region, Credentials: aws.AnonymousCredentials{}}
 	stsAnon := sts.NewFromConfig(base, func(o *sts.Options) { o.BaseEndpoint = stsEP })
-	token := func() (string, error) {
-		t, ok := req.Tokens[c.audience]
-		if !ok || t.Token == "" {
-			return "", fmt.Errorf("%w: no service-account token for audience %q (add it to the CSIDriver's tokenRequests)", provider.ErrPermissionDenied, c.audience)
-		}
-		return t.Token, nil
-	}
 	l := provider.Lease{Values: map[string]string{}, Handle: map[string]string{}, IssuedAt: p.now(), Role: ""}
 	versions := map[string]string{}
 
@@ -117,9 +166,6 @@ func (p *Provider) Issue(ctx context.Context, req provider.Request) (provider.Le
 		var creds *ststypes.Credentials
 		switch o.AssumeWith {
 		case "node":
-			if !p.cfg.AllowNodeCredentials {
-				return provider.Lease{}, fmt.Errorf("%w: %s: the admin does not allow sessions from the node's credentials", provider.ErrPermissionDenied, o.ObjectName)
-			}
 			nodeCfg, err := config.LoadDefaultConfig(ctx, config.WithRegion(c.region))
 			if err != nil {
 				return provider.Lease{}, fmt.Errorf("%w: node credentials: %v", provider.ErrUnavailable, err)
@@ -133,10 +179,6 @@ func (p *Provider) Issue(ctx context.Context, req provider.Request) (provider.Le
 			}
 			creds = out.Credentials
 		default:
-			jwt, err := token()
-			if err != nil {
-				return provider.Lease{}, err
-			}
 			out, err := stsAnon.AssumeRoleWithWebIdentity(ctx, &sts.AssumeRoleWithWebIdentityInput{
 				RoleArn: aws.String(o.RoleArn), RoleSessionName: aws.String(sessionName(req)), WebIdentityToken: aws.String(jwt),
 				DurationSeconds: aws.Int32(o.DurationSeconds), Policy: optional(o.SessionPolicy),
@@ -158,13 +200,6 @@ func (p *Provider) Issue(ctx context.Context, req provider.Request) (provider.Le
 
 	if c.hasSecrets() {
 		// Secrets are read as the role the pod's token assumes.
-		if c.roleArn == "" {
-			return provider.Lease{}, fmt.Errorf("%w: %s is required to read Secrets Manager or SSM", provider.ErrInvalidParameters, RoleArnParam)
-		}
-		jwt, err := token()
-		if err != nil {
-			return provider.Lease{}, err
-		}
 		out, err := stsAnon.AssumeRoleWithWebIdentity(ctx, &sts.AssumeRoleWithWebIdentityInput{
 			RoleArn: aws.String(c.roleArn), RoleSessionName: aws.String(sessionName(req)), WebIdentityToken: aws.String(jwt),
 			DurationSeconds: aws.Int32(900),
@@ -178,7 +213,7 @@ func (p *Provider) Issue(ctx context.Context, req provider.Request) (provider.Le
 		secretCfg := base
 		secretCfg.Credentials = credentials.NewStaticCredentialsProvider(
 			aws.ToString(out.Credentials.AccessKeyId), aws.ToString(out.Credentials.SecretAccessKey), aws.ToString(out.Credentials.SessionToken))
-		if err := p.readSecrets(ctx, c, secretCfg, l.Values, versions); err != nil {
+		if err := p.readSecrets(ctx, c, ep, secretCfg, l.Values, versions); err != nil {
 			return provider.Lease{}, err
 		}
 	}
@@ -236,15 +271,9 @@ func addCredentialFiles(values map[string]string, name string, c *ststypes.Crede
 
 // readSecrets reads every Secrets Manager and SSM object, from region and,
 // where that fails for a reason other than the secret's, failoverRegion.
-func (p *Provider) readSecrets(ctx context.Context, c classParams, cfg aws.Config, values, versions map[string]string) error {
-	smEP, err := p.endpoint(c.smEndpoint)
-	if err != nil {
-		return err
-	}
-	ssmEP, err := p.endpoint(c.ssmEndpoint)
-	if err != nil {
-		return err
-	}
+func (p *Provider) readSecrets(ctx context.Context, c classParams, ep endpoints, cfg aws.Config, values, versions map[string]string) error {
+	smEP, ssmEP := ep.sm, ep.ssm
+	var err error
 	regions := []string{c.region}
 	if c.failoverRegion != "" {
 		regions = append(regions, c.failoverRegion)

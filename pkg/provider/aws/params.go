@@ -18,7 +18,7 @@ const (
 	FailoverRegionParam = "failoverRegion"
 	ObjectsParam        = "objects"
 	RoleArnParam        = "roleArn"  // the role the pod's token assumes to read secrets
-	AudienceParam       = "audience" // of the pod's token (default sts.amazonaws.com)
+	AudienceParam       = "audience" // of the pod's token: empty, or the admin's (Config.Audience)
 	STSEndpointParam    = "stsEndpoint"
 	SMEndpointParam     = "secretsManagerEndpoint"
 	SSMEndpointParam    = "ssmEndpoint"
@@ -107,10 +107,7 @@ func parseParams(p map[string]string, defaultRegion string) (classParams, error)
 	if c.region == "" {
 		return c, fmt.Errorf("%w: %s is required", provider.ErrInvalidParameters, RegionParam)
 	}
-	c.audience = p[AudienceParam]
-	if c.audience == "" {
-		c.audience = "sts.amazonaws.com"
-	}
+	c.audience = p[AudienceParam] // must be the admin's: checked by the provider
 	c.stsEndpoint, c.smEndpoint, c.ssmEndpoint = p[STSEndpointParam], p[SMEndpointParam], p[SSMEndpointParam]
 	if v := p[RotationPollParam]; v != "" {
 		d, err := time.ParseDuration(v)

@@ -44,7 +44,7 @@ func TestParseProviderAWSParameters(t *testing.T) {
 	if s := c.objects[3]; s.DurationSeconds != 900 || s.RoleArn != c.roleArn || s.AssumeWith != "webIdentity" {
 		t.Errorf("sts defaults: %+v", s)
 	}
-	if c.audience != "sts.amazonaws.com" || !c.hasSTS() || !c.hasSecrets() {
+	if c.audience != "" || !c.hasSTS() || !c.hasSecrets() {
 		t.Errorf("%+v", c)
 	}
 }

@@ -1,0 +1,70 @@
+package aws
+
+import (
+	"context"
+	"errors"
+	"net/http"
+	"net/http/httptest"
+	"sync/atomic"
+	"testing"
+
+	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
+)
+
+// Every check of a class runs before the first AWS call: a class that
+// fails one mints no STS session at the (allowed) STS endpoint, which a
+// local listener standing in for STS would record.
+func TestChecksBeforeAnySession(t *testing.T) {
+	var calls atomic.Int32
+	sts := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		calls.Add(1)
+		w.WriteHeader(http.StatusForbidden)
+	}))
+	defer sts.Close()
+	p, err := New(Config{Region: "us-east-1", Endpoints: []string{sts.URL}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sessionAndSecret := "- {objectName: s, objectType: sts}\n- {objectName: db, objectType: secretsmanager}"
+	tokens := map[string]provider.Token{"sts.amazonaws.com": {Token: "pod-sts-token"}, "vault": {Token: "pod-vault-token"}}
+	for _, tc := range []struct {
+		name   string
+		params map[string]string
+		tokens map[string]provider.Token
+		want   error
+	}{
+		{"secrets manager endpoint off the list", map[string]string{SMEndpointParam: "http://127.0.0.1:1"}, tokens, provider.ErrPermissionDenied},
+		{"ssm endpoint off the list", map[string]string{SSMEndpointParam: "http://127.0.0.1:1"}, tokens, provider.ErrPermissionDenied},
+		{"sts endpoint off the list", map[string]string{STSEndpointParam: "http://127.0.0.1:1"}, tokens, provider.ErrPermissionDenied},
+		{"another audience", map[string]string{AudienceParam: "vault"}, tokens, provider.ErrInvalidParameters},
+		{"node credentials not allowed", map[string]string{ObjectsParam: "- {objectName: s, objectType: sts, assumeWith: node}\n- {objectName: t, objectType: sts}"}, tokens, provider.ErrPermissionDenied},
+		{"secrets without roleArn", map[string]string{RoleArnParam: ""}, tokens, provider.ErrInvalidParameters},
+		{"no token for the admin's audience", nil, map[string]provider.Token{"vault": {Token: "pod-vault-token"}}, provider.ErrPermissionDenied},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			params := map[string]string{RoleArnParam: "arn:aws:iam::1:role/r", STSEndpointParam: sts.URL, ObjectsParam: sessionAndSecret}
+			for k, v := range tc.params {
+				params[k] = v
+			}
+			if params[RoleArnParam] == "" {
+				delete(params, RoleArnParam)
+				params[ObjectsParam] = "- {objectName: db, objectType: secretsmanager}"
+			}
+			_, err := p.Issue(context.Background(), provider.Request{LeaseID: "l", Params: params, Tokens: tc.tokens,
+				Pod: provider.Pod{Namespace: "team-a", Name: "p", ServiceAccount: "sa"}})
+			if !errors.Is(err, tc.want) {
+				t.Fatalf("err = %v, want %v", err, tc.want)
+			}
+			if n := calls.Load(); n != 0 {
+				t.Fatalf("%d calls to STS before the refusal", n)
+			}
+		})
+	}
+	// The same class with everything allowed does reach STS: the listener
+	// can see a call.
+	_, err = p.Issue(context.Background(), provider.Request{LeaseID: "l", Tokens: tokens, Params: map[string]string{
+		RoleArnParam: "arn:aws:iam::1:role/r", STSEndpointParam: sts.URL, ObjectsParam: sessionAndSecret}})
+	if err == nil || calls.Load() == 0 {
+		t.Fatalf("an allowed class: %v after %d calls", err, calls.Load())
+	}
+}
