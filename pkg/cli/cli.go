@@ -67,6 +67,7 @@ type serveFlags struct {
 	maxVolumeBytes                                                      int64
 	sweep, retryMin, retryMax, backendTimeout                           time.Duration
 	renewFraction                                                       float64
+	tokensInSecrets                                                     bool
 }
 
 func serve(version string, args []string, extra []Register) error {
@@ -89,6 +90,8 @@ func serve(version string, args []string, extra []Register) error {
 	fs.DurationVar(&f.backendTimeout, "backend-timeout", 30*time.Second, "bound on one backend call")
 	fs.Float64Var(&f.renewFraction, "renew-fraction", 2.0/3, "fraction of a lease's TTL after which it is renewed")
 	fs.StringVar(&f.metricsAddr, "metrics-address", ":9810", "where /metrics, /healthz and /readyz are served; empty: nowhere")
+	fs.BoolVar(&f.tokensInSecrets, "tokens-in-secrets", true, "kubelet passes service-account tokens in the request's secrets "+
+		"(the CSIDriver's serviceAccountTokenInSecrets); false: in the volume context. Tokens anywhere else are refused")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -170,7 +173,11 @@ func serve(version string, args []string, extra []Register) error {
 	if err != nil {
 		return err
 	}
-	d := driver.New(driver.Options{NodeID: f.nodeID, Version: version, Leases: mgr, Targets: targets, Metrics: m, Events: sink})
+	tokens := spc.TokensFromSecrets
+	if !f.tokensInSecrets {
+		tokens = spc.TokensFromVolumeContext
+	}
+	d := driver.New(driver.Options{NodeID: f.nodeID, Version: version, Leases: mgr, Targets: targets, Metrics: m, Events: sink, Tokens: tokens})
 	if f.metricsAddr != "" {
 		ml, err := net.Listen("tcp", f.metricsAddr)
 		if err != nil {

@@ -48,6 +48,10 @@ type Options struct {
 	// Events receives a warning for the pod of each failed publish; nil
 	// sends none.
 	Events events.Sink
+	// Tokens is where kubelet puts the pod's service-account tokens (the
+	// zero value: in secrets, as the CSIDriver's serviceAccountTokenInSecrets
+	// says); the same key anywhere else is the pod's and refused.
+	Tokens spc.TokenSource
 }
 
 // Driver implements csi.IdentityServer and csi.NodeServer.
@@ -173,7 +177,7 @@ func (d *Driver) volumeFor(req *csi.NodePublishVolumeRequest) (lease.Volume, err
 	case !req.GetReadonly():
 		return v, fmt.Errorf("%w: the volume must be read-only (readOnly: true in the pod's volume)", errInvalid)
 	}
-	mnt, err := spc.ParseVolumeContext(req.GetVolumeContext(), req.GetSecrets())
+	mnt, err := spc.ParseVolumeContext(req.GetVolumeContext(), req.GetSecrets(), d.opts.Tokens)
 	v.Mount = mnt // the pod, if known, for the event of a failure
 	if err != nil {
 		return v, err

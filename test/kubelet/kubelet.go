@@ -42,9 +42,13 @@ func NewPod(namespace, name, serviceAccount string) Pod {
 type Kubelet struct {
 	Dir  string
 	Node csi.NodeClient
-	// TokensInSecrets passes service-account tokens in the request's
-	// secrets, as kubelet does for a CSIDriver with
-	// serviceAccountTokenInSecrets, instead of in volume_context.
+	// TokensInVolumeContext passes service-account tokens in
+	// volume_context, as kubelet does for a CSIDriver without
+	// serviceAccountTokenInSecrets (the driver's --tokens-in-secrets=false).
+	// By default they go in the request's secrets, as deploy/ sets it.
+	TokensInVolumeContext bool
+	// TokensInSecrets is the default; kept so that callers setting it
+	// still build.
 	TokensInSecrets bool
 	conn            *grpc.ClientConn
 }
@@ -119,7 +123,7 @@ func (k *Kubelet) PublishRequest(pod Pod, v Volume) (*csi.NodePublishVolumeReque
 		vc["csi.storage.k8s.io/serviceAccount.tokens"] = string(b)
 	}
 	var secrets map[string]string
-	if k.TokensInSecrets {
+	if !k.TokensInVolumeContext {
 		if t, ok := vc["csi.storage.k8s.io/serviceAccount.tokens"]; ok {
 			secrets = map[string]string{"csi.storage.k8s.io/serviceAccount.tokens": t}
 			delete(vc, "csi.storage.k8s.io/serviceAccount.tokens")
