@@ -29,6 +29,7 @@ import (
 	"github.com/ephemeral-secrets/csi-driver/pkg/lease"
 	"github.com/ephemeral-secrets/csi-driver/pkg/metrics"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
+	"github.com/ephemeral-secrets/csi-driver/pkg/render"
 	"github.com/ephemeral-secrets/csi-driver/pkg/spc"
 	"github.com/ephemeral-secrets/csi-driver/pkg/storage"
 )
@@ -167,6 +168,7 @@ func serve(version string, args []string, extra []Register) error {
 		VerifyTarget:  targets.CheckNoSymlinks,
 		RenewFraction: f.renewFraction, RetryMin: f.retryMin, RetryMax: f.retryMax,
 		BackendTimeout: f.backendTimeout, SweepInterval: f.sweep,
+		Render: render.Limits{MaxBytes: f.maxVolumeBytes},
 	})
 	defer mgr.Close()
 	l, err := driver.Listen(f.endpoint)
