@@ -27,6 +27,7 @@ import (
 	"github.com/ephemeral-secrets/csi-driver/pkg/driver"
 	"github.com/ephemeral-secrets/csi-driver/pkg/events"
 	"github.com/ephemeral-secrets/csi-driver/pkg/lease"
+	"github.com/ephemeral-secrets/csi-driver/pkg/limits"
 	"github.com/ephemeral-secrets/csi-driver/pkg/metrics"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
 	"github.com/ephemeral-secrets/csi-driver/pkg/render"
@@ -69,6 +70,7 @@ type serveFlags struct {
 	sweep, retryMin, retryMax, backendTimeout                           time.Duration
 	renewFraction                                                       float64
 	tokensInSecrets                                                     bool
+	limits                                                              limits.Options
 }
 
 func serve(version string, args []string, extra []Register) error {
@@ -93,6 +95,10 @@ func serve(version string, args []string, extra []Register) error {
 	fs.StringVar(&f.metricsAddr, "metrics-address", ":9810", "where /metrics, /healthz and /readyz are served; empty: nowhere")
 	fs.BoolVar(&f.tokensInSecrets, "tokens-in-secrets", true, "kubelet passes service-account tokens in the request's secrets "+
 		"(the CSIDriver's serviceAccountTokenInSecrets); false: in the volume context. Tokens anywhere else are refused")
+	fs.IntVar(&f.limits.PerNamespace, "max-leases-per-namespace", 0, "live credentials one namespace may hold on the node; 0: no cap")
+	fs.IntVar(&f.limits.PerNode, "max-leases-per-node", 0, "live credentials the node may hold; 0: no cap")
+	fs.Float64Var(&f.limits.Rate, "publish-rate-per-namespace", 0, "new volumes per second one namespace may start on the node; 0: no limit")
+	fs.IntVar(&f.limits.Burst, "publish-burst-per-namespace", 0, "bursts allowed above that rate (default: the rate, at least 1)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -175,11 +181,14 @@ func serve(version string, args []string, extra []Register) error {
 	if err != nil {
 		return err
 	}
+	lo := f.limits
+	lo.Metrics = m
 	tokens := spc.TokensFromSecrets
 	if !f.tokensInSecrets {
 		tokens = spc.TokensFromVolumeContext
 	}
-	d := driver.New(driver.Options{NodeID: f.nodeID, Version: version, Leases: mgr, Targets: targets, Metrics: m, Events: sink, Tokens: tokens})
+	d := driver.New(driver.Options{NodeID: f.nodeID, Version: version, Leases: mgr, Targets: targets, Metrics: m, Events: sink, Tokens: tokens,
+		Admission: limits.New(mgr, lo)})
 	if f.metricsAddr != "" {
 		ml, err := net.Listen("tcp", f.metricsAddr)
 		if err != nil {

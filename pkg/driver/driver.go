@@ -21,6 +21,7 @@ import (
 	"github.com/ephemeral-secrets/csi-driver/pkg/events"
 	"github.com/ephemeral-secrets/csi-driver/pkg/lease"
 	"github.com/ephemeral-secrets/csi-driver/pkg/metrics"
+	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
 	"github.com/ephemeral-secrets/csi-driver/pkg/spc"
 	"github.com/ephemeral-secrets/csi-driver/pkg/storage"
 )
@@ -52,6 +53,15 @@ type Options struct {
 	// zero value: in secrets, as the CSIDriver's serviceAccountTokenInSecrets
 	// says); the same key anywhere else is the pod's and refused.
 	Tokens spc.TokenSource
+	// Admission admits or refuses new publishes (the admin's per-tenant
+	// limits); nil admits all.
+	Admission Admission
+}
+
+// Admission decides whether a publish may go ahead; done is called once
+// it has finished. A republish must always be admitted.
+type Admission interface {
+	Admit(volumeID string, pod provider.Pod) (done func(), err error)
 }
 
 // Driver implements csi.IdentityServer and csi.NodeServer.
@@ -138,13 +148,26 @@ func (d *Driver) NodeGetInfo(context.Context, *csi.NodeGetInfoRequest) (*csi.Nod
 func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolumeRequest) (*csi.NodePublishVolumeResponse, error) {
 	v, err := d.volumeFor(req)
 	if err == nil {
-		err = d.opts.Leases.Publish(ctx, v)
+		err = d.publish(ctx, v)
 	}
 	if err != nil {
 		d.warn(v, err)
 		return nil, toStatus(err)
 	}
 	return &csi.NodePublishVolumeResponse{}, nil
+}
+
+// publish admits the publish, then hands it to the lease manager.
+func (d *Driver) publish(ctx context.Context, v lease.Volume) error {
+	if d.opts.Admission == nil {
+		return d.opts.Leases.Publish(ctx, v)
+	}
+	done, err := d.opts.Admission.Admit(v.ID, v.Mount.Pod)
+	if err != nil {
+		return err
+	}
+	defer done()
+	return d.opts.Leases.Publish(ctx, v)
 }
 
 // NodeUnpublishVolume implements csi.NodeServer. Unknown volumes are fine:
