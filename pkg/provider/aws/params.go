@@ -107,6 +107,13 @@ func parseParams(p map[string]string, defaultRegion string) (classParams, error)
 	if c.region == "" {
 		return c, fmt.Errorf("%w: %s is required", provider.ErrInvalidParameters, RegionParam)
 	}
+	// Regions become host names of AWS's endpoints: a class must not be
+	// able to make one up ("127.0.0.1:8080/#").
+	for _, r := range []struct{ key, v string }{{RegionParam, c.region}, {FailoverRegionParam, c.failoverRegion}} {
+		if !validRegion(r.v) && (r.v != "" || r.key == RegionParam) {
+			return c, fmt.Errorf("%w: %s %q is not a region name", provider.ErrInvalidParameters, r.key, r.v)
+		}
+	}
 	c.audience = p[AudienceParam] // must be the admin's: checked by the provider
 	c.stsEndpoint, c.smEndpoint, c.ssmEndpoint = p[STSEndpointParam], p[SMEndpointParam], p[SSMEndpointParam]
 	if v := p[RotationPollParam]; v != "" {
@@ -185,6 +192,20 @@ func parseParams(p map[string]string, defaultRegion string) (classParams, error)
 		}
 	}
 	return c, nil
+}
+
+// validRegion reports whether s looks like an AWS region name: a host
+// label of lower-case letters, digits and dashes.
+func validRegion(s string) bool {
+	if s == "" || len(s) > 63 || s[0] == '-' || s[len(s)-1] == '-' {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; !(c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '-') {
+			return false
+		}
+	}
+	return true
 }
 
 // fileName is where an object's value goes: its alias, or its name with
