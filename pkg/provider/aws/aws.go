@@ -21,6 +21,7 @@ import (
 	"time"
 
 	"github.com/aws/aws-sdk-go-v2/aws"
+	awshttp "github.com/aws/aws-sdk-go-v2/aws/transport/http"
 	"github.com/aws/aws-sdk-go-v2/config"
 	"github.com/aws/aws-sdk-go-v2/credentials"
 	"github.com/aws/aws-sdk-go-v2/service/secretsmanager"
@@ -50,6 +51,9 @@ type Config struct {
 	// Audience of the pod's service-account token sent to STS (default
 	// "sts.amazonaws.com"); a class cannot choose another.
 	Audience string `json:"audience,omitempty"`
+	// TLS is the trust material of endpoints (keyed by endpoint, one of
+	// Endpoints); others are verified against the system's roots.
+	TLS map[string]provider.TLS `json:"tls,omitempty"`
 }
 
 // DefaultAudience is the audience of the pod's token for STS when the
@@ -58,8 +62,9 @@ const DefaultAudience = "sts.amazonaws.com"
 
 // Provider implements provider.Provider for AWS.
 type Provider struct {
-	cfg Config
-	now func() time.Time
+	cfg     Config
+	clients map[string]*awshttp.BuildableClient // by endpoint, with the admin's TLS
+	now     func() time.Time
 }
 
 var _ provider.Provider = (*Provider)(nil)
@@ -75,7 +80,30 @@ func New(cfg Config) (*Provider, error) {
 	if cfg.Audience == "" {
 		cfg.Audience = DefaultAudience
 	}
-	return &Provider{cfg: cfg, now: time.Now}, nil
+	clients := map[string]*awshttp.BuildableClient{}
+	for e, t := range cfg.TLS {
+		e = strings.TrimRight(e, "/")
+		if !slices.Contains(cfg.Endpoints, e) {
+			return nil, fmt.Errorf("aws: tls: %q is not one of the endpoints", e)
+		}
+		tc, err := t.Config("aws: tls of " + e)
+		if err != nil {
+			return nil, err
+		}
+		clients[e] = awshttp.NewBuildableClient().WithTransportOptions(func(tr *http.Transport) { tr.TLSClientConfig = tc })
+	}
+	return &Provider{cfg: cfg, clients: clients, now: time.Now}, nil
+}
+
+// httpOr is the HTTP client for an endpoint: with the admin's TLS for it,
+// or def (the SDK's, verified against the system's roots).
+func (p *Provider) httpOr(endpoint *string, def sts.HTTPClient) sts.HTTPClient {
+	if endpoint != nil {
+		if c, ok := p.clients[*endpoint]; ok {
+			return c
+		}
+	}
+	return def
 }
 
 func (p *Provider) endpoint(e string) (*string, error) {
@@ -155,7 +183,7 @@ func (p *Provider) Issue(ctx context.Context, req provider.Request) (provider.Le
 	}
 	stsEP := ep.sts
 	base := aws.Config{Region: c.region, Credentials: aws.AnonymousCredentials{}}
-	stsAnon := sts.NewFromConfig(base, func(o *sts.Options) { o.BaseEndpoint = stsEP })
+	stsAnon := sts.NewFromConfig(base, func(o *sts.Options) { o.BaseEndpoint, o.HTTPClient = stsEP, p.httpOr(stsEP, o.HTTPClient) })
 	l := provider.Lease{Values: map[string]string{}, Handle: map[string]string{}, IssuedAt: p.now(), Role: ""}
 	versions := map[string]string{}
 
@@ -170,7 +198,7 @@ func (p *Provider) Issue(ctx context.Context, req provider.Request) (provider.Le
 			if err != nil {
 				return provider.Lease{}, fmt.Errorf("%w: node credentials: %v", provider.ErrUnavailable, err)
 			}
-			out, err := sts.NewFromConfig(nodeCfg, func(op *sts.Options) { op.BaseEndpoint = stsEP }).AssumeRole(ctx, &sts.AssumeRoleInput{
+			out, err := sts.NewFromConfig(nodeCfg, func(op *sts.Options) { op.BaseEndpoint, op.HTTPClient = stsEP, p.httpOr(stsEP, op.HTTPClient) }).AssumeRole(ctx, &sts.AssumeRoleInput{
 				RoleArn: aws.String(o.RoleArn), RoleSessionName: aws.String(sessionName(req)),
 				DurationSeconds: aws.Int32(o.DurationSeconds), Policy: optional(o.SessionPolicy), Tags: podTags(req, o.SessionTags),
 			})
@@ -287,9 +315,9 @@ func (p *Provider) readSecrets(ctx context.Context, c classParams, ep endpoints,
 			rc := cfg.Copy()
 			rc.Region = region
 			if o.ObjectType == TypeSecretsManager {
-				val, version, err = getSecret(ctx, secretsmanager.NewFromConfig(rc, func(op *secretsmanager.Options) { op.BaseEndpoint = smEP }), o)
+				val, version, err = getSecret(ctx, secretsmanager.NewFromConfig(rc, func(op *secretsmanager.Options) { op.BaseEndpoint, op.HTTPClient = smEP, p.httpOr(smEP, op.HTTPClient) }), o)
 			} else {
-				val, version, err = getParameter(ctx, ssm.NewFromConfig(rc, func(op *ssm.Options) { op.BaseEndpoint = ssmEP }), o)
+				val, version, err = getParameter(ctx, ssm.NewFromConfig(rc, func(op *ssm.Options) { op.BaseEndpoint, op.HTTPClient = ssmEP, p.httpOr(ssmEP, op.HTTPClient) }), o)
 			}
 			if err == nil || !errors.Is(err, provider.ErrUnavailable) || i == len(regions)-1 {
 				break

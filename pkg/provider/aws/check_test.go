@@ -2,9 +2,12 @@ package aws
 
 import (
 	"context"
+	"encoding/pem"
 	"errors"
 	"net/http"
 	"net/http/httptest"
+	"os"
+	"path/filepath"
 	"sync/atomic"
 	"testing"
 
@@ -66,5 +69,40 @@ func TestChecksBeforeAnySession(t *testing.T) {
 		RoleArnParam: "arn:aws:iam::1:role/r", STSEndpointParam: sts.URL, ObjectsParam: sessionAndSecret}})
 	if err == nil || calls.Load() == 0 {
 		t.Fatalf("an allowed class: %v after %d calls", err, calls.Load())
+	}
+}
+
+// An endpoint's TLS is the admin's: without the admin's CA for it, the
+// pod's token is not sent to a server nobody vouches for; with it, it is.
+func TestEndpointTrustIsTheAdmins(t *testing.T) {
+	var calls atomic.Int32
+	srv := httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		calls.Add(1)
+		w.WriteHeader(http.StatusForbidden)
+	}))
+	defer srv.Close()
+	ca := filepath.Join(t.TempDir(), "ca.pem")
+	if err := os.WriteFile(ca, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: srv.Certificate().Raw}), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	req := provider.Request{LeaseID: "l", Tokens: map[string]provider.Token{"sts.amazonaws.com": {Token: "pod-sts-token"}},
+		Params: map[string]string{STSEndpointParam: srv.URL, ObjectsParam: "- {objectName: s, objectType: sts, roleArn: 'arn:aws:iam::1:role/r'}"}}
+
+	unverified, err := New(Config{Region: "us-east-1", Endpoints: []string{srv.URL}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := unverified.Issue(context.Background(), req); err == nil || calls.Load() != 0 {
+		t.Fatalf("an endpoint nobody vouches for: %v after %d requests", err, calls.Load())
+	}
+	trusted, err := New(Config{Region: "us-east-1", Endpoints: []string{srv.URL}, TLS: map[string]provider.TLS{srv.URL: {CACert: ca}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := trusted.Issue(context.Background(), req); err == nil || calls.Load() == 0 {
+		t.Fatalf("the admin's CA: %v after %d requests", err, calls.Load())
+	}
+	if _, err := New(Config{Endpoints: []string{srv.URL}, TLS: map[string]provider.TLS{"https://elsewhere": {}}}); err == nil {
+		t.Error("TLS for an endpoint not on the list accepted")
 	}
 }
