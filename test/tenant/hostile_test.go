@@ -138,7 +138,8 @@ func cases(n *node) []hostile {
 		// every other parameter a class can set
 		{name: "vault address off the list", provider: "vault", params: vaultParams(n, map[string]string{"vaultAddress": n.offList.URL("http")}), code: codes.PermissionDenied},
 		{name: "vault role of another", provider: "vault", params: vaultParams(n, map[string]string{"roleName": "admin"}), code: codes.PermissionDenied, reaches: "vault"},
-		{name: "vault auth mount with dot-dot", provider: "vault", params: vaultParams(n, map[string]string{"vaultAuthMountPath": "../sys"}), code: codes.PermissionDenied, reaches: "vault"},
+		{name: "vault auth mount with dot-dot", provider: "vault", params: vaultParams(n, map[string]string{"vaultAuthMountPath": "../sys"}), code: codes.InvalidArgument},
+		{name: "vault secret path with dot-dot", provider: "vault", params: vaultParams(n, map[string]string{"objects": "- {objectName: a, secretPath: secret/../sys/policy}"}), code: codes.InvalidArgument},
 		{name: "vault old auth mount", provider: "vault", params: vaultParams(n, map[string]string{"vaultAuthMountPath": "", "vaultKubernetesMountPath": "kubernetes"}), code: codes.PermissionDenied, reaches: "vault"},
 		{name: "vault namespace of another", provider: "vault", params: vaultParams(n, map[string]string{"vaultNamespace": "team-b"}), code: codes.PermissionDenied, reaches: "vault"},
 		{name: "vault objects not a list", provider: "vault", params: vaultParams(n, map[string]string{"objects": "{x: 1}"}), code: codes.InvalidArgument},

@@ -86,6 +86,9 @@ func parseParams(p map[string]string) (classParams, error) {
 		c.authMount = "kubernetes"
 	}
 	c.authMount = strings.Trim(strings.TrimPrefix(c.authMount, "auth/"), "/")
+	if hasDotDot(c.authMount) {
+		return c, fmt.Errorf("%w: %s: a mount path has no \"..\" (the login goes to auth/<mount>/login)", provider.ErrInvalidParameters, AuthMountParam)
+	}
 	c.audience = p[AudienceParam]
 	c.namespace = p[NamespaceParam]
 	c.serverName, c.tlsProfile, c.skipVerify = p[TLSServerNameParam], p[TLSProfileParam], p[SkipTLSVerifyParam]
@@ -115,6 +118,8 @@ func parseParams(p map[string]string) (classParams, error) {
 		switch {
 		case o.ObjectName == "" || o.SecretPath == "":
 			return c, fmt.Errorf("%w: objects[%d] needs objectName and secretPath", provider.ErrInvalidParameters, i)
+		case hasDotDot(o.SecretPath):
+			return c, fmt.Errorf("%w: objects[%d]: secretPath has a \"..\" segment", provider.ErrInvalidParameters, i)
 		case seen[o.ObjectName]:
 			return c, fmt.Errorf("%w: objectName %q is listed twice", provider.ErrInvalidParameters, o.ObjectName)
 		case o.Method != "" && o.Method != "GET" && o.Method != "POST" && o.Method != "PUT":
@@ -125,4 +130,15 @@ func parseParams(p map[string]string) (classParams, error) {
 		seen[o.ObjectName] = true
 	}
 	return c, nil
+}
+
+// hasDotDot reports whether a Vault path has a ".." segment: the request
+// would leave the mount or path the class appears to name.
+func hasDotDot(p string) bool {
+	for _, seg := range strings.Split(p, "/") {
+		if seg == ".." {
+			return true
+		}
+	}
+	return false
 }

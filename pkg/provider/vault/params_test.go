@@ -51,6 +51,8 @@ func TestParseParamsRejects(t *testing.T) {
 		"bad encoding":    {"roleName": "r", "objects": `- {objectName: a, secretPath: p, encoding: rot13}`},
 		"no path":         {"roleName": "r", "objects": `- {objectName: a}`},
 		"bad renewBefore": {"roleName": "r", "objects": objs, "renewBefore": "soon"},
+		"mount dot-dot":   {"roleName": "r", "objects": objs, "vaultAuthMountPath": "kubernetes/../../sys"},
+		"path dot-dot":    {"roleName": "r", "objects": `- {objectName: a, secretPath: secret/../sys/policies/acl/root}`},
 	} {
 		if _, err := parseParams(p); !errors.Is(err, provider.ErrInvalidParameters) {
 			t.Errorf("%s: %v", name, err)
