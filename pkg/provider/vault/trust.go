@@ -97,10 +97,10 @@ func httpClient(tc *tls.Config) (*http.Client, error) {
 // address off the admin's list. Messages say what the admin configures
 // instead and never quote a path.
 func (p *Provider) checkClass(c classParams, namespace string) error {
-	for _, k := range c.files {
+	if len(c.files) > 0 {
 		return fmt.Errorf("%w: %s names a file on the node, which a class may not do: the admin sets the CA and client "+
 			"certificate of a Vault address in the backend configuration (vault.tls, or a vault.tlsProfiles entry the class names with %s)",
-			provider.ErrInvalidParameters, k, TLSProfileParam)
+			provider.ErrInvalidParameters, c.files[0], TLSProfileParam)
 	}
 	if c.skipVerify != "" && c.skipVerify != "false" {
 		return fmt.Errorf("%w: %s: a class cannot turn verification off; the admin decides it per address in the backend configuration "+
