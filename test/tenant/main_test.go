@@ -90,13 +90,14 @@ type fixture struct {
 	env    *harness.Env
 	driver *harness.Driver
 	kube   *kubelet.Kubelet
+	audit  string // the driver's audit log
 }
 
 // start runs the driver binary with the classes and backend configuration
 // given, and extra flags.
 func start(t *testing.T, env *harness.Env, classes, backends string, extra ...string) *fixture {
 	t.Helper()
-	f := &fixture{env: env}
+	f := &fixture{env: env, audit: harness.LogPath("audit")}
 	write := func(name, content string) string {
 		p := filepath.Join(env.Base, name)
 		if err := os.WriteFile(p, []byte(content), 0o600); err != nil {
@@ -107,7 +108,7 @@ func start(t *testing.T, env *harness.Env, classes, backends string, extra ...st
 	args := append([]string{
 		"--classes-file", write("classes.yaml", classes),
 		"--backend-config", write("backends.yaml", backends),
-		"--audit-log", harness.LogPath("audit"),
+		"--audit-log", f.audit,
 		"--retry-min", "200ms", "--retry-max", "1s", "--backend-timeout", "5s",
 	}, extra...)
 	f.driver = &harness.Driver{Bin: driverBin, Env: env, Args: args}
