@@ -61,6 +61,7 @@ func TestHostileTemplatesStopWithinBudget(t *testing.T) {
 			}
 			// The byte budget is 1 MiB of files and 4 MiB of intermediate
 			// strings; fmt and the copies around it at most a few times that.
+			t.Logf("allocated %.1f MiB", float64(n)/(1<<20))
 			if n > 48<<20 {
 				t.Errorf("allocated %d MiB", n>>20)
 			}
