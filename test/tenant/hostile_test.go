@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"os"
-	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -14,6 +13,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/ephemeral-secrets/csi-driver/test/kubelet"
+	"github.com/ephemeral-secrets/csi-driver/test/standin"
 )
 
 // hostile is one class or pod a tenant may write, and what must happen.
@@ -34,10 +34,10 @@ type hostile struct {
 // listeners and the driver.
 type node struct {
 	canaries *canaries
-	vault    *standIn // the admin's Vault address, verified with the admin's CA
-	rogue    *standIn // an address the admin lists but whose certificate nobody vouches for
-	sts      *standIn // the admin's STS endpoint
-	offList  *tcpRecorder
+	vault    *standin.Server // the admin's Vault address, verified with the admin's CA
+	rogue    *standin.Server // an address the admin lists but whose certificate nobody vouches for
+	sts      *standin.Server // the admin's STS endpoint
+	offList  *standin.TCP
 	f        *fixture
 }
 
@@ -173,12 +173,8 @@ func cases(n *node) []hostile {
 func TestHostileClassesAndPods(t *testing.T) {
 	ctx := context.Background()
 	env := newEnv(t)
-	n := &node{canaries: plantCanaries(t, env.Base, env.KubeletDir), offList: newTCPRecorder(t)}
-	admin := filepath.Join(env.Base, "admin")
-	if err := os.MkdirAll(admin, 0o700); err != nil {
-		t.Fatal(err)
-	}
-	n.vault, n.rogue, n.sts = newStandIn(t, admin, true), newStandIn(t, admin, true), newStandIn(t, admin, false)
+	n := &node{canaries: plantCanaries(t, env.Base, env.KubeletDir), offList: standin.NewTCP(t),
+		vault: standin.New(t, true), rogue: standin.New(t, true), sts: standin.New(t, false)}
 
 	// The watch can see an open: a check that cannot fail is no check.
 	if f, err := os.Open(n.canaries.KubeletCert); err == nil {
@@ -215,10 +211,10 @@ aws:
 			if c.pod != nil {
 				c.pod(&p, &v)
 			}
-			_, vaultReqs, _ := n.vault.seen()
-			_, rogueReqs, _ := n.rogue.seen()
-			_, stsReqs, _ := n.sts.seen()
-			off := n.offList.seen()
+			_, vaultReqs, _ := n.vault.Seen()
+			_, rogueReqs, _ := n.rogue.Seen()
+			_, stsReqs, _ := n.sts.Seen()
+			off := n.offList.Seen()
 
 			_, err := n.f.kube.Publish(ctx, p, v)
 			if got := status.Code(err); got != c.code {
@@ -233,18 +229,18 @@ aws:
 			if opened := n.canaries.opened(); len(opened) != 0 {
 				t.Errorf("the driver opened planted files: %v", opened)
 			}
-			if d := n.offList.seen() - off; d != 0 {
+			if d := n.offList.Seen() - off; d != 0 {
 				t.Errorf("%d connections to an address on no list", d)
 			}
-			_, r, _ := n.rogue.seen()
+			_, r, _ := n.rogue.Seen()
 			if r != rogueReqs {
 				t.Errorf("a request reached a server nobody vouches for")
 			}
-			_, r, _ = n.vault.seen()
+			_, r, _ = n.vault.Seen()
 			if (r != vaultReqs) != (c.reaches == "vault") {
 				t.Errorf("Vault saw %d requests (reaches %q)", r-vaultReqs, c.reaches)
 			}
-			_, r, _ = n.sts.seen()
+			_, r, _ = n.sts.Seen()
 			if (r != stsReqs) != (c.reaches == "sts") {
 				t.Errorf("STS saw %d requests (reaches %q)", r-stsReqs, c.reaches)
 			}
@@ -252,7 +248,7 @@ aws:
 		})
 	}
 
-	if _, _, certs := n.vault.seen(); len(certs) != 0 {
+	if _, _, certs := n.vault.Seen(); len(certs) != 0 {
 		t.Errorf("client certificates presented to Vault: %v (the admin configured none)", certs)
 	}
 	resp, err := csi.NewIdentityClient(n.f.kube.Conn()).Probe(ctx, &csi.ProbeRequest{})

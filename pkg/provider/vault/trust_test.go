@@ -2,79 +2,22 @@ package vault
 
 import (
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
-	"crypto/tls"
-	"crypto/x509"
-	"crypto/x509/pkix"
-	"encoding/pem"
 	"errors"
-	"math/big"
-	"net"
-	"net/http"
-	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
-	"time"
 
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
+	"github.com/ephemeral-secrets/csi-driver/test/standin"
 )
 
-// vaultStandIn is a TLS listener standing in for Vault: it counts
-// connections, records the client certificates presented and refuses
-// every login with 403, as Vault refuses a bad role.
-type vaultStandIn struct {
-	*httptest.Server
-	mu          sync.Mutex
-	conns, reqs int
-	clientCerts []string
-	caFile      string
-}
-
-func newVaultStandIn(t *testing.T) *vaultStandIn {
-	s := &vaultStandIn{}
-	s.Server = httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		s.mu.Lock()
-		s.reqs++
-		if r.TLS != nil {
-			for _, c := range r.TLS.PeerCertificates {
-				s.clientCerts = append(s.clientCerts, c.Subject.CommonName)
-			}
-		}
-		s.mu.Unlock()
-		w.Header().Set("Content-Type", "application/json")
-		w.WriteHeader(http.StatusForbidden)
-		_, _ = w.Write([]byte(`{"errors":["permission denied"]}`))
-	}))
-	s.Config.ConnState = func(_ net.Conn, st http.ConnState) {
-		if st == http.StateNew {
-			s.mu.Lock()
-			s.conns++
-			s.mu.Unlock()
-		}
-	}
-	s.TLS = &tls.Config{ClientAuth: tls.RequestClientCert}
-	s.StartTLS()
-	t.Cleanup(s.Close)
-	s.caFile = filepath.Join(t.TempDir(), "ca.pem")
-	ca := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: s.Certificate().Raw})
-	if err := os.WriteFile(s.caFile, ca, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	return s
-}
-
-// connections counts connections and requests together: a refused class
-// must cause neither.
-func (s *vaultStandIn) connections() int {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.conns + s.reqs
+// seen counts connections and requests together: a refused class must
+// cause neither.
+func seen(s *standin.Server) int {
+	c, r, _ := s.Seen()
+	return c + r
 }
 
 func issueReq(params map[string]string) provider.Request {
@@ -93,8 +36,8 @@ func issueReq(params map[string]string) provider.Request {
 // the token's audience: refused with InvalidArgument, saying what the
 // admin configures, naming no path, before the address is dialled.
 func TestClassCannotChooseTrust(t *testing.T) {
-	vs := newVaultStandIn(t)
-	p, err := New(Config{Addresses: []string{vs.URL}, TLS: map[string]provider.TLS{vs.URL: {CACert: vs.caFile}},
+	vs := standin.New(t, true)
+	p, err := New(Config{Addresses: []string{vs.URL}, TLS: map[string]provider.TLS{vs.URL: {CACert: vs.CAFile}},
 		TLSProfiles: map[string]TLSProfile{"team-b": {Namespaces: []string{"team-b"}}}})
 	if err != nil {
 		t.Fatal(err)
@@ -120,7 +63,7 @@ func TestClassCannotChooseTrust(t *testing.T) {
 		{"address off the list", map[string]string{AddressParam: "https://127.0.0.1:1"}, provider.ErrPermissionDenied, "admin's Vault addresses"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			before := vs.connections()
+			before := seen(vs)
 			_, err := p.Issue(context.Background(), issueReq(tc.params))
 			if !errors.Is(err, tc.want) {
 				t.Fatalf("err = %v, want %v", err, tc.want)
@@ -131,7 +74,7 @@ func TestClassCannotChooseTrust(t *testing.T) {
 			if strings.Contains(err.Error(), "/dev/zero") || strings.Contains(err.Error(), path) || strings.Contains(err.Error(), "/etc") {
 				t.Errorf("error quotes a path: %v", err)
 			}
-			if n := vs.connections() - before; n != 0 {
+			if n := seen(vs) - before; n != 0 {
 				t.Errorf("%d connections to Vault for a refused class", n)
 			}
 		})
@@ -141,11 +84,11 @@ func TestClassCannotChooseTrust(t *testing.T) {
 	for _, params := range []map[string]string{
 		{SkipTLSVerifyParam: "false"}, {AudienceParam: "vault"}, {AddressParam: vs.URL + "/"},
 	} {
-		before := vs.connections()
+		before := seen(vs)
 		if _, err := p.Issue(context.Background(), issueReq(params)); !errors.Is(err, provider.ErrPermissionDenied) {
 			t.Errorf("%v: %v, want Vault's refusal", params, err)
 		}
-		if vs.connections() == before {
+		if seen(vs) == before {
 			t.Errorf("%v: Vault was not reached", params)
 		}
 	}
@@ -155,7 +98,7 @@ func TestClassCannotChooseTrust(t *testing.T) {
 // CA the handshake fails and no token is sent; with it, the login reaches
 // Vault; the client certificate presented is the admin's only.
 func TestTrustIsTheAdmins(t *testing.T) {
-	vs := newVaultStandIn(t)
+	vs := standin.New(t, true)
 	unverified, err := New(Config{Addresses: []string{vs.URL}})
 	if err != nil {
 		t.Fatal(err)
@@ -174,10 +117,16 @@ func TestTrustIsTheAdmins(t *testing.T) {
 
 	dir := t.TempDir()
 	certFile, keyFile := filepath.Join(dir, "c.pem"), filepath.Join(dir, "k.pem")
-	writeClientPair(t, certFile, keyFile, "admin-client")
+	cert, key := standin.ClientPair(t, "admin-client")
+	if err := os.WriteFile(certFile, cert, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(keyFile, key, 0o600); err != nil {
+		t.Fatal(err)
+	}
 	withCert, err := New(Config{Addresses: []string{vs.URL},
-		TLS:         map[string]provider.TLS{vs.URL: {CACert: vs.caFile}},
-		TLSProfiles: map[string]TLSProfile{"team-a": {TLS: provider.TLS{CACert: vs.caFile, ClientCert: certFile, ClientKey: keyFile}, Namespaces: []string{"team-a"}}}})
+		TLS:         map[string]provider.TLS{vs.URL: {CACert: vs.CAFile}},
+		TLSProfiles: map[string]TLSProfile{"team-a": {TLS: provider.TLS{CACert: vs.CAFile, ClientCert: certFile, ClientKey: keyFile}, Namespaces: []string{"team-a"}}}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -187,10 +136,8 @@ func TestTrustIsTheAdmins(t *testing.T) {
 	if _, err := withCert.Issue(context.Background(), issueReq(map[string]string{TLSProfileParam: "team-a"})); !errors.Is(err, provider.ErrPermissionDenied) {
 		t.Fatalf("admin profile: %v", err)
 	}
-	vs.mu.Lock()
-	defer vs.mu.Unlock()
-	if len(vs.clientCerts) != 1 || vs.clientCerts[0] != "admin-client" {
-		t.Errorf("client certificates presented: %v, want the profile's only", vs.clientCerts)
+	if _, _, certs := vs.Seen(); len(certs) != 1 || certs[0] != "admin-client" {
+		t.Errorf("client certificates presented: %v, want the profile's only", certs)
 	}
 }
 
@@ -223,30 +170,5 @@ func TestTrustFilesAreBounded(t *testing.T) {
 	}
 	if _, err := New(Config{Addresses: []string{"https://vault:8200"}, TLS: map[string]provider.TLS{"https://other:8200": {}}}); err == nil {
 		t.Error("TLS for an address not on the list accepted")
-	}
-}
-
-func writeClientPair(t *testing.T, certFile, keyFile, cn string) {
-	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: cn},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
-		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	kder, err := x509.MarshalECPrivateKey(key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(certFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(keyFile, pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kder}), 0o600); err != nil {
-		t.Fatal(err)
 	}
 }
