@@ -2,28 +2,19 @@ package aws
 
 import (
 	"context"
-	"encoding/pem"
 	"errors"
-	"net/http"
-	"net/http/httptest"
-	"os"
-	"path/filepath"
-	"sync/atomic"
 	"testing"
 
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
+	"github.com/ephemeral-secrets/csi-driver/test/standin"
 )
 
 // Every check of a class runs before the first AWS call: a class that
 // fails one mints no STS session at the (allowed) STS endpoint, which a
 // local listener standing in for STS would record.
 func TestChecksBeforeAnySession(t *testing.T) {
-	var calls atomic.Int32
-	sts := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
-		calls.Add(1)
-		w.WriteHeader(http.StatusForbidden)
-	}))
-	defer sts.Close()
+	sts := standin.New(t, false)
+	calls := func() int { _, r, _ := sts.Seen(); return r }
 	p, err := New(Config{Region: "us-east-1", Endpoints: []string{sts.URL}})
 	if err != nil {
 		t.Fatal(err)
@@ -58,7 +49,7 @@ func TestChecksBeforeAnySession(t *testing.T) {
 			if !errors.Is(err, tc.want) {
 				t.Fatalf("err = %v, want %v", err, tc.want)
 			}
-			if n := calls.Load(); n != 0 {
+			if n := calls(); n != 0 {
 				t.Fatalf("%d calls to STS before the refusal", n)
 			}
 		})
@@ -67,24 +58,17 @@ func TestChecksBeforeAnySession(t *testing.T) {
 	// can see a call.
 	_, err = p.Issue(context.Background(), provider.Request{LeaseID: "l", Tokens: tokens, Params: map[string]string{
 		RoleArnParam: "arn:aws:iam::1:role/r", STSEndpointParam: sts.URL, ObjectsParam: sessionAndSecret}})
-	if err == nil || calls.Load() == 0 {
-		t.Fatalf("an allowed class: %v after %d calls", err, calls.Load())
+	if !errors.Is(err, provider.ErrPermissionDenied) || calls() == 0 {
+		t.Fatalf("an allowed class: %v after %d calls, want STS's refusal", err, calls())
 	}
 }
 
 // An endpoint's TLS is the admin's: without the admin's CA for it, the
 // pod's token is not sent to a server nobody vouches for; with it, it is.
 func TestEndpointTrustIsTheAdmins(t *testing.T) {
-	var calls atomic.Int32
-	srv := httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
-		calls.Add(1)
-		w.WriteHeader(http.StatusForbidden)
-	}))
-	defer srv.Close()
-	ca := filepath.Join(t.TempDir(), "ca.pem")
-	if err := os.WriteFile(ca, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: srv.Certificate().Raw}), 0o600); err != nil {
-		t.Fatal(err)
-	}
+	srv := standin.New(t, true)
+	calls := func() int { _, r, _ := srv.Seen(); return r }
+	ca := srv.CAFile
 	req := provider.Request{LeaseID: "l", Tokens: map[string]provider.Token{"sts.amazonaws.com": {Token: "pod-sts-token"}},
 		Params: map[string]string{STSEndpointParam: srv.URL, ObjectsParam: "- {objectName: s, objectType: sts, roleArn: 'arn:aws:iam::1:role/r'}"}}
 
@@ -92,15 +76,15 @@ func TestEndpointTrustIsTheAdmins(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := unverified.Issue(context.Background(), req); err == nil || calls.Load() != 0 {
-		t.Fatalf("an endpoint nobody vouches for: %v after %d requests", err, calls.Load())
+	if _, err := unverified.Issue(context.Background(), req); err == nil || calls() != 0 {
+		t.Fatalf("an endpoint nobody vouches for: %v after %d requests", err, calls())
 	}
 	trusted, err := New(Config{Region: "us-east-1", Endpoints: []string{srv.URL}, TLS: map[string]provider.TLS{srv.URL: {CACert: ca}}})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := trusted.Issue(context.Background(), req); err == nil || calls.Load() == 0 {
-		t.Fatalf("the admin's CA: %v after %d requests", err, calls.Load())
+	if _, err := trusted.Issue(context.Background(), req); err == nil || calls() == 0 {
+		t.Fatalf("the admin's CA: %v after %d requests", err, calls())
 	}
 	if _, err := New(Config{Endpoints: []string{srv.URL}, TLS: map[string]provider.TLS{"https://elsewhere": {}}}); err == nil {
 		t.Error("TLS for an endpoint not on the list accepted")
