@@ -8,6 +8,8 @@ import (
 	"testing"
 	"time"
 
+	"sigs.k8s.io/yaml"
+
 	"github.com/ephemeral-secrets/csi-driver/pkg/storage"
 )
 
@@ -99,4 +101,35 @@ func TestBoundedTemplatesStillRender(t *testing.T) {
 	if got := string(files[0].Data); got != fmt.Sprintf("%-10s|...%5.1f", lease.Values["username"], 2.25) {
 		t.Fatalf("rendered %q", got)
 	}
+}
+
+// FuzzRenderIsBounded: whatever template a class holds, rendering it
+// returns (a template that could run without end would hang the fuzzer)
+// and never makes more than the byte cap.
+func FuzzRenderIsBounded(f *testing.F) {
+	f.Add(`{{range 100000}}{{range 100000}}{{end}}{{end}}`)
+	f.Add(`{{$a := printf "%s%s" .password .password}}{{$a = printf "%s%s" $a $a}}{{$a = printf "%s%s" $a $a}}{{$a}}`)
+	f.Add(`{{range $k, $v := .}}{{printf "%-9000s" $v}}{{html $v}}{{js $v}}{{urlquery $v}}{{end}}`)
+	f.Add(`{{with .username}}{{range (len .)}}{{println .}}{{end}}{{end}}`)
+	const maxBytes = 64 << 10
+	f.Fuzz(func(t *testing.T, tmpl string) {
+		files, err := yaml.Marshal([]map[string]string{{"path": "x", "template": tmpl}})
+		if err != nil {
+			return
+		}
+		s, err := ParseSpecWithin(map[string]string{FilesParam: string(files)}, Limits{MaxBytes: maxBytes, MaxSteps: 5000, Timeout: 50 * time.Millisecond})
+		if err != nil {
+			return
+		}
+		out, err := s.Render(lease)
+		if err != nil {
+			if strings.Contains(err.Error(), "S3CRET") {
+				t.Fatalf("error quotes a value: %v", err)
+			}
+			return
+		}
+		if len(out[0].Data) > maxBytes {
+			t.Fatalf("rendered %d bytes, cap %d", len(out[0].Data), maxBytes)
+		}
+	})
 }
