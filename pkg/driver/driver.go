@@ -34,6 +34,9 @@ type Lifecycle interface {
 	Publish(ctx context.Context, v lease.Volume) error
 	Unpublish(ctx context.Context, volumeID, target string) error
 	Ready() bool
+	// Published reports whether the volume is published: a publish of it
+	// is a republish.
+	Published(volumeID string) bool
 }
 
 var _ Lifecycle = (*lease.Manager)(nil)
@@ -147,6 +150,12 @@ func (d *Driver) NodeGetInfo(context.Context, *csi.NodeGetInfoRequest) (*csi.Nod
 // NodePublishVolume implements csi.NodeServer: validate, delegate, map errors.
 func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolumeRequest) (*csi.NodePublishVolumeResponse, error) {
 	v, err := d.volumeFor(req)
+	if err != nil && d.opts.Leases.Published(req.GetVolumeId()) {
+		// A republish the first publish's checks would now refuse (the
+		// tokens moved to where they are not expected, say) is not worth
+		// tearing down a running pod's mount: never a final code.
+		err = fmt.Errorf("%w: republish: %w", provider.ErrUnavailable, err)
+	}
 	if err == nil {
 		err = d.publish(ctx, v)
 	}

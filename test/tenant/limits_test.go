@@ -183,3 +183,45 @@ func TestPublishRatePerNamespace(t *testing.T) {
 	f.refusalsMetric(t, `ephemeral_secrets_publish_refusals_total{limit="publish_rate",namespace="team-a"} 1`)
 	f.unpublishAll(t, a1, a2, b1)
 }
+
+// A republish is never refused with a final code, even when the token
+// rules would refuse it as a first publish (the CSIDriver changed to
+// passing tokens in the volume context, say): kubelet would tear down the
+// running pod's mount.
+func TestRepublishIsNeverRefusedForItsTokens(t *testing.T) {
+	ctx := context.Background()
+	env := newEnv(t)
+	f := start(t, env, class("team-a", "db", "postgres", pgParams(nil)), pgBackend(), "--max-leases-per-namespace", "1",
+		"--publish-rate-per-namespace", "0.001", "--publish-burst-per-namespace", "1")
+	p := pod("team-a", "steady")
+	target, err := f.kube.Publish(ctx, p, volume("db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, inContext := range []bool{true, false} {
+		f.kube.TokensInVolumeContext = inContext
+		req, err := f.kube.PublishRequest(p, volume("db"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !inContext { // a pod's own tokens attribute beside kubelet's in secrets
+			req.VolumeContext["csi.storage.k8s.io/serviceAccount.tokens"] = `{"vault":{"token":"forged-on-republish"}}`
+		}
+		_, err = f.kube.Node.NodePublishVolume(ctx, req)
+		if c := status.Code(err); c != codes.OK && c != codes.Unavailable {
+			t.Fatalf("republish (tokens in context: %v): %v, want OK or Unavailable", inContext, err)
+		}
+		if len(harness.Mounts(target)) == 0 {
+			t.Fatal("the running pod's mount is gone")
+		}
+	}
+	f.kube.TokensInVolumeContext = false
+	// At the cap and with the bucket empty, the republish is still fine.
+	if _, err := f.kube.Publish(ctx, p, volume("db")); err != nil {
+		t.Fatalf("republish at the limits: %v", err)
+	}
+	if err := f.kube.Unpublish(ctx, p, "secrets"); err != nil {
+		t.Fatal(err)
+	}
+	assertNothingLeft(t, f, p)
+}
