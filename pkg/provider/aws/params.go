@@ -8,6 +8,7 @@ import (
 	"sigs.k8s.io/yaml"
 
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
+	"github.com/ephemeral-secrets/csi-driver/pkg/storage"
 )
 
 // Class parameters: those of aws/secrets-store-csi-driver-provider-aws
@@ -133,6 +134,11 @@ func parseParams(p map[string]string, defaultRegion string) (classParams, error)
 	claim := func(name string) error {
 		if names[name] {
 			return fmt.Errorf("%w: file %q would be written twice", provider.ErrInvalidParameters, name)
+		}
+		// Checked here, before any AWS call: an STS session minted for a
+		// file that cannot be written could not be revoked.
+		if err := storage.ValidatePath(name); err != nil {
+			return fmt.Errorf("%w: %w", provider.ErrInvalidParameters, err)
 		}
 		names[name] = true
 		return nil
