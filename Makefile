@@ -6,18 +6,37 @@ BIN       := bin/ephemeral-secrets-csi
 VERSION   ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS   := -s -w -X main.version=$(VERSION)
 GOBIN     := $(shell $(GO) env GOPATH)/bin
-STATICCHECK_VERSION ?= 2025.1.1
+# Lint tools, at versions the Go module proxy serves (module versions,
+# not the tools' release names).
+STATICCHECK_VERSION ?= v0.8.2
+ACTIONLINT_VERSION  ?= v1.7.12
 FUZZTIME  ?= 30s
 # Tests that start servers and mount filesystems: one package at a time
 # keeps a two-core machine responsive; -race is part of the standard run.
 TESTFLAGS ?= -race -count=1 -timeout 30m -p 1
 
-.PHONY: all build test demo lint fuzz bench postgres kube vault aws clean
+.PHONY: all build test demo lint fuzz bench postgres kube node vault aws clean cluster cluster-down manifests release release-check release-artifacts release-push print-crane print-helm sbom
 
 all: build
 
 build:
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "$(LDFLAGS)" -o $(BIN) ./cmd/ephemeral-secrets-csi
+
+# The images, without Docker (test/image/cmd/mkimage): archives for
+# `ctr -n k8s.io images import`, `kind load image-archive` or `docker load`.
+# The same commit and Go toolchain give the same digests (SOURCE_DATE_EPOCH,
+# if set, stamps them; else 1970). IMAGE_PLATFORMS: e.g. linux/amd64,linux/arm64.
+IMAGE_REPO          ?= ghcr.io/ephemeral-secrets/csi-driver
+IMAGE_TAG           ?= $(VERSION)
+IMAGE_PLATFORMS     ?= $(shell $(GO) env GOOS)/$(shell $(GO) env GOARCH)
+DB_CHECK_IMAGE_REPO ?= ghcr.io/ephemeral-secrets/db-check
+MKIMAGE = $(GO) run ./test/image/cmd/mkimage --platforms $(IMAGE_PLATFORMS)
+.PHONY: image
+image:
+	@mkdir -p bin
+	$(MKIMAGE) --image driver --name $(IMAGE_REPO):$(IMAGE_TAG) --version $(VERSION) --out bin/ephemeral-secrets-csi-image.tar
+	$(MKIMAGE) --image db-check --name $(DB_CHECK_IMAGE_REPO):$(IMAGE_TAG) --out bin/db-check-image.tar
+	$(MKIMAGE) --image pause --out bin/pause-image.tar
 
 # PostgreSQL server binaries from the distribution, for the demo and the tests.
 postgres:
@@ -35,8 +54,35 @@ kube:
 	@command -v etcd >/dev/null || { echo "installing etcd (apt)"; apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends etcd-server >/dev/null; }
 	test/kube/build-kube.sh $(TOOLS)
-	@test -x $(TOOLS)/helm || GOBIN=$(TOOLS) $(GO) install helm.sh/helm/v3/cmd/helm@$(HELM_VERSION)
-	@test -x $(TOOLS)/kustomize || GOBIN=$(TOOLS) $(GO) install sigs.k8s.io/kustomize/kustomize/v5@$(KUSTOMIZE_VERSION)
+	@$(MAKE) --no-print-directory $(TOOLS)/helm $(TOOLS)/kustomize
+# The Kubernetes version helm assumes without a cluster (helm template,
+# helm lint): the one the tests run (helm's release builds use their
+# client-go's).
+HELM_KUBE_MINOR   ?= 35
+HELM_LDFLAGS      := -X helm.sh/helm/v3/internal/version.version=$(HELM_VERSION) \
+	$(foreach p,chartutil lint/rules,-X helm.sh/helm/v3/pkg/$(p).k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/$(p).k8sVersionMinor=$(HELM_KUBE_MINOR))
+$(TOOLS)/helm:
+	GOBIN=$(TOOLS) $(GO) install -ldflags "$(HELM_LDFLAGS)" helm.sh/helm/v3/cmd/helm@$(HELM_VERSION)
+$(TOOLS)/kustomize:
+	GOBIN=$(TOOLS) $(GO) install sigs.k8s.io/kustomize/kustomize/v5@$(KUSTOMIZE_VERSION)
+
+# What a real node needs beside the Kubernetes commands: containerd, runc,
+# the CNI plugins and iptables (kube-proxy), from apt.
+NODE_PACKAGES := containerd runc containernetworking-plugins iptables conntrack
+node: kube
+	@missing=""; for p in $(NODE_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then echo "installing$$missing (apt)"; apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; fi
+
+# A single-node cluster for a person: kubelet, containerd, the control
+# plane, PostgreSQL with the example's database, the driver from the chart.
+# It prints what to export to use kubectl. cluster-down removes all of it.
+cluster: postgres node
+	@KUBE_COMMANDS=kubectl test/kube/build-kube.sh $(TOOLS)
+	$(GO) run ./test/node/cmd/cluster up --dir bin/cluster
+
+cluster-down:
+	$(GO) run ./test/node/cmd/cluster down --dir bin/cluster
 
 # A real Vault server for the vault provider's tests (built from the Go
 # module proxy into $(TOOLS); several minutes the first time).
@@ -51,14 +97,86 @@ aws:
 demo: postgres build
 	$(GO) run ./test/demo --driver $(BIN)
 
-test: postgres kube vault aws
+test: postgres kube node vault aws
 	$(GO) test $(TESTFLAGS) ./...
 
-lint:
+# Each lint tool in a directory of its version, so a version bump
+# installs the new one.
+STATICCHECK := $(TOOLS)/staticcheck-$(STATICCHECK_VERSION)/staticcheck
+ACTIONLINT  := $(TOOLS)/actionlint-$(ACTIONLINT_VERSION)/actionlint
+$(STATICCHECK):
+	GOBIN=$(dir $@) $(GO) install honnef.co/go/tools/cmd/staticcheck@$(STATICCHECK_VERSION)
+$(ACTIONLINT):
+	GOBIN=$(dir $@) $(GO) install github.com/rhysd/actionlint/cmd/actionlint@$(ACTIONLINT_VERSION)
+
+lint: $(STATICCHECK) $(ACTIONLINT) $(TOOLS)/helm
 	$(GO) vet ./...
-	@test -x $(GOBIN)/staticcheck || $(GO) install honnef.co/go/tools/cmd/staticcheck@$(STATICCHECK_VERSION)
-	$(GOBIN)/staticcheck ./...
+	$(STATICCHECK) ./...
 	@out=$$(gofmt -l .); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+	$(ACTIONLINT) .github/workflows/*.yaml
+	$(TOOLS)/helm lint --strict $(CHART)
+	$(TOOLS)/helm lint --strict $(CHART) --set monitoring.enabled=true,providers.vault.enabled=true,providers.aws.enabled=true
+
+# deploy/kustomize, rendered from the chart's defaults (the chart is the
+# one source; test/cluster fails when they differ).
+CHART := deploy/helm/ephemeral-secrets-csi
+manifests: $(TOOLS)/helm
+	deploy/render.sh $(TOOLS)/helm deploy/kustomize
+
+# A release, from a tag vX.Y.Z (see "Versions" in README.md): the driver's
+# image for amd64 and arm64 and the chart, packaged; release-push sends
+# both to their registries (log in first: crane auth login, helm registry
+# login). `make image` writes IMAGE_ARCHIVE: a tar of an OCI image layout
+# whose index.json holds one descriptor, the image index of the platforms
+# in IMAGE_PLATFORMS, with the binary's version set from VERSION.
+RELEASE          = $(VERSION:v%=%)
+IMAGE_REPOSITORY ?= ghcr.io/ephemeral-secrets/csi-driver
+CHART_REPOSITORY ?= oci://ghcr.io/ephemeral-secrets/charts
+IMAGE_ARCHIVE    ?= bin/ephemeral-secrets-csi-image.tar
+CRANE_VERSION    ?= v0.22.1
+CRANE            := $(TOOLS)/crane-$(CRANE_VERSION)/crane
+$(CRANE):
+	GOBIN=$(dir $@) $(GO) install github.com/google/go-containerregistry/cmd/crane@$(CRANE_VERSION)
+
+# The tag, Chart.yaml, the generated manifests and CHANGELOG.md agree.
+release-check: $(TOOLS)/helm
+	@echo "$(VERSION)" | grep -Eq '^v[0-9]+\.[0-9]+\.[0-9]+(-[0-9A-Za-z.-]+)?$$' || { echo "release: VERSION=$(VERSION) is not a tag vX.Y.Z"; exit 1; }
+	@grep -qx 'version: $(RELEASE)' $(CHART)/Chart.yaml || { echo "release: $(CHART)/Chart.yaml version is not $(RELEASE)"; exit 1; }
+	@grep -qx 'appVersion: "$(RELEASE)"' $(CHART)/Chart.yaml || { echo "release: $(CHART)/Chart.yaml appVersion is not \"$(RELEASE)\""; exit 1; }
+	@grep -Eq '^## $(subst .,\.,$(RELEASE)) \([0-9]{4}-[0-9]{2}-[0-9]{2}\)$$' CHANGELOG.md || { echo "release: CHANGELOG.md has no section \"## $(RELEASE) (YYYY-MM-DD)\""; exit 1; }
+	@tmp=$$(mktemp -d) && deploy/render.sh $(TOOLS)/helm $$tmp && diff -r $$tmp deploy/kustomize >/dev/null; rc=$$?; rm -rf $$tmp; \
+		[ $$rc = 0 ] || { echo "release: deploy/kustomize is stale: make manifests"; exit 1; }
+
+# An SBOM (CycloneDX) of the binary for each platform, from the module
+# graph: no network beyond the module proxy, the same bytes each run.
+CYCLONEDX_VERSION ?= v1.10.0
+CYCLONEDX         := $(TOOLS)/cyclonedx-gomod-$(CYCLONEDX_VERSION)/cyclonedx-gomod
+$(CYCLONEDX):
+	GOBIN=$(dir $@) $(GO) install github.com/CycloneDX/cyclonedx-gomod/cmd/cyclonedx-gomod@$(CYCLONEDX_VERSION)
+sbom: $(CYCLONEDX)
+	@mkdir -p bin
+	for arch in amd64 arm64; do \
+		CGO_ENABLED=0 GOOS=linux GOARCH=$$arch $(CYCLONEDX) app -main cmd/ephemeral-secrets-csi -json -licenses \
+			-notimestamp -noserial -output bin/ephemeral-secrets-csi-$(RELEASE)-linux-$$arch.cdx.json . || exit 1; \
+	done
+
+release-artifacts: release-check sbom
+	$(MAKE) image VERSION=$(VERSION) IMAGE_PLATFORMS=linux/amd64,linux/arm64 IMAGE_ARCHIVE=$(IMAGE_ARCHIVE)
+	$(TOOLS)/helm package $(CHART) --destination bin
+	awk '/^## /{if (p) exit; if ($$2 == "$(RELEASE)") p=1} p' CHANGELOG.md >bin/release-notes.md
+
+release-push: $(CRANE)
+	rm -rf bin/image-layout && mkdir -p bin/image-layout && tar -xf $(IMAGE_ARCHIVE) -C bin/image-layout
+	$(CRANE) push bin/image-layout $(IMAGE_REPOSITORY):$(RELEASE)
+	$(TOOLS)/helm push bin/ephemeral-secrets-csi-$(RELEASE).tgz $(CHART_REPOSITORY)
+
+release: release-artifacts release-push
+
+# Where the release tools are, for the workflow's registry logins.
+print-crane:
+	@echo $(CRANE)
+print-helm:
+	@echo $(TOOLS)/helm
 
 # Each fuzz target for FUZZTIME (their seed corpora already run in `make test`).
 fuzz:

@@ -15,6 +15,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"syscall"
 	"text/tabwriter"
 	"time"
@@ -30,6 +31,7 @@ import (
 	"github.com/ephemeral-secrets/csi-driver/pkg/limits"
 	"github.com/ephemeral-secrets/csi-driver/pkg/metrics"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
+	"github.com/ephemeral-secrets/csi-driver/pkg/registration"
 	"github.com/ephemeral-secrets/csi-driver/pkg/render"
 	"github.com/ephemeral-secrets/csi-driver/pkg/spc"
 	"github.com/ephemeral-secrets/csi-driver/pkg/storage"
@@ -65,7 +67,7 @@ func Main(version string, args []string, extra ...Register) int {
 
 type serveFlags struct {
 	endpoint, nodeID, stateDir, kubeletDir, classes, backends, auditLog string
-	metricsAddr, kubeconfig                                             string
+	metricsAddr, kubeconfig, registrationDir, registrationPath          string
 	maxVolumeBytes                                                      int64
 	sweep, retryMin, retryMax, backendTimeout                           time.Duration
 	renewFraction                                                       float64
@@ -92,6 +94,8 @@ func serve(version string, args []string, extra []Register) error {
 	fs.DurationVar(&f.retryMax, "retry-max", time.Minute, "longest retry delay")
 	fs.DurationVar(&f.backendTimeout, "backend-timeout", 30*time.Second, "bound on one backend call")
 	fs.Float64Var(&f.renewFraction, "renew-fraction", 2.0/3, "fraction of a lease's TTL after which it is renewed")
+	fs.StringVar(&f.registrationDir, "registration-dir", "", "kubelet's plugins_registry directory as mounted here: the driver registers itself with kubelet there; empty: no registration (node-driver-registrar's job)")
+	fs.StringVar(&f.registrationPath, "kubelet-registration-path", "", "the CSI socket's path on the host, as kubelet dials it (default <kubelet-dir>/plugins/"+driver.Name+"/csi.sock)")
 	fs.StringVar(&f.metricsAddr, "metrics-address", ":9810", "where /metrics, /healthz and /readyz are served; empty: nowhere")
 	fs.BoolVar(&f.tokensInSecrets, "tokens-in-secrets", true, "kubelet passes service-account tokens in the request's secrets "+
 		"(the CSIDriver's serviceAccountTokenInSecrets); false: in the volume context. Tokens anywhere else are refused")
@@ -189,12 +193,29 @@ func serve(version string, args []string, extra []Register) error {
 	}
 	d := driver.New(driver.Options{NodeID: f.nodeID, Version: version, Leases: mgr, Targets: targets, Metrics: m, Events: sink, Tokens: tokens,
 		Admission: limits.New(mgr, lo)})
+	var healthy func() error
+	if f.registrationDir != "" {
+		if f.registrationPath == "" {
+			f.registrationPath = filepath.Join(f.kubeletDir, "plugins", driver.Name, "csi.sock")
+		}
+		reg := registration.New(registration.Options{DriverName: driver.Name, Dir: f.registrationDir, Endpoint: f.registrationPath})
+		healthy = reg.Healthy
+		regDone := make(chan struct{})
+		defer func() { stop(); <-regDone }() // the socket goes before the process: kubelet deregisters the driver
+		go func() {
+			defer close(regDone)
+			if err := reg.Run(ctx); err != nil {
+				klog.ErrorS(err, "Kubelet plugin registration stopped")
+				stop()
+			}
+		}()
+	}
 	if f.metricsAddr != "" {
 		ml, err := net.Listen("tcp", f.metricsAddr)
 		if err != nil {
 			return fmt.Errorf("metrics address: %w", err)
 		}
-		srv := &http.Server{Handler: m.Handler(mgr.Ready), ReadHeaderTimeout: 10 * time.Second}
+		srv := &http.Server{Handler: m.Handler(mgr.Ready, healthy), ReadHeaderTimeout: 10 * time.Second}
 		go func() { _ = srv.Serve(ml) }()
 		defer srv.Close()
 		klog.InfoS("Serving metrics and health", "address", ml.Addr().String())
@@ -208,8 +229,18 @@ func serve(version string, args []string, extra []Register) error {
 	go mgr.Run(ctx)
 	select {
 	case <-ctx.Done():
-		klog.InfoS("Shutting down; live leases are resumed at the next start")
-		return <-errc
+		err := <-errc
+		mgr.Close()
+		// With nothing to resume (an uninstall after the pods are gone),
+		// leave nothing on the node; otherwise the next start resumes it.
+		if released, rerr := store.Release(); rerr != nil {
+			klog.ErrorS(rerr, "Releasing the state directory")
+		} else if released {
+			klog.InfoS("Shutting down with no live lease and no pending revocation; state directory released")
+		} else {
+			klog.InfoS("Shutting down; live leases and pending revocations are resumed at the next start")
+		}
+		return err
 	case err := <-errc:
 		return err
 	}

@@ -54,6 +54,8 @@ func codeFor(err error) codes.Code {
 	case errors.Is(err, storage.ErrTooLarge),
 		errors.Is(err, limits.ErrLimited):
 		return codes.ResourceExhausted
+	case errors.Is(err, provider.ErrMisconfigured):
+		return codes.FailedPrecondition
 	default:
 		return codes.Internal
 	}
@@ -68,6 +70,8 @@ var reasons = map[codes.Code]string{
 	codes.AlreadyExists:     "VolumeConflict",
 	codes.Unavailable:       "BackendUnavailable",
 	codes.DeadlineExceeded:  "BackendTimeout",
+
+	codes.FailedPrecondition: "BackendMisconfigured",
 }
 
 // warn sends the pod a Warning event saying why its volume failed, when

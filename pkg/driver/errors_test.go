@@ -36,6 +36,7 @@ func TestCodeFor(t *testing.T) {
 		{wrap(storage.ErrTooLarge), codes.ResourceExhausted},
 		{wrap(limits.ErrLimited), codes.ResourceExhausted},
 		{fmt.Errorf("%w: %w", render.ErrInvalidSpec, render.ErrBudget), codes.InvalidArgument},
+		{wrap(provider.ErrMisconfigured), codes.FailedPrecondition},
 		{wrap(provider.ErrUnavailable), codes.Unavailable},
 		{wrap(lease.ErrNotReady), codes.Unavailable},
 		{wrap(context.DeadlineExceeded), codes.DeadlineExceeded},

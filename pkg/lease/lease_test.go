@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
+	"github.com/ephemeral-secrets/csi-driver/pkg/storage"
 )
 
 func TestNewLeaseID(t *testing.T) {
@@ -101,5 +102,60 @@ func TestKeyedLockSerialisesOneKeyOnly(t *testing.T) {
 	}
 	if len(k.entries) != 0 {
 		t.Fatalf("lock entries leak: %d", len(k.entries))
+	}
+}
+
+// The renewal point is on the lease's own timeline: fraction of the grant
+// after the grant began, whenever it is computed (a restart included), and
+// a grant a max TTL shortened keeps the margin a full grant leaves.
+func TestRenewalPointIsOnTheLeasesTimeline(t *testing.T) {
+	m := New(Options{Jitter: 0})
+	defer m.Close()
+	now := time.Now()
+	for name, tc := range map[string]struct {
+		granted, expires time.Time
+		grantTTL         time.Duration
+		want             time.Time
+	}{
+		"fresh":                  {now, now.Add(9 * time.Second), 9 * time.Second, now.Add(6 * time.Second)},
+		"a third gone (restart)": {now.Add(-3 * time.Second), now.Add(6 * time.Second), 9 * time.Second, now.Add(3 * time.Second)},
+		"capped by max TTL":      {now, now.Add(6 * time.Second), 9 * time.Second, now.Add(3 * time.Second)},
+		"overdue":                {now.Add(-8 * time.Second), now.Add(time.Second), 9 * time.Second, now},
+		"grant time unknown":     {time.Time{}, now.Add(9 * time.Second), 0, now.Add(6 * time.Second)},
+	} {
+		v := &volume{meta: storage.Metadata{VolumeID: name, GrantTTL: tc.grantTTL},
+			lease: provider.Lease{ExpiresAt: tc.expires}, granted: tc.granted}
+		m.mu.Lock()
+		m.vols[name] = v
+		m.mu.Unlock()
+		m.scheduleRenewal(v)
+		m.mu.Lock()
+		got := v.renewAt
+		m.mu.Unlock()
+		if d := got.Sub(tc.want); d < -100*time.Millisecond || d > 100*time.Millisecond {
+			t.Errorf("%s: renews at %s from now, want %s", name, got.Sub(now), tc.want.Sub(now))
+		}
+	}
+}
+
+func TestRetryDelayShrinksTowardExpiry(t *testing.T) {
+	m := New(Options{})
+	defer m.Close()
+	for _, tc := range []struct {
+		failures int
+		left     time.Duration
+		want     time.Duration
+	}{
+		{1, 10 * time.Minute, time.Second},                         // the backoff
+		{8, 10 * time.Minute, time.Minute},                         // the backoff, capped
+		{8, 2 * time.Minute, 30 * time.Second},                     // a quarter of what is left
+		{8, 30 * time.Second, time.Second},                         // the last minute: RetryMin
+		{8, -5 * time.Second, time.Second},                         // lapsed: RetryMin
+		{8, 3*time.Second + time.Minute, 15750 * time.Millisecond}, // just over a minute left
+	} {
+		v := &volume{failures: tc.failures, lease: provider.Lease{ExpiresAt: time.Now().Add(tc.left)}}
+		if got := m.retryDelay(v); got < tc.want-100*time.Millisecond || got > tc.want {
+			t.Errorf("%d failures, %s left: retry in %s, want %s", tc.failures, tc.left, got, tc.want)
+		}
 	}
 }

@@ -51,12 +51,15 @@ type Options struct {
 	Classes   spc.Resolver
 	Audit     *audit.Logger
 
-	// RenewFraction of a lease's remaining TTL after which it is renewed
-	// (default 2/3), less up to Jitter of that (default 0.1).
+	// RenewFraction of a lease's TTL, counted from when it was granted
+	// (issued or last renewed), after which it is renewed (default 2/3),
+	// less up to Jitter of that (default 0.1).
 	RenewFraction float64
 	Jitter        float64
 	// RetryMin and RetryMax bound the backoff of failed renewals and
-	// revocations (defaults 1 s and 1 min).
+	// revocations (defaults 1 s and 1 min). A failed renewal is retried
+	// after at most a quarter of the time its lease has left, and every
+	// RetryMin in the lease's last minute.
 	RetryMin, RetryMax time.Duration
 	// BackendTimeout bounds one call to a provider (default 30 s).
 	BackendTimeout time.Duration
@@ -117,6 +120,7 @@ type volume struct {
 	gid      int
 	timer    *time.Timer
 	renewAt  time.Time
+	granted  time.Time // when the lease's current grant began: its issue or last renewal
 	failures int
 	digest   [32]byte // of the files last written; zero after a restart
 }
@@ -185,13 +189,35 @@ func (m *Manager) Publish(ctx context.Context, v Volume) error {
 	}
 	defer unlock()
 
-	m.mu.Lock()
-	cur := m.vols[v.ID]
-	m.mu.Unlock()
+	cur, err := m.loaded(ctx, v.ID)
+	if err != nil {
+		return fmt.Errorf("%w: recovering the volume's earlier record: %w", provider.ErrUnavailable, err)
+	}
 	if cur != nil {
 		return m.republish(cur, v)
 	}
 	return m.publishNew(ctx, v)
+}
+
+// loaded returns the volume in memory, recovering it first if the store
+// has it and memory does not (its recovery failed, or a clean-up did): a
+// new publish would otherwise write over its record.
+func (m *Manager) loaded(ctx context.Context, id string) (*volume, error) {
+	m.mu.Lock()
+	cur := m.vols[id]
+	m.mu.Unlock()
+	if cur != nil {
+		return cur, nil
+	}
+	if _, err := m.opts.Store.ReadMetadata(id); errors.Is(err, storage.ErrVolumeNotFound) {
+		return nil, nil
+	}
+	if _, err := m.recoverVolume(ctx, id); err != nil {
+		return nil, err
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.vols[id], nil
 }
 
 func (m *Manager) republish(cur *volume, v Volume) error {
@@ -291,6 +317,7 @@ func (m *Manager) publishNew(ctx context.Context, v Volume) error {
 	}
 
 	ictx, cancel := context.WithTimeout(ctx, m.opts.BackendTimeout)
+	asked := time.Now()
 	l, err := prov.Issue(ictx, provider.Request{
 		LeaseID: leaseID, Class: class.Ref(), Params: params, Pod: pod, Tokens: v.Mount.Tokens,
 	})
@@ -319,12 +346,16 @@ func (m *Manager) publishNew(ctx context.Context, v Volume) error {
 		return undo(l, err)
 	}
 	meta.State, meta.LeaseID, meta.PendingLeaseID = storage.StatePublished, l.ID, ""
-	meta.Role, meta.IssuedAt, meta.ExpiresAt = l.Role, l.IssuedAt, l.ExpiresAt
+	meta.Role, meta.IssuedAt, meta.ExpiresAt, meta.GrantTTL = l.Role, l.IssuedAt, l.ExpiresAt, grantTTL(l, asked)
 	if err := m.opts.Store.WriteMetadata(meta); err != nil {
 		_ = m.opts.Store.UnmountTarget(v.TargetPath)
 		return undo(l, fmt.Errorf("recording the volume: %w", err))
 	}
-	vol := &volume{meta: meta, lease: l, spec: spec, tokens: v.Mount.Tokens, gid: v.GID, digest: digest(files)}
+	granted := l.IssuedAt
+	if granted.IsZero() {
+		granted = asked
+	}
+	vol := &volume{meta: meta, lease: l, spec: spec, tokens: v.Mount.Tokens, gid: v.GID, digest: digest(files), granted: granted}
 	m.mu.Lock()
 	m.vols[v.ID] = vol
 	m.mu.Unlock()
@@ -367,7 +398,7 @@ func (m *Manager) mount(id, target string) error {
 // mayHaveIssued reports whether a failed Issue might still have created
 // something in the backend.
 func mayHaveIssued(err error) bool {
-	for _, definite := range []error{provider.ErrPermissionDenied, provider.ErrInvalidParameters, provider.ErrNotFound} {
+	for _, definite := range []error{provider.ErrPermissionDenied, provider.ErrInvalidParameters, provider.ErrNotFound, provider.ErrMisconfigured} {
 		if errors.Is(err, definite) {
 			return false
 		}
@@ -405,10 +436,14 @@ func (m *Manager) Unpublish(ctx context.Context, volumeID, target string) error 
 	return m.retire(v, "unpublished")
 }
 
-// retire queues the revocation of v's lease, stops its renewals and
-// deletes its files and metadata.
+// retire queues the revocation of v's lease, and of any other lease the
+// volume holds a record of, stops its renewals and deletes its files and
+// metadata.
 func (m *Manager) retire(v *volume, reason string) error {
 	if err := m.enqueue(v.lease, v.meta, reason); err != nil {
+		return err
+	}
+	if err := m.enqueueRest(v.meta, reason, v.lease.ID); err != nil {
 		return err
 	}
 	m.mu.Lock()

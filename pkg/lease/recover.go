@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"time"
 
 	"k8s.io/klog/v2"
@@ -58,35 +59,36 @@ func (m *Manager) Recover(ctx context.Context) error {
 	return nil
 }
 
-// recoverVolume returns true if the volume is live again.
+// recoverVolume returns true if the volume is live again. It never
+// deletes a lease record without queueing that lease's revocation with
+// everything the record holds (a Vault token included).
 func (m *Manager) recoverVolume(ctx context.Context, id string) (bool, error) {
 	meta, err := m.opts.Store.ReadMetadata(id)
 	if err != nil {
 		return false, err
 	}
-	if meta.PendingLeaseID != "" {
-		// A crash during Issue (at publish or rotation): whatever it made goes.
-		pending := provider.Lease{ID: meta.PendingLeaseID, Provider: meta.Provider, Params: meta.Params}
-		if err := m.enqueue(pending, meta, "issue interrupted by a restart"); err != nil {
-			return false, err
-		}
-		meta.PendingLeaseID = ""
-		if err := m.opts.Store.WriteMetadata(meta); err != nil {
-			return false, err
-		}
+	records, err := m.opts.Store.ListLeases(id)
+	if err != nil {
+		return false, err
 	}
-	l, lerr := m.opts.Store.ReadLease(id)
-	if meta.State != storage.StatePublished || lerr != nil || l.ID != meta.LeaseID {
-		// The publish never finished, so kubelet got an error and will retry
-		// it from scratch: leave nothing behind.
-		if meta.State == storage.StatePublished && lerr == nil {
-			_ = m.enqueue(l, meta, "inconsistent state after a restart")
+	byID := map[string]provider.Lease{}
+	for _, l := range records {
+		byID[l.ID] = l
+	}
+	cur, published := byID[meta.LeaseID]
+	if meta.State != storage.StatePublished || !published {
+		// The publish never finished, so kubelet got an error and will
+		// retry it from scratch: leave nothing behind.
+		if err := m.enqueueRest(meta, "issue interrupted by a restart"); err != nil {
+			return false, err
 		}
-		_ = m.opts.Store.UnmountTarget(meta.TargetPath)
+		if err := m.opts.Store.UnmountTarget(meta.TargetPath); err != nil {
+			return false, err
+		}
 		return false, m.opts.Store.DeleteVolume(id)
 	}
 	if !m.opts.Store.IsMounted(meta.TargetPath) {
-		v := &volume{meta: meta, lease: l}
+		v := &volume{meta: meta, lease: cur}
 		return false, m.retire(v, "target gone while the driver was down")
 	}
 	spec, err := m.specFor(ctx, meta)
@@ -94,13 +96,98 @@ func (m *Manager) recoverVolume(ctx context.Context, id string) (bool, error) {
 		return false, err
 	}
 	gid, _ := ParseGID(meta.MountGroup)
-	v := &volume{meta: meta, lease: l, spec: spec, gid: gid}
+	v := &volume{meta: meta, lease: cur, spec: spec, gid: gid, granted: grantedAt(meta, cur)}
+	if err := m.finishRotation(v, byID); err != nil {
+		return false, err
+	}
+	// Records of leases the volume no longer uses (a rotation stopped
+	// after its switch) go to the revocation queue.
+	if records, err = m.opts.Store.ListLeases(id); err != nil {
+		return false, err
+	}
+	for _, l := range records {
+		if l.ID != v.lease.ID {
+			m.dropRecord(l, v.meta, "rotated (finished after a restart)")
+		}
+	}
 	m.mu.Lock()
 	m.vols[id] = v
 	m.mu.Unlock()
 	m.scheduleRenewal(v)
-	klog.V(2).InfoS("Resumed volume", "volumeID", id, "leaseID", l.ID, "expiresAt", l.ExpiresAt)
+	klog.V(2).InfoS("Resumed volume", "volumeID", id, "leaseID", v.lease.ID, "expiresAt", v.lease.ExpiresAt)
 	return true, nil
+}
+
+// finishRotation settles a rotation a restart stopped, on a volume whose
+// pod still runs. With the new lease recorded (and not already queued for
+// revocation), it goes forward: the new lease's files, then the switch.
+// Otherwise it goes back: the volume's own files, and the revocation of
+// whatever Issue may have made.
+func (m *Manager) finishRotation(v *volume, records map[string]provider.Lease) error {
+	pending := v.meta.PendingLeaseID
+	if pending == "" {
+		return nil
+	}
+	nl, recorded := records[pending]
+	if recorded && !m.queued(pending) {
+		err := m.switchTo(v, nl, time.Time{})
+		if err == nil {
+			klog.InfoS("Finished a rotation a restart interrupted", "volumeID", v.meta.VolumeID, "leaseID", nl.ID)
+			return nil
+		}
+		klog.ErrorS(err, "Finishing a rotation a restart interrupted; undoing it", "volumeID", v.meta.VolumeID)
+	}
+	if !recorded {
+		nl = provider.Lease{ID: pending, Provider: v.meta.Provider, Params: v.meta.Params}
+	}
+	m.abandon(v, nl, true)
+	if v.meta.PendingLeaseID != "" {
+		return fmt.Errorf("undoing an interrupted rotation of volume %s failed", v.meta.VolumeID)
+	}
+	return nil
+}
+
+// queued reports whether the revocation of lease id is queued.
+func (m *Manager) queued(id string) bool {
+	q, err := m.opts.Store.ListRevocations()
+	if err != nil {
+		return true // unknown: do not put it in use
+	}
+	for _, r := range q {
+		if r.Lease.ID == id {
+			return true
+		}
+	}
+	return false
+}
+
+// enqueueRest queues the revocation of every lease the volume has a
+// record of, with all the record holds, and by ID alone of a lease its
+// metadata names without a record (an issue a crash interrupted), but
+// those named in except.
+func (m *Manager) enqueueRest(meta storage.Metadata, reason string, except ...string) error {
+	records, err := m.opts.Store.ListLeases(meta.VolumeID)
+	if err != nil {
+		return err
+	}
+	done := slices.Clone(except)
+	for _, l := range records {
+		if !slices.Contains(done, l.ID) {
+			if err := m.enqueue(l, meta, reason); err != nil {
+				return err
+			}
+			done = append(done, l.ID)
+		}
+	}
+	for _, id := range []string{meta.PendingLeaseID, meta.LeaseID} {
+		if id != "" && !slices.Contains(done, id) {
+			if err := m.enqueue(provider.Lease{ID: id, Provider: meta.Provider, Params: meta.Params}, meta, reason); err != nil {
+				return err
+			}
+			done = append(done, id)
+		}
+	}
+	return nil
 }
 
 // specFor finds the file layout of a recovered volume. The class may have

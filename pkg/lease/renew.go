@@ -17,9 +17,11 @@ import (
 	"github.com/ephemeral-secrets/csi-driver/pkg/storage"
 )
 
-// scheduleRenewal arms v's timer at RenewFraction of the lease's remaining
-// life, less a random jitter so that volumes published together do not
-// all renew together.
+// scheduleRenewal arms v's timer at RenewFraction of the lease's TTL
+// after the lease was granted (issued, or last renewed), less a random
+// jitter so that volumes published together do not all renew together.
+// The point is on the lease's own timeline: a restart does not move it
+// toward expiry.
 //
 // A lease without expiry (a static secret) is renewed only at the RenewAt
 // its provider asks for (a rotation poll), or never.
@@ -28,14 +30,55 @@ func (m *Manager) scheduleRenewal(v *volume) {
 		return // nothing ever to renew
 	}
 	d := time.Duration(math.MaxInt64)
-	if !v.lease.ExpiresAt.IsZero() {
-		left := time.Until(v.lease.ExpiresAt)
-		d = time.Duration(float64(left) * m.opts.RenewFraction * (1 - m.opts.Jitter*rand.Float64()))
+	if exp := v.lease.ExpiresAt; !exp.IsZero() {
+		f := m.opts.RenewFraction * (1 - m.opts.Jitter*rand.Float64())
+		at := renewPoint(v.granted, exp, f)
+		// A grant a max TTL shortened keeps the margin a full one leaves.
+		if margin := time.Duration(float64(v.meta.GrantTTL) * (1 - f)); exp.Add(-margin).Before(at) {
+			at = exp.Add(-margin)
+		}
+		d = time.Until(at)
 	}
 	if !v.lease.RenewAt.IsZero() {
 		d = min(d, time.Until(v.lease.RenewAt))
 	}
 	m.schedule(v.meta.VolumeID, max(d, 0))
+}
+
+// renewPoint is fraction of the way from granted to expires. Without a
+// known grant time (or one not before the expiry) it counts from now.
+func renewPoint(granted, expires time.Time, fraction float64) time.Time {
+	if granted.IsZero() || !granted.Before(expires) {
+		granted = time.Now()
+	}
+	return granted.Add(time.Duration(float64(expires.Sub(granted)) * fraction))
+}
+
+// grantTTL is the lifetime l was issued with, granted (at the latest)
+// at asked.
+func grantTTL(l provider.Lease, asked time.Time) time.Duration {
+	if l.ExpiresAt.IsZero() {
+		return 0
+	}
+	from := l.IssuedAt
+	if from.IsZero() {
+		from = asked
+	}
+	return max(l.ExpiresAt.Sub(from), 0)
+}
+
+// grantedAt is when a recovered lease's current grant began: the latest
+// of its issue and its last recorded renewal. A crash between recording a
+// renewed lease and its metadata leaves an earlier time, which only
+// brings the next renewal forward.
+func grantedAt(meta storage.Metadata, l provider.Lease) time.Time {
+	t := l.IssuedAt
+	for _, u := range []time.Time{meta.IssuedAt, meta.RenewedAt} {
+		if u.After(t) && l.ID == meta.LeaseID {
+			t = u
+		}
+	}
+	return t
 }
 
 // schedule (re)arms the renewal timer of a volume to fire after d.
@@ -62,8 +105,24 @@ func (m *Manager) backoff(n int) time.Duration {
 	return min(d, m.opts.RetryMax)
 }
 
+// retryDelay is the delay before the next renewal attempt of v after a
+// failure: the backoff, but at most a quarter of the time the lease has
+// left, and RetryMin (as often as every second by default) in its last
+// minute and once it has lapsed.
+func (m *Manager) retryDelay(v *volume) time.Duration {
+	d := m.backoff(v.failures)
+	if !v.lease.ExpiresAt.IsZero() {
+		left := time.Until(v.lease.ExpiresAt)
+		if left < time.Minute {
+			return m.opts.RetryMin
+		}
+		d = min(d, left/4)
+	}
+	return max(d, m.opts.RetryMin)
+}
+
 // renew runs when a volume's timer fires: extend the lease, or re-issue
-// and swap where the provider cannot extend it.
+// and swap where the provider cannot extend it or the lease has lapsed.
 func (m *Manager) renew(id string) {
 	unlock, err := m.locks.lock(m.ctx, id)
 	if err != nil {
@@ -85,16 +144,28 @@ func (m *Manager) renew(id string) {
 	defer cancel()
 
 	rec := recordFor(v.meta, v.lease)
-	nl, err := prov.Renew(ctx, v.lease)
-	switch {
-	case err == nil:
-		nl.ID, nl.Provider, nl.Params = v.lease.ID, v.lease.Provider, v.lease.Params
-		if err = m.install(v, nl, false); err == nil {
-			m.audit(withExpiry(withStage(rec, audit.Renew), nl.ExpiresAt), audit.Success, nil)
-			m.opts.Metrics.LeaseOp(v.meta.Provider, metrics.OpRenew, metrics.Success)
-			return
+	lapsed := !v.lease.ExpiresAt.IsZero() && !time.Now().Before(v.lease.ExpiresAt)
+	if lapsed {
+		m.recordLapse(v)
+	} else {
+		asked := time.Now()
+		var nl provider.Lease
+		nl, err = prov.Renew(ctx, v.lease)
+		if err == nil {
+			if !v.lease.ExpiresAt.IsZero() && time.Now().After(v.lease.ExpiresAt) {
+				m.recordLapse(v) // the renewal came late: the pod held a dead credential meanwhile
+			}
+			nl.ID, nl.Provider, nl.Params = v.lease.ID, v.lease.Provider, v.lease.Params
+			if err = m.install(v, nl, asked, false); err == nil {
+				m.audit(withExpiry(withStage(rec, audit.Renew), nl.ExpiresAt), audit.Success, nil)
+				m.opts.Metrics.LeaseOp(v.meta.Provider, metrics.OpRenew, metrics.Success)
+				return
+			}
 		}
-	case errors.Is(err, provider.ErrNotRenewable) || time.Now().After(v.lease.ExpiresAt):
+	}
+	// A lapsed lease is replaced, not revived: the pod gets a fresh one as
+	// soon as the backend answers.
+	if lapsed || errors.Is(err, provider.ErrNotRenewable) {
 		if err = m.rotate(ctx, prov, v); err == nil {
 			return
 		}
@@ -105,21 +176,43 @@ func (m *Manager) renew(id string) {
 	m.mu.Lock()
 	v.failures++
 	m.mu.Unlock()
-	stage, op := audit.Renew, metrics.OpRenew
-	if !v.lease.ExpiresAt.IsZero() && time.Now().After(v.lease.ExpiresAt) {
-		// The pod now holds a dead credential; keep trying to replace it.
-		stage, op = audit.Expire, metrics.OpExpire
+	m.audit(withStage(rec, audit.Renew), audit.Error, err)
+	m.opts.Metrics.LeaseOp(v.meta.Provider, metrics.OpRenew, metrics.Error)
+	d := m.retryDelay(v)
+	klog.ErrorS(err, "Renewing lease failed; will retry", "volumeID", id, "leaseID", v.lease.ID, "attempt", v.failures, "retryIn", d)
+	m.schedule(id, d)
+}
+
+// recordLapse writes the one expire record of v's lease having lapsed
+// while its pod held it, counts it, and remembers durably that it did.
+func (m *Manager) recordLapse(v *volume) {
+	if v.meta.LapseRecorded.Equal(v.lease.ExpiresAt) {
+		return // recorded already, before a restart perhaps
 	}
-	m.audit(withStage(rec, stage), audit.Error, err)
-	m.opts.Metrics.LeaseOp(v.meta.Provider, op, metrics.Error)
-	klog.ErrorS(err, "Renewing lease failed; will retry", "volumeID", id, "leaseID", v.lease.ID, "attempt", v.failures)
-	m.schedule(id, m.backoff(v.failures))
+	meta := v.meta
+	meta.LapseRecorded = v.lease.ExpiresAt
+	if err := m.opts.Store.WriteMetadata(meta); err != nil {
+		klog.ErrorS(err, "Recording a lapse", "volumeID", meta.VolumeID)
+	}
+	m.mu.Lock()
+	v.meta = meta
+	m.mu.Unlock()
+	rec := recordFor(meta, v.lease)
+	rec.Detail = "the lease expired while its pod held it"
+	m.audit(withStage(rec, audit.Expire), audit.Error, nil)
+	m.opts.Metrics.LeaseOp(meta.Provider, metrics.OpExpire, metrics.Error)
+	klog.ErrorS(nil, "Lease lapsed while its pod held it", "volumeID", meta.VolumeID, "leaseID", v.lease.ID, "expiredAt", v.lease.ExpiresAt)
 }
 
 // rotate issues a fresh lease for v, swaps the files to it and queues the
-// revocation of the old one.
+// revocation of the old one. Each step is recorded before the next, so
+// that recovery can finish or undo a rotation stopped anywhere:
+//
+//  1. the intent (metadata names the new lease as pending), then Issue;
+//  2. the new lease's record (beside the old one's);
+//  3. the files, then the metadata naming the new lease: the switch;
+//  4. the old lease's revocation queued, then its record removed.
 func (m *Manager) rotate(ctx context.Context, prov provider.Provider, v *volume) error {
-	old := v.lease
 	newID := newLeaseID(v.meta.Pod)
 	meta := v.meta
 	meta.PendingLeaseID = newID
@@ -130,63 +223,133 @@ func (m *Manager) rotate(ctx context.Context, prov provider.Provider, v *volume)
 	v.meta = meta
 	tokens := v.tokens
 	m.mu.Unlock()
+	asked := time.Now()
 	nl, err := prov.Issue(ctx, provider.Request{
 		LeaseID: newID, Class: v.meta.Class, Params: v.meta.Params, Pod: v.meta.Pod, Tokens: tokens,
 	})
 	nl.ID, nl.Provider, nl.Params = newID, v.meta.Provider, v.meta.Params
 	if err != nil {
-		if mayHaveIssued(err) {
-			m.enqueueOrLog(nl, v.meta, "rotation failed")
+		if !mayHaveIssued(err) {
+			nl = provider.Lease{}
 		}
-		m.mu.Lock()
-		v.meta.PendingLeaseID = ""
-		m.mu.Unlock()
-		_ = m.opts.Store.WriteMetadata(v.meta)
+		m.abandon(v, nl, false)
 		return fmt.Errorf("re-issuing: %w", err)
 	}
-	if err := m.install(v, nl, true); err != nil {
-		m.enqueueOrLog(nl, v.meta, "rotation failed")
-		return err
+	if err := m.opts.Store.WriteLease(v.meta.VolumeID, nl); err != nil {
+		m.abandon(v, nl, false)
+		return fmt.Errorf("recording the new lease: %w", err)
 	}
-	if err := m.enqueue(old, v.meta, "rotated"); err != nil {
-		klog.ErrorS(err, "Queueing revocation of the rotated-out lease", "leaseID", old.ID)
+	if err := m.switchTo(v, nl, asked); err != nil {
+		m.abandon(v, nl, true)
+		return err
 	}
 	m.audit(withExpiry(withStage(recordFor(v.meta, nl), audit.Rotate), nl.ExpiresAt), audit.Success, nil)
 	m.opts.Metrics.LeaseOp(v.meta.Provider, metrics.OpRotate, metrics.Success)
 	return nil
 }
 
-// install records lease l as v's current one, rewrites the files if they
-// changed and schedules the next renewal.
-func (m *Manager) install(v *volume, l provider.Lease, rotated bool) error {
-	files, err := v.spec.Render(l)
-	if err != nil {
+// switchTo makes nl, already recorded, v's lease (steps 3 and 4 of a
+// rotation).
+func (m *Manager) switchTo(v *volume, nl provider.Lease, granted time.Time) error {
+	old := v.lease
+	if err := m.install(v, nl, granted, true); err != nil {
 		return err
 	}
-	if err := m.opts.Store.WriteLease(v.meta.VolumeID, l); err != nil {
+	m.dropRecord(old, v.meta, "rotated")
+	return nil
+}
+
+// dropRecord queues the revocation of l, a lease of the volume meta
+// describes that it no longer uses, then removes l's record. A record
+// whose revocation could not be queued stays, for recovery to queue; it
+// reports whether the revocation was queued.
+func (m *Manager) dropRecord(l provider.Lease, meta storage.Metadata, reason string) bool {
+	if err := m.enqueue(l, meta, reason); err != nil {
+		klog.ErrorS(err, "Queueing a revocation", "leaseID", l.ID)
+		return false
+	}
+	if err := m.opts.Store.DeleteLease(meta.VolumeID, l.ID); err != nil {
+		klog.ErrorS(err, "Removing the record of a queued lease", "leaseID", l.ID)
+	}
+	return true
+}
+
+// abandon undoes a rotation that did not switch: v's own files back
+// first where the rotation may have swapped them, then the revocation of
+// nl (when it may exist) queued, then the intent cleared. In that order a
+// crash leaves nl named by the intent or queued: recovery never puts a
+// queued lease in use, and revokes one that is only named.
+func (m *Manager) abandon(v *volume, nl provider.Lease, swapped bool) {
+	if swapped {
+		if err := m.writeFiles(v, v.lease); err != nil {
+			// The pod may be reading nl: keep it, recorded, rather than revoke
+			// what is in use; recovery settles it.
+			klog.ErrorS(err, "Restoring files after a failed rotation; keeping the new lease", "volumeID", v.meta.VolumeID)
+			return
+		}
+	}
+	if nl.ID != "" && !m.dropRecord(nl, v.meta, "rotation failed") {
+		return // the intent still names it
+	}
+	m.mu.Lock()
+	v.meta.PendingLeaseID = ""
+	meta := v.meta
+	m.mu.Unlock()
+	if err := m.opts.Store.WriteMetadata(meta); err != nil {
+		klog.ErrorS(err, "Clearing a rotation's intent", "volumeID", meta.VolumeID)
+	}
+}
+
+// writeFiles renders l into v's files, swapping them only if they changed.
+func (m *Manager) writeFiles(v *volume, l provider.Lease) error {
+	files, err := v.spec.Render(l)
+	if err != nil {
 		return err
 	}
 	// Unchanged files (a renewal that only moved the expiry, a re-read of
 	// a static secret of the same version) are left alone: no swap for
 	// readers to notice.
-	if d := digest(files); d != v.digest {
-		if err := m.opts.Store.WriteFiles(v.meta.VolumeID, v.gid, files); err != nil {
+	d := digest(files)
+	if d == v.digest {
+		return nil
+	}
+	if err := m.opts.Store.WriteFiles(v.meta.VolumeID, v.gid, files); err != nil {
+		return err
+	}
+	m.mu.Lock()
+	v.digest = d
+	m.mu.Unlock()
+	return nil
+}
+
+// install records lease l as v's current one, rewrites the files if they
+// changed and schedules the next renewal. A renewed lease (same ID) is
+// recorded here; a rotated one was recorded by the caller.
+func (m *Manager) install(v *volume, l provider.Lease, granted time.Time, rotated bool) error {
+	if !rotated {
+		if err := m.opts.Store.WriteLease(v.meta.VolumeID, l); err != nil {
 			return err
 		}
-		v.digest = d
+	}
+	if err := m.writeFiles(v, l); err != nil {
+		return err
 	}
 	meta := v.meta
 	meta.LeaseID, meta.PendingLeaseID, meta.Role, meta.ExpiresAt = l.ID, "", l.Role, l.ExpiresAt
 	if rotated {
-		meta.IssuedAt = l.IssuedAt
+		meta.IssuedAt, meta.RenewedAt = l.IssuedAt, time.Time{}
+		meta.GrantTTL = grantTTL(l, granted)
 	} else {
-		meta.RenewedAt = time.Now().UTC()
+		meta.RenewedAt = granted.UTC()
 	}
 	if err := m.opts.Store.WriteMetadata(meta); err != nil {
 		return err
 	}
+	if !l.IssuedAt.IsZero() && (rotated || granted.IsZero()) {
+		granted = l.IssuedAt
+	}
 	m.mu.Lock()
-	v.meta, v.lease, v.failures = meta, l, 0
+	v.meta, v.lease, v.failures, v.granted = meta, l, 0, granted
 	m.mu.Unlock()
 	m.scheduleRenewal(v)
 	return nil

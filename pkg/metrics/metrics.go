@@ -152,12 +152,19 @@ type roundTripper func(*http.Request) (*http.Response, error)
 
 func (f roundTripper) RoundTrip(r *http.Request) (*http.Response, error) { return f(r) }
 
-// Handler serves /metrics, /healthz (the process answers) and /readyz
-// (ready() is true: recovery after start-up has finished).
-func (m *Metrics) Handler(ready func() bool) http.Handler {
+// Handler serves /metrics, /healthz (the process answers and healthy()
+// finds nothing wrong; nil healthy: always) and /readyz (ready() is true:
+// recovery after start-up has finished).
+func (m *Metrics) Handler(ready func() bool, healthy func() error) http.Handler {
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{}))
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) {
+		if healthy != nil {
+			if err := healthy(); err != nil {
+				http.Error(w, err.Error(), http.StatusServiceUnavailable)
+				return
+			}
+		}
 		_, _ = w.Write([]byte("ok\n"))
 	})
 	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {

@@ -33,6 +33,11 @@ var (
 	// ErrUnavailable means the backend could not be reached or refused for a
 	// transient reason; the caller retries later.
 	ErrUnavailable = errors.New("backend unavailable")
+	// ErrMisconfigured means the backend refused what the admin's
+	// configuration makes the driver do (a statement that fails, an admin
+	// credential refused): neither the pod nor a retry can fix it, the
+	// admin can.
+	ErrMisconfigured = errors.New("backend configuration error")
 )
 
 // Pod is the identity of the pod a volume belongs to, as kubelet reports it.

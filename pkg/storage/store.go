@@ -62,6 +62,12 @@ type Metadata struct {
 	IssuedAt       time.Time         `json:"issuedAt,omitzero"`
 	ExpiresAt      time.Time         `json:"expiresAt,omitzero"`
 	RenewedAt      time.Time         `json:"renewedAt,omitzero"`
+	// GrantTTL is the lifetime the lease got when it was issued: renewal
+	// keeps the same margin before expiry when a max TTL shortens a grant.
+	GrantTTL time.Duration `json:"grantTTL,omitempty"`
+	// LapseRecorded is the expiry of the lease whose lapse was last
+	// audited, so that each lapse is recorded once, across restarts too.
+	LapseRecorded time.Time `json:"lapseRecorded,omitzero"`
 }
 
 // Revocation is one entry of the durable revocation queue.
@@ -87,7 +93,12 @@ type File struct {
 type MetadataReader interface {
 	ListVolumes() ([]string, error)
 	ReadMetadata(volumeID string) (Metadata, error)
+	// ReadLease returns the volume's current lease: the record of the
+	// lease its metadata names.
 	ReadLease(volumeID string) (provider.Lease, error)
+	// ListLeases returns every lease record the volume holds: its current
+	// lease and any that a rotation or an issue left on its way.
+	ListLeases(volumeID string) ([]provider.Lease, error)
 	ListRevocations() ([]Revocation, error)
 }
 
@@ -98,7 +109,10 @@ type MetadataWriter interface {
 	WriteRecord(name string, v any) error
 	ReadRecord(name string, v any) error
 	WriteMetadata(m Metadata) error
+	// WriteLease records l, keyed by its ID: the records of other leases
+	// of the volume stay until DeleteLease.
 	WriteLease(volumeID string, l provider.Lease) error
+	DeleteLease(volumeID, leaseID string) error
 	PutRevocation(r Revocation) error
 	DeleteRevocation(leaseID string) error
 }
@@ -235,15 +249,7 @@ func (f *Filesystem) Mount(id, target string) error {
 	if mounted, err := f.mountPoint(target, 0o750); err != nil || mounted {
 		return err
 	}
-	if err := unix.Mount(f.DataDir(id), target, "", unix.MS_BIND, ""); err != nil {
-		return fmt.Errorf("bind mount: %w", err)
-	}
-	flags := uintptr(unix.MS_BIND | unix.MS_REMOUNT | unix.MS_RDONLY | unix.MS_NOSUID | unix.MS_NODEV | unix.MS_NOEXEC)
-	if err := unix.Mount("", target, "", flags, ""); err != nil {
-		_ = unix.Unmount(target, 0)
-		return fmt.Errorf("read-only remount: %w", err)
-	}
-	return nil
+	return bindReadOnly(f.DataDir(id), target)
 }
 
 // mountPoint makes dir, or finds it made already; then, and only then,
@@ -341,16 +347,76 @@ func (f *Filesystem) ReadMetadata(id string) (Metadata, error) {
 	return m, err
 }
 
-// WriteLease records the volume's current lease (secret: tmpfs, mode 0600).
+// leaseFile names the record of lease leaseID in a volume's directory.
+func (f *Filesystem) leaseFile(volumeID, leaseID string) string {
+	return filepath.Join(f.volumeDir(volumeID), "lease-"+key(leaseID)+".json")
+}
+
+// legacyLease is where drivers before keyed lease records kept the one
+// lease of a volume; it is still read, so an upgrade loses no handle.
+const legacyLease = "lease.json"
+
+// WriteLease records a lease of the volume (secret: tmpfs, mode 0600).
 func (f *Filesystem) WriteLease(id string, l provider.Lease) error {
-	return writeJSON(filepath.Join(f.volumeDir(id), "lease.json"), l)
+	return writeJSON(f.leaseFile(id, l.ID), l)
 }
 
 // ReadLease returns the volume's current lease or ErrVolumeNotFound.
 func (f *Filesystem) ReadLease(id string) (provider.Lease, error) {
+	m, err := f.ReadMetadata(id)
+	if err != nil {
+		return provider.Lease{}, err
+	}
+	if m.LeaseID == "" {
+		return provider.Lease{}, ErrVolumeNotFound
+	}
 	var l provider.Lease
-	err := readJSON(filepath.Join(f.volumeDir(id), "lease.json"), &l)
+	err = readJSON(f.leaseFile(id, m.LeaseID), &l)
+	if errors.Is(err, ErrVolumeNotFound) {
+		if err = readJSON(filepath.Join(f.volumeDir(id), legacyLease), &l); err == nil && l.ID != m.LeaseID {
+			err = ErrVolumeNotFound
+		}
+	}
 	return l, err
+}
+
+// ListLeases returns every lease record of the volume, sorted by ID.
+func (f *Filesystem) ListLeases(id string) ([]provider.Lease, error) {
+	dir := f.volumeDir(id)
+	entries, err := os.ReadDir(dir)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	var out []provider.Lease
+	for _, e := range entries {
+		name := e.Name()
+		if name != legacyLease && !(strings.HasPrefix(name, "lease-") && strings.HasSuffix(name, ".json")) {
+			continue
+		}
+		var l provider.Lease
+		if err := readJSON(filepath.Join(dir, name), &l); err != nil {
+			return nil, err
+		}
+		out = append(out, l)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
+	return out, nil
+}
+
+// DeleteLease removes the record of a lease; removing an absent one is fine.
+func (f *Filesystem) DeleteLease(id, leaseID string) error {
+	if err := remove(f.leaseFile(id, leaseID)); err != nil {
+		return err
+	}
+	legacy := filepath.Join(f.volumeDir(id), legacyLease)
+	var l provider.Lease
+	if readJSON(legacy, &l) == nil && l.ID == leaseID {
+		return remove(legacy)
+	}
+	return nil
 }
 
 // ListVolumes returns the IDs of every volume with metadata.
@@ -407,11 +473,15 @@ func (f *Filesystem) PutRevocation(r Revocation) error {
 
 // DeleteRevocation removes an entry; removing an absent one is fine.
 func (f *Filesystem) DeleteRevocation(leaseID string) error {
-	err := os.Remove(revocationPath(f.root, leaseID))
-	if errors.Is(err, os.ErrNotExist) {
-		return nil
+	return remove(revocationPath(f.root, leaseID))
+}
+
+// remove removes a file; an absent one is fine.
+func remove(path string) error {
+	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
 	}
-	return err
+	return nil
 }
 
 // ListRevocations returns the queue, oldest first.

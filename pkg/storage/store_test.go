@@ -222,6 +222,52 @@ func TestRevocationQueueRoundTrip(t *testing.T) {
 	}
 }
 
+func TestLeaseRecordsAreKeptPerLease(t *testing.T) {
+	s := newStore(t, Options{})
+	if err := s.WriteMetadata(Metadata{VolumeID: "v", LeaseID: "old"}); err != nil {
+		t.Fatal(err)
+	}
+	for _, id := range []string{"old", "new"} {
+		if err := s.WriteLease("v", provider.Lease{ID: id, Handle: map[string]string{"token": id}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if l, err := s.ReadLease("v"); err != nil || l.ID != "old" || l.Handle["token"] != "old" {
+		t.Fatalf("current lease %+v, %v; want the one the metadata names", l, err)
+	}
+	if ls, err := s.ListLeases("v"); err != nil || len(ls) != 2 || ls[0].ID != "new" || ls[1].ID != "old" {
+		t.Fatalf("records %+v, %v; want both", ls, err)
+	}
+	if err := s.DeleteLease("v", "old"); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.DeleteLease("v", "old"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.ReadLease("v"); !errors.Is(err, ErrVolumeNotFound) {
+		t.Fatalf("deleted current lease read back: %v", err)
+	}
+	// A volume recorded by an earlier driver keeps its one lease in lease.json.
+	if err := writeJSON(filepath.Join(s.volumeDir("v"), legacyLease), provider.Lease{ID: "old"}); err != nil {
+		t.Fatal(err)
+	}
+	if l, err := s.ReadLease("v"); err != nil || l.ID != "old" {
+		t.Fatalf("legacy record: %+v, %v", l, err)
+	}
+	if ls, _ := s.ListLeases("v"); len(ls) != 2 {
+		t.Fatalf("legacy record not listed: %+v", ls)
+	}
+	if err := s.DeleteLease("v", "old"); err != nil {
+		t.Fatal(err)
+	}
+	if ls, _ := s.ListLeases("v"); len(ls) != 1 || ls[0].ID != "new" {
+		t.Fatalf("after deleting the legacy record: %+v", ls)
+	}
+	if ls, err := s.ListLeases("unknown"); err != nil || len(ls) != 0 {
+		t.Fatalf("unknown volume: %+v, %v", ls, err)
+	}
+}
+
 func BenchmarkWriteFiles(b *testing.B) {
 	s := newStore(b, Options{})
 	if err := s.CreateVolume("v", 1000); err != nil {
@@ -262,5 +308,35 @@ func TestOpenExistingNeverMounts(t *testing.T) {
 	var st unix.Statfs_t
 	if err := unix.Statfs(plain, &st); err != nil || st.Type == unix.TMPFS_MAGIC {
 		t.Fatalf("OpenExisting mounted something: %v %x", err, st.Type)
+	}
+}
+
+func TestReleaseLeavesNothingOnlyWhenEmpty(t *testing.T) {
+	root := filepath.Join(t.TempDir(), "state")
+	f, err := Open(root, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = unix.Unmount(root, unix.MNT_DETACH) })
+	if err := f.PutRevocation(Revocation{Lease: provider.Lease{ID: "l1", Provider: "p"}}); err != nil {
+		t.Fatal(err)
+	}
+	if released, err := f.Release(); err != nil || released {
+		t.Fatalf("Release with a pending revocation = %v, %v; want kept", released, err)
+	}
+	if mounted, _ := f.mounter.IsMountPoint(root); !mounted {
+		t.Fatal("state tmpfs unmounted while a revocation was pending")
+	}
+	if err := f.DeleteRevocation("l1"); err != nil {
+		t.Fatal(err)
+	}
+	if released, err := f.Release(); err != nil || !released {
+		t.Fatalf("Release of an empty store = %v, %v", released, err)
+	}
+	if mounted, _ := f.mounter.IsMountPoint(root); mounted {
+		t.Fatal("state tmpfs still mounted after Release")
+	}
+	if entries, err := os.ReadDir(root); err != nil || len(entries) != 0 {
+		t.Fatalf("state directory holds %v (%v)", entries, err)
 	}
 }

@@ -3,6 +3,7 @@ package kube
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 
@@ -39,10 +40,51 @@ func Decode(data []byte) ([]*unstructured.Unstructured, error) {
 // server validate them without storing (kubectl apply --dry-run=server).
 // Objects that exist already are left as they are.
 func Apply(ctx context.Context, cfg *rest.Config, data []byte, dryRun bool) error {
+	opts := metav1.CreateOptions{}
+	if dryRun {
+		opts.DryRun = []string{metav1.DryRunAll}
+	}
+	return forEach(ctx, cfg, data, func(ri dynamic.ResourceInterface, obj *unstructured.Unstructured) error {
+		if _, err := ri.Create(ctx, obj, opts); err != nil && !apierrors.IsAlreadyExists(err) {
+			return err
+		}
+		return nil
+	})
+}
+
+// Delete deletes the objects of a YAML stream (kubectl delete -f), in
+// the reverse order; objects already gone are no error.
+func Delete(ctx context.Context, cfg *rest.Config, data []byte) error {
 	objs, err := Decode(data)
 	if err != nil {
 		return err
 	}
+	var failed []error
+	for i := len(objs) - 1; i >= 0; i-- {
+		err := each(ctx, cfg, objs[i:i+1], func(ri dynamic.ResourceInterface, obj *unstructured.Unstructured) error {
+			if err := ri.Delete(ctx, obj.GetName(), metav1.DeleteOptions{}); err != nil && !apierrors.IsNotFound(err) {
+				return err
+			}
+			return nil
+		})
+		if err != nil {
+			failed = append(failed, err)
+		}
+	}
+	return errors.Join(failed...)
+}
+
+// forEach calls fn for each object of a YAML stream with the client of
+// its resource.
+func forEach(ctx context.Context, cfg *rest.Config, data []byte, fn func(dynamic.ResourceInterface, *unstructured.Unstructured) error) error {
+	objs, err := Decode(data)
+	if err != nil {
+		return err
+	}
+	return each(ctx, cfg, objs, fn)
+}
+
+func each(_ context.Context, cfg *rest.Config, objs []*unstructured.Unstructured, fn func(dynamic.ResourceInterface, *unstructured.Unstructured) error) error {
 	dc, err := discovery.NewDiscoveryClientForConfig(cfg)
 	if err != nil {
 		return err
@@ -52,10 +94,6 @@ func Apply(ctx context.Context, cfg *rest.Config, data []byte, dryRun bool) erro
 		return err
 	}
 	mapper := restmapper.NewDeferredDiscoveryRESTMapper(memory.NewMemCacheClient(dc))
-	opts := metav1.CreateOptions{}
-	if dryRun {
-		opts.DryRun = []string{metav1.DryRunAll}
-	}
 	for _, obj := range objs {
 		gvk := obj.GroupVersionKind()
 		m, err := mapper.RESTMapping(gvk.GroupKind(), gvk.Version)
@@ -73,7 +111,7 @@ func Apply(ctx context.Context, cfg *rest.Config, data []byte, dryRun bool) erro
 			}
 			ri = dyn.Resource(m.Resource).Namespace(ns)
 		}
-		if _, err := ri.Create(ctx, obj, opts); err != nil && !apierrors.IsAlreadyExists(err) {
+		if err := fn(ri, obj); err != nil {
 			return fmt.Errorf("%s %s/%s: %w", gvk.Kind, obj.GetNamespace(), obj.GetName(), err)
 		}
 	}

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Builds the Kubernetes components the tests run (kube-apiserver,
-# kube-controller-manager, kube-scheduler, kubelet) from the Go module proxy
-# (no other download is possible here). A wrapper module requires
-# k8s.io/kubernetes and points each of its staging modules (the
-# "=> ./staging" replaces of its go.mod) at the matching release; the four
-# commands share one module graph and one build cache.
+# kube-controller-manager, kube-scheduler, kubelet, kube-proxy; kubectl
+# when KUBE_COMMANDS names it) from the Go module proxy (no other download
+# is possible here). A wrapper module requires k8s.io/kubernetes and points
+# each of its staging modules (the "=> ./staging" replaces of its go.mod) at
+# the matching release; the commands share one module graph and build cache.
 # Usage: build-kube.sh [OUTDIR]
 #   (default: ${XDG_CACHE_HOME:-~/.cache}/ephemeral-secrets-csi/bin, kept across clones)
 set -euo pipefail
@@ -13,10 +13,12 @@ STAGING=0.35.4
 out=${1:-${XDG_CACHE_HOME:-$HOME/.cache}/ephemeral-secrets-csi/bin}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
-COMMANDS="kube-apiserver kube-controller-manager kube-scheduler kubelet"
+COMMANDS=${KUBE_COMMANDS:-"kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy"}
+# kubectl (built for "make cluster" only) prints its version differently.
+version() { if [ "$1" = kubectl ]; then "$out/$1" version --client; else "$out/$1" --version; fi; }
 missing=""
 for c in $COMMANDS; do
-	if ! { [ -x "$out/$c" ] && "$out/$c" --version 2>/dev/null | grep -q "v$K8S"; }; then
+	if ! { [ -x "$out/$c" ] && version "$c" 2>/dev/null | grep -q "v$K8S"; }; then
 		missing="$missing $c"
 	fi
 done
@@ -49,6 +51,8 @@ import (
 	_ "k8s.io/kubernetes/cmd/kube-controller-manager"
 	_ "k8s.io/kubernetes/cmd/kube-scheduler"
 	_ "k8s.io/kubernetes/cmd/kubelet"
+	_ "k8s.io/kubernetes/cmd/kube-proxy"
+	_ "k8s.io/kubernetes/cmd/kubectl"
 )
 GO
 cd "$work"
@@ -70,4 +74,4 @@ if ! build; then
 	GOFLAGS=-mod=mod go mod tidy -e >/dev/null 2>&1 || true
 	build
 fi
-for c in $missing; do "$out/$c" --version; done
+for c in $missing; do version "$c"; done

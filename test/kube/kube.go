@@ -14,6 +14,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"encoding/base64"
 	"encoding/pem"
 	"fmt"
 	"math/big"
@@ -23,6 +24,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"syscall"
 	"time"
 
@@ -34,8 +36,34 @@ import (
 // AdminToken is the bearer token of the test cluster's admin (system:masters).
 const AdminToken = "esc-test-admin-token"
 
+// Options shape the API server for a cluster with nodes. The zero value
+// is the API server alone, on 127.0.0.1.
+type Options struct {
+	// BindAddress and AdvertiseAddress default to 127.0.0.1. A cluster
+	// whose pods reach the API through the kubernetes Service needs an
+	// advertise address that is not loopback.
+	BindAddress, AdvertiseAddress string
+	// ExtraIPs are more addresses the serving certificate is valid for.
+	ExtraIPs []net.IP
+	// Users are more bearer-token identities (kubelet, controllers).
+	Users []User
+	// Nodes turns on what a cluster with a kubelet needs: Node
+	// authorization, the NodeRestriction and ServiceAccount admission
+	// plugins, and a client certificate to call kubelets with.
+	Nodes bool
+}
+
+// User is one bearer-token identity of the token file.
+type User struct {
+	Token, Name string
+	Groups      []string
+}
+
 // Cluster is a running etcd and kube-apiserver.
 type Cluster struct {
+	opts     Options
+	caKey    *ecdsa.PrivateKey
+	caCert   *x509.Certificate
 	dir      string
 	etcd     *exec.Cmd
 	api      *exec.Cmd
@@ -58,7 +86,16 @@ func APIServerPath() (string, error) {
 func Tool(name string) (string, error) { return harness.Tool(name) }
 
 // Start starts etcd and kube-apiserver and waits until the API is ready.
-func Start() (*Cluster, error) {
+func Start() (*Cluster, error) { return StartWith(Options{}) }
+
+// StartWith starts etcd and kube-apiserver shaped by opts.
+func StartWith(opts Options) (*Cluster, error) {
+	if opts.BindAddress == "" {
+		opts.BindAddress = "127.0.0.1"
+	}
+	if opts.AdvertiseAddress == "" {
+		opts.AdvertiseAddress = "127.0.0.1"
+	}
 	apiserver, err := APIServerPath()
 	if err != nil {
 		return nil, err
@@ -71,7 +108,7 @@ func Start() (*Cluster, error) {
 	if err != nil {
 		return nil, err
 	}
-	c := &Cluster{dir: dir}
+	c := &Cluster{dir: dir, opts: opts}
 	ok := false
 	defer func() {
 		if !ok {
@@ -99,26 +136,46 @@ func Start() (*Cluster, error) {
 		return nil, err
 	}
 	tokens := filepath.Join(dir, "tokens.csv")
-	if err := os.WriteFile(tokens, []byte(AdminToken+",admin,admin-uid,system:masters\n"), 0o600); err != nil {
+	users := AdminToken + ",admin,admin-uid,system:masters\n"
+	for _, u := range opts.Users {
+		users += fmt.Sprintf("%s,%s,%s-uid,\"%s\"\n", u.Token, u.Name, u.Name, strings.Join(u.Groups, ","))
+	}
+	if err := os.WriteFile(tokens, []byte(users), 0o600); err != nil {
 		return nil, err
 	}
-	c.api = exec.Command(apiserver,
+	authz, admission := []string{"--authorization-mode", "RBAC", "--disable-admission-plugins", "ServiceAccount"}, []string(nil)
+	if opts.Nodes {
+		cert, key, err := c.IssueCert("kube-apiserver-kubelet-client", []string{"system:masters"}, nil, false)
+		if err != nil {
+			return nil, err
+		}
+		certPath, keyPath := filepath.Join(dir, "kubelet-client.crt"), filepath.Join(dir, "kubelet-client.key")
+		if err := writeFiles(map[string][]byte{certPath: cert, keyPath: key}); err != nil {
+			return nil, err
+		}
+		authz = []string{"--authorization-mode", "Node,RBAC"}
+		admission = []string{"--enable-admission-plugins", "NodeRestriction",
+			"--kubelet-client-certificate", certPath, "--kubelet-client-key", keyPath,
+			"--kubelet-preferred-address-types", "InternalIP,Hostname"}
+	}
+	args := []string{
 		"--etcd-servers", etcdURL,
-		"--bind-address", "127.0.0.1", "--advertise-address", "127.0.0.1",
+		"--bind-address", opts.BindAddress, "--advertise-address", opts.AdvertiseAddress,
 		"--secure-port", strconv.Itoa(ports[2]),
 		"--tls-cert-file", certFile, "--tls-private-key-file", keyFile,
 		"--token-auth-file", tokens,
-		"--authorization-mode", "RBAC",
 		"--service-account-issuer", c.Issuer,
 		"--service-account-key-file", saPub,
 		"--service-account-signing-key-file", saKey,
-		"--api-audiences", c.Issuer+",vault,sts.amazonaws.com",
+		"--api-audiences", c.Issuer + ",vault,sts.amazonaws.com",
 		"--service-cluster-ip-range", "10.96.0.0/24",
 		"--enable-priority-and-fairness=false",
 		"--allow-privileged=true",
-		"--disable-admission-plugins", "ServiceAccount",
 		"--cert-dir", filepath.Join(dir, "certs"),
-		"--v", "1")
+		"--v", "1",
+	}
+	args = append(append(args, authz...), admission...)
+	c.api = exec.Command(apiserver, args...)
 	if err := c.start(c.api, "apiserver.log"); err != nil {
 		return nil, err
 	}
@@ -209,6 +266,7 @@ func (c *Cluster) writeCerts() (certFile, keyFile, saPub, saKey string, err erro
 		return
 	}
 	caCert, _ := x509.ParseCertificate(caDER)
+	c.caKey, c.caCert = caKey, caCert
 	c.CAPEM = pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: caDER})
 
 	srvKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
@@ -218,8 +276,9 @@ func (c *Cluster) writeCerts() (certFile, keyFile, saPub, saKey string, err erro
 	srvTmpl := &x509.Certificate{
 		SerialNumber: big.NewInt(2), Subject: pkix.Name{CommonName: "kube-apiserver"},
 		NotBefore: now.Add(-time.Hour), NotAfter: now.Add(24 * time.Hour),
-		IPAddresses: []net.IP{net.ParseIP("127.0.0.1")}, DNSNames: []string{"localhost", "kubernetes"},
-		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+		IPAddresses: append([]net.IP{net.ParseIP("127.0.0.1")}, c.opts.ExtraIPs...),
+		DNSNames:    []string{"localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc"},
+		KeyUsage:    x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
 	}
 	srvDER, err := x509.CreateCertificate(rand.Reader, srvTmpl, caCert, &srvKey.PublicKey, caKey)
 	if err != nil {
@@ -254,4 +313,77 @@ func (c *Cluster) writeCerts() (certFile, keyFile, saPub, saKey string, err erro
 		}
 	}
 	return
+}
+
+// IssueCert signs a certificate with the cluster's CA: a client
+// certificate for cn in the groups orgs, or a serving certificate for ips.
+func (c *Cluster) IssueCert(cn string, orgs []string, ips []net.IP, server bool) (certPEM, keyPEM []byte, err error) {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return nil, nil, err
+	}
+	serial, err := rand.Int(rand.Reader, big.NewInt(1<<62))
+	if err != nil {
+		return nil, nil, err
+	}
+	now := time.Now()
+	tmpl := &x509.Certificate{
+		SerialNumber: serial, Subject: pkix.Name{CommonName: cn, Organization: orgs},
+		NotBefore: now.Add(-time.Hour), NotAfter: now.Add(24 * time.Hour),
+		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
+	}
+	if server {
+		tmpl.ExtKeyUsage, tmpl.IPAddresses = []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}, ips
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, c.caCert, &key.PublicKey, c.caKey)
+	if err != nil {
+		return nil, nil, err
+	}
+	keyDER, err := x509.MarshalECPrivateKey(key)
+	if err != nil {
+		return nil, nil, err
+	}
+	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}),
+		pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: keyDER}), nil
+}
+
+// Dir is the cluster's working directory (certificates, logs).
+func (c *Cluster) Dir() string { return c.dir }
+
+// SAKeyFile is the service-account signing key (the controller manager
+// signs legacy tokens with it).
+func (c *Cluster) SAKeyFile() string { return filepath.Join(c.dir, "sa.key") }
+
+// Kubeconfig writes a kubeconfig for a bearer token to path, with server
+// as the API's address (default: the URL the cluster listens on).
+func (c *Cluster) Kubeconfig(path, server, token string) error {
+	if server == "" {
+		server = c.URL
+	}
+	doc := fmt.Sprintf(`apiVersion: v1
+kind: Config
+clusters:
+- name: esc
+  cluster:
+    server: %s
+    certificate-authority-data: %s
+users:
+- name: esc
+  user:
+    token: %s
+contexts:
+- name: esc
+  context: {cluster: esc, user: esc}
+current-context: esc
+`, server, base64.StdEncoding.EncodeToString(c.CAPEM), token)
+	return os.WriteFile(path, []byte(doc), 0o600)
+}
+
+func writeFiles(files map[string][]byte) error {
+	for path, data := range files {
+		if err := os.WriteFile(path, data, 0o600); err != nil {
+			return err
+		}
+	}
+	return nil
 }

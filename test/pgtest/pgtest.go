@@ -14,20 +14,31 @@ import (
 	"path/filepath"
 	"sort"
 	"strconv"
+	"strings"
 	"syscall"
 	"time"
 
 	"github.com/jackc/pgx/v5"
 
-	"github.com/ephemeral-secrets/csi-driver/test/harness"
+	"github.com/ephemeral-secrets/csi-driver/test/freeport"
 )
 
 // AdminPassword is the password of the throwaway server's superuser.
 const AdminPassword = "throwaway-admin"
 
+// Options widen where the server is reachable. The zero value is
+// 127.0.0.1 only.
+type Options struct {
+	// Listen are more addresses to listen on (a test node's own).
+	Listen []string
+	// ClientNets are more networks (CIDR) that may log in with a password.
+	ClientNets []string
+}
+
 // Server is a running (or stopped) PostgreSQL.
 type Server struct {
 	Port    int
+	opts    Options
 	dir     string
 	bin     string
 	uid     int
@@ -55,7 +66,10 @@ func BinDir() (string, error) {
 }
 
 // Start initialises a cluster in a new temporary directory and starts it.
-func Start() (*Server, error) {
+func Start() (*Server, error) { return StartWith(Options{}) }
+
+// StartWith is Start, reachable as opts says.
+func StartWith(opts Options) (*Server, error) {
 	bin, err := BinDir()
 	if err != nil {
 		return nil, err
@@ -70,7 +84,7 @@ func Start() (*Server, error) {
 	if err != nil {
 		return nil, err
 	}
-	s := &Server{dir: dir, bin: bin, uid: uid, gid: gid, LogFile: filepath.Join(dir, "server.log")}
+	s := &Server{dir: dir, bin: bin, uid: uid, gid: gid, opts: opts, LogFile: filepath.Join(dir, "server.log")}
 	if err := os.Chown(dir, uid, gid); err != nil {
 		return nil, err
 	}
@@ -87,7 +101,11 @@ func Start() (*Server, error) {
 		s.Close()
 		return nil, fmt.Errorf("initdb: %v: %s", err, out)
 	}
-	ports, err := harness.FreePorts(1)
+	if err := s.allowNets(); err != nil {
+		s.Close()
+		return nil, err
+	}
+	ports, err := freeport.Ports(1)
 	if err != nil {
 		s.Close()
 		return nil, err
@@ -115,7 +133,7 @@ func (s *Server) Restart() error {
 	}
 	defer log.Close()
 	s.cmd = s.command(filepath.Join(s.bin, "postgres"), "-D", filepath.Join(s.dir, "data"),
-		"-p", strconv.Itoa(s.Port), "-k", s.dir, "-c", "listen_addresses=127.0.0.1",
+		"-p", strconv.Itoa(s.Port), "-k", s.dir, "-c", "listen_addresses="+strings.Join(append([]string{"127.0.0.1"}, s.opts.Listen...), ","),
 		"-c", "fsync=off", "-c", "full_page_writes=off", "-c", "max_connections=200")
 	s.cmd.Stdout, s.cmd.Stderr = log, log
 	if err := s.cmd.Start(); err != nil {
@@ -140,6 +158,24 @@ func (s *Server) Restart() error {
 		}
 	}
 	return errors.New("postgres did not become ready in 30s")
+}
+
+// allowNets lets ClientNets log in with a password.
+func (s *Server) allowNets() error {
+	if len(s.opts.ClientNets) == 0 {
+		return nil
+	}
+	f, err := os.OpenFile(filepath.Join(s.dir, "data", "pg_hba.conf"), os.O_WRONLY|os.O_APPEND, 0)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	for _, n := range s.opts.ClientNets {
+		if _, err := fmt.Fprintf(f, "host all all %s scram-sha-256\n", n); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // Stop stops the server (fast shutdown: open sessions are ended).
@@ -169,13 +205,21 @@ func (s *Server) AdminURL() string {
 }
 
 // URL is a connection URL for user over TCP to the postgres database.
-func (s *Server) URL(user, password string) string {
-	return fmt.Sprintf("postgres://%s:%s@127.0.0.1:%d/postgres?sslmode=disable&connect_timeout=5", user, password, s.Port)
+func (s *Server) URL(user, password string) string { return s.URLFor(user, password, "postgres") }
+
+// URLFor is a connection URL for user over TCP to database.
+func (s *Server) URLFor(user, password, database string) string {
+	return fmt.Sprintf("postgres://%s:%s@127.0.0.1:%d/%s?sslmode=disable&connect_timeout=5", user, password, s.Port, database)
 }
 
 // Exec runs statements as the superuser.
 func (s *Server) Exec(ctx context.Context, stmts ...string) error {
-	conn, err := pgx.Connect(ctx, s.AdminURL())
+	return s.ExecIn(ctx, "postgres", stmts...)
+}
+
+// ExecIn runs statements as the superuser in database.
+func (s *Server) ExecIn(ctx context.Context, database string, stmts ...string) error {
+	conn, err := pgx.Connect(ctx, s.URLFor("postgres", AdminPassword, database))
 	if err != nil {
 		return err
 	}

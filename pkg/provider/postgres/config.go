@@ -89,6 +89,10 @@ var (
 	defaultRevoke = []string{
 		`ALTER ROLE "{{.Name}}" NOLOGIN`,
 		`SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{{.Name}}' AND pid <> pg_backend_pid()`,
+		// DROP OWNED BY needs membership of the role: a superuser has it, a
+		// least-privilege CREATEROLE admin must take it (found with a real
+		// cluster whose admin login is not a superuser).
+		`GRANT "{{.Name}}" TO CURRENT_USER`,
 		`DROP OWNED BY "{{.Name}}"`,
 		`DROP ROLE IF EXISTS "{{.Name}}"`,
 	}

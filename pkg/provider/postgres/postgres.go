@@ -160,16 +160,22 @@ func (p *Provider) Issue(ctx context.Context, req provider.Request) (provider.Le
 	if err != nil {
 		return provider.Lease{}, scrub(err, password, verifier)
 	}
-	err = pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error {
-		for _, s := range stmts {
-			if _, err := tx.Exec(ctx, s); err != nil {
-				return err
+	err = withRetry(ctx, "creating role", func(ctx context.Context) (bool, error) {
+		unknown, err := inTx(ctx, pool, func(tx pgx.Tx) error {
+			for _, s := range stmts {
+				if _, err := tx.Exec(ctx, s); err != nil {
+					return err
+				}
 			}
+			return nil
+		})
+		if err != nil {
+			err = scrub(err, password, verifier)
 		}
-		return nil
+		return unknown, err
 	})
 	if err != nil {
-		return provider.Lease{}, classify(scrub(err, password, verifier), "creating role")
+		return provider.Lease{}, err
 	}
 	return provider.Lease{
 		Values: map[string]string{"username": name, "password": password},
@@ -220,23 +226,25 @@ func (p *Provider) Renew(ctx context.Context, l provider.Lease) (provider.Lease,
 	if err != nil {
 		return l, err
 	}
-	err = pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error {
-		var exists bool
-		if err := tx.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)`, name).Scan(&exists); err != nil {
-			return err
-		}
-		if !exists {
-			return fmt.Errorf("%w: role %s no longer exists", provider.ErrNotRenewable, name)
-		}
-		for _, s := range stmts {
-			if _, err := tx.Exec(ctx, s); err != nil {
+	err = withRetry(ctx, "renewing role", func(ctx context.Context) (bool, error) {
+		return inTx(ctx, pool, func(tx pgx.Tx) error {
+			var exists bool
+			if err := tx.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)`, name).Scan(&exists); err != nil {
 				return err
 			}
-		}
-		return nil
+			if !exists {
+				return fmt.Errorf("%w: role %s no longer exists", provider.ErrNotRenewable, name)
+			}
+			for _, s := range stmts {
+				if _, err := tx.Exec(ctx, s); err != nil {
+					return err
+				}
+			}
+			return nil
+		})
 	})
 	if err != nil {
-		return l, classify(err, "renewing role")
+		return l, err
 	}
 	l.ExpiresAt = exp
 	return l, nil
@@ -261,28 +269,29 @@ func (p *Provider) Revoke(ctx context.Context, l provider.Lease) error {
 	if err != nil {
 		return err
 	}
-	var exists bool
-	if err := pool.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)`, name).Scan(&exists); err != nil {
-		return classify(err, "looking up role")
-	}
-	if !exists {
-		return nil
-	}
 	stmts, err := renderAll(t.role.revoke, stmtData{Name: name}, time.Time{})
 	if err != nil {
 		return err
 	}
-	conn, err := pool.Acquire(ctx)
-	if err != nil {
-		return classify(err, "connecting")
-	}
-	defer conn.Release()
-	for _, s := range stmts {
-		if _, err := conn.Exec(ctx, s); err != nil {
-			return classify(err, "dropping role")
+	// Each attempt looks again whether the role is there: a statement
+	// that ran before a connection was lost is not run twice.
+	return withRetry(ctx, "dropping role", func(ctx context.Context) (bool, error) {
+		conn, err := pool.Acquire(ctx)
+		if err != nil {
+			return false, err
 		}
-	}
-	return nil
+		defer conn.Release()
+		var exists bool
+		if err := conn.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)`, name).Scan(&exists); err != nil || !exists {
+			return false, err
+		}
+		for _, s := range stmts {
+			if _, err := conn.Exec(ctx, s); err != nil {
+				return false, err
+			}
+		}
+		return false, nil
+	})
 }
 
 // RoleName is the PostgreSQL role created for a lease ID: "esc_" and the
@@ -358,28 +367,3 @@ func scrub(err error, secrets ...string) error {
 type scrubbed struct{ msg, cause string }
 
 func (s *scrubbed) Error() string { return s.msg }
-
-// classify wraps err with the provider sentinel that says what the caller
-// should do: retry later (unreachable, shutting down, too many
-// connections) or not.
-func classify(err error, what string) error {
-	if errors.Is(err, provider.ErrNotRenewable) {
-		return err
-	}
-	var pgErr *pgconn.PgError
-	var sc *scrubbed
-	code := ""
-	if errors.As(err, &pgErr) {
-		code = pgErr.Code
-	} else if errors.As(err, &sc) {
-		code = sc.cause
-	}
-	switch {
-	case strings.HasPrefix(code, "08"), strings.HasPrefix(code, "53"), strings.HasPrefix(code, "57P"), code == "40001", code == "40P01":
-		return fmt.Errorf("%w: %s: %v", provider.ErrUnavailable, what, err)
-	case code != "":
-		return fmt.Errorf("%s: %v", what, err)
-	}
-	// No answer from the server: it could not be reached, or went away.
-	return fmt.Errorf("%w: %s: %v", provider.ErrUnavailable, what, err)
-}

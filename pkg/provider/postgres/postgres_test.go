@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
 	"github.com/ephemeral-secrets/csi-driver/test/pgtest"
@@ -211,5 +212,123 @@ func TestRoleName(t *testing.T) {
 	got := RoleName(long)
 	if len(got) > 63 || !strings.HasPrefix(got, "esc_nnn") || !strings.HasSuffix(got, "_abcdefgh") || RoleName(long) != got {
 		t.Errorf("RoleName(long) = %q (%d bytes)", got, len(got))
+	}
+}
+
+// Every SQLSTATE class and override is mapped on purpose: this list is
+// written apart from the table it checks, and must name the same rows.
+func TestEverySQLStateClassIsMapped(t *testing.T) {
+	want := map[string]disposition{
+		"01": misconfigured, "02": misconfigured, "03": misconfigured, "08": transient, "09": misconfigured,
+		"0A": misconfigured, "0B": misconfigured, "0F": misconfigured, "0L": misconfigured, "0P": misconfigured,
+		"0Z": misconfigured, "20": misconfigured, "21": misconfigured, "22": misconfigured, "23": misconfigured,
+		"24": misconfigured, "25": misconfigured, "26": misconfigured, "27": misconfigured, "28": misconfigured,
+		"2B": unavailable, "2D": misconfigured, "2F": misconfigured, "34": misconfigured, "38": misconfigured,
+		"39": misconfigured, "3B": misconfigured, "3D": misconfigured, "3F": misconfigured, "40": transient,
+		"42": misconfigured, "44": misconfigured, "53": transient, "54": misconfigured, "55": misconfigured,
+		"57": transient, "58": unavailable, "72": transient, "F0": misconfigured, "HV": misconfigured,
+		"P0": misconfigured, "XX": unavailable,
+		// Codes that differ from their class.
+		"40001": transient, "40P01": transient, "40003": unavailable, "42710": unavailable, "55006": transient,
+		"55P03": transient, "57014": transient, "57P01": transient, "57P03": transient, "57P04": misconfigured,
+		"XX000": transient, "XX001": unavailable, "53300": transient, "08006": transient, "28P01": misconfigured,
+		"42P01": misconfigured, "22P02": misconfigured,
+		// A class this table does not know is never final.
+		"ZZ": unavailable,
+	}
+	sentinel := map[disposition]error{
+		transient: provider.ErrUnavailable, unavailable: provider.ErrUnavailable, misconfigured: provider.ErrMisconfigured,
+	}
+	for code, d := range want {
+		full := code
+		if len(full) == 2 {
+			full += "999" // a code of the class that no override names
+		}
+		t.Run(full, func(t *testing.T) {
+			err := &pgconn.PgError{Code: full, Message: "m"}
+			if got := dispositionOf(err); got != d {
+				t.Fatalf("disposition %d, want %d", got, d)
+			}
+			if got := classify(err, "x"); !errors.Is(got, sentinel[d]) {
+				t.Fatalf("classified as %v, want %v", got, sentinel[d])
+			}
+			if retryable(err, false) != (d == transient) {
+				t.Fatalf("retryable = %v", !(d == transient))
+			}
+			if retryable(err, true) {
+				t.Fatal("retried although the outcome is unknown")
+			}
+		})
+	}
+	for class := range sqlstateClasses {
+		if _, ok := want[class]; !ok {
+			t.Errorf("class %s has no row in this test", class)
+		}
+	}
+	for code := range sqlstateCodes {
+		if _, ok := want[code]; !ok {
+			t.Errorf("code %s has no row in this test", code)
+		}
+	}
+	// No SQLSTATE at all: the server could not be reached or went away.
+	if d := dispositionOf(errors.New("unexpected EOF")); d != transient {
+		t.Errorf("connection loss: %d, want transient", d)
+	}
+	if d := dispositionOf(&pgconn.ConnectError{}); d != unavailable {
+		t.Errorf("server unreachable: %d, want unavailable", d)
+	}
+	if d := dispositionOf(context.DeadlineExceeded); d != unavailable {
+		t.Errorf("deadline: %d, want unavailable", d)
+	}
+}
+
+// A creation statement that names a missing table is the admin's to fix:
+// ErrMisconfigured, not retried, nothing left behind.
+func TestMissingTableIsMisconfigured(t *testing.T) {
+	ctx := context.Background()
+	p := newProvider(t, map[string]*Role{"r": {
+		CreationStatements: []string{create, `GRANT SELECT ON public.no_such_table TO "{{.Name}}"`}, Allowed: everyone,
+	}})
+	_, err := p.Issue(ctx, request("ns-pod-notable", map[string]string{ConnectionParam: "main", RoleParam: "r"}))
+	if !errors.Is(err, provider.ErrMisconfigured) || errors.Is(err, provider.ErrUnavailable) {
+		t.Fatalf("%v, want ErrMisconfigured", err)
+	}
+	if ok, _ := pg.RoleExists(ctx, RoleName("ns-pod-notable")); ok {
+		t.Error("the failed transaction left a role")
+	}
+}
+
+// Connections the server ends (an admin's pg_terminate_backend, a
+// restart: 57P01 or a lost connection) are retried within the call.
+func TestTerminatedConnectionsAreRetried(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	p := newProvider(t, map[string]*Role{"r": {CreationStatements: []string{create}, Allowed: everyone}})
+	params := map[string]string{ConnectionParam: "main", RoleParam: "r"}
+	l, err := p.Issue(ctx, request("ns-pod-term1", params))
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.ID, l.Params = "ns-pod-term1", params
+	for i, call := range []func() error{
+		func() error { _, err := p.Issue(ctx, request("ns-pod-term2", params)); return err },
+		func() error { return p.Revoke(ctx, l) },
+	} {
+		// Every admin connection the pool holds is ended under it.
+		if err := pg.Exec(ctx, `SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+			WHERE usename = 'postgres' AND pid <> pg_backend_pid() AND backend_type = 'client backend'`); err != nil {
+			t.Fatal(err)
+		}
+		if err := call(); err != nil {
+			t.Fatalf("call %d after its connections were ended: %v", i, err)
+		}
+	}
+	for _, id := range []string{"ns-pod-term1", "ns-pod-term2"} {
+		if id == "ns-pod-term2" {
+			_ = p.Revoke(ctx, provider.Lease{ID: id, Params: params})
+		}
+		if ok, _ := pg.RoleExists(ctx, RoleName(id)); ok {
+			t.Errorf("role of %s survives", id)
+		}
 	}
 }

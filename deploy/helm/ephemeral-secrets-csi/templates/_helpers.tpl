@@ -1,3 +1,63 @@
+{{/*
+The name of every object. The driver is one per cluster (its CSIDriver
+name is fixed), so the release name is not part of it.
+*/}}
+{{- define "esc.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "esc.fullname" -}}
+{{- default (include "esc.name" .) .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/*
+Selector labels: immutable on a DaemonSet once installed. Never add one
+that changes between releases (version, chart).
+*/}}
+{{- define "esc.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "esc.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: node
+{{- end -}}
+
 {{- define "esc.labels" -}}
-app.kubernetes.io/name: ephemeral-secrets-csi
+{{ include "esc.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/part-of: ephemeral-secrets-csi
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/*
+An image reference from {registry, repository, tag, digest}: the digest
+wins over the tag; the tag defaults to the chart's appVersion.
+Call with (dict "image" .Values.x.image "root" .).
+*/}}
+{{- define "esc.image" -}}
+{{- $i := .image -}}
+{{- $ref := $i.repository -}}
+{{- if $i.registry }}{{ $ref = printf "%s/%s" $i.registry $i.repository }}{{ end -}}
+{{- if $i.digest -}}
+{{- printf "%s@%s" $ref $i.digest -}}
+{{- else -}}
+{{- printf "%s:%s" $ref (default .root.Chart.AppVersion $i.tag | toString) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The audiences kubelet requests tokens for: one per enabled provider. */}}
+{{- define "esc.audiences" -}}
+{{- $a := list -}}
+{{- range $name := list "vault" "aws" -}}
+{{- $p := index $.Values.providers $name -}}
+{{- if $p.enabled }}{{ $a = append $a $p.audience }}{{ end -}}
+{{- end -}}
+{{- range .Values.extraTokenAudiences }}{{ $a = append $a . }}{{ end -}}
+{{- $a | uniq | toJson -}}
+{{- end -}}
+
+{{- define "esc.pluginDir" -}}
+{{- printf "%s/plugins/ephemeral-secrets.csi.dev" (trimSuffix "/" .Values.kubeletDir) -}}
 {{- end -}}

@@ -1,0 +1,332 @@
+package chart
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"reflect"
+	"slices"
+	"strings"
+	"testing"
+
+	appsv1 "k8s.io/api/apps/v1"
+	corev1 "k8s.io/api/core/v1"
+	storagev1 "k8s.io/api/storage/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"sigs.k8s.io/yaml"
+)
+
+// Every value set in testdata/every-value.yaml reaches the objects.
+func TestEveryValueReachesTheObjects(t *testing.T) {
+	objs := render(t, "-f", "testdata/every-value.yaml")
+	ds := into[appsv1.DaemonSet](t, objs, "DaemonSet/secrets-csi")
+	spec := ds.Spec.Template.Spec
+	driver := container(t, ds, "driver")
+	errorf := func(what string, got, want any) {
+		t.Helper()
+		if fmt.Sprint(got) != fmt.Sprint(want) {
+			t.Errorf("%s: got %v, want %v", what, got, want)
+		}
+	}
+
+	// Names, labels, annotations.
+	errorf("selector name", ds.Spec.Selector.MatchLabels["app.kubernetes.io/name"], "esc")
+	errorf("commonLabels", ds.Labels["team"], "platform")
+	errorf("daemonSetLabels", ds.Labels["ds-label"], "yes")
+	errorf("daemonSetAnnotations", ds.Annotations["ds-annotation"], "yes")
+	errorf("podLabels", ds.Spec.Template.Labels["pod-label"], "yes")
+	errorf("podAnnotations", ds.Spec.Template.Annotations["pod-annotation"], "yes")
+	if _, ok := ds.Spec.Selector.MatchLabels["pod-label"]; ok {
+		t.Error("podLabels reached the immutable selector")
+	}
+	errorf("serviceAccountName", spec.ServiceAccountName, "secrets-csi")
+
+	// Images.
+	errorf("driver image (digest wins over the tag)", driver.Image,
+		"registry.example.com/mirror/csi-driver@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef")
+	errorf("driver pullPolicy", driver.ImagePullPolicy, corev1.PullAlways)
+	errorf("imagePullSecrets", spec.ImagePullSecrets, []corev1.LocalObjectReference{{Name: "mirror-pull"}})
+
+	// Scheduling.
+	errorf("nodeSelector", spec.NodeSelector, map[string]string{"kubernetes.io/os": "linux", "node-role.example.com/workers": "true"})
+	if a := spec.Affinity; a == nil || a.NodeAffinity == nil || a.NodeAffinity.RequiredDuringSchedulingIgnoredDuringExecution.NodeSelectorTerms[0].MatchExpressions[0].Values[0] != "virtual-kubelet" {
+		t.Errorf("affinity %+v", spec.Affinity)
+	}
+	errorf("tolerations", spec.Tolerations, []corev1.Toleration{{Key: "dedicated", Operator: "Equal", Value: "secrets", Effect: "NoSchedule"}})
+	errorf("priorityClassName", spec.PriorityClassName, "system-cluster-critical")
+	errorf("terminationGracePeriodSeconds", *spec.TerminationGracePeriodSeconds, 45)
+	errorf("updateStrategy", ds.Spec.UpdateStrategy.RollingUpdate.MaxUnavailable.String(), "10%")
+
+	// The driver's flags, log level, args, env, mounts, resources, probes.
+	for _, a := range []string{
+		"--kubelet-dir=/data/kubelet", "--state-dir=/run/esc-state",
+		"--backend-config=/etc/ephemeral-secrets/backends/config.yaml",
+		"--audit-log=/var/log/esc/audit.jsonl", "--metrics-address=:9900", "-v=4",
+		"--max-volume-bytes=2097152", "--renew-fraction=0.5", "--retry-min=2s", "--retry-max=2m",
+		"--backend-timeout=10s", "--sweep-interval=30s", "--classes-file=/etc/classes/classes.yaml",
+	} {
+		if !slices.Contains(driver.Args, a) {
+			t.Errorf("driver args %v lack %s", driver.Args, a)
+		}
+	}
+	if !slices.ContainsFunc(driver.Env, func(e corev1.EnvVar) bool { return e.Name == "GODEBUG" && e.Value == "madvdontneed=1" }) {
+		t.Errorf("extraEnv missing: %v", driver.Env)
+	}
+	errorf("driver memory limit", driver.Resources.Limits.Memory(), "256Mi")
+	errorf("driver cpu request", driver.Resources.Requests.Cpu(), "20m")
+	errorf("metrics port", driver.Ports[0].ContainerPort, 9900)
+	lp := driver.LivenessProbe
+	errorf("liveness probe", []int32{lp.PeriodSeconds, lp.TimeoutSeconds, lp.FailureThreshold, lp.InitialDelaySeconds}, []int32{11, 4, 7, 1})
+	rp := driver.ReadinessProbe
+	errorf("readiness probe", []int32{rp.PeriodSeconds, rp.TimeoutSeconds, rp.FailureThreshold}, []int32{6, 2, 4})
+	mounts := map[string]string{}
+	for _, m := range driver.VolumeMounts {
+		mounts[m.Name] = m.MountPath
+	}
+	errorf("pods mount", mounts["pods-dir"], "/data/kubelet/pods")
+	errorf("state mount", mounts["state-dir"], "/run/esc-state")
+	errorf("audit mount (the log file's directory)", mounts["audit-dir"], "/var/log/esc")
+	errorf("extraVolumeMounts", mounts["classes"], "/etc/classes")
+
+	// Volumes.
+	errorf("hostPaths", hostPaths(ds), map[string]string{
+		"plugin-dir": "/data/kubelet/plugins/ephemeral-secrets.csi.dev", "registration-dir": "/data/kubelet/plugins_registry",
+		"pods-dir": "/data/kubelet/pods", "state-dir": "/run/esc-state", "audit-dir": "/var/log/esc-audit",
+	})
+	var secretName string
+	var extra bool
+	for _, v := range spec.Volumes {
+		if v.Secret != nil {
+			secretName = v.Secret.SecretName
+		}
+		if v.Name == "classes" && v.ConfigMap != nil && v.ConfigMap.Name == "classes" {
+			extra = true
+		}
+	}
+	errorf("backends secret", secretName, "my-backends")
+	errorf("extraVolumes", extra, true)
+
+	checkRegistration(t, ds, driver, "/data/kubelet")
+	checkSecurity(t, ds)
+
+	// Tokens: one audience per enabled provider and the extra ones, in
+	// secrets (forced "true" here).
+	csi := into[storagev1.CSIDriver](t, objs, "CSIDriver/ephemeral-secrets.csi.dev")
+	var auds []string
+	for _, r := range csi.Spec.TokenRequests {
+		auds = append(auds, r.Audience)
+		errorf("token lifetime", *r.ExpirationSeconds, 1200)
+	}
+	errorf("audiences", auds, []string{"vault-prod", "sts.example.com", "custom-audience"})
+	if p := csi.Spec.ServiceAccountTokenInSecrets; p == nil || !*p {
+		t.Error("serviceAccountTokenInSecrets not set")
+	}
+
+	// aggregateRoles: false.
+	if _, ok := objs["ClusterRole/secrets-csi-edit"]; ok {
+		t.Error("aggregated roles rendered with aggregateRoles=false")
+	}
+
+	// Monitoring.
+	sm := objs["ServiceMonitor/secrets-csi"]
+	if sm == nil {
+		t.Fatalf("no ServiceMonitor: %v", keysOf(objs))
+	}
+	errorf("ServiceMonitor labels", sm.GetLabels()["release"], "kube-prometheus-stack")
+	eps, _, _ := unstructured.NestedSlice(sm.Object, "spec", "endpoints")
+	ep := eps[0].(map[string]any)
+	errorf("interval", ep["interval"], "15s")
+	errorf("scrapeTimeout", ep["scrapeTimeout"], "10s")
+	relabel := fmt.Sprint(ep["relabelings"])
+	for _, want := range []string{"__meta_kubernetes_pod_node_name", "targetLabel:node", "targetLabel:cluster", "replacement:prod-eu"} {
+		if !strings.Contains(relabel, want) {
+			t.Errorf("relabelings %s lack %s", relabel, want)
+		}
+	}
+	pr := objs["PrometheusRule/secrets-csi"]
+	errorf("PrometheusRule labels", pr.GetLabels()["release"], "kube-prometheus-stack")
+	groups, _, _ := unstructured.NestedSlice(pr.Object, "spec", "groups")
+	rules := groups[0].(map[string]any)["rules"].([]any)
+	for _, r := range rules {
+		r := r.(map[string]any)
+		labels := r["labels"].(map[string]any)
+		errorf(fmt.Sprint(r["alert"], " team label"), labels["team"], "platform")
+		if labels["severity"] == nil {
+			t.Errorf("%v lost its severity", r["alert"])
+		}
+	}
+	cm := objs["ConfigMap/secrets-csi-dashboard"]
+	errorf("dashboard labels", cm.GetLabels()["grafana_folder"], "secrets")
+	svc := into[corev1.Service](t, objs, "Service/secrets-csi-metrics")
+	errorf("service port", svc.Spec.Ports[0].Port, 9900)
+	errorf("service selector", svc.Spec.Selector, ds.Spec.Selector.MatchLabels)
+}
+
+// The alerts say which node, never which pod IP.
+func TestAlertsNameTheNode(t *testing.T) {
+	objs := render(t, "--set", "monitoring.enabled=true")
+	groups, _, _ := unstructured.NestedSlice(objs["PrometheusRule/ephemeral-secrets-csi"].Object, "spec", "groups")
+	rules := groups[0].(map[string]any)["rules"].([]any)
+	if len(rules) == 0 {
+		t.Fatal("no alerts")
+	}
+	for _, r := range rules {
+		r := r.(map[string]any)
+		expr := fmt.Sprint(r["expr"])
+		summary := fmt.Sprint(r["annotations"].(map[string]any)["summary"])
+		if !strings.Contains(expr, "by (node") || strings.Contains(expr, "instance") {
+			t.Errorf("%v: expr %q does not aggregate by node", r["alert"], expr)
+		}
+		if !strings.Contains(summary, "{{ $labels.node }}") || strings.Contains(summary, "instance") {
+			t.Errorf("%v: summary %q does not name the node", r["alert"], summary)
+		}
+	}
+}
+
+// A misspelled or unknown key fails helm template, at every level.
+func TestSchemaRefusesUnknownKeys(t *testing.T) {
+	for _, set := range []string{
+		"drivr.logLevel=1",
+		"driver.imag.tag=x",
+		"driver.image.tga=x",
+		"nodeSelectr.a=b",
+		"monitoring.serviceMonitor.lables.release=x",
+		"monitoring.prometheusRule.alertLabel.a=b",
+		"providers.vaul.enabled=true",
+		"driver.resources.limit.memory=1Gi",
+		"updateStrategy.rollingUpdate.maxUnavaliable=1",
+		"imagePullSecrets[0].nme=x",
+		"csiDriver.serviceAccountTokenInSecret=true",
+	} {
+		t.Run(set, func(t *testing.T) {
+			out, err := helm(t, "template", "esc", chartDir, "--kube-version", "1.35.0", "--set", set)
+			if err == nil {
+				t.Fatalf("helm template --set %s passed", set)
+			}
+			if !strings.Contains(out, "additional properties") && !strings.Contains(out, "additionalProperties") {
+				t.Errorf("error does not name the unknown key: %s", out)
+			}
+		})
+	}
+	// And values of the wrong shape.
+	for _, set := range []string{
+		"driver.image.digest=latest",
+		"driver.retryMin=5",
+		"driver.renewFraction=1.5",
+		"driver.image.pullPolicy=Sometimes",
+		"tokenExpirationSeconds=60",
+		"driver.auditLog.file=relative.log",
+	} {
+		t.Run(set, func(t *testing.T) {
+			if out, err := helm(t, "template", "esc", chartDir, "--kube-version", "1.35.0", "--set", set); err == nil {
+				t.Fatalf("helm template --set %s passed:\n%.300s", set, out)
+			}
+		})
+	}
+}
+
+// serviceAccountTokenInSecrets only where the API has it (1.35) and only
+// with tokens requested; an explicit "true" without a token fails.
+func TestTokenInSecretsFollowsTheCluster(t *testing.T) {
+	for _, tc := range []struct {
+		name      string
+		args      []string
+		audiences []string
+		inSecrets bool
+	}{
+		{"1.34 vault", []string{"--kube-version", "1.34.2", "--set", "providers.vault.enabled=true"}, []string{"vault"}, false},
+		{"1.35 vault", []string{"--kube-version", "1.35.0", "--set", "providers.vault.enabled=true"}, []string{"vault"}, true},
+		{"1.36 aws", []string{"--kube-version", "1.36.1", "--set", "providers.aws.enabled=true"}, []string{"sts.amazonaws.com"}, true},
+		{"1.35 none", []string{"--kube-version", "1.35.0"}, nil, false},
+		{"1.35 turned off", []string{"--kube-version", "1.35.0", "--set", "providers.vault.enabled=true,csiDriver.serviceAccountTokenInSecrets=false"}, []string{"vault"}, false},
+		{"1.34 forced", []string{"--kube-version", "1.34.0", "--set", "providers.vault.enabled=true,csiDriver.serviceAccountTokenInSecrets=true"}, []string{"vault"}, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			csi := into[storagev1.CSIDriver](t, render(t, tc.args...), "CSIDriver/ephemeral-secrets.csi.dev")
+			var auds []string
+			for _, r := range csi.Spec.TokenRequests {
+				auds = append(auds, r.Audience)
+			}
+			if !slices.Equal(auds, tc.audiences) {
+				t.Errorf("audiences %v, want %v", auds, tc.audiences)
+			}
+			if got := csi.Spec.ServiceAccountTokenInSecrets != nil && *csi.Spec.ServiceAccountTokenInSecrets; got != tc.inSecrets {
+				t.Errorf("serviceAccountTokenInSecrets %v, want %v", got, tc.inSecrets)
+			}
+		})
+	}
+	out, err := helm(t, "template", "esc", chartDir, "--kube-version", "1.35.0", "--set", "csiDriver.serviceAccountTokenInSecrets=true")
+	if err == nil || !strings.Contains(out, "needs a token audience") {
+		t.Errorf("serviceAccountTokenInSecrets=true without a token: %v\n%.300s", err, out)
+	}
+	// Below the chart's kubeVersion, nothing renders.
+	if out, err := helm(t, "template", "esc", chartDir, "--kube-version", "1.24.0"); err == nil {
+		t.Errorf("rendered for Kubernetes 1.24:\n%.300s", out)
+	}
+}
+
+// helm lint --strict passes with the defaults and with every value set.
+func TestLintStrict(t *testing.T) {
+	for _, args := range [][]string{nil, {"-f", "testdata/every-value.yaml"}} {
+		all := append([]string{"lint", "--strict", chartDir}, args...)
+		if out, err := helm(t, all...); err != nil {
+			t.Errorf("helm %v: %v\n%s", all, err, out)
+		}
+	}
+}
+
+// testdata/every-value.yaml sets every value of values.yaml (each leaf,
+// to something other than its default), so that a value added to the
+// chart without a check here fails this test.
+func TestEveryValueFileCoversValuesYAML(t *testing.T) {
+	read := func(path string) map[string]any {
+		data, err := os.ReadFile(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var m map[string]any
+		if err := yaml.Unmarshal(data, &m); err != nil {
+			t.Fatal(err)
+		}
+		return m
+	}
+	defaults := read(filepath.Join(chartDir, "values.yaml"))
+	every := read("testdata/every-value.yaml")
+	// Set, but to the default: the dashboard is on (TestDashboardCanBeOff
+	// turns it off).
+	same := map[string]bool{"monitoring.dashboard.enabled": true}
+	// Maps a user replaces whole: compared whole.
+	whole := map[string]bool{"nodeSelector": true, "updateStrategy": true, "monitoring.dashboard.labels": true}
+	var walk func(prefix string, d, e map[string]any)
+	walk = func(prefix string, d, e map[string]any) {
+		for k, dv := range d {
+			path := prefix + k
+			ev, ok := e[k]
+			if !ok {
+				t.Errorf("%s is not set in testdata/every-value.yaml", path)
+				continue
+			}
+			dm, dIsMap := dv.(map[string]any)
+			em, eIsMap := ev.(map[string]any)
+			if dIsMap && eIsMap && len(dm) > 0 && !whole[path] {
+				walk(path+".", dm, em)
+				continue
+			}
+			if reflect.DeepEqual(dv, ev) && !same[path] {
+				t.Errorf("%s is set to its default (%v) in testdata/every-value.yaml", path, dv)
+			}
+		}
+	}
+	walk("", defaults, every)
+}
+
+func TestDashboardCanBeOff(t *testing.T) {
+	on := render(t, "--set", "monitoring.enabled=true")
+	off := render(t, "--set", "monitoring.enabled=true,monitoring.dashboard.enabled=false")
+	if on["ConfigMap/ephemeral-secrets-csi-dashboard"] == nil || off["ConfigMap/ephemeral-secrets-csi-dashboard"] != nil {
+		t.Errorf("dashboard: on %v, off %v", keysOf(on), keysOf(off))
+	}
+	if off["PrometheusRule/ephemeral-secrets-csi"] == nil {
+		t.Error("the alerts went with the dashboard")
+	}
+}

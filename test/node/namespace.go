@@ -1,0 +1,187 @@
+package node
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// envInside marks a process that Reexec started inside the namespaces.
+const envInside = "ESC_NODE_NAMESPACES"
+
+// Inside reports whether this process runs in the node's namespaces.
+func Inside() bool { return os.Getenv(envInside) == "1" }
+
+// Command returns this program, with args, to be run in new network and
+// mount namespaces: everything the node does (pod networks, iptables
+// rules, mounts under /var/lib/kubelet) stays in them, and goes with their
+// last process. files are passed on as fds 3, 4, ...
+func Command(args []string, files ...*os.File) (*exec.Cmd, error) {
+	self, err := os.Executable()
+	if err != nil {
+		return nil, err
+	}
+	cmd := exec.Command(self, args...)
+	cmd.Env = append(os.Environ(), envInside+"=1")
+	cmd.ExtraFiles = files
+	cmd.SysProcAttr = &syscall.SysProcAttr{Cloneflags: syscall.CLONE_NEWNET | syscall.CLONE_NEWNS}
+	return cmd, nil
+}
+
+// The host directories the node's components use at their standard
+// places; each is covered, in the node's mount namespace only, by a
+// directory of the node's work directory.
+var hostDirs = []string{
+	"/var/lib/kubelet",
+	"/var/lib/containerd",
+	"/run/containerd",
+	"/run/ephemeral-secrets-csi",
+	"/run/netns",
+	"/etc/cni/net.d",
+	"/var/log/pods",
+	"/var/log/containers",
+}
+
+// Network of the pods: a bridge whose address is the node's own.
+const (
+	Bridge    = "cni0"
+	NodeIP    = "10.88.0.1"
+	PodSubnet = "10.88.0.0/16"
+)
+
+// prepare sets up the namespaces this process runs in: mounts that
+// propagate among the node's processes and never to the host, the host
+// directories covered by work's, loopback, and the pods' bridge. It
+// returns the host directories it had to create (empty ones, for Stop to
+// remove).
+func prepare(work string) (created []string, err error) {
+	if !Inside() {
+		return nil, errors.New("node: not inside the node's namespaces (start the program with node.Command)")
+	}
+	// Private from the host first, then shared within: kubelet's
+	// Bidirectional mounts need a shared root.
+	if err := unix.Mount("", "/", "", unix.MS_REC|unix.MS_PRIVATE, ""); err != nil {
+		return nil, fmt.Errorf("making / private: %w", err)
+	}
+	if err := unix.Mount("", "/", "", unix.MS_REC|unix.MS_SHARED, ""); err != nil {
+		return nil, fmt.Errorf("making / shared: %w", err)
+	}
+	for _, dir := range hostDirs {
+		if _, err := os.Lstat(dir); errors.Is(err, os.ErrNotExist) {
+			if err := os.MkdirAll(dir, 0o755); err != nil {
+				return created, err
+			}
+			created = append(created, dir)
+		}
+		own := filepath.Join(work, "host", strings.ReplaceAll(strings.TrimPrefix(dir, "/"), "/", "_"))
+		if err := os.MkdirAll(own, 0o755); err != nil {
+			return created, err
+		}
+		if err := unix.Mount(own, dir, "", unix.MS_BIND, ""); err != nil {
+			return created, fmt.Errorf("covering %s: %w", dir, err)
+		}
+	}
+	for _, args := range [][]string{
+		{"link", "set", "lo", "up"},
+		{"link", "add", Bridge, "type", "bridge"},
+		{"addr", "add", NodeIP + "/16", "dev", Bridge},
+		{"link", "set", Bridge, "up"},
+	} {
+		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
+			return created, fmt.Errorf("ip %s: %v: %s", strings.Join(args, " "), err, out)
+		}
+	}
+	return created, nil
+}
+
+// removeCreated removes the host directories prepare made, once they are
+// uncovered and empty.
+func removeCreated(dirs []string) {
+	for i := len(dirs) - 1; i >= 0; i-- {
+		_ = unix.Unmount(dirs[i], unix.MNT_DETACH)
+		_ = os.Remove(dirs[i])
+	}
+}
+
+// killNamespace kills every process in this process's network namespace
+// but this one: containers, their shims and the node's components.
+func killNamespace() {
+	own, err := os.Readlink("/proc/self/ns/net")
+	if err != nil {
+		return
+	}
+	self := os.Getpid()
+	for range 5 {
+		left := 0
+		entries, _ := os.ReadDir("/proc")
+		for _, e := range entries {
+			var pid int
+			if _, err := fmt.Sscanf(e.Name(), "%d", &pid); err != nil || pid == self {
+				continue
+			}
+			if ns, err := os.Readlink(fmt.Sprintf("/proc/%d/ns/net", pid)); err == nil && ns == own {
+				_ = syscall.Kill(pid, syscall.SIGKILL)
+				left++
+			}
+		}
+		if left == 0 {
+			return
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
+
+// components are the names of the node's processes.
+var components = map[string]bool{
+	"etcd": true, "kube-apiserver": true, "kube-scheduler": true,
+	"kube-controller": true, "kubelet": true, "kube-proxy": true, "containerd": true, "containerd-shim": true, // comm is cut at 15 bytes
+}
+
+// Leftovers lists what a stopped node left on the host, as seen from the
+// host: mounts on the host directories the node covers, cgroups under a
+// node's cgroup root, and node processes in a network namespace other
+// than this process's (a namespace lives as long as a process in it).
+func Leftovers() []string {
+	var left []string
+	mi, _ := os.ReadFile("/proc/self/mountinfo")
+	for _, line := range strings.Split(string(mi), "\n") {
+		f := strings.Fields(line)
+		if len(f) < 5 {
+			continue
+		}
+		for _, dir := range hostDirs {
+			if f[4] == dir || strings.HasPrefix(f[4], dir+"/") {
+				left = append(left, "mount "+f[4])
+			}
+		}
+	}
+	roots, _ := filepath.Glob(filepath.Join(cgroupV1, "*", "esc-node-*"))
+	for _, r := range roots {
+		left = append(left, "cgroup "+r)
+	}
+	pidRoots, _ := filepath.Glob(filepath.Join(cgroupV1, "pids", "esc-node-*"))
+	for _, r := range pidRoots {
+		for _, pid := range cgroupProcs("/" + filepath.Base(r)) {
+			left = append(left, fmt.Sprintf("process %d in %s", pid, r))
+		}
+	}
+	own, _ := os.Readlink("/proc/self/ns/net")
+	entries, _ := os.ReadDir("/proc")
+	for _, e := range entries {
+		comm, err := os.ReadFile(filepath.Join("/proc", e.Name(), "comm"))
+		if err != nil || !components[strings.TrimSpace(string(comm))] {
+			continue
+		}
+		if ns, err := os.Readlink(filepath.Join("/proc", e.Name(), "ns/net")); err == nil && ns != own {
+			left = append(left, fmt.Sprintf("process %s (pid %s)", strings.TrimSpace(string(comm)), e.Name()))
+		}
+	}
+	return left
+}
