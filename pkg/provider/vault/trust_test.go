@@ -3,6 +3,8 @@ package vault
 import (
 	"context"
 	"errors"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strings"
@@ -170,5 +172,25 @@ func TestTrustFilesAreBounded(t *testing.T) {
 	}
 	if _, err := New(Config{Addresses: []string{"https://vault:8200"}, TLS: map[string]provider.TLS{"https://other:8200": {}}}); err == nil {
 		t.Error("TLS for an address not on the list accepted")
+	}
+}
+
+// A redirect from the admin's Vault is not followed: the pod's token goes
+// to the listed address only.
+func TestRedirectsAreNotFollowed(t *testing.T) {
+	elsewhere := standin.NewTCP(t)
+	redirecting := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		http.Redirect(w, r, elsewhere.URL("http")+r.URL.Path, http.StatusTemporaryRedirect)
+	}))
+	defer redirecting.Close()
+	p, err := New(Config{Addresses: []string{redirecting.URL}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := p.Issue(context.Background(), issueReq(map[string]string{AddressParam: redirecting.URL})); err == nil {
+		t.Fatal("a redirected login succeeded")
+	}
+	if n := elsewhere.Seen(); n != 0 {
+		t.Fatalf("%d connections to the redirect's target", n)
 	}
 }
