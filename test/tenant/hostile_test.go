@@ -204,7 +204,7 @@ aws:
 		docs = append(docs, class("team-a", fmt.Sprintf("c%02d", i), c.provider, c.params))
 	}
 	n.f = start(t, env, strings.Join(docs, "---\n"), backends)
-	before := peakRSS(t, n.f.driver.Pid())
+	before, cpu := peakRSS(t, n.f.driver.Pid()), cpuTime(t, n.f.driver.Pid())
 	secretsOfCases := []string{"CANARY-ADMIN-PASSWORD", "forged-token", "BEGIN", n.canaries.KubeletCert, n.canaries.OtherPodKey,
 		n.canaries.BackendsCopy, n.canaries.CADir, "/dev/zero", "/nonexistent"}
 
@@ -260,7 +260,8 @@ aws:
 		t.Fatalf("the driver does not answer after the hostile cases: %v", err)
 	}
 	peak := peakRSS(t, n.f.driver.Pid())
-	t.Logf("driver peak RSS: %d MiB at start, %d MiB after %d hostile cases", before>>20, peak>>20, len(all))
+	t.Logf("driver peak RSS: %d MiB at start, %d MiB after %d hostile cases, which took %s of its CPU",
+		before>>20, peak>>20, len(all), cpuTime(t, n.f.driver.Pid())-cpu)
 	// The issue measured +689 MiB (printf widths) and +373 MiB (64 files)
 	// with the old code; each budget holds a volume to a few MiB.
 	if peak-before > 128<<20 {
