@@ -12,6 +12,8 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"encoding/base64"
+	"encoding/json"
 	"encoding/pem"
 	"math/big"
 	"net"
@@ -160,4 +162,24 @@ func ClientPair(t testing.TB, cn string) (certPEM, keyPEM []byte) {
 		t.Fatal(err)
 	}
 	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kder})
+}
+
+// Token is a service-account token as kubelet requests it for a CSI
+// driver, for service account sa of namespace ns, bound to the pod with
+// podUID (none when empty), for audience: a JWT whose claims say so,
+// unsigned (a stand-in does not verify it; real backends get real tokens).
+func Token(ns, sa, podUID, audience string) string {
+	enc := func(v any) string {
+		b, _ := json.Marshal(v)
+		return base64.RawURLEncoding.EncodeToString(b)
+	}
+	k8s := map[string]any{"namespace": ns, "serviceaccount": map[string]string{"name": sa}}
+	if podUID != "" {
+		k8s["pod"] = map[string]string{"name": "p", "uid": podUID}
+	}
+	claims := map[string]any{
+		"iss": "https://kubernetes.default.svc", "sub": "system:serviceaccount:" + ns + ":" + sa, "aud": []string{audience},
+		"exp": time.Now().Add(time.Hour).Unix(), "kubernetes.io": k8s,
+	}
+	return enc(map[string]string{"alg": "none", "typ": "JWT"}) + "." + enc(claims) + ".c2lnbmF0dXJl"
 }

@@ -23,7 +23,10 @@ type hostile struct {
 	params   map[string]string
 	// pod changes the pod or the request kubelet sends (a pod's
 	// volumeAttributes, a pod without tokens...).
-	pod  func(p *kubelet.Pod, v *kubelet.Volume)
+	pod func(p *kubelet.Pod, v *kubelet.Volume)
+	// req changes the request kubelet sends (the secrets of a
+	// nodePublishSecretRef).
+	req  func(r *csi.NodePublishVolumeRequest)
 	code codes.Code
 	// reaches names the one listener that may see a request: "vault" (the
 	// admin's Vault, trusted), "sts" (the admin's STS endpoint); "" none.
@@ -126,6 +129,18 @@ func cases(n *node) []hostile {
 				p.Tokens = nil
 				v.Attributes["csi.storage.k8s.io/serviceAccount.tokens"] = forged
 			}, code: codes.InvalidArgument},
+		{name: "pod's Secret holds another service account's token, no tokenRequests", provider: "vault", params: vaultParams(n, nil),
+			pod: func(p *kubelet.Pod, _ *kubelet.Volume) { p.Tokens = nil },
+			req: func(r *csi.NodePublishVolumeRequest) {
+				r.Secrets = map[string]string{"csi.storage.k8s.io/serviceAccount.tokens": fmt.Sprintf(`{"vault":{"token":%q}}`,
+					standin.Token("team-a", "vault-admin", r.VolumeContext["csi.storage.k8s.io/pod.uid"], "vault"))}
+			}, code: codes.PermissionDenied},
+		{name: "pod's Secret holds a token bound to another pod", provider: "aws", params: awsParams(n, nil),
+			pod: func(p *kubelet.Pod, _ *kubelet.Volume) { p.Tokens = nil },
+			req: func(r *csi.NodePublishVolumeRequest) {
+				r.Secrets = map[string]string{"csi.storage.k8s.io/serviceAccount.tokens": fmt.Sprintf(`{"sts.amazonaws.com":{"token":%q}}`,
+					standin.Token("team-a", "app", "0b9e2f36-6a7c-4d3e-9f4e-3a1c2b5d6e7f", "sts.amazonaws.com"))}
+			}, code: codes.PermissionDenied},
 		{name: "pod sets a class parameter", provider: "vault", params: vaultParams(n, nil), pod: setPodAttr("vaultAddress", n.offList.URL("http")), code: codes.InvalidArgument},
 		// 8. checks before side effects
 		{name: "aws secrets manager endpoint off the list", provider: "aws", params: awsParams(n, map[string]string{"secretsManagerEndpoint": n.offList.URL("http")}), code: codes.PermissionDenied},
@@ -220,7 +235,14 @@ aws:
 			_, stsReqs, _ := n.sts.Seen()
 			off := n.offList.Seen()
 
-			_, err := n.f.kube.Publish(ctx, p, v)
+			req, err := n.f.kube.PublishRequest(p, v)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if c.req != nil {
+				c.req(req)
+			}
+			_, err = n.f.kube.Node.NodePublishVolume(ctx, req)
 			if got := status.Code(err); got != c.code {
 				t.Fatalf("code %s (%v), want %s", got, err, c.code)
 			}

@@ -23,6 +23,7 @@ import (
 	"github.com/ephemeral-secrets/csi-driver/test/harness"
 	"github.com/ephemeral-secrets/csi-driver/test/kubelet"
 	"github.com/ephemeral-secrets/csi-driver/test/pgtest"
+	"github.com/ephemeral-secrets/csi-driver/test/standin"
 )
 
 var (
@@ -158,7 +159,7 @@ func class(ns, name, provider string, params map[string]string) string {
 // both audiences, remembered as secrets for the log check.
 func pod(ns, name string) kubelet.Pod {
 	p := kubelet.NewPod(ns, name, "app")
-	p.Tokens = map[string]string{"vault": "sa-vault-token-" + p.UID, "sts.amazonaws.com": "sa-sts-token-" + p.UID}
+	p.Tokens = map[string]string{"vault": standin.Token(ns, "app", p.UID, "vault"), "sts.amazonaws.com": standin.Token(ns, "app", p.UID, "sts.amazonaws.com")}
 	for _, tok := range p.Tokens {
 		harness.RememberSecret(tok)
 	}

@@ -133,7 +133,7 @@ type endpoints struct{ sts, sm, ssm *string }
 // configuration does not allow: another audience, an endpoint off the
 // list, a session from the node's credentials, a missing roleArn or
 // token. Nothing is minted for a class that fails any of them.
-func (p *Provider) check(c classParams, tokens map[string]provider.Token) (endpoints, string, error) {
+func (p *Provider) check(c classParams, req provider.Request) (endpoints, string, error) {
 	var ep endpoints
 	if c.audience != "" && c.audience != p.cfg.Audience {
 		return ep, "", fmt.Errorf("%w: %s: the pod's token for STS has the audience the admin configured (%q); a class cannot choose another",
@@ -164,11 +164,8 @@ func (p *Provider) check(c classParams, tokens map[string]provider.Token) (endpo
 	if !needToken {
 		return ep, "", nil
 	}
-	t, ok := tokens[p.cfg.Audience]
-	if !ok || t.Token == "" {
-		return ep, "", fmt.Errorf("%w: no service-account token for audience %q (add it to the CSIDriver's tokenRequests)", provider.ErrPermissionDenied, p.cfg.Audience)
-	}
-	return ep, t.Token, nil
+	jwt, err := provider.PodToken(req, p.cfg.Audience)
+	return ep, jwt, err
 }
 
 // Issue mints the class's sts sessions and reads its secrets.
@@ -177,7 +174,7 @@ func (p *Provider) Issue(ctx context.Context, req provider.Request) (provider.Le
 	if err != nil {
 		return provider.Lease{}, err
 	}
-	ep, jwt, err := p.check(c, req.Tokens)
+	ep, jwt, err := p.check(c, req)
 	if err != nil {
 		return provider.Lease{}, err
 	}

@@ -20,7 +20,9 @@ func TestChecksBeforeAnySession(t *testing.T) {
 		t.Fatal(err)
 	}
 	sessionAndSecret := "- {objectName: s, objectType: sts}\n- {objectName: db, objectType: secretsmanager}"
-	tokens := map[string]provider.Token{"sts.amazonaws.com": {Token: "pod-sts-token"}, "vault": {Token: "pod-vault-token"}}
+	pod := provider.Pod{Namespace: "team-a", Name: "p", UID: "u", ServiceAccount: "sa"}
+	tokens := map[string]provider.Token{"sts.amazonaws.com": {Token: standin.Token("team-a", "sa", "u", "sts.amazonaws.com")},
+		"vault": {Token: standin.Token("team-a", "sa", "u", "vault")}}
 	for _, tc := range []struct {
 		name   string
 		params map[string]string
@@ -33,7 +35,8 @@ func TestChecksBeforeAnySession(t *testing.T) {
 		{"another audience", map[string]string{AudienceParam: "vault"}, tokens, provider.ErrInvalidParameters},
 		{"node credentials not allowed", map[string]string{ObjectsParam: "- {objectName: s, objectType: sts, assumeWith: node}\n- {objectName: t, objectType: sts}"}, tokens, provider.ErrPermissionDenied},
 		{"secrets without roleArn", map[string]string{RoleArnParam: ""}, tokens, provider.ErrInvalidParameters},
-		{"no token for the admin's audience", nil, map[string]provider.Token{"vault": {Token: "pod-vault-token"}}, provider.ErrPermissionDenied},
+		{"no token for the admin's audience", nil, map[string]provider.Token{"vault": tokens["vault"]}, provider.ErrPermissionDenied},
+		{"a token of another service account", nil, map[string]provider.Token{"sts.amazonaws.com": {Token: standin.Token("team-a", "admin", "u", "sts.amazonaws.com")}}, provider.ErrPermissionDenied},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			params := map[string]string{RoleArnParam: "arn:aws:iam::1:role/r", STSEndpointParam: sts.URL, ObjectsParam: sessionAndSecret}
@@ -45,7 +48,7 @@ func TestChecksBeforeAnySession(t *testing.T) {
 				params[ObjectsParam] = "- {objectName: db, objectType: secretsmanager}"
 			}
 			_, err := p.Issue(context.Background(), provider.Request{LeaseID: "l", Params: params, Tokens: tc.tokens,
-				Pod: provider.Pod{Namespace: "team-a", Name: "p", ServiceAccount: "sa"}})
+				Pod: pod})
 			if !errors.Is(err, tc.want) {
 				t.Fatalf("err = %v, want %v", err, tc.want)
 			}
@@ -56,7 +59,7 @@ func TestChecksBeforeAnySession(t *testing.T) {
 	}
 	// The same class with everything allowed does reach STS: the listener
 	// can see a call.
-	_, err = p.Issue(context.Background(), provider.Request{LeaseID: "l", Tokens: tokens, Params: map[string]string{
+	_, err = p.Issue(context.Background(), provider.Request{LeaseID: "l", Tokens: tokens, Pod: pod, Params: map[string]string{
 		RoleArnParam: "arn:aws:iam::1:role/r", STSEndpointParam: sts.URL, ObjectsParam: sessionAndSecret}})
 	if !errors.Is(err, provider.ErrPermissionDenied) || calls() == 0 {
 		t.Fatalf("an allowed class: %v after %d calls, want STS's refusal", err, calls())
@@ -69,7 +72,8 @@ func TestEndpointTrustIsTheAdmins(t *testing.T) {
 	srv := standin.New(t, true)
 	calls := func() int { _, r, _ := srv.Seen(); return r }
 	ca := srv.CAFile
-	req := provider.Request{LeaseID: "l", Tokens: map[string]provider.Token{"sts.amazonaws.com": {Token: "pod-sts-token"}},
+	req := provider.Request{LeaseID: "l", Pod: provider.Pod{Namespace: "team-a", Name: "p", UID: "u", ServiceAccount: "sa"},
+		Tokens: map[string]provider.Token{"sts.amazonaws.com": {Token: standin.Token("team-a", "sa", "u", "sts.amazonaws.com")}},
 		Params: map[string]string{STSEndpointParam: srv.URL, ObjectsParam: "- {objectName: s, objectType: sts, roleArn: 'arn:aws:iam::1:role/r'}"}}
 
 	unverified, err := New(Config{Region: "us-east-1", Endpoints: []string{srv.URL}})

@@ -29,8 +29,9 @@ func issueReq(params map[string]string) provider.Request {
 	}
 	return provider.Request{
 		LeaseID: "l-1", Class: "team-a/c", Params: p,
-		Pod:    provider.Pod{Namespace: "team-a", Name: "p", UID: "u", ServiceAccount: "sa"},
-		Tokens: map[string]provider.Token{"vault": {Token: "pod-vault-token"}, "sts.amazonaws.com": {Token: "pod-sts-token"}},
+		Pod: provider.Pod{Namespace: "team-a", Name: "p", UID: "u", ServiceAccount: "sa"},
+		Tokens: map[string]provider.Token{"vault": {Token: standin.Token("team-a", "sa", "u", "vault")},
+			"sts.amazonaws.com": {Token: standin.Token("team-a", "sa", "u", "sts.amazonaws.com")}},
 	}
 }
 

@@ -99,16 +99,15 @@ func (p *Provider) Issue(ctx context.Context, req provider.Request) (provider.Le
 	if err := p.checkClass(c, req.Pod.Namespace); err != nil {
 		return provider.Lease{}, err
 	}
-	jwt, ok := req.Tokens[p.cfg.Audience]
-	if !ok || jwt.Token == "" {
-		return provider.Lease{}, fmt.Errorf("%w: no service-account token for audience %q (add it to the CSIDriver's tokenRequests)",
-			provider.ErrPermissionDenied, p.cfg.Audience)
+	jwt, err := provider.PodToken(req, p.cfg.Audience)
+	if err != nil {
+		return provider.Lease{}, err
 	}
 	cl, err := p.client(c, "")
 	if err != nil {
 		return provider.Lease{}, err
 	}
-	login, err := cl.Logical().WriteWithContext(ctx, "auth/"+c.authMount+"/login", map[string]any{"role": c.role, "jwt": jwt.Token})
+	login, err := cl.Logical().WriteWithContext(ctx, "auth/"+c.authMount+"/login", map[string]any{"role": c.role, "jwt": jwt})
 	if err != nil {
 		return provider.Lease{}, classify(err, "login", true)
 	}
