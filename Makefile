@@ -185,6 +185,7 @@ fuzz:
 	$(GO) test ./pkg/spc -run '^$$' -fuzz '^FuzzParseVolumeContext$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./pkg/spc -run '^$$' -fuzz '^FuzzParseClasses$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./pkg/render -run '^$$' -fuzz '^FuzzParseSpec$$' -fuzztime $(FUZZTIME)
+	$(GO) test ./pkg/render -run '^$$' -fuzz '^FuzzRenderIsBounded$$' -fuzztime $(FUZZTIME)
 
 clean:
 	rm -rf bin bench-results.json

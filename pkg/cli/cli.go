@@ -28,9 +28,11 @@ import (
 	"github.com/ephemeral-secrets/csi-driver/pkg/driver"
 	"github.com/ephemeral-secrets/csi-driver/pkg/events"
 	"github.com/ephemeral-secrets/csi-driver/pkg/lease"
+	"github.com/ephemeral-secrets/csi-driver/pkg/limits"
 	"github.com/ephemeral-secrets/csi-driver/pkg/metrics"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
 	"github.com/ephemeral-secrets/csi-driver/pkg/registration"
+	"github.com/ephemeral-secrets/csi-driver/pkg/render"
 	"github.com/ephemeral-secrets/csi-driver/pkg/spc"
 	"github.com/ephemeral-secrets/csi-driver/pkg/storage"
 )
@@ -69,6 +71,8 @@ type serveFlags struct {
 	maxVolumeBytes                                                      int64
 	sweep, retryMin, retryMax, backendTimeout, rotationGrace            time.Duration
 	renewFraction                                                       float64
+	tokensInSecrets                                                     bool
+	limits                                                              limits.Options
 }
 
 func serve(version string, args []string, extra []Register) error {
@@ -94,6 +98,12 @@ func serve(version string, args []string, extra []Register) error {
 	fs.StringVar(&f.registrationDir, "registration-dir", "", "kubelet's plugins_registry directory as mounted here: the driver registers itself with kubelet there; empty: no registration (node-driver-registrar's job)")
 	fs.StringVar(&f.registrationPath, "kubelet-registration-path", "", "the CSI socket's path on the host, as kubelet dials it (default <kubelet-dir>/plugins/"+driver.Name+"/csi.sock)")
 	fs.StringVar(&f.metricsAddr, "metrics-address", ":9810", "where /metrics, /healthz and /readyz are served; empty: nowhere")
+	fs.BoolVar(&f.tokensInSecrets, "tokens-in-secrets", true, "kubelet passes service-account tokens in the request's secrets "+
+		"(the CSIDriver's serviceAccountTokenInSecrets); false: in the volume context. Tokens anywhere else are refused")
+	fs.IntVar(&f.limits.PerNamespace, "max-leases-per-namespace", 0, "live credentials one namespace may hold on the node; 0: no cap")
+	fs.IntVar(&f.limits.PerNode, "max-leases-per-node", 0, "live credentials the node may hold; 0: no cap")
+	fs.Float64Var(&f.limits.Rate, "publish-rate-per-namespace", 0, "new volumes per second one namespace may start on the node; 0: no limit")
+	fs.IntVar(&f.limits.Burst, "publish-burst-per-namespace", 0, "bursts allowed above that rate (default: the rate, at least 1)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -169,13 +179,21 @@ func serve(version string, args []string, extra []Register) error {
 		VerifyTarget:  targets.CheckNoSymlinks,
 		RenewFraction: f.renewFraction, RetryMin: f.retryMin, RetryMax: f.retryMax, RotationGrace: f.rotationGrace,
 		BackendTimeout: f.backendTimeout, SweepInterval: f.sweep,
+		Render: render.Limits{MaxBytes: f.maxVolumeBytes},
 	})
 	defer mgr.Close()
 	l, err := driver.Listen(f.endpoint)
 	if err != nil {
 		return err
 	}
-	d := driver.New(driver.Options{NodeID: f.nodeID, Version: version, Leases: mgr, Targets: targets, Metrics: m, Events: sink})
+	lo := f.limits
+	lo.Metrics = m
+	tokens := spc.TokensFromSecrets
+	if !f.tokensInSecrets {
+		tokens = spc.TokensFromVolumeContext
+	}
+	d := driver.New(driver.Options{NodeID: f.nodeID, Version: version, Leases: mgr, Targets: targets, Metrics: m, Events: sink, Tokens: tokens,
+		Admission: limits.New(mgr, lo)})
 	var healthy func() error
 	if f.registrationDir != "" {
 		if f.registrationPath == "" {

@@ -21,6 +21,7 @@ import (
 	"github.com/ephemeral-secrets/csi-driver/pkg/events"
 	"github.com/ephemeral-secrets/csi-driver/pkg/lease"
 	"github.com/ephemeral-secrets/csi-driver/pkg/metrics"
+	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
 	"github.com/ephemeral-secrets/csi-driver/pkg/spc"
 	"github.com/ephemeral-secrets/csi-driver/pkg/storage"
 )
@@ -33,6 +34,9 @@ type Lifecycle interface {
 	Publish(ctx context.Context, v lease.Volume) error
 	Unpublish(ctx context.Context, volumeID, target string) error
 	Ready() bool
+	// Published reports whether the volume is published: a publish of it
+	// is a republish.
+	Published(volumeID string) bool
 }
 
 var _ Lifecycle = (*lease.Manager)(nil)
@@ -48,6 +52,19 @@ type Options struct {
 	// Events receives a warning for the pod of each failed publish; nil
 	// sends none.
 	Events events.Sink
+	// Tokens is where kubelet puts the pod's service-account tokens (the
+	// zero value: in secrets, as the CSIDriver's serviceAccountTokenInSecrets
+	// says); the same key anywhere else is the pod's and refused.
+	Tokens spc.TokenSource
+	// Admission admits or refuses new publishes (the admin's per-tenant
+	// limits); nil admits all.
+	Admission Admission
+}
+
+// Admission decides whether a publish may go ahead; done is called once
+// it has finished. A republish must always be admitted.
+type Admission interface {
+	Admit(volumeID string, pod provider.Pod) (done func(), err error)
 }
 
 // Driver implements csi.IdentityServer and csi.NodeServer.
@@ -133,14 +150,33 @@ func (d *Driver) NodeGetInfo(context.Context, *csi.NodeGetInfoRequest) (*csi.Nod
 // NodePublishVolume implements csi.NodeServer: validate, delegate, map errors.
 func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolumeRequest) (*csi.NodePublishVolumeResponse, error) {
 	v, err := d.volumeFor(req)
+	if err != nil && d.opts.Leases.Published(req.GetVolumeId()) {
+		// A republish the first publish's checks would now refuse (the
+		// tokens moved to where they are not expected, say) is not worth
+		// tearing down a running pod's mount: never a final code.
+		err = fmt.Errorf("%w: republish: %w", provider.ErrUnavailable, err)
+	}
 	if err == nil {
-		err = d.opts.Leases.Publish(ctx, v)
+		err = d.publish(ctx, v)
 	}
 	if err != nil {
 		d.warn(v, err)
 		return nil, toStatus(err)
 	}
 	return &csi.NodePublishVolumeResponse{}, nil
+}
+
+// publish admits the publish, then hands it to the lease manager.
+func (d *Driver) publish(ctx context.Context, v lease.Volume) error {
+	if d.opts.Admission == nil {
+		return d.opts.Leases.Publish(ctx, v)
+	}
+	done, err := d.opts.Admission.Admit(v.ID, v.Mount.Pod)
+	if err != nil {
+		return err
+	}
+	defer done()
+	return d.opts.Leases.Publish(ctx, v)
 }
 
 // NodeUnpublishVolume implements csi.NodeServer. Unknown volumes are fine:
@@ -173,7 +209,7 @@ func (d *Driver) volumeFor(req *csi.NodePublishVolumeRequest) (lease.Volume, err
 	case !req.GetReadonly():
 		return v, fmt.Errorf("%w: the volume must be read-only (readOnly: true in the pod's volume)", errInvalid)
 	}
-	mnt, err := spc.ParseVolumeContext(req.GetVolumeContext(), req.GetSecrets())
+	mnt, err := spc.ParseVolumeContext(req.GetVolumeContext(), req.GetSecrets(), d.opts.Tokens)
 	v.Mount = mnt // the pod, if known, for the event of a failure
 	if err != nil {
 		return v, err

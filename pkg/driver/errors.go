@@ -12,6 +12,7 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/ephemeral-secrets/csi-driver/pkg/lease"
+	"github.com/ephemeral-secrets/csi-driver/pkg/limits"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
 	"github.com/ephemeral-secrets/csi-driver/pkg/render"
 	"github.com/ephemeral-secrets/csi-driver/pkg/spc"
@@ -50,7 +51,8 @@ func codeFor(err error) codes.Code {
 		return codes.NotFound
 	case errors.Is(err, lease.ErrIncompatible):
 		return codes.AlreadyExists
-	case errors.Is(err, storage.ErrTooLarge):
+	case errors.Is(err, storage.ErrTooLarge),
+		errors.Is(err, limits.ErrLimited):
 		return codes.ResourceExhausted
 	case errors.Is(err, provider.ErrMisconfigured):
 		return codes.FailedPrecondition
@@ -80,7 +82,10 @@ func (d *Driver) warn(v lease.Volume, err error) {
 		return
 	}
 	reason, ok := reasons[codeFor(err)]
-	if !ok {
+	switch {
+	case errors.Is(err, limits.ErrLimited):
+		reason = "TenantLimitReached"
+	case !ok:
 		reason = "PublishFailed"
 	}
 	msg := "ephemeral-secrets: " + err.Error()

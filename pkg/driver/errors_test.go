@@ -9,6 +9,7 @@ import (
 	"google.golang.org/grpc/codes"
 
 	"github.com/ephemeral-secrets/csi-driver/pkg/lease"
+	"github.com/ephemeral-secrets/csi-driver/pkg/limits"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
 	"github.com/ephemeral-secrets/csi-driver/pkg/render"
 	"github.com/ephemeral-secrets/csi-driver/pkg/spc"
@@ -33,6 +34,8 @@ func TestCodeFor(t *testing.T) {
 		{wrap(provider.ErrNotFound), codes.NotFound},
 		{wrap(lease.ErrIncompatible), codes.AlreadyExists},
 		{wrap(storage.ErrTooLarge), codes.ResourceExhausted},
+		{wrap(limits.ErrLimited), codes.ResourceExhausted},
+		{fmt.Errorf("%w: %w", render.ErrInvalidSpec, render.ErrBudget), codes.InvalidArgument},
 		{wrap(provider.ErrMisconfigured), codes.FailedPrecondition},
 		{wrap(provider.ErrUnavailable), codes.Unavailable},
 		{wrap(lease.ErrNotReady), codes.Unavailable},

@@ -78,6 +78,8 @@ type Options struct {
 	VerifyTarget func(target string) error
 	// Metrics counts lease operations; nil counts nothing.
 	Metrics *metrics.Metrics
+	// Render bounds the rendering of a volume's files (zero: the defaults).
+	Render render.Limits
 }
 
 // Volume is what NodePublishVolume asks for, validated by the caller.
@@ -282,7 +284,7 @@ func (m *Manager) publishNew(ctx context.Context, v Volume) error {
 		return fail(fmt.Errorf("%w: class %s names provider %q; this driver has %s", ErrUnknownProvider,
 			class.Ref(), class.Provider, strings.Join(m.opts.Providers.Names(), ", ")))
 	}
-	spec, err := render.ParseSpec(class.Parameters)
+	spec, err := render.ParseSpecWithin(class.Parameters, m.opts.Render)
 	if err != nil {
 		return fail(fmt.Errorf("class %s: %w", class.Ref(), err))
 	}

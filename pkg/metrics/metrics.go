@@ -53,6 +53,7 @@ type Metrics struct {
 	authFailures *prometheus.CounterVec
 	kubeRequests *prometheus.CounterVec
 	firstSeen    *prometheus.CounterVec
+	refusals     *prometheus.CounterVec
 }
 
 // New returns Metrics whose gauges are read from state at each scrape.
@@ -81,7 +82,11 @@ func New(state func() State) *Metrics {
 		Namespace: namespace, Name: "first_seen_requests_total",
 		Help: "Requests from a namespace/service account for a class it never asked for on this node before.",
 	}, []string{"namespace"})
-	m.reg.MustRegister(m.rpc, m.leaseOps, m.authFailures, m.kubeRequests, m.firstSeen, &stateCollector{state: state},
+	m.refusals = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: namespace, Name: "publish_refusals_total",
+		Help: "New publishes refused by the admin's limits, by namespace and limit (namespace_leases, node_leases, publish_rate).",
+	}, []string{"namespace", "limit"})
+	m.reg.MustRegister(m.rpc, m.leaseOps, m.authFailures, m.kubeRequests, m.firstSeen, m.refusals, &stateCollector{state: state},
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
@@ -116,6 +121,14 @@ func (m *Metrics) FirstSeen(namespace string) {
 		return
 	}
 	m.firstSeen.WithLabelValues(namespace).Inc()
+}
+
+// Refusal records a publish refused by one of the admin's limits.
+func (m *Metrics) Refusal(namespace, limit string) {
+	if m == nil {
+		return
+	}
+	m.refusals.WithLabelValues(namespace, limit).Inc()
 }
 
 // CountRequests wraps an HTTP transport so that every Kubernetes API

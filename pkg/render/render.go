@@ -34,10 +34,6 @@ const DefaultMode os.FileMode = 0o440
 // MaxFiles bounds how many files one volume may hold.
 const MaxFiles = 64
 
-// MaxTemplateOutput bounds what one template may produce; execution stops
-// there (the volume's own size cap is checked later, on all files).
-const MaxTemplateOutput = 4 << 20
-
 // ErrInvalidSpec means the class's file parameters are wrong.
 var ErrInvalidSpec = errors.New("invalid file specification")
 
@@ -61,12 +57,20 @@ type FileSpec struct {
 type Spec struct {
 	Files       []FileSpec
 	DefaultMode os.FileMode
+	limits      Limits
 }
 
-// ParseSpec reads and checks the render parameters of a class. With no
-// "files" parameter every lease value becomes a file named after it.
+// ParseSpec reads and checks the render parameters of a class, to be
+// rendered within the default Limits.
 func ParseSpec(params map[string]string) (*Spec, error) {
-	s := &Spec{DefaultMode: DefaultMode}
+	return ParseSpecWithin(params, Limits{})
+}
+
+// ParseSpecWithin reads and checks the render parameters of a class, to be
+// rendered within limits (zero fields take the defaults). With no "files"
+// parameter every lease value becomes a file named after it.
+func ParseSpecWithin(params map[string]string, limits Limits) (*Spec, error) {
+	s := &Spec{DefaultMode: DefaultMode, limits: limits.withDefaults()}
 	if m, ok := params[FileModeParam]; ok {
 		mode, err := parseMode(m)
 		if err != nil {
@@ -124,6 +128,9 @@ func ParseSpec(params map[string]string) (*Spec, error) {
 				// class author could stall the node's driver.
 				return nil, fmt.Errorf("%w: files[%d] (%s): template: define, template and block are not allowed", ErrInvalidSpec, i, f.Path)
 			}
+			if err := bound(t.Tree.Root, s.limits); err != nil {
+				return nil, fmt.Errorf("files[%d] (%s): template: %w", i, f.Path, err)
+			}
 			f.tmpl = t
 		}
 	}
@@ -163,21 +170,6 @@ func callsTemplate(n parse.Node) bool {
 	return false
 }
 
-// limitedBuffer fails writes past max, which stops a template's execution.
-type limitedBuffer struct {
-	bytes.Buffer
-	max  int
-	full bool
-}
-
-func (b *limitedBuffer) Write(p []byte) (int, error) {
-	if b.Len()+len(p) > b.max {
-		b.full = true
-		return 0, errors.New("output limit")
-	}
-	return b.Buffer.Write(p)
-}
-
 func parseMode(s string) (os.FileMode, error) {
 	v, err := strconv.ParseUint(s, 8, 32)
 	if err != nil || v > 0o777 {
@@ -186,8 +178,12 @@ func parseMode(s string) (os.FileMode, error) {
 	return os.FileMode(v), nil
 }
 
-// Render makes the files for lease l. Errors never quote a value.
+// Render makes the files for lease l within the spec's Limits: past the
+// byte cap (all files together) storage.ErrTooLarge, past the steps or
+// time ErrInvalidSpec, both before anything larger than the cap is built.
+// Errors never quote a value.
 func (s *Spec) Render(l provider.Lease) ([]storage.File, error) {
+	r := newRun(s.limits)
 	data := make(map[string]string, len(l.Values)+len(l.Info)+2)
 	for k, v := range l.Info {
 		data[k] = v
@@ -205,6 +201,9 @@ func (s *Spec) Render(l provider.Lease) ([]storage.File, error) {
 			if err := storage.ValidatePath(k); err != nil {
 				return nil, fmt.Errorf("%w: value name: %v", ErrInvalidSpec, err)
 			}
+			if err := r.wrote(len(l.Values[k])); err != nil {
+				return nil, sizeError(k, s.limits)
+			}
 			files = append(files, storage.File{Path: k, Mode: s.DefaultMode, Data: []byte(l.Values[k])})
 		}
 		return files, nil
@@ -218,16 +217,18 @@ func (s *Spec) Render(l provider.Lease) ([]storage.File, error) {
 			if !ok {
 				return nil, fmt.Errorf("%w: %s: the lease has no value %q (it has %s)", ErrInvalidSpec, f.Path, f.Value, strings.Join(sortedKeys(data), ", "))
 			}
+			if err := r.wrote(len(v)); err != nil {
+				return nil, sizeError(f.Path, s.limits)
+			}
 			out = []byte(v)
 		case f.tmpl != nil:
-			b := &limitedBuffer{max: MaxTemplateOutput}
-			if err := f.tmpl.Execute(b, data); err != nil {
-				if b.full {
-					return nil, fmt.Errorf("%w: %s: template output exceeds %d bytes", ErrInvalidSpec, f.Path, MaxTemplateOutput)
+			var err error
+			if out, err = execute(f, data, r); err != nil {
+				if errors.Is(err, errBytes) {
+					return nil, sizeError(f.Path, s.limits)
 				}
-				return nil, fmt.Errorf("%w: %s: template: %v", ErrInvalidSpec, f.Path, templateError(err))
+				return nil, fmt.Errorf("%w: %s: template: %w", ErrInvalidSpec, f.Path, templateError(err))
 			}
-			out = b.Bytes()
 		case f.Format == "env":
 			out = envFile(data)
 		case f.Format == "json":
@@ -237,23 +238,49 @@ func (s *Spec) Render(l provider.Lease) ([]storage.File, error) {
 			}
 			out = append(b, '\n')
 		}
+		if f.tmpl == nil && f.Format != "" {
+			// At most one such file (bounded by the lease's own values)
+			// is built past the cap before this stops the rest.
+			if err := r.wrote(len(out)); err != nil {
+				return nil, sizeError(f.Path, s.limits)
+			}
+		}
 		files = append(files, storage.File{Path: f.Path, Mode: f.mode, Data: out})
 	}
 	return files, nil
 }
 
+// execute runs one file's template under budget r.
+func execute(f FileSpec, data map[string]string, r *run) ([]byte, error) {
+	t, err := f.tmpl.Clone()
+	if err != nil {
+		return nil, err
+	}
+	w := &writer{r: r}
+	if err := t.Funcs(r.funcs()).Execute(w, data); err != nil {
+		return nil, err
+	}
+	return w.Bytes(), nil
+}
+
 // templateError keeps the location of a template failure and drops
 // anything that could carry a value.
-func templateError(err error) string {
+func templateError(err error) error {
+	// Our own refusals (a budget, a printf format) say why, never a value.
+	for u := err; u != nil; u = errors.Unwrap(u) {
+		if inner := errors.Unwrap(u); inner == ErrBudget || inner == ErrInvalidSpec {
+			return u
+		}
+	}
 	var ee template.ExecError
 	if errors.As(err, &ee) {
 		msg := ee.Err.Error()
 		if i := strings.Index(msg, ": "); i > 0 && strings.Contains(msg, "map has no entry for key") {
-			return msg[i+2:]
+			return errors.New(msg[i+2:])
 		}
-		return "execution failed at " + ee.Name
+		return errors.New("execution failed at " + ee.Name)
 	}
-	return "execution failed"
+	return errors.New("execution failed")
 }
 
 func envFile(data map[string]string) []byte {

@@ -129,7 +129,7 @@ func TestTemplateOutputIsBounded(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := s.Render(lease); !errors.Is(err, ErrInvalidSpec) || !strings.Contains(err.Error(), "exceeds") {
+	if _, err := s.Render(lease); !errors.Is(err, storage.ErrTooLarge) || !strings.Contains(err.Error(), "exceed") {
 		t.Fatalf("unbounded output: %v", err)
 	}
 }

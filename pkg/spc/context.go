@@ -33,6 +33,21 @@ var kubeletKeys = map[string]bool{
 	ServiceAccountKey: true, EphemeralKey: true, TokensKey: true,
 }
 
+// TokenSource is where kubelet puts the pod's service-account tokens (the
+// CSIDriver's tokenRequests): in the request's secrets when the CSIDriver
+// sets serviceAccountTokenInSecrets (as deploy/ does), else in the volume
+// context. Kubelet overwrites the key in that one place only; the same key
+// in the other place came from the pod (its volumeAttributes, or a Secret
+// its nodePublishSecretRef names) and is refused: a pod cannot choose the
+// token the driver presents.
+type TokenSource int
+
+// Token sources.
+const (
+	TokensFromSecrets TokenSource = iota
+	TokensFromVolumeContext
+)
+
 // Mount is what a volume context asks for, parsed and checked.
 type Mount struct {
 	Class  string
@@ -41,10 +56,10 @@ type Mount struct {
 }
 
 // ParseVolumeContext reads the pod identity and class name from a
-// NodePublishVolume volume_context, and the service-account tokens from it
-// or, when kubelet puts them there (serviceAccountTokenInSecrets), from
-// secrets. Errors wrap ErrInvalidContext and never quote a token.
-func ParseVolumeContext(vc, secrets map[string]string) (Mount, error) {
+// NodePublishVolume volume_context, and the service-account tokens from
+// where src says kubelet puts them. Errors wrap ErrInvalidContext and
+// never quote a token.
+func ParseVolumeContext(vc, secrets map[string]string, src TokenSource) (Mount, error) {
 	var m Mount
 	keys := make([]string, 0, len(vc))
 	for k := range vc {
@@ -84,9 +99,14 @@ func ParseVolumeContext(vc, secrets map[string]string) (Mount, error) {
 	if e, ok := vc[EphemeralKey]; ok && e != "true" && e != "false" {
 		return m, fmt.Errorf("%w: %q must be true or false", ErrInvalidContext, EphemeralKey)
 	}
-	raw := vc[TokensKey]
-	if raw == "" {
-		raw = secrets[TokensKey]
+	raw, forged := secrets[TokensKey], vc
+	where := "volume attributes (kubelet passes them in the request's secrets: serviceAccountTokenInSecrets)"
+	if src == TokensFromVolumeContext {
+		raw, forged = vc[TokensKey], secrets
+		where = "a nodePublishSecretRef Secret (kubelet passes them in the volume context)"
+	}
+	if _, ok := forged[TokensKey]; ok {
+		return m, fmt.Errorf("%w: %q set in %s: a pod cannot supply its own service-account token", ErrInvalidContext, TokensKey, where)
 	}
 	if raw != "" {
 		if err := json.Unmarshal([]byte(raw), &m.Tokens); err != nil {

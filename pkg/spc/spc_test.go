@@ -21,7 +21,7 @@ func kubeletContext() map[string]string {
 }
 
 func TestParseVolumeContext(t *testing.T) {
-	m, err := ParseVolumeContext(kubeletContext(), nil)
+	m, err := ParseVolumeContext(kubeletContext(), nil, TokensFromVolumeContext)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -35,8 +35,28 @@ func TestParseVolumeContext(t *testing.T) {
 	vc := kubeletContext()
 	secrets := map[string]string{TokensKey: vc[TokensKey]}
 	delete(vc, TokensKey)
-	if m, err := ParseVolumeContext(vc, secrets); err != nil || m.Tokens["vault"].Token != "SECRET-TOKEN-VALUE" {
+	if m, err := ParseVolumeContext(vc, secrets, TokensFromSecrets); err != nil || m.Tokens["vault"].Token != "SECRET-TOKEN-VALUE" {
 		t.Fatalf("tokens from secrets: %+v %v", m.Tokens, err)
+	}
+}
+
+// A token the pod supplies (in its volumeAttributes, or in a Secret its
+// nodePublishSecretRef names) is refused, whichever place kubelet uses.
+func TestPodCannotSupplyItsToken(t *testing.T) {
+	forged := `{"vault":{"token":"SECRET-FORGED-TOKEN"}}`
+	vc := kubeletContext() // a pod's attribute, kubelet's tokens in secrets
+	secrets := map[string]string{TokensKey: vc[TokensKey]}
+	vc[TokensKey] = forged
+	if _, err := ParseVolumeContext(vc, secrets, TokensFromSecrets); !errors.Is(err, ErrInvalidContext) || strings.Contains(err.Error(), "SECRET-") {
+		t.Errorf("token in the pod's attributes: %v", err)
+	}
+	delete(secrets, TokensKey) // no tokenRequests: only the pod's
+	if _, err := ParseVolumeContext(vc, secrets, TokensFromSecrets); !errors.Is(err, ErrInvalidContext) {
+		t.Errorf("token only in the pod's attributes: %v", err)
+	}
+	vc = kubeletContext() // kubelet's in the context, the pod's Secret in secrets
+	if _, err := ParseVolumeContext(vc, map[string]string{TokensKey: forged}, TokensFromVolumeContext); !errors.Is(err, ErrInvalidContext) {
+		t.Errorf("token in a nodePublishSecretRef: %v", err)
 	}
 }
 
@@ -56,7 +76,7 @@ func TestParseVolumeContextRejects(t *testing.T) {
 	} {
 		vc := kubeletContext()
 		mutate(vc)
-		_, err := ParseVolumeContext(vc, nil)
+		_, err := ParseVolumeContext(vc, nil, TokensFromVolumeContext)
 		if !errors.Is(err, ErrInvalidContext) {
 			t.Errorf("%s: %v, want ErrInvalidContext", name, err)
 		}
@@ -78,7 +98,7 @@ func FuzzParseVolumeContext(f *testing.F) {
 		if k != "" {
 			vc[k] = v
 		}
-		m, err := ParseVolumeContext(vc, nil)
+		m, err := ParseVolumeContext(vc, nil, TokensFromVolumeContext)
 		if err != nil {
 			if len(tokens) > 8 && strings.Contains(err.Error(), tokens) {
 				t.Fatalf("error quotes the tokens: %v", err)

@@ -42,9 +42,13 @@ func NewPod(namespace, name, serviceAccount string) Pod {
 type Kubelet struct {
 	Dir  string
 	Node csi.NodeClient
-	// TokensInSecrets passes service-account tokens in the request's
-	// secrets, as kubelet does for a CSIDriver with
-	// serviceAccountTokenInSecrets, instead of in volume_context.
+	// TokensInVolumeContext passes service-account tokens in
+	// volume_context, as kubelet does for a CSIDriver without
+	// serviceAccountTokenInSecrets (the driver's --tokens-in-secrets=false).
+	// By default they go in the request's secrets, as deploy/ sets it.
+	TokensInVolumeContext bool
+	// TokensInSecrets is the default; kept so that callers setting it
+	// still build.
 	TokensInSecrets bool
 	conn            *grpc.ClientConn
 }
@@ -110,19 +114,20 @@ func (k *Kubelet) PublishRequest(pod Pod, v Volume) (*csi.NodePublishVolumeReque
 	vc["csi.storage.k8s.io/pod.uid"] = pod.UID
 	vc["csi.storage.k8s.io/serviceAccount.name"] = pod.ServiceAccount
 	vc["csi.storage.k8s.io/ephemeral"] = "true"
+	// As kubelet does: the pod's attributes first, then its own keys; the
+	// tokens go in the volume context or, with serviceAccountTokenInSecrets,
+	// in secrets (leaving whatever the pod put in its attributes).
+	var secrets map[string]string
 	if len(pod.Tokens) > 0 {
 		toks := map[string]any{}
 		for aud, tok := range pod.Tokens {
 			toks[aud] = map[string]string{"token": tok, "expirationTimestamp": time.Now().Add(time.Hour).UTC().Format(time.RFC3339)}
 		}
 		b, _ := json.Marshal(toks)
-		vc["csi.storage.k8s.io/serviceAccount.tokens"] = string(b)
-	}
-	var secrets map[string]string
-	if k.TokensInSecrets {
-		if t, ok := vc["csi.storage.k8s.io/serviceAccount.tokens"]; ok {
-			secrets = map[string]string{"csi.storage.k8s.io/serviceAccount.tokens": t}
-			delete(vc, "csi.storage.k8s.io/serviceAccount.tokens")
+		if k.TokensInVolumeContext {
+			vc["csi.storage.k8s.io/serviceAccount.tokens"] = string(b)
+		} else {
+			secrets = map[string]string{"csi.storage.k8s.io/serviceAccount.tokens": string(b)}
 		}
 	}
 	return &csi.NodePublishVolumeRequest{

@@ -21,6 +21,7 @@ import (
 	"time"
 
 	"github.com/aws/aws-sdk-go-v2/aws"
+	awshttp "github.com/aws/aws-sdk-go-v2/aws/transport/http"
 	"github.com/aws/aws-sdk-go-v2/config"
 	"github.com/aws/aws-sdk-go-v2/credentials"
 	"github.com/aws/aws-sdk-go-v2/service/secretsmanager"
@@ -47,12 +48,23 @@ type Config struct {
 	// AllowNodeCredentials lets sts objects assume roles with the node's
 	// own credentials (assumeWith: node).
 	AllowNodeCredentials bool `json:"allowNodeCredentials,omitempty"`
+	// Audience of the pod's service-account token sent to STS (default
+	// "sts.amazonaws.com"); a class cannot choose another.
+	Audience string `json:"audience,omitempty"`
+	// TLS is the trust material of endpoints (keyed by endpoint, one of
+	// Endpoints); others are verified against the system's roots.
+	TLS map[string]provider.TLS `json:"tls,omitempty"`
 }
+
+// DefaultAudience is the audience of the pod's token for STS when the
+// admin names none.
+const DefaultAudience = "sts.amazonaws.com"
 
 // Provider implements provider.Provider for AWS.
 type Provider struct {
-	cfg Config
-	now func() time.Time
+	cfg     Config
+	clients map[string]*awshttp.BuildableClient // by endpoint, with the admin's TLS
+	now     func() time.Time
 }
 
 var _ provider.Provider = (*Provider)(nil)
@@ -65,7 +77,33 @@ func New(cfg Config) (*Provider, error) {
 		}
 		cfg.Endpoints[i] = strings.TrimRight(e, "/")
 	}
-	return &Provider{cfg: cfg, now: time.Now}, nil
+	if cfg.Audience == "" {
+		cfg.Audience = DefaultAudience
+	}
+	clients := map[string]*awshttp.BuildableClient{}
+	for e, t := range cfg.TLS {
+		e = strings.TrimRight(e, "/")
+		if !slices.Contains(cfg.Endpoints, e) {
+			return nil, fmt.Errorf("aws: tls: %q is not one of the endpoints", e)
+		}
+		tc, err := t.Config("aws: tls of " + e)
+		if err != nil {
+			return nil, err
+		}
+		clients[e] = awshttp.NewBuildableClient().WithTransportOptions(func(tr *http.Transport) { tr.TLSClientConfig = tc })
+	}
+	return &Provider{cfg: cfg, clients: clients, now: time.Now}, nil
+}
+
+// httpOr is the HTTP client for an endpoint: with the admin's TLS for it,
+// or def (the SDK's, verified against the system's roots).
+func (p *Provider) httpOr(endpoint *string, def sts.HTTPClient) sts.HTTPClient {
+	if endpoint != nil {
+		if c, ok := p.clients[*endpoint]; ok {
+			return c
+		}
+	}
+	return def
 }
 
 func (p *Provider) endpoint(e string) (*string, error) {
@@ -88,25 +126,61 @@ func sessionName(req provider.Request) string {
 	return s
 }
 
+// endpoints are the class's endpoints, each checked against the admin's list.
+type endpoints struct{ sts, sm, ssm *string }
+
+// check refuses, before any AWS call, everything of a class the admin's
+// configuration does not allow: another audience, an endpoint off the
+// list, a session from the node's credentials, a missing roleArn or
+// token. Nothing is minted for a class that fails any of them.
+func (p *Provider) check(c classParams, req provider.Request) (endpoints, string, error) {
+	var ep endpoints
+	if c.audience != "" && c.audience != p.cfg.Audience {
+		return ep, "", fmt.Errorf("%w: %s: the pod's token for STS has the audience the admin configured (%q); a class cannot choose another",
+			provider.ErrInvalidParameters, AudienceParam, p.cfg.Audience)
+	}
+	var err error
+	for _, e := range []struct {
+		dst **string
+		v   string
+	}{{&ep.sts, c.stsEndpoint}, {&ep.sm, c.smEndpoint}, {&ep.ssm, c.ssmEndpoint}} {
+		if *e.dst, err = p.endpoint(e.v); err != nil {
+			return ep, "", err
+		}
+	}
+	needToken := c.hasSecrets()
+	for _, o := range c.objects {
+		switch {
+		case o.ObjectType != TypeSTS:
+		case o.AssumeWith == "node" && !p.cfg.AllowNodeCredentials:
+			return ep, "", fmt.Errorf("%w: %s: the admin does not allow sessions from the node's credentials", provider.ErrPermissionDenied, o.ObjectName)
+		case o.AssumeWith != "node":
+			needToken = true
+		}
+	}
+	if c.hasSecrets() && c.roleArn == "" {
+		return ep, "", fmt.Errorf("%w: %s is required to read Secrets Manager or SSM", provider.ErrInvalidParameters, RoleArnParam)
+	}
+	if !needToken {
+		return ep, "", nil
+	}
+	jwt, err := provider.PodToken(req, p.cfg.Audience)
+	return ep, jwt, err
+}
+
 // Issue mints the class's sts sessions and reads its secrets.
 func (p *Provider) Issue(ctx context.Context, req provider.Request) (provider.Lease, error) {
 	c, err := parseParams(req.Params, p.cfg.Region)
 	if err != nil {
 		return provider.Lease{}, err
 	}
-	stsEP, err := p.endpoint(c.stsEndpoint)
+	ep, jwt, err := p.check(c, req)
 	if err != nil {
 		return provider.Lease{}, err
 	}
+	stsEP := ep.sts
 	base := aws.Config{Region: c.region, Credentials: aws.AnonymousCredentials{}}
-	stsAnon := sts.NewFromConfig(base, func(o *sts.Options) { o.BaseEndpoint = stsEP })
-	token := func() (string, error) {
-		t, ok := req.Tokens[c.audience]
-		if !ok || t.Token == "" {
-			return "", fmt.Errorf("%w: no service-account token for audience %q (add it to the CSIDriver's tokenRequests)", provider.ErrPermissionDenied, c.audience)
-		}
-		return t.Token, nil
-	}
+	stsAnon := sts.NewFromConfig(base, func(o *sts.Options) { o.BaseEndpoint, o.HTTPClient = stsEP, p.httpOr(stsEP, o.HTTPClient) })
 	l := provider.Lease{Values: map[string]string{}, Handle: map[string]string{}, IssuedAt: p.now(), Role: ""}
 	versions := map[string]string{}
 
@@ -117,14 +191,11 @@ func (p *Provider) Issue(ctx context.Context, req provider.Request) (provider.Le
 		var creds *ststypes.Credentials
 		switch o.AssumeWith {
 		case "node":
-			if !p.cfg.AllowNodeCredentials {
-				return provider.Lease{}, fmt.Errorf("%w: %s: the admin does not allow sessions from the node's credentials", provider.ErrPermissionDenied, o.ObjectName)
-			}
 			nodeCfg, err := config.LoadDefaultConfig(ctx, config.WithRegion(c.region))
 			if err != nil {
 				return provider.Lease{}, fmt.Errorf("%w: node credentials: %v", provider.ErrUnavailable, err)
 			}
-			out, err := sts.NewFromConfig(nodeCfg, func(op *sts.Options) { op.BaseEndpoint = stsEP }).AssumeRole(ctx, &sts.AssumeRoleInput{
+			out, err := sts.NewFromConfig(nodeCfg, func(op *sts.Options) { op.BaseEndpoint, op.HTTPClient = stsEP, p.httpOr(stsEP, op.HTTPClient) }).AssumeRole(ctx, &sts.AssumeRoleInput{
 				RoleArn: aws.String(o.RoleArn), RoleSessionName: aws.String(sessionName(req)),
 				DurationSeconds: aws.Int32(o.DurationSeconds), Policy: optional(o.SessionPolicy), Tags: podTags(req, o.SessionTags),
 			})
@@ -133,10 +204,6 @@ func (p *Provider) Issue(ctx context.Context, req provider.Request) (provider.Le
 			}
 			creds = out.Credentials
 		default:
-			jwt, err := token()
-			if err != nil {
-				return provider.Lease{}, err
-			}
 			out, err := stsAnon.AssumeRoleWithWebIdentity(ctx, &sts.AssumeRoleWithWebIdentityInput{
 				RoleArn: aws.String(o.RoleArn), RoleSessionName: aws.String(sessionName(req)), WebIdentityToken: aws.String(jwt),
 				DurationSeconds: aws.Int32(o.DurationSeconds), Policy: optional(o.SessionPolicy),
@@ -158,13 +225,6 @@ func (p *Provider) Issue(ctx context.Context, req provider.Request) (provider.Le
 
 	if c.hasSecrets() {
 		// Secrets are read as the role the pod's token assumes.
-		if c.roleArn == "" {
-			return provider.Lease{}, fmt.Errorf("%w: %s is required to read Secrets Manager or SSM", provider.ErrInvalidParameters, RoleArnParam)
-		}
-		jwt, err := token()
-		if err != nil {
-			return provider.Lease{}, err
-		}
 		out, err := stsAnon.AssumeRoleWithWebIdentity(ctx, &sts.AssumeRoleWithWebIdentityInput{
 			RoleArn: aws.String(c.roleArn), RoleSessionName: aws.String(sessionName(req)), WebIdentityToken: aws.String(jwt),
 			DurationSeconds: aws.Int32(900),
@@ -178,7 +238,7 @@ func (p *Provider) Issue(ctx context.Context, req provider.Request) (provider.Le
 		secretCfg := base
 		secretCfg.Credentials = credentials.NewStaticCredentialsProvider(
 			aws.ToString(out.Credentials.AccessKeyId), aws.ToString(out.Credentials.SecretAccessKey), aws.ToString(out.Credentials.SessionToken))
-		if err := p.readSecrets(ctx, c, secretCfg, l.Values, versions); err != nil {
+		if err := p.readSecrets(ctx, c, ep, secretCfg, l.Values, versions); err != nil {
 			return provider.Lease{}, err
 		}
 	}
@@ -236,15 +296,9 @@ func addCredentialFiles(values map[string]string, name string, c *ststypes.Crede
 
 // readSecrets reads every Secrets Manager and SSM object, from region and,
 // where that fails for a reason other than the secret's, failoverRegion.
-func (p *Provider) readSecrets(ctx context.Context, c classParams, cfg aws.Config, values, versions map[string]string) error {
-	smEP, err := p.endpoint(c.smEndpoint)
-	if err != nil {
-		return err
-	}
-	ssmEP, err := p.endpoint(c.ssmEndpoint)
-	if err != nil {
-		return err
-	}
+func (p *Provider) readSecrets(ctx context.Context, c classParams, ep endpoints, cfg aws.Config, values, versions map[string]string) error {
+	smEP, ssmEP := ep.sm, ep.ssm
+	var err error
 	regions := []string{c.region}
 	if c.failoverRegion != "" {
 		regions = append(regions, c.failoverRegion)
@@ -258,9 +312,9 @@ func (p *Provider) readSecrets(ctx context.Context, c classParams, cfg aws.Confi
 			rc := cfg.Copy()
 			rc.Region = region
 			if o.ObjectType == TypeSecretsManager {
-				val, version, err = getSecret(ctx, secretsmanager.NewFromConfig(rc, func(op *secretsmanager.Options) { op.BaseEndpoint = smEP }), o)
+				val, version, err = getSecret(ctx, secretsmanager.NewFromConfig(rc, func(op *secretsmanager.Options) { op.BaseEndpoint, op.HTTPClient = smEP, p.httpOr(smEP, op.HTTPClient) }), o)
 			} else {
-				val, version, err = getParameter(ctx, ssm.NewFromConfig(rc, func(op *ssm.Options) { op.BaseEndpoint = ssmEP }), o)
+				val, version, err = getParameter(ctx, ssm.NewFromConfig(rc, func(op *ssm.Options) { op.BaseEndpoint, op.HTTPClient = ssmEP, p.httpOr(ssmEP, op.HTTPClient) }), o)
 			}
 			if err == nil || !errors.Is(err, provider.ErrUnavailable) || i == len(regions)-1 {
 				break

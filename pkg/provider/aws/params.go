@@ -8,6 +8,7 @@ import (
 	"sigs.k8s.io/yaml"
 
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
+	"github.com/ephemeral-secrets/csi-driver/pkg/storage"
 )
 
 // Class parameters: those of aws/secrets-store-csi-driver-provider-aws
@@ -18,7 +19,7 @@ const (
 	FailoverRegionParam = "failoverRegion"
 	ObjectsParam        = "objects"
 	RoleArnParam        = "roleArn"  // the role the pod's token assumes to read secrets
-	AudienceParam       = "audience" // of the pod's token (default sts.amazonaws.com)
+	AudienceParam       = "audience" // of the pod's token: empty, or the admin's (Config.Audience)
 	STSEndpointParam    = "stsEndpoint"
 	SMEndpointParam     = "secretsManagerEndpoint"
 	SSMEndpointParam    = "ssmEndpoint"
@@ -107,10 +108,14 @@ func parseParams(p map[string]string, defaultRegion string) (classParams, error)
 	if c.region == "" {
 		return c, fmt.Errorf("%w: %s is required", provider.ErrInvalidParameters, RegionParam)
 	}
-	c.audience = p[AudienceParam]
-	if c.audience == "" {
-		c.audience = "sts.amazonaws.com"
+	// Regions become host names of AWS's endpoints: a class must not be
+	// able to make one up ("127.0.0.1:8080/#").
+	for _, r := range []struct{ key, v string }{{RegionParam, c.region}, {FailoverRegionParam, c.failoverRegion}} {
+		if !validRegion(r.v) && (r.v != "" || r.key == RegionParam) {
+			return c, fmt.Errorf("%w: %s %q is not a region name", provider.ErrInvalidParameters, r.key, r.v)
+		}
 	}
+	c.audience = p[AudienceParam] // must be the admin's: checked by the provider
 	c.stsEndpoint, c.smEndpoint, c.ssmEndpoint = p[STSEndpointParam], p[SMEndpointParam], p[SSMEndpointParam]
 	if v := p[RotationPollParam]; v != "" {
 		d, err := time.ParseDuration(v)
@@ -129,6 +134,11 @@ func parseParams(p map[string]string, defaultRegion string) (classParams, error)
 	claim := func(name string) error {
 		if names[name] {
 			return fmt.Errorf("%w: file %q would be written twice", provider.ErrInvalidParameters, name)
+		}
+		// Checked here, before any AWS call: an STS session minted for a
+		// file that cannot be written could not be revoked.
+		if err := storage.ValidatePath(name); err != nil {
+			return fmt.Errorf("%w: %w", provider.ErrInvalidParameters, err)
 		}
 		names[name] = true
 		return nil
@@ -188,6 +198,20 @@ func parseParams(p map[string]string, defaultRegion string) (classParams, error)
 		}
 	}
 	return c, nil
+}
+
+// validRegion reports whether s looks like an AWS region name: a host
+// label of lower-case letters, digits and dashes.
+func validRegion(s string) bool {
+	if s == "" || len(s) > 63 || s[0] == '-' || s[len(s)-1] == '-' {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; !(c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '-') {
+			return false
+		}
+	}
+	return true
 }
 
 // fileName is where an object's value goes: its alias, or its name with

@@ -44,7 +44,7 @@ func TestParseProviderAWSParameters(t *testing.T) {
 	if s := c.objects[3]; s.DurationSeconds != 900 || s.RoleArn != c.roleArn || s.AssumeWith != "webIdentity" {
 		t.Errorf("sts defaults: %+v", s)
 	}
-	if c.audience != "sts.amazonaws.com" || !c.hasSTS() || !c.hasSecrets() {
+	if c.audience != "" || !c.hasSTS() || !c.hasSecrets() {
 		t.Errorf("%+v", c)
 	}
 }
@@ -53,6 +53,8 @@ func TestParseParamsRejects(t *testing.T) {
 	for name, p := range map[string]map[string]string{
 		"no region":     {"objects": `- {objectName: a, objectType: secretsmanager}`},
 		"no objects":    {"region": "r"},
+		"host region":   {"region": "127.0.0.1:8080/#", "objects": `- {objectName: a, objectType: secretsmanager}`},
+		"host failover": {"region": "r", "failoverRegion": "evil.example.com", "objects": `- {objectName: a, objectType: secretsmanager}`},
 		"unknown param": {"region": "r", "objects": `- {objectName: a, objectType: secretsmanager}`, "accessKey": "AKIA"},
 		"bad type":      {"region": "r", "objects": `- {objectName: a, objectType: s3}`},
 		"both versions": {"region": "r", "objects": `- {objectName: a, objectType: ssmparameter, objectVersion: "1", objectVersionLabel: x}`},

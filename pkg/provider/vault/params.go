@@ -2,40 +2,47 @@ package vault
 
 import (
 	"fmt"
-	"strconv"
 	"strings"
 	"time"
 
 	"sigs.k8s.io/yaml"
 
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
+	"github.com/ephemeral-secrets/csi-driver/pkg/storage"
 )
 
 // Class parameters. The first ones are those of hashicorp/vault-csi-provider,
 // so its SecretProviderClasses carry over unchanged.
 const (
-	AddressParam        = "vaultAddress"
-	RoleParam           = "roleName"
-	AuthMountParam      = "vaultAuthMountPath"
-	OldAuthMountParam   = "vaultKubernetesMountPath"
-	AudienceParam       = "audience"
-	NamespaceParam      = "vaultNamespace"
-	CACertParam         = "vaultCACertPath"
-	CADirParam          = "vaultCADirectory"
-	TLSServerNameParam  = "vaultTLSServerName"
-	SkipTLSVerifyParam  = "vaultSkipTLSVerify"
-	ClientCertParam     = "vaultTLSClientCertPath"
-	ClientKeyParam      = "vaultTLSClientKeyPath"
-	ObjectsParam        = "objects"
-	RenewBeforeParam    = "renewBefore"
+	AddressParam       = "vaultAddress"
+	RoleParam          = "roleName"
+	AuthMountParam     = "vaultAuthMountPath"
+	OldAuthMountParam  = "vaultKubernetesMountPath"
+	AudienceParam      = "audience"
+	NamespaceParam     = "vaultNamespace"
+	CACertParam        = "vaultCACertPath"
+	CADirParam         = "vaultCADirectory"
+	TLSServerNameParam = "vaultTLSServerName"
+	SkipTLSVerifyParam = "vaultSkipTLSVerify"
+	ClientCertParam    = "vaultTLSClientCertPath"
+	ClientKeyParam     = "vaultTLSClientKeyPath"
+	ObjectsParam       = "objects"
+	RenewBeforeParam   = "renewBefore"
+	// TLSProfileParam names one of the admin's TLS profiles (ours).
+	TLSProfileParam     = "vaultTLSProfile"
 	csiProviderMetadata = "csi.storage.k8s.io/" // not ours: never reaches a provider
 )
 
 var known = map[string]bool{
 	AddressParam: true, RoleParam: true, AuthMountParam: true, OldAuthMountParam: true, AudienceParam: true,
 	NamespaceParam: true, CACertParam: true, CADirParam: true, TLSServerNameParam: true, SkipTLSVerifyParam: true,
-	ClientCertParam: true, ClientKeyParam: true, ObjectsParam: true, RenewBeforeParam: true,
+	ClientCertParam: true, ClientKeyParam: true, ObjectsParam: true, RenewBeforeParam: true, TLSProfileParam: true,
 }
+
+// fileParams are vault-csi-provider's parameters that name files on the
+// node. A class may not set them: the driver is privileged, and the files
+// it would read (or present as its client certificate) are the node's.
+var fileParams = []string{CACertParam, CADirParam, ClientCertParam, ClientKeyParam}
 
 // Object is one entry of the "objects" parameter: a file named ObjectName
 // holding SecretKey of the response to SecretPath.
@@ -53,11 +60,14 @@ type Object struct {
 
 // classParams are the parsed class parameters.
 type classParams struct {
-	address, role, authMount, audience, namespace    string
-	caCert, caDir, serverName, clientCert, clientKey string
-	skipVerify                                       bool
-	objects                                          []Object
-	renewBefore                                      time.Duration
+	address, role, authMount, audience, namespace string
+	serverName, tlsProfile                        string
+	// fileParams and skipVerify are kept only to be refused by
+	// checkClass: a class cannot choose trust material.
+	files       []string
+	skipVerify  string
+	objects     []Object
+	renewBefore time.Duration
 }
 
 func parseParams(p map[string]string) (classParams, error) {
@@ -77,19 +87,16 @@ func parseParams(p map[string]string) (classParams, error) {
 		c.authMount = "kubernetes"
 	}
 	c.authMount = strings.Trim(strings.TrimPrefix(c.authMount, "auth/"), "/")
-	c.audience = p[AudienceParam]
-	if c.audience == "" {
-		c.audience = "vault"
+	if hasDotDot(c.authMount) {
+		return c, fmt.Errorf("%w: %s: a mount path has no \"..\" (the login goes to auth/<mount>/login)", provider.ErrInvalidParameters, AuthMountParam)
 	}
+	c.audience = p[AudienceParam]
 	c.namespace = p[NamespaceParam]
-	c.caCert, c.caDir, c.serverName = p[CACertParam], p[CADirParam], p[TLSServerNameParam]
-	c.clientCert, c.clientKey = p[ClientCertParam], p[ClientKeyParam]
-	if v := p[SkipTLSVerifyParam]; v != "" {
-		b, err := strconv.ParseBool(v)
-		if err != nil {
-			return c, fmt.Errorf("%w: %s must be true or false", provider.ErrInvalidParameters, SkipTLSVerifyParam)
+	c.serverName, c.tlsProfile, c.skipVerify = p[TLSServerNameParam], p[TLSProfileParam], p[SkipTLSVerifyParam]
+	for _, k := range fileParams {
+		if p[k] != "" {
+			c.files = append(c.files, k)
 		}
-		c.skipVerify = b
 	}
 	if v := p[RenewBeforeParam]; v != "" {
 		d, err := time.ParseDuration(v)
@@ -112,6 +119,11 @@ func parseParams(p map[string]string) (classParams, error) {
 		switch {
 		case o.ObjectName == "" || o.SecretPath == "":
 			return c, fmt.Errorf("%w: objects[%d] needs objectName and secretPath", provider.ErrInvalidParameters, i)
+		case hasDotDot(o.SecretPath):
+			return c, fmt.Errorf("%w: objects[%d]: secretPath has a \"..\" segment", provider.ErrInvalidParameters, i)
+		case storage.ValidatePath(o.ObjectName) != nil:
+			// A file name: checked before the login, not after.
+			return c, fmt.Errorf("%w: objects[%d]: %w", provider.ErrInvalidParameters, i, storage.ValidatePath(o.ObjectName))
 		case seen[o.ObjectName]:
 			return c, fmt.Errorf("%w: objectName %q is listed twice", provider.ErrInvalidParameters, o.ObjectName)
 		case o.Method != "" && o.Method != "GET" && o.Method != "POST" && o.Method != "PUT":
@@ -122,4 +134,15 @@ func parseParams(p map[string]string) (classParams, error) {
 		seen[o.ObjectName] = true
 	}
 	return c, nil
+}
+
+// hasDotDot reports whether a Vault path has a ".." segment: the request
+// would leave the mount or path the class appears to name.
+func hasDotDot(p string) bool {
+	for _, seg := range strings.Split(p, "/") {
+		if seg == ".." {
+			return true
+		}
+	}
+	return false
 }

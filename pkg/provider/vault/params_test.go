@@ -32,7 +32,7 @@ func TestParseCSIProviderParameters(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if c.authMount != "kubernetes-custom" || c.audience != "vault" || c.address != "https://vault.vault:8200" || len(c.objects) != 2 {
+	if c.authMount != "kubernetes-custom" || c.audience != "" || len(c.files) != 1 || c.skipVerify != "false" || c.address != "https://vault.vault:8200" || len(c.objects) != 2 {
 		t.Fatalf("%+v", c)
 	}
 	if c.objects[1].SecretArgs["common_name"] != "test.example.com" || c.objects[1].Method != "PUT" {
@@ -46,12 +46,13 @@ func TestParseParamsRejects(t *testing.T) {
 		"no role":         {"objects": objs},
 		"no objects":      {"roleName": "r"},
 		"unknown param":   {"roleName": "r", "objects": objs, "vaultToken": "s.x"},
-		"bad skip":        {"roleName": "r", "objects": objs, "vaultSkipTLSVerify": "perhaps"},
 		"duplicate":       {"roleName": "r", "objects": objs + "\n" + objs},
 		"bad method":      {"roleName": "r", "objects": `- {objectName: a, secretPath: p, method: DELETE}`},
 		"bad encoding":    {"roleName": "r", "objects": `- {objectName: a, secretPath: p, encoding: rot13}`},
 		"no path":         {"roleName": "r", "objects": `- {objectName: a}`},
 		"bad renewBefore": {"roleName": "r", "objects": objs, "renewBefore": "soon"},
+		"mount dot-dot":   {"roleName": "r", "objects": objs, "vaultAuthMountPath": "kubernetes/../../sys"},
+		"path dot-dot":    {"roleName": "r", "objects": `- {objectName: a, secretPath: secret/../sys/policies/acl/root}`},
 	} {
 		if _, err := parseParams(p); !errors.Is(err, provider.ErrInvalidParameters) {
 			t.Errorf("%s: %v", name, err)

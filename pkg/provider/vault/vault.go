@@ -14,7 +14,6 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
-	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -33,17 +32,28 @@ type Config struct {
 	// without vaultAddress gets the first. The pod's token is only ever
 	// sent to these.
 	Addresses []string `json:"addresses"`
+	// Audience of the pod's service-account token the provider logs in
+	// with (default "vault"); a class cannot choose another.
+	Audience string `json:"audience,omitempty"`
+	// TLS is the trust material of each address (CA, client certificate,
+	// server name, verification off), keyed by address; an address without
+	// an entry is verified against the system's roots.
+	TLS map[string]provider.TLS `json:"tls,omitempty"`
+	// TLSProfiles are named trust settings a class may select with
+	// vaultTLSProfile.
+	TLSProfiles map[string]TLSProfile `json:"tlsProfiles,omitempty"`
 }
 
 // Provider implements provider.Provider for Vault and OpenBao.
 type Provider struct {
-	cfg Config
-	now func() time.Time
+	cfg   Config
+	trust map[trustKey]trust
+	now   func() time.Time
 }
 
 var _ provider.Provider = (*Provider)(nil)
 
-// New checks cfg and returns a provider.
+// New checks cfg, reads its trust material and returns a provider.
 func New(cfg Config) (*Provider, error) {
 	if len(cfg.Addresses) == 0 {
 		return nil, errors.New("vault: no addresses configured")
@@ -54,7 +64,14 @@ func New(cfg Config) (*Provider, error) {
 		}
 		cfg.Addresses[i] = strings.TrimRight(a, "/")
 	}
-	return &Provider{cfg: cfg, now: time.Now}, nil
+	if cfg.Audience == "" {
+		cfg.Audience = DefaultAudience
+	}
+	trust, err := prepareTrust(cfg)
+	if err != nil {
+		return nil, err
+	}
+	return &Provider{cfg: cfg, trust: trust, now: time.Now}, nil
 }
 
 // leaseRef is one lease the volume holds.
@@ -72,35 +89,6 @@ const (
 	hLeases    = "leases"
 )
 
-func (p *Provider) client(c classParams, token string) (*api.Client, error) {
-	addr := c.address
-	if addr == "" {
-		addr = p.cfg.Addresses[0]
-	}
-	if !slices.Contains(p.cfg.Addresses, addr) {
-		return nil, fmt.Errorf("%w: %s %q is not one of the admin's Vault addresses", provider.ErrPermissionDenied, AddressParam, addr)
-	}
-	cfg := api.DefaultConfig()
-	cfg.Address = addr
-	cfg.MaxRetries = 0 // the lease manager retries, with backoff
-	cfg.Timeout = 30 * time.Second
-	if err := cfg.ConfigureTLS(&api.TLSConfig{
-		CACert: c.caCert, CAPath: c.caDir, TLSServerName: c.serverName, Insecure: c.skipVerify,
-		ClientCert: c.clientCert, ClientKey: c.clientKey,
-	}); err != nil {
-		return nil, fmt.Errorf("%w: TLS: %v", provider.ErrInvalidParameters, err)
-	}
-	cl, err := api.NewClient(cfg)
-	if err != nil {
-		return nil, err
-	}
-	cl.SetToken(token)
-	if c.namespace != "" {
-		cl.SetNamespace(c.namespace)
-	}
-	return cl, nil
-}
-
 // Issue logs in with the pod's token and reads every object's path, once
 // per distinct path.
 func (p *Provider) Issue(ctx context.Context, req provider.Request) (provider.Lease, error) {
@@ -108,16 +96,18 @@ func (p *Provider) Issue(ctx context.Context, req provider.Request) (provider.Le
 	if err != nil {
 		return provider.Lease{}, err
 	}
-	jwt, ok := req.Tokens[c.audience]
-	if !ok || jwt.Token == "" {
-		return provider.Lease{}, fmt.Errorf("%w: no service-account token for audience %q (add it to the CSIDriver's tokenRequests)",
-			provider.ErrPermissionDenied, c.audience)
+	if err := p.checkClass(c, req.Pod.Namespace); err != nil {
+		return provider.Lease{}, err
+	}
+	jwt, err := provider.PodToken(req, p.cfg.Audience)
+	if err != nil {
+		return provider.Lease{}, err
 	}
 	cl, err := p.client(c, "")
 	if err != nil {
 		return provider.Lease{}, err
 	}
-	login, err := cl.Logical().WriteWithContext(ctx, "auth/"+c.authMount+"/login", map[string]any{"role": c.role, "jwt": jwt.Token})
+	login, err := cl.Logical().WriteWithContext(ctx, "auth/"+c.authMount+"/login", map[string]any{"role": c.role, "jwt": jwt})
 	if err != nil {
 		return provider.Lease{}, classify(err, "login", true)
 	}
