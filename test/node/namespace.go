@@ -58,33 +58,28 @@ const (
 
 // prepare sets up the namespaces this process runs in: mounts that
 // propagate among the node's processes and never to the host, the host
-// directories covered, loopback, and the pods' bridge. It
-// returns the host directories it had to create (empty ones, for Stop to
-// remove).
-func prepare() (created []string, err error) {
+// directories covered, loopback, and the pods' bridge.
+func prepare() error {
 	if !Inside() {
-		return nil, errors.New("node: not inside the node's namespaces (start the program with node.Command)")
+		return errors.New("node: not inside the node's namespaces (start the program with node.Command)")
 	}
 	// Private from the host first, then shared within: kubelet's
 	// Bidirectional mounts need a shared root.
 	if err := unix.Mount("", "/", "", unix.MS_REC|unix.MS_PRIVATE, ""); err != nil {
-		return nil, fmt.Errorf("making / private: %w", err)
+		return fmt.Errorf("making / private: %w", err)
 	}
 	if err := unix.Mount("", "/", "", unix.MS_REC|unix.MS_SHARED, ""); err != nil {
-		return nil, fmt.Errorf("making / shared: %w", err)
+		return fmt.Errorf("making / shared: %w", err)
 	}
 	for _, dir := range hostDirs {
-		if _, err := os.Lstat(dir); errors.Is(err, os.ErrNotExist) {
-			if err := os.MkdirAll(dir, 0o755); err != nil {
-				return created, err
-			}
-			created = append(created, dir)
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			return err
 		}
 		// A tmpfs, not a bind of a work directory: a bind would show the
 		// same directory at two places of one peer group, and the driver's
 		// own mounts there would be seen (and left) twice.
 		if err := unix.Mount("tmpfs", dir, "tmpfs", 0, "mode=0755"); err != nil {
-			return created, fmt.Errorf("covering %s: %w", dir, err)
+			return fmt.Errorf("covering %s: %w", dir, err)
 		}
 	}
 	for _, args := range [][]string{
@@ -94,20 +89,16 @@ func prepare() (created []string, err error) {
 		{"link", "set", Bridge, "up"},
 	} {
 		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
-			return created, fmt.Errorf("ip %s: %v: %s", strings.Join(args, " "), err, out)
+			return fmt.Errorf("ip %s: %v: %s", strings.Join(args, " "), err, out)
 		}
 	}
-	return created, nil
+	return nil
 }
 
-// removeCreated removes the host directories prepare made, once they are
-// uncovered and empty.
-func removeCreated(dirs []string) {
-	for i := len(dirs) - 1; i >= 0; i-- {
-		_ = unix.Unmount(dirs[i], unix.MNT_DETACH)
-		_ = os.Remove(dirs[i])
-	}
-}
+// The host directories prepare had to create stay, empty: another node
+// on this machine may be using the same paths as its mount points, and
+// removing a directory on the shared file system would detach that node's
+// mounts (seen with two nodes at once).
 
 // killNamespace kills every process in this process's network namespace
 // but this one: containers, their shims and the node's components.

@@ -68,7 +68,6 @@ type Node struct {
 	LogFiles   []string
 
 	opts       Options
-	created    []string
 	cgroupRoot string
 	procs      []*exec.Cmd // started in this order, stopped in the reverse
 }
@@ -91,7 +90,7 @@ func Start(ctx context.Context, opts Options) (n *Node, err error) {
 			n = nil
 		}
 	}()
-	if n.created, err = prepare(); err != nil {
+	if err = prepare(); err != nil {
 		return n, err
 	}
 	if err := os.MkdirAll(filepath.Join(opts.Work, "logs"), 0o755); err != nil {
@@ -379,7 +378,7 @@ func (n *Node) waitReady(ctx context.Context) error {
 
 // Stop stops everything Start started, kills every process left in the
 // node's network namespace (containers, shims), unmounts what kubelet
-// mounted, and removes the node's cgroups and directories.
+// mounted, and removes the node's cgroups.
 func (n *Node) Stop() {
 	for i := len(n.procs) - 1; i >= 0; i-- {
 		stopProcess(n.procs[i], 10*time.Second)
@@ -392,7 +391,6 @@ func (n *Node) Stop() {
 		harness.UnmountUnder(dir + "/")
 	}
 	removeCgroupRoot(n.cgroupRoot)
-	removeCreated(n.created)
 }
 
 func stopProcess(cmd *exec.Cmd, grace time.Duration) {
