@@ -109,7 +109,7 @@ func TestKeyedLockSerialisesOneKeyOnly(t *testing.T) {
 // after the grant began, whenever it is computed (a restart included), and
 // a grant a max TTL shortened keeps the margin a full grant leaves.
 func TestRenewalPointIsOnTheLeasesTimeline(t *testing.T) {
-	m := New(Options{Jitter: 0})
+	m := New(Options{Jitter: 0, RotationGrace: -1})
 	defer m.Close()
 	now := time.Now()
 	for name, tc := range map[string]struct {
@@ -156,6 +156,36 @@ func TestRetryDelayShrinksTowardExpiry(t *testing.T) {
 		v := &volume{failures: tc.failures, lease: provider.Lease{ExpiresAt: time.Now().Add(tc.left)}}
 		if got := m.retryDelay(v); got < tc.want-100*time.Millisecond || got > tc.want {
 			t.Errorf("%d failures, %s left: retry in %s, want %s", tc.failures, tc.left, got, tc.want)
+		}
+	}
+}
+
+// A short TTL renews early enough that a rotation would leave the old
+// credential RotationGrace (at most half the TTL) for readers of the old
+// files; a long one is not moved.
+func TestRenewalLeavesTheRotationGrace(t *testing.T) {
+	m := New(Options{Jitter: 0, RotationGrace: 5 * time.Second})
+	defer m.Close()
+	now := time.Now()
+	for name, tc := range map[string]struct {
+		ttl  time.Duration
+		want time.Duration
+	}{
+		"6s: half":     {6 * time.Second, 3 * time.Second},
+		"12s: 5s left": {12 * time.Second, 7 * time.Second},
+		"1m: a third":  {time.Minute, 40 * time.Second},
+	} {
+		v := &volume{meta: storage.Metadata{VolumeID: name, GrantTTL: tc.ttl},
+			lease: provider.Lease{ExpiresAt: now.Add(tc.ttl)}, granted: now}
+		m.mu.Lock()
+		m.vols[name] = v
+		m.mu.Unlock()
+		m.scheduleRenewal(v)
+		m.mu.Lock()
+		got := v.renewAt.Sub(now)
+		m.mu.Unlock()
+		if d := got - tc.want; d < -100*time.Millisecond || d > 100*time.Millisecond {
+			t.Errorf("%s: renews at %s, want %s", name, got, tc.want)
 		}
 	}
 }

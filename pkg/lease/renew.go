@@ -33,8 +33,16 @@ func (m *Manager) scheduleRenewal(v *volume) {
 	if exp := v.lease.ExpiresAt; !exp.IsZero() {
 		f := m.opts.RenewFraction * (1 - m.opts.Jitter*rand.Float64())
 		at := renewPoint(v.granted, exp, f)
-		// A grant a max TTL shortened keeps the margin a full one leaves.
-		if margin := time.Duration(float64(v.meta.GrantTTL) * (1 - f)); exp.Add(-margin).Before(at) {
+		// A grant a max TTL shortened keeps the margin a full one leaves;
+		// a short one keeps up to RotationGrace (at most half the TTL), so
+		// that a rotation leaves the old credential that long for readers
+		// of the old files (found with a real pod under load: a 2 s margin
+		// was less than its read-then-login took).
+		margin := time.Duration(float64(v.meta.GrantTTL) * (1 - f))
+		if g := min(m.opts.RotationGrace, v.meta.GrantTTL/2); g > margin {
+			margin = g
+		}
+		if exp.Add(-margin).Before(at) {
 			at = exp.Add(-margin)
 		}
 		d = time.Until(at)
