@@ -63,7 +63,8 @@ func TestEveryValueReachesTheObjects(t *testing.T) {
 		"--backend-config=/etc/ephemeral-secrets/backends/config.yaml",
 		"--audit-log=/var/log/esc/audit.jsonl", "--metrics-address=:9900", "-v=4",
 		"--max-volume-bytes=2097152", "--renew-fraction=0.5", "--retry-min=2s", "--retry-max=2m",
-		"--backend-timeout=10s", "--sweep-interval=30s", "--rotation-grace=2s", "--classes-file=/etc/classes/classes.yaml",
+		"--backend-timeout=10s", "--sweep-interval=30s", "--rotation-grace=2s",
+		"--max-leases-per-namespace=20", "--max-leases-per-node=200", "--publish-rate-per-namespace=0.5", "--publish-burst-per-namespace=5", "--classes-file=/etc/classes/classes.yaml",
 	} {
 		if !slices.Contains(driver.Args, a) {
 			t.Errorf("driver args %v lack %s", driver.Args, a)
@@ -252,6 +253,14 @@ func TestTokenInSecretsFollowsTheCluster(t *testing.T) {
 			}
 			if got := csi.Spec.ServiceAccountTokenInSecrets != nil && *csi.Spec.ServiceAccountTokenInSecrets; got != tc.inSecrets {
 				t.Errorf("serviceAccountTokenInSecrets %v, want %v", got, tc.inSecrets)
+			}
+			// The driver looks for tokens where kubelet puts them (with no
+			// token requested, any token is a pod's own: in secrets mode it
+			// refuses those in the volume attributes).
+			ds := into[appsv1.DaemonSet](t, render(t, tc.args...), "DaemonSet/ephemeral-secrets-csi")
+			want := fmt.Sprintf("--tokens-in-secrets=%v", tc.inSecrets || len(tc.audiences) == 0)
+			if args := container(t, ds, "driver").Args; !slices.Contains(args, want) {
+				t.Errorf("driver args %v lack %s", args, want)
 			}
 		})
 	}

@@ -222,20 +222,26 @@ func TestPodSecurityBaselineExceptThePrivilegedDriver(t *testing.T) {
 		t.Errorf("a container other than the driver is privileged: %v", err)
 	}
 
-	// Without the privileged container and with its host directories
-	// replaced, the rest (the pod's settings) passes.
+	// With the driver unprivileged (and so without Bidirectional
+	// propagation) and its host directories replaced, everything else of
+	// the pod passes: those two are the only exceptions.
 	rest := pod.DeepCopy()
-	rest.Spec.Containers = slices.DeleteFunc(rest.Spec.Containers, func(c corev1.Container) bool { return c.Name == "driver" })
+	for i := range rest.Spec.Containers {
+		c := &rest.Spec.Containers[i]
+		if c.SecurityContext != nil {
+			c.SecurityContext.Privileged = nil
+		}
+		for j := range c.VolumeMounts {
+			c.VolumeMounts[j].MountPropagation = nil
+		}
+	}
 	for i, v := range rest.Spec.Volumes {
 		if v.HostPath != nil {
 			rest.Spec.Volumes[i].VolumeSource = corev1.VolumeSource{EmptyDir: &corev1.EmptyDirVolumeSource{}}
 		}
 	}
-	if len(rest.Spec.Containers) == 0 {
-		t.Fatal("no sidecar left to check")
-	}
 	if _, err := clients.CoreV1().Pods(ns.Name).Create(ctx, rest, dryRun); err != nil {
-		t.Errorf("the sidecars do not pass baseline: %v", err)
+		t.Errorf("the rest of the pod does not pass baseline: %v", err)
 	}
 }
 

@@ -61,3 +61,21 @@ Call with (dict "image" .Values.x.image "root" .).
 {{- define "esc.pluginDir" -}}
 {{- printf "%s/plugins/ephemeral-secrets.csi.dev" (trimSuffix "/" .Values.kubeletDir) -}}
 {{- end -}}
+
+{{/*
+Whether kubelet hands pods' tokens in NodePublishVolume's secrets: the
+CSIDriver's serviceAccountTokenInSecrets and the driver's
+--tokens-in-secrets follow this one decision. Kubernetes 1.34 and older
+have no such field, and 1.35 refuses it without tokenRequests; with no
+token requested there is none to misplace ("true": the driver then refuses
+any token a pod puts in its volume attributes).
+*/}}
+{{- define "esc.tokensInSecrets" -}}
+{{- $audiences := include "esc.audiences" . | fromJsonArray -}}
+{{- $inSecrets := .Values.csiDriver.serviceAccountTokenInSecrets | toString -}}
+{{- if not $audiences -}}true
+{{- else if eq $inSecrets "true" -}}true
+{{- else if and (eq $inSecrets "auto") (semverCompare ">=1.35.0-0" .Capabilities.KubeVersion.Version) -}}true
+{{- else -}}false
+{{- end -}}
+{{- end -}}
