@@ -84,7 +84,11 @@ func prepare() error {
 	}
 	for _, args := range [][]string{
 		{"link", "set", "lo", "up"},
-		{"link", "add", Bridge, "type", "bridge"},
+		// A fixed address: a bridge otherwise takes the lowest of its
+		// ports', so each pod that comes or goes can change the gateway's
+		// MAC under the other pods' ARP caches (seen: pods' connections
+		// to the node timed out after the driver's pod was replaced).
+		{"link", "add", Bridge, "address", "02:65:73:63:00:01", "type", "bridge"},
 		{"addr", "add", NodeIP + "/16", "dev", Bridge},
 		{"link", "set", Bridge, "up"},
 	} {

@@ -37,6 +37,7 @@ func TestRealCluster(t *testing.T) {
 		{"RotationAndRepublish", testRotationAndRepublish},
 		{"DriverRestart", testDriverRestart},
 		{"DriverReach", testDriverReach},
+		{"VaultExample", testVaultExample},
 		{"UninstallLeavesNothing", testUninstallLeavesNothing},
 		{"KustomizeInstall", testKustomizeInstall},
 	} {

@@ -9,7 +9,6 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
-	"sort"
 	"strings"
 	"testing"
 	"time"
@@ -19,7 +18,6 @@ import (
 
 	"github.com/ephemeral-secrets/csi-driver/pkg/audit"
 	"github.com/ephemeral-secrets/csi-driver/test/harness"
-	"github.com/ephemeral-secrets/csi-driver/test/kube"
 	"github.com/ephemeral-secrets/csi-driver/test/node"
 )
 
@@ -28,22 +26,7 @@ import (
 // images replaced by the ones built here: the only change made.
 func applyExample(t *testing.T, dir string) {
 	t.Helper()
-	files, err := filepath.Glob(filepath.Join(repoRoot, dir, "*.yaml"))
-	if err != nil || len(files) == 0 {
-		t.Fatalf("no YAML in %s: %v", dir, err)
-	}
-	sort.Strings(files)
-	img := regexp.MustCompile(`image: ghcr\.io/ephemeral-secrets/db-check:\S+`)
-	for _, f := range files {
-		data, err := os.ReadFile(f)
-		if err != nil {
-			t.Fatal(err)
-		}
-		data = img.ReplaceAll(data, []byte("image: "+node.DBCheckImage))
-		if err := kube.Apply(context.Background(), cluster.Config(), data, false); err != nil {
-			t.Fatalf("%s: %v", f, err)
-		}
-	}
+	applyExampleWith(t, dir, strings.NewReplacer())
 }
 
 // waitPod waits until the pod's phase is one of phases and returns it.

@@ -13,6 +13,7 @@ import (
 	"crypto/x509"
 	"encoding/pem"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -48,8 +49,12 @@ func Binary() (string, error) {
 	return harness.Tool("vault")
 }
 
-// Start starts a dev server and waits until it answers.
-func Start() (*Server, error) {
+// Start starts a dev server on 127.0.0.1 and waits until it answers.
+func Start() (*Server, error) { return StartOn("127.0.0.1") }
+
+// StartOn starts a dev server listening on host (a test node's own
+// address, for pods to reach).
+func StartOn(host string) (*Server, error) {
 	bin, err := Binary()
 	if err != nil {
 		return nil, err
@@ -66,7 +71,7 @@ func Start() (*Server, error) {
 	if err != nil {
 		return nil, err
 	}
-	s := &Server{Addr: "http://127.0.0.1:" + strconv.Itoa(ports[0]), LogFile: filepath.Join(dir, "vault.log"), bin: bin, dir: dir, key: key}
+	s := &Server{Addr: "http://" + net.JoinHostPort(host, strconv.Itoa(ports[0])), LogFile: filepath.Join(dir, "vault.log"), bin: bin, dir: dir, key: key}
 	if err := s.Restart(); err != nil {
 		s.Close()
 		return nil, err
