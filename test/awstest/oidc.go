@@ -42,9 +42,14 @@ func StartOIDC() (*OIDC, error) {
 	})
 	mux.HandleFunc("/keys", func(w http.ResponseWriter, _ *http.Request) {
 		b64 := base64.RawURLEncoding.EncodeToString
+		pt, err := key.PublicKey.Bytes() // 0x04 || X || Y, 32 bytes each on P-256
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusInternalServerError)
+			return
+		}
 		_ = json.NewEncoder(w).Encode(map[string]any{"keys": []map[string]string{{
 			"kty": "EC", "crv": "P-256", "kid": "esc-test", "alg": "ES256", "use": "sig",
-			"x": b64(key.PublicKey.X.FillBytes(make([]byte, 32))), "y": b64(key.PublicKey.Y.FillBytes(make([]byte, 32))),
+			"x": b64(pt[1:33]), "y": b64(pt[33:65]),
 		}}})
 	})
 	o.srv = httptest.NewUnstartedServer(mux) // its handlers read o.srv: set it before serving
