@@ -129,7 +129,7 @@ func TestBadInput(t *testing.T) {
 
 func assertNothingLeft(t *testing.T, f *fixture, pod kubelet.Pod) {
 	t.Helper()
-	if m := harness.Mounts(f.env.KubeletDir); len(m) != 0 {
+	if m := harness.Mounts(filepath.Join(f.env.KubeletDir, "pods")); len(m) != 0 {
 		t.Errorf("mounts left under the kubelet dir: %v", m)
 	}
 	if m := harness.Mounts(filepath.Join(f.env.StateDir, "volumes")); len(m) != 0 {

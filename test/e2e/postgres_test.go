@@ -113,6 +113,14 @@ func TestPublishServesWorkingCredentialsAndUnpublishRevokesThem(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(target, "x"), []byte("x"), 0o600); !errors.Is(err, syscall.EROFS) {
 		t.Errorf("writing into the volume: %v, want EROFS", err)
 	}
+	// As the pod sees it: the copy of the mount in kubelet's peer group.
+	podView := f.env.InPodView(target)
+	if opts, _, _, ok := harness.MountOptions(podView); !ok || !slices.Contains(opts, "ro") {
+		t.Errorf("the pod's view %s: mounted=%v options %v, want read-only", podView, ok, opts)
+	}
+	if err := os.WriteFile(filepath.Join(podView, "x"), []byte("x"), 0o600); !errors.Is(err, syscall.EROFS) {
+		t.Errorf("writing into the pod's view of the volume: %v, want EROFS", err)
+	}
 
 	// The credentials work for what the role grants, and only that.
 	conn, err := login(ctx, user, password)
@@ -167,7 +175,7 @@ func TestPublishServesWorkingCredentialsAndUnpublishRevokesThem(t *testing.T) {
 	if err := session.Ping(ctx); err == nil {
 		t.Errorf("the role's open session survived the revocation")
 	}
-	if left := harness.Mounts(f.env.KubeletDir); len(left) != 0 {
+	if left := harness.Mounts(filepath.Join(f.env.KubeletDir, "pods")); len(left) != 0 {
 		t.Errorf("mounts left under the kubelet dir: %v", left)
 	}
 	if err := f.kube.Unpublish(ctx, pod, "db"); err != nil {
@@ -479,7 +487,7 @@ func TestKilledDuringIssueLeavesNothing(t *testing.T) {
 	if err := f.driver.Start(ctx); err != nil {
 		t.Fatalf("restart: %v", err)
 	}
-	if left := harness.Mounts(f.env.KubeletDir); len(left) != 0 {
+	if left := harness.Mounts(filepath.Join(f.env.KubeletDir, "pods")); len(left) != 0 {
 		t.Errorf("mounts left: %v", left)
 	}
 	if left := harness.Mounts(filepath.Join(f.env.StateDir, "volumes")); len(left) != 0 {

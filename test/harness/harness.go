@@ -108,6 +108,12 @@ func Tool(name string) (string, error) {
 // Env is one test's directories.
 type Env struct {
 	Base, KubeletDir, StateDir, Socket string
+	// PodView shows KubeletDir as a pod sees it: kubelet's directory is a
+	// shared mount (a real node's is, and a real kubelet's bind of a
+	// volume into the pod's container is a copy in its peer group), and
+	// PodView is a peer of it. What the driver mounts under KubeletDir
+	// appears here with the flags the pod gets.
+	PodView string
 }
 
 // NewEnv makes the directories under a new temporary base.
@@ -118,14 +124,41 @@ func NewEnv() (*Env, error) {
 	}
 	e := &Env{
 		Base: base, KubeletDir: filepath.Join(base, "kubelet"), StateDir: filepath.Join(base, "state"),
-		Socket: filepath.Join(base, "csi", "csi.sock"),
+		Socket: filepath.Join(base, "csi", "csi.sock"), PodView: filepath.Join(base, "podview"),
 	}
-	for _, d := range []string{e.KubeletDir, filepath.Dir(e.Socket)} {
+	for _, d := range []string{e.KubeletDir, e.PodView, filepath.Dir(e.Socket)} {
 		if err := os.MkdirAll(d, 0o750); err != nil {
 			return nil, err
 		}
 	}
+	if err := peer(e.KubeletDir, e.PodView); err != nil {
+		_ = e.Close()
+		return nil, err
+	}
 	return e, nil
+}
+
+// peer makes dir a shared mount and view a peer of it.
+func peer(dir, view string) error {
+	if err := unix.Mount(dir, dir, "", unix.MS_BIND, ""); err != nil {
+		return fmt.Errorf("kubelet dir: %w", err)
+	}
+	if err := unix.Mount("", dir, "", unix.MS_SHARED, ""); err != nil {
+		return fmt.Errorf("kubelet dir: %w", err)
+	}
+	if err := unix.Mount(dir, view, "", unix.MS_BIND, ""); err != nil {
+		return fmt.Errorf("pod view: %w", err)
+	}
+	return nil
+}
+
+// InPodView is path (under KubeletDir) as the pod's view shows it.
+func (e *Env) InPodView(path string) string {
+	rel, err := filepath.Rel(e.KubeletDir, path)
+	if err != nil || strings.HasPrefix(rel, "..") {
+		return path
+	}
+	return filepath.Join(e.PodView, rel)
 }
 
 // Endpoint is the CSI endpoint URL.
