@@ -1,6 +1,7 @@
 package node
 
 import (
+	"fmt"
 	"os"
 	"path/filepath"
 	"sort"
@@ -12,6 +13,9 @@ import (
 
 // cgroupV1 is where this machine mounts its cgroup v1 hierarchies.
 const cgroupV1 = "/sys/fs/cgroup"
+
+// cgroupRootOf is the cgroup root of the node that process pid runs.
+func cgroupRootOf(pid int) string { return fmt.Sprintf("/esc-node-%d", pid) }
 
 // makeCgroupRoot makes kubelet's cgroup root in every v1 hierarchy.
 // The cgroup file system is the host's (namespaces do not cover it), so

@@ -132,17 +132,11 @@ func killNamespace() {
 	}
 }
 
-// components are the names of the node's processes.
-var components = map[string]bool{
-	"etcd": true, "kube-apiserver": true, "kube-scheduler": true,
-	"kube-controller": true, "kubelet": true, "kube-proxy": true, "containerd": true, "containerd-shim": true, // comm is cut at 15 bytes
-}
-
-// Leftovers lists what a stopped node left on the host, as seen from the
-// host: mounts on the host directories the node covers, cgroups under a
-// node's cgroup root, and node processes in a network namespace other
-// than this process's (a namespace lives as long as a process in it).
-func Leftovers() []string {
+// Leftovers lists what the node whose supervisor had process ID pid left
+// on the host: mounts on the host directories the node covers (its mount
+// namespace should have kept them all), its cgroups, and the processes in
+// them. Other nodes on the machine are not its business.
+func Leftovers(pid int) []string {
 	var left []string
 	mi, _ := os.ReadFile("/proc/self/mountinfo")
 	for _, line := range strings.Split(string(mi), "\n") {
@@ -156,26 +150,13 @@ func Leftovers() []string {
 			}
 		}
 	}
-	roots, _ := filepath.Glob(filepath.Join(cgroupV1, "*", "esc-node-*"))
-	for _, r := range roots {
-		left = append(left, "cgroup "+r)
+	root := cgroupRootOf(pid)
+	dirs, _ := filepath.Glob(filepath.Join(cgroupV1, "*", root))
+	for _, d := range dirs {
+		left = append(left, "cgroup "+d)
 	}
-	pidRoots, _ := filepath.Glob(filepath.Join(cgroupV1, "pids", "esc-node-*"))
-	for _, r := range pidRoots {
-		for _, pid := range cgroupProcs("/" + filepath.Base(r)) {
-			left = append(left, fmt.Sprintf("process %d in %s", pid, r))
-		}
-	}
-	own, _ := os.Readlink("/proc/self/ns/net")
-	entries, _ := os.ReadDir("/proc")
-	for _, e := range entries {
-		comm, err := os.ReadFile(filepath.Join("/proc", e.Name(), "comm"))
-		if err != nil || !components[strings.TrimSpace(string(comm))] {
-			continue
-		}
-		if ns, err := os.Readlink(filepath.Join("/proc", e.Name(), "ns/net")); err == nil && ns != own {
-			left = append(left, fmt.Sprintf("process %s (pid %s)", strings.TrimSpace(string(comm)), e.Name()))
-		}
+	for _, p := range cgroupProcs(root) {
+		left = append(left, fmt.Sprintf("process %d in cgroup %s", p, root))
 	}
 	return left
 }

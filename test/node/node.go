@@ -83,7 +83,7 @@ func Start(ctx context.Context, opts Options) (n *Node, err error) {
 			return nil, err
 		}
 	}
-	n = &Node{Work: opts.Work, opts: opts, cgroupRoot: fmt.Sprintf("/esc-node-%d", os.Getpid())}
+	n = &Node{Work: opts.Work, opts: opts, cgroupRoot: cgroupRootOf(os.Getpid())}
 	defer func() {
 		if err != nil {
 			n.Stop()

@@ -248,7 +248,7 @@ func down(dir string) error {
 		}
 	}
 	_ = os.Remove(pidFile(dir))
-	left := node.Leftovers()
+	left := node.Leftovers(pid)
 	if len(left) > 0 {
 		return fmt.Errorf("left on the host: %s", strings.Join(left, "; "))
 	}
