@@ -15,7 +15,7 @@ FUZZTIME  ?= 30s
 # keeps a two-core machine responsive; -race is part of the standard run.
 TESTFLAGS ?= -race -count=1 -timeout 30m -p 1
 
-.PHONY: all build test demo lint fuzz bench postgres kube node vault aws clean cluster cluster-down manifests release release-check release-artifacts release-push print-crane print-helm sbom
+.PHONY: all build test demo lint fuzz bench bench-cluster postgres kube node vault aws clean cluster cluster-down manifests release release-check release-artifacts release-push print-crane print-helm sbom
 
 all: build
 
@@ -188,7 +188,7 @@ fuzz:
 	$(GO) test ./pkg/render -run '^$$' -fuzz '^FuzzRenderIsBounded$$' -fuzztime $(FUZZTIME)
 
 clean:
-	rm -rf bin bench-results.json
+	rm -rf bin bench-results.json bench-cluster-results.json
 
 # The benchmark: the driver over its real socket beside the syscall floor;
 # prints a table and writes bench-results.json. Then the hot functions.
@@ -196,3 +196,9 @@ bench: postgres
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "$(LDFLAGS)" -o bin/bench-driver ./test/bench/driver
 	$(GO) run ./test/bench --driver bin/bench-driver --out bench-results.json
 	$(GO) test -run '^$$' -bench . -benchmem -benchtime 2000x ./pkg/storage ./pkg/render
+
+# Pod start-up in a real cluster (the node of `make cluster`, the driver
+# built with the static provider): pods with our volume against pods with
+# an emptyDir, interleaved; prints a table, writes bench-cluster-results.json.
+bench-cluster: postgres node
+	$(GO) run ./test/bench/cluster --out bench-cluster-results.json

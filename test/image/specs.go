@@ -52,6 +52,13 @@ func baseFiles() []File {
 // mounts tmpfs), the build machine's CA certificates, /etc/passwd and
 // /etc/group, and the OCI labels.
 func DriverSpec(ctx context.Context, repoRoot, platform, name, version string) (Spec, error) {
+	return DriverSpecOf(ctx, repoRoot, "./cmd/ephemeral-secrets-csi", platform, name, version)
+}
+
+// DriverSpecOf is DriverSpec with the binary built from another main
+// package of the module, such as the benchmark's build of the driver
+// (./test/bench/driver): the same image around a different binary.
+func DriverSpecOf(ctx context.Context, repoRoot, pkg, platform, name, version string) (Spec, error) {
 	ca, err := os.ReadFile(CABundle)
 	if errors.Is(err, fs.ErrNotExist) {
 		return Spec{}, fmt.Errorf("the driver image needs CA certificates and %s is missing: install them (apt-get install ca-certificates)", CABundle)
@@ -59,7 +66,7 @@ func DriverSpec(ctx context.Context, repoRoot, platform, name, version string) (
 	if err != nil {
 		return Spec{}, fmt.Errorf("CA certificates: %w", err)
 	}
-	bin, err := BuildGo(ctx, repoRoot, "./cmd/ephemeral-secrets-csi", platform, "-X main.version="+version)
+	bin, err := BuildGo(ctx, repoRoot, pkg, platform, "-X main.version="+version)
 	if err != nil {
 		return Spec{}, err
 	}

@@ -35,6 +35,28 @@ func Command(args []string, files ...*os.File) (*exec.Cmd, error) {
 	return cmd, nil
 }
 
+// RunInside runs this program again, with its arguments, inside new
+// namespaces (Command) with this process's standard streams, and returns
+// its exit code; the child dies with this process.
+func RunInside() int {
+	cmd, err := Command(os.Args[1:])
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, os.Stdout, os.Stderr
+	cmd.SysProcAttr.Pdeathsig = syscall.SIGKILL
+	if err := cmd.Run(); err != nil {
+		var ee *exec.ExitError
+		if errors.As(err, &ee) {
+			return ee.ExitCode()
+		}
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	return 0
+}
+
 // The host directories the node's components use at their standard
 // places; each is covered, in the node's mount namespace only, by a tmpfs
 // of its own.

@@ -33,7 +33,14 @@ const (
 // Images builds the driver, db-check and pause images into dir and
 // returns the archives.
 func Images(ctx context.Context, repoRoot, dir string) ([]string, error) {
-	driver, err := image.DriverSpec(ctx, repoRoot, "", DriverImage, ImageTag)
+	return ImagesOf(ctx, repoRoot, dir, "./cmd/ephemeral-secrets-csi")
+}
+
+// ImagesOf is Images with the driver's image built around another main
+// package of the module (the benchmark's build, ./test/bench/driver), under
+// the same name DriverImage, so ChartImageValues install it.
+func ImagesOf(ctx context.Context, repoRoot, dir, driverPkg string) ([]string, error) {
+	driver, err := image.DriverSpecOf(ctx, repoRoot, driverPkg, "", DriverImage, ImageTag)
 	if err != nil {
 		return nil, err
 	}

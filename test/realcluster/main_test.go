@@ -12,9 +12,7 @@ import (
 	"context"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
-	"syscall"
 	"testing"
 	"time"
 
@@ -31,28 +29,9 @@ var (
 
 func TestMain(m *testing.M) {
 	if !node.Inside() {
-		os.Exit(reexec())
+		os.Exit(node.RunInside())
 	}
 	os.Exit(run(m))
-}
-
-// reexec runs this test binary again in the node's namespaces.
-func reexec() int {
-	cmd, err := node.Command(os.Args[1:])
-	if err != nil {
-		fmt.Println(err)
-		return 1
-	}
-	cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, os.Stdout, os.Stderr
-	cmd.SysProcAttr.Pdeathsig = syscall.SIGKILL
-	if err := cmd.Run(); err != nil {
-		if ee, ok := err.(*exec.ExitError); ok {
-			return ee.ExitCode()
-		}
-		fmt.Println(err)
-		return 1
-	}
-	return 0
 }
 
 func run(m *testing.M) int {
