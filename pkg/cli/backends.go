@@ -3,8 +3,10 @@ package cli
 import (
 	"context"
 	"crypto/sha256"
+	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 	"strconv"
 	"time"
 
@@ -85,8 +87,10 @@ func buildBackends(path string, data []byte, extra []Register) (*provider.Regist
 // The file is a mounted Secret: kubelet updates it by writing a new
 // directory and swapping a symlink, so its path stays and its content
 // changes. Reload reads it through the path and compares a hash of the
-// content, which sees that swap (and any other write) without watching
-// the directory.
+// content and of the path the symlinks lead to, which sees that swap (and
+// any other write) without watching the directory. The resolved path
+// counts so that an update of another key of the Secret (a Vault CA file
+// the configuration names, read when providers are built) is loaded too.
 type backends struct {
 	path  string
 	extra []Register
@@ -98,8 +102,8 @@ type backends struct {
 
 	reg      *provider.Registry // shared with the lease manager; swapped in place
 	closeCur func()
-	loaded   [sha256.Size]byte // content of the generation in use
-	failed   [sha256.Size]byte // content that last failed, not retried until it changes
+	loaded   [sha256.Size]byte // version of the file in use
+	failed   [sha256.Size]byte // version that last failed, not retried until it changes
 	readErr  bool
 	gen      int
 }
@@ -109,10 +113,16 @@ type backends struct {
 func loadBackends(path string, extra []Register, grace time.Duration, al *audit.Logger, m *metrics.Metrics) (*backends, error) {
 	b := &backends{path: path, extra: extra, grace: grace, audit: al, metrics: m, reg: &provider.Registry{}}
 	var data []byte
+	var version [sha256.Size]byte
 	if path != "" {
 		var err error
-		if data, err = os.ReadFile(path); err != nil {
-			return nil, fmt.Errorf("backend config: %w", err)
+		for range 3 { // a swap while read: read again
+			if data, version, err = b.read(); !errors.Is(err, errSwapping) {
+				break
+			}
+		}
+		if err != nil {
+			return nil, err
 		}
 	}
 	reg, closeAll, err := buildBackends(path, data, extra)
@@ -120,7 +130,7 @@ func loadBackends(path string, extra []Register, grace time.Duration, al *audit.
 		return nil, err
 	}
 	b.reg.Replace(reg)
-	b.closeCur, b.loaded, b.gen = closeAll, sha256.Sum256(data), 1
+	b.closeCur, b.loaded, b.gen = closeAll, version, 1
 	b.logLoaded()
 	return b, nil
 }
@@ -150,16 +160,18 @@ func (b *backends) Watch(ctx context.Context, interval time.Duration) {
 // every provider at once, and the replaced ones are closed after the
 // grace period (in the background, until ctx is done).
 func (b *backends) Reload(ctx context.Context) {
-	data, err := os.ReadFile(b.path)
+	data, sum, err := b.read()
+	if errors.Is(err, errSwapping) {
+		return // the next tick sees the new version whole
+	}
 	if err != nil {
 		if !b.readErr { // once per outage, not at every tick
 			b.readErr = true
-			b.fail(fmt.Errorf("backend config: %w", err))
+			b.fail(err)
 		}
 		return
 	}
 	b.readErr = false
-	sum := sha256.Sum256(data)
 	if sum == b.loaded || sum == b.failed {
 		return
 	}
@@ -181,6 +193,29 @@ func (b *backends) Reload(ctx context.Context) {
 		}
 		old()
 	}()
+}
+
+// errSwapping means the file changed while it was read.
+var errSwapping = errors.New("backend config changed while read")
+
+// read returns the file's content, read through its path, and its
+// version: a hash of the content and of the path the symlinks lead to.
+func (b *backends) read() ([]byte, [sha256.Size]byte, error) {
+	var sum [sha256.Size]byte
+	before, _ := filepath.EvalSymlinks(b.path)
+	data, err := os.ReadFile(b.path)
+	if err != nil {
+		return nil, sum, fmt.Errorf("backend config: %w", err)
+	}
+	if after, _ := filepath.EvalSymlinks(b.path); after != before {
+		return nil, sum, errSwapping
+	}
+	h := sha256.New()
+	h.Write([]byte(before))
+	h.Write([]byte{0})
+	h.Write(data)
+	h.Sum(sum[:0])
+	return data, sum, nil
 }
 
 func (b *backends) logLoaded() {

@@ -125,8 +125,14 @@ func TestBackendConfigReloadsWithoutRestart(t *testing.T) {
 	metric("ephemeral_secrets_backend_config_generation 2")
 	kept := publish("after-broken-file")
 
+	// The Secret fixed (the same content as generation 2, in a new
+	// directory, as when only another key changed) is loaded.
+	writeLikeKubelet(t, dir, config(newPassword))
+	metric("ephemeral_secrets_backend_config_generation 3")
+	fixed := publish("after-fix")
+
 	// Leases of both generations are revoked by the providers in use.
-	for _, p := range []kubelet.Pod{before, after, kept} {
+	for _, p := range []kubelet.Pod{before, after, kept, fixed} {
 		if err := f.kube.Unpublish(ctx, p, "db"); err != nil {
 			t.Fatalf("unpublish %s: %v", p.Name, err)
 		}
@@ -144,6 +150,7 @@ func TestBackendConfigReloadsWithoutRestart(t *testing.T) {
 		`"stage":"config","volume_id":"","pod":{"namespace":"","name":"","uid":"","serviceAccount":""},"outcome":"success","detail":"generation 1"`,
 		`"outcome":"success","detail":"generation 2"`,
 		`"outcome":"error","error":"backend config ` + path + `: not valid (check its keys and indentation)","detail":"generation 2 stays in use"`,
+		`"outcome":"success","detail":"generation 3"`,
 	} {
 		if !strings.Contains(string(audit), want) {
 			t.Errorf("audit log lacks %s", want)
