@@ -204,21 +204,9 @@ func TestClassesComeFromThePodsNamespaceThroughTheCache(t *testing.T) {
 		t.Fatalf("team-b using team-a's class: %v, want NotFound", err)
 	}
 	// ...and the pod is told why.
-	harness.Eventually(t, 10*time.Second, "warning event on the team-b pod", func() (bool, error) {
-		evs, err := clients.CoreV1().Events("team-b").List(ctx, metav1.ListOptions{})
-		if err != nil {
-			return false, err
-		}
-		for _, e := range evs.Items {
-			if e.InvolvedObject.Name == "intruder" && e.Type == "Warning" && e.Reason == "SecretProviderClassNotFound" {
-				if !strings.Contains(e.Message, "db") {
-					t.Errorf("event message does not name the class: %q", e.Message)
-				}
-				return true, nil
-			}
-		}
-		return false, nil
-	})
+	if msg := warningEvent(t, "team-b", "intruder", "SecretProviderClassNotFound"); !strings.Contains(msg, "db") {
+		t.Errorf("event message does not name the class: %q", msg)
+	}
 
 	// A refused service account: PermissionDenied, and an event that carries no token.
 	createClass(t, "team-b", "db", map[string]any{"connection": "main", "role": "reader"})
@@ -278,21 +266,30 @@ func TestClassesComeFromThePodsNamespaceThroughTheCache(t *testing.T) {
 		}
 		return status.Code(err) == codes.InvalidArgument, nil
 	})
-	harness.Eventually(t, 10*time.Second, "secretObjects event", func() (bool, error) {
-		evs, err := clients.CoreV1().Events("team-a").List(ctx, metav1.ListOptions{})
+	if msg := warningEvent(t, "team-a", "nosy", "InvalidVolumeRequest"); !strings.Contains(msg, "never writes Kubernetes Secrets") {
+		t.Errorf("event does not say why: %q", msg)
+	}
+}
+
+// warningEvent waits for a Warning event of reason on the pod and returns
+// its message.
+func warningEvent(t *testing.T, ns, pod, reason string) string {
+	t.Helper()
+	var msg string
+	harness.Eventually(t, 10*time.Second, reason+" event on "+ns+"/"+pod, func() (bool, error) {
+		evs, err := clients.CoreV1().Events(ns).List(context.Background(), metav1.ListOptions{})
 		if err != nil {
 			return false, err
 		}
 		for _, e := range evs.Items {
-			if e.InvolvedObject.Name == "nosy" && e.Type == "Warning" && e.Reason == "InvalidVolumeRequest" {
-				if !strings.Contains(e.Message, "never writes Kubernetes Secrets") {
-					t.Errorf("event does not say why: %q", e.Message)
-				}
+			if e.InvolvedObject.Name == pod && e.Type == "Warning" && e.Reason == reason {
+				msg = e.Message
 				return true, nil
 			}
 		}
 		return false, nil
 	})
+	return msg
 }
 
 // A real TokenRequest token for the pod's service account reaches the
