@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"sync"
 	"time"
 
 	"k8s.io/klog/v2"
@@ -100,7 +101,9 @@ type backends struct {
 	audit   *audit.Logger
 	metrics *metrics.Metrics
 
-	reg      *provider.Registry // shared with the lease manager; swapped in place
+	reg *provider.Registry // shared with the lease manager; swapped in place
+
+	mu       sync.Mutex // closeCur: Reload sets it, Close may run meanwhile at shutdown
 	closeCur func()
 	loaded   [sha256.Size]byte // version of the file in use
 	failed   [sha256.Size]byte // version that last failed, not retried until it changes
@@ -136,7 +139,11 @@ func loadBackends(path string, extra []Register, grace time.Duration, al *audit.
 }
 
 // Close closes the providers in use.
-func (b *backends) Close() { b.closeCur() }
+func (b *backends) Close() {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.closeCur()
+}
 
 // Watch reloads the file every interval until ctx is done.
 func (b *backends) Watch(ctx context.Context, interval time.Duration) {
@@ -181,9 +188,12 @@ func (b *backends) Reload(ctx context.Context) {
 		b.fail(err)
 		return
 	}
+	b.mu.Lock()
 	b.reg.Replace(reg)
 	old := b.closeCur
-	b.closeCur, b.loaded, b.failed = closeAll, sum, [sha256.Size]byte{}
+	b.closeCur = closeAll
+	b.mu.Unlock()
+	b.loaded, b.failed = sum, [sha256.Size]byte{}
 	b.gen++
 	b.logLoaded()
 	go func() {

@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"os"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
@@ -16,37 +15,12 @@ import (
 	"github.com/ephemeral-secrets/csi-driver/test/kubelet"
 )
 
-// writeLikeKubelet updates dir the way kubelet updates a mounted Secret:
-// the new content goes to a new timestamped directory, the ..data symlink
-// is swapped to it by a rename, and backends.yaml is a symlink through
-// ..data, so its path never changes. It returns that path.
+// writeLikeKubelet writes the backend file as kubelet updates a Secret.
 func writeLikeKubelet(t *testing.T, dir, content string) string {
 	t.Helper()
-	old, _ := os.Readlink(filepath.Join(dir, "..data"))
-	ts, err := os.MkdirTemp(dir, time.Now().UTC().Format("..2006_01_02_15_04_05."))
+	path, err := harness.WriteLikeKubelet(dir, "backends.yaml", content)
 	if err != nil {
 		t.Fatal(err)
-	}
-	if err := os.WriteFile(filepath.Join(ts, "backends.yaml"), []byte(content), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	tmp := filepath.Join(dir, "..data_tmp")
-	if err := os.Symlink(filepath.Base(ts), tmp); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Rename(tmp, filepath.Join(dir, "..data")); err != nil {
-		t.Fatal(err)
-	}
-	path := filepath.Join(dir, "backends.yaml")
-	if _, err := os.Lstat(path); os.IsNotExist(err) {
-		if err := os.Symlink(filepath.Join("..data", "backends.yaml"), path); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if old != "" {
-		if err := os.RemoveAll(filepath.Join(dir, old)); err != nil {
-			t.Fatal(err)
-		}
 	}
 	return path
 }
