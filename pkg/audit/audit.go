@@ -1,5 +1,6 @@
 // Package audit writes one JSON record per lifecycle stage of a credential:
-// request, issue, renew, rotate, revoke, expire, failure. Records carry
+// request, issue, renew, rotate, revoke, expire, failure; and one per load
+// of the backend configuration (config). Records carry
 // who, what, when and how long; never a secret.
 package audit
 
@@ -24,6 +25,9 @@ const (
 	Revoke  Stage = "revoke"
 	Expire  Stage = "expire"
 	Failure Stage = "failure"
+	// Config is a (re)load of the admin's backend configuration; its
+	// Detail names the generation, never the file's content.
+	Config Stage = "config"
 )
 
 // Outcomes.

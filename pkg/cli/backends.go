@@ -1,11 +1,21 @@
 package cli
 
 import (
+	"context"
+	"crypto/sha256"
+	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"time"
 
+	"k8s.io/klog/v2"
 	"sigs.k8s.io/yaml"
 
+	"github.com/ephemeral-secrets/csi-driver/pkg/audit"
+	"github.com/ephemeral-secrets/csi-driver/pkg/metrics"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider/aws"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider/postgres"
@@ -19,9 +29,10 @@ type backendConfig struct {
 	AWS      *aws.Config      `json:"aws,omitempty"`
 }
 
-// loadBackends reads the backend file and builds the providers it
-// configures. An empty path configures none.
-func loadBackends(path string) (*provider.Registry, func(), error) {
+// buildBackends builds the providers data (the content of the backend
+// file at path) configures, and those of extra. Its errors never quote
+// data: the file holds admin credentials.
+func buildBackends(path string, data []byte, extra []Register) (*provider.Registry, func(), error) {
 	reg := &provider.Registry{}
 	closers := []func(){}
 	closeAll := func() {
@@ -29,17 +40,14 @@ func loadBackends(path string) (*provider.Registry, func(), error) {
 			c()
 		}
 	}
-	if path == "" {
-		return reg, closeAll, nil
-	}
-	data, err := os.ReadFile(path)
-	if err != nil {
-		return nil, nil, fmt.Errorf("backend config: %w", err)
+	fail := func(err error) (*provider.Registry, func(), error) {
+		closeAll()
+		return nil, nil, err
 	}
 	var cfg backendConfig
 	if err := yaml.UnmarshalStrict(data, &cfg); err != nil {
 		// The YAML library's message can quote the offending line; this file holds admin credentials.
-		return nil, nil, fmt.Errorf("backend config %s: not valid (check its keys and indentation)", path)
+		return fail(fmt.Errorf("backend config %s: not valid (check its keys and indentation)", path))
 	}
 	add := func(name string, p provider.Provider, err error) error {
 		if err != nil {
@@ -50,21 +58,196 @@ func loadBackends(path string) (*provider.Registry, func(), error) {
 	if cfg.Postgres != nil {
 		p, err := postgres.New(*cfg.Postgres)
 		if err := add(postgres.Name, p, err); err != nil {
-			return nil, nil, err
+			return fail(err)
 		}
 		closers = append(closers, p.Close)
 	}
 	if cfg.Vault != nil {
 		p, err := vault.New(*cfg.Vault)
 		if err := add(vault.Name, p, err); err != nil {
-			return nil, nil, err
+			return fail(err)
 		}
 	}
 	if cfg.AWS != nil {
 		p, err := aws.New(*cfg.AWS)
 		if err := add(aws.Name, p, err); err != nil {
-			return nil, nil, err
+			return fail(err)
+		}
+	}
+	for _, r := range extra {
+		if err := r(reg); err != nil {
+			return fail(err)
 		}
 	}
 	return reg, closeAll, nil
+}
+
+// backends is the serving driver's backend configuration: the registry
+// the lease manager reads, kept equal to the backend file.
+//
+// The file is a mounted Secret: kubelet updates it by writing a new
+// directory and swapping a symlink, so its path stays and its content
+// changes. Reload reads it through the path and compares a hash of the
+// content and of the path the symlinks lead to, which sees that swap (and
+// any other write) without watching the directory. The resolved path
+// counts so that an update of another key of the Secret (a Vault CA file
+// the configuration names, read when providers are built) is loaded too.
+type backends struct {
+	path  string
+	extra []Register
+	// grace is how long replaced providers stay open: every call with
+	// them is bounded by the backend timeout, so after it none is left.
+	grace   time.Duration
+	audit   *audit.Logger
+	metrics *metrics.Metrics
+
+	reg *provider.Registry // shared with the lease manager; swapped in place
+
+	mu       sync.Mutex // closeCur: Reload sets it, Close may run meanwhile at shutdown
+	closeCur func()
+	loaded   [sha256.Size]byte // version of the file in use
+	failed   [sha256.Size]byte // version that last failed, not retried until it changes
+	readErr  bool
+	gen      int
+}
+
+// loadBackends loads generation 1 of the backend file (none with an empty
+// path) and the providers of extra.
+func loadBackends(path string, extra []Register, grace time.Duration, al *audit.Logger, m *metrics.Metrics) (*backends, error) {
+	b := &backends{path: path, extra: extra, grace: grace, audit: al, metrics: m, reg: &provider.Registry{}}
+	var data []byte
+	var version [sha256.Size]byte
+	if path != "" {
+		var err error
+		for range 3 { // a swap while read: read again
+			if data, version, err = b.read(); !errors.Is(err, errSwapping) {
+				break
+			}
+		}
+		if err != nil {
+			return nil, err
+		}
+	}
+	reg, closeAll, err := buildBackends(path, data, extra)
+	if err != nil {
+		return nil, err
+	}
+	b.reg.Replace(reg)
+	b.closeCur, b.loaded, b.gen = closeAll, version, 1
+	b.logLoaded()
+	return b, nil
+}
+
+// Close closes the providers in use.
+func (b *backends) Close() {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.closeCur()
+}
+
+// Watch reloads the file every interval until ctx is done.
+func (b *backends) Watch(ctx context.Context, interval time.Duration) {
+	if b.path == "" || interval <= 0 {
+		return
+	}
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			b.Reload(ctx)
+		}
+	}
+}
+
+// Reload loads the file if its content changed. A file that does not
+// load leaves the configuration in use as it is; one that does replaces
+// every provider at once, and the replaced ones are closed after the
+// grace period (in the background, until ctx is done).
+func (b *backends) Reload(ctx context.Context) {
+	data, sum, err := b.read()
+	if errors.Is(err, errSwapping) {
+		return // the next tick sees the new version whole
+	}
+	if err != nil {
+		if !b.readErr { // once per outage, not at every tick
+			b.readErr = true
+			b.fail(err)
+		}
+		return
+	}
+	b.readErr = false
+	if sum == b.loaded || sum == b.failed {
+		return
+	}
+	reg, closeAll, err := buildBackends(b.path, data, b.extra)
+	if err != nil {
+		b.failed = sum
+		b.fail(err)
+		return
+	}
+	b.mu.Lock()
+	b.reg.Replace(reg)
+	old := b.closeCur
+	b.closeCur = closeAll
+	b.mu.Unlock()
+	b.loaded, b.failed = sum, [sha256.Size]byte{}
+	b.gen++
+	b.logLoaded()
+	go func() {
+		select {
+		case <-time.After(b.grace):
+		case <-ctx.Done():
+		}
+		old()
+	}()
+}
+
+// errSwapping means the file changed while it was read.
+var errSwapping = errors.New("backend config changed while read")
+
+// read returns the file's content, read through its path, and its
+// version: a hash of the content and of the path the symlinks lead to.
+func (b *backends) read() ([]byte, [sha256.Size]byte, error) {
+	var sum [sha256.Size]byte
+	before, _ := filepath.EvalSymlinks(b.path)
+	data, err := os.ReadFile(b.path)
+	if err != nil {
+		return nil, sum, fmt.Errorf("backend config: %w", err)
+	}
+	if after, _ := filepath.EvalSymlinks(b.path); after != before {
+		return nil, sum, errSwapping
+	}
+	h := sha256.New()
+	h.Write([]byte(before))
+	h.Write([]byte{0})
+	h.Write(data)
+	h.Sum(sum[:0])
+	return data, sum, nil
+}
+
+func (b *backends) logLoaded() {
+	klog.InfoS("Backend configuration loaded", "path", b.path, "generation", b.gen, "providers", b.reg.Names())
+	b.metrics.BackendConfigLoaded(b.gen)
+	b.logAudit(audit.Success, nil)
+}
+
+func (b *backends) fail(err error) {
+	klog.ErrorS(err, "Backend configuration changed but does not load; the previous one stays in use",
+		"path", b.path, "generation", b.gen)
+	b.metrics.BackendConfigReloadError()
+	b.logAudit(audit.Error, err)
+}
+
+func (b *backends) logAudit(outcome string, err error) {
+	rec := audit.Record{Stage: audit.Config, Outcome: outcome, Detail: "generation " + strconv.Itoa(b.gen)}
+	if err != nil {
+		rec.Error = err.Error()
+		rec.Detail += " stays in use"
+	}
+	if aerr := b.audit.Log(rec); aerr != nil {
+		klog.ErrorS(aerr, "Writing the audit log")
+	}
 }

@@ -70,6 +70,7 @@ type serveFlags struct {
 	metricsAddr, kubeconfig, registrationDir, registrationPath          string
 	maxVolumeBytes                                                      int64
 	sweep, retryMin, retryMax, backendTimeout, rotationGrace            time.Duration
+	backendReload                                                       time.Duration
 	renewFraction                                                       float64
 	tokensInSecrets                                                     bool
 	limits                                                              limits.Options
@@ -87,6 +88,7 @@ func serve(version string, args []string, extra []Register) error {
 	fs.StringVar(&f.classes, "classes-file", "", "YAML file of SecretProviderClass documents, instead of the cluster's")
 	fs.StringVar(&f.kubeconfig, "kubeconfig", "", "kubeconfig for the Kubernetes API; empty: the in-cluster service account")
 	fs.StringVar(&f.backends, "backend-config", "", "YAML file configuring the backends (admin credentials; mount it from a Secret)")
+	fs.DurationVar(&f.backendReload, "backend-reload-interval", 10*time.Second, "how often the backend file is checked for a change (a new Secret from kubelet); 0: never, read at start only")
 	fs.StringVar(&f.auditLog, "audit-log", "-", "where audit records go: - for stdout, or a file path")
 	fs.Int64Var(&f.maxVolumeBytes, "max-volume-bytes", 1<<20, "size cap of one volume's files")
 	fs.DurationVar(&f.sweep, "sweep-interval", time.Minute, "how often volumes whose target vanished are looked for")
@@ -124,20 +126,22 @@ func serve(version string, args []string, extra []Register) error {
 	if err != nil {
 		return err
 	}
-	providers, closeProviders, err := loadBackends(f.backends)
+	var mgr *lease.Manager
+	m := metrics.New(func() metrics.State { return mgr.State() })
+	auditLog := audit.New(auditOut)
+	// Replaced providers are closed once no call with them can be left:
+	// each is bounded by the backend timeout (twice it, for a call that
+	// took the provider just before the swap).
+	grace := 2 * f.backendTimeout
+	if grace <= 0 {
+		grace = time.Minute // the lease manager's default timeout, twice
+	}
+	providers, err := loadBackends(f.backends, extra, grace, auditLog, m)
 	if err != nil {
 		return err
 	}
-	defer closeProviders()
-	for _, r := range extra {
-		if err := r(providers); err != nil {
-			return err
-		}
-	}
-
+	defer providers.Close()
 	targets := storage.TargetPolicy{KubeletDir: f.kubeletDir}
-	var mgr *lease.Manager
-	m := metrics.New(func() metrics.State { return mgr.State() })
 
 	var classes spc.Resolver
 	var sink events.Sink
@@ -175,7 +179,7 @@ func serve(version string, args []string, extra []Register) error {
 	}
 	mgr = lease.New(lease.Options{
 		Metrics: m,
-		Store:   store, Providers: providers, Classes: classes, Audit: audit.New(auditOut),
+		Store:   store, Providers: providers.reg, Classes: classes, Audit: auditLog,
 		VerifyTarget:  targets.CheckNoSymlinks,
 		RenewFraction: f.renewFraction, RetryMin: f.retryMin, RetryMax: f.retryMax, RotationGrace: f.rotationGrace,
 		BackendTimeout: f.backendTimeout, SweepInterval: f.sweep,
@@ -224,6 +228,7 @@ func serve(version string, args []string, extra []Register) error {
 	// Serve at once (Probe says not ready) and recover meanwhile.
 	errc := make(chan error, 1)
 	go func() { errc <- d.Serve(ctx, l) }()
+	go providers.Watch(ctx, f.backendReload) // a fixed admin password also helps the recovery
 	if err := mgr.Recover(ctx); err != nil {
 		return fmt.Errorf("recovery: %w", err)
 	}

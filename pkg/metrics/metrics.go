@@ -54,6 +54,8 @@ type Metrics struct {
 	kubeRequests *prometheus.CounterVec
 	firstSeen    *prometheus.CounterVec
 	refusals     *prometheus.CounterVec
+	configGen    prometheus.Gauge
+	configErrors prometheus.Counter
 }
 
 // New returns Metrics whose gauges are read from state at each scrape.
@@ -86,7 +88,16 @@ func New(state func() State) *Metrics {
 		Namespace: namespace, Name: "publish_refusals_total",
 		Help: "New publishes refused by the admin's limits, by namespace and limit (namespace_leases, node_leases, publish_rate).",
 	}, []string{"namespace", "limit"})
-	m.reg.MustRegister(m.rpc, m.leaseOps, m.authFailures, m.kubeRequests, m.firstSeen, m.refusals, &stateCollector{state: state},
+	m.configGen = prometheus.NewGauge(prometheus.GaugeOpts{
+		Namespace: namespace, Name: "backend_config_generation",
+		Help: "Backend configurations loaded since start (1 after start; each good reload adds one).",
+	})
+	m.configErrors = prometheus.NewCounter(prometheus.CounterOpts{
+		Namespace: namespace, Name: "backend_config_reload_errors_total",
+		Help: "Changed backend configurations that failed to load (the previous one stays in use).",
+	})
+	m.reg.MustRegister(m.rpc, m.leaseOps, m.authFailures, m.kubeRequests, m.firstSeen, m.refusals, m.configGen, m.configErrors,
+		&stateCollector{state: state},
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
@@ -129,6 +140,24 @@ func (m *Metrics) Refusal(namespace, limit string) {
 		return
 	}
 	m.refusals.WithLabelValues(namespace, limit).Inc()
+}
+
+// BackendConfigLoaded records that generation gen of the backend
+// configuration is in use.
+func (m *Metrics) BackendConfigLoaded(gen int) {
+	if m == nil {
+		return
+	}
+	m.configGen.Set(float64(gen))
+}
+
+// BackendConfigReloadError records a changed backend configuration that
+// failed to load.
+func (m *Metrics) BackendConfigReloadError() {
+	if m == nil {
+		return
+	}
+	m.configErrors.Inc()
 }
 
 // CountRequests wraps an HTTP transport so that every Kubernetes API

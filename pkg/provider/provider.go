@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"sort"
+	"sync"
 	"time"
 )
 
@@ -112,13 +113,17 @@ type Provider interface {
 }
 
 // Registry maps provider names (SecretProviderClass spec.provider) to
-// Providers. The zero value is empty and ready to use.
+// Providers. The zero value is empty and ready to use. It is safe for
+// concurrent use: Replace swaps the whole set while Get is being called.
 type Registry struct {
+	mu        sync.RWMutex
 	providers map[string]Provider
 }
 
 // Register adds p under name; registering a name twice is an error.
 func (r *Registry) Register(name string, p Provider) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
 	if r.providers == nil {
 		r.providers = map[string]Provider{}
 	}
@@ -129,18 +134,36 @@ func (r *Registry) Register(name string, p Provider) error {
 	return nil
 }
 
+// Replace makes r hold exactly the providers of other, at once: a Get
+// sees either the old set or the new one. other should not be used after.
+func (r *Registry) Replace(other *Registry) {
+	other.mu.RLock()
+	next := make(map[string]Provider, len(other.providers))
+	for n, p := range other.providers {
+		next[n] = p
+	}
+	other.mu.RUnlock()
+	r.mu.Lock()
+	r.providers = next
+	r.mu.Unlock()
+}
+
 // Get returns the provider registered under name.
 func (r *Registry) Get(name string) (Provider, bool) {
+	r.mu.RLock()
+	defer r.mu.RUnlock()
 	p, ok := r.providers[name]
 	return p, ok
 }
 
 // Names lists the registered providers, sorted.
 func (r *Registry) Names() []string {
+	r.mu.RLock()
 	names := make([]string, 0, len(r.providers))
 	for n := range r.providers {
 		names = append(names, n)
 	}
+	r.mu.RUnlock()
 	sort.Strings(names)
 	return names
 }

@@ -48,6 +48,9 @@ func (r *FileResolver) Resolve(_ context.Context, namespace, name string) (*Clas
 	if !ok {
 		return nil, fmt.Errorf("%w: %s/%s", ErrClassNotFound, namespace, name)
 	}
+	if c.refusal != nil {
+		return nil, c.refusal
+	}
 	return c, nil
 }
 
@@ -81,14 +84,16 @@ type document struct {
 		Namespace string `json:"namespace"`
 	} `json:"metadata"`
 	Spec struct {
-		Provider   string            `json:"provider"`
-		Parameters map[string]string `json:"parameters"`
+		Provider      string            `json:"provider"`
+		Parameters    map[string]string `json:"parameters"`
+		SecretObjects any               `json:"secretObjects"`
 	} `json:"spec"`
 }
 
 // ParseClasses parses a multi-document YAML stream of SecretProviderClasses
 // keyed by "namespace/name". Documents of another kind are skipped; a
-// class without a namespace is in "default", as kubectl would place it.
+// class without a namespace is in "default", as kubectl would place it. A
+// class with spec.secretObjects is kept, but resolving it is refused.
 func ParseClasses(data []byte) (map[string]*Class, error) {
 	classes := map[string]*Class{}
 	reader := utilyaml.NewYAMLReader(bufio.NewReader(bytes.NewReader(data)))
@@ -131,7 +136,11 @@ func ParseClasses(data []byte) (map[string]*Class, error) {
 		if params == nil {
 			params = map[string]string{}
 		}
-		classes[key] = &Class{Namespace: ns, Name: d.Metadata.Name, Provider: d.Spec.Provider, Parameters: params}
+		c := &Class{Namespace: ns, Name: d.Metadata.Name, Provider: d.Spec.Provider, Parameters: params}
+		if !isEmpty(d.Spec.SecretObjects) {
+			c.refusal = refuseSecretObjects(ns, d.Metadata.Name)
+		}
+		classes[key] = c
 	}
 	return classes, nil
 }

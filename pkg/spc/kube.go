@@ -96,6 +96,9 @@ func classFrom(u *unstructured.Unstructured) (*Class, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%w: class %s/%s: spec.parameters: %v", ErrInvalidContext, u.GetNamespace(), u.GetName(), err)
 	}
+	if objs, _, _ := unstructured.NestedFieldNoCopy(u.Object, "spec", "secretObjects"); !isEmpty(objs) {
+		return nil, refuseSecretObjects(u.GetNamespace(), u.GetName())
+	}
 	params := make(map[string]string, len(raw))
 	for k, v := range raw {
 		s, ok := v.(string)
@@ -105,4 +108,13 @@ func classFrom(u *unstructured.Unstructured) (*Class, error) {
 		params[k] = s
 	}
 	return &Class{Namespace: u.GetNamespace(), Name: u.GetName(), Provider: prov, Parameters: params}, nil
+}
+
+// isEmpty reports whether a field is absent, null or an empty list.
+func isEmpty(v any) bool {
+	if v == nil {
+		return true
+	}
+	l, ok := v.([]any)
+	return ok && len(l) == 0
 }

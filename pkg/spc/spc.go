@@ -5,6 +5,7 @@ package spc
 import (
 	"context"
 	"errors"
+	"fmt"
 )
 
 // APIVersion and Kind of the SecretProviderClass documents we read; the same
@@ -23,6 +24,19 @@ type Class struct {
 	Name       string
 	Provider   string
 	Parameters map[string]string
+
+	// refusal, when set, is why the class cannot be used (a classes file
+	// keeps its other classes usable).
+	refusal error
+}
+
+// refuseSecretObjects is the error for a class that asks for
+// secrets-store-csi-driver's sync to a Kubernetes Secret.
+func refuseSecretObjects(namespace, name string) error {
+	return fmt.Errorf("%w: class %s/%s sets spec.secretObjects, which this driver refuses: it never writes "+
+		"Kubernetes Secrets, since a credential copied into a Secret is stored in etcd and outlives the pod it "+
+		"was issued for; remove secretObjects and read the files of the volume instead",
+		ErrInvalidContext, namespace, name)
 }
 
 // Ref is "namespace/name", the form used in metadata and audit.

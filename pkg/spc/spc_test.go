@@ -8,6 +8,9 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"sigs.k8s.io/yaml"
 )
 
 const uid = "0b9e2f36-6a7c-4d3e-9f4e-3a1c2b5d6e7f"
@@ -195,4 +198,76 @@ func FuzzParseClasses(f *testing.F) {
 			}
 		}
 	})
+}
+
+const withSecretObjects = `apiVersion: secrets-store.csi.x-k8s.io/v1
+kind: SecretProviderClass
+metadata:
+  name: synced
+  namespace: shop
+spec:
+  provider: postgres
+  parameters:
+    role: reader
+  secretObjects:
+    - secretName: db-creds
+      type: Opaque
+      data:
+        - objectName: password
+          key: password
+`
+
+// assertSecretObjectsRefused checks the refusal is an invalid class that
+// says why, so the driver answers InvalidArgument.
+func assertSecretObjectsRefused(t *testing.T, c *Class, err error) {
+	t.Helper()
+	if !errors.Is(err, ErrInvalidContext) || c != nil {
+		t.Fatalf("class with secretObjects: %+v %v, want ErrInvalidContext", c, err)
+	}
+	for _, want := range []string{"shop/synced", "secretObjects", "never writes Kubernetes Secrets", "etcd"} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("refusal %q does not say %q", err, want)
+		}
+	}
+}
+
+func TestFileResolverRefusesSecretObjects(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "classes.yaml")
+	if err := os.WriteFile(path, []byte(classDocs+"---\n"+withSecretObjects), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	r, err := NewFileResolver(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	c, err := r.Resolve(ctx, "shop", "synced")
+	assertSecretObjectsRefused(t, c, err)
+	// The file's other classes stay usable, and an empty list is no sync.
+	if c, err := r.Resolve(ctx, "shop", "db"); err != nil || c.Provider != "postgres" {
+		t.Fatalf("shop/db next to a refused class: %+v %v", c, err)
+	}
+	empty := strings.Split(withSecretObjects, "  secretObjects:")[0] + "  secretObjects: []\n"
+	if err := os.WriteFile(path, []byte(empty), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if c, err := r.Resolve(ctx, "shop", "synced"); err != nil || c.Provider != "postgres" {
+		t.Fatalf("empty secretObjects: %+v %v", c, err)
+	}
+}
+
+func TestKubeClassRefusesSecretObjects(t *testing.T) {
+	var u unstructured.Unstructured
+	if err := yaml.Unmarshal([]byte(withSecretObjects), &u.Object); err != nil {
+		t.Fatal(err)
+	}
+	c, err := classFrom(&u)
+	assertSecretObjectsRefused(t, c, err)
+
+	if err := unstructured.SetNestedSlice(u.Object, []any{}, "spec", "secretObjects"); err != nil {
+		t.Fatal(err)
+	}
+	if c, err := classFrom(&u); err != nil || c.Ref() != "shop/synced" {
+		t.Fatalf("empty secretObjects: %+v %v", c, err)
+	}
 }

@@ -148,7 +148,7 @@ func TestDefaults(t *testing.T) {
 	checkRegistration(t, ds, driver, "/var/lib/kubelet")
 	// Flags left to the driver's defaults are not passed.
 	for _, a := range driver.Args {
-		for _, f := range []string{"--max-volume-bytes", "--renew-fraction", "--retry-", "--backend-timeout", "--sweep-interval"} {
+		for _, f := range []string{"--max-volume-bytes", "--renew-fraction", "--retry-", "--backend-timeout", "--backend-reload-interval", "--sweep-interval"} {
 			if strings.HasPrefix(a, f) {
 				t.Errorf("default values pass %s", a)
 			}

@@ -63,7 +63,7 @@ func TestEveryValueReachesTheObjects(t *testing.T) {
 		"--backend-config=/etc/ephemeral-secrets/backends/config.yaml",
 		"--audit-log=/var/log/esc/audit.jsonl", "--metrics-address=:9900", "-v=4",
 		"--max-volume-bytes=2097152", "--renew-fraction=0.5", "--retry-min=2s", "--retry-max=2m",
-		"--backend-timeout=10s", "--sweep-interval=30s", "--rotation-grace=2s",
+		"--backend-timeout=10s", "--backend-reload-interval=30s", "--sweep-interval=30s", "--rotation-grace=2s",
 		"--max-leases-per-namespace=20", "--max-leases-per-node=200", "--publish-rate-per-namespace=0.5", "--publish-burst-per-namespace=5", "--classes-file=/etc/classes/classes.yaml",
 	} {
 		if !slices.Contains(driver.Args, a) {

@@ -98,6 +98,11 @@ func createClass(t *testing.T, ns, name string, params map[string]any) {
 
 func createClassOf(t *testing.T, ns, name, prov string, params map[string]any) {
 	t.Helper()
+	createClassSpec(t, ns, name, map[string]any{"provider": prov, "parameters": params})
+}
+
+func createClassSpec(t *testing.T, ns, name string, spec map[string]any) {
+	t.Helper()
 	dyn, err := dynamic.NewForConfig(cluster.Config())
 	if err != nil {
 		t.Fatal(err)
@@ -105,7 +110,7 @@ func createClassOf(t *testing.T, ns, name, prov string, params map[string]any) {
 	obj := &unstructured.Unstructured{Object: map[string]any{
 		"apiVersion": "secrets-store.csi.x-k8s.io/v1", "kind": "SecretProviderClass",
 		"metadata": map[string]any{"name": name, "namespace": ns},
-		"spec":     map[string]any{"provider": prov, "parameters": params},
+		"spec":     spec,
 	}}
 	if _, err := dyn.Resource(spc.GVR).Namespace(ns).Create(context.Background(), obj, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
@@ -199,21 +204,9 @@ func TestClassesComeFromThePodsNamespaceThroughTheCache(t *testing.T) {
 		t.Fatalf("team-b using team-a's class: %v, want NotFound", err)
 	}
 	// ...and the pod is told why.
-	harness.Eventually(t, 10*time.Second, "warning event on the team-b pod", func() (bool, error) {
-		evs, err := clients.CoreV1().Events("team-b").List(ctx, metav1.ListOptions{})
-		if err != nil {
-			return false, err
-		}
-		for _, e := range evs.Items {
-			if e.InvolvedObject.Name == "intruder" && e.Type == "Warning" && e.Reason == "SecretProviderClassNotFound" {
-				if !strings.Contains(e.Message, "db") {
-					t.Errorf("event message does not name the class: %q", e.Message)
-				}
-				return true, nil
-			}
-		}
-		return false, nil
-	})
+	if msg := warningEvent(t, "team-b", "intruder", "SecretProviderClassNotFound"); !strings.Contains(msg, "db") {
+		t.Errorf("event message does not name the class: %q", msg)
+	}
 
 	// A refused service account: PermissionDenied, and an event that carries no token.
 	createClass(t, "team-b", "db", map[string]any{"connection": "main", "role": "reader"})
@@ -257,6 +250,46 @@ func TestClassesComeFromThePodsNamespaceThroughTheCache(t *testing.T) {
 	if err := f.kube.Unpublish(ctx, pod2, "db"); err != nil {
 		t.Fatal(err)
 	}
+
+	// A class that asks for a sync to a Kubernetes Secret (kept by the
+	// CRD, not pruned) is refused, and the pod is told why.
+	createClassSpec(t, "team-a", "synced", map[string]any{
+		"provider": "postgres", "parameters": map[string]any{"connection": "main", "role": "reader"},
+		"secretObjects": []any{map[string]any{"secretName": "db", "type": "Opaque",
+			"data": []any{map[string]any{"objectName": "password", "key": "password"}}}},
+	})
+	nosy := podFor(t, "team-a", "nosy", "app", uidsA["nosy"])
+	harness.Eventually(t, 10*time.Second, "class with secretObjects refused", func() (bool, error) {
+		_, err := f.kube.Publish(ctx, nosy, volume("synced"))
+		if err == nil {
+			t.Fatal("a class with secretObjects was accepted")
+		}
+		return status.Code(err) == codes.InvalidArgument, nil
+	})
+	if msg := warningEvent(t, "team-a", "nosy", "InvalidVolumeRequest"); !strings.Contains(msg, "never writes Kubernetes Secrets") {
+		t.Errorf("event does not say why: %q", msg)
+	}
+}
+
+// warningEvent waits for a Warning event of reason on the pod and returns
+// its message.
+func warningEvent(t *testing.T, ns, pod, reason string) string {
+	t.Helper()
+	var msg string
+	harness.Eventually(t, 10*time.Second, reason+" event on "+ns+"/"+pod, func() (bool, error) {
+		evs, err := clients.CoreV1().Events(ns).List(context.Background(), metav1.ListOptions{})
+		if err != nil {
+			return false, err
+		}
+		for _, e := range evs.Items {
+			if e.InvolvedObject.Name == pod && e.Type == "Warning" && e.Reason == reason {
+				msg = e.Message
+				return true, nil
+			}
+		}
+		return false, nil
+	})
+	return msg
 }
 
 // A real TokenRequest token for the pod's service account reaches the

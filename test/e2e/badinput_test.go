@@ -97,6 +97,7 @@ func TestBadInput(t *testing.T) {
 		{name: "file name with dot-dot", class: "escape", code: codes.InvalidArgument},
 		{name: "absolute file name", class: "absolute", code: codes.InvalidArgument},
 		{name: "oversized output", class: "huge", code: codes.ResourceExhausted},
+		{name: "sync to a Kubernetes Secret", class: "synced", code: codes.InvalidArgument},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

@@ -179,6 +179,23 @@ spec:
     files: |
       - path: /etc/evil
         value: password
+---
+apiVersion: secrets-store.csi.x-k8s.io/v1
+kind: SecretProviderClass
+metadata:
+  name: synced
+  namespace: team-a
+spec:
+  provider: postgres
+  parameters:
+    connection: main
+    role: reader
+  secretObjects:
+    - secretName: app-db
+      type: Opaque
+      data:
+        - objectName: password
+          key: password
 `
 
 // backends configures the postgres provider against the suite's server.

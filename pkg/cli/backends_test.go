@@ -1,0 +1,113 @@
+package cli
+
+import (
+	"bytes"
+	"context"
+	"io"
+	"net/http/httptest"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/ephemeral-secrets/csi-driver/pkg/audit"
+	"github.com/ephemeral-secrets/csi-driver/pkg/metrics"
+	"github.com/ephemeral-secrets/csi-driver/test/harness"
+)
+
+const pgConfig = `postgres:
+  connections:
+    main:
+      url: postgres://admin:%s@127.0.0.1:1/postgres
+      roles:
+        reader:
+          creationStatements: ['CREATE ROLE "{{.Name}}"']
+          allowed: [{namespace: a, serviceAccount: b}]
+`
+
+// kubeletWrite writes the backend file as kubelet updates a Secret.
+func kubeletWrite(t *testing.T, dir, content string) string {
+	t.Helper()
+	path, err := harness.WriteLikeKubelet(dir, "backends.yaml", content)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+func scrape(t *testing.T, m *metrics.Metrics) string {
+	t.Helper()
+	srv := httptest.NewServer(m.Handler(func() bool { return true }, nil))
+	defer srv.Close()
+	resp, err := srv.Client().Get(srv.URL + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return string(b)
+}
+
+// TestReloadCountsEachBadVersionOnce: a broken file, and a file that
+// cannot be read, are each one error however many checks see them; the
+// configuration in use stays; a same-content update in a new directory
+// (another key of the Secret changed) is a new generation.
+func TestReloadCountsEachBadVersionOnce(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	dir := t.TempDir()
+	good := strings.Replace(pgConfig, "%s", "first-secret", 1)
+	path := kubeletWrite(t, dir, good)
+	m := metrics.New(func() metrics.State { return metrics.State{} })
+	var auditOut bytes.Buffer
+	b, err := loadBackends(path, nil, time.Millisecond, audit.New(&auditOut), m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	first, _ := b.reg.Get("postgres")
+	check := func(gen, errs string) {
+		t.Helper()
+		body := scrape(t, m)
+		for _, want := range []string{"ephemeral_secrets_backend_config_generation " + gen + "\n",
+			"ephemeral_secrets_backend_config_reload_errors_total " + errs + "\n"} {
+			if !strings.Contains(body, want) {
+				t.Errorf("metrics lack %q", want)
+			}
+		}
+	}
+	b.Reload(ctx)
+	check("1", "0")
+
+	kubeletWrite(t, dir, good+"  tpyo: second-secret\n")
+	for range 3 {
+		b.Reload(ctx)
+	}
+	check("1", "1")
+	if p, _ := b.reg.Get("postgres"); p != first {
+		t.Errorf("a broken file replaced the provider")
+	}
+
+	if err := os.Remove(path); err != nil {
+		t.Fatal(err)
+	}
+	for range 3 {
+		b.Reload(ctx)
+	}
+	check("1", "2")
+
+	kubeletWrite(t, dir, good)
+	b.Reload(ctx)
+	check("2", "2")
+	if p, _ := b.reg.Get("postgres"); p == first {
+		t.Errorf("the provider was not replaced")
+	}
+	for _, s := range []string{"first-secret", "second-secret", "tpyo"} {
+		if strings.Contains(auditOut.String(), s) {
+			t.Errorf("the audit log quotes the file: %s", s)
+		}
+	}
+	if n := strings.Count(auditOut.String(), `"stage":"config"`); n != 4 {
+		t.Errorf("%d config records, want 4 (load, broken, unreadable, reload):\n%s", n, auditOut.String())
+	}
+}
