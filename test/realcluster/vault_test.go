@@ -60,7 +60,8 @@ func testVaultExample(t *testing.T) {
 	if _, err := cluster.Helm(ctx, args...); err != nil {
 		t.Fatal(err)
 	}
-	// The driver reads its backend configuration at start.
+	// Restart the driver, so that the Vault login happens after a start
+	// too (the configuration itself reloads without one: test/e2e).
 	old := driverPod(t)
 	auditRecords(t, old)
 	if err := cluster.Clients.CoreV1().Pods(node.Namespace).Delete(ctx, old.Name, metav1.DeleteOptions{}); err != nil {
