@@ -166,3 +166,40 @@ func TestLateRenewalRecordsTheLapse(t *testing.T) {
 	unpublish(t, m, v)
 	m.drain(ctx)
 }
+
+// A provider that leaves the configuration (a reload) and comes back: the
+// live lease's renewal keeps being retried and resumes.
+func TestRenewalResumesWhenItsProviderIsBack(t *testing.T) {
+	needPostgres(t)
+	ctx := context.Background()
+	n := newNode(t, time.Hour)
+	reg := registry(n.pg)
+	o := faultOptions
+	o.Store, o.Providers, o.Classes = n.store, reg, n.classes
+	o.RotationGrace = -1
+	m := New(o)
+	defer m.Close()
+	if err := m.Recover(ctx); err != nil {
+		t.Fatal(err)
+	}
+	v := n.volume("reloaded")
+	publish(t, m, v)
+	reg.Replace(&provider.Registry{}) // the provider is gone from the file
+	m.renew(v.ID)
+	m.mu.Lock()
+	failures, at := m.vols[v.ID].failures, m.vols[v.ID].renewAt
+	m.mu.Unlock()
+	if failures != 1 || at.IsZero() || time.Until(at) > 2*time.Minute {
+		t.Fatalf("after a renewal without its provider: %d failures, next try in %s; want a retry scheduled", failures, time.Until(at))
+	}
+	reg.Replace(registry(n.pg)) // and back
+	m.renew(v.ID)
+	m.mu.Lock()
+	failures = m.vols[v.ID].failures
+	m.mu.Unlock()
+	if failures != 0 {
+		t.Fatalf("%d failures after the provider came back; want the lease renewed", failures)
+	}
+	unpublish(t, m, v)
+	m.drain(ctx)
+}

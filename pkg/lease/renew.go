@@ -145,7 +145,14 @@ func (m *Manager) renew(id string) {
 	}
 	prov, ok := m.opts.Providers.Get(v.meta.Provider)
 	if !ok {
-		klog.ErrorS(nil, "Provider of a live lease is not registered; cannot renew", "volumeID", id, "provider", v.meta.Provider)
+		// Gone from the backend configuration (a reload): keep trying, so
+		// that renewal resumes when it is back.
+		m.mu.Lock()
+		v.failures++
+		m.mu.Unlock()
+		d := m.retryDelay(v)
+		klog.ErrorS(nil, "Provider of a live lease is not registered; will retry", "volumeID", id, "provider", v.meta.Provider, "retryIn", d)
+		m.schedule(id, d)
 		return
 	}
 	ctx, cancel := context.WithTimeout(m.ctx, m.opts.BackendTimeout)
