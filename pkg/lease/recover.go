@@ -198,11 +198,11 @@ func (m *Manager) specFor(ctx context.Context, meta storage.Metadata) (*render.S
 	if err != nil {
 		if errors.Is(err, spc.ErrClassNotFound) {
 			klog.InfoS("Class of a live volume is gone; renewals keep the default layout", "volumeID", meta.VolumeID, "class", meta.Class)
-			return render.ParseSpec(nil)
+			return render.ParseSpecWithin(nil, m.opts.Render)
 		}
 		return nil, err
 	}
-	return render.ParseSpec(class.Parameters)
+	return render.ParseSpecWithin(class.Parameters, m.opts.Render)
 }
 
 // Sweep does while running what Recover does at start: it retires
