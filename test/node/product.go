@@ -83,9 +83,9 @@ func StartDatabase(ctx context.Context) (*Database, error) {
 	harness.RememberSecret(db.AdminPassword)
 	if err := pg.Exec(ctx,
 		`CREATE DATABASE shop`,
+		// Least privilege, as README's admin role: CREATEROLE and the grants
+		// it hands on, nothing else (no superuser, no pg_signal_backend).
 		fmt.Sprintf(`CREATE ROLE csi_admin LOGIN CREATEROLE PASSWORD '%s'`, db.AdminPassword),
-		// to end the sessions of a role it revokes
-		`GRANT pg_signal_backend TO csi_admin`,
 	); err != nil {
 		pg.Close()
 		return nil, err

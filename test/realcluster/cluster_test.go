@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"sigs.k8s.io/yaml"
@@ -147,6 +148,14 @@ func testPostgresExample(t *testing.T) {
 		t.Fatalf("role %s not in pg_roles", role)
 	}
 
+	// A session opened with the pod's credential, held across the delete:
+	// the revocation ends it (the admin is not a superuser).
+	held, err := pgx.Connect(ctx, db.URLFor(role, volumeFile(t, pod, "db", "password"), "shop"))
+	if err != nil {
+		t.Fatalf("a session with the pod's credential: %v", err)
+	}
+	defer held.Close(context.Background())
+
 	// Deleting the pod drops the role; time from the delete call.
 	start := time.Now()
 	if err := cluster.Clients.CoreV1().Pods("ai-agents").Delete(ctx, "research-agent", metav1.DeleteOptions{}); err != nil {
@@ -154,6 +163,9 @@ func testPostgresExample(t *testing.T) {
 	}
 	gone := roleGone(t, role, 2*time.Minute)
 	report(t, "pod delete -> role dropped", gone.Sub(start))
+	if err := held.Ping(ctx); err == nil {
+		t.Fatal("a session of the dropped role still answers")
+	}
 	rs := auditRecords(t, driverPod(t))
 	if n := len(recordsOf(rs, "research-agent", audit.Issue)); n != 1 {
 		t.Fatalf("%d issue records for the example pod, want 1", n)

@@ -87,12 +87,13 @@ var (
 	// The role is made unable to log in first, so no session can start
 	// between ending the open ones and dropping it.
 	defaultRevoke = []string{
+		// Ending the role's sessions and DROP OWNED BY need membership of
+		// the role: a superuser has it, a least-privilege CREATEROLE admin
+		// takes it first (found with a real cluster whose admin login is
+		// not a superuser).
+		`GRANT "{{.Name}}" TO CURRENT_USER`,
 		`ALTER ROLE "{{.Name}}" NOLOGIN`,
 		`SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{{.Name}}' AND pid <> pg_backend_pid()`,
-		// DROP OWNED BY needs membership of the role: a superuser has it, a
-		// least-privilege CREATEROLE admin must take it (found with a real
-		// cluster whose admin login is not a superuser).
-		`GRANT "{{.Name}}" TO CURRENT_USER`,
 		`DROP OWNED BY "{{.Name}}"`,
 		`DROP ROLE IF EXISTS "{{.Name}}"`,
 	}
