@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -88,7 +89,8 @@ func backends(t *testing.T) []byte {
 func testHelmInstall(t *testing.T) {
 	ctx := context.Background()
 	start := time.Now()
-	if err := cluster.InstallDriver(ctx, repoRoot, backends(t)); err != nil {
+	// Installed from a values file like a user's (the node's own images).
+	if err := cluster.InstallDriver(ctx, repoRoot, backends(t), "-f", userValues()); err != nil {
 		t.Fatal(err)
 	}
 	t.Logf("helm install to driver registered with kubelet: %s", time.Since(start).Round(time.Millisecond))
@@ -105,7 +107,16 @@ func testHelmInstall(t *testing.T) {
 	if _, err := cluster.Clients.StorageV1().CSIDrivers().Get(ctx, "ephemeral-secrets.csi.dev", metav1.GetOptions{}); err != nil {
 		t.Fatalf("CSIDriver: %v", err)
 	}
+	p := driverPod(t)
+	if p.Labels["cost-center"] != "secrets" || p.Labels["team"] != "platform" || p.Spec.NodeSelector["kubernetes.io/os"] != "linux" ||
+		len(p.Spec.ImagePullSecrets) != 1 || !slices.Contains(p.Spec.Containers[0].Args, "--sweep-interval=30s") {
+		t.Fatalf("the values file did not reach the driver's pod: labels %v, selector %v, pull secrets %v, args %v",
+			p.Labels, p.Spec.NodeSelector, p.Spec.ImagePullSecrets, p.Spec.Containers[0].Args)
+	}
 }
+
+// userValues is the values file the suite installs the chart with.
+func userValues() string { return filepath.Join(repoRoot, "test/realcluster/testdata/values.yaml") }
 
 // The example's role name prefix (esc_<namespace>_<service account>_).
 var exampleRole = regexp.MustCompile(`user=(esc_ai_agents_research_agent_[a-z0-9_]+)`)
