@@ -67,8 +67,8 @@ $(TOOLS)/kustomize:
 	GOBIN=$(TOOLS) $(GO) install sigs.k8s.io/kustomize/kustomize/v5@$(KUSTOMIZE_VERSION)
 
 # What a real node needs beside the Kubernetes commands: containerd, runc,
-# the CNI plugins and iptables (kube-proxy), from apt.
-NODE_PACKAGES := containerd runc containernetworking-plugins iptables conntrack
+# the CNI plugins, iptables (kube-proxy) and iproute2 (the node's network), from apt.
+NODE_PACKAGES := containerd runc containernetworking-plugins iptables conntrack iproute2
 node: kube
 	@missing=""; for p in $(NODE_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then echo "installing$$missing (apt)"; apt-get update -qq && \
