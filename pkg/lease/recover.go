@@ -107,7 +107,7 @@ func (m *Manager) recoverVolume(ctx context.Context, id string) (bool, error) {
 	}
 	for _, l := range records {
 		if l.ID != v.lease.ID {
-			m.dropRecord(l, v.meta, "rotated (finished after a restart)")
+			m.dropRecord(l, v.meta, "rotated (finished after a restart)", m.graceEnd(l))
 		}
 	}
 	m.mu.Lock()

@@ -270,16 +270,17 @@ func (m *Manager) switchTo(v *volume, nl provider.Lease, granted time.Time) erro
 	if err := m.install(v, nl, granted, true); err != nil {
 		return err
 	}
-	m.dropRecord(old, v.meta, reasonRotated)
+	m.dropRecord(old, v.meta, "rotated", m.graceEnd(old))
 	return nil
 }
 
 // dropRecord queues the revocation of l, a lease of the volume meta
-// describes that it no longer uses, then removes l's record. A record
-// whose revocation could not be queued stays, for recovery to queue; it
-// reports whether the revocation was queued.
-func (m *Manager) dropRecord(l provider.Lease, meta storage.Metadata, reason string) bool {
-	if err := m.enqueue(l, meta, reason); err != nil {
+// describes that it no longer uses, not to run before notBefore (zero: at
+// once), then removes l's record. A record whose revocation could not be
+// queued stays, for recovery to queue; it reports whether the revocation
+// was queued.
+func (m *Manager) dropRecord(l provider.Lease, meta storage.Metadata, reason string, notBefore time.Time) bool {
+	if err := m.enqueueAfter(l, meta, reason, notBefore); err != nil {
 		klog.ErrorS(err, "Queueing a revocation", "leaseID", l.ID)
 		return false
 	}
@@ -303,7 +304,7 @@ func (m *Manager) abandon(v *volume, nl provider.Lease, swapped bool) {
 			return
 		}
 	}
-	if nl.ID != "" && !m.dropRecord(nl, v.meta, "rotation failed") {
+	if nl.ID != "" && !m.dropRecord(nl, v.meta, "rotation failed", time.Time{}) {
 		return // the intent still names it
 	}
 	m.mu.Lock()

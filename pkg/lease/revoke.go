@@ -13,25 +13,19 @@ import (
 	"github.com/ephemeral-secrets/csi-driver/pkg/storage"
 )
 
-// reasonRotated marks the revocation of a lease a rotation replaced: it
-// waits out RotationGrace.
-const reasonRotated = "rotated"
-
 // enqueue records the revocation of l durably and wakes the worker.
 func (m *Manager) enqueue(l provider.Lease, meta storage.Metadata, reason string) error {
+	return m.enqueueAfter(l, meta, reason, time.Time{})
+}
+
+// enqueueAfter is enqueue for a revocation not to run before notBefore.
+func (m *Manager) enqueueAfter(l provider.Lease, meta storage.Metadata, reason string, notBefore time.Time) error {
 	if l.ID == "" {
 		return nil
 	}
-	now := time.Now().UTC()
 	r := storage.Revocation{
 		Lease: l, VolumeID: meta.VolumeID, Class: meta.Class, Pod: meta.Pod,
-		Reason: reason, EnqueuedAt: now,
-	}
-	if reason == reasonRotated && m.opts.RotationGrace > 0 {
-		r.NotBefore = now.Add(m.opts.RotationGrace)
-		if !l.ExpiresAt.IsZero() && l.ExpiresAt.Before(r.NotBefore) {
-			r.NotBefore = l.ExpiresAt.UTC()
-		}
+		Reason: reason, EnqueuedAt: time.Now().UTC(), NotBefore: notBefore,
 	}
 	if err := m.opts.Store.PutRevocation(r); err != nil {
 		return err
@@ -193,4 +187,18 @@ func (m *Manager) QueueLength() int {
 		return -1
 	}
 	return len(q)
+}
+
+// graceEnd is when a lease a rotation just replaced may be revoked:
+// RotationGrace from now, never past its own expiry (zero: at once). A
+// reader that read the old files just before the swap still logs in.
+func (m *Manager) graceEnd(l provider.Lease) time.Time {
+	if m.opts.RotationGrace <= 0 {
+		return time.Time{}
+	}
+	end := time.Now().Add(m.opts.RotationGrace).UTC()
+	if !l.ExpiresAt.IsZero() && l.ExpiresAt.Before(end) {
+		end = l.ExpiresAt.UTC()
+	}
+	return end
 }

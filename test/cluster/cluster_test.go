@@ -79,12 +79,7 @@ func setupWith(t *testing.T, backendsConfig string) *fixture {
 		f.kube.Close()
 		f.driver.Stop()
 		if t.Failed() {
-			out, _ := os.ReadFile(f.driver.LogFile)
-			s := string(out)
-			if len(s) > 4000 {
-				s = s[len(s)-4000:]
-			}
-			t.Logf("driver log (tail):\n%s", s)
+			t.Logf("driver log (tail):\n%s", f.driver.LogTail(4000))
 		}
 		_ = env.Close()
 	})

@@ -288,21 +288,13 @@ func startFixture(t *testing.T, classesYAML, backendsYAML string, extra ...strin
 		f.kube.Close()
 		f.driver.Stop()
 		if t.Failed() {
-			out, _ := os.ReadFile(f.driver.LogFile)
-			t.Logf("driver log (tail):\n%s", tailString(string(out), 4000))
+			t.Logf("driver log (tail):\n%s", f.driver.LogTail(4000))
 		}
 		if err := env.Close(); err != nil {
 			t.Errorf("cleaning up: %v", err)
 		}
 	})
 	return f
-}
-
-func tailString(s string, n int) string {
-	if len(s) > n {
-		return s[len(s)-n:]
-	}
-	return s
 }
 
 // readFile reads a file of a mounted volume that holds no secret.

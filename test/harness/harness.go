@@ -290,6 +290,12 @@ func tail(b []byte, n int) []byte {
 	return b
 }
 
+// LogTail is the last n bytes of the driver's log, for a failed test.
+func (d *Driver) LogTail(n int) string {
+	out, _ := os.ReadFile(d.LogFile)
+	return string(tail(out, n))
+}
+
 // Scrape fetches path (/metrics, /readyz) from the driver's metrics
 // server and returns the status code and body. The body is kept as a log
 // that CheckLogs searches for secrets.

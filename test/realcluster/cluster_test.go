@@ -238,15 +238,14 @@ func testRefusals(t *testing.T) {
 			t.Fatalf("%s: phase %s, statuses %+v; want Pending in ContainerCreating", c.pod, p.Status.Phase, p.Status.ContainerStatuses)
 		}
 		// kubelet's own FailedMount event carries our message too.
-		found := false
-		for _, e := range warnings(t, "ai-agents", c.pod) {
-			if e.Reason == "FailedMount" && strings.Contains(e.Message, c.says) {
-				found = true
+		harness.Eventually(t, 90*time.Second, c.pod+"'s FailedMount event with our message", func() (bool, error) {
+			for _, e := range warnings(t, "ai-agents", c.pod) {
+				if e.Reason == "FailedMount" && strings.Contains(e.Message, c.says) {
+					return true, nil
+				}
 			}
-		}
-		if !found {
-			t.Logf("%s: no FailedMount event with our message yet (kubelet's retry backoff)", c.pod)
-		}
+			return false, nil
+		})
 	}
 	if n, err := db.CountRoles(ctx, "esc_ai_agents_intruder"); err != nil || n != 0 {
 		t.Fatalf("roles for the refused service account: %d (%v)", n, err)

@@ -124,12 +124,7 @@ func start(t *testing.T, env *harness.Env, classes, backends string, extra ...st
 		f.kube.Close()
 		f.driver.Stop()
 		if t.Failed() {
-			out, _ := os.ReadFile(f.driver.LogFile)
-			s := string(out)
-			if len(s) > 6000 {
-				s = s[len(s)-6000:]
-			}
-			t.Logf("driver log (tail):\n%s", s)
+			t.Logf("driver log (tail):\n%s", f.driver.LogTail(6000))
 		}
 	})
 	return f
