@@ -1,0 +1,67 @@
+// Package issuer is the cluster's authority over the credentials of the
+// engines the driver hosts (PostgreSQL): it alone holds the admin
+// credential; it decides whether a pod may have a role (the admin's
+// allowed list, per-service-account quotas, and, in a cluster, that the
+// pod exists on the asking node with that class); it creates roles from
+// a verifier the node made, extends them while the node proves the pod
+// alive, drops them on request, and reaps every role it made that expired
+// or that no inventory record holds any more.
+//
+// The package knows nothing of how requests arrive: the driver calls an
+// Issuer in its own process without a cluster (Local), the issuer
+// Deployment serves the same Issuer to node plugins over HTTPS.
+package issuer
+
+import (
+	"context"
+	"time"
+
+	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
+)
+
+// Caller is who asks, as the transport authenticated it.
+type Caller struct {
+	// Node is the node the asking node plugin runs on, from its
+	// authenticated identity; empty in-process (the driver asks for its
+	// own node's pods).
+	Node string
+}
+
+// PodCheck verifies, with fresh data, that pod exists, runs on the
+// caller's node as the service account given, and mounts a volume of this
+// driver with the class ("namespace/name"). It returns an error wrapping
+// provider.ErrPermissionDenied when it does not, provider.ErrUnavailable
+// when it cannot tell. Nil (in-process) checks nothing: the node plugin
+// took the pod's identity from kubelet.
+type PodCheck func(ctx context.Context, c Caller, pod provider.Pod, class, volumeID string) error
+
+// Entry is the non-secret record of one credential.
+type Entry struct {
+	LeaseID  string       `json:"leaseID"`
+	VolumeID string       `json:"volumeID"`
+	Pod      provider.Pod `json:"pod"`
+	Node     string       `json:"node,omitempty"`
+	Class    string       `json:"class"`
+	Provider string       `json:"provider"`
+	// Role is "connection/role"; Name the database role's name.
+	Role      string    `json:"role"`
+	Name      string    `json:"name"`
+	IssuedAt  time.Time `json:"issuedAt,omitzero"`
+	ExpiresAt time.Time `json:"expiresAt,omitzero"`
+}
+
+// Inventory is where credentials are recorded outside the node (the
+// cluster's Credential objects). Nil: no record but the database's own.
+type Inventory interface {
+	// Issuing records e before its role is created: a crash after it
+	// leaves a record the reaper finds.
+	Issuing(ctx context.Context, e Entry) error
+	// Issued records that e's role exists until e.ExpiresAt (after a mint
+	// or an extension).
+	Issued(ctx context.Context, e Entry) error
+	// Dropped records that e's role is gone (its record may then go).
+	Dropped(ctx context.Context, leaseID string) error
+	// Tracked lists the lease IDs that have a record. A role the issuer
+	// tagged whose lease has none (and is older than a grace) is reaped.
+	Tracked(ctx context.Context) (map[string]bool, error)
+}
