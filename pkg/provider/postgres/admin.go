@@ -295,6 +295,9 @@ func (a *Admin) Extend(ctx context.Context, r ExtendRequest) (Grant, error) {
 	err = withRetry(ctx, "renewing role", func(ctx context.Context) (bool, error) {
 		return inTx(ctx, pool, func(tx pgx.Tx) error {
 			cur, err := tagged(ctx, tx, name, r.LeaseID)
+			if errors.Is(err, errNoRole) {
+				return fmt.Errorf("%w: role %s no longer exists", provider.ErrNotRenewable, name)
+			}
 			if err != nil {
 				return err
 			}
@@ -384,6 +387,28 @@ func (a *Admin) Drop(ctx context.Context, r DropRequest) error {
 		}
 		return false, nil
 	})
+}
+
+// Find returns the role name of connection if it is leaseID's; found is
+// false when there is no such role, and a role that is not leaseID's
+// (untagged, another lease's) is ErrPermissionDenied.
+func (a *Admin) Find(ctx context.Context, connection, name, leaseID string) (r TaggedRole, found bool, err error) {
+	if a.cfg.Connections[connection] == nil {
+		return r, false, fmt.Errorf("%w: no connection %q is configured", provider.ErrInvalidParameters, connection)
+	}
+	pool, err := a.pool(connection)
+	if err != nil {
+		return r, false, err
+	}
+	err = withRetry(ctx, "reading role", func(ctx context.Context) (bool, error) {
+		r, err = tagged(ctx, pool, name, leaseID)
+		found = err == nil
+		if errors.Is(err, errNoRole) {
+			return false, nil // an answer, not a failure to retry
+		}
+		return false, err
+	})
+	return r, found, err
 }
 
 // TaggedRole is a role the driver made, as the database has it.
