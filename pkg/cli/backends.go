@@ -15,6 +15,7 @@ import (
 	"sigs.k8s.io/yaml"
 
 	"github.com/ephemeral-secrets/csi-driver/pkg/audit"
+	"github.com/ephemeral-secrets/csi-driver/pkg/issuer"
 	"github.com/ephemeral-secrets/csi-driver/pkg/metrics"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider/aws"
@@ -32,7 +33,12 @@ type backendConfig struct {
 // buildBackends builds the providers data (the content of the backend
 // file at path) configures, and those of extra. Its errors never quote
 // data: the file holds admin credentials.
-func buildBackends(path string, data []byte, extra []Register) (*provider.Registry, func(), error) {
+//
+// The postgres section is served by an issuer in this process (the
+// cluster's issuer Deployment is the other transport of the same code):
+// the node side mints through iss.Local(), and the issuer's reaper runs
+// every reap until the returned closer is called.
+func buildBackends(path string, data []byte, extra []Register, reap time.Duration, al *audit.Logger) (*provider.Registry, func(), error) {
 	reg := &provider.Registry{}
 	closers := []func(){}
 	closeAll := func() {
@@ -56,11 +62,17 @@ func buildBackends(path string, data []byte, extra []Register) (*provider.Regist
 		return reg.Register(name, p)
 	}
 	if cfg.Postgres != nil {
-		p, err := postgres.New(*cfg.Postgres)
-		if err := add(postgres.Name, p, err); err != nil {
+		iss, err := issuer.New(issuer.Options{Config: *cfg.Postgres, ReapInterval: reap, Audit: al})
+		if err != nil {
 			return fail(err)
 		}
-		closers = append(closers, p.Close)
+		ctx, cancel := context.WithCancel(context.Background())
+		reaped := make(chan struct{})
+		go func() { defer close(reaped); iss.Run(ctx) }()
+		closers = append(closers, func() { cancel(); <-reaped; iss.Close() })
+		if err := reg.Register(postgres.Name, postgres.NewNode(iss.Local())); err != nil {
+			return fail(err)
+		}
 	}
 	if cfg.Vault != nil {
 		p, err := vault.New(*cfg.Vault)
@@ -98,6 +110,7 @@ type backends struct {
 	// grace is how long replaced providers stay open: every call with
 	// them is bounded by the backend timeout, so after it none is left.
 	grace   time.Duration
+	reap    time.Duration // the in-process issuer's reap interval
 	audit   *audit.Logger
 	metrics *metrics.Metrics
 
@@ -113,8 +126,8 @@ type backends struct {
 
 // loadBackends loads generation 1 of the backend file (none with an empty
 // path) and the providers of extra.
-func loadBackends(path string, extra []Register, grace time.Duration, al *audit.Logger, m *metrics.Metrics) (*backends, error) {
-	b := &backends{path: path, extra: extra, grace: grace, audit: al, metrics: m, reg: &provider.Registry{}}
+func loadBackends(path string, extra []Register, grace, reap time.Duration, al *audit.Logger, m *metrics.Metrics) (*backends, error) {
+	b := &backends{path: path, extra: extra, grace: grace, reap: reap, audit: al, metrics: m, reg: &provider.Registry{}}
 	var data []byte
 	var version [sha256.Size]byte
 	if path != "" {
@@ -128,7 +141,7 @@ func loadBackends(path string, extra []Register, grace time.Duration, al *audit.
 			return nil, err
 		}
 	}
-	reg, closeAll, err := buildBackends(path, data, extra)
+	reg, closeAll, err := buildBackends(path, data, extra, reap, al)
 	if err != nil {
 		return nil, err
 	}
@@ -182,7 +195,7 @@ func (b *backends) Reload(ctx context.Context) {
 	if sum == b.loaded || sum == b.failed {
 		return
 	}
-	reg, closeAll, err := buildBackends(b.path, data, b.extra)
+	reg, closeAll, err := buildBackends(b.path, data, b.extra, b.reap, b.audit)
 	if err != nil {
 		b.failed = sum
 		b.fail(err)
