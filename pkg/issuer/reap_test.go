@@ -138,3 +138,51 @@ func TestRunReapsUntilCancelled(t *testing.T) {
 		t.Fatal("Run did not reap the expired role")
 	}
 }
+
+// The admin of README's least-privilege section (CREATEROLE, no
+// superuser) can do all the issuer does: mint with the tag and the quota's
+// lock, extend, reap an expired role with its open session, drop.
+func TestLeastPrivilegeAdminSuffices(t *testing.T) {
+	ctx := context.Background()
+	if err := pg.Exec(ctx, `CREATE ROLE csi_least LOGIN CREATEROLE PASSWORD 'least-admin'`); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = pg.Exec(ctx, `DROP ROLE IF EXISTS csi_least`) }()
+	iss, clk := newIssuer(t, Options{Config: postgres.Config{Connections: map[string]*postgres.Connection{"main": {
+		URL: pg.URL("csi_least", "least-admin"),
+		Roles: map[string]*postgres.Role{"app": {CreationStatements: []string{create}, MaxLive: 5,
+			Allowed: []postgres.Subject{{Namespace: "team", ServiceAccount: "app"}}}},
+	}}}})
+	node := postgres.NewNode(iss.Local())
+	l, err := issue(ctx, node, "team-l-least001", appPod("l"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	clk.advance(20 * time.Minute)
+	if l, err = node.Renew(ctx, l); err != nil {
+		t.Fatalf("extend: %v", err)
+	}
+	held, err := login(ctx, l)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer held.Close(ctx)
+	clk.advance(2 * time.Hour) // past VALID UNTIL, as the issuer sees it
+	rep, err := iss.Reap(ctx)
+	if err != nil || rep.Expired < 1 {
+		t.Fatalf("reap: %+v, %v", rep, err)
+	}
+	if exists(t, l.Values["username"]) {
+		t.Fatal("the least-privilege admin did not drop the role")
+	}
+	if _, err := held.Exec(ctx, `SELECT 1`); err == nil {
+		t.Fatal("the session outlives the reaped role")
+	}
+	l2, err := issue(ctx, node, "team-l-least002", appPod("l"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := node.Revoke(ctx, l2); err != nil || exists(t, l2.Values["username"]) {
+		t.Fatalf("drop: %v", err)
+	}
+}
