@@ -378,3 +378,50 @@ func TestMaxLiveHoldsAcrossReplicas(t *testing.T) {
 		_ = nodes[0].Revoke(ctx, l)
 	}
 }
+
+// A node plugin reaches only the roles it asked for: another node can
+// neither extend nor drop them, even knowing the lease ID; the kill
+// switch (no node) can.
+func TestANodeReachesOnlyItsOwnRoles(t *testing.T) {
+	ctx := context.Background()
+	iss, clk := newIssuer(t, Options{})
+	n1 := postgres.NewNode(as{iss, Caller{Node: "n1"}})
+	n2 := postgres.NewNode(as{iss, Caller{Node: "n2"}})
+	l, err := issue(ctx, n1, "team-n-node0001", appPod("n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	name := l.Values["username"]
+	var comment string
+	conn, err := pgx.Connect(ctx, pg.AdminURL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(ctx)
+	if err := conn.QueryRow(ctx, `SELECT shobj_description(oid, 'pg_authid') FROM pg_roles WHERE rolname = $1`, name).Scan(&comment); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(comment, " node=n1 ") || !strings.Contains(comment, "lease=team-n-node0001 ") {
+		t.Fatalf("tag %q", comment)
+	}
+	clk.advance(30 * time.Minute)
+	if _, err := n2.Renew(ctx, l); !errors.Is(err, provider.ErrPermissionDenied) {
+		t.Errorf("extension by another node: %v", err)
+	}
+	if err := n2.Revoke(ctx, l); !errors.Is(err, provider.ErrPermissionDenied) {
+		t.Errorf("drop by another node: %v", err)
+	}
+	if !exists(t, name) {
+		t.Fatal("another node dropped the role")
+	}
+	if _, err := n1.Renew(ctx, l); err != nil {
+		t.Errorf("extension by its node: %v", err)
+	}
+	if err := iss.Drop(ctx, Caller{}, postgres.DropRequest{LeaseID: l.ID, Params: appParams}); err != nil || exists(t, name) {
+		t.Fatalf("kill switch: %v", err)
+	}
+	// Its node's drop of a role gone already succeeds.
+	if err := n1.Revoke(ctx, l); err != nil {
+		t.Fatal(err)
+	}
+}

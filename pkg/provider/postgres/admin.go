@@ -141,16 +141,16 @@ var verifierPattern = regexp.MustCompile(`^SCRAM-SHA-256\$[0-9]{1,7}:[A-Za-z0-9+
 // database: known connection and role, the pod's service account in the
 // role's allowed list, a TTL within bounds, a well-formed verifier. It
 // returns the TTL the role will have.
-func (a *Admin) Check(r MintRequest) (time.Duration, error) {
+func (a *Admin) Check(node string, r MintRequest) (time.Duration, error) {
 	t, err := a.lookup(r.Params)
 	if err != nil {
 		return 0, err
 	}
-	return a.check(t, r)
+	return a.check(t, node, r)
 }
 
-func (a *Admin) check(t target, r MintRequest) (time.Duration, error) {
-	if err := checkTagged(r.LeaseID, r.Class, r.Pod); err != nil {
+func (a *Admin) check(t target, node string, r MintRequest) (time.Duration, error) {
+	if err := checkTagged(r.LeaseID, r.Class, node, r.Pod); err != nil {
 		return 0, err
 	}
 	if !t.role.allows(r.Pod.Namespace, r.Pod.ServiceAccount) {
@@ -173,23 +173,27 @@ func (a *Admin) check(t target, r MintRequest) (time.Duration, error) {
 	return ttl, nil
 }
 
-// Mint creates the role of r.LeaseID from r.Verifier, valid for the TTL,
-// tagged, in one transaction; with the role's maxLive set, it first
-// counts the service account's live roles under a transaction-scoped
-// advisory lock, so that replicas of the issuer agree.
-func (a *Admin) Mint(ctx context.Context, r MintRequest) (Grant, error) {
+// Mint is MintFor with no node: the driver's own process asks.
+func (a *Admin) Mint(ctx context.Context, r MintRequest) (Grant, error) { return a.MintFor(ctx, "", r) }
+
+// MintFor creates the role of r.LeaseID from r.Verifier, valid for the
+// TTL, tagged (with node, the asking node plugin's, empty in-process), in
+// one transaction; with the role's maxLive set, it first counts the
+// service account's live roles under a transaction-scoped advisory lock,
+// so that replicas of the issuer agree.
+func (a *Admin) MintFor(ctx context.Context, node string, r MintRequest) (Grant, error) {
 	t, err := a.lookup(r.Params)
 	if err != nil {
 		return Grant{}, err
 	}
-	ttl, err := a.check(t, r)
+	ttl, err := a.check(t, node, r)
 	if err != nil {
 		return Grant{}, err
 	}
 	name := RoleName(r.LeaseID)
 	now := a.now().UTC().Truncate(time.Second)
 	exp := now.Add(ttl)
-	tag := Tag{LeaseID: r.LeaseID, Role: t.ref(), Class: r.Class, Pod: r.Pod, Created: now}
+	tag := Tag{LeaseID: r.LeaseID, Role: t.ref(), Class: r.Class, Pod: r.Pod, Node: node, Created: now}
 	pool, err := a.pool(t.connName)
 	if err != nil {
 		return Grant{}, err
