@@ -30,15 +30,16 @@ type backendConfig struct {
 	AWS      *aws.Config      `json:"aws,omitempty"`
 }
 
-// buildBackends builds the providers data (the content of the backend
-// file at path) configures, and those of extra. Its errors never quote
-// data: the file holds admin credentials.
+// build builds the providers data (the content of the backend file)
+// configures, and those of extra. Its errors never quote data: the file
+// holds admin credentials.
 //
 // The postgres section is served by an issuer in this process (the
 // cluster's issuer Deployment is the other transport of the same code):
 // the node side mints through iss.Local(), and the issuer's reaper runs
 // every reap until the returned closer is called.
-func buildBackends(path string, data []byte, extra []Register, reap time.Duration, al *audit.Logger) (*provider.Registry, func(), error) {
+func (b *backends) build(data []byte) (*provider.Registry, func(), error) {
+	path := b.path
 	reg := &provider.Registry{}
 	closers := []func(){}
 	closeAll := func() {
@@ -62,7 +63,8 @@ func buildBackends(path string, data []byte, extra []Register, reap time.Duratio
 		return reg.Register(name, p)
 	}
 	if cfg.Postgres != nil {
-		iss, err := issuer.New(issuer.Options{Config: *cfg.Postgres, ReapInterval: reap, Audit: al})
+		iss, err := issuer.New(issuer.Options{Config: *cfg.Postgres, ReapInterval: b.reap, Audit: b.audit,
+			OnReap: func(r issuer.ReapReport, _ error) { b.metrics.Reaped(r.Expired, r.Untracked, r.Failed+r.Unlisted) }})
 		if err != nil {
 			return fail(err)
 		}
@@ -86,7 +88,7 @@ func buildBackends(path string, data []byte, extra []Register, reap time.Duratio
 			return fail(err)
 		}
 	}
-	for _, r := range extra {
+	for _, r := range b.extra {
 		if err := r(reg); err != nil {
 			return fail(err)
 		}
@@ -141,7 +143,7 @@ func loadBackends(path string, extra []Register, grace, reap time.Duration, al *
 			return nil, err
 		}
 	}
-	reg, closeAll, err := buildBackends(path, data, extra, reap, al)
+	reg, closeAll, err := b.build(data)
 	if err != nil {
 		return nil, err
 	}
@@ -195,7 +197,7 @@ func (b *backends) Reload(ctx context.Context) {
 	if sum == b.loaded || sum == b.failed {
 		return
 	}
-	reg, closeAll, err := buildBackends(b.path, data, b.extra, b.reap, b.audit)
+	reg, closeAll, err := b.build(data)
 	if err != nil {
 		b.failed = sum
 		b.fail(err)

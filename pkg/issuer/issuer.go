@@ -34,6 +34,8 @@ type Options struct {
 	Now func() time.Time
 	// Audit, when set, gets a record for every role the reaper drops.
 	Audit *audit.Logger
+	// OnReap, when set, hears the outcome of every pass of Run (metrics).
+	OnReap func(ReapReport, error)
 }
 
 // Issuer is the authority over the postgres engine's roles. It is safe

@@ -26,6 +26,8 @@ type ReapReport struct {
 	Untracked int `json:"untracked"`
 	// Failed counts drops that failed (the next pass tries again).
 	Failed int `json:"failed"`
+	// Unlisted counts connections whose roles could not be listed.
+	Unlisted int `json:"unlisted"`
 }
 
 // Dropped is how many roles the pass dropped.
@@ -55,6 +57,7 @@ func (i *Issuer) Reap(ctx context.Context) (ReapReport, error) {
 		roles, err := i.admin.Tagged(lctx, conn)
 		cancel()
 		if err != nil {
+			rep.Unlisted++
 			errs = append(errs, fmt.Errorf("connection %q: %w", conn, err))
 			continue
 		}
@@ -119,7 +122,13 @@ func (i *Issuer) Run(ctx context.Context) {
 	defer t.Stop()
 	for {
 		rep, err := i.Reap(ctx)
-		if err != nil && ctx.Err() == nil {
+		if ctx.Err() != nil {
+			return
+		}
+		if i.opts.OnReap != nil {
+			i.opts.OnReap(rep, err)
+		}
+		if err != nil {
 			klog.ErrorS(err, "Reaping postgres roles", "dropped", rep.Dropped(), "failed", rep.Failed)
 		} else if rep.Dropped() > 0 {
 			klog.InfoS("Reaped postgres roles", "expired", rep.Expired, "untracked", rep.Untracked, "tagged", rep.Tagged)

@@ -3,6 +3,7 @@ package e2e
 import (
 	"context"
 	"os"
+	"regexp"
 	"testing"
 	"time"
 
@@ -83,6 +84,13 @@ func TestRebootOnWipedStateReapsExpiredRolesAndTheirSessions(t *testing.T) {
 		t.Error("the session held with the reaped role still runs")
 	}
 	t.Logf("role gone %.1fs after the kill (TTL %s + reap interval %s)", time.Since(killed).Seconds(), ttl, reap)
+	_, body, err := f.driver.Scrape("/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !regexp.MustCompile(`(?m)^ephemeral_secrets_issuer_reaped_roles_total\{reason="expired"\} [1-9]`).MatchString(body) {
+		t.Error("the reaped role is not counted in ephemeral_secrets_issuer_reaped_roles_total")
+	}
 	// Other passes have run meanwhile; both roles are still there.
 	time.Sleep(2 * reap)
 	for _, name := range []string{valid.Values["username"], untagged} {
