@@ -74,10 +74,14 @@ func (i *Issuer) Reap(ctx context.Context) (ReapReport, error) {
 			default:
 				continue
 			}
-			if err := i.reapOne(ctx, conn, r, why); err != nil {
+			dropped, err := i.reapOne(ctx, conn, r, why, now)
+			if err != nil {
 				rep.Failed++
 				errs = append(errs, err)
 				continue
+			}
+			if !dropped {
+				continue // extended since it was listed
 			}
 			if why == "expired" {
 				rep.Expired++
@@ -89,12 +93,22 @@ func (i *Issuer) Reap(ctx context.Context) (ReapReport, error) {
 	return rep, errors.Join(errs...)
 }
 
-func (i *Issuer) reapOne(ctx context.Context, conn string, r postgres.TaggedRole, why string) error {
+func (i *Issuer) reapOne(ctx context.Context, conn string, r postgres.TaggedRole, why string, now time.Time) (bool, error) {
 	ctx, cancel := context.WithTimeout(ctx, reapCallTimeout)
 	defer cancel()
-	err := i.admin.Drop(ctx, postgres.DropRequest{
+	still := func(postgres.TaggedRole) bool { return true }
+	if why == "expired" {
+		still = func(cur postgres.TaggedRole) bool {
+			cur.NotAfter = r.NotAfter // from the configuration, as listed
+			return cur.Expired(now)
+		}
+	}
+	dropped, err := i.admin.DropIf(ctx, postgres.DropRequest{
 		LeaseID: r.Tag.LeaseID, Name: r.Name, Params: map[string]string{postgres.ConnectionParam: conn},
-	})
+	}, still)
+	if err == nil && !dropped {
+		return false, nil
+	}
 	if err == nil && i.opts.Inventory != nil {
 		err = i.opts.Inventory.Dropped(ctx, r.Tag.LeaseID)
 	}
@@ -113,7 +127,7 @@ func (i *Issuer) reapOne(ctx context.Context, conn string, r postgres.TaggedRole
 	if aerr := i.opts.Audit.Log(rec); aerr != nil {
 		klog.ErrorS(aerr, "Writing the audit log")
 	}
-	return err
+	return err == nil, err
 }
 
 // Run reaps every ReapInterval, the first time at once, until ctx is done.

@@ -186,3 +186,43 @@ func TestLeastPrivilegeAdminSuffices(t *testing.T) {
 		t.Fatalf("drop: %v", err)
 	}
 }
+
+// The reaper decides on a listing; a role extended between the listing
+// and the drop is not dropped (the drop checks again under the role's
+// lock, which an extension takes too).
+func TestReapSparesARoleExtendedSinceTheListing(t *testing.T) {
+	ctx := context.Background()
+	iss, clk := newIssuer(t, Options{})
+	node := postgres.NewNode(iss.Local())
+	l, err := issue(ctx, node, "team-x-extended1", appPod("x"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = node.Revoke(ctx, l) }()
+	roles, err := iss.admin.Tagged(ctx, "main")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var listed postgres.TaggedRole
+	for _, r := range roles {
+		if r.Name == l.Values["username"] {
+			listed = r
+		}
+	}
+	clk.advance(50 * time.Minute) // the default TTL is 1h
+	if l, err = node.Renew(ctx, l); err != nil {
+		t.Fatal(err)
+	}
+	clk.advance(11 * time.Minute) // past the listed VALID UNTIL, not the extended one
+	now := clk.now()
+	if !listed.Expired(now) {
+		t.Fatal("the listing does not look expired: the test proves nothing")
+	}
+	dropped, err := iss.reapOne(ctx, "main", listed, "expired", now)
+	if err != nil || dropped {
+		t.Fatalf("reaped: %v, %v", dropped, err)
+	}
+	if !exists(t, l.Values["username"]) {
+		t.Fatal("the extended role was dropped")
+	}
+}

@@ -298,6 +298,9 @@ func (a *Admin) Extend(ctx context.Context, r ExtendRequest) (Grant, error) {
 	var g Grant
 	err = withRetry(ctx, "renewing role", func(ctx context.Context) (bool, error) {
 		return inTx(ctx, pool, func(tx pgx.Tx) error {
+			if _, err := tx.Exec(ctx, `SELECT pg_advisory_xact_lock($1)`, roleLock(name)); err != nil {
+				return err
+			}
 			cur, err := tagged(ctx, tx, name, r.LeaseID)
 			if errors.Is(err, errNoRole) {
 				return fmt.Errorf("%w: role %s no longer exists", provider.ErrNotRenewable, name)
@@ -355,10 +358,19 @@ func samePod(made, asking provider.Pod) bool {
 // r's lease is refused (ErrPermissionDenied) and left alone. Params need
 // only the connection.
 func (a *Admin) Drop(ctx context.Context, r DropRequest) error {
+	_, err := a.DropIf(ctx, r, nil)
+	return err
+}
+
+// DropIf is Drop, done only if still (nil: always) holds for the role as
+// it is under its lock, which Extend takes too: a reaper that decided on
+// a listing does not drop a role extended since. dropped reports whether
+// the statements ran.
+func (a *Admin) DropIf(ctx context.Context, r DropRequest, still func(TaggedRole) bool) (dropped bool, err error) {
 	connName := r.Params[ConnectionParam]
 	conn := a.cfg.Connections[connName]
 	if conn == nil {
-		return fmt.Errorf("%w: no connection %q is configured", provider.ErrInvalidParameters, connName)
+		return false, fmt.Errorf("%w: no connection %q is configured", provider.ErrInvalidParameters, connName)
 	}
 	name := r.Name
 	if name == "" {
@@ -366,22 +378,37 @@ func (a *Admin) Drop(ctx context.Context, r DropRequest) error {
 	}
 	pool, err := a.pool(connName)
 	if err != nil {
-		return err
+		return false, err
 	}
 	// Each attempt looks again whether the role is there: a statement
 	// that ran before a connection was lost is not run twice.
-	return withRetry(ctx, "dropping role", func(ctx context.Context) (bool, error) {
+	err = withRetry(ctx, "dropping role", func(ctx context.Context) (bool, error) {
+		dropped = false
 		c, err := pool.Acquire(ctx)
 		if err != nil {
 			return false, err
 		}
 		defer c.Release()
+		key := roleLock(name)
+		if _, err := c.Exec(ctx, `SELECT pg_advisory_lock($1)`, key); err != nil {
+			return false, err
+		}
+		defer func() {
+			uctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+			defer cancel()
+			if _, err := c.Exec(uctx, `SELECT pg_advisory_unlock($1)`, key); err != nil {
+				_ = c.Conn().Close(uctx) // the lock goes with the session, not back to the pool
+			}
+		}()
 		cur, err := tagged(ctx, c, name, r.LeaseID)
 		if errors.Is(err, errNoRole) {
 			return false, nil
 		}
 		if err != nil {
 			return false, err
+		}
+		if still != nil && !still(cur) {
+			return false, nil
 		}
 		revoke := conn.defaultRevoke
 		if _, rname, _ := strings.Cut(cur.Tag.Role, "/"); conn.Roles[rname] != nil {
@@ -396,8 +423,18 @@ func (a *Admin) Drop(ctx context.Context, r DropRequest) error {
 				return false, err
 			}
 		}
+		dropped = true
 		return false, nil
 	})
+	return dropped, err
+}
+
+// roleLock is the advisory lock key of a role: Extend holds it for its
+// transaction, a drop while it decides and runs.
+func roleLock(name string) int64 {
+	h := fnv.New64a()
+	fmt.Fprintf(h, "ephemeral-secrets-csi role %s", name)
+	return int64(h.Sum64())
 }
 
 // Find returns the role name of connection if it is leaseID's; found is
