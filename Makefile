@@ -196,6 +196,7 @@ bench: postgres
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "$(LDFLAGS)" -o bin/bench-driver ./test/bench/driver
 	$(GO) run ./test/bench --driver bin/bench-driver --out bench-results.json
 	$(GO) test -run '^$$' -bench . -benchmem -benchtime 2000x ./pkg/storage ./pkg/render
+	$(GO) test -run '^$$' -bench . -benchtime 200x ./pkg/issuer
 
 # Pod start-up in a real cluster (the node of `make cluster`, the driver
 # built with the static provider): pods with our volume against pods with
