@@ -327,7 +327,7 @@ func (m *Manager) publishNew(ctx context.Context, v Volume) error {
 	ictx, cancel := context.WithTimeout(ctx, m.opts.BackendTimeout)
 	asked := time.Now()
 	l, err := prov.Issue(ictx, provider.Request{
-		LeaseID: leaseID, Class: class.Ref(), Params: params, Pod: pod, Tokens: v.Mount.Tokens,
+		LeaseID: leaseID, VolumeID: v.ID, Class: class.Ref(), Params: params, Pod: pod, Tokens: v.Mount.Tokens,
 	})
 	cancel()
 	l.ID, l.Provider, l.Params = leaseID, class.Provider, params

@@ -240,7 +240,7 @@ func (m *Manager) rotate(ctx context.Context, prov provider.Provider, v *volume)
 	m.mu.Unlock()
 	asked := time.Now()
 	nl, err := prov.Issue(ctx, provider.Request{
-		LeaseID: newID, Class: v.meta.Class, Params: v.meta.Params, Pod: v.meta.Pod, Tokens: tokens,
+		LeaseID: newID, VolumeID: v.meta.VolumeID, Class: v.meta.Class, Params: v.meta.Params, Pod: v.meta.Pod, Tokens: tokens,
 	})
 	nl.ID, nl.Provider, nl.Params = newID, v.meta.Provider, v.meta.Params
 	if err != nil {
