@@ -38,7 +38,7 @@ func TestGeneratedFilesAreCurrent(t *testing.T) {
 		t.Fatalf("controller-gen: %v\n%s", err, b)
 	}
 	for generated, committed := range map[string]string{
-		filepath.Join(objDir, "zz_generated.deepcopy.go"):                  "zz_generated.deepcopy.go",
+		filepath.Join(objDir, "zz_generated.deepcopy.go"):                   "zz_generated.deepcopy.go",
 		filepath.Join(crdDir, "ephemeral-secrets.csi.dev_credentials.yaml"): filepath.Join(root, "deploy/helm/ephemeral-secrets-csi/crds/ephemeral-secrets.csi.dev_credentials.yaml"),
 	} {
 		want, err := os.ReadFile(generated)
