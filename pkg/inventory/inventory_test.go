@@ -39,8 +39,8 @@ func TestRecorderRecordsALifecycle(t *testing.T) {
 		t.Fatalf("Issuing again: %v", err)
 	}
 	c := get(t, ns, e.LeaseID)
-	if c.Status.State != v1alpha1.StateIssuing {
-		t.Errorf("state %q, want Issuing", c.Status.State)
+	if c.Status.State != v1alpha1.StateIssuing || c.Status.BackendName != e.Name {
+		t.Errorf("status %+v, want Issuing with the role's name", c.Status)
 	}
 	if !slices.Equal(c.Finalizers, []string{v1alpha1.FinalizerRevoke}) {
 		t.Errorf("finalizers %v", c.Finalizers)
@@ -154,10 +154,13 @@ func TestKillSwitch(t *testing.T) {
 	rv := &revoker{}
 	rec := startIssuer(t, rv, fastRetries)
 	rv.then = func(ctx context.Context, e issuer.Entry) error { return rec.Dropped(ctx, e.LeaseID) } // as the issuer's Drop does
-	e := entryFor(pod, "node-a", ns+"-agent-killswit")
+	node := ns + "-a"
+	e := entryFor(pod, node, ns+"-agent-killswit")
 	record(t, rec, e)
-	other := entryFor(pod, "node-a", ns+"-agent-otherone")
+	other := entryFor(pod, node, ns+"-agent-otherone")
 	record(t, rec, other)
+	w := &withdrawals{}
+	watchNode(t, node, w)
 
 	if err := adminInv.Delete(context.Background(), ns, inventory.Name(e.LeaseID), metav1.DeleteOptions{}); err != nil {
 		t.Fatal(err)
@@ -171,6 +174,13 @@ func TestKillSwitch(t *testing.T) {
 	}
 	if c := get(t, ns, other.LeaseID); c.DeletionTimestamp != nil || c.Status.State != v1alpha1.StateIssued {
 		t.Errorf("the other record: %+v", c.Status)
+	}
+	// The node is told, so that it empties the volume.
+	harness.Eventually(t, 10*time.Second, "the node told of the deletion", func() (bool, error) {
+		return slices.Contains(w.leases(), e.LeaseID), nil
+	})
+	if calls := w.leases(); slices.Contains(calls, other.LeaseID) {
+		t.Errorf("the node was told %v", calls)
 	}
 }
 

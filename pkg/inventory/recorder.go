@@ -42,6 +42,7 @@ func (r *Recorder) Issuing(ctx context.Context, e issuer.Entry) error {
 	}
 	return r.setStatus(ctx, e, func(st *v1alpha1.CredentialStatus) {
 		st.State = v1alpha1.StateIssuing
+		st.BackendName = e.Name // known before the role exists: a revocation after a crash needs it
 		meta.SetStatusCondition(&st.Conditions, metav1.Condition{
 			Type: v1alpha1.ConditionIssued, Status: metav1.ConditionFalse, Reason: "Issuing",
 			Message: "recorded before the backend was asked",
