@@ -67,8 +67,8 @@ func NewController(c *Client, informer cache.SharedIndexInformer, pods corev1cli
 	}
 	return &Controller{
 		client: c, inf: informer, pods: pods, revoke: revoke, opts: opts, nowFunc: time.Now,
-		issuer: store{client: c, finalizer: v1alpha1.FinalizerRevoke},
-		node:   store{client: c, finalizer: v1alpha1.FinalizerNodeRevoke},
+		issuer: store{client: c, finalizer: v1alpha1.FinalizerRevoke, cache: informer},
+		node:   store{client: c, finalizer: v1alpha1.FinalizerNodeRevoke, cache: informer},
 	}
 }
 
@@ -88,8 +88,16 @@ func (c *Controller) Run(ctx context.Context, workers int) error {
 		}
 	}
 	reg, err := c.inf.AddEventHandler(cache.ResourceEventHandlerFuncs{
-		AddFunc:    enqueue,
-		UpdateFunc: func(_, obj any) { enqueue(obj) },
+		// A new record (and each at start-up) is checked for its pod; after
+		// that, only its deletion and the informer's resync need a look, not
+		// its status updates (each renewal is one).
+		AddFunc: enqueue,
+		UpdateFunc: func(old, obj any) {
+			o, n := old.(*v1alpha1.Credential), obj.(*v1alpha1.Credential)
+			if n.DeletionTimestamp != nil || o.ResourceVersion == n.ResourceVersion {
+				enqueue(obj)
+			}
+		},
 	})
 	if err != nil {
 		return fmt.Errorf("inventory controller: %w", err)

@@ -106,7 +106,7 @@ func as(token string) *rest.Config {
 }
 
 // namespace makes a namespace of its own for a test.
-func namespace(t *testing.T) string {
+func namespace(t testing.TB) string {
 	t.Helper()
 	ns, err := admin.CoreV1().Namespaces().Create(context.Background(),
 		&corev1.Namespace{ObjectMeta: metav1.ObjectMeta{GenerateName: "inv-"}}, metav1.CreateOptions{})
@@ -117,7 +117,7 @@ func namespace(t *testing.T) string {
 }
 
 // newPod creates a pod (never scheduled: no kubelet here) and returns it.
-func newPod(t *testing.T, ns, name string) *corev1.Pod {
+func newPod(t testing.TB, ns, name string) *corev1.Pod {
 	t.Helper()
 	pod, err := admin.CoreV1().Pods(ns).Create(context.Background(), &corev1.Pod{
 		ObjectMeta: metav1.ObjectMeta{Name: name},
@@ -200,12 +200,13 @@ func startIssuer(t *testing.T, rv *revoker, opts inventory.ControllerOptions) *i
 	done := make(chan struct{}, 2)
 	go func() { inf.Run(ctx.Done()); done <- struct{}{} }()
 	go func() {
-		if err := ctl.Run(ctx, 2); err != nil {
+		if err := ctl.Run(ctx, 2); err != nil && ctx.Err() == nil {
 			t.Error(err)
 		}
 		done <- struct{}{}
 	}()
 	t.Cleanup(func() { cancel(); <-done; <-done })
+	harness.Eventually(t, 10*time.Second, "the issuer's cache synced", func() (bool, error) { return inf.HasSynced(), nil })
 	return inventory.NewRecorder(issuerInv, inf)
 }
 

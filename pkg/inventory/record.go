@@ -14,6 +14,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/apimachinery/pkg/util/validation"
+	"k8s.io/client-go/tools/cache"
 	"k8s.io/client-go/util/retry"
 
 	v1alpha1 "github.com/ephemeral-secrets/csi-driver/pkg/apis/ephemeralsecrets/v1alpha1"
@@ -104,6 +105,21 @@ func entry(c *v1alpha1.Credential) issuer.Entry {
 type store struct {
 	client    *Client
 	finalizer string
+	// cache, when it has synced, gives the first read of a write (a
+	// conflict makes the retries read the API server).
+	cache cache.SharedIndexInformer
+}
+
+// read returns a record to change: from the cache on a first attempt,
+// else from the API server.
+func (s store) read(ctx context.Context, namespace, name string, first bool) (*v1alpha1.Credential, error) {
+	if first && s.cache != nil && s.cache.HasSynced() {
+		obj, ok, err := s.cache.GetIndexer().GetByKey(namespace + "/" + name)
+		if c, isCred := obj.(*v1alpha1.Credential); err == nil && ok && isCred {
+			return c.DeepCopy(), nil
+		}
+	}
+	return s.client.Get(ctx, namespace, name)
 }
 
 // create records e; a record of the same lease that exists already
@@ -154,8 +170,10 @@ func (s store) setStatus(ctx context.Context, e issuer.Entry, change func(*v1alp
 // updateStatus applies change to a record read fresh and writes its
 // status, retried on conflict.
 func (s store) updateStatus(ctx context.Context, namespace, name string, change func(*v1alpha1.Credential) error) error {
+	first := true
 	return retry.RetryOnConflict(retry.DefaultRetry, func() error {
-		c, err := s.client.Get(ctx, namespace, name)
+		c, err := s.read(ctx, namespace, name, first)
+		first = false
 		if err != nil {
 			return err
 		}
@@ -192,9 +210,10 @@ func issued(e issuer.Entry) func(*v1alpha1.CredentialStatus) {
 // (one being deleted already goes once its finalizers are gone): the
 // record goes, unless another finalizer holds it. Gone is no error.
 func (s store) release(ctx context.Context, namespace, name string) error {
-	deleting := false
+	deleting, first := false, true
 	err := retry.RetryOnConflict(retry.DefaultRetry, func() error {
-		c, err := s.client.Get(ctx, namespace, name)
+		c, err := s.read(ctx, namespace, name, first)
+		first = false
 		if err != nil {
 			return err
 		}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
@@ -28,7 +29,7 @@ var _ issuer.Inventory = (*Recorder)(nil)
 // may be nil) answers Tracked and finds records by lease ID once it has
 // synced; the Recorder asks the API server until then.
 func NewRecorder(c *Client, informer cache.SharedIndexInformer) *Recorder {
-	return &Recorder{store: store{client: c, finalizer: v1alpha1.FinalizerRevoke}, informer: informer}
+	return &Recorder{store: store{client: c, finalizer: v1alpha1.FinalizerRevoke, cache: informer}, informer: informer}
 }
 
 // Issuing creates e's record, in state Issuing, before its role exists.
@@ -40,14 +41,24 @@ func (r *Recorder) Issuing(ctx context.Context, e issuer.Entry) error {
 	if c.Status.State != "" {
 		return nil // a retry: the record is further along
 	}
-	return r.setStatus(ctx, e, func(st *v1alpha1.CredentialStatus) {
+	issuing := func(st *v1alpha1.CredentialStatus) {
 		st.State = v1alpha1.StateIssuing
 		st.BackendName = e.Name // known before the role exists: a revocation after a crash needs it
 		meta.SetStatusCondition(&st.Conditions, metav1.Condition{
 			Type: v1alpha1.ConditionIssued, Status: metav1.ConditionFalse, Reason: "Issuing",
 			Message: "recorded before the backend was asked",
 		})
-	})
+	}
+	// The object just created, without reading it again; on a conflict
+	// (someone wrote it since), read fresh.
+	issuing(&c.Status)
+	if _, err := r.client.UpdateStatus(ctx, c); !apierrors.IsConflict(err) {
+		if err != nil {
+			return fmt.Errorf("inventory: lease %s: %w", e.LeaseID, err)
+		}
+		return nil
+	}
+	return r.setStatus(ctx, e, issuing)
 }
 
 // Issued records that e's role exists until e.ExpiresAt. It returns
