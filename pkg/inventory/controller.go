@@ -89,12 +89,15 @@ func (c *Controller) Run(ctx context.Context, workers int) error {
 	}
 	reg, err := c.inf.AddEventHandler(cache.ResourceEventHandlerFuncs{
 		// A new record (and each at start-up) is checked for its pod; after
-		// that, only its deletion and the informer's resync need a look, not
-		// its status updates (each renewal is one).
+		// that, only the start of its deletion, a change of its finalizers
+		// and the informer's resync need a look. Not its status updates:
+		// each renewal is one, and so is the controller's own record of a
+		// failed revocation, which must wait for its backoff.
 		AddFunc: enqueue,
 		UpdateFunc: func(old, obj any) {
 			o, n := old.(*v1alpha1.Credential), obj.(*v1alpha1.Credential)
-			if n.DeletionTimestamp != nil || o.ResourceVersion == n.ResourceVersion {
+			if o.ResourceVersion == n.ResourceVersion || (o.DeletionTimestamp == nil) != (n.DeletionTimestamp == nil) ||
+				!slices.Equal(o.Finalizers, n.Finalizers) {
 				enqueue(obj)
 			}
 		},

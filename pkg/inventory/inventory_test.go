@@ -169,7 +169,7 @@ func TestKillSwitch(t *testing.T) {
 	if calls := rv.leases(); !slices.Equal(calls, []string{e.LeaseID}) {
 		t.Errorf("revocations %v, want one of %s", calls, e.LeaseID)
 	}
-	if got := rv.calls[0]; got.Pod != e.Pod || got.Role != e.Role || got.Name != e.Name || got.VolumeID != e.VolumeID || !got.ExpiresAt.Equal(e.ExpiresAt) {
+	if got := rv.entries()[0]; got.Pod != e.Pod || got.Role != e.Role || got.Name != e.Name || got.VolumeID != e.VolumeID || !got.ExpiresAt.Equal(e.ExpiresAt) {
 		t.Errorf("revoked %+v, want %+v", got, e)
 	}
 	if c := get(t, ns, other.LeaseID); c.DeletionTimestamp != nil || c.Status.State != v1alpha1.StateIssued {
@@ -221,6 +221,14 @@ func TestFailedRevocationKeepsTheRecord(t *testing.T) {
 	gone(t, ns, inventory.Name(e.LeaseID))
 	if calls := rv.leases(); len(calls) != 3 {
 		t.Errorf("revocations %v, want 3 (two failures, one success)", calls)
+	}
+	// Each retry waited for its backoff (1 s): the record of a failure,
+	// a status update, does not bring the record back at once.
+	at := rv.times()
+	for i := 1; i < len(at); i++ {
+		if gap := at[i].Sub(at[i-1]); gap < 900*time.Millisecond {
+			t.Errorf("revocation %d came %v after the one before, within the backoff", i+1, gap)
+		}
 	}
 }
 

@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -159,6 +160,7 @@ func record(t *testing.T, rec *inventory.Recorder, e issuer.Entry) {
 type revoker struct {
 	mu       sync.Mutex
 	calls    []issuer.Entry
+	at       []time.Time
 	failures atomic.Int32
 	then     func(context.Context, issuer.Entry) error // after a success (the issuer's Drop calls Dropped)
 }
@@ -166,14 +168,28 @@ type revoker struct {
 func (r *revoker) revoke(ctx context.Context, e issuer.Entry) error {
 	r.mu.Lock()
 	r.calls = append(r.calls, e)
+	r.at = append(r.at, time.Now())
+	n := len(r.calls)
 	r.mu.Unlock()
-	if r.failures.Add(-1) >= 0 {
-		return fmt.Errorf("backend unavailable: %w", provider.ErrUnavailable)
+	if r.failures.Add(-1) >= 0 { // a message of its own each time, as a backend's may be
+		return fmt.Errorf("backend unavailable (attempt %d): %w", n, provider.ErrUnavailable)
 	}
 	if r.then != nil {
 		return r.then(ctx, e)
 	}
 	return nil
+}
+
+func (r *revoker) times() []time.Time {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return slices.Clone(r.at)
+}
+
+func (r *revoker) entries() []issuer.Entry {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return slices.Clone(r.calls)
 }
 
 func (r *revoker) leases() []string {

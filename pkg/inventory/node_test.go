@@ -33,6 +33,12 @@ func (w *withdrawals) withdraw(volumeID, leaseID, reason string) {
 	}
 }
 
+func (w *withdrawals) all() [][3]string {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return slices.Clone(w.calls)
+}
+
 func (w *withdrawals) leases() []string {
 	w.mu.Lock()
 	defer w.mu.Unlock()
@@ -118,8 +124,8 @@ func TestNodeRecorderAndWatcher(t *testing.T) {
 	if calls := w.leases(); !slices.Equal(calls, []string{mine.LeaseID}) {
 		t.Errorf("node-a was told %v, want %s once", calls, mine.LeaseID)
 	}
-	if w.calls[0][0] != mine.VolumeID || w.calls[0][2] == "" {
-		t.Errorf("withdraw(%q, %q, %q)", w.calls[0][0], w.calls[0][1], w.calls[0][2])
+	if c := w.all()[0]; c[0] != mine.VolumeID || c[2] == "" {
+		t.Errorf("withdraw(%q, %q, %q)", c[0], c[1], c[2])
 	}
 	// A record being deleted is not recorded again.
 	if err := inventory.NewRecorder(adminInv, nil).Dropped(ctx, theirs.LeaseID); err != nil {
