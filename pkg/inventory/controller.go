@@ -56,6 +56,10 @@ type ControllerOptions struct {
 	// ExpiryGrace is how long past its expiry a node-revoked credential's
 	// record, being deleted, waits for its node (default 1 min).
 	ExpiryGrace time.Duration
+	// PodCheckInterval is how often every record is looked at again, so
+	// that the record of a pod gone is deleted even when the garbage
+	// collector missed it (default 5 min).
+	PodCheckInterval time.Duration
 }
 
 // NewController reconciles the records of informer (NewInformer with all
@@ -64,6 +68,9 @@ type ControllerOptions struct {
 func NewController(c *Client, informer cache.SharedIndexInformer, pods corev1client.PodsGetter, revoke RevokeFunc, opts ControllerOptions) *Controller {
 	if opts.ExpiryGrace == 0 {
 		opts.ExpiryGrace = time.Minute
+	}
+	if opts.PodCheckInterval == 0 {
+		opts.PodCheckInterval = 5 * time.Minute
 	}
 	return &Controller{
 		client: c, inf: informer, pods: pods, revoke: revoke, opts: opts, nowFunc: time.Now,
@@ -112,6 +119,11 @@ func (c *Controller) Run(ctx context.Context, workers int) error {
 	for range max(workers, 1) {
 		go wait.UntilWithContext(ctx, c.work, time.Second)
 	}
+	go wait.JitterUntilWithContext(ctx, func(context.Context) {
+		for _, key := range c.inf.GetIndexer().ListKeys() {
+			c.queue.Add(key)
+		}
+	}, c.opts.PodCheckInterval, 0.1, false)
 	<-ctx.Done()
 	return nil
 }

@@ -315,3 +315,22 @@ func TestSpecIsImmutable(t *testing.T) {
 		t.Errorf("spec changed: %+v", c.Spec)
 	}
 }
+
+// TestRecordOfAPodDeletedWhileRunning: the pod goes while the controller
+// runs, with no garbage collector: the periodic look at every record
+// finds it.
+func TestRecordOfAPodDeletedWhileRunning(t *testing.T) {
+	ns := namespace(t)
+	pod := newPod(t, ns, "short")
+	rv := &revoker{}
+	rec := startIssuer(t, rv, inventory.ControllerOptions{PodCheckInterval: time.Second})
+	e := entryFor(pod, "node-a", ns+"-short-running1")
+	record(t, rec, e)
+	if err := admin.CoreV1().Pods(ns).Delete(context.Background(), pod.Name, metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	gone(t, ns, inventory.Name(e.LeaseID))
+	if calls := rv.leases(); !slices.Equal(calls, []string{e.LeaseID}) {
+		t.Errorf("revocations %v, want one of %s", calls, e.LeaseID)
+	}
+}
