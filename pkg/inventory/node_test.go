@@ -19,18 +19,25 @@ import (
 
 // withdrawals records what a NodeWatcher tells its node.
 type withdrawals struct {
-	mu    sync.Mutex
-	calls [][3]string
-	then  func(volumeID, leaseID string)
+	mu       sync.Mutex
+	calls    [][3]string
+	failures int // the first ones fail, as a manager not ready yet does
+	then     func(volumeID, leaseID string)
 }
 
-func (w *withdrawals) withdraw(volumeID, leaseID, reason string) {
+func (w *withdrawals) withdraw(_ context.Context, volumeID, leaseID, reason string) error {
 	w.mu.Lock()
 	w.calls = append(w.calls, [3]string{volumeID, leaseID, reason})
+	w.failures--
+	fail := w.failures >= 0
 	w.mu.Unlock()
+	if fail {
+		return errors.New("lease manager not ready")
+	}
 	if w.then != nil {
 		w.then(volumeID, leaseID)
 	}
+	return nil
 }
 
 func (w *withdrawals) all() [][3]string {
@@ -161,7 +168,8 @@ func TestNodeRecorderRefusesADeletedRecord(t *testing.T) {
 }
 
 // TestWatcherToldOfRecordsDeletedWhileItWasDown: a record deleted while
-// the node plugin was down (its finalizer held it) is told at start-up.
+// the node plugin was down (its finalizer held it) is told at start-up,
+// again until the node takes it.
 func TestWatcherToldOfRecordsDeletedWhileItWasDown(t *testing.T) {
 	ns := namespace(t)
 	ctx := context.Background()
@@ -174,11 +182,14 @@ func TestWatcherToldOfRecordsDeletedWhileItWasDown(t *testing.T) {
 	if err := adminInv.Delete(ctx, ns, inventory.Name(e.LeaseID), metav1.DeleteOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	w := &withdrawals{}
+	w := &withdrawals{failures: 2} // the lease manager is still recovering
 	watchNode(t, ns+"-a", w)
-	harness.Eventually(t, 10*time.Second, "node-a told at start-up", func() (bool, error) {
-		return slices.Contains(w.leases(), e.LeaseID), nil
+	harness.Eventually(t, 10*time.Second, "node-a told at start-up, until it took it", func() (bool, error) {
+		return len(w.leases()) == 3, nil
 	})
+	if calls := w.leases(); !slices.Equal(calls, []string{e.LeaseID, e.LeaseID, e.LeaseID}) {
+		t.Errorf("withdrawals %v", calls)
+	}
 	if err := nodeRec.Revoked(ctx, e); err != nil {
 		t.Fatal(err)
 	}

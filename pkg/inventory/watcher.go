@@ -8,38 +8,46 @@ import (
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/client-go/tools/cache"
 	"k8s.io/client-go/util/workqueue"
+	"k8s.io/klog/v2"
 
 	v1alpha1 "github.com/ephemeral-secrets/csi-driver/pkg/apis/ephemeralsecrets/v1alpha1"
 )
 
 // WithdrawFunc is told that the record of a lease on this node is being
 // deleted (the kill switch, the Pod's deletion): the node empties the
-// volume and stops renewing the lease. It must be idempotent, and a no-op
-// for a lease the node no longer holds (its own revocation deletes the
-// record too).
-type WithdrawFunc func(volumeID, leaseID, reason string)
+// volume and stops renewing the lease (the lease manager's Withdraw). It
+// must be idempotent, and return nil for a volume or lease the node no
+// longer holds (its own revocation deletes the record too); an error
+// (the manager not ready yet, say) is retried with backoff.
+type WithdrawFunc func(ctx context.Context, volumeID, leaseID, reason string) error
 
 // NodeWatcher watches the records of one node (by its label) and calls a
-// WithdrawFunc once for each record being deleted.
+// WithdrawFunc for each record being deleted, until it succeeds once.
 type NodeWatcher struct {
 	node     string
 	informer cache.SharedIndexInformer
 	withdraw WithdrawFunc
+	limiter  workqueue.TypedRateLimiter[withdrawal]
 }
 
-// NewNodeWatcher watches node's records through c.
+// NewNodeWatcher watches node's records through c. A failed withdrawal
+// is retried after a backoff from 100 ms to 30 s.
 func NewNodeWatcher(c *Client, node string, withdraw WithdrawFunc, resync time.Duration) *NodeWatcher {
 	sel := labels.Set{v1alpha1.LabelNode: labelValue(node)}.String()
-	return &NodeWatcher{node: node, informer: NewInformer(c, sel, resync), withdraw: withdraw}
+	return &NodeWatcher{
+		node: node, informer: NewInformer(c, sel, resync), withdraw: withdraw,
+		limiter: workqueue.NewTypedItemExponentialFailureRateLimiter[withdrawal](100*time.Millisecond, 30*time.Second),
+	}
 }
 
 // withdrawal is one call of the WithdrawFunc.
 type withdrawal struct{ volumeID, leaseID, reason string }
 
 // Run watches until ctx is done. Calls of the WithdrawFunc happen one at
-// a time, outside the informer's goroutine.
+// a time, outside the informer's goroutine, and are retried until they
+// succeed (or the watcher stops).
 func (w *NodeWatcher) Run(ctx context.Context) error {
-	queue := workqueue.NewTyped[withdrawal]()
+	queue := workqueue.NewTypedRateLimitingQueue(w.limiter)
 	defer queue.ShutDown()
 	seen := map[string]bool{} // lease IDs told, touched by the informer's goroutine only
 	tell := func(obj any, gone bool) {
@@ -72,7 +80,12 @@ func (w *NodeWatcher) Run(ctx context.Context) error {
 			if shutdown {
 				return
 			}
-			w.withdraw(item.volumeID, item.leaseID, item.reason)
+			if err := w.withdraw(ctx, item.volumeID, item.leaseID, item.reason); err != nil && ctx.Err() == nil {
+				klog.ErrorS(err, "Withdrawing the volume of a deleted credential record; retrying", "volumeID", item.volumeID, "leaseID", item.leaseID)
+				queue.AddRateLimited(item)
+			} else {
+				queue.Forget(item)
+			}
 			queue.Done(item)
 		}
 	}()
