@@ -96,7 +96,10 @@ func run(m *testing.M) int {
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-	return m.Run()
+	for _, token := range []string{issuerToken, nodeAToken, controllerToken} {
+		harness.RememberSecret(token)
+	}
+	return max(m.Run(), harness.ReportLogs())
 }
 
 // as is a client configuration with a bearer token.

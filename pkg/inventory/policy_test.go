@@ -171,6 +171,12 @@ func TestNodePolicyConfinesAPluginToItsNode(t *testing.T) {
 	if err := inventory.NewNodeRecorder(unbound).Issued(ctx, other); err == nil || !strings.Contains(err.Error(), "names no node") {
 		t.Errorf("an unbound token: %v", err)
 	}
+	// The plugin's identity watches its node's records.
+	nw := inventory.NewNodeWatcher(plugin, nodeA, func(context.Context, string, string, string) error { return nil }, 0)
+	wctx, stop := context.WithCancel(ctx)
+	defer stop()
+	go func() { _ = nw.Run(wctx) }()
+	harness.Eventually(t, 10*time.Second, "the plugin's watcher synced", func() (bool, error) { return nw.HasSynced(), nil })
 	// Node a lets its own record go.
 	if err := rec.Revoked(ctx, mine); err != nil {
 		t.Errorf("node a releases its own record: %v", err)
