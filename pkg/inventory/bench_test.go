@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"testing"
 
+	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/cache"
 
 	"github.com/ephemeral-secrets/csi-driver/pkg/inventory"
@@ -20,7 +21,7 @@ func BenchmarkRecordLifecycle(b *testing.B) {
 			name = "no-client-limit"
 		}
 		b.Run(name, func(b *testing.B) {
-			cfg := as(issuerToken)
+			cfg := rest.CopyConfig(issuerCfg)
 			cfg.QPS = qps
 			c, err := inventory.NewClient(cfg)
 			if err != nil {

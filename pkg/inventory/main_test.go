@@ -27,10 +27,12 @@ import (
 	"github.com/ephemeral-secrets/csi-driver/test/kube"
 )
 
-// The identities of the tests: the issuer and two node plugins run with
-// the rights of the chart's files/inventory-rbac.yaml only.
+// The identities of the tests beside the service accounts of the issuer
+// and the node plugin (policy_test.go): a user with the issuer's rights
+// but not its identity, and a node-a user with the node plugin's rights,
+// both with the rights of the chart's files/inventory-rbac.yaml only.
 const (
-	issuerToken     = "esc-inventory-issuer"
+	issuerUserToken = "esc-inventory-issuer"
 	nodeAToken      = "esc-inventory-node-a"
 	controllerToken = "esc-inventory-kcm"
 )
@@ -39,8 +41,12 @@ var (
 	cluster  *kube.Cluster
 	admin    *kubernetes.Clientset
 	repoRoot string
-	// Inventory clients as the admin, the issuer and node-a.
-	adminInv, issuerInv, nodeAInv *inventory.Client
+	// issuerCfg is the issuer's service account (set up with the chart's
+	// policies, which every test runs under).
+	issuerCfg *rest.Config
+	// Inventory clients as the admin, the issuer (its service account),
+	// a user with the issuer's rights, and node-a.
+	adminInv, issuerInv, issuerUserInv, nodeAInv *inventory.Client
 )
 
 func TestMain(m *testing.M) { os.Exit(run(m)) }
@@ -52,7 +58,7 @@ func run(m *testing.M) int {
 		return fail(err)
 	}
 	cluster, err = kube.StartWith(kube.Options{Users: []kube.User{
-		{Token: issuerToken, Name: "esc-issuer"},
+		{Token: issuerUserToken, Name: "esc-issuer"},
 		{Token: nodeAToken, Name: "esc-node-a"},
 		{Token: controllerToken, Name: "system:kube-controller-manager"},
 	}})
@@ -80,7 +86,7 @@ func run(m *testing.M) int {
 			return fail(fmt.Errorf("%s: %w", f, err))
 		}
 	}
-	for token, c := range map[string]**inventory.Client{kube.AdminToken: &adminInv, issuerToken: &issuerInv, nodeAToken: &nodeAInv} {
+	for token, c := range map[string]**inventory.Client{kube.AdminToken: &adminInv, issuerUserToken: &issuerUserInv, nodeAToken: &nodeAInv} {
 		if *c, err = inventory.NewClient(as(token)); err != nil {
 			return fail(err)
 		}
@@ -96,7 +102,13 @@ func run(m *testing.M) int {
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-	for _, token := range []string{issuerToken, nodeAToken, controllerToken} {
+	if err := setUpPolicies(ctx); err != nil {
+		return fail(err)
+	}
+	if issuerInv, err = inventory.NewClient(issuerCfg); err != nil {
+		return fail(err)
+	}
+	for _, token := range []string{issuerUserToken, nodeAToken, controllerToken} {
 		harness.RememberSecret(token)
 	}
 	return max(m.Run(), harness.ReportLogs())
@@ -211,7 +223,7 @@ func startIssuer(t *testing.T, rv *revoker, opts inventory.ControllerOptions) *i
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	inf := inventory.NewInformer(issuerInv, "", 0)
-	pods, err := kubernetes.NewForConfig(as(issuerToken))
+	pods, err := kubernetes.NewForConfig(issuerCfg)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -2,6 +2,8 @@ package inventory_test
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -14,35 +16,77 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
+	v1alpha1 "github.com/ephemeral-secrets/csi-driver/pkg/apis/ephemeralsecrets/v1alpha1"
 	"github.com/ephemeral-secrets/csi-driver/pkg/inventory"
 	"github.com/ephemeral-secrets/csi-driver/test/harness"
 	"github.com/ephemeral-secrets/csi-driver/test/kube"
 )
 
-// The node plugin's service account as the chart names it.
+// The service accounts of the node plugin and the issuer as the chart
+// names them.
 const (
 	pluginNamespace = "ephemeral-secrets"
 	pluginAccount   = "ephemeral-secrets-csi"
+	issuerAccount   = "ephemeral-secrets-csi-issuer"
 )
 
-// applyNodePolicy renders the chart's policy file for the plugin's
-// service account (as the chart's tpl does) and applies it.
-func applyNodePolicy(t *testing.T) {
-	t.Helper()
-	path := filepath.Join(repoRoot, "deploy/helm/ephemeral-secrets-csi/files/inventory-node-policy.yaml")
+// setUpPolicies makes the chart's namespace, the service accounts of the
+// plugin and the issuer with the chart's inventory roles, and applies the
+// chart's policies, rendered for them as the chart's tpl does; it waits
+// until they are in force and sets issuerCfg.
+func setUpPolicies(ctx context.Context) error {
+	errs := []error{ignoreExists(admin.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: pluginNamespace}}, metav1.CreateOptions{}))}
+	for account, role := range map[string]string{pluginAccount: "ephemeral-secrets-csi-node-inventory", issuerAccount: "ephemeral-secrets-csi-issuer-inventory"} {
+		errs = append(errs,
+			ignoreExists(admin.CoreV1().ServiceAccounts(pluginNamespace).Create(ctx, &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: account}}, metav1.CreateOptions{})),
+			ignoreExists(admin.RbacV1().ClusterRoleBindings().Create(ctx, &rbacv1.ClusterRoleBinding{
+				ObjectMeta: metav1.ObjectMeta{Name: "esc-test-" + account},
+				RoleRef:    rbacv1.RoleRef{APIGroup: "rbac.authorization.k8s.io", Kind: "ClusterRole", Name: role},
+				Subjects:   []rbacv1.Subject{{Kind: "ServiceAccount", Namespace: pluginNamespace, Name: account}},
+			}, metav1.CreateOptions{})))
+	}
+	if err := errors.Join(errs...); err != nil {
+		return err
+	}
+	path := filepath.Join(repoRoot, "deploy/helm/ephemeral-secrets-csi/files/inventory-policies.yaml")
 	raw, err := os.ReadFile(path)
 	if err != nil {
-		t.Fatal(err)
+		return err
 	}
-	doc := strings.NewReplacer(`{{ .Release.Namespace }}`, pluginNamespace, `{{ include "esc.fullname" . }}`, pluginAccount).Replace(string(raw))
+	doc := strings.NewReplacer(`{{ .Release.Namespace }}`, pluginNamespace, `{{ include "esc.fullname" . }}`, pluginAccount,
+		`{{ include "esc.issuerName" . }}`, issuerAccount).Replace(string(raw))
 	if strings.Contains(doc, "{{") {
-		t.Fatalf("%s has template expressions the test does not render", path)
+		return fmt.Errorf("%s has template expressions the test does not render", path)
 	}
-	ctx := context.Background()
 	if err := kube.Apply(ctx, cluster.Config(), []byte(doc), false); err != nil {
-		t.Fatal(err)
+		return err
 	}
-	t.Cleanup(func() { _ = kube.Delete(ctx, cluster.Config(), []byte(doc)) })
+	token, err := accountToken(ctx, issuerAccount, nil)
+	if err != nil {
+		return err
+	}
+	issuerCfg = as(token)
+	// In force once the admin is refused the issuer's finalizer.
+	probe := &v1alpha1.Credential{
+		ObjectMeta: metav1.ObjectMeta{GenerateName: "probe-", Namespace: pluginNamespace, Finalizers: []string{v1alpha1.FinalizerRevoke}},
+		Spec:       v1alpha1.CredentialSpec{Pod: v1alpha1.PodReference{Name: "probe", UID: "probe"}, Node: "probe", Provider: "probe", LeaseID: "probe"},
+	}
+	for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
+		c, err := adminInv.Create(ctx, probe)
+		if apierrors.IsForbidden(err) {
+			return nil
+		}
+		if err == nil {
+			c.Finalizers = nil
+			if _, err := adminInv.Update(ctx, c); err != nil {
+				return err
+			}
+			if err := adminInv.Delete(ctx, c.Namespace, c.Name, metav1.DeleteOptions{}); err != nil {
+				return err
+			}
+		}
+	}
+	return errors.New("the chart's policies are not in force after 30s")
 }
 
 // pluginOn makes a pod of the node plugin on node (and the node) and
@@ -64,44 +108,33 @@ func pluginOn(t *testing.T, node string) *inventory.Client {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return pluginClient(t, &authenticationv1.BoundObjectReference{Kind: "Pod", APIVersion: "v1", Name: pod.Name, UID: pod.UID})
+	return accountClient(t, pluginAccount, &authenticationv1.BoundObjectReference{Kind: "Pod", APIVersion: "v1", Name: pod.Name, UID: pod.UID})
 }
 
-// pluginClient is an inventory client with a token of the plugin's
-// service account, bound to ref (nil: to nothing).
-func pluginClient(t *testing.T, ref *authenticationv1.BoundObjectReference) *inventory.Client {
-	t.Helper()
-	tr, err := admin.CoreV1().ServiceAccounts(pluginNamespace).CreateToken(context.Background(), pluginAccount,
+// accountToken is a token of a service account of the chart's namespace,
+// bound to ref (nil: to nothing).
+func accountToken(ctx context.Context, account string, ref *authenticationv1.BoundObjectReference) (string, error) {
+	tr, err := admin.CoreV1().ServiceAccounts(pluginNamespace).CreateToken(ctx, account,
 		&authenticationv1.TokenRequest{Spec: authenticationv1.TokenRequestSpec{BoundObjectRef: ref}}, metav1.CreateOptions{})
+	if err != nil {
+		return "", err
+	}
+	harness.RememberSecret(tr.Status.Token)
+	return tr.Status.Token, nil
+}
+
+// accountClient is an inventory client as accountToken's.
+func accountClient(t *testing.T, account string, ref *authenticationv1.BoundObjectReference) *inventory.Client {
+	t.Helper()
+	token, err := accountToken(context.Background(), account, ref)
 	if err != nil {
 		t.Fatal(err)
 	}
-	harness.RememberSecret(tr.Status.Token)
-	c, err := inventory.NewClient(as(tr.Status.Token))
+	c, err := inventory.NewClient(as(token))
 	if err != nil {
 		t.Fatal(err)
 	}
 	return c
-}
-
-// pluginAccountOnce creates the plugin's namespace, service account and
-// the chart's node role bound to it.
-func pluginAccountOnce(t *testing.T) {
-	t.Helper()
-	ctx := context.Background()
-	for _, err := range []error{
-		ignoreExists(admin.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: pluginNamespace}}, metav1.CreateOptions{})),
-		ignoreExists(admin.CoreV1().ServiceAccounts(pluginNamespace).Create(ctx, &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: pluginAccount}}, metav1.CreateOptions{})),
-		ignoreExists(admin.RbacV1().ClusterRoleBindings().Create(ctx, &rbacv1.ClusterRoleBinding{
-			ObjectMeta: metav1.ObjectMeta{Name: "esc-test-plugin-inventory"},
-			RoleRef:    rbacv1.RoleRef{APIGroup: "rbac.authorization.k8s.io", Kind: "ClusterRole", Name: "ephemeral-secrets-csi-node-inventory"},
-			Subjects:   []rbacv1.Subject{{Kind: "ServiceAccount", Namespace: pluginNamespace, Name: pluginAccount}},
-		}, metav1.CreateOptions{})),
-	} {
-		if err != nil {
-			t.Fatal(err)
-		}
-	}
 }
 
 func ignoreExists[T any](_ T, err error) error {
@@ -115,7 +148,6 @@ func ignoreExists[T any](_ T, err error) error {
 // plugin of node a records, renews and releases its own node's records,
 // and is refused for node b's, and for the issuer's finalizer.
 func TestNodePolicyConfinesAPluginToItsNode(t *testing.T) {
-	pluginAccountOnce(t)
 	ns := namespace(t)
 	ctx := context.Background()
 	nodeA, nodeB := ns+"-a", ns+"-b"
@@ -123,19 +155,14 @@ func TestNodePolicyConfinesAPluginToItsNode(t *testing.T) {
 	pod := newPod(t, ns, "app")
 	rec := inventory.NewNodeRecorder(plugin)
 
-	// Before the policy: the RBAC alone lets node a write node b's record.
+	// A user with the same rights but not the plugin's identity is not
+	// confined (RBAC cannot do it): node b's record, written by it.
 	forged := entryFor(pod, nodeB, ns+"-app-forged001")
-	if err := rec.Issued(ctx, forged); err != nil {
-		t.Fatalf("without the policy: %v", err)
+	if err := inventory.NewNodeRecorder(nodeAInv).Issued(ctx, forged); err != nil {
+		t.Fatalf("the RBAC alone: %v", err)
 	}
-	applyNodePolicy(t)
 	other := entryFor(pod, nodeB, ns+"-app-nodeb0001")
-	harness.Eventually(t, 30*time.Second, "the policy refuses node b's record to node a", func() (bool, error) {
-		err := rec.Issued(ctx, other)
-		return apierrors.IsForbidden(err) || apierrors.IsInvalid(err), nil
-	})
-	err := rec.Issued(ctx, other)
-	if err == nil || !strings.Contains(err.Error(), "only the credential records of its own node") {
+	if err := rec.Issued(ctx, other); err == nil || !strings.Contains(err.Error(), "only the credential records of its own node") {
 		t.Errorf("a record of node b by node a: %v", err)
 	}
 
@@ -147,7 +174,7 @@ func TestNodePolicyConfinesAPluginToItsNode(t *testing.T) {
 	if err := rec.Issued(ctx, mine); err != nil {
 		t.Fatalf("node a renews its own record: %v", err)
 	}
-	// Node b's record (written before the policy): no update, no delete.
+	// Node b's record: no update, no delete.
 	if err := rec.Revoked(ctx, forged); err == nil || !strings.Contains(err.Error(), "own node") {
 		t.Errorf("node a releases node b's record: %v", err)
 	}
@@ -166,7 +193,7 @@ func TestNodePolicyConfinesAPluginToItsNode(t *testing.T) {
 		t.Errorf("node a removes the issuer's finalizer: %v", err)
 	}
 	// A token not bound to a pod names no node.
-	unbound := pluginClient(t, nil)
+	unbound := accountClient(t, pluginAccount, nil)
 	other.LeaseID = ns + "-app-unbound01"
 	if err := inventory.NewNodeRecorder(unbound).Issued(ctx, other); err == nil || !strings.Contains(err.Error(), "names no node") {
 		t.Errorf("an unbound token: %v", err)
@@ -187,4 +214,41 @@ func TestNodePolicyConfinesAPluginToItsNode(t *testing.T) {
 			t.Error(err)
 		}
 	}
+}
+
+// TestOnlyTheIssuerPutsItsFinalizer: with the chart's policies, a record
+// carrying the issuer's finalizer (one whose deletion makes the issuer
+// drop a role by lease ID) can be written by the issuer alone, not by a
+// node plugin, another identity with create rights, or a cluster admin.
+func TestOnlyTheIssuerPutsItsFinalizer(t *testing.T) {
+	ns := namespace(t)
+	ctx := context.Background()
+	pod := newPod(t, ns, "app")
+	e := entryFor(pod, ns+"-a", ns+"-app-issuers01")
+	for name, c := range map[string]*inventory.Client{"admin": adminInv, "a user with the issuer's rights": issuerUserInv} {
+		err := inventory.NewRecorder(c, nil).Issuing(ctx, e)
+		if err == nil || !strings.Contains(err.Error(), "only the issuer puts its finalizer") {
+			t.Errorf("%s: %v", name, err)
+		}
+	}
+	// A record without it, then the finalizer added: refused too.
+	if err := inventory.NewNodeRecorder(adminInv).Issued(ctx, e); err != nil {
+		t.Fatal(err)
+	}
+	c := get(t, ns, e.LeaseID)
+	c.Finalizers = append(c.Finalizers, v1alpha1.FinalizerRevoke)
+	if _, err := adminInv.Update(ctx, c); err == nil || !strings.Contains(err.Error(), "only the issuer") {
+		t.Errorf("adding the issuer's finalizer: %v", err)
+	}
+	if err := inventory.NewNodeRecorder(adminInv).Revoked(ctx, e); err != nil {
+		t.Fatal(err)
+	}
+	gone(t, ns, inventory.Name(e.LeaseID))
+	// The issuer records, renews and drops.
+	rec := inventory.NewRecorder(issuerInv, nil)
+	record(t, rec, e)
+	if err := rec.Dropped(ctx, e.LeaseID); err != nil {
+		t.Fatal(err)
+	}
+	gone(t, ns, inventory.Name(e.LeaseID))
 }
