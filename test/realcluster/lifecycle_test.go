@@ -102,23 +102,37 @@ func testDriverRestart(t *testing.T) {
 	}
 }
 
-// driverPID finds the driver's process (in its container) on the node.
+// driverPID finds the node plugin's process (in its container) on the node.
 func driverPID(t *testing.T) int {
 	t.Helper()
+	pids := productPIDs("serve")
+	if len(pids) == 0 {
+		t.Fatal("no driver process on the node")
+	}
+	return pids[0]
+}
+
+// productPIDs lists the processes of the product's image running the
+// command (serve, issuer) in a pod's container on the node.
+func productPIDs(command string) []int {
+	var pids []int
 	entries, _ := os.ReadDir("/proc")
 	for _, e := range entries {
 		comm, err := os.ReadFile(filepath.Join("/proc", e.Name(), "comm"))
 		cg, _ := os.ReadFile(filepath.Join("/proc", e.Name(), "cgroup"))
-		// The driver in its container: in a pod's cgroup (other tests on
-		// the machine may run driver binaries too). comm is cut at 15 bytes.
-		if err == nil && strings.TrimSpace(string(comm)) == "ephemeral-secre" && strings.Contains(string(cg), "/kubepods") {
+		args, _ := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
+		// In a pod's cgroup (other tests on the machine may run driver
+		// binaries too). comm is cut at 15 bytes.
+		if err != nil || strings.TrimSpace(string(comm)) != "ephemeral-secre" || !strings.Contains(string(cg), "/kubepods") {
+			continue
+		}
+		if argv := strings.Split(string(args), "\x00"); len(argv) > 1 && argv[1] == command {
 			var pid int
 			fmt.Sscanf(e.Name(), "%d", &pid)
-			return pid
+			pids = append(pids, pid)
 		}
 	}
-	t.Fatal("no driver process on the node")
-	return 0
+	return pids
 }
 
 // testDriverReach: the driver container sees the pods' directories and
