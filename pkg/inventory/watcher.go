@@ -58,7 +58,11 @@ func (w *NodeWatcher) Run(ctx context.Context) error {
 		if !ok || c.Spec.Node != w.node {
 			return
 		}
-		if (c.DeletionTimestamp != nil || gone) && !seen[c.Spec.LeaseID] {
+		// A deletion someone asked for while the record was live (a
+		// finalizer holds it): the kill switch, or its pod's deletion. A
+		// record that simply vanishes was released by whoever revoked it
+		// (an unpublish, a rotation's old lease): nothing to withdraw.
+		if c.DeletionTimestamp != nil && !seen[c.Spec.LeaseID] {
 			seen[c.Spec.LeaseID] = true
 			queue.Add(withdrawal{c.Spec.VolumeID, c.Spec.LeaseID, reason(c)})
 		}
