@@ -25,13 +25,13 @@ func (m *Manager) enqueueAfter(l provider.Lease, meta storage.Metadata, reason s
 	}
 	r := storage.Revocation{
 		Lease: l, VolumeID: meta.VolumeID, Class: meta.Class, Pod: meta.Pod,
-		Reason: reason, EnqueuedAt: time.Now().UTC(), NotBefore: notBefore,
+		Reason: reason, Task: taskOf(meta, l.ID), EnqueuedAt: time.Now().UTC(), NotBefore: notBefore,
 	}
 	if err := m.opts.Store.PutRevocation(r); err != nil {
 		return err
 	}
 	rec := recordFor(meta, l)
-	rec.Detail = reason
+	rec.Detail, rec.Task = reason, r.Task
 	m.audit(withStage(rec, audit.Revoke), audit.Pending, nil)
 	m.kick()
 	return nil
@@ -106,7 +106,7 @@ func (m *Manager) drain(ctx context.Context) time.Duration {
 func (m *Manager) revokeOne(ctx context.Context, r storage.Revocation) (time.Duration, bool) {
 	rec := withExpiry(audit.Record{
 		Stage: audit.Revoke, VolumeID: r.VolumeID, Pod: r.Pod, Class: r.Class,
-		Provider: r.Lease.Provider, Role: r.Lease.Role, LeaseID: r.Lease.ID, Detail: r.Reason,
+		Provider: r.Lease.Provider, Role: r.Lease.Role, LeaseID: r.Lease.ID, Task: r.Task, Detail: r.Reason,
 	}, r.Lease.ExpiresAt)
 	if !r.Lease.IssuedAt.IsZero() {
 		rec.Lifetime = time.Since(r.Lease.IssuedAt).Round(time.Millisecond).String()

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"slices"
 	"time"
 
@@ -87,6 +88,8 @@ func (m *Manager) settleWithdrawn(v *volume, reason string) ([]string, error) {
 	}
 	m.mu.Lock()
 	v.digest = digest(nil)
+	v.tasks = map[string]provider.Lease{}
+	v.stopTaskTimers()
 	m.mu.Unlock()
 	leases, err := m.heldLeases(v.meta, v.lease)
 	if err != nil {
@@ -110,7 +113,10 @@ func (m *Manager) settleWithdrawn(v *volume, reason string) ([]string, error) {
 		}
 	}
 	meta := v.meta
-	meta.LeaseID, meta.PendingLeaseID = "", ""
+	if meta.LeaseID != "" {
+		meta.WithdrawnLease = meta.LeaseID
+	}
+	meta.LeaseID, meta.PendingLeaseID, meta.Tasks = "", "", nil
 	if err := m.opts.Store.WriteMetadata(meta); err != nil {
 		// Still withdrawn; recovery queues what it names again (revoking
 		// twice is harmless).
@@ -160,7 +166,11 @@ func (m *Manager) heldLeases(meta storage.Metadata, cur provider.Lease) ([]provi
 	for _, l := range records {
 		add(l)
 	}
-	for _, lid := range []string{meta.PendingLeaseID, meta.LeaseID} {
+	named := []string{meta.PendingLeaseID, meta.LeaseID}
+	for _, task := range slices.Sorted(maps.Keys(meta.Tasks)) {
+		named = append(named, meta.Tasks[task].LeaseID)
+	}
+	for _, lid := range named {
 		add(provider.Lease{ID: lid, Provider: meta.Provider, Params: meta.Params})
 	}
 	return out, nil
