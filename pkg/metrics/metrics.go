@@ -56,6 +56,7 @@ type Metrics struct {
 	refusals     *prometheus.CounterVec
 	configGen    prometheus.Gauge
 	configErrors prometheus.Counter
+	leaseAPI     *prometheus.CounterVec
 }
 
 // New returns Metrics whose gauges are read from state at each scrape.
@@ -96,6 +97,11 @@ func New(state func() State) *Metrics {
 		Namespace: namespace, Name: "backend_config_reload_errors_total",
 		Help: "Changed backend configurations that failed to load (the previous one stays in use).",
 	})
+	m.leaseAPI = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: namespace, Name: "lease_api_requests_total",
+		Help: "Calls of volumes' lease sockets by namespace, endpoint and HTTP status (429 and 400: refused).",
+	}, []string{"namespace", "endpoint", "code"})
+	m.reg.MustRegister(m.leaseAPI)
 	m.reg.MustRegister(m.rpc, m.leaseOps, m.authFailures, m.kubeRequests, m.firstSeen, m.refusals, m.configGen, m.configErrors,
 		&stateCollector{state: state},
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
@@ -232,4 +238,12 @@ func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(oldestDesc, prometheus.GaugeValue, s.OldestRevocation.Seconds())
 	ch <- prometheus.MustNewConstMetric(failingDesc, prometheus.GaugeValue, float64(s.RenewalFailing))
 	ch <- prometheus.MustNewConstMetric(soonestDesc, prometheus.GaugeValue, s.SoonestExpiry.Seconds())
+}
+
+// LeaseAPI records one call of a volume's lease socket.
+func (m *Metrics) LeaseAPI(namespace, endpoint string, code int) {
+	if m == nil {
+		return
+	}
+	m.leaseAPI.WithLabelValues(namespace, endpoint, strconv.Itoa(code)).Inc()
 }
