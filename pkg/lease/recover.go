@@ -117,6 +117,13 @@ func (m *Manager) recoverVolume(ctx context.Context, id string) (bool, error) {
 			m.dropRecord(l, v.meta, "rotated (finished after a restart)", m.graceEnd(l))
 		}
 	}
+	if v.meta.LeaseAPI {
+		// A task a restart ended (its record said so before its files went)
+		// leaves files behind: the files again, of the leases held.
+		if err := m.writeFiles(v, v.lease); err != nil {
+			return false, fmt.Errorf("rewriting the files of the tasks held: %w", err)
+		}
+	}
 	m.mu.Lock()
 	m.vols[id] = v
 	m.mu.Unlock()
