@@ -73,8 +73,8 @@ func run(ctx context.Context, args []string, out io.Writer) int {
 }
 
 type agent struct {
-	out                   io.Writer
-	sock                  *client
+	out                    io.Writer
+	sock                   *client
 	volume, query, dsnFile string
 }
 
