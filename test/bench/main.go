@@ -79,7 +79,7 @@ type results struct {
 	} `json:"postgres"`
 	GiveBack giveBack `json:"lease_socket_give_back"`
 	Targets  []target `json:"targets"`
-	Machine struct {
+	Machine  struct {
 		CPUs int    `json:"cpus"`
 		Go   string `json:"go"`
 		Date string `json:"date"`
