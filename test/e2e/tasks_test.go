@@ -378,8 +378,16 @@ func TestLeaseSocketOnlyThroughThePod(t *testing.T) {
 	if st.Mode().Perm() != 0o700 {
 		t.Errorf("state directory mode %o, want 0700", st.Mode().Perm())
 	}
-	if _, err := asPodUser(t, f.env.StateDir, 1234, "call", "--volume", "/proc/self/fd/3/volumes", "GET", "/v1/lease"); err == nil {
-		t.Errorf("a process of the fsGroup outside the pod listed the state directory")
+	// A process of the fsGroup outside the pod, dialling the socket where
+	// the driver keeps it, is stopped at the state directory.
+	socks, _ := filepath.Glob(filepath.Join(f.env.StateDir, "volumes", "*", "fs", "lease.sock"))
+	if len(socks) != 2 {
+		t.Fatalf("%d sockets in the state directory, want 2", len(socks))
+	}
+	rel, _ := filepath.Rel(f.env.StateDir, filepath.Dir(socks[0]))
+	out, err = asPodUser(t, f.env.StateDir, 1234, "call", "--volume", "/proc/self/fd/3/"+rel, "GET", "/v1/lease")
+	if err == nil || !strings.Contains(out, "permission denied") {
+		t.Errorf("a process of the fsGroup outside the pod reached a socket in the state directory: %v\n%s", err, out)
 	}
 
 	// Each socket answers for its own volume.
