@@ -502,6 +502,8 @@ func printTable(r *results, bin string) {
 	row("give-back call, no wait", latency{P50: g.NoWaitCallP50, P99: g.NoWaitCallP99, Samples: g.Samples / 2})
 	row("  answer -> login refused", latency{P50: g.NoWaitRefusedP50, P99: g.NoWaitRefusedP99, Samples: g.Samples / 2})
 	row("task DELETE: answer -> refused", latency{P50: g.TaskRefusedP50, P99: g.TaskRefusedP99, Samples: g.Samples})
+	row("a refused login itself (floor)", latency{P50: g.FloorP50, P99: g.FloorP99, Samples: g.Samples})
+	fmt.Printf("\ngive-backs whose first login after the answer was refused: %d of %d", g.FirstAttempt, g.Samples)
 	fmt.Printf("\ndriver work in a republish (republish p50 - no-op call p50): %.3f ms\n", r.Republish["c1"].P50-r.RPC.P50)
 	fmt.Printf("resident memory: %.1f MiB idle, %.1f MiB with 1000 live volumes (anonymous: %.1f and %.1f MiB; the rest is the binary's own pages)\n\n",
 		r.RSS.Idle, r.RSS.Volumes, r.RSS.IdleAnon, r.RSS.VolumesAnon)
