@@ -31,6 +31,30 @@ type call struct {
 	volumeID, endpoint string
 	pod                provider.Pod
 	leaseID, task      string
+	// quiet: the call is not audited (a rate-limit refusal past the audit's
+	// own rate); held: how many such calls the record stands for.
+	quiet bool
+	held  int
+}
+
+// auditRefusal reports whether a rate-limit refusal is audited; one that
+// is not is counted for the next that is.
+func (sk *socket) auditRefusal() bool {
+	if sk.quiet.Allow() {
+		return true
+	}
+	sk.mu.Lock()
+	sk.held++
+	sk.mu.Unlock()
+	return false
+}
+
+func (sk *socket) takeHeld() int {
+	sk.mu.Lock()
+	defer sk.mu.Unlock()
+	n := sk.held
+	sk.held = 0
+	return n
 }
 
 // apiError is an answer other than success: its status and reason.
@@ -57,6 +81,9 @@ func (s *Server) handler(volumeID string, sk *socket) http.Handler {
 			code, body, err := 0, any(nil), error(nil)
 			if !sk.limiter.Allow() {
 				err = refuse(http.StatusTooManyRequests, "rate limit: at most %g calls a second on this volume", s.opts.Rate)
+				if c.quiet = !sk.auditRefusal(); !c.quiet {
+					c.held = sk.takeHeld()
+				}
 			} else {
 				r.Body = http.MaxBytesReader(w, r.Body, MaxBody)
 				code, body, err = h(r.Context(), c, r)
@@ -94,13 +121,19 @@ func (s *Server) answer(w http.ResponseWriter, c *call, code int, body any, err 
 	w.Header().Set("Cache-Control", "no-store")
 	w.WriteHeader(code)
 	_ = json.NewEncoder(w).Encode(body)
+	s.opts.Metric.LeaseAPI(c.pod.Namespace, c.endpoint, code)
+	if c.quiet {
+		return
+	}
 	rec := audit.Record{Stage: audit.API, VolumeID: c.volumeID, Pod: c.pod, LeaseID: c.leaseID, Task: c.task,
 		Outcome: outcome, Detail: fmt.Sprintf("%s -> %d", c.endpoint, code)}
+	if c.held > 0 {
+		rec.Detail += fmt.Sprintf(" (and %d more refused by the rate limit since the last record)", c.held)
+	}
 	if err != nil {
 		rec.Error = err.Error()
 	}
 	_ = s.opts.Audit.Log(rec)
-	s.opts.Metric.LeaseAPI(c.pod.Namespace, c.endpoint, code)
 }
 
 // statusOf maps the manager's errors to HTTP statuses.

@@ -19,6 +19,7 @@ import (
 	"sync"
 	"time"
 
+	"golang.org/x/net/netutil"
 	"golang.org/x/sys/unix"
 	"golang.org/x/time/rate"
 	"k8s.io/klog/v2"
@@ -72,10 +73,20 @@ type socket struct {
 	srv     *http.Server
 	path    string
 	limiter *rate.Limiter
+	// quiet bounds the audit records of refusals by the rate limit, so
+	// that a pod calling in a loop cannot flood the audit trail; the
+	// records it holds back are counted in the next one.
+	quiet *rate.Limiter
+	mu    sync.Mutex
+	held  int // refusals not audited since the last audited one; under mu
 }
 
-// MaxBody bounds a request's body.
-const MaxBody = 4 << 10
+// MaxBody bounds a request's body; MaxConns the connections one socket
+// serves at once (more wait in the listen queue).
+const (
+	MaxBody  = 4 << 10
+	MaxConns = 8
+)
 
 // New returns a Server with no socket open.
 func New(opts Options) *Server {
@@ -104,7 +115,7 @@ func (s *Server) Open(volumeID string, gid int) error {
 	if err != nil {
 		return err
 	}
-	sk := &socket{path: path, limiter: rate.NewLimiter(rate.Limit(s.opts.Rate), s.opts.Burst)}
+	sk := &socket{path: path, limiter: rate.NewLimiter(rate.Limit(s.opts.Rate), s.opts.Burst), quiet: rate.NewLimiter(1, 5)}
 	sk.srv = &http.Server{
 		Handler:           s.handler(volumeID, sk),
 		ReadHeaderTimeout: 2 * time.Second,
@@ -116,7 +127,7 @@ func (s *Server) Open(volumeID string, gid int) error {
 	}
 	s.socks[volumeID] = sk
 	go func() {
-		if err := sk.srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		if err := sk.srv.Serve(netutil.LimitListener(ln, MaxConns)); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			klog.ErrorS(err, "Lease socket stopped", "volumeID", volumeID)
 		}
 	}()

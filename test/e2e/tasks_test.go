@@ -473,3 +473,77 @@ func TestLeaseSocketSurvivesARestart(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// A pod calling its socket in a loop: every call counted, the refusals'
+// audit records bounded (the ones held back are counted in the next), and
+// the driver still answers another volume's pod.
+func TestLeaseSocketFloodIsCountedNotLogged(t *testing.T) {
+	ctx := context.Background()
+	f := setupTasks(t, "--lease-api-rate", "0.01", "--lease-api-burst", "1")
+	a, b := newPod("agent-t6", "app"), newPod("agent-t7", "app")
+	ta, err := f.kube.Publish(ctx, a, dbVolume("agent-db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	tb, err := f.kube.Publish(ctx, b, dbVolume("agent-db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	harness.RememberSecret(readSecret(t, ta, "password"))
+	harness.RememberSecret(readSecret(t, tb, "password"))
+	s := dialSocket(t, f.env.InPodView(ta))
+	const calls = 200
+	var wg sync.WaitGroup
+	codes := make(chan int, calls)
+	for range 16 {
+		wg.Go(func() {
+			for range calls / 16 {
+				code, _ := s.raw(t, "GET", "/v1/lease", "")
+				codes <- code
+			}
+		})
+	}
+	wg.Wait()
+	close(codes)
+	refused := 0
+	for c := range codes {
+		if c == http.StatusTooManyRequests {
+			refused++
+		}
+	}
+	if refused < calls/16*16-1 {
+		t.Errorf("%d of %d calls refused, want all but one", refused, calls/16*16)
+	}
+	// The other volume's socket is not held up.
+	if code, _ := dialSocket(t, f.env.InPodView(tb)).call(t, "GET", "/v1/lease", ""); code != http.StatusOK {
+		t.Errorf("another pod's socket: %d", code)
+	}
+	audited, stood := 0, 0
+	for _, r := range auditOf(t, f) {
+		if r["stage"] == "api" && r["outcome"] == "refused" {
+			audited++
+			var more int
+			if _, err := fmt.Sscanf(fmt.Sprint(r["detail"]), "GET /v1/lease -> 429 (and %d more", &more); err == nil {
+				stood += more
+			}
+		}
+	}
+	if audited > 10 {
+		t.Errorf("%d refusals audited for %d refused calls: the flood reached the audit trail", audited, refused)
+	}
+	if audited+stood > refused || audited == 0 {
+		t.Errorf("audited %d records standing for %d more, of %d refused", audited, stood, refused)
+	}
+	_, metrics, err := f.driver.Scrape("/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := fmt.Sprintf(`ephemeral_secrets_lease_api_requests_total{code="429",endpoint="GET /v1/lease",namespace="team-a"} %d`, refused); !strings.Contains(metrics, want) {
+		t.Errorf("metrics do not count every refusal (%s):\n%s", want, grepLines(metrics, "lease_api"))
+	}
+	for _, p := range []kubelet.Pod{a, b} {
+		if err := f.kube.Unpublish(ctx, p, "db"); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
