@@ -79,6 +79,19 @@ func TestTaskLeases(t *testing.T) {
 		t.Errorf("the refused task made a role: %d, then %d", before, after)
 	}
 
+	// An admin's inventory lists the task leases beside the volume's.
+	inv, err := ReadInventory(n.store)
+	if err != nil {
+		t.Fatal(err)
+	}
+	listed := map[string]string{}
+	for _, l := range inv.Live {
+		listed[l.Task] = l.LeaseID
+	}
+	if listed["a"] != a.LeaseID || listed["b"] != b.LeaseID || listed[""] == "" {
+		t.Errorf("inventory lists %v, want the volume's lease and tasks a and b", listed)
+	}
+
 	// One task given back: its login refused, the others work.
 	confirmed, err := m.RevokeTask(ctx, v.ID, "a")
 	if err != nil {
