@@ -163,7 +163,7 @@ func (m *Manager) State() metrics.State {
 		if v.meta.State == storage.StateWithdrawn {
 			continue
 		}
-		s.LiveLeases[v.meta.Provider]++
+		s.LiveLeases[v.meta.Provider] += 1 + len(v.meta.Tasks)
 		if v.failures > 0 {
 			s.RenewalFailing++
 		}

@@ -79,6 +79,11 @@ func TestTaskLeases(t *testing.T) {
 		t.Errorf("the refused task made a role: %d, then %d", before, after)
 	}
 
+	// The admin's caps count them: the volume's credential and four tasks.
+	if in, on := m.Live(testNS); in != 5 || on != 5 {
+		t.Errorf("live credentials %d in the namespace, %d on the node; want 5 and 5", in, on)
+	}
+
 	// An admin's inventory lists the task leases beside the volume's.
 	inv, err := ReadInventory(n.store)
 	if err != nil {
