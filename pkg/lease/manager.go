@@ -116,7 +116,7 @@ type Manager struct {
 
 	seen map[string]time.Time // "namespace/serviceaccount/class" -> first request; under mu
 
-	confirmed map[string]chan struct{} // lease ID -> closed when its revocation is confirmed; under mu
+	confirmed map[string]*waiter // lease ID -> who waits for its revocation; under mu
 }
 
 // volume is the in-memory state of one published volume. Its fields
@@ -168,7 +168,7 @@ func New(opts Options) *Manager {
 	return &Manager{
 		opts: opts, ctx: ctx, cancel: cancel,
 		vols: map[string]*volume{}, wake: make(chan struct{}, 1), retryAt: map[string]time.Time{},
-		seen: map[string]time.Time{}, confirmed: map[string]chan struct{}{},
+		seen: map[string]time.Time{}, confirmed: map[string]*waiter{},
 	}
 }
 

@@ -131,7 +131,7 @@ func (m *Manager) revokeOne(ctx context.Context, r storage.Revocation) (time.Dur
 			klog.ErrorS(derr, "Removing a finished revocation from the queue", "leaseID", r.Lease.ID)
 		}
 		delete(m.retryAt, r.Lease.ID)
-		m.confirm(r.Lease.ID)
+		m.confirm(r.Lease.ID, err)
 		m.audit(rec, outcome, nil)
 		m.opts.Metrics.LeaseOp(r.Lease.Provider, metrics.OpRevoke, outcome)
 		klog.V(2).InfoS("Revoked lease", "leaseID", r.Lease.ID, "volumeID", r.VolumeID, "outcome", outcome)

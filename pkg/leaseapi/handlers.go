@@ -237,6 +237,11 @@ func (s *Server) waitFor(ctx context.Context, wait time.Duration, confirmed <-ch
 			answer.Confirmed, answer.Status = true, "revoked: the backend confirmed"
 			return http.StatusOK, answer, nil
 		}
+		if errors.Is(err, provider.ErrNotRevocable) {
+			// A final answer: the backend will never do more (an STS session).
+			answer.Status = "files removed; the backend cannot revoke this credential: it stays valid until it expires"
+			return http.StatusOK, answer, nil
+		}
 		answer.Status += "; " + err.Error()
 	case <-timer.C:
 		if wait > 0 {
