@@ -80,6 +80,19 @@ func setupTasks(t *testing.T, extra ...string) *fixture {
 	return startFixture(t, classes+taskClasses, backends("1h", "2h"), extra...)
 }
 
+// publishAgent publishes the agent-db volume of a new pod and returns the
+// pod and its target, its password remembered as a secret.
+func publishAgent(t *testing.T, f *fixture, name string) (kubelet.Pod, string) {
+	t.Helper()
+	pod := newPod(name, "app")
+	target, err := f.kube.Publish(context.Background(), pod, dbVolume("agent-db"))
+	if err != nil {
+		t.Fatalf("publish %s: %v", name, err)
+	}
+	harness.RememberSecret(readSecret(t, target, "password"))
+	return pod, target
+}
+
 // sock is a client of one volume's lease socket, dialled as the pod
 // would: through the pod's view of the mount. The directory is held open
 // and the socket dialled through /proc/self/fd (the test's paths are
@@ -179,12 +192,7 @@ func auditOf(t *testing.T, f *fixture) []map[string]any {
 func TestLeaseSocketTasksAndGiveBack(t *testing.T) {
 	ctx := context.Background()
 	f := setupTasks(t)
-	pod := newPod("agent-t1", "app")
-	target, err := f.kube.Publish(ctx, pod, dbVolume("agent-db"))
-	if err != nil {
-		t.Fatalf("publish: %v", err)
-	}
-	harness.RememberSecret(readSecret(t, target, "password"))
+	pod, target := publishAgent(t, f, "agent-t1")
 	view := f.env.InPodView(target)
 
 	// The socket: root:fsGroup 0660, at the volume's root, seen through the
@@ -274,12 +282,7 @@ func TestLeaseSocketTasksAndGiveBack(t *testing.T) {
 func TestLeaseSocketLimits(t *testing.T) {
 	ctx := context.Background()
 	f := setupTasks(t, "--lease-api-rate", "0.01", "--lease-api-burst", "10")
-	pod := newPod("agent-t2", "app")
-	target, err := f.kube.Publish(ctx, pod, dbVolume("agent-db"))
-	if err != nil {
-		t.Fatalf("publish: %v", err)
-	}
-	harness.RememberSecret(readSecret(t, target, "password"))
+	pod, target := publishAgent(t, f, "agent-t2")
 	s := dialSocket(t, f.env.InPodView(target))
 	for _, task := range []string{"a", "b"} {
 		if code, body := s.call(t, "POST", "/v1/tasks", `{"task":"`+task+`"}`); code != http.StatusCreated {
@@ -354,15 +357,8 @@ func grepLines(s, sub string) string {
 func TestLeaseSocketOnlyThroughThePod(t *testing.T) {
 	ctx := context.Background()
 	f := setupTasks(t)
-	a, b := newPod("agent-t3", "app"), newPod("agent-t4", "app")
-	ta, err := f.kube.Publish(ctx, a, dbVolume("agent-db"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	tb, err := f.kube.Publish(ctx, b, dbVolume("agent-db"))
-	if err != nil {
-		t.Fatal(err)
-	}
+	a, ta := publishAgent(t, f, "agent-t3")
+	b, tb := publishAgent(t, f, "agent-t4")
 	secrets := []string{readSecret(t, ta, "password"), readSecret(t, tb, "password")}
 
 	// Another group: the socket refuses the connection.
@@ -437,12 +433,7 @@ func TestLeaseSocketOnlyThroughThePod(t *testing.T) {
 func TestLeaseSocketSurvivesARestart(t *testing.T) {
 	ctx := context.Background()
 	f := setupTasks(t)
-	pod := newPod("agent-t5", "app")
-	target, err := f.kube.Publish(ctx, pod, dbVolume("agent-db"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	harness.RememberSecret(readSecret(t, target, "password"))
+	pod, target := publishAgent(t, f, "agent-t5")
 	s := dialSocket(t, f.env.InPodView(target))
 	if code, body := s.call(t, "POST", "/v1/tasks", `{"task":"long-task"}`); code != http.StatusCreated {
 		t.Fatalf("task: %d %v", code, body)
@@ -480,17 +471,8 @@ func TestLeaseSocketSurvivesARestart(t *testing.T) {
 func TestLeaseSocketFloodIsCountedNotLogged(t *testing.T) {
 	ctx := context.Background()
 	f := setupTasks(t, "--lease-api-rate", "0.01", "--lease-api-burst", "1")
-	a, b := newPod("agent-t6", "app"), newPod("agent-t7", "app")
-	ta, err := f.kube.Publish(ctx, a, dbVolume("agent-db"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	tb, err := f.kube.Publish(ctx, b, dbVolume("agent-db"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	harness.RememberSecret(readSecret(t, ta, "password"))
-	harness.RememberSecret(readSecret(t, tb, "password"))
+	a, ta := publishAgent(t, f, "agent-t6")
+	b, tb := publishAgent(t, f, "agent-t7")
 	s := dialSocket(t, f.env.InPodView(ta))
 	const calls = 200
 	var wg sync.WaitGroup
