@@ -30,12 +30,14 @@ IMAGE_REPO          ?= ghcr.io/ephemeral-secrets/csi-driver
 IMAGE_TAG           ?= $(VERSION)
 IMAGE_PLATFORMS     ?= $(shell $(GO) env GOOS)/$(shell $(GO) env GOARCH)
 DB_CHECK_IMAGE_REPO ?= ghcr.io/ephemeral-secrets/db-check
+AGENT_TASKS_IMAGE_REPO ?= ghcr.io/ephemeral-secrets/agent-tasks
 MKIMAGE = $(GO) run ./test/image/cmd/mkimage --platforms $(IMAGE_PLATFORMS)
 .PHONY: image
 image:
 	@mkdir -p bin
 	$(MKIMAGE) --image driver --name $(IMAGE_REPO):$(IMAGE_TAG) --version $(VERSION) --out bin/ephemeral-secrets-csi-image.tar
 	$(MKIMAGE) --image db-check --name $(DB_CHECK_IMAGE_REPO):$(IMAGE_TAG) --out bin/db-check-image.tar
+	$(MKIMAGE) --image agent-tasks --name $(AGENT_TASKS_IMAGE_REPO):$(IMAGE_TAG) --out bin/agent-tasks-image.tar
 	$(MKIMAGE) --image pause --out bin/pause-image.tar
 
 # PostgreSQL server binaries from the distribution, for the demo and the tests.

@@ -28,6 +28,9 @@ const (
 	// Config is a (re)load of the admin's backend configuration; its
 	// Detail names the generation, never the file's content.
 	Config Stage = "config"
+	// API is a call of a volume's lease socket; Detail names the endpoint
+	// and the answer's HTTP status.
+	API Stage = "api"
 )
 
 // Outcomes.
@@ -38,22 +41,26 @@ const (
 	Pending = "pending"
 	// Unrevocable: the backend cannot revoke; the credential lives until ExpiresAt.
 	Unrevocable = "unrevocable"
+	// Refused: a lease socket call refused (a limit, a bad request).
+	Refused = "refused"
 )
 
 // Record is one audit line.
 type Record struct {
-	Time      time.Time    `json:"time"`
-	Stage     Stage        `json:"stage"`
-	VolumeID  string       `json:"volume_id"`
-	Pod       provider.Pod `json:"pod"`
-	Class     string       `json:"class,omitempty"`
-	Provider  string       `json:"provider,omitempty"`
-	Role      string       `json:"role,omitempty"`
-	LeaseID   string       `json:"lease_id,omitempty"`
-	ExpiresAt *time.Time   `json:"expires_at,omitempty"`
-	Outcome   string       `json:"outcome"`
-	Error     string       `json:"error,omitempty"`
-	Detail    string       `json:"detail,omitempty"`
+	Time     time.Time    `json:"time"`
+	Stage    Stage        `json:"stage"`
+	VolumeID string       `json:"volume_id"`
+	Pod      provider.Pod `json:"pod"`
+	Class    string       `json:"class,omitempty"`
+	Provider string       `json:"provider,omitempty"`
+	Role     string       `json:"role,omitempty"`
+	LeaseID  string       `json:"lease_id,omitempty"`
+	// Task is the task a task lease was issued for (the lease socket).
+	Task      string     `json:"task,omitempty"`
+	ExpiresAt *time.Time `json:"expires_at,omitempty"`
+	Outcome   string     `json:"outcome"`
+	Error     string     `json:"error,omitempty"`
+	Detail    string     `json:"detail,omitempty"`
 	// Lifetime is how long the credential lived, on revoke and expire.
 	Lifetime string `json:"lifetime,omitempty"`
 	// FirstSeen marks the first request on this node from the pod's

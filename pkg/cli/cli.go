@@ -29,6 +29,7 @@ import (
 	"github.com/ephemeral-secrets/csi-driver/pkg/events"
 	"github.com/ephemeral-secrets/csi-driver/pkg/issuer"
 	"github.com/ephemeral-secrets/csi-driver/pkg/lease"
+	"github.com/ephemeral-secrets/csi-driver/pkg/leaseapi"
 	"github.com/ephemeral-secrets/csi-driver/pkg/limits"
 	"github.com/ephemeral-secrets/csi-driver/pkg/metrics"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
@@ -75,6 +76,8 @@ type serveFlags struct {
 	renewFraction                                                       float64
 	tokensInSecrets                                                     bool
 	limits                                                              limits.Options
+	leaseAPI                                                            leaseapi.Options
+	maxTasks                                                            int
 }
 
 func serve(version string, args []string, extra []Register) error {
@@ -108,6 +111,9 @@ func serve(version string, args []string, extra []Register) error {
 	fs.IntVar(&f.limits.PerNode, "max-leases-per-node", 0, "live credentials the node may hold; 0: no cap")
 	fs.Float64Var(&f.limits.Rate, "publish-rate-per-namespace", 0, "new volumes per second one namespace may start on the node; 0: no limit")
 	fs.IntVar(&f.limits.Burst, "publish-burst-per-namespace", 0, "bursts allowed above that rate (default: the rate, at least 1)")
+	fs.Float64Var(&f.leaseAPI.Rate, "lease-api-rate", 5, "calls per second one volume's lease socket answers")
+	fs.IntVar(&f.leaseAPI.Burst, "lease-api-burst", 10, "bursts allowed above that rate")
+	fs.IntVar(&f.maxTasks, "max-tasks-per-volume", render.DefaultMaxTasksCap, "cap on a class's maxTasks: live task leases one volume may hold")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -179,14 +185,19 @@ func serve(version string, args []string, extra []Register) error {
 		}
 		classes = fr
 	}
+	f.leaseAPI.Dir, f.leaseAPI.Audit, f.leaseAPI.Metric = store.DataDir, auditLog, m
+	sockets := leaseapi.New(f.leaseAPI)
 	mgr = lease.New(lease.Options{
 		Metrics: m,
 		Store:   store, Providers: providers.reg, Classes: classes, Audit: auditLog,
 		VerifyTarget:  targets.CheckNoSymlinks,
 		RenewFraction: f.renewFraction, RetryMin: f.retryMin, RetryMax: f.retryMax, RotationGrace: f.rotationGrace,
 		BackendTimeout: f.backendTimeout, SweepInterval: f.sweep,
-		Render: render.Limits{MaxBytes: f.maxVolumeBytes},
+		Render:  render.Limits{MaxBytes: f.maxVolumeBytes, MaxTasks: f.maxTasks},
+		Sockets: sockets,
 	})
+	sockets.Leases = mgr
+	defer sockets.Shutdown()
 	defer mgr.Close()
 	l, err := driver.Listen(f.endpoint)
 	if err != nil {

@@ -11,8 +11,8 @@ func (m *Manager) Published(volumeID string) bool {
 	return ok
 }
 
-// Live counts the published volumes (each holds one live credential) of
-// namespace, and of the whole node.
+// Live counts the live credentials of namespace, and of the whole node:
+// one per published volume not withdrawn, and one per task lease.
 func (m *Manager) Live(namespace string) (inNamespace, onNode int) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -20,9 +20,10 @@ func (m *Manager) Live(namespace string) (inNamespace, onNode int) {
 		if v.meta.State == storage.StateWithdrawn {
 			continue // holds no credential any more
 		}
-		onNode++
+		n := 1 + len(v.meta.Tasks)
+		onNode += n
 		if v.meta.Pod.Namespace == namespace {
-			inNamespace++
+			inNamespace += n
 		}
 	}
 	return inNamespace, onNode

@@ -2,9 +2,11 @@ package lease
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"maps"
 	"os"
+	"path/filepath"
 	"slices"
 	"sync"
 	"testing"
@@ -12,6 +14,7 @@ import (
 
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider/postgres"
+	"github.com/ephemeral-secrets/csi-driver/pkg/spc"
 	"github.com/ephemeral-secrets/csi-driver/pkg/storage"
 	"github.com/ephemeral-secrets/csi-driver/test/crashstore"
 	"github.com/ephemeral-secrets/csi-driver/test/faults"
@@ -60,6 +63,8 @@ type crashScenario struct {
 	// withdrawn: op withdraws the volume; from its first write on, the
 	// volume must stay withdrawn (mounted, empty, holding no credential).
 	withdrawn bool
+	// tasks: the volume's class has a lease socket.
+	tasks bool
 	// retry is what kubelet does after the restart, as the op never
 	// returned to it.
 	retry func(t *testing.T, c *crashRun, m *Manager)
@@ -167,6 +172,63 @@ var crashScenarios = []crashScenario{
 		// Kubelet's periodic republish: OK, and nothing issued.
 		retry: func(t *testing.T, c *crashRun, m *Manager) { publish(t, m, c.vol) },
 	},
+	{
+		// The pod asks its socket for a task lease.
+		name:    "task-issue",
+		running: true,
+		tasks:   true,
+		setup:   func(t *testing.T, c *crashRun) { publish(t, c.m, c.vol) },
+		op: func(t *testing.T, c *crashRun) {
+			_, _ = c.m.IssueTask(context.Background(), c.vol.ID, "t1", 0)
+		},
+		// The pod never got an answer: it asks again.
+		retry: func(t *testing.T, c *crashRun, m *Manager) {
+			if _, err := m.IssueTask(context.Background(), c.vol.ID, "t1", 0); err != nil && !errors.Is(err, ErrTaskExists) {
+				t.Errorf("task issue after the restart: %v", err)
+			}
+			checkTask(t, c, m, "t1")
+		},
+	},
+	{
+		// The pod gives a task lease back; the worker asks the backend.
+		name:    "task-revoke",
+		running: true,
+		tasks:   true,
+		setup: func(t *testing.T, c *crashRun) {
+			publish(t, c.m, c.vol)
+			if _, err := c.m.IssueTask(context.Background(), c.vol.ID, "t1", 0); err != nil {
+				t.Fatal(err)
+			}
+		},
+		op: func(t *testing.T, c *crashRun) {
+			_, _ = c.m.RevokeTask(context.Background(), c.vol.ID, "t1")
+			c.m.drain(context.Background())
+		},
+		retry: func(t *testing.T, c *crashRun, m *Manager) {
+			if _, err := m.RevokeTask(context.Background(), c.vol.ID, "t1"); err != nil && !errors.Is(err, ErrUnknownTask) {
+				t.Errorf("task revoke after the restart: %v", err)
+			}
+			m.drain(context.Background())
+			if _, err := os.Stat(filepath.Join(c.vol.TargetPath, "tasks", "t1")); !errors.Is(err, os.ErrNotExist) {
+				t.Errorf("the revoked task's files are still there (%v)", err)
+			}
+		},
+	},
+}
+
+// checkTask checks that task's lease is held, its files are there and log in.
+func checkTask(t *testing.T, c *crashRun, m *Manager, task string) {
+	t.Helper()
+	info, err := m.Info(c.vol.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(info.Tasks) != 1 || info.Tasks[0].Task != task {
+		t.Fatalf("tasks after the retry: %+v", info.Tasks)
+	}
+	if err := login(context.Background(), filepath.Join(c.vol.TargetPath, "tasks", task)); err != nil {
+		t.Errorf("task %s's credential: %v", task, err)
+	}
 }
 
 func init() {
@@ -181,6 +243,8 @@ func init() {
 		withFault(byName["rotate"], "Issue", faults.Lost),
 		withFault(byName["revoke"], "Revoke", faults.Error),
 		withFault(byName["withdraw"], "Revoke", faults.Error),
+		withFault(byName["task-issue"], "Issue", faults.Lost),
+		withFault(byName["task-revoke"], "Revoke", faults.Error),
 	)
 }
 
@@ -219,6 +283,9 @@ func crashAt(t *testing.T, sc crashScenario, k int, ttl time.Duration) bool {
 	fp := &faults.Provider{Provider: n.pg}
 	c := &crashRun{node: n, cs: cs, m: n.manager(cs, fp, Options{}), vol: n.volume(fmt.Sprintf("p%d", k)), ttl: ttl,
 		withdrawn: sc.withdrawn}
+	if sc.tasks {
+		c.vol.Attributes[spc.ClassKey], c.vol.Mount.Class = "db-tasks", "db-tasks"
+	}
 	if err := c.m.Recover(ctx); err != nil {
 		t.Fatal(err)
 	}
@@ -300,6 +367,9 @@ func (m *Manager) current() map[string]bool {
 			continue
 		}
 		out[postgres.RoleName(v.lease.ID)] = true
+		for _, l := range v.tasks {
+			out[postgres.RoleName(l.ID)] = true
+		}
 	}
 	return out
 }

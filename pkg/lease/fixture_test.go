@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -14,6 +15,7 @@ import (
 
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider/postgres"
+	"github.com/ephemeral-secrets/csi-driver/pkg/render"
 	"github.com/ephemeral-secrets/csi-driver/pkg/spc"
 	"github.com/ephemeral-secrets/csi-driver/pkg/storage"
 	"github.com/ephemeral-secrets/csi-driver/test/pgtest"
@@ -94,8 +96,12 @@ func newNode(t testing.TB, ttl time.Duration, creation ...string) *node {
 	}
 	n := &node{
 		t: t, root: root, store: store, pg: p,
-		classes: classMap{testNS + "/db": {Namespace: testNS, Name: "db", Provider: postgres.Name,
-			Parameters: map[string]string{postgres.ConnectionParam: "main", postgres.RoleParam: "app"}}},
+		classes: classMap{
+			testNS + "/db": {Namespace: testNS, Name: "db", Provider: postgres.Name,
+				Parameters: map[string]string{postgres.ConnectionParam: "main", postgres.RoleParam: "app"}},
+			testNS + "/db-tasks": {Namespace: testNS, Name: "db-tasks", Provider: postgres.Name,
+				Parameters: map[string]string{postgres.ConnectionParam: "main", postgres.RoleParam: "app", render.LeaseAPIParam: "true"}},
+		},
 		prefix: "esc_" + testNS + "_",
 	}
 	t.Cleanup(func() {
@@ -145,10 +151,36 @@ func registry(p provider.Provider) *provider.Registry {
 // manager starts a manager on store with the node's classes.
 func (n *node) manager(store Store, p provider.Provider, o Options) *Manager {
 	o.Store, o.Providers, o.Classes = store, registry(p), n.classes
+	if o.Sockets == nil {
+		o.Sockets = &openSockets{}
+	}
 	if o.RotationGrace == 0 {
 		o.RotationGrace = -1 // these tests want a rotated-out lease revoked at once
 	}
 	return New(o)
+}
+
+// openSockets stands in for pkg/leaseapi (which imports this package):
+// it remembers which volumes' sockets are open.
+type openSockets struct {
+	mu   sync.Mutex
+	open map[string]bool
+}
+
+func (s *openSockets) Open(id string, _ int) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.open == nil {
+		s.open = map[string]bool{}
+	}
+	s.open[id] = true
+	return nil
+}
+
+func (s *openSockets) Close(id string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	delete(s.open, id)
 }
 
 // volume is the publish request of pod name's volume, as kubelet sends it.

@@ -1,6 +1,8 @@
 package lease
 
 import (
+	"maps"
+	"slices"
 	"time"
 
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
@@ -15,6 +17,7 @@ type Live struct {
 	Provider  string       `json:"provider"`
 	Role      string       `json:"role,omitempty"`
 	LeaseID   string       `json:"leaseID"`
+	Task      string       `json:"task,omitempty"` // a task lease of the volume's
 	State     string       `json:"state"`
 	IssuedAt  time.Time    `json:"issuedAt,omitzero"`
 	ExpiresAt time.Time    `json:"expiresAt,omitzero"`
@@ -31,6 +34,7 @@ type Pending struct {
 	Provider   string       `json:"provider"`
 	Role       string       `json:"role,omitempty"`
 	Reason     string       `json:"reason"`
+	Task       string       `json:"task,omitempty"`
 	EnqueuedAt time.Time    `json:"enqueuedAt"`
 	ExpiresAt  time.Time    `json:"expiresAt,omitzero"`
 	Attempts   int          `json:"attempts"`
@@ -65,6 +69,14 @@ func ReadInventory(s storage.MetadataReader) (Inventory, error) {
 			LeaseID: lid, State: string(m.State), IssuedAt: m.IssuedAt, ExpiresAt: m.ExpiresAt,
 			RenewedAt: m.RenewedAt, Target: m.TargetPath,
 		})
+		for _, task := range slices.Sorted(maps.Keys(m.Tasks)) {
+			t := m.Tasks[task]
+			inv.Live = append(inv.Live, Live{
+				VolumeID: m.VolumeID, Pod: m.Pod, Class: m.Class, Provider: m.Provider, Role: t.Role,
+				LeaseID: t.LeaseID, Task: task, State: "task " + task + " (" + string(t.State) + ")",
+				IssuedAt: t.IssuedAt, ExpiresAt: t.ExpiresAt, Target: m.TargetPath,
+			})
+		}
 	}
 	q, err := s.ListRevocations()
 	if err != nil {
@@ -73,7 +85,7 @@ func ReadInventory(s storage.MetadataReader) (Inventory, error) {
 	for _, r := range q {
 		inv.Pending = append(inv.Pending, Pending{
 			LeaseID: r.Lease.ID, VolumeID: r.VolumeID, Pod: r.Pod, Class: r.Class, Provider: r.Lease.Provider,
-			Role: r.Lease.Role, Reason: r.Reason, EnqueuedAt: r.EnqueuedAt, ExpiresAt: r.Lease.ExpiresAt,
+			Role: r.Lease.Role, Reason: r.Reason, Task: r.Task, EnqueuedAt: r.EnqueuedAt, ExpiresAt: r.Lease.ExpiresAt,
 			Attempts: r.Attempts, LastError: r.LastError,
 		})
 	}

@@ -80,6 +80,9 @@ type Options struct {
 	Metrics *metrics.Metrics
 	// Render bounds the rendering of a volume's files (zero: the defaults).
 	Render render.Limits
+	// Sockets serves the lease sockets of volumes whose class asks for
+	// one; nil serves none (such a publish is refused).
+	Sockets Sockets
 }
 
 // Volume is what NodePublishVolume asks for, validated by the caller.
@@ -113,7 +116,7 @@ type Manager struct {
 
 	seen map[string]time.Time // "namespace/serviceaccount/class" -> first request; under mu
 
-	confirmed map[string]chan struct{} // lease ID -> closed when its revocation is confirmed; under mu
+	confirmed map[string]*waiter // lease ID -> who waits for its revocation; under mu
 }
 
 // volume is the in-memory state of one published volume. Its fields
@@ -130,6 +133,9 @@ type volume struct {
 	granted  time.Time // when the lease's current grant began: its issue or last renewal
 	failures int
 	digest   [32]byte // of the files last written; zero after a restart
+
+	tasks      map[string]provider.Lease // task ID -> its lease
+	taskTimers map[string]*time.Timer    // task ID -> its end
 }
 
 // New returns a Manager. Call Recover, then Run.
@@ -162,7 +168,7 @@ func New(opts Options) *Manager {
 	return &Manager{
 		opts: opts, ctx: ctx, cancel: cancel,
 		vols: map[string]*volume{}, wake: make(chan struct{}, 1), retryAt: map[string]time.Time{},
-		seen: map[string]time.Time{}, confirmed: map[string]chan struct{}{},
+		seen: map[string]time.Time{}, confirmed: map[string]*waiter{},
 	}
 }
 
@@ -183,6 +189,7 @@ func (m *Manager) Close() {
 		if v.timer != nil {
 			v.timer.Stop()
 		}
+		v.stopTaskTimers()
 	}
 }
 
@@ -291,6 +298,9 @@ func (m *Manager) publishNew(ctx context.Context, v Volume) error {
 	if err != nil {
 		return fail(fmt.Errorf("class %s: %w", class.Ref(), err))
 	}
+	if spec.LeaseAPI && m.opts.Sockets == nil {
+		return fail(fmt.Errorf("class %s: %w: %s is not enabled on this node", class.Ref(), render.ErrInvalidSpec, render.LeaseAPIParam))
+	}
 	params := map[string]string{}
 	for k, val := range class.Parameters {
 		if !render.IsParam(k) {
@@ -303,6 +313,7 @@ func (m *Manager) publishNew(ctx context.Context, v Volume) error {
 		VolumeID: v.ID, TargetPath: v.TargetPath, ReadOnly: v.ReadOnly, MountGroup: v.MountGroup,
 		Attributes: v.Attributes, Class: class.Ref(), Provider: class.Provider, Pod: pod,
 		PendingLeaseID: leaseID, Params: params, State: storage.StateIssuing, CreatedAt: now,
+		LeaseAPI: spec.LeaseAPI, MaxTasks: spec.MaxTasks,
 	}
 	// The volume's tmpfs first (a crash now leaves a directory without a
 	// record, which recovery removes), then the intent, before the backend
@@ -317,6 +328,9 @@ func (m *Manager) publishNew(ctx context.Context, v Volume) error {
 	undo := func(l provider.Lease, cause error) error {
 		if l.ID != "" {
 			m.enqueueOrLog(l, meta, "publish failed")
+		}
+		if spec.LeaseAPI {
+			m.opts.Sockets.Close(v.ID)
 		}
 		if err := m.opts.Store.DeleteVolume(v.ID); err != nil {
 			klog.ErrorS(err, "Cleaning up after a failed publish", "volumeID", v.ID)
@@ -346,12 +360,17 @@ func (m *Manager) publishNew(ctx context.Context, v Volume) error {
 	if err := m.opts.Store.WriteLease(v.ID, l); err != nil {
 		return undo(l, fmt.Errorf("recording the lease: %w", err))
 	}
-	files, err := spec.Render(l)
+	files, err := spec.RenderVolume(l, nil)
 	if err != nil {
 		return undo(l, fmt.Errorf("class %s: %w", class.Ref(), err))
 	}
 	if err := m.opts.Store.WriteFiles(v.ID, v.GID, files); err != nil {
 		return undo(l, err)
+	}
+	if spec.LeaseAPI { // before the mount: the pod finds its socket from its start
+		if err := m.opts.Sockets.Open(v.ID, v.GID); err != nil {
+			return undo(l, fmt.Errorf("opening the lease socket: %w", err))
+		}
 	}
 	if err := m.mount(v.ID, v.TargetPath); err != nil {
 		return undo(l, err)
@@ -366,7 +385,8 @@ func (m *Manager) publishNew(ctx context.Context, v Volume) error {
 	if granted.IsZero() {
 		granted = asked
 	}
-	vol := &volume{meta: meta, lease: l, spec: spec, tokens: v.Mount.Tokens, gid: v.GID, digest: digest(files), granted: granted}
+	vol := &volume{meta: meta, lease: l, spec: spec, tokens: v.Mount.Tokens, gid: v.GID, digest: digest(files), granted: granted,
+		tasks: map[string]provider.Lease{}}
 	m.mu.Lock()
 	m.vols[v.ID] = vol
 	m.mu.Unlock()
@@ -457,8 +477,12 @@ func (m *Manager) retire(v *volume, reason string) error {
 	if v.timer != nil {
 		v.timer.Stop()
 	}
+	v.stopTaskTimers()
 	delete(m.vols, v.meta.VolumeID)
 	m.mu.Unlock()
+	if v.meta.LeaseAPI && m.opts.Sockets != nil {
+		m.opts.Sockets.Close(v.meta.VolumeID)
+	}
 	if err := m.opts.Store.DeleteVolume(v.meta.VolumeID); err != nil {
 		// The revocation is queued; the sweep removes the leftovers.
 		klog.ErrorS(err, "Deleting volume files", "volumeID", v.meta.VolumeID)

@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
+	"slices"
 	"time"
 
 	"k8s.io/klog/v2"
@@ -98,8 +100,11 @@ func (m *Manager) recoverVolume(ctx context.Context, id string) (bool, error) {
 		return false, err
 	}
 	gid, _ := ParseGID(meta.MountGroup)
-	v := &volume{meta: meta, lease: cur, spec: spec, gid: gid, granted: grantedAt(meta, cur)}
+	v := &volume{meta: meta, lease: cur, spec: spec, gid: gid, granted: grantedAt(meta, cur), tasks: map[string]provider.Lease{}}
 	if err := m.finishRotation(v, byID); err != nil {
+		return false, err
+	}
+	if err := m.recoverTasks(v, byID); err != nil {
 		return false, err
 	}
 	// Records of leases the volume no longer uses (a rotation stopped
@@ -108,14 +113,25 @@ func (m *Manager) recoverVolume(ctx context.Context, id string) (bool, error) {
 		return false, err
 	}
 	for _, l := range records {
-		if l.ID != v.lease.ID {
+		if l.ID != v.lease.ID && taskOf(v.meta, l.ID) == "" {
 			m.dropRecord(l, v.meta, "rotated (finished after a restart)", m.graceEnd(l))
+		}
+	}
+	if v.meta.LeaseAPI {
+		// A task a restart ended (its record said so before its files went)
+		// leaves files behind: the files again, of the leases held.
+		if err := m.writeFiles(v, v.lease); err != nil {
+			return false, fmt.Errorf("rewriting the files of the tasks held: %w", err)
 		}
 	}
 	m.mu.Lock()
 	m.vols[id] = v
 	m.mu.Unlock()
 	m.scheduleRenewal(v)
+	for task, t := range v.meta.Tasks {
+		m.armTask(v, task, t.ExpiresAt) // one past its end ends at once
+	}
+	m.openSocket(v)
 	klog.V(2).InfoS("Resumed volume", "volumeID", id, "leaseID", v.lease.ID, "expiresAt", v.lease.ExpiresAt)
 	return true, nil
 }
@@ -183,7 +199,7 @@ func (m *Manager) enqueueHeld(meta storage.Metadata, cur provider.Lease, reason 
 // still holds queued for revocation. It reports false: nothing is live.
 func (m *Manager) recoverWithdrawn(meta storage.Metadata, cur provider.Lease) (bool, error) {
 	gid, _ := ParseGID(meta.MountGroup)
-	v := &volume{meta: meta, lease: cur, gid: gid}
+	v := &volume{meta: meta, lease: cur, gid: gid, tasks: map[string]provider.Lease{}}
 	if !m.opts.Store.IsMounted(meta.TargetPath) {
 		return false, m.retire(v, "target gone while the driver was down")
 	}
@@ -197,6 +213,7 @@ func (m *Manager) recoverWithdrawn(meta storage.Metadata, cur provider.Lease) (b
 	m.mu.Lock()
 	m.vols[meta.VolumeID] = v
 	m.mu.Unlock()
+	m.openSocket(v)
 	return false, nil
 }
 
@@ -266,4 +283,32 @@ func (m *Manager) has(id string) bool {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	return m.vols[id] != nil
+}
+
+// recoverTasks keeps the task leases of a recovered volume whose issue
+// finished, and ends those a restart interrupted.
+func (m *Manager) recoverTasks(v *volume, records map[string]provider.Lease) error {
+	for _, task := range slices.Sorted(maps.Keys(v.meta.Tasks)) {
+		t := v.meta.Tasks[task]
+		if l, ok := records[t.LeaseID]; ok {
+			v.tasks[task] = l
+			if t.State == storage.StatePublished {
+				continue
+			}
+		}
+		if err := m.endTask(v, task, "task issue interrupted by a restart"); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// openSocket listens on v's lease socket again after a restart.
+func (m *Manager) openSocket(v *volume) {
+	if !v.meta.LeaseAPI || m.opts.Sockets == nil {
+		return
+	}
+	if err := m.opts.Sockets.Open(v.meta.VolumeID, v.gid); err != nil {
+		klog.ErrorS(err, "Opening a recovered volume's lease socket", "volumeID", v.meta.VolumeID)
+	}
 }

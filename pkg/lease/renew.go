@@ -318,7 +318,7 @@ func (m *Manager) abandon(v *volume, nl provider.Lease, swapped bool) {
 
 // writeFiles renders l into v's files, swapping them only if they changed.
 func (m *Manager) writeFiles(v *volume, l provider.Lease) error {
-	files, err := v.spec.Render(l)
+	files, err := v.spec.RenderVolume(l, v.tasks)
 	if err != nil {
 		return err
 	}
@@ -355,8 +355,10 @@ func (m *Manager) install(v *volume, l provider.Lease, granted time.Time, rotate
 	if rotated {
 		meta.IssuedAt, meta.RenewedAt = l.IssuedAt, time.Time{}
 		meta.GrantTTL = grantTTL(l, granted)
+		meta.Renewals = 0
 	} else {
 		meta.RenewedAt = granted.UTC()
+		meta.Renewals++
 	}
 	if err := m.opts.Store.WriteMetadata(meta); err != nil {
 		return err

@@ -25,13 +25,13 @@ func (m *Manager) enqueueAfter(l provider.Lease, meta storage.Metadata, reason s
 	}
 	r := storage.Revocation{
 		Lease: l, VolumeID: meta.VolumeID, Class: meta.Class, Pod: meta.Pod,
-		Reason: reason, EnqueuedAt: time.Now().UTC(), NotBefore: notBefore,
+		Reason: reason, Task: taskOf(meta, l.ID), EnqueuedAt: time.Now().UTC(), NotBefore: notBefore,
 	}
 	if err := m.opts.Store.PutRevocation(r); err != nil {
 		return err
 	}
 	rec := recordFor(meta, l)
-	rec.Detail = reason
+	rec.Detail, rec.Task = reason, r.Task
 	m.audit(withStage(rec, audit.Revoke), audit.Pending, nil)
 	m.kick()
 	return nil
@@ -106,7 +106,7 @@ func (m *Manager) drain(ctx context.Context) time.Duration {
 func (m *Manager) revokeOne(ctx context.Context, r storage.Revocation) (time.Duration, bool) {
 	rec := withExpiry(audit.Record{
 		Stage: audit.Revoke, VolumeID: r.VolumeID, Pod: r.Pod, Class: r.Class,
-		Provider: r.Lease.Provider, Role: r.Lease.Role, LeaseID: r.Lease.ID, Detail: r.Reason,
+		Provider: r.Lease.Provider, Role: r.Lease.Role, LeaseID: r.Lease.ID, Task: r.Task, Detail: r.Reason,
 	}, r.Lease.ExpiresAt)
 	if !r.Lease.IssuedAt.IsZero() {
 		rec.Lifetime = time.Since(r.Lease.IssuedAt).Round(time.Millisecond).String()
@@ -131,7 +131,7 @@ func (m *Manager) revokeOne(ctx context.Context, r storage.Revocation) (time.Dur
 			klog.ErrorS(derr, "Removing a finished revocation from the queue", "leaseID", r.Lease.ID)
 		}
 		delete(m.retryAt, r.Lease.ID)
-		m.confirm(r.Lease.ID)
+		m.confirm(r.Lease.ID, err)
 		m.audit(rec, outcome, nil)
 		m.opts.Metrics.LeaseOp(r.Lease.Provider, metrics.OpRevoke, outcome)
 		klog.V(2).InfoS("Revoked lease", "leaseID", r.Lease.ID, "volumeID", r.VolumeID, "outcome", outcome)
@@ -163,7 +163,7 @@ func (m *Manager) State() metrics.State {
 		if v.meta.State == storage.StateWithdrawn {
 			continue
 		}
-		s.LiveLeases[v.meta.Provider]++
+		s.LiveLeases[v.meta.Provider] += 1 + len(v.meta.Tasks)
 		if v.failures > 0 {
 			s.RenewalFailing++
 		}

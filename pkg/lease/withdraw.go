@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"slices"
 	"time"
 
@@ -35,10 +36,11 @@ var (
 //  4. the volume's record names no lease any more.
 //
 // From then on a republish returns OK without issuing, renewals stop, and
-// Unpublish cleans the volume up as usual. confirmed receives one value:
-// nil once the backend confirmed every revocation (an ErrNotRevocable
-// one included: it lives to its expiry, as the audit says), or ErrClosed
-// if the manager stopped first. Withdrawing a withdrawn volume is fine:
+// Unpublish cleans the volume up as usual. confirmed receives one value
+// once the backend answered for every lease: nil when it revoked them all,
+// an error wrapping provider.ErrNotRevocable when it cannot revoke one (an
+// STS session: it lives to its expiry, as the audit says), or ErrClosed if
+// the manager stopped first (the revocation stays queued). Withdrawing a withdrawn volume is fine:
 // confirmed then reports on whatever of it is still queued.
 func (m *Manager) Withdraw(ctx context.Context, volumeID, reason string) (confirmed <-chan error, err error) {
 	if !m.Ready() {
@@ -87,6 +89,8 @@ func (m *Manager) settleWithdrawn(v *volume, reason string) ([]string, error) {
 	}
 	m.mu.Lock()
 	v.digest = digest(nil)
+	v.tasks = map[string]provider.Lease{}
+	v.stopTaskTimers()
 	m.mu.Unlock()
 	leases, err := m.heldLeases(v.meta, v.lease)
 	if err != nil {
@@ -110,7 +114,10 @@ func (m *Manager) settleWithdrawn(v *volume, reason string) ([]string, error) {
 		}
 	}
 	meta := v.meta
-	meta.LeaseID, meta.PendingLeaseID = "", ""
+	if meta.LeaseID != "" {
+		meta.WithdrawnLease = meta.LeaseID
+	}
+	meta.LeaseID, meta.PendingLeaseID, meta.Tasks = "", "", nil
 	if err := m.opts.Store.WriteMetadata(meta); err != nil {
 		// Still withdrawn; recovery queues what it names again (revoking
 		// twice is harmless).
@@ -131,7 +138,7 @@ func (m *Manager) settleWithdrawn(v *volume, reason string) ([]string, error) {
 			m.watch(ids)
 			for _, lid := range slices.Clone(ids) {
 				if !m.queued(lid) {
-					m.confirm(lid)
+					m.confirm(lid, nil)
 				}
 			}
 		}
@@ -160,7 +167,11 @@ func (m *Manager) heldLeases(meta storage.Metadata, cur provider.Lease) ([]provi
 	for _, l := range records {
 		add(l)
 	}
-	for _, lid := range []string{meta.PendingLeaseID, meta.LeaseID} {
+	named := []string{meta.PendingLeaseID, meta.LeaseID}
+	for _, task := range slices.Sorted(maps.Keys(meta.Tasks)) {
+		named = append(named, meta.Tasks[task].LeaseID)
+	}
+	for _, lid := range named {
 		add(provider.Lease{ID: lid, Provider: meta.Provider, Params: meta.Params})
 	}
 	return out, nil
@@ -172,9 +183,15 @@ func (m *Manager) watch(ids []string) {
 	defer m.mu.Unlock()
 	for _, id := range ids {
 		if _, ok := m.confirmed[id]; !ok {
-			m.confirmed[id] = make(chan struct{})
+			m.confirmed[id] = &waiter{done: make(chan struct{})}
 		}
 	}
+}
+
+// waiter is closed when the backend answered for a lease's revocation.
+type waiter struct {
+	done chan struct{}
+	err  error // set before done is closed
 }
 
 // unwatch drops interest in ids without confirming them.
@@ -187,12 +204,13 @@ func (m *Manager) unwatch(ids []string) {
 }
 
 // confirm tells whoever waits for lease id's revocation that the backend
-// confirmed it.
-func (m *Manager) confirm(id string) {
+// answered: nil (revoked) or why it cannot revoke.
+func (m *Manager) confirm(id string, err error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if ch, ok := m.confirmed[id]; ok {
-		close(ch)
+	if w, ok := m.confirmed[id]; ok {
+		w.err = err
+		close(w.done)
 		delete(m.confirmed, id)
 	}
 }
@@ -202,23 +220,27 @@ func (m *Manager) confirm(id string) {
 func (m *Manager) await(ids []string) <-chan error {
 	out := make(chan error, 1)
 	m.mu.Lock()
-	chans := make([]chan struct{}, 0, len(ids))
+	ws := make([]*waiter, 0, len(ids))
 	for _, id := range ids {
-		if ch, ok := m.confirmed[id]; ok {
-			chans = append(chans, ch)
+		if w, ok := m.confirmed[id]; ok {
+			ws = append(ws, w)
 		}
 	}
 	m.mu.Unlock()
 	go func() {
-		for _, ch := range chans {
+		var first error
+		for _, w := range ws {
 			select {
-			case <-ch:
+			case <-w.done:
+				if first == nil && w.err != nil {
+					first = fmt.Errorf("the backend cannot revoke it; it stays valid until it expires: %w", w.err)
+				}
 			case <-m.ctx.Done():
 				out <- ErrClosed
 				return
 			}
 		}
-		out <- nil
+		out <- first
 	}()
 	return out
 }

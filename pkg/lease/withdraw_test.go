@@ -3,11 +3,13 @@ package lease
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider/postgres"
 	"github.com/ephemeral-secrets/csi-driver/pkg/storage"
 	"github.com/ephemeral-secrets/csi-driver/test/faults"
@@ -198,4 +200,42 @@ func TestWithdrawConfirmsClosedWhenTheManagerStops(t *testing.T) {
 	}
 	checkWithdrawn(t, n, m2, v, "after a restart")
 	unpublish(t, m2, v)
+}
+
+// notRevocable is the real provider whose Revoke answers as a backend
+// that cannot revoke (AWS STS, which cannot run here) does.
+type notRevocable struct{ *postgres.Provider }
+
+func (notRevocable) Revoke(context.Context, provider.Lease) error {
+	return fmt.Errorf("sts: %w", provider.ErrNotRevocable)
+}
+
+func TestWithdrawOfAnUnrevocableCredentialSaysSo(t *testing.T) {
+	ctx := context.Background()
+	n := newNode(t, time.Hour)
+	m := n.manager(n.store, notRevocable{n.pg}, Options{})
+	defer m.Close()
+	if err := m.Recover(ctx); err != nil {
+		t.Fatal(err)
+	}
+	v := n.volume("w4")
+	publish(t, m, v)
+	confirmed, err := m.Withdraw(ctx, v.ID, "given back")
+	if err != nil {
+		t.Fatal(err)
+	}
+	m.drain(ctx)
+	select {
+	case err := <-confirmed:
+		if !errors.Is(err, provider.ErrNotRevocable) {
+			t.Fatalf("confirmed with %v, want ErrNotRevocable", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("no answer after the queue drained")
+	}
+	if q, _ := n.store.ListRevocations(); len(q) != 0 {
+		t.Errorf("%d revocations queued after the backend said it cannot", len(q))
+	}
+	unpublish(t, m, v)
+	dropRoles(pg, n.prefix+"w4_")
 }

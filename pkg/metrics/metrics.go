@@ -58,6 +58,7 @@ type Metrics struct {
 	configErrors prometheus.Counter
 	reaped       *prometheus.CounterVec
 	reapFailures prometheus.Counter
+	leaseAPI     *prometheus.CounterVec
 }
 
 // New returns Metrics whose gauges are read from state at each scrape.
@@ -106,6 +107,11 @@ func New(state func() State) *Metrics {
 		Namespace: namespace, Name: "issuer_reap_failures_total",
 		Help: "Roles the issuer's reaper failed to drop, and connections it failed to list (retried at the next pass).",
 	})
+	m.leaseAPI = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: namespace, Name: "lease_api_requests_total",
+		Help: "Calls of volumes' lease sockets by namespace, endpoint and HTTP status (429 and 400: refused).",
+	}, []string{"namespace", "endpoint", "code"})
+	m.reg.MustRegister(m.leaseAPI)
 	m.reg.MustRegister(m.rpc, m.leaseOps, m.authFailures, m.kubeRequests, m.firstSeen, m.refusals, m.configGen, m.configErrors,
 		m.reaped, m.reapFailures,
 		&stateCollector{state: state},
@@ -254,4 +260,12 @@ func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(oldestDesc, prometheus.GaugeValue, s.OldestRevocation.Seconds())
 	ch <- prometheus.MustNewConstMetric(failingDesc, prometheus.GaugeValue, float64(s.RenewalFailing))
 	ch <- prometheus.MustNewConstMetric(soonestDesc, prometheus.GaugeValue, s.SoonestExpiry.Seconds())
+}
+
+// LeaseAPI records one call of a volume's lease socket.
+func (m *Metrics) LeaseAPI(namespace, endpoint string, code int) {
+	if m == nil {
+		return
+	}
+	m.leaseAPI.WithLabelValues(namespace, endpoint, strconv.Itoa(code)).Inc()
 }

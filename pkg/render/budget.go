@@ -35,6 +35,9 @@ type Limits struct {
 	// Timeout caps the time of rendering a volume (default 1 s). Past it:
 	// ErrInvalidSpec.
 	Timeout time.Duration
+	// MaxTasks caps the live task leases of one volume a class may allow
+	// (default 16).
+	MaxTasks int
 }
 
 // Default limits.
@@ -53,6 +56,9 @@ func (l Limits) withDefaults() Limits {
 	}
 	if l.Timeout <= 0 {
 		l.Timeout = DefaultTimeout
+	}
+	if l.MaxTasks <= 0 {
+		l.MaxTasks = DefaultMaxTasksCap
 	}
 	return l
 }

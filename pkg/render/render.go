@@ -38,7 +38,9 @@ const MaxFiles = 64
 var ErrInvalidSpec = errors.New("invalid file specification")
 
 // IsParam reports whether a class parameter belongs to render.
-func IsParam(key string) bool { return key == FilesParam || key == FileModeParam }
+func IsParam(key string) bool {
+	return key == FilesParam || key == FileModeParam || key == LeaseAPIParam || key == MaxTasksParam
+}
 
 // FileSpec is one entry of the class's "files" parameter. Exactly one of
 // Value, Template or Format says what goes in the file.
@@ -57,7 +59,11 @@ type FileSpec struct {
 type Spec struct {
 	Files       []FileSpec
 	DefaultMode os.FileMode
-	limits      Limits
+	// LeaseAPI: the volume has a lease socket; MaxTasks bounds its live
+	// task leases.
+	LeaseAPI bool
+	MaxTasks int
+	limits   Limits
 }
 
 // ParseSpec reads and checks the render parameters of a class, to be
@@ -71,6 +77,9 @@ func ParseSpec(params map[string]string) (*Spec, error) {
 // parameter every lease value becomes a file named after it.
 func ParseSpecWithin(params map[string]string, limits Limits) (*Spec, error) {
 	s := &Spec{DefaultMode: DefaultMode, limits: limits.withDefaults()}
+	if err := s.parseLeaseAPI(params); err != nil {
+		return nil, err
+	}
 	if m, ok := params[FileModeParam]; ok {
 		mode, err := parseMode(m)
 		if err != nil {

@@ -77,6 +77,26 @@ type Metadata struct {
 	// withdrawn (StateWithdrawn).
 	WithdrawnAt    time.Time `json:"withdrawnAt,omitzero"`
 	WithdrawReason string    `json:"withdrawReason,omitempty"`
+	// WithdrawnLease is the lease the volume held when it was withdrawn.
+	WithdrawnLease string `json:"withdrawnLease,omitempty"`
+	// Renewals counts the renewals of the current lease.
+	Renewals int `json:"renewals,omitempty"`
+	// LeaseAPI: the volume has a lease socket (its class asked for one).
+	LeaseAPI bool `json:"leaseAPI,omitempty"`
+	// MaxTasks bounds the volume's live task leases.
+	MaxTasks int `json:"maxTasks,omitempty"`
+	// Tasks are the volume's task leases by task ID: recorded before each
+	// is issued (StateIssuing), published once its files are written.
+	Tasks map[string]Task `json:"tasks,omitempty"`
+}
+
+// Task is the record of one task lease of a volume: nothing secret.
+type Task struct {
+	LeaseID   string    `json:"leaseID"`
+	State     State     `json:"state"`
+	Role      string    `json:"role,omitempty"`
+	IssuedAt  time.Time `json:"issuedAt,omitzero"`
+	ExpiresAt time.Time `json:"expiresAt,omitzero"`
 }
 
 // Revocation is one entry of the durable revocation queue.
@@ -86,6 +106,7 @@ type Revocation struct {
 	Class      string         `json:"class"`
 	Pod        provider.Pod   `json:"pod"`
 	Reason     string         `json:"reason"`
+	Task       string         `json:"task,omitempty"` // of a task lease
 	EnqueuedAt time.Time      `json:"enqueuedAt"`
 	// NotBefore delays the revocation (a rotated-out lease's grace).
 	NotBefore time.Time `json:"notBefore,omitzero"`

@@ -36,8 +36,9 @@ func main() {
 	n1 := flag.Int("n", 500, "volumes for the concurrency-1 rows")
 	n16 := flag.Int("n16", 1000, "volumes for the concurrency-16 rows and the memory row")
 	npg := flag.Int("npg", 100, "volumes for the postgres rows")
+	ngb := flag.Int("ngb", 200, "volumes for the give-back rows (half wait for the backend, half not)")
 	flag.Parse()
-	if err := run(*bin, *out, *n1, *n16, *npg); err != nil {
+	if err := run(*bin, *out, *n1, *n16, *npg, *ngb); err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)
 		os.Exit(1)
 	}
@@ -76,8 +77,9 @@ type results struct {
 		RevokeP50  float64 `json:"revoke_after_unpublish_p50_ms"`
 		RevokeP99  float64 `json:"revoke_after_unpublish_p99_ms"`
 	} `json:"postgres"`
-	Targets []target `json:"targets"`
-	Machine struct {
+	GiveBack giveBack `json:"lease_socket_give_back"`
+	Targets  []target `json:"targets"`
+	Machine  struct {
 		CPUs int    `json:"cpus"`
 		Go   string `json:"go"`
 		Date string `json:"date"`
@@ -108,7 +110,7 @@ func summarize(ds []time.Duration, elapsed time.Duration, failures int) latency 
 	return l
 }
 
-func run(bin, out string, n1, n16, npg int) error {
+func run(bin, out string, n1, n16, npg, ngb int) error {
 	if os.Geteuid() != 0 {
 		return errors.New("run as root: the driver mounts tmpfs")
 	}
@@ -227,6 +229,11 @@ func run(bin, out string, n1, n16, npg int) error {
 	fmt.Printf("postgres: %d publishes, and the time from unpublish to the role refusing logins ...\n", npg)
 	if err := measurePostgres(ctx, kube, pg, npg, &r); err != nil {
 		return err
+	}
+
+	fmt.Printf("lease socket: %d credentials and %d task leases given back, and the time from the answer to the login refused ...\n", ngb, ngb)
+	if err := measureGiveBack(ctx, kube, pg, ngb, &r); err != nil {
+		return fmt.Errorf("give-back: %w", err)
 	}
 
 	r.Targets = targets(&r)
@@ -465,6 +472,8 @@ func targets(r *results) []target {
 		t("RSS with 1000 volumes", r.RSS.Volumes, 40, "MiB", false),
 		t("postgres publish p50", r.Postgres.PublishP50, 10, "ms", false),
 		t("postgres revoke after unpublish p99", r.Postgres.RevokeP99, 1000, "ms", false),
+		t("give-back answer to refused p99 (no wait)", r.GiveBack.NoWaitRefusedP99, 50, "ms", false),
+		t("give-back answer to refused p99 (wait)", r.GiveBack.WaitRefusedP99, 50, "ms", false),
 	}
 }
 
@@ -487,6 +496,14 @@ func printTable(r *results, bin string) {
 	row("unpublish c16", r.Unpublish["c16"])
 	row("postgres publish c1", latency{P50: r.Postgres.PublishP50, P99: r.Postgres.PublishP99})
 	row("postgres revoke after unpublish", latency{P50: r.Postgres.RevokeP50, P99: r.Postgres.RevokeP99})
+	g := r.GiveBack
+	row("give-back call, wait", latency{P50: g.WaitCallP50, P99: g.WaitCallP99, Samples: (g.Samples + 1) / 2})
+	row("  answer -> login refused", latency{P50: g.WaitRefusedP50, P99: g.WaitRefusedP99, Samples: (g.Samples + 1) / 2})
+	row("give-back call, no wait", latency{P50: g.NoWaitCallP50, P99: g.NoWaitCallP99, Samples: g.Samples / 2})
+	row("  answer -> login refused", latency{P50: g.NoWaitRefusedP50, P99: g.NoWaitRefusedP99, Samples: g.Samples / 2})
+	row("task DELETE: answer -> refused", latency{P50: g.TaskRefusedP50, P99: g.TaskRefusedP99, Samples: g.Samples})
+	row("a refused login itself (floor)", latency{P50: g.FloorP50, P99: g.FloorP99, Samples: g.Samples})
+	fmt.Printf("\ngive-backs whose first login after the answer was refused: %d of %d", g.FirstAttempt, g.Samples)
 	fmt.Printf("\ndriver work in a republish (republish p50 - no-op call p50): %.3f ms\n", r.Republish["c1"].P50-r.RPC.P50)
 	fmt.Printf("resident memory: %.1f MiB idle, %.1f MiB with 1000 live volumes (anonymous: %.1f and %.1f MiB; the rest is the binary's own pages)\n\n",
 		r.RSS.Idle, r.RSS.Volumes, r.RSS.IdleAnon, r.RSS.VolumesAnon)
@@ -518,6 +535,18 @@ spec:
   parameters:
     connection: main
     role: bench
+---
+apiVersion: secrets-store.csi.x-k8s.io/v1
+kind: SecretProviderClass
+metadata:
+  name: pg-tasks
+  namespace: bench
+spec:
+  provider: postgres
+  parameters:
+    connection: main
+    role: bench
+    leaseAPI: "true"
 `
 
 const backendsYAML = `postgres:

@@ -73,7 +73,7 @@ func run(bin string) (err error) {
 	classes := filepath.Join(env.Base, "classes.yaml")
 	backends := filepath.Join(env.Base, "backends.yaml")
 	auditLog := filepath.Join(env.Base, "audit.log")
-	if err := os.WriteFile(classes, []byte(classesYAML), 0o600); err != nil {
+	if err := os.WriteFile(classes, []byte(classesYAML+taskClassYAML+"\n"), 0o600); err != nil {
 		return err
 	}
 	if err := os.WriteFile(backends, []byte(fmt.Sprintf(backendsYAML, pg.AdminURL())), 0o600); err != nil {
@@ -180,7 +180,10 @@ func run(bin string) (err error) {
 	}
 
 	step("The audit trail (%s)", auditLog)
-	if err := showAudit(auditLog); err != nil {
+	if err := showAudit(auditLog, pod.Name); err != nil {
+		return err
+	}
+	if err := taskAct(ctx, env, kube, pg, auditLog); err != nil {
 		return err
 	}
 	step("Cleaning up")
@@ -249,25 +252,30 @@ func showLeases(bin, stateDir string) error {
 	return err
 }
 
-func showAudit(path string) error {
+// showAudit prints the audit records of pod name.
+func showAudit(path, name string) error {
 	f, err := os.Open(path)
 	if err != nil {
 		return err
 	}
 	defer f.Close()
 	sc := bufio.NewScanner(f)
-	fmt.Printf("    %-12s %-8s %-9s %-30s %-38s %s\n", "TIME", "STAGE", "OUTCOME", "POD", "LEASE", "DETAIL")
+	fmt.Printf("    %-12s %-8s %-9s %-30s %-38s %-10s %s\n", "TIME", "STAGE", "OUTCOME", "POD", "LEASE", "TASK", "DETAIL")
 	for sc.Scan() {
 		var r struct {
 			Time                          time.Time
 			Stage, Outcome, Detail, Error string
 			LeaseID                       string `json:"lease_id"`
+			Task                          string
 			Lifetime                      string
 			FirstSeen                     bool `json:"first_seen"`
 			Pod                           struct{ Namespace, Name string }
 		}
 		if err := json.Unmarshal(sc.Bytes(), &r); err != nil {
 			return err
+		}
+		if r.Pod.Name != name {
+			continue
 		}
 		detail := strings.TrimSpace(r.Detail + " " + r.Error)
 		if r.Lifetime != "" {
@@ -276,8 +284,8 @@ func showAudit(path string) error {
 		if r.FirstSeen {
 			detail = strings.TrimSpace(detail + " first request of this service account for this class on the node")
 		}
-		fmt.Printf("    %-12s %-8s %-9s %-30s %-38s %s\n", r.Time.Format("15:04:05.000"), r.Stage, r.Outcome,
-			r.Pod.Namespace+"/"+r.Pod.Name, r.LeaseID, detail)
+		fmt.Printf("    %-12s %-8s %-9s %-30s %-38s %-10s %s\n", r.Time.Format("15:04:05.000"), r.Stage, r.Outcome,
+			r.Pod.Namespace+"/"+r.Pod.Name, r.LeaseID, r.Task, detail)
 	}
 	return sc.Err()
 }

@@ -106,6 +106,26 @@ func DBCheckSpec(ctx context.Context, repoRoot, platform, name string) (Spec, er
 	}, nil
 }
 
+// AgentTasksSpec is the lease socket's example image: examples/agent-tasks
+// at /agent-tasks, run as nonroot (65532).
+func AgentTasksSpec(ctx context.Context, repoRoot, platform, name string) (Spec, error) {
+	bin, err := BuildGo(ctx, repoRoot, "./examples/agent-tasks", platform, "")
+	if err != nil {
+		return Spec{}, err
+	}
+	labels := labels(ctx, repoRoot)
+	labels["org.opencontainers.image.title"] = "agent-tasks"
+	return Spec{
+		Name:       name,
+		Platform:   platform,
+		Files:      append(baseFiles(), File{Path: "/agent-tasks", Mode: 0o755, Data: bin}),
+		Entrypoint: []string{"/agent-tasks"},
+		User:       NonRoot,
+		Env:        []string{pathEnv},
+		Labels:     labels,
+	}, nil
+}
+
 // PauseSpec is the sandbox image PauseImage: test/image/pause at /pause,
 // run as 65535 like Kubernetes' own pause image.
 func PauseSpec(ctx context.Context, repoRoot, platform string) (Spec, error) {

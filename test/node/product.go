@@ -28,6 +28,7 @@ const (
 	ImageTag         = "dev"
 	DriverImage      = DriverRepository + ":" + ImageTag
 	DBCheckImage     = "esc.local/db-check:" + ImageTag
+	AgentTasksImage  = "esc.local/agent-tasks:" + ImageTag
 )
 
 // Images builds the driver, db-check and pause images into dir and
@@ -48,12 +49,16 @@ func ImagesOf(ctx context.Context, repoRoot, dir, driverPkg string) ([]string, e
 	if err != nil {
 		return nil, err
 	}
+	agent, err := image.AgentTasksSpec(ctx, repoRoot, "", AgentTasksImage)
+	if err != nil {
+		return nil, err
+	}
 	pause, err := image.PauseSpec(ctx, repoRoot, "")
 	if err != nil {
 		return nil, err
 	}
 	var out []string
-	for _, s := range []image.Spec{driver, check, pause} {
+	for _, s := range []image.Spec{driver, check, agent, pause} {
 		path := filepath.Join(dir, strings.NewReplacer("/", "_", ":", "_").Replace(s.Name)+".tar")
 		if err := image.Write(path, s); err != nil {
 			return nil, err

@@ -35,6 +35,7 @@ func TestRealCluster(t *testing.T) {
 	}{
 		{"HelmInstall", testHelmInstall},
 		{"PostgresExample", testPostgresExample},
+		{"AgentTasksExample", testAgentTasksExample},
 		{"Refusals", testRefusals},
 		{"RotationAndRepublish", testRotationAndRepublish},
 		{"DriverRestart", testDriverRestart},

@@ -34,8 +34,8 @@ func main() {
 
 func run(ctx context.Context, args []string, stdout io.Writer) error {
 	fs := flag.NewFlagSet("mkimage", flag.ContinueOnError)
-	which := fs.String("image", "driver", "which image: driver, db-check or pause")
-	name := fs.String("name", "", "image reference, registry/repository:tag (default ghcr.io/ephemeral-secrets/csi-driver:VERSION, .../db-check:VERSION, "+image.PauseImage+")")
+	which := fs.String("image", "driver", "which image: driver, db-check, agent-tasks or pause")
+	name := fs.String("name", "", "image reference, registry/repository:tag (default ghcr.io/ephemeral-secrets/csi-driver:VERSION, .../db-check:VERSION, .../agent-tasks:VERSION, "+image.PauseImage+")")
 	platforms := fs.String("platforms", "", "comma-separated platforms, e.g. linux/amd64,linux/arm64 (default this machine's)")
 	out := fs.String("out", "", "archive to write")
 	version := fs.String("version", "dev", "the driver's version (its -X main.version and image label)")
@@ -44,7 +44,7 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 		return err
 	}
 	if *out == "" || fs.NArg() > 0 {
-		return fmt.Errorf("usage: mkimage --image driver|db-check|pause --out FILE [--name REF] [--platforms LIST] [--version V]")
+		return fmt.Errorf("usage: mkimage --image driver|db-check|agent-tasks|pause --out FILE [--name REF] [--platforms LIST] [--version V]")
 	}
 	var build func(platform string) (image.Spec, error)
 	switch *which {
@@ -58,13 +58,18 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 			*name = "ghcr.io/ephemeral-secrets/db-check:" + *version
 		}
 		build = func(p string) (image.Spec, error) { return image.DBCheckSpec(ctx, *repo, p, *name) }
+	case "agent-tasks":
+		if *name == "" {
+			*name = "ghcr.io/ephemeral-secrets/agent-tasks:" + *version
+		}
+		build = func(p string) (image.Spec, error) { return image.AgentTasksSpec(ctx, *repo, p, *name) }
 	case "pause":
 		if *name != "" && *name != image.PauseImage {
 			return fmt.Errorf("the pause image is always named %s", image.PauseImage)
 		}
 		build = func(p string) (image.Spec, error) { return image.PauseSpec(ctx, *repo, p) }
 	default:
-		return fmt.Errorf("--image %q: want driver, db-check or pause", *which)
+		return fmt.Errorf("--image %q: want driver, db-check, agent-tasks or pause", *which)
 	}
 	var specs []image.Spec
 	for _, p := range strings.Split(*platforms, ",") {

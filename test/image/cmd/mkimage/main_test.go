@@ -19,7 +19,7 @@ import (
 func TestReproducible(t *testing.T) {
 	t.Setenv("SOURCE_DATE_EPOCH", "")
 	dir := t.TempDir()
-	for _, which := range []string{"driver", "db-check", "pause"} {
+	for _, which := range []string{"driver", "db-check", "agent-tasks", "pause"} {
 		t.Run(which, func(t *testing.T) {
 			var outs [2]string
 			var sums [2][32]byte

@@ -1,0 +1,194 @@
+// Package leaseapi serves the lease socket inside a volume: a unix socket
+// at the volume's root (lease.sock), HTTP/1.1 with JSON, through which the
+// pod gives its credential back, rotates it, or asks for a lease per task.
+// Each volume has its own listener, so a connection says which volume it
+// is for by the socket it came through: no request names a volume, and
+// the socket is reachable only through the pod's own mount (the driver's
+// state directory is root's alone). No answer holds a secret value: the
+// credentials themselves are files in the volume.
+package leaseapi
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"golang.org/x/net/netutil"
+	"golang.org/x/sys/unix"
+	"golang.org/x/time/rate"
+	"k8s.io/klog/v2"
+
+	"github.com/ephemeral-secrets/csi-driver/pkg/audit"
+	"github.com/ephemeral-secrets/csi-driver/pkg/lease"
+	"github.com/ephemeral-secrets/csi-driver/pkg/metrics"
+	"github.com/ephemeral-secrets/csi-driver/pkg/storage"
+)
+
+// Leases is what the socket needs of the lease manager.
+type Leases interface {
+	Info(volumeID string) (lease.Info, error)
+	Withdraw(ctx context.Context, volumeID, reason string) (<-chan error, error)
+	RotateNow(ctx context.Context, volumeID string) (lease.Info, error)
+	IssueTask(ctx context.Context, volumeID, task string, ttl time.Duration) (lease.TaskInfo, error)
+	RevokeTask(ctx context.Context, volumeID, task string) (<-chan error, error)
+}
+
+var _ Leases = (*lease.Manager)(nil)
+
+// Options configure a Server. Zero values take the defaults.
+type Options struct {
+	// Dir returns the directory of a volume's files (the socket goes
+	// there, at its root).
+	Dir    func(volumeID string) string
+	Audit  *audit.Logger
+	Metric *metrics.Metrics
+	// Rate and Burst limit the requests of one volume (default 5 per
+	// second, bursts of 10).
+	Rate  float64
+	Burst int
+	// MaxWait caps how long a revoke waits for the backend's confirmation
+	// (default 30 s); a caller asks for less with "wait".
+	MaxWait time.Duration
+}
+
+// Server runs the lease sockets of the node's volumes. Set Leases before
+// the first Open.
+type Server struct {
+	Leases Leases
+	opts   Options
+
+	mu    sync.Mutex
+	socks map[string]*socket
+}
+
+var _ lease.Sockets = (*Server)(nil)
+
+type socket struct {
+	srv     *http.Server
+	path    string
+	limiter *rate.Limiter
+	// quiet bounds the audit records of refusals by the rate limit, so
+	// that a pod calling in a loop cannot flood the audit trail; the
+	// records it holds back are counted in the next one.
+	quiet *rate.Limiter
+	mu    sync.Mutex
+	held  int // refusals not audited since the last audited one; under mu
+}
+
+// MaxBody bounds a request's body; MaxConns the connections one socket
+// serves at once (more wait in the listen queue).
+const (
+	MaxBody  = 4 << 10
+	MaxConns = 8
+)
+
+// New returns a Server with no socket open.
+func New(opts Options) *Server {
+	if opts.Rate <= 0 {
+		opts.Rate = 5
+	}
+	if opts.Burst <= 0 {
+		opts.Burst = 10
+	}
+	if opts.MaxWait <= 0 {
+		opts.MaxWait = 30 * time.Second
+	}
+	return &Server{opts: opts, socks: map[string]*socket{}}
+}
+
+// Open listens on the volume's socket, root:gid 0660 (root only when gid
+// < 0). Opening an open socket is fine.
+func (s *Server) Open(volumeID string, gid int) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if _, ok := s.socks[volumeID]; ok {
+		return nil
+	}
+	path := filepath.Join(s.opts.Dir(volumeID), storage.SocketName)
+	ln, err := listen(path, max(gid, 0))
+	if err != nil {
+		return err
+	}
+	sk := &socket{path: path, limiter: rate.NewLimiter(rate.Limit(s.opts.Rate), s.opts.Burst), quiet: rate.NewLimiter(1, 5)}
+	sk.srv = &http.Server{
+		Handler:           s.handler(volumeID, sk),
+		ReadHeaderTimeout: 2 * time.Second,
+		ReadTimeout:       5 * time.Second,
+		WriteTimeout:      s.opts.MaxWait + 10*time.Second,
+		IdleTimeout:       30 * time.Second,
+		MaxHeaderBytes:    8 << 10,
+		ErrorLog:          nil,
+	}
+	s.socks[volumeID] = sk
+	go func() {
+		if err := sk.srv.Serve(netutil.LimitListener(ln, MaxConns)); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			klog.ErrorS(err, "Lease socket stopped", "volumeID", volumeID)
+		}
+	}()
+	return nil
+}
+
+// Close stops the volume's socket and removes it; closing a closed one
+// is fine.
+func (s *Server) Close(volumeID string) {
+	s.mu.Lock()
+	sk := s.socks[volumeID]
+	delete(s.socks, volumeID)
+	s.mu.Unlock()
+	if sk == nil {
+		return
+	}
+	_ = sk.srv.Close()
+	_ = os.Remove(sk.path)
+}
+
+// Shutdown stops every socket, leaving the socket files: the next start
+// listens on them again.
+func (s *Server) Shutdown() {
+	s.mu.Lock()
+	socks := s.socks
+	s.socks = map[string]*socket{}
+	s.mu.Unlock()
+	for _, sk := range socks {
+		_ = sk.srv.Close()
+	}
+}
+
+// listen binds a unix socket at path, owned root:gid, mode 0660. It binds
+// through /proc/self/fd/N/<name>, N the directory opened: a volume's
+// directory can be longer than the 107 bytes a socket address holds, and
+// the directory cannot be swapped for a link between the check and the
+// bind. A stale socket of an earlier run is replaced.
+func listen(path string, gid int) (net.Listener, error) {
+	dir, name := filepath.Split(path)
+	dfd, err := unix.Open(dir, unix.O_PATH|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("lease socket directory: %w", err)
+	}
+	defer unix.Close(dfd)
+	_ = unix.Unlinkat(dfd, name, 0)
+	addr := fmt.Sprintf("/proc/self/fd/%d/%s", dfd, name)
+	// Connecting takes write access, which the umask (022) keeps from the
+	// group until the socket is the group's; and the directory is reachable
+	// only by root and, through the pod's mount, the pod.
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: addr, Net: "unix"})
+	if err != nil {
+		return nil, fmt.Errorf("lease socket: %w", err)
+	}
+	ln.SetUnlinkOnClose(false)
+	if err := unix.Fchownat(dfd, name, 0, gid, unix.AT_SYMLINK_NOFOLLOW); err != nil {
+		_ = ln.Close()
+		return nil, fmt.Errorf("lease socket owner: %w", err)
+	}
+	if err := unix.Fchmodat(dfd, name, 0o660, 0); err != nil {
+		_ = ln.Close()
+		return nil, fmt.Errorf("lease socket mode: %w", err)
+	}
+	return ln, nil
+}
