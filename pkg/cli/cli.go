@@ -21,6 +21,7 @@ import (
 	"time"
 
 	"k8s.io/client-go/dynamic"
+	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
 	"k8s.io/klog/v2"
 
@@ -74,7 +75,7 @@ type serveFlags struct {
 	sweep, retryMin, retryMax, backendTimeout, rotationGrace            time.Duration
 	backendReload, reapInterval                                         time.Duration
 	renewFraction                                                       float64
-	tokensInSecrets                                                     bool
+	tokensInSecrets, watchInventory                                     bool
 	limits                                                              limits.Options
 	leaseAPI                                                            leaseapi.Options
 	maxTasks                                                            int
@@ -90,6 +91,7 @@ func serve(version string, args []string, extra []Register) error {
 	fs.StringVar(&f.stateDir, "state-dir", "/run/ephemeral-secrets-csi", "state directory; covered by a tmpfs unless it is one")
 	fs.StringVar(&f.kubeletDir, "kubelet-dir", "/var/lib/kubelet", "kubelet root directory: targets must be under its pods/")
 	fs.StringVar(&f.classes, "classes-file", "", "YAML file of SecretProviderClass documents, instead of the cluster's")
+	fs.BoolVar(&f.watchInventory, "watch-credentials", true, "in a cluster, watch the node's Credential records: deleting one (the kill switch) withdraws its volume's credential")
 	fs.StringVar(&f.kubeconfig, "kubeconfig", "", "kubeconfig for the Kubernetes API; empty: the in-cluster service account")
 	fs.StringVar(&f.backends, "backend-config", "", "YAML file configuring the backends (admin credentials; mount it from a Secret)")
 	fs.DurationVar(&f.backendReload, "backend-reload-interval", 10*time.Second, "how often the backend file is checked for a change (a new Secret from kubelet); 0: never, read at start only")
@@ -153,6 +155,7 @@ func serve(version string, args []string, extra []Register) error {
 
 	var classes spc.Resolver
 	var sink events.Sink
+	var apiConfig *rest.Config // nil: no cluster
 	if f.kubeconfig != "" || inCluster {
 		cfg, err := clientcmd.BuildConfigFromFlags("", f.kubeconfig)
 		if err != nil {
@@ -160,6 +163,7 @@ func serve(version string, args []string, extra []Register) error {
 		}
 		cfg.UserAgent = "ephemeral-secrets-csi/" + version
 		cfg.WrapTransport = m.CountRequests
+		apiConfig = cfg
 		dyn, err := dynamic.NewForConfig(cfg)
 		if err != nil {
 			return err
@@ -246,6 +250,11 @@ func serve(version string, args []string, extra []Register) error {
 		return fmt.Errorf("recovery: %w", err)
 	}
 	go mgr.Run(ctx)
+	if apiConfig != nil && f.watchInventory {
+		if err := watchInventory(ctx, apiConfig, f.nodeID, mgr, sink); err != nil {
+			return fmt.Errorf("watching the node's credential records: %w", err)
+		}
+	}
 	select {
 	case <-ctx.Done():
 		err := <-errc

@@ -1,0 +1,56 @@
+package cli
+
+import (
+	"context"
+	"errors"
+	"time"
+
+	"k8s.io/client-go/rest"
+	"k8s.io/klog/v2"
+
+	"github.com/ephemeral-secrets/csi-driver/pkg/events"
+	"github.com/ephemeral-secrets/csi-driver/pkg/inventory"
+	"github.com/ephemeral-secrets/csi-driver/pkg/lease"
+)
+
+// ReasonCredentialWithdrawn is the reason of the pod's Warning event when
+// its volume's credential record was deleted (the kill switch).
+const ReasonCredentialWithdrawn = "CredentialWithdrawn"
+
+// watchInventory runs, until ctx is done, the watcher of the node's
+// Credential records: a record whose deletion someone asked for while it
+// was live (an admin's kill switch; its Pod's deletion) withdraws the
+// volume: its files go at once, its leases are revoked, and it is never
+// issued again while its pod lives. The pod gets a Warning event saying
+// why.
+func watchInventory(ctx context.Context, cfg *rest.Config, node string, mgr *lease.Manager, sink events.Sink) error {
+	c, err := inventory.NewClient(cfg)
+	if err != nil {
+		return err
+	}
+	w := inventory.NewNodeWatcher(c, node, func(ctx context.Context, volumeID, leaseID, reason string) error {
+		if volumeID == "" {
+			return nil // a record of an issuer that did not know the volume
+		}
+		pod, known := mgr.PodOf(volumeID)
+		_, err := mgr.Withdraw(ctx, volumeID, "killed: "+reason)
+		if errors.Is(err, lease.ErrUnknownVolume) {
+			return nil // unpublished meanwhile: its revocation is queued already
+		}
+		if err != nil {
+			return err
+		}
+		klog.InfoS("Withdrew a volume whose credential record was deleted", "volumeID", volumeID, "leaseID", leaseID, "reason", reason)
+		if sink != nil && known {
+			sink.Warning(pod, ReasonCredentialWithdrawn, "the volume's credential was withdrawn ("+reason+
+				"): its files are removed and it is not issued again while this pod runs")
+		}
+		return nil
+	}, 10*time.Minute)
+	go func() {
+		if err := w.Run(ctx); err != nil {
+			klog.ErrorS(err, "Credential record watcher stopped")
+		}
+	}()
+	return nil
+}
