@@ -24,7 +24,7 @@ const (
 )
 
 // State is where a credential is in its life.
-// +kubebuilder:validation:Enum=Issuing;Issued;Revoking;Revoked
+// +kubebuilder:validation:Enum=Issuing;Issued;Revoking;Revoked;Withdrawn
 type State string
 
 // The states of a credential.
@@ -39,7 +39,18 @@ const (
 	StateRevoking State = "Revoking"
 	// StateRevoked: the backend confirmed it is gone.
 	StateRevoked State = "Revoked"
+	// StateWithdrawn marks a tombstone, not a credential: the record of a
+	// live pod's credential was deleted (the kill switch), so its volume
+	// is never issued a credential again while the pod lives. The issuer
+	// alone writes one (named TombstonePrefix + a digest of the pod UID
+	// and volume ID, owned by the Pod, without a finalizer); the garbage
+	// collector deletes it with the pod, and an admin who deletes it lets
+	// the volume be issued again.
+	StateWithdrawn State = "Withdrawn"
 )
+
+// TombstonePrefix begins the name of every tombstone (StateWithdrawn).
+const TombstonePrefix = "withdrawn."
 
 // Condition types of status.conditions.
 const (
@@ -48,6 +59,9 @@ const (
 	// ConditionRevoked is True once the credential is revoked, False with
 	// the reason while a revocation is pending or failing.
 	ConditionRevoked = "Revoked"
+	// ConditionWithdrawn is True on a tombstone; its message says which
+	// record's deletion withdrew the volume's credential, and when.
+	ConditionWithdrawn = "Withdrawn"
 )
 
 // Credential is the record of one live credential: which pod on which
