@@ -14,6 +14,7 @@ package issuer
 
 import (
 	"context"
+	"errors"
 	"time"
 
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
@@ -65,3 +66,20 @@ type Inventory interface {
 	// tagged whose lease has none (and is older than a grace) is reaped.
 	Tracked(ctx context.Context) (map[string]bool, error)
 }
+
+// Withdrawals is what an Inventory may also tell (an optional interface):
+// which pod volumes had their credential withdrawn, their record deleted
+// while the pod lived (the kill switch). Mint refuses such a volume a new
+// credential, so a kill holds even when the node was down or renewing
+// when it happened. Without it (in-process, no cluster) nothing is
+// refused for that reason.
+type Withdrawals interface {
+	// Withdrawn tells whether the credential of pod's volume volumeID
+	// was withdrawn. It reads fresh data: the mark may be an instant old.
+	Withdrawn(ctx context.Context, pod provider.Pod, volumeID string) (bool, error)
+}
+
+// ErrWithdrawn is the reason Mint gives (wrapped in
+// provider.ErrPermissionDenied) for a volume whose credential was
+// withdrawn.
+var ErrWithdrawn = errors.New("the credential of this volume was withdrawn by deleting its Credential record")

@@ -76,8 +76,10 @@ func (i *Issuer) Close() { i.admin.Close() }
 
 // Mint decides whether r's pod may have the role it asks for (the
 // configuration's allowed list and TTL bounds, then PodCheck), records
-// the credential as issuing, creates the role (counting maxLive under a
-// lock) and records it as issued. A refusal creates nothing.
+// the credential as issuing, refuses a volume whose credential was
+// withdrawn (Withdrawals: the kill switch), creates the role (counting
+// maxLive under a lock) and records it as issued. A refusal leaves
+// nothing behind.
 func (i *Issuer) Mint(ctx context.Context, c Caller, r postgres.MintRequest) (postgres.Grant, error) {
 	if _, err := i.admin.Check(c.Node, r); err != nil {
 		return postgres.Grant{}, err
@@ -97,6 +99,12 @@ func (i *Issuer) Mint(ctx context.Context, c Caller, r postgres.MintRequest) (po
 			return postgres.Grant{}, fmt.Errorf("%w: recording the credential: %w", provider.ErrUnavailable, err)
 		}
 	}
+	if err := i.withdrawn(ctx, r); err != nil {
+		if derr := inv.Dropped(ctx, r.LeaseID); derr != nil {
+			klog.ErrorS(derr, "Removing the record of a refused credential; the reaper finds no role for it", "lease", r.LeaseID)
+		}
+		return postgres.Grant{}, err
+	}
 	g, err := i.admin.MintFor(ctx, c.Node, r)
 	if err != nil {
 		if inv != nil && nothingMade(err) {
@@ -115,6 +123,26 @@ func (i *Issuer) Mint(ctx context.Context, c Caller, r postgres.MintRequest) (po
 		}
 	}
 	return g, nil
+}
+
+// withdrawn refuses a mint for a volume whose credential was withdrawn
+// (the Inventory's Withdrawals). It is asked after the mint is recorded:
+// a tombstone written before that record is seen here, and one written
+// after it comes with the deletion of the record (the inventory deletes a
+// volume's live records with it), so no role outlives a kill.
+func (i *Issuer) withdrawn(ctx context.Context, r postgres.MintRequest) error {
+	w, ok := i.opts.Inventory.(Withdrawals)
+	if !ok {
+		return nil
+	}
+	gone, err := w.Withdrawn(ctx, r.Pod, r.VolumeID)
+	switch {
+	case err != nil:
+		return fmt.Errorf("%w: checking whether the volume's credential was withdrawn: %w", provider.ErrUnavailable, err)
+	case gone:
+		return fmt.Errorf("%w: %w (pod %s/%s, volume %s)", provider.ErrPermissionDenied, ErrWithdrawn, r.Pod.Namespace, r.Pod.Name, r.VolumeID)
+	}
+	return nil
 }
 
 // sameNode refuses a node plugin a role that another node asked for: a

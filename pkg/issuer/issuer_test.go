@@ -425,3 +425,65 @@ func TestANodeReachesOnlyItsOwnRoles(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// withdrawing is an inventory in memory that also knows which pod
+// volumes were withdrawn (Withdrawals), or fails to tell.
+type withdrawing struct {
+	*inventory
+	withdrawn map[string]bool // pod UID + "/" + volume ID
+	err       error
+}
+
+func (w withdrawing) Withdrawn(_ context.Context, pod provider.Pod, volumeID string) (bool, error) {
+	return w.withdrawn[pod.UID+"/"+volumeID], w.err
+}
+
+// TestMintRefusesAWithdrawnVolume: a volume whose credential was withdrawn
+// (the kill switch) is refused a new one, with the reason, and nothing is
+// left (no role, no record); the pod's other volume is not; an inventory
+// that cannot tell refuses for now (Unavailable); one without
+// Withdrawals refuses nothing.
+func TestMintRefusesAWithdrawnVolume(t *testing.T) {
+	ctx := context.Background()
+	inv := withdrawing{inventory: newInventory(), withdrawn: map[string]bool{"uid-k/vol-killed": true}}
+	iss, _ := newIssuer(t, Options{Inventory: inv})
+	node := postgres.NewNode(as{iss, Caller{Node: "n1"}})
+	mint := func(p *postgres.Provider, id, volumeID string) error {
+		l, err := p.Issue(ctx, provider.Request{LeaseID: id, VolumeID: volumeID, Class: "team/db", Params: appParams, Pod: appPod("k")})
+		if err == nil {
+			l.ID, l.Params, l.Provider = id, appParams, postgres.Name
+			if err := p.Revoke(ctx, l); err != nil {
+				t.Fatal(err)
+			}
+		}
+		return err
+	}
+	err := mint(node, "team-k-killed01", "vol-killed")
+	if !errors.Is(err, provider.ErrPermissionDenied) || !errors.Is(err, ErrWithdrawn) ||
+		!strings.Contains(err.Error(), "withdrawn by deleting its Credential record") {
+		t.Errorf("a withdrawn volume: %v, want permission denied, withdrawn", err)
+	}
+	if exists(t, postgres.RoleName("team-k-killed01")) {
+		t.Error("the refused mint made a role")
+	}
+	if _, state := inv.get("team-k-killed01"); state != "" {
+		t.Errorf("the refused mint left a record (%s)", state)
+	}
+	if err := mint(node, "team-k-other001", "vol-other"); err != nil {
+		t.Errorf("the pod's other volume: %v", err)
+	}
+
+	failing := withdrawing{inventory: newInventory(), err: errors.New("API server unreachable")}
+	iss2, _ := newIssuer(t, Options{Inventory: failing})
+	if err := mint(postgres.NewNode(as{iss2, Caller{Node: "n1"}}), "team-k-unknown1", "vol-killed"); !errors.Is(err, provider.ErrUnavailable) {
+		t.Errorf("an inventory that cannot tell: %v, want unavailable", err)
+	}
+	if exists(t, postgres.RoleName("team-k-unknown1")) {
+		t.Error("a mint whose volume could not be checked made a role")
+	}
+
+	plain, _ := newIssuer(t, Options{Inventory: newInventory()})
+	if err := mint(postgres.NewNode(as{plain, Caller{Node: "n1"}}), "team-k-plain001", "vol-killed"); err != nil {
+		t.Errorf("an inventory without Withdrawals: %v", err)
+	}
+}
