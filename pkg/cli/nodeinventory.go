@@ -19,7 +19,8 @@ const ReasonCredentialWithdrawn = "CredentialWithdrawn"
 
 // watchInventory runs, until ctx is done, the watcher of the node's
 // Credential records: a record whose deletion someone asked for while it
-// was live (an admin's kill switch; its Pod's deletion) withdraws the
+// was live (an admin's kill switch; its Pod's deletion), or the tombstone
+// a kill leaves (seen at start-up when the node was down), withdraws the
 // volume: its files go at once, its leases are revoked, and it is never
 // issued again while its pod lives. The pod gets a Warning event saying
 // why.
@@ -33,6 +34,9 @@ func watchInventory(ctx context.Context, cfg *rest.Config, node string, mgr *lea
 			return nil // a record of an issuer that did not know the volume
 		}
 		pod, known := mgr.PodOf(volumeID)
+		// A kill is told twice (the record's deletion, then its
+		// tombstone): the pod hears of it once.
+		before, _ := mgr.Info(volumeID)
 		_, err := mgr.Withdraw(ctx, volumeID, "killed: "+reason)
 		if errors.Is(err, lease.ErrUnknownVolume) {
 			return nil // unpublished meanwhile: its revocation is queued already
@@ -41,7 +45,7 @@ func watchInventory(ctx context.Context, cfg *rest.Config, node string, mgr *lea
 			return err
 		}
 		klog.InfoS("Withdrew a volume whose credential record was deleted", "volumeID", volumeID, "leaseID", leaseID, "reason", reason)
-		if sink != nil && known {
+		if sink != nil && known && before.Withdrawn == "" {
 			sink.Warning(pod, ReasonCredentialWithdrawn, "the volume's credential was withdrawn ("+reason+
 				"): its files are removed and it is not issued again while this pod runs")
 		}

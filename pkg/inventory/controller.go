@@ -30,6 +30,9 @@ type RevokeFunc func(ctx context.Context, e issuer.Entry) error
 //     revocation keeps the finalizer and is retried with backoff;
 //   - a record whose Pod is gone (the garbage collector lagging, or not
 //     running, or a Pod of the same name and another UID) is deleted;
+//   - a record it revokes whose Pod still lives (the kill switch) leaves
+//     a tombstone first (tombstone.go): the volume is never issued again
+//     while the pod lives;
 //   - a record of a node-revoked credential (Vault, AWS) being deleted
 //     whose node never released it goes once the credential has expired,
 //     since the backend has then ended it.
@@ -183,6 +186,12 @@ func (c *Controller) revokeRecord(ctx context.Context, namespace, name string) e
 		if err != nil {
 			return err
 		}
+	}
+	// The tombstone before the revocation: once the role is gone, the
+	// node's next renewal fails and it asks for a new credential, which
+	// the tombstone must be there to refuse.
+	if err := c.leaveTombstone(ctx, cred); err != nil {
+		return err
 	}
 	if err := c.revoke(ctx, entry(cred)); err != nil {
 		// The reason only: the revoker's errors carry no secret, but a

@@ -153,7 +153,7 @@ func TestKillSwitch(t *testing.T) {
 	pod := newPod(t, ns, "agent")
 	rv := &revoker{}
 	rec := startIssuer(t, rv, fastRetries)
-	rv.then = func(ctx context.Context, e issuer.Entry) error { return rec.Dropped(ctx, e.LeaseID) } // as the issuer's Drop does
+	rv.setThen(func(ctx context.Context, e issuer.Entry) error { return rec.Dropped(ctx, e.LeaseID) }) // as the issuer's Drop does
 	node := ns + "-a"
 	e := entryFor(pod, node, ns+"-agent-killswit")
 	record(t, rec, e)

@@ -56,12 +56,8 @@ func newCredential(e issuer.Entry, finalizer string) (*v1alpha1.Credential, erro
 				v1alpha1.LabelPodUID:   labelValue(e.Pod.UID),
 				v1alpha1.LabelLeaseID:  labelValue(e.LeaseID),
 			},
-			// No blockOwnerDeletion: the Pod's deletion must not wait for
-			// a revocation (nor need the right to set it).
-			OwnerReferences: []metav1.OwnerReference{{
-				APIVersion: "v1", Kind: "Pod", Name: e.Pod.Name, UID: types.UID(e.Pod.UID),
-			}},
-			Finalizers: []string{finalizer},
+			OwnerReferences: []metav1.OwnerReference{podOwner(v1alpha1.PodReference{Name: e.Pod.Name, UID: e.Pod.UID})},
+			Finalizers:      []string{finalizer},
 		},
 		Spec: v1alpha1.CredentialSpec{
 			Pod:      v1alpha1.PodReference{Name: e.Pod.Name, UID: e.Pod.UID, ServiceAccount: e.Pod.ServiceAccount},
@@ -73,6 +69,13 @@ func newCredential(e issuer.Entry, finalizer string) (*v1alpha1.Credential, erro
 			VolumeID: e.VolumeID,
 		},
 	}, nil
+}
+
+// podOwner is the owner reference of a record to its Pod. No
+// blockOwnerDeletion: the Pod's deletion must not wait for a revocation
+// (nor need the right to set it).
+func podOwner(pod v1alpha1.PodReference) metav1.OwnerReference {
+	return metav1.OwnerReference{APIVersion: "v1", Kind: "Pod", Name: pod.Name, UID: types.UID(pod.UID)}
 }
 
 // labelValue is v where it is a valid label value; else a digest of it,

@@ -23,7 +23,10 @@ type Recorder struct {
 	informer cache.SharedIndexInformer
 }
 
-var _ issuer.Inventory = (*Recorder)(nil)
+var (
+	_ issuer.Inventory   = (*Recorder)(nil)
+	_ issuer.Withdrawals = (*Recorder)(nil)
+)
 
 // NewRecorder records through c. informer (NewInformer, all records; it
 // may be nil) answers Tracked and finds records by lease ID once it has
@@ -82,27 +85,31 @@ func (r *Recorder) Dropped(ctx context.Context, leaseID string) error {
 	return errors.Join(errs...)
 }
 
-// Tracked lists the lease IDs that have a record, from the informer's
+// Tracked lists the lease IDs that have a record (a tombstone is none), from the informer's
 // cache once it has synced (never from a cache not yet filled, which would
 // make every role look untracked), else from the API server.
 func (r *Recorder) Tracked(ctx context.Context) (map[string]bool, error) {
 	out := map[string]bool{}
 	if r.informer != nil && r.informer.HasSynced() {
 		for _, obj := range r.informer.GetStore().List() {
-			if c, ok := obj.(*v1alpha1.Credential); ok {
+			if c, ok := obj.(*v1alpha1.Credential); ok && !IsTombstone(c) {
 				out[c.Spec.LeaseID] = true
 			}
 		}
 		return out, nil
 	}
-	err := r.list(ctx, "", func(c *v1alpha1.Credential) { out[c.Spec.LeaseID] = true })
+	err := r.list(ctx, "", func(c *v1alpha1.Credential) {
+		if !IsTombstone(c) {
+			out[c.Spec.LeaseID] = true
+		}
+	})
 	if err != nil {
 		return nil, err
 	}
 	return out, nil
 }
 
-// find is the records of leaseID: from the cache, else (not synced yet,
+// find is the records of leaseID (never a tombstone): from the cache, else (not synced yet,
 // or not seen yet) from the API server.
 func (r *Recorder) find(ctx context.Context, leaseID string) ([]*v1alpha1.Credential, error) {
 	var out []*v1alpha1.Credential
@@ -112,7 +119,9 @@ func (r *Recorder) find(ctx context.Context, leaseID string) ([]*v1alpha1.Creden
 			return nil, err
 		}
 		for _, obj := range objs {
-			out = append(out, obj.(*v1alpha1.Credential))
+			if c := obj.(*v1alpha1.Credential); !IsTombstone(c) {
+				out = append(out, c)
+			}
 		}
 		if len(out) > 0 {
 			return out, nil
@@ -120,7 +129,7 @@ func (r *Recorder) find(ctx context.Context, leaseID string) ([]*v1alpha1.Creden
 	}
 	sel := labels.Set{v1alpha1.LabelLeaseID: labelValue(leaseID)}.String()
 	err := r.list(ctx, sel, func(c *v1alpha1.Credential) {
-		if c.Spec.LeaseID == leaseID {
+		if c.Spec.LeaseID == leaseID && !IsTombstone(c) {
 			out = append(out, c.DeepCopy())
 		}
 	})

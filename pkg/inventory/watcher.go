@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"time"
 
+	"k8s.io/apimachinery/pkg/api/meta"
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/client-go/tools/cache"
 	"k8s.io/client-go/util/workqueue"
@@ -14,7 +15,8 @@ import (
 )
 
 // WithdrawFunc is told that the record of a lease on this node is being
-// deleted (the kill switch, the Pod's deletion): the node empties the
+// deleted (the kill switch, the Pod's deletion), or that a tombstone says
+// a volume's credential was withdrawn: the node empties the
 // volume and stops renewing the lease (the lease manager's Withdraw). It
 // must be idempotent, and return nil for a volume or lease the node no
 // longer holds (its own revocation deletes the record too); an error
@@ -22,7 +24,8 @@ import (
 type WithdrawFunc func(ctx context.Context, volumeID, leaseID, reason string) error
 
 // NodeWatcher watches the records of one node (by its label) and calls a
-// WithdrawFunc for each record being deleted, until it succeeds once.
+// WithdrawFunc for each record being deleted and each tombstone, until it
+// succeeds once.
 type NodeWatcher struct {
 	node     string
 	informer cache.SharedIndexInformer
@@ -49,7 +52,7 @@ type withdrawal struct{ volumeID, leaseID, reason string }
 func (w *NodeWatcher) Run(ctx context.Context) error {
 	queue := workqueue.NewTypedRateLimitingQueue(w.limiter)
 	defer queue.ShutDown()
-	seen := map[string]bool{} // lease IDs told, touched by the informer's goroutine only
+	seen := map[string]bool{} // records told (namespace/name), touched by the informer's goroutine only
 	tell := func(obj any, gone bool) {
 		if d, ok := obj.(cache.DeletedFinalStateUnknown); ok {
 			obj = d.Obj
@@ -58,16 +61,20 @@ func (w *NodeWatcher) Run(ctx context.Context) error {
 		if !ok || c.Spec.Node != w.node {
 			return
 		}
+		key := c.Namespace + "/" + c.Name
 		// A deletion someone asked for while the record was live (a
-		// finalizer holds it): the kill switch, or its pod's deletion. A
-		// record that simply vanishes was released by whoever revoked it
-		// (an unpublish, a rotation's old lease): nothing to withdraw.
-		if c.DeletionTimestamp != nil && !seen[c.Spec.LeaseID] {
-			seen[c.Spec.LeaseID] = true
+		// finalizer holds it): the kill switch, or its pod's deletion; or
+		// the tombstone a kill leaves, seen however late (the node was
+		// down, or the record was revoked and gone before the node saw
+		// it). A record that simply vanishes was released by whoever
+		// revoked it (an unpublish, a rotation's old lease): nothing to
+		// withdraw.
+		if (c.DeletionTimestamp != nil || IsTombstone(c)) && !seen[key] {
+			seen[key] = true
 			queue.Add(withdrawal{c.Spec.VolumeID, c.Spec.LeaseID, reason(c)})
 		}
 		if gone {
-			delete(seen, c.Spec.LeaseID)
+			delete(seen, key)
 		}
 	}
 	_, err := w.informer.AddEventHandler(cache.ResourceEventHandlerFuncs{
@@ -103,6 +110,9 @@ func (w *NodeWatcher) HasSynced() bool { return w.informer.HasSynced() }
 // reason says why a record goes, for the node's audit record and the
 // pod's event.
 func reason(c *v1alpha1.Credential) string {
+	if cond := meta.FindStatusCondition(c.Status.Conditions, v1alpha1.ConditionWithdrawn); cond != nil && IsTombstone(c) {
+		return cond.Message
+	}
 	for _, cond := range c.Status.Conditions {
 		if cond.Type == v1alpha1.ConditionRevoked && cond.Reason == "PodGone" {
 			return "credential record deleted: " + cond.Message
