@@ -252,3 +252,77 @@ func TestOnlyTheIssuerPutsItsFinalizer(t *testing.T) {
 	}
 	gone(t, ns, inventory.Name(e.LeaseID))
 }
+
+// TestOnlyTheIssuerWritesTombstones: with the chart's policies, a
+// tombstone (which refuses a pod's volume every credential) is written by
+// the issuer alone: an admin cannot forge one, a node plugin cannot turn
+// its own record into one, nor delete or change one of its node; an
+// admin may delete one (the volume may then be issued again).
+func TestOnlyTheIssuerWritesTombstones(t *testing.T) {
+	ns := namespace(t)
+	ctx := context.Background()
+	pod := newPod(t, ns, "app")
+	nodeA := ns + "-a"
+	plugin := pluginOn(t, nodeA)
+	forged := &v1alpha1.Credential{
+		ObjectMeta: metav1.ObjectMeta{Name: inventory.TombstoneName(string(pod.UID), "csi-forged"), Namespace: ns},
+		Spec: v1alpha1.CredentialSpec{Pod: v1alpha1.PodReference{Name: pod.Name, UID: string(pod.UID)}, Node: nodeA,
+			Provider: "postgres", LeaseID: ns + "-app-forged001", VolumeID: "csi-forged"},
+	}
+	// The policy is in force once the admin is refused (the first of the
+	// chart's policies to be applied was waited for, not this one).
+	harness.Eventually(t, 30*time.Second, "an admin refused a forged tombstone", func() (bool, error) {
+		c, err := adminInv.Create(ctx, forged)
+		if err == nil {
+			return false, adminInv.Delete(ctx, ns, c.Name, metav1.DeleteOptions{})
+		}
+		return apierrors.IsForbidden(err) && strings.Contains(err.Error(), "only the issuer writes a tombstone"), nil
+	})
+	if _, err := plugin.Create(ctx, forged); !apierrors.IsForbidden(err) {
+		t.Errorf("a node plugin creates a tombstone: %v", err)
+	}
+	// A node plugin's own record, made a tombstone through its status.
+	rec := inventory.NewNodeRecorder(plugin)
+	mine := entryFor(pod, nodeA, ns+"-app-nodea0001")
+	mine.Provider = "vault"
+	if err := rec.Issued(ctx, mine); err != nil {
+		t.Fatal(err)
+	}
+	c := get(t, ns, mine.LeaseID)
+	c.Status.State = v1alpha1.StateWithdrawn
+	if _, err := plugin.UpdateStatus(ctx, c); err == nil || !strings.Contains(err.Error(), "only the issuer writes a tombstone") {
+		t.Errorf("a node plugin makes its record a tombstone: %v", err)
+	}
+	if err := rec.Revoked(ctx, mine); err != nil {
+		t.Fatal(err)
+	}
+
+	// A real one: the kill switch on an issuer's record of node a.
+	rv := &revoker{}
+	issuerRec := startIssuer(t, rv, fastRetries)
+	killed := entryFor(pod, nodeA, ns+"-app-killed001")
+	record(t, issuerRec, killed)
+	if err := adminInv.Delete(ctx, ns, inventory.Name(killed.LeaseID), metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	gone(t, ns, inventory.Name(killed.LeaseID))
+	name := inventory.TombstoneName(string(pod.UID), killed.VolumeID)
+	tomb, err := plugin.Get(ctx, ns, name)
+	if err != nil || !inventory.IsTombstone(tomb) {
+		t.Fatalf("tombstone %v, %v", tomb, err)
+	}
+	if err := plugin.Delete(ctx, ns, name, metav1.DeleteOptions{}); !apierrors.IsForbidden(err) || !strings.Contains(err.Error(), "may not delete a tombstone") {
+		t.Errorf("a node plugin deletes a tombstone of its node: %v", err)
+	}
+	tomb.Status.State = v1alpha1.StateIssued
+	if _, err := plugin.UpdateStatus(ctx, tomb); !apierrors.IsForbidden(err) {
+		t.Errorf("a node plugin revives a tombstone: %v", err)
+	}
+	if _, err := adminInv.UpdateStatus(ctx, tomb); !apierrors.IsForbidden(err) {
+		t.Errorf("an admin revives a tombstone: %v", err)
+	}
+	if err := adminInv.Delete(ctx, ns, name, metav1.DeleteOptions{}); err != nil {
+		t.Errorf("an admin deletes a tombstone: %v", err)
+	}
+	gone(t, ns, name)
+}
