@@ -12,8 +12,8 @@ import (
 )
 
 // BenchmarkRecordLifecycle is the inventory's cost of one credential to
-// the issuer: Issuing, Issued, Dropped against the real API server, with
-// the issuer's informer running.
+// the issuer: Issuing, Withdrawn, Issued, Dropped against the real API
+// server, with the issuer's informer running.
 func BenchmarkRecordLifecycle(b *testing.B) {
 	for _, qps := range []float32{0, -1} {
 		name := "client-default-qps"
@@ -48,6 +48,10 @@ func benchmarkLifecycle(b *testing.B, c *inventory.Client) {
 			i++
 			e := entryFor(pod, "node-bench", fmt.Sprintf("%s-bench-%p-%d", ns, pb, i))
 			if err := rec.Issuing(ctx, e); err != nil {
+				b.Error(err)
+				return
+			}
+			if _, err := rec.Withdrawn(ctx, e.Pod, e.VolumeID); err != nil { // Mint asks it after Issuing
 				b.Error(err)
 				return
 			}

@@ -32,7 +32,7 @@ func NewClient(cfg *rest.Config) (*Client, error) {
 	c.APIPath = "/apis"
 	c.NegotiatedSerializer = serializer.NewCodecFactory(scheme).WithoutConversion()
 	// client-go's default (5 per second, bursts of 10) would hold the
-	// issuer to about one credential a second (each takes six to eight
+	// issuer to about one credential a second (each takes seven to nine
 	// requests from Issuing to Dropped).
 	if c.QPS == 0 && c.RateLimiter == nil {
 		c.QPS, c.Burst = 100, 200

@@ -8,9 +8,11 @@
 //     (FinalizerRevoke); its Controller revokes a credential whose record
 //     is being deleted (the Pod's deletion through the garbage collector,
 //     or an admin's kubectl delete: the kill switch) and then lets the
-//     record go;
+//     record go; a kill while the pod lives leaves a tombstone
+//     (tombstone.go) that refuses the volume a new credential;
 //   - a node plugin records the credentials it revokes itself (Vault, AWS)
 //     through a NodeRecorder, which holds FinalizerNodeRevoke, and its
 //     NodeWatcher tells it when a record of its node is being deleted, so
-//     that it empties the volume (and revokes what it holds).
+//     that it empties the volume (and revokes what it holds); a
+//     tombstone of its node, seen however late, does the same.
 package inventory
