@@ -189,10 +189,10 @@ func (c *Controller) revokeRecord(ctx context.Context, namespace, name string) e
 	}
 	// The tombstone before the revocation: once the role is gone, the
 	// node's next renewal fails and it asks for a new credential, which
-	// the tombstone must be there to refuse.
-	if err := c.leaveTombstone(ctx, cred); err != nil {
-		return err
-	}
+	// the tombstone must be there to refuse. A tombstone that cannot be
+	// written does not hold the kill back: the credential is revoked, and
+	// the record (and its finalizer) stays until the tombstone is written.
+	tombErr := c.leaveTombstone(ctx, cred)
 	if err := c.revoke(ctx, entry(cred)); err != nil {
 		// The reason only: the revoker's errors carry no secret, but a
 		// condition is no place for a backend's long message either.
@@ -200,6 +200,11 @@ func (c *Controller) revokeRecord(ctx context.Context, namespace, name string) e
 		return fmt.Errorf("revoking lease %s: %w", cred.Spec.LeaseID, err)
 	}
 	klog.InfoS("Revoked the credential of a deleted record", "credential", klog.KObj(cred), "leaseID", cred.Spec.LeaseID)
+	if tombErr != nil {
+		_ = c.setCondition(ctx, cred, v1alpha1.StateRevoking, metav1.ConditionTrue, "TombstoneFailed",
+			truncate("the credential is revoked; the volume's tombstone could not be written (retrying): "+tombErr.Error(), 1024))
+		return fmt.Errorf("lease %s revoked, its volume's tombstone not written: %w", cred.Spec.LeaseID, tombErr)
+	}
 	return c.issuer.release(ctx, namespace, name)
 }
 

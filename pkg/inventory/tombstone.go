@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"time"
 
+	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -81,6 +82,9 @@ func (c *Controller) leaveTombstone(ctx context.Context, cred *v1alpha1.Credenti
 		t, err = c.client.Create(ctx, newTombstone(cred, name))
 		if apierrors.IsAlreadyExists(err) {
 			t, err = c.client.Get(ctx, cred.Namespace, name)
+		}
+		if apierrors.HasStatusCause(err, corev1.NamespaceTerminatingCause) {
+			return nil // the pod goes with its namespace
 		}
 	}
 	if err != nil {

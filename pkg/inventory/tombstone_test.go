@@ -3,6 +3,7 @@ package inventory_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"slices"
 	"strings"
 	"sync"
@@ -11,6 +12,7 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	v1alpha1 "github.com/ephemeral-secrets/csi-driver/pkg/apis/ephemeralsecrets/v1alpha1"
@@ -19,6 +21,7 @@ import (
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider/postgres"
 	"github.com/ephemeral-secrets/csi-driver/test/harness"
+	"github.com/ephemeral-secrets/csi-driver/test/kube"
 	"github.com/ephemeral-secrets/csi-driver/test/pgtest"
 )
 
@@ -268,5 +271,118 @@ func TestNoTombstoneWhenThePodIsGone(t *testing.T) {
 	}
 	if calls := rv.leases(); !slices.Equal(calls, []string{e.LeaseID}) {
 		t.Errorf("revocations %v", calls)
+	}
+}
+
+// TestATombstoneThatCannotBeWrittenHoldsNoKillBack: the namespace refuses
+// the tombstone (an admission policy refuses every new record there): the
+// credential is revoked at once all the same; its record stays, saying
+// why, until the tombstone is written.
+func TestATombstoneThatCannotBeWrittenHoldsNoKillBack(t *testing.T) {
+	ns := namespace(t)
+	ctx := context.Background()
+	pod := newPod(t, ns, "app")
+	rv := &revoker{}
+	rec := startIssuer(t, rv, fastRetries)
+	e := entryFor(pod, "node-a", ns+"-app-refused01")
+	record(t, rec, e)
+	allow := refuseNewRecords(t, ns)
+	if err := adminInv.Delete(ctx, ns, inventory.Name(e.LeaseID), metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	harness.Eventually(t, 10*time.Second, "revoked, the record saying the tombstone is pending", func() (bool, error) {
+		c, err := adminInv.Get(ctx, ns, inventory.Name(e.LeaseID))
+		if err != nil {
+			return false, err
+		}
+		cond := meta.FindStatusCondition(c.Status.Conditions, v1alpha1.ConditionRevoked)
+		return len(rv.leases()) > 0 && cond != nil && cond.Reason == "TombstoneFailed", nil
+	})
+	allow()
+	gone(t, ns, inventory.Name(e.LeaseID))
+	if c, err := adminInv.Get(ctx, ns, inventory.TombstoneName(string(pod.UID), e.VolumeID)); err != nil || !inventory.IsTombstone(c) {
+		t.Errorf("the tombstone: %v, %v", c, err)
+	}
+}
+
+// refuseNewRecords makes the API server refuse every new Credential in ns
+// (an admission policy of the test's own), until the returned function
+// (or the test's end) removes the policy.
+func refuseNewRecords(t *testing.T, ns string) func() {
+	t.Helper()
+	ctx := context.Background()
+	name := "esc-test-refuse-" + ns
+	doc := fmt.Sprintf(`apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicy
+metadata: {name: %[1]s}
+spec:
+  failurePolicy: Fail
+  matchConstraints:
+    resourceRules:
+      - {apiGroups: [ephemeral-secrets.csi.dev], apiVersions: ["*"], resources: [credentials], operations: [CREATE]}
+  matchConditions:
+    - {name: the-namespace, expression: "object.metadata.namespace == '%[2]s'"}
+  validations:
+    - {expression: "false", message: "the test refuses new records in %[2]s"}
+---
+apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicyBinding
+metadata: {name: %[1]s}
+spec: {policyName: %[1]s, validationActions: [Deny]}
+`, name, ns)
+	if err := kube.Apply(ctx, cluster.Config(), []byte(doc), false); err != nil {
+		t.Fatal(err)
+	}
+	var once sync.Once
+	allow := func() {
+		once.Do(func() {
+			if err := admin.AdmissionregistrationV1().ValidatingAdmissionPolicyBindings().Delete(ctx, name, metav1.DeleteOptions{}); err != nil {
+				t.Error(err)
+			}
+			if err := admin.AdmissionregistrationV1().ValidatingAdmissionPolicies().Delete(ctx, name, metav1.DeleteOptions{}); err != nil {
+				t.Error(err)
+			}
+		})
+	}
+	t.Cleanup(allow)
+	probe := &v1alpha1.Credential{
+		ObjectMeta: metav1.ObjectMeta{GenerateName: "probe-", Namespace: ns},
+		Spec:       v1alpha1.CredentialSpec{Pod: v1alpha1.PodReference{Name: "probe", UID: "probe"}, Node: "probe", Provider: "probe", LeaseID: "probe"},
+	}
+	harness.Eventually(t, 30*time.Second, "the test's policy in force", func() (bool, error) {
+		c, err := adminInv.Create(ctx, probe)
+		if err == nil {
+			return false, adminInv.Delete(ctx, ns, c.Name, metav1.DeleteOptions{})
+		}
+		return strings.Contains(err.Error(), "the test refuses new records"), nil
+	})
+	return allow
+}
+
+// TestKillInANamespaceBeingDeleted: a namespace being deleted refuses
+// new objects, the tombstone too; its pods go with it, so the record is
+// revoked and goes without one.
+func TestKillInANamespaceBeingDeleted(t *testing.T) {
+	ns := namespace(t)
+	ctx := context.Background()
+	pod := newPod(t, ns, "app")
+	rv := &revoker{}
+	rec := startIssuer(t, rv, fastRetries)
+	e := entryFor(pod, "node-a", ns+"-app-nsdeleted")
+	record(t, rec, e)
+	// No namespace controller runs here: the namespace stays Terminating
+	// with its pod and record.
+	if err := admin.CoreV1().Namespaces().Delete(ctx, ns, metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if err := adminInv.Delete(ctx, ns, inventory.Name(e.LeaseID), metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	gone(t, ns, inventory.Name(e.LeaseID))
+	if calls := rv.leases(); !slices.Equal(calls, []string{e.LeaseID}) {
+		t.Errorf("revocations %v", calls)
+	}
+	if _, err := admin.CoreV1().Pods(ns).Get(ctx, pod.Name, metav1.GetOptions{}); err != nil {
+		t.Errorf("the pod: %v (the test needs it alive)", err)
 	}
 }
