@@ -167,8 +167,8 @@ func (c *Certs) due(data map[string][]byte) bool {
 	if _, err := tls.X509KeyPair(data[CertKey], data[PrivateKey]); err != nil {
 		return true
 	}
-	left := cert.NotAfter.Sub(c.now())
-	return left < cert.NotAfter.Sub(cert.NotBefore)/3 || !slices.Equal(cert.DNSNames, c.o.DNSNames)
+	life := min(cert.NotAfter.Sub(cert.NotBefore), c.o.Validity) // NotBefore is backdated
+	return cert.NotAfter.Sub(c.now()) < life/3 || !slices.Equal(cert.DNSNames, c.o.DNSNames)
 }
 
 // fresh returns Secret data with a new serving certificate signed by the
