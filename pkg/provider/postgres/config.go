@@ -31,6 +31,8 @@ type Connection struct {
 	// MaxConns bounds the admin connections the driver holds (default 4).
 	MaxConns int32            `json:"maxConns,omitempty"`
 	Roles    map[string]*Role `json:"roles"`
+
+	defaultRevoke []*template.Template
 }
 
 // Role is a template for the roles the driver creates.
@@ -38,8 +40,10 @@ type Role struct {
 	DefaultTTL Duration `json:"defaultTTL"`
 	MaxTTL     Duration `json:"maxTTL"`
 	// CreationStatements run in one transaction. Templates see .Name,
-	// .Password (the SCRAM-SHA-256 verifier: the plaintext never reaches
-	// the server), .PlainPassword and .Expiration, all safe inside quotes.
+	// .Password (the SCRAM-SHA-256 verifier the node made: the password
+	// itself never leaves the node) and .Expiration, all safe inside
+	// quotes. The driver then sets VALID UNTIL and tags the role
+	// (COMMENT ON ROLE) in the same transaction.
 	CreationStatements []string `json:"creationStatements"`
 	// RenewStatements extend the role (default: ALTER ROLE ... VALID UNTIL).
 	RenewStatements []string `json:"renewStatements,omitempty"`
@@ -48,6 +52,9 @@ type Role struct {
 	RevocationStatements []string `json:"revocationStatements,omitempty"`
 	// Allowed lists who may use the role; "*" matches any name.
 	Allowed []Subject `json:"allowed"`
+	// MaxLive caps the live roles one service account holds of this role,
+	// across the cluster (0: no cap).
+	MaxLive int `json:"maxLive,omitempty"`
 
 	creation, renew, revoke []*template.Template
 }
@@ -60,6 +67,16 @@ type Subject struct {
 
 func (s Subject) matches(ns, sa string) bool {
 	return (s.Namespace == "*" || s.Namespace == ns) && (s.ServiceAccount == "*" || s.ServiceAccount == sa)
+}
+
+// allows reports whether the service account sa of namespace ns may use r.
+func (r *Role) allows(ns, sa string) bool {
+	for _, s := range r.Allowed {
+		if s.matches(ns, sa) {
+			return true
+		}
+	}
+	return false
 }
 
 // Duration is a time.Duration written as "1h30m".
@@ -104,7 +121,14 @@ func (c *Config) validate() error {
 	if len(c.Connections) == 0 {
 		return fmt.Errorf("postgres: no connections configured")
 	}
+	compiledRevoke, err := compile(defaultRevoke)
+	if err != nil {
+		return err
+	}
 	for cname, conn := range c.Connections {
+		if !configKeyPattern.MatchString(cname) {
+			return fmt.Errorf("postgres: connection %q: names are of letters, digits, '.', '_' and '-'", cname)
+		}
 		if conn == nil || conn.URL == "" {
 			return fmt.Errorf("postgres: connection %q: url is empty", cname)
 		}
@@ -125,6 +149,7 @@ func (c *Config) validate() error {
 		if conn.MaxConns <= 0 {
 			conn.MaxConns = 4
 		}
+		conn.defaultRevoke = compiledRevoke
 		if len(conn.Roles) == 0 {
 			return fmt.Errorf("postgres: connection %q: no roles configured", cname)
 		}
@@ -132,6 +157,12 @@ func (c *Config) validate() error {
 			where := fmt.Sprintf("postgres: connection %q role %q", cname, rname)
 			if r == nil {
 				return fmt.Errorf("%s: empty", where)
+			}
+			if !configKeyPattern.MatchString(rname) {
+				return fmt.Errorf("%s: names are of letters, digits, '.', '_' and '-'", where)
+			}
+			if r.MaxLive < 0 {
+				return fmt.Errorf("%s: maxLive is negative", where)
 			}
 			if r.DefaultTTL.Duration <= 0 {
 				r.DefaultTTL.Duration = time.Hour
@@ -154,6 +185,12 @@ func (c *Config) validate() error {
 			for _, s := range r.Allowed {
 				if s.Namespace == "" || s.ServiceAccount == "" {
 					return fmt.Errorf("%s: allowed entries need namespace and serviceAccount (\"*\" for any)", where)
+				}
+			}
+			for _, st := range [][]string{r.CreationStatements, r.RenewStatements, r.RevocationStatements} {
+				if strings.Contains(strings.Join(st, "\n"), ".PlainPassword") {
+					return fmt.Errorf("%s: statements use {{.PlainPassword}}, which no longer exists: the password "+
+						"never leaves the node; use {{.Password}}, its SCRAM-SHA-256 verifier", where)
 				}
 			}
 			if r.creation, err = compile(r.CreationStatements); err != nil {

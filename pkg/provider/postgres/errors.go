@@ -126,7 +126,7 @@ func sqlstate(err error) string {
 // classify wraps err with the provider sentinel that says what the caller
 // should do: retry later, or have the admin fix the configuration.
 func classify(err error, what string) error {
-	if errors.Is(err, provider.ErrNotRenewable) {
+	if decided(err) {
 		return err
 	}
 	switch dispositionOf(err) {
@@ -140,7 +140,14 @@ func classify(err error, what string) error {
 // retryable reports whether a failed attempt may be retried as it is:
 // transient, and known not to have committed.
 func retryable(err error, unknownOutcome bool) bool {
-	return !unknownOutcome && !errors.Is(err, provider.ErrNotRenewable) && dispositionOf(err) == transient
+	return !unknownOutcome && !decided(err) && dispositionOf(err) == transient
+}
+
+// decided reports whether err is an answer rather than a failure: the
+// role cannot be extended, or the request is refused (a quota, a role the
+// driver did not make). Neither is retried nor reclassified.
+func decided(err error) bool {
+	return errors.Is(err, provider.ErrNotRenewable) || errors.Is(err, provider.ErrPermissionDenied)
 }
 
 // Backoff between attempts within one call.

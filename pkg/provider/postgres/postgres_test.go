@@ -31,14 +31,21 @@ func TestMain(m *testing.M) {
 
 const create = `CREATE ROLE "{{.Name}}" LOGIN PASSWORD '{{.Password}}' VALID UNTIL '{{.Expiration}}'`
 
-func newProvider(t *testing.T, roles map[string]*Role) *Provider {
+// clock is a settable time: the zero offset is the real time.
+type clock struct{ offset time.Duration }
+
+func (c *clock) now() time.Time { return time.Now().Add(c.offset) }
+
+// newProvider is the node side over an Admin of roles on the test server.
+func newProvider(t *testing.T, roles map[string]*Role) (*Provider, *clock) {
 	t.Helper()
-	p, err := New(Config{Connections: map[string]*Connection{"main": {URL: pg.AdminURL(), Roles: roles}}})
+	c := &clock{}
+	a, err := NewAdmin(Config{Connections: map[string]*Connection{"main": {URL: pg.AdminURL(), Roles: roles}}}, c.now)
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(p.Close)
-	return p
+	t.Cleanup(a.Close)
+	return NewNode(a), c
 }
 
 var everyone = []Subject{{Namespace: "*", ServiceAccount: "*"}}
@@ -49,7 +56,7 @@ func request(id string, params map[string]string) provider.Request {
 
 func TestIssueRenewRevoke(t *testing.T) {
 	ctx := context.Background()
-	p := newProvider(t, map[string]*Role{"r": {
+	p, clk := newProvider(t, map[string]*Role{"r": {
 		DefaultTTL: Duration{time.Minute}, MaxTTL: Duration{90 * time.Second},
 		CreationStatements: []string{create}, Allowed: everyone,
 	}})
@@ -70,7 +77,8 @@ func TestIssueRenewRevoke(t *testing.T) {
 	conn.Close(ctx)
 
 	// Renewal moves VALID UNTIL, capped at maxTTL after issue.
-	p.now = func() time.Time { return l.IssuedAt.Add(20 * time.Second) }
+	at := func(d time.Duration) { clk.offset = time.Until(l.IssuedAt.Add(d)) }
+	at(20 * time.Second)
 	r, err := p.Renew(ctx, l)
 	if err != nil {
 		t.Fatal(err)
@@ -81,11 +89,11 @@ func TestIssueRenewRevoke(t *testing.T) {
 	if v, _ := pg.ValidUntil(ctx, name); !v.Equal(r.ExpiresAt) {
 		t.Fatalf("VALID UNTIL %s, want %s", v, r.ExpiresAt)
 	}
-	p.now = func() time.Time { return l.IssuedAt.Add(60 * time.Second) }
+	at(60 * time.Second)
 	if r, err = p.Renew(ctx, r); err != nil || !r.ExpiresAt.Equal(l.IssuedAt.Add(90*time.Second)) {
 		t.Fatalf("renewal up to maxTTL: %v, expires %s", err, r.ExpiresAt)
 	}
-	p.now = func() time.Time { return l.IssuedAt.Add(85 * time.Second) }
+	at(85 * time.Second)
 	if _, err := p.Renew(ctx, r); !errors.Is(err, provider.ErrNotRenewable) {
 		t.Fatalf("renewal past maxTTL: %v, want ErrNotRenewable", err)
 	}
@@ -114,7 +122,7 @@ func TestIssueRenewRevoke(t *testing.T) {
 
 func TestIssueRefusals(t *testing.T) {
 	ctx := context.Background()
-	p := newProvider(t, map[string]*Role{
+	p, _ := newProvider(t, map[string]*Role{
 		"r": {CreationStatements: []string{create}, Allowed: []Subject{{Namespace: "ns", ServiceAccount: "other"}}},
 	})
 	for name, tc := range map[string]struct {
@@ -131,7 +139,7 @@ func TestIssueRefusals(t *testing.T) {
 			t.Errorf("%s: %v, want %v", name, err, tc.want)
 		}
 	}
-	p2 := newProvider(t, map[string]*Role{"r": {CreationStatements: []string{create}, Allowed: everyone, MaxTTL: Duration{time.Hour}}})
+	p2, _ := newProvider(t, map[string]*Role{"r": {CreationStatements: []string{create}, Allowed: everyone, MaxTTL: Duration{time.Hour}}})
 	for _, ttl := range []string{"2h", "1s", "soon"} {
 		_, err := p2.Issue(ctx, request("ns-pod-ttl", map[string]string{ConnectionParam: "main", RoleParam: "r", TTLParam: ttl}))
 		if !errors.Is(err, provider.ErrInvalidParameters) {
@@ -145,12 +153,12 @@ func TestIssueRefusals(t *testing.T) {
 	}
 }
 
-// A failing creation statement that quotes the password must not carry it
+// A failing creation statement that quotes the verifier must not carry it
 // into the error, and the transaction leaves no role.
-func TestFailedIssueNeverQuotesThePassword(t *testing.T) {
+func TestFailedIssueNeverQuotesTheVerifier(t *testing.T) {
 	ctx := context.Background()
-	p := newProvider(t, map[string]*Role{"r": {
-		CreationStatements: []string{create, `SELECT '{{.PlainPassword}}'::int`}, Allowed: everyone,
+	p, _ := newProvider(t, map[string]*Role{"r": {
+		CreationStatements: []string{create, `SELECT '{{.Password}}'::int`}, Allowed: everyone,
 	}})
 	_, err := p.Issue(ctx, request("ns-pod-quoted", map[string]string{ConnectionParam: "main", RoleParam: "r"}))
 	if err == nil {
@@ -193,6 +201,9 @@ func TestConfigValidation(t *testing.T) {
 		"no statements":  {Connections: map[string]*Connection{"c": {URL: "postgres://localhost/db", Roles: map[string]*Role{"r": {Allowed: everyone}}}}},
 		"no name":        {Connections: map[string]*Connection{"c": {URL: "postgres://localhost/db", Roles: map[string]*Role{"r": {CreationStatements: []string{"CREATE ROLE x"}, Allowed: everyone}}}}},
 		"nobody allowed": {Connections: map[string]*Connection{"c": {URL: "postgres://localhost/db", Roles: map[string]*Role{"r": {CreationStatements: []string{create}}}}}},
+		"plain password": {Connections: map[string]*Connection{"c": {URL: "postgres://localhost/db", Roles: map[string]*Role{"r": {CreationStatements: []string{create + ` -- '{{.PlainPassword}}'`}, Allowed: everyone}}}}},
+		"odd name":       {Connections: map[string]*Connection{"c d": {URL: "postgres://localhost/db", Roles: map[string]*Role{"r": {CreationStatements: []string{create}, Allowed: everyone}}}}},
+		"negative quota": {Connections: map[string]*Connection{"c": {URL: "postgres://localhost/db", Roles: map[string]*Role{"r": {CreationStatements: []string{create}, Allowed: everyone, MaxLive: -1}}}}},
 		"ttl order":      {Connections: map[string]*Connection{"c": {URL: "postgres://localhost/db", Roles: map[string]*Role{"r": {CreationStatements: []string{create}, Allowed: everyone, DefaultTTL: Duration{2 * time.Hour}, MaxTTL: Duration{time.Hour}}}}}},
 	} {
 		_, err := New(cfg)
@@ -286,7 +297,7 @@ func TestEverySQLStateClassIsMapped(t *testing.T) {
 // ErrMisconfigured, not retried, nothing left behind.
 func TestMissingTableIsMisconfigured(t *testing.T) {
 	ctx := context.Background()
-	p := newProvider(t, map[string]*Role{"r": {
+	p, _ := newProvider(t, map[string]*Role{"r": {
 		CreationStatements: []string{create, `GRANT SELECT ON public.no_such_table TO "{{.Name}}"`}, Allowed: everyone,
 	}})
 	_, err := p.Issue(ctx, request("ns-pod-notable", map[string]string{ConnectionParam: "main", RoleParam: "r"}))
@@ -303,7 +314,7 @@ func TestMissingTableIsMisconfigured(t *testing.T) {
 func TestTerminatedConnectionsAreRetried(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	p := newProvider(t, map[string]*Role{"r": {CreationStatements: []string{create}, Allowed: everyone}})
+	p, _ := newProvider(t, map[string]*Role{"r": {CreationStatements: []string{create}, Allowed: everyone}})
 	params := map[string]string{ConnectionParam: "main", RoleParam: "r"}
 	l, err := p.Issue(ctx, request("ns-pod-term1", params))
 	if err != nil {
@@ -331,4 +342,85 @@ func TestTerminatedConnectionsAreRetried(t *testing.T) {
 			t.Errorf("role of %s survives", id)
 		}
 	}
+}
+
+// Configurations written for the node-side provider that quoted the
+// plaintext password are refused at load, saying why.
+func TestPlainPasswordIsRefusedAtLoad(t *testing.T) {
+	_, err := New(Config{Connections: map[string]*Connection{"c": {URL: "postgres://localhost/db", Roles: map[string]*Role{"r": {
+		CreationStatements: []string{`CREATE ROLE "{{.Name}}" LOGIN PASSWORD '{{.PlainPassword}}'`}, Allowed: everyone}}}}})
+	if err == nil || !strings.Contains(err.Error(), "{{.PlainPassword}}") || !strings.Contains(err.Error(), "{{.Password}}") {
+		t.Fatalf("%v, want a refusal that names PlainPassword and its replacement", err)
+	}
+}
+
+// A role the driver did not make (no tag, or another lease's tag) is
+// never extended or dropped, even under the name a lease ID gives.
+func TestUntaggedRolesAreLeftAlone(t *testing.T) {
+	ctx := context.Background()
+	a := newAdmin(t)
+	params := map[string]string{ConnectionParam: "main", RoleParam: "r"}
+	name := RoleName("ns-pod-untagged")
+	other := RoleName("ns-pod-othertag")
+	if err := pg.Exec(ctx, `CREATE ROLE `+name+` LOGIN VALID UNTIL '2000-01-01'`,
+		`CREATE ROLE `+other+` LOGIN VALID UNTIL '2000-01-01'`,
+		`COMMENT ON ROLE `+other+` IS '`+tagPrefix+`lease=ns-pod-someone-else created=2000-01-01T00:00:00Z'`); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = pg.Exec(ctx, `DROP ROLE IF EXISTS `+name, `DROP ROLE IF EXISTS `+other) }()
+	for _, id := range []string{"ns-pod-untagged", "ns-pod-othertag"} {
+		if err := a.Drop(ctx, DropRequest{LeaseID: id, Params: params}); !errors.Is(err, provider.ErrPermissionDenied) {
+			t.Errorf("drop %s: %v, want ErrPermissionDenied", id, err)
+		}
+		if _, err := a.Extend(ctx, ExtendRequest{LeaseID: id, Params: params}); !errors.Is(err, provider.ErrPermissionDenied) {
+			t.Errorf("extend %s: %v, want ErrPermissionDenied", id, err)
+		}
+		if ok, _ := pg.RoleExists(ctx, RoleName(id)); !ok {
+			t.Errorf("role of %s was dropped", id)
+		}
+	}
+	roles, err := a.Tagged(ctx, "main")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, r := range roles {
+		if r.Name == name || r.Name == other {
+			t.Errorf("%s listed as the driver's", r.Name)
+		}
+	}
+}
+
+// The verifier and the pod identity come from a node: anything but their
+// expected form is refused before a statement is made of them.
+func TestMintRefusesMalformedInput(t *testing.T) {
+	ctx := context.Background()
+	a := newAdmin(t)
+	good, _ := scramVerifier("x")
+	params := map[string]string{ConnectionParam: "main", RoleParam: "r"}
+	pod := provider.Pod{Namespace: "ns", Name: "pod", ServiceAccount: "sa"}
+	for name, r := range map[string]MintRequest{
+		"verifier":  {LeaseID: "ns-pod-bad1", Params: params, Pod: pod, Verifier: good + `'; DROP ROLE postgres; --`},
+		"empty":     {LeaseID: "ns-pod-bad2", Params: params, Pod: pod},
+		"lease ID":  {LeaseID: "ns pod'bad3", Params: params, Pod: pod, Verifier: good},
+		"pod name":  {LeaseID: "ns-pod-bad4", Params: params, Pod: provider.Pod{Namespace: "ns", Name: "p' x", ServiceAccount: "sa"}, Verifier: good},
+		"the class": {LeaseID: "ns-pod-bad5", Params: params, Pod: pod, Class: "ns/x y", Verifier: good},
+	} {
+		if _, err := a.Mint(ctx, r); !errors.Is(err, provider.ErrInvalidParameters) {
+			t.Errorf("%s: %v, want ErrInvalidParameters", name, err)
+		}
+	}
+	if n, _ := pg.CountRoles(ctx, "esc_ns_pod_bad"); n != 0 {
+		t.Errorf("%d roles made of malformed requests", n)
+	}
+}
+
+func newAdmin(t *testing.T) *Admin {
+	t.Helper()
+	a, err := NewAdmin(Config{Connections: map[string]*Connection{"main": {URL: pg.AdminURL(),
+		Roles: map[string]*Role{"r": {CreationStatements: []string{create}, Allowed: everyone}}}}}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(a.Close)
+	return a
 }

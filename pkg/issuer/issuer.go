@@ -1,0 +1,199 @@
+package issuer
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"k8s.io/klog/v2"
+
+	"github.com/ephemeral-secrets/csi-driver/pkg/audit"
+	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
+	"github.com/ephemeral-secrets/csi-driver/pkg/provider/postgres"
+)
+
+// Options configure an Issuer. Config is required; the zero value of
+// every other field is useful.
+type Options struct {
+	// Config is the admin's postgres configuration (admin credentials).
+	Config postgres.Config
+	// PodCheck, when set, is asked on every Mint and Extend.
+	PodCheck PodCheck
+	// Inventory, when set, records every credential; the reaper then
+	// also drops tagged roles that no record holds.
+	Inventory Inventory
+	// ReapInterval is how often Run reaps (default 30s): a held-open
+	// session outlives its role's VALID UNTIL by at most about that.
+	ReapInterval time.Duration
+	// UntrackedGrace is how old a tagged role without an inventory
+	// record must be before it is reaped (default 1m), so a record on
+	// its way is not raced.
+	UntrackedGrace time.Duration
+	// Now is the clock (default time.Now).
+	Now func() time.Time
+	// Audit, when set, gets a record for every role the reaper drops.
+	Audit *audit.Logger
+}
+
+// Issuer is the authority over the postgres engine's roles. It is safe
+// for concurrent use.
+type Issuer struct {
+	admin *postgres.Admin
+	opts  Options
+}
+
+// Defaults.
+const (
+	DefaultReapInterval   = 30 * time.Second
+	DefaultUntrackedGrace = time.Minute
+	// reapCallTimeout bounds the reaper's work on one role or listing.
+	reapCallTimeout = 30 * time.Second
+)
+
+// New checks o.Config and returns an Issuer. It connects lazily.
+func New(o Options) (*Issuer, error) {
+	if o.Now == nil {
+		o.Now = time.Now
+	}
+	if o.ReapInterval <= 0 {
+		o.ReapInterval = DefaultReapInterval
+	}
+	if o.UntrackedGrace <= 0 {
+		o.UntrackedGrace = DefaultUntrackedGrace
+	}
+	a, err := postgres.NewAdmin(o.Config, o.Now)
+	if err != nil {
+		return nil, err
+	}
+	return &Issuer{admin: a, opts: o}, nil
+}
+
+// Close closes the admin connections.
+func (i *Issuer) Close() { i.admin.Close() }
+
+// Mint decides whether r's pod may have the role it asks for (the
+// configuration's allowed list and TTL bounds, then PodCheck), records
+// the credential as issuing, creates the role (counting maxLive under a
+// lock) and records it as issued. A refusal creates nothing.
+func (i *Issuer) Mint(ctx context.Context, c Caller, r postgres.MintRequest) (postgres.Grant, error) {
+	if _, err := i.admin.Check(r); err != nil {
+		return postgres.Grant{}, err
+	}
+	if i.opts.PodCheck != nil {
+		if err := i.opts.PodCheck(ctx, c, r.Pod, r.Class, r.VolumeID); err != nil {
+			return postgres.Grant{}, err
+		}
+	}
+	e := Entry{
+		LeaseID: r.LeaseID, VolumeID: r.VolumeID, Pod: r.Pod, Node: c.Node, Class: r.Class, Provider: postgres.Name,
+		Role: r.Params[postgres.ConnectionParam] + "/" + r.Params[postgres.RoleParam], Name: postgres.RoleName(r.LeaseID),
+	}
+	inv := i.opts.Inventory
+	if inv != nil {
+		if err := inv.Issuing(ctx, e); err != nil {
+			return postgres.Grant{}, fmt.Errorf("%w: recording the credential: %w", provider.ErrUnavailable, err)
+		}
+	}
+	g, err := i.admin.Mint(ctx, r)
+	if err != nil {
+		if inv != nil && nothingMade(err) {
+			if derr := inv.Dropped(ctx, r.LeaseID); derr != nil {
+				klog.ErrorS(derr, "Removing the record of a refused credential; the reaper finds no role for it", "lease", r.LeaseID)
+			}
+		}
+		return postgres.Grant{}, err
+	}
+	if inv != nil {
+		e.IssuedAt, e.ExpiresAt = g.IssuedAt, g.ExpiresAt
+		// The role is recorded (issuing) already: a failure here leaves
+		// a record that says less, never a role without one.
+		if err := inv.Issued(ctx, e); err != nil {
+			klog.ErrorS(err, "Recording an issued credential", "lease", r.LeaseID)
+		}
+	}
+	return g, nil
+}
+
+// nothingMade reports whether a failed mint certainly left no role: it
+// was refused, or its transaction failed on a statement and rolled back.
+func nothingMade(err error) bool {
+	return errors.Is(err, provider.ErrPermissionDenied) || errors.Is(err, provider.ErrInvalidParameters) ||
+		errors.Is(err, provider.ErrMisconfigured)
+}
+
+// Extend is the proof of life of a pod volume: the role must be r's (its
+// tag names r's lease and pod), its pod must pass PodCheck (with the
+// class the role was made for), and then its VALID UNTIL moves forward.
+// Without an Extend the role reaches VALID UNTIL and the reaper drops it.
+func (i *Issuer) Extend(ctx context.Context, c Caller, r postgres.ExtendRequest) (postgres.Grant, error) {
+	name := r.Name
+	if name == "" {
+		name = postgres.RoleName(r.LeaseID)
+	}
+	conn := r.Params[postgres.ConnectionParam]
+	tr, found, err := i.admin.Find(ctx, conn, name, r.LeaseID)
+	if err != nil {
+		return postgres.Grant{}, err
+	}
+	if !found {
+		return postgres.Grant{}, fmt.Errorf("%w: role %s no longer exists", provider.ErrNotRenewable, name)
+	}
+	if i.opts.PodCheck != nil {
+		// The pod and class the role was made for, as its tag records
+		// them; Admin.Extend checks that r names the same pod.
+		if err := i.opts.PodCheck(ctx, c, tr.Tag.Pod, tr.Tag.Class, r.VolumeID); err != nil {
+			return postgres.Grant{}, err
+		}
+	}
+	g, err := i.admin.Extend(ctx, r)
+	if err != nil {
+		return postgres.Grant{}, err
+	}
+	if inv := i.opts.Inventory; inv != nil {
+		e := Entry{
+			LeaseID: r.LeaseID, VolumeID: r.VolumeID, Pod: tr.Tag.Pod, Node: c.Node, Class: tr.Tag.Class,
+			Provider: postgres.Name, Role: g.Role, Name: g.Name, IssuedAt: g.IssuedAt, ExpiresAt: g.ExpiresAt,
+		}
+		if err := inv.Issued(ctx, e); err != nil {
+			klog.ErrorS(err, "Recording an extended credential", "lease", r.LeaseID)
+		}
+	}
+	return g, nil
+}
+
+// Drop ends r's role (its sessions, what it owns, the role) and then its
+// record. Params need only the connection (a kill switch has
+// "connection/role" from the record). A role that is gone is dropped
+// already; a role without the tag of r's lease is refused and left alone.
+func (i *Issuer) Drop(ctx context.Context, c Caller, r postgres.DropRequest) error {
+	if err := i.admin.Drop(ctx, r); err != nil {
+		return err
+	}
+	if inv := i.opts.Inventory; inv != nil {
+		if err := inv.Dropped(ctx, r.LeaseID); err != nil {
+			// The caller retries; the role is gone, so the retry only
+			// removes the record.
+			return fmt.Errorf("%w: removing the record of a dropped credential: %w", provider.ErrUnavailable, err)
+		}
+	}
+	return nil
+}
+
+// Local is the Issuer as the node side's Minter in the same process: the
+// caller is the driver itself (Caller{}).
+func (i *Issuer) Local() postgres.Minter { return local{i} }
+
+type local struct{ i *Issuer }
+
+func (l local) Mint(ctx context.Context, r postgres.MintRequest) (postgres.Grant, error) {
+	return l.i.Mint(ctx, Caller{}, r)
+}
+
+func (l local) Extend(ctx context.Context, r postgres.ExtendRequest) (postgres.Grant, error) {
+	return l.i.Extend(ctx, Caller{}, r)
+}
+
+func (l local) Drop(ctx context.Context, r postgres.DropRequest) error {
+	return l.i.Drop(ctx, Caller{}, r)
+}
