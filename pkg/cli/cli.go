@@ -1,6 +1,6 @@
 // Package cli is the ephemeral-secrets-csi command line: "serve" runs the
-// node plugin (CSI Identity and Node services), "leases" lists the node's
-// live credentials. The binary's main only calls Main; a build with extra
+// node plugin (CSI Identity and Node services), "issuer" the cluster
+// issuer, "leases" lists the node's live credentials. The binary's main only calls Main; a build with extra
 // providers (the benchmark's) passes them in.
 package cli
 
@@ -45,7 +45,7 @@ type Register func(*provider.Registry) error
 // the exit code.
 func Main(version string, args []string, extra ...Register) int {
 	cmd := "serve"
-	if len(args) > 0 && (args[0] == "serve" || args[0] == "leases" || args[0] == "version") {
+	if len(args) > 0 && (args[0] == "serve" || args[0] == "leases" || args[0] == "issuer" || args[0] == "version") {
 		cmd, args = args[0], args[1:]
 	}
 	var err error
@@ -54,6 +54,8 @@ func Main(version string, args []string, extra ...Register) int {
 		err = serve(version, args, extra)
 	case "leases":
 		err = leases(args, os.Stdout)
+	case "issuer":
+		err = issuerCmd(version, args)
 	case "version":
 		fmt.Println(version)
 	}
@@ -74,6 +76,7 @@ type serveFlags struct {
 	renewFraction                                                       float64
 	tokensInSecrets                                                     bool
 	limits                                                              limits.Options
+	issuer                                                              issuerClientFlags
 }
 
 func serve(version string, args []string, extra []Register) error {
@@ -106,8 +109,14 @@ func serve(version string, args []string, extra []Register) error {
 	fs.IntVar(&f.limits.PerNode, "max-leases-per-node", 0, "live credentials the node may hold; 0: no cap")
 	fs.Float64Var(&f.limits.Rate, "publish-rate-per-namespace", 0, "new volumes per second one namespace may start on the node; 0: no limit")
 	fs.IntVar(&f.limits.Burst, "publish-burst-per-namespace", 0, "bursts allowed above that rate (default: the rate, at least 1)")
+	f.issuer.register(fs)
 	if err := fs.Parse(args); err != nil {
 		return err
+	}
+	if r, err := f.issuer.registerIssuer(f.kubeconfig); err != nil {
+		return err
+	} else if r != nil {
+		extra = append(extra, r)
 	}
 	inCluster := os.Getenv("KUBERNETES_SERVICE_HOST") != ""
 	if f.classes == "" && f.kubeconfig == "" && !inCluster {
