@@ -119,6 +119,15 @@ func (c Cluster) Token(ctx context.Context, pod *corev1.Pod, audience string) (s
 	return tr.Status.Token, nil
 }
 
+// PodToken is Token for the pod ns/name.
+func (c Cluster) PodToken(ctx context.Context, ns, name, audience string) (string, error) {
+	pod, err := c.CS.CoreV1().Pods(ns).Get(ctx, name, metav1.GetOptions{})
+	if err != nil {
+		return "", err
+	}
+	return c.Token(ctx, pod, audience)
+}
+
 // UnboundToken is a token of ns/sa bound to no pod (its review names no
 // node).
 func (c Cluster) UnboundToken(ctx context.Context, ns, sa, audience string) (string, error) {

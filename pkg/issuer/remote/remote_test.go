@@ -13,7 +13,6 @@ import (
 	"testing"
 	"time"
 
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 
@@ -249,15 +248,10 @@ func TestRefusedCallers(t *testing.T) {
 	if _, err := objs.Node(ctx, "node-a"); err != nil {
 		t.Fatal(err)
 	}
-	p, _, err := objs.TenantPod(ctx, "tenant", "app-pod", "app", "node-a", "orders-db")
-	if err != nil {
+	if _, _, err := objs.TenantPod(ctx, "tenant", "app-pod", "app", "node-a", "orders-db"); err != nil {
 		t.Fatal(err)
 	}
-	tenantPod, err := admin.CoreV1().Pods("tenant").Get(ctx, p.Name, metaGet)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tenantTok, err := objs.Token(ctx, tenantPod, remote.Audience)
+	tenantTok, err := objs.PodToken(ctx, "tenant", "app-pod", remote.Audience)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -369,7 +363,5 @@ func TestUntrustedIssuerIsRefused(t *testing.T) {
 		t.Error("the request reached an issuer the client does not trust")
 	}
 }
-
-var metaGet = metav1.GetOptions{}
 
 func init() { harness.RememberSecret(verifier) }
