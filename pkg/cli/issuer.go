@@ -37,6 +37,8 @@ type issuerFlags struct {
 	audience, driverNamespace, driverServiceAccount, leaseName, id  string
 	reap, requestTimeout, reviewCache, leaseDuration, renewDeadline time.Duration
 	retryPeriod, certValidity                                       time.Duration
+	qps                                                             float64
+	burst                                                           int
 }
 
 // issuerCmd runs the cluster issuer: the only holder of the database's
@@ -72,6 +74,8 @@ func issuerCmd(version string, args []string) error {
 	fs.DurationVar(&f.leaseDuration, "leader-election-lease-duration", 15*time.Second, "how long a leader's Lease holds without renewal")
 	fs.DurationVar(&f.renewDeadline, "leader-election-renew-deadline", 10*time.Second, "how long a leader tries to renew before it gives up leading")
 	fs.DurationVar(&f.retryPeriod, "leader-election-retry-period", 2*time.Second, "how often replicas try to acquire or renew the Lease")
+	fs.Float64Var(&f.qps, "kube-api-qps", 100, "requests per second to the Kubernetes API (a mint or an extension reads its pod, a new token is reviewed); the API server's priority and fairness protects it")
+	fs.IntVar(&f.burst, "kube-api-burst", 200, "bursts allowed above --kube-api-qps")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -97,6 +101,9 @@ func issuerCmd(version string, args []string) error {
 		return fmt.Errorf("kubernetes client: %w", err)
 	}
 	rc.UserAgent = "ephemeral-secrets-csi-issuer/" + version
+	// client-go's default (5 per second) would hold a burst of publishes
+	// for minutes: each needs a fresh GET of its pod.
+	rc.QPS, rc.Burst = float32(f.qps), f.burst
 	cs, err := kubernetes.NewForConfig(rc)
 	if err != nil {
 		return err
