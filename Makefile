@@ -192,9 +192,10 @@ clean:
 
 # The benchmark: the driver over its real socket beside the syscall floor;
 # prints a table and writes bench-results.json. Then the hot functions.
-bench: postgres
+bench: postgres kube
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "$(LDFLAGS)" -o bin/bench-driver ./test/bench/driver
 	$(GO) run ./test/bench --driver bin/bench-driver --out bench-results.json
+	$(GO) run ./test/bench/issuer --out bench-issuer-results.json
 	$(GO) test -run '^$$' -bench . -benchmem -benchtime 2000x ./pkg/storage ./pkg/render
 
 # Pod start-up in a real cluster (the node of `make cluster`, the driver
