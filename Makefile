@@ -188,7 +188,7 @@ fuzz:
 	$(GO) test ./pkg/render -run '^$$' -fuzz '^FuzzRenderIsBounded$$' -fuzztime $(FUZZTIME)
 
 clean:
-	rm -rf bin bench-results.json bench-cluster-results.json
+	rm -rf bin bench-results.json bench-issuer-results.json bench-cluster-results.json
 
 # The benchmark: the driver over its real socket beside the syscall floor;
 # prints a table and writes bench-results.json. Then the hot functions.
