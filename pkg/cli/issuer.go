@@ -310,8 +310,8 @@ func (f *issuerClientFlags) register(fs *flag.FlagSet) {
 
 // registerIssuer is the Register that makes the postgres provider ask the
 // cluster issuer; nil without --issuer-address. A backend file with a
-// postgres section beside it fails to load ("registered twice"): the
-// node must not hold the admin credential.
+// postgres section beside it does not load: the node must not hold the
+// admin credential.
 func (f *issuerClientFlags) registerIssuer(kubeconfig string) (Register, error) {
 	if f.address == "" {
 		return nil, nil
@@ -343,5 +343,11 @@ func (f *issuerClientFlags) registerIssuer(kubeconfig string) (Register, error) 
 	if err != nil {
 		return nil, err
 	}
-	return func(reg *provider.Registry) error { return reg.Register(postgres.Name, postgres.NewNode(c)) }, nil
+	return func(reg *provider.Registry) error {
+		if _, ok := reg.Get(postgres.Name); ok {
+			return errors.New("--issuer-address is set and the backend configuration has a postgres section: " +
+				"the admin credential belongs to the issuer; remove the section from the node's backend configuration")
+		}
+		return reg.Register(postgres.Name, postgres.NewNode(c))
+	}, nil
 }

@@ -28,6 +28,7 @@ var (
 	pg               *pgtest.Server
 	bin, dir         string
 	issuerKubeconfig string
+	driverKubeconfig string
 	driverClients    *kubernetes.Clientset // the node plugin's own RBAC
 	backends         string
 )
@@ -57,7 +58,6 @@ func run(m *testing.M) int {
 	}
 	objs = issuertest.Cluster{CS: admin}
 	ctx := context.Background()
-	var driverKubeconfig string
 	if issuerKubeconfig, driverKubeconfig, err = objs.Setup(ctx, cluster, dir); err != nil {
 		return fail(err)
 	}
