@@ -197,6 +197,7 @@ bench: postgres kube
 	$(GO) run ./test/bench --driver bin/bench-driver --out bench-results.json
 	$(GO) run ./test/bench/issuer --out bench-issuer-results.json
 	$(GO) test -run '^$$' -bench . -benchmem -benchtime 2000x ./pkg/storage ./pkg/render
+	$(GO) test -run '^$$' -bench . -benchtime 200x ./pkg/issuer
 
 # Pod start-up in a real cluster (the node of `make cluster`, the driver
 # built with the static provider): pods with our volume against pods with

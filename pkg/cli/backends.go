@@ -15,6 +15,7 @@ import (
 	"sigs.k8s.io/yaml"
 
 	"github.com/ephemeral-secrets/csi-driver/pkg/audit"
+	"github.com/ephemeral-secrets/csi-driver/pkg/issuer"
 	"github.com/ephemeral-secrets/csi-driver/pkg/metrics"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider/aws"
@@ -29,10 +30,16 @@ type backendConfig struct {
 	AWS      *aws.Config      `json:"aws,omitempty"`
 }
 
-// buildBackends builds the providers data (the content of the backend
-// file at path) configures, and those of extra. Its errors never quote
-// data: the file holds admin credentials.
-func buildBackends(path string, data []byte, extra []Register) (*provider.Registry, func(), error) {
+// build builds the providers data (the content of the backend file)
+// configures, and those of extra. Its errors never quote data: the file
+// holds admin credentials.
+//
+// The postgres section is served by an issuer in this process (the
+// cluster's issuer Deployment is the other transport of the same code):
+// the node side mints through iss.Local(), and the issuer's reaper runs
+// every reap until the returned closer is called.
+func (b *backends) build(data []byte) (*provider.Registry, func(), error) {
+	path := b.path
 	reg := &provider.Registry{}
 	closers := []func(){}
 	closeAll := func() {
@@ -56,11 +63,18 @@ func buildBackends(path string, data []byte, extra []Register) (*provider.Regist
 		return reg.Register(name, p)
 	}
 	if cfg.Postgres != nil {
-		p, err := postgres.New(*cfg.Postgres)
-		if err := add(postgres.Name, p, err); err != nil {
+		iss, err := issuer.New(issuer.Options{Config: *cfg.Postgres, ReapInterval: b.reap, Audit: b.audit,
+			OnReap: func(r issuer.ReapReport, _ error) { b.metrics.Reaped(r.Expired, r.Untracked, r.Failed+r.Unlisted) }})
+		if err != nil {
 			return fail(err)
 		}
-		closers = append(closers, p.Close)
+		ctx, cancel := context.WithCancel(context.Background())
+		reaped := make(chan struct{})
+		go func() { defer close(reaped); iss.Run(ctx) }()
+		closers = append(closers, func() { cancel(); <-reaped; iss.Close() })
+		if err := reg.Register(postgres.Name, postgres.NewNode(iss.Local())); err != nil {
+			return fail(err)
+		}
 	}
 	if cfg.Vault != nil {
 		p, err := vault.New(*cfg.Vault)
@@ -74,7 +88,7 @@ func buildBackends(path string, data []byte, extra []Register) (*provider.Regist
 			return fail(err)
 		}
 	}
-	for _, r := range extra {
+	for _, r := range b.extra {
 		if err := r(reg); err != nil {
 			return fail(err)
 		}
@@ -98,6 +112,7 @@ type backends struct {
 	// grace is how long replaced providers stay open: every call with
 	// them is bounded by the backend timeout, so after it none is left.
 	grace   time.Duration
+	reap    time.Duration // the in-process issuer's reap interval
 	audit   *audit.Logger
 	metrics *metrics.Metrics
 
@@ -113,8 +128,8 @@ type backends struct {
 
 // loadBackends loads generation 1 of the backend file (none with an empty
 // path) and the providers of extra.
-func loadBackends(path string, extra []Register, grace time.Duration, al *audit.Logger, m *metrics.Metrics) (*backends, error) {
-	b := &backends{path: path, extra: extra, grace: grace, audit: al, metrics: m, reg: &provider.Registry{}}
+func loadBackends(path string, extra []Register, grace, reap time.Duration, al *audit.Logger, m *metrics.Metrics) (*backends, error) {
+	b := &backends{path: path, extra: extra, grace: grace, reap: reap, audit: al, metrics: m, reg: &provider.Registry{}}
 	var data []byte
 	var version [sha256.Size]byte
 	if path != "" {
@@ -128,7 +143,7 @@ func loadBackends(path string, extra []Register, grace time.Duration, al *audit.
 			return nil, err
 		}
 	}
-	reg, closeAll, err := buildBackends(path, data, extra)
+	reg, closeAll, err := b.build(data)
 	if err != nil {
 		return nil, err
 	}
@@ -182,7 +197,7 @@ func (b *backends) Reload(ctx context.Context) {
 	if sum == b.loaded || sum == b.failed {
 		return
 	}
-	reg, closeAll, err := buildBackends(b.path, data, b.extra)
+	reg, closeAll, err := b.build(data)
 	if err != nil {
 		b.failed = sum
 		b.fail(err)

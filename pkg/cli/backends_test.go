@@ -60,7 +60,7 @@ func TestReloadCountsEachBadVersionOnce(t *testing.T) {
 	path := kubeletWrite(t, dir, good)
 	m := metrics.New(func() metrics.State { return metrics.State{} })
 	var auditOut bytes.Buffer
-	b, err := loadBackends(path, nil, time.Millisecond, audit.New(&auditOut), m)
+	b, err := loadBackends(path, nil, time.Millisecond, time.Hour, audit.New(&auditOut), m)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -27,6 +27,7 @@ import (
 	"github.com/ephemeral-secrets/csi-driver/pkg/audit"
 	"github.com/ephemeral-secrets/csi-driver/pkg/driver"
 	"github.com/ephemeral-secrets/csi-driver/pkg/events"
+	"github.com/ephemeral-secrets/csi-driver/pkg/issuer"
 	"github.com/ephemeral-secrets/csi-driver/pkg/lease"
 	"github.com/ephemeral-secrets/csi-driver/pkg/limits"
 	"github.com/ephemeral-secrets/csi-driver/pkg/metrics"
@@ -72,7 +73,7 @@ type serveFlags struct {
 	metricsAddr, kubeconfig, registrationDir, registrationPath          string
 	maxVolumeBytes                                                      int64
 	sweep, retryMin, retryMax, backendTimeout, rotationGrace            time.Duration
-	backendReload                                                       time.Duration
+	backendReload, reapInterval                                         time.Duration
 	renewFraction                                                       float64
 	tokensInSecrets                                                     bool
 	limits                                                              limits.Options
@@ -92,6 +93,7 @@ func serve(version string, args []string, extra []Register) error {
 	fs.StringVar(&f.kubeconfig, "kubeconfig", "", "kubeconfig for the Kubernetes API; empty: the in-cluster service account")
 	fs.StringVar(&f.backends, "backend-config", "", "YAML file configuring the backends (admin credentials; mount it from a Secret)")
 	fs.DurationVar(&f.backendReload, "backend-reload-interval", 10*time.Second, "how often the backend file is checked for a change (a new Secret from kubelet); 0: never, read at start only")
+	fs.DurationVar(&f.reapInterval, "reap-interval", issuer.DefaultReapInterval, "how often the in-process issuer drops the postgres roles it tagged whose VALID UNTIL passed, ending their sessions")
 	fs.StringVar(&f.auditLog, "audit-log", "-", "where audit records go: - for stdout, or a file path")
 	fs.Int64Var(&f.maxVolumeBytes, "max-volume-bytes", 1<<20, "size cap of one volume's files")
 	fs.DurationVar(&f.sweep, "sweep-interval", time.Minute, "how often volumes whose target vanished are looked for")
@@ -145,7 +147,7 @@ func serve(version string, args []string, extra []Register) error {
 	if grace <= 0 {
 		grace = time.Minute // the lease manager's default timeout, twice
 	}
-	providers, err := loadBackends(f.backends, extra, grace, auditLog, m)
+	providers, err := loadBackends(f.backends, extra, grace, f.reapInterval, auditLog, m)
 	if err != nil {
 		return err
 	}

@@ -34,6 +34,8 @@ type Options struct {
 	Now func() time.Time
 	// Audit, when set, gets a record for every role the reaper drops.
 	Audit *audit.Logger
+	// OnReap, when set, hears the outcome of every pass of Run (metrics).
+	OnReap func(ReapReport, error)
 }
 
 // Issuer is the authority over the postgres engine's roles. It is safe
@@ -77,7 +79,7 @@ func (i *Issuer) Close() { i.admin.Close() }
 // the credential as issuing, creates the role (counting maxLive under a
 // lock) and records it as issued. A refusal creates nothing.
 func (i *Issuer) Mint(ctx context.Context, c Caller, r postgres.MintRequest) (postgres.Grant, error) {
-	if _, err := i.admin.Check(r); err != nil {
+	if _, err := i.admin.Check(c.Node, r); err != nil {
 		return postgres.Grant{}, err
 	}
 	if i.opts.PodCheck != nil {
@@ -95,7 +97,7 @@ func (i *Issuer) Mint(ctx context.Context, c Caller, r postgres.MintRequest) (po
 			return postgres.Grant{}, fmt.Errorf("%w: recording the credential: %w", provider.ErrUnavailable, err)
 		}
 	}
-	g, err := i.admin.Mint(ctx, r)
+	g, err := i.admin.MintFor(ctx, c.Node, r)
 	if err != nil {
 		if inv != nil && nothingMade(err) {
 			if derr := inv.Dropped(ctx, r.LeaseID); derr != nil {
@@ -113,6 +115,16 @@ func (i *Issuer) Mint(ctx context.Context, c Caller, r postgres.MintRequest) (po
 		}
 	}
 	return g, nil
+}
+
+// sameNode refuses a node plugin a role that another node asked for: a
+// compromised node reaches only its own pods' roles. In-process and the
+// kill switch (no node) reach every role.
+func sameNode(c Caller, tr postgres.TaggedRole) error {
+	if c.Node != "" && tr.Tag.Node != c.Node {
+		return fmt.Errorf("%w: role %s was issued to another node", provider.ErrPermissionDenied, tr.Name)
+	}
+	return nil
 }
 
 // nothingMade reports whether a failed mint certainly left no role: it
@@ -138,6 +150,9 @@ func (i *Issuer) Extend(ctx context.Context, c Caller, r postgres.ExtendRequest)
 	}
 	if !found {
 		return postgres.Grant{}, fmt.Errorf("%w: role %s no longer exists", provider.ErrNotRenewable, name)
+	}
+	if err := sameNode(c, tr); err != nil {
+		return postgres.Grant{}, err
 	}
 	if i.opts.PodCheck != nil {
 		// The pod and class the role was made for, as its tag records
@@ -165,8 +180,24 @@ func (i *Issuer) Extend(ctx context.Context, c Caller, r postgres.ExtendRequest)
 // Drop ends r's role (its sessions, what it owns, the role) and then its
 // record. Params need only the connection (a kill switch has
 // "connection/role" from the record). A role that is gone is dropped
-// already; a role without the tag of r's lease is refused and left alone.
+// already; a role without the tag of r's lease is refused and left alone,
+// and so is a node plugin's request for a role another node asked for.
 func (i *Issuer) Drop(ctx context.Context, c Caller, r postgres.DropRequest) error {
+	if c.Node != "" {
+		name := r.Name
+		if name == "" {
+			name = postgres.RoleName(r.LeaseID)
+		}
+		tr, found, err := i.admin.Find(ctx, r.Params[postgres.ConnectionParam], name, r.LeaseID)
+		if err != nil && !errors.Is(err, provider.ErrPermissionDenied) {
+			return err
+		}
+		if found {
+			if err := sameNode(c, tr); err != nil {
+				return err
+			}
+		}
+	}
 	if err := i.admin.Drop(ctx, r); err != nil {
 		return err
 	}

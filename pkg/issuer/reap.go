@@ -26,6 +26,8 @@ type ReapReport struct {
 	Untracked int `json:"untracked"`
 	// Failed counts drops that failed (the next pass tries again).
 	Failed int `json:"failed"`
+	// Unlisted counts connections whose roles could not be listed.
+	Unlisted int `json:"unlisted"`
 }
 
 // Dropped is how many roles the pass dropped.
@@ -55,6 +57,7 @@ func (i *Issuer) Reap(ctx context.Context) (ReapReport, error) {
 		roles, err := i.admin.Tagged(lctx, conn)
 		cancel()
 		if err != nil {
+			rep.Unlisted++
 			errs = append(errs, fmt.Errorf("connection %q: %w", conn, err))
 			continue
 		}
@@ -71,10 +74,14 @@ func (i *Issuer) Reap(ctx context.Context) (ReapReport, error) {
 			default:
 				continue
 			}
-			if err := i.reapOne(ctx, conn, r, why); err != nil {
+			dropped, err := i.reapOne(ctx, conn, r, why, now)
+			if err != nil {
 				rep.Failed++
 				errs = append(errs, err)
 				continue
+			}
+			if !dropped {
+				continue // extended since it was listed
 			}
 			if why == "expired" {
 				rep.Expired++
@@ -86,12 +93,22 @@ func (i *Issuer) Reap(ctx context.Context) (ReapReport, error) {
 	return rep, errors.Join(errs...)
 }
 
-func (i *Issuer) reapOne(ctx context.Context, conn string, r postgres.TaggedRole, why string) error {
+func (i *Issuer) reapOne(ctx context.Context, conn string, r postgres.TaggedRole, why string, now time.Time) (bool, error) {
 	ctx, cancel := context.WithTimeout(ctx, reapCallTimeout)
 	defer cancel()
-	err := i.admin.Drop(ctx, postgres.DropRequest{
+	still := func(postgres.TaggedRole) bool { return true }
+	if why == "expired" {
+		still = func(cur postgres.TaggedRole) bool {
+			cur.NotAfter = r.NotAfter // from the configuration, as listed
+			return cur.Expired(now)
+		}
+	}
+	dropped, err := i.admin.DropIf(ctx, postgres.DropRequest{
 		LeaseID: r.Tag.LeaseID, Name: r.Name, Params: map[string]string{postgres.ConnectionParam: conn},
-	})
+	}, still)
+	if err == nil && !dropped {
+		return false, nil
+	}
 	if err == nil && i.opts.Inventory != nil {
 		err = i.opts.Inventory.Dropped(ctx, r.Tag.LeaseID)
 	}
@@ -110,7 +127,7 @@ func (i *Issuer) reapOne(ctx context.Context, conn string, r postgres.TaggedRole
 	if aerr := i.opts.Audit.Log(rec); aerr != nil {
 		klog.ErrorS(aerr, "Writing the audit log")
 	}
-	return err
+	return err == nil, err
 }
 
 // Run reaps every ReapInterval, the first time at once, until ctx is done.
@@ -119,7 +136,13 @@ func (i *Issuer) Run(ctx context.Context) {
 	defer t.Stop()
 	for {
 		rep, err := i.Reap(ctx)
-		if err != nil && ctx.Err() == nil {
+		if ctx.Err() != nil {
+			return
+		}
+		if i.opts.OnReap != nil {
+			i.opts.OnReap(rep, err)
+		}
+		if err != nil {
 			klog.ErrorS(err, "Reaping postgres roles", "dropped", rep.Dropped(), "failed", rep.Failed)
 		} else if rep.Dropped() > 0 {
 			klog.InfoS("Reaped postgres roles", "expired", rep.Expired, "untracked", rep.Untracked, "tagged", rep.Tagged)

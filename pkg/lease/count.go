@@ -1,5 +1,7 @@
 package lease
 
+import "github.com/ephemeral-secrets/csi-driver/pkg/storage"
+
 // Published reports whether the volume is published on the node: a
 // publish of it is a republish.
 func (m *Manager) Published(volumeID string) bool {
@@ -15,9 +17,13 @@ func (m *Manager) Live(namespace string) (inNamespace, onNode int) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	for _, v := range m.vols {
+		if v.meta.State == storage.StateWithdrawn {
+			continue // holds no credential any more
+		}
+		onNode++
 		if v.meta.Pod.Namespace == namespace {
 			inNamespace++
 		}
 	}
-	return inNamespace, len(m.vols)
+	return inNamespace, onNode
 }

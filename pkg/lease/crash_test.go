@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"maps"
+	"os"
 	"slices"
 	"sync"
 	"testing"
@@ -11,6 +12,7 @@ import (
 
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider/postgres"
+	"github.com/ephemeral-secrets/csi-driver/pkg/storage"
 	"github.com/ephemeral-secrets/csi-driver/test/crashstore"
 	"github.com/ephemeral-secrets/csi-driver/test/faults"
 )
@@ -44,6 +46,8 @@ type crashRun struct {
 	m   *Manager
 	vol Volume
 	ttl time.Duration
+	// withdrawn: the volume must be found withdrawn.
+	withdrawn bool
 }
 
 // crashScenario is one operation whose every write is a crash point.
@@ -53,6 +57,9 @@ type crashScenario struct {
 	op    func(t *testing.T, c *crashRun)
 	// running: the pod uses the volume before, during and after op.
 	running bool
+	// withdrawn: op withdraws the volume; from its first write on, the
+	// volume must stay withdrawn (mounted, empty, holding no credential).
+	withdrawn bool
 	// retry is what kubelet does after the restart, as the op never
 	// returned to it.
 	retry func(t *testing.T, c *crashRun, m *Manager)
@@ -145,6 +152,21 @@ var crashScenarios = []crashScenario{
 		op:    func(t *testing.T, c *crashRun) { c.m.drain(context.Background()) },
 		retry: func(t *testing.T, c *crashRun, m *Manager) {},
 	},
+	{
+		// The pod gives its credential back (or an admin kills it), and the
+		// worker asks the backend.
+		name:      "withdraw",
+		withdrawn: true,
+		setup:     func(t *testing.T, c *crashRun) { publish(t, c.m, c.vol) },
+		op: func(t *testing.T, c *crashRun) {
+			if _, err := c.m.Withdraw(context.Background(), c.vol.ID, "given back"); err != nil {
+				t.Errorf("withdraw: %v", err)
+			}
+			c.m.drain(context.Background())
+		},
+		// Kubelet's periodic republish: OK, and nothing issued.
+		retry: func(t *testing.T, c *crashRun, m *Manager) { publish(t, m, c.vol) },
+	},
 }
 
 func init() {
@@ -158,6 +180,7 @@ func init() {
 		withFault(byName["publish"], "Issue", faults.Lost),
 		withFault(byName["rotate"], "Issue", faults.Lost),
 		withFault(byName["revoke"], "Revoke", faults.Error),
+		withFault(byName["withdraw"], "Revoke", faults.Error),
 	)
 }
 
@@ -194,7 +217,8 @@ func crashAt(t *testing.T, sc crashScenario, k int, ttl time.Duration) bool {
 	n := newNode(t, ttl)
 	cs := crashstore.New(n.store)
 	fp := &faults.Provider{Provider: n.pg}
-	c := &crashRun{node: n, cs: cs, m: n.manager(cs, fp, Options{}), vol: n.volume(fmt.Sprintf("p%d", k)), ttl: ttl}
+	c := &crashRun{node: n, cs: cs, m: n.manager(cs, fp, Options{}), vol: n.volume(fmt.Sprintf("p%d", k)), ttl: ttl,
+		withdrawn: sc.withdrawn}
 	if err := c.m.Recover(ctx); err != nil {
 		t.Fatal(err)
 	}
@@ -272,6 +296,9 @@ func (m *Manager) current() map[string]bool {
 	defer m.mu.Unlock()
 	out := map[string]bool{}
 	for _, v := range m.vols {
+		if v.meta.State == storage.StateWithdrawn {
+			continue
+		}
 		out[postgres.RoleName(v.lease.ID)] = true
 	}
 	return out
@@ -304,6 +331,21 @@ func (c *crashRun) checkRecovered(t *testing.T, m *Manager, running bool, when s
 		} else if err := login(ctx, c.vol.TargetPath); err != nil {
 			t.Errorf("%s: the running pod's credential does not work: %v", when, err)
 		}
+	}
+	if c.withdrawn && m.has(c.vol.ID) {
+		// Every write of a withdrawal comes after the one that records it.
+		m.mu.Lock()
+		state := m.vols[c.vol.ID].meta.State
+		m.mu.Unlock()
+		if state != storage.StateWithdrawn {
+			t.Errorf("%s: the withdrawn volume is %s", when, state)
+		}
+		if !c.store.IsMounted(c.vol.TargetPath) {
+			t.Errorf("%s: the withdrawn volume's target was unmounted", when)
+		} else if entries, err := os.ReadDir(c.vol.TargetPath); err != nil || len(entries) > 0 {
+			t.Errorf("%s: the withdrawn volume shows %d entries (%v)", when, len(entries), err)
+		}
+		return
 	}
 	// Whatever is mounted for a live volume holds a working credential.
 	if m.has(c.vol.ID) && c.store.IsMounted(c.vol.TargetPath) {

@@ -112,6 +112,8 @@ type Manager struct {
 	retryAt map[string]time.Time // revocation lease ID -> next attempt; worker only
 
 	seen map[string]time.Time // "namespace/serviceaccount/class" -> first request; under mu
+
+	confirmed map[string]chan struct{} // lease ID -> closed when its revocation is confirmed; under mu
 }
 
 // volume is the in-memory state of one published volume. Its fields
@@ -160,7 +162,7 @@ func New(opts Options) *Manager {
 	return &Manager{
 		opts: opts, ctx: ctx, cancel: cancel,
 		vols: map[string]*volume{}, wake: make(chan struct{}, 1), retryAt: map[string]time.Time{},
-		seen: map[string]time.Time{},
+		seen: map[string]time.Time{}, confirmed: map[string]chan struct{}{},
 	}
 }
 
@@ -237,7 +239,8 @@ func (m *Manager) republish(cur *volume, v Volume) error {
 	if len(v.Mount.Tokens) > 0 {
 		cur.tokens = v.Mount.Tokens
 	}
-	overdue := !cur.renewAt.IsZero() && time.Now().After(cur.renewAt) && cur.failures == 0
+	overdue := !cur.renewAt.IsZero() && time.Now().After(cur.renewAt) && cur.failures == 0 &&
+		cur.meta.State != storage.StateWithdrawn
 	m.mu.Unlock()
 	if !m.opts.Store.IsMounted(v.TargetPath) {
 		if err := m.mount(v.ID, v.TargetPath); err != nil {
@@ -327,7 +330,7 @@ func (m *Manager) publishNew(ctx context.Context, v Volume) error {
 	ictx, cancel := context.WithTimeout(ctx, m.opts.BackendTimeout)
 	asked := time.Now()
 	l, err := prov.Issue(ictx, provider.Request{
-		LeaseID: leaseID, Class: class.Ref(), Params: params, Pod: pod, Tokens: v.Mount.Tokens,
+		LeaseID: leaseID, VolumeID: v.ID, Class: class.Ref(), Params: params, Pod: pod, Tokens: v.Mount.Tokens,
 	})
 	cancel()
 	l.ID, l.Provider, l.Params = leaseID, class.Provider, params
@@ -444,14 +447,10 @@ func (m *Manager) Unpublish(ctx context.Context, volumeID, target string) error 
 	return m.retire(v, "unpublished")
 }
 
-// retire queues the revocation of v's lease, and of any other lease the
-// volume holds a record of, stops its renewals and deletes its files and
-// metadata.
+// retire queues the revocation of every lease the volume holds, stops its
+// renewals and deletes its files and metadata.
 func (m *Manager) retire(v *volume, reason string) error {
-	if err := m.enqueue(v.lease, v.meta, reason); err != nil {
-		return err
-	}
-	if err := m.enqueueRest(v.meta, reason, v.lease.ID); err != nil {
+	if err := m.enqueueHeld(v.meta, v.lease, reason); err != nil {
 		return err
 	}
 	m.mu.Lock()

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"slices"
 	"time"
 
 	"k8s.io/klog/v2"
@@ -76,10 +75,13 @@ func (m *Manager) recoverVolume(ctx context.Context, id string) (bool, error) {
 		byID[l.ID] = l
 	}
 	cur, published := byID[meta.LeaseID]
+	if meta.State == storage.StateWithdrawn {
+		return m.recoverWithdrawn(meta, cur)
+	}
 	if meta.State != storage.StatePublished || !published {
 		// The publish never finished, so kubelet got an error and will
 		// retry it from scratch: leave nothing behind.
-		if err := m.enqueueRest(meta, "issue interrupted by a restart"); err != nil {
+		if err := m.enqueueHeld(meta, provider.Lease{}, "issue interrupted by a restart"); err != nil {
 			return false, err
 		}
 		if err := m.opts.Store.UnmountTarget(meta.TargetPath); err != nil {
@@ -161,33 +163,41 @@ func (m *Manager) queued(id string) bool {
 	return false
 }
 
-// enqueueRest queues the revocation of every lease the volume has a
-// record of, with all the record holds, and by ID alone of a lease its
-// metadata names without a record (an issue a crash interrupted), but
-// those named in except.
-func (m *Manager) enqueueRest(meta storage.Metadata, reason string, except ...string) error {
-	records, err := m.opts.Store.ListLeases(meta.VolumeID)
+// enqueueHeld queues the revocation of every lease the volume holds (see
+// heldLeases), with all each record holds.
+func (m *Manager) enqueueHeld(meta storage.Metadata, cur provider.Lease, reason string) error {
+	leases, err := m.heldLeases(meta, cur)
 	if err != nil {
 		return err
 	}
-	done := slices.Clone(except)
-	for _, l := range records {
-		if !slices.Contains(done, l.ID) {
-			if err := m.enqueue(l, meta, reason); err != nil {
-				return err
-			}
-			done = append(done, l.ID)
-		}
-	}
-	for _, id := range []string{meta.PendingLeaseID, meta.LeaseID} {
-		if id != "" && !slices.Contains(done, id) {
-			if err := m.enqueue(provider.Lease{ID: id, Provider: meta.Provider, Params: meta.Params}, meta, reason); err != nil {
-				return err
-			}
-			done = append(done, id)
+	for _, l := range leases {
+		if err := m.enqueue(l, meta, reason); err != nil {
+			return err
 		}
 	}
 	return nil
+}
+
+// recoverWithdrawn finishes the withdrawal of a volume a restart found:
+// retired if its target is gone, else kept, empty, with every lease it
+// still holds queued for revocation. It reports false: nothing is live.
+func (m *Manager) recoverWithdrawn(meta storage.Metadata, cur provider.Lease) (bool, error) {
+	gid, _ := ParseGID(meta.MountGroup)
+	v := &volume{meta: meta, lease: cur, gid: gid}
+	if !m.opts.Store.IsMounted(meta.TargetPath) {
+		return false, m.retire(v, "target gone while the driver was down")
+	}
+	reason := meta.WithdrawReason
+	if reason == "" {
+		reason = "withdrawn"
+	}
+	if _, err := m.settleWithdrawn(v, reason+" (finished after a restart)"); err != nil {
+		return false, err
+	}
+	m.mu.Lock()
+	m.vols[meta.VolumeID] = v
+	m.mu.Unlock()
+	return false, nil
 }
 
 // specFor finds the file layout of a recovered volume. The class may have

@@ -94,7 +94,7 @@ func (m *Manager) schedule(id string, d time.Duration) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	v := m.vols[id]
-	if v == nil || m.ctx.Err() != nil {
+	if v == nil || m.ctx.Err() != nil || v.meta.State == storage.StateWithdrawn {
 		return
 	}
 	if v.timer != nil {
@@ -140,7 +140,7 @@ func (m *Manager) renew(id string) {
 	m.mu.Lock()
 	v := m.vols[id]
 	m.mu.Unlock()
-	if v == nil {
+	if v == nil || v.meta.State == storage.StateWithdrawn {
 		return
 	}
 	prov, ok := m.opts.Providers.Get(v.meta.Provider)
@@ -240,7 +240,7 @@ func (m *Manager) rotate(ctx context.Context, prov provider.Provider, v *volume)
 	m.mu.Unlock()
 	asked := time.Now()
 	nl, err := prov.Issue(ctx, provider.Request{
-		LeaseID: newID, Class: v.meta.Class, Params: v.meta.Params, Pod: v.meta.Pod, Tokens: tokens,
+		LeaseID: newID, VolumeID: v.meta.VolumeID, Class: v.meta.Class, Params: v.meta.Params, Pod: v.meta.Pod, Tokens: tokens,
 	})
 	nl.ID, nl.Provider, nl.Params = newID, v.meta.Provider, v.meta.Params
 	if err != nil {

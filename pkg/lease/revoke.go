@@ -131,6 +131,7 @@ func (m *Manager) revokeOne(ctx context.Context, r storage.Revocation) (time.Dur
 			klog.ErrorS(derr, "Removing a finished revocation from the queue", "leaseID", r.Lease.ID)
 		}
 		delete(m.retryAt, r.Lease.ID)
+		m.confirm(r.Lease.ID)
 		m.audit(rec, outcome, nil)
 		m.opts.Metrics.LeaseOp(r.Lease.Provider, metrics.OpRevoke, outcome)
 		klog.V(2).InfoS("Revoked lease", "leaseID", r.Lease.ID, "volumeID", r.VolumeID, "outcome", outcome)
@@ -159,6 +160,9 @@ func (m *Manager) State() metrics.State {
 	now := time.Now()
 	m.mu.Lock()
 	for _, v := range m.vols {
+		if v.meta.State == storage.StateWithdrawn {
+			continue
+		}
 		s.LiveLeases[v.meta.Provider]++
 		if v.failures > 0 {
 			s.RenewalFailing++

@@ -56,6 +56,8 @@ type Metrics struct {
 	refusals     *prometheus.CounterVec
 	configGen    prometheus.Gauge
 	configErrors prometheus.Counter
+	reaped       *prometheus.CounterVec
+	reapFailures prometheus.Counter
 }
 
 // New returns Metrics whose gauges are read from state at each scrape.
@@ -96,7 +98,16 @@ func New(state func() State) *Metrics {
 		Namespace: namespace, Name: "backend_config_reload_errors_total",
 		Help: "Changed backend configurations that failed to load (the previous one stays in use).",
 	})
+	m.reaped = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: namespace, Name: "issuer_reaped_roles_total",
+		Help: "PostgreSQL roles the issuer's reaper dropped, by reason (expired: VALID UNTIL passed; untracked: no inventory record).",
+	}, []string{"reason"})
+	m.reapFailures = prometheus.NewCounter(prometheus.CounterOpts{
+		Namespace: namespace, Name: "issuer_reap_failures_total",
+		Help: "Roles the issuer's reaper failed to drop, and connections it failed to list (retried at the next pass).",
+	})
 	m.reg.MustRegister(m.rpc, m.leaseOps, m.authFailures, m.kubeRequests, m.firstSeen, m.refusals, m.configGen, m.configErrors,
+		m.reaped, m.reapFailures,
 		&stateCollector{state: state},
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
@@ -158,6 +169,17 @@ func (m *Metrics) BackendConfigReloadError() {
 		return
 	}
 	m.configErrors.Inc()
+}
+
+// Reaped records one pass of the issuer's reaper: roles dropped because
+// they expired or because no record held them, and failures.
+func (m *Metrics) Reaped(expired, untracked, failures int) {
+	if m == nil {
+		return
+	}
+	m.reaped.WithLabelValues("expired").Add(float64(expired))
+	m.reaped.WithLabelValues("untracked").Add(float64(untracked))
+	m.reapFailures.Add(float64(failures))
 }
 
 // CountRequests wraps an HTTP transport so that every Kubernetes API

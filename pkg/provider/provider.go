@@ -63,6 +63,8 @@ type Request struct {
 	// cleaned up: Revoke must accept a Lease that carries only ID and Params.
 	// It is unique, not secret, and made of [a-z0-9-].
 	LeaseID string
+	// VolumeID is the CSI volume the lease is for (not secret).
+	VolumeID string
 	// Class is "namespace/name" of the SecretProviderClass.
 	Class string
 	// Params are the class parameters meant for the provider.

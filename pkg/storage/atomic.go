@@ -15,7 +15,12 @@ import (
 
 const dataLink = "..data"
 
-// WriteFiles replaces the volume's files with files, atomically: a reader
+// SocketName is the lease socket at a volume's root. It is no file of the
+// volume's: WriteFiles never writes, replaces or removes it.
+const SocketName = "lease.sock"
+
+// WriteFiles replaces the volume's files with files, atomically (no
+// files: the volume is emptied, but for its lease socket): a reader
 // sees either the old set or the new one, never a mix. It follows the
 // scheme of Kubernetes' AtomicWriter (written afresh here): the files go
 // into a new hidden directory, the "..data" symlink is switched to it with
@@ -33,6 +38,9 @@ func (f *Filesystem) WriteFiles(id string, gid int, files []File) error {
 		if err := ValidatePath(file.Path); err != nil {
 			return err
 		}
+		if strings.SplitN(file.Path, "/", 2)[0] == SocketName {
+			return fmt.Errorf("%w: %q is the volume's lease socket", ErrInvalidPath, file.Path)
+		}
 		total += int64(len(file.Data))
 		top[strings.SplitN(file.Path, "/", 2)[0]] = true
 	}
@@ -41,6 +49,9 @@ func (f *Filesystem) WriteFiles(id string, gid int, files []File) error {
 	}
 	gid = max(gid, 0)
 	dir := f.DataDir(id)
+	if len(files) == 0 {
+		return emptyDir(dir)
+	}
 	_, oldErr := os.Readlink(filepath.Join(dir, dataLink))
 	hadVersion := oldErr == nil
 	newDir, err := f.writeVersion(dir, gid, files)
@@ -82,7 +93,7 @@ func (f *Filesystem) WriteFiles(id string, gid int, files []File) error {
 			}
 			continue
 		}
-		if !top[name] {
+		if !top[name] && name != SocketName {
 			_ = os.Remove(filepath.Join(dir, name))
 		}
 	}
@@ -169,6 +180,34 @@ func writeAll(fd int, data []byte) error {
 			return err
 		}
 		data = data[n:]
+	}
+	return nil
+}
+
+// emptyDir empties a volume's directory but for its lease socket: the
+// top-level names first, through which readers find the files, then the
+// versions behind them.
+func emptyDir(dir string) error {
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return err
+	}
+	for _, e := range entries {
+		if name := e.Name(); !strings.HasPrefix(name, "..") && name != SocketName {
+			if err := os.Remove(filepath.Join(dir, name)); err != nil && !errors.Is(err, os.ErrNotExist) {
+				return err
+			}
+		}
+	}
+	if err := os.Remove(filepath.Join(dir, dataLink)); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	for _, e := range entries {
+		if name := e.Name(); strings.HasPrefix(name, "..") && name != dataLink {
+			if err := os.RemoveAll(filepath.Join(dir, name)); err != nil {
+				return err
+			}
+		}
 	}
 	return nil
 }

@@ -39,6 +39,11 @@ const (
 	StateIssuing State = "issuing"
 	// StatePublished: files are written and the lease is recorded.
 	StatePublished State = "published"
+	// StateWithdrawn: the volume's credential was taken back while its pod
+	// runs (the pod gave it back, or an admin killed it). The volume stays
+	// mounted and empty until its unpublish; nothing is issued for it again,
+	// and every lease it held is revoked, after a restart too.
+	StateWithdrawn State = "withdrawn"
 )
 
 // Metadata is what the driver records about a volume: nothing secret.
@@ -68,6 +73,10 @@ type Metadata struct {
 	// LapseRecorded is the expiry of the lease whose lapse was last
 	// audited, so that each lapse is recorded once, across restarts too.
 	LapseRecorded time.Time `json:"lapseRecorded,omitzero"`
+	// WithdrawnAt and WithdrawReason say when and why the volume was
+	// withdrawn (StateWithdrawn).
+	WithdrawnAt    time.Time `json:"withdrawnAt,omitzero"`
+	WithdrawReason string    `json:"withdrawReason,omitempty"`
 }
 
 // Revocation is one entry of the durable revocation queue.

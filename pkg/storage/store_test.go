@@ -340,3 +340,40 @@ func TestReleaseLeavesNothingOnlyWhenEmpty(t *testing.T) {
 		t.Fatalf("state directory holds %v (%v)", entries, err)
 	}
 }
+
+// The lease socket at a volume's root is no file of the volume's: writes
+// keep it, emptying the volume keeps it, and no file may take its name.
+func TestWriteFilesKeepsTheLeaseSocket(t *testing.T) {
+	s := newStore(t, Options{})
+	if err := s.CreateVolume("v1", -1); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.WriteFiles("v1", -1, []File{{Path: "password", Mode: 0o440, Data: []byte("x")}}); err != nil {
+		t.Fatal(err)
+	}
+	sock := filepath.Join(s.DataDir("v1"), SocketName)
+	if err := unix.Mknod(sock, unix.S_IFSOCK|0o660, 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.WriteFiles("v1", -1, []File{{Path: "username", Mode: 0o440, Data: []byte("u")}}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Lstat(sock); err != nil {
+		t.Fatalf("a write removed the socket: %v", err)
+	}
+	if err := s.WriteFiles("v1", -1, nil); err != nil {
+		t.Fatal(err)
+	}
+	entries, _ := os.ReadDir(s.DataDir("v1"))
+	if len(entries) != 1 || entries[0].Name() != SocketName {
+		var got []string
+		for _, e := range entries {
+			got = append(got, e.Name())
+		}
+		t.Fatalf("emptied volume holds %v, want only the socket", got)
+	}
+	err := s.WriteFiles("v1", -1, []File{{Path: SocketName, Mode: 0o440, Data: []byte("x")}})
+	if !errors.Is(err, ErrInvalidPath) {
+		t.Fatalf("a file named like the socket: %v", err)
+	}
+}

@@ -278,3 +278,95 @@ func checkRegistration(t *testing.T, ds *appsv1.DaemonSet, driver corev1.Contain
 		t.Errorf("kubelet's plugins_registry is not mounted at /registration: %+v", driver.VolumeMounts)
 	}
 }
+
+// The node plugins have no way to the PostgreSQL admin credential: no
+// volume, environment variable or RBAC rule of the DaemonSet reaches the
+// issuer's Secret (or any Secret); only the issuer's pod mounts it.
+func TestNodeHasNoPathToTheAdminCredential(t *testing.T) {
+	objs := render(t)
+	const issuerSecret = "ephemeral-secrets-issuer"
+	ds := into[appsv1.DaemonSet](t, objs, "DaemonSet/ephemeral-secrets-csi")
+	for _, v := range ds.Spec.Template.Spec.Volumes {
+		if v.Secret != nil && (v.Secret.SecretName == issuerSecret || v.Secret.Optional == nil || !*v.Secret.Optional) {
+			t.Errorf("DaemonSet volume %s: Secret %s (optional %v): the node needs none while the issuer serves PostgreSQL", v.Name, v.Secret.SecretName, v.Secret.Optional)
+		}
+		if v.Projected != nil {
+			for _, s := range v.Projected.Sources {
+				if s.Secret != nil {
+					t.Errorf("DaemonSet volume %s projects Secret %s", v.Name, s.Secret.Name)
+				}
+			}
+		}
+	}
+	for _, c := range ds.Spec.Template.Spec.Containers {
+		for _, e := range c.Env {
+			if e.ValueFrom != nil && e.ValueFrom.SecretKeyRef != nil {
+				t.Errorf("container %s: env %s from Secret %s", c.Name, e.Name, e.ValueFrom.SecretKeyRef.Name)
+			}
+		}
+		for _, e := range c.EnvFrom {
+			if e.SecretRef != nil {
+				t.Errorf("container %s: env from Secret %s", c.Name, e.SecretRef.Name)
+			}
+		}
+	}
+	// RBAC: every role bound to the node plugin's service account.
+	nodeSA := ds.Spec.Template.Spec.ServiceAccountName
+	checked := 0
+	for key, o := range objs {
+		kind := o.GetKind()
+		if kind != "ClusterRoleBinding" && kind != "RoleBinding" {
+			continue
+		}
+		b := into[rbacv1.RoleBinding](t, objs, key)
+		bound := false
+		for _, s := range b.Subjects {
+			bound = bound || (s.Kind == "ServiceAccount" && s.Name == nodeSA)
+		}
+		if !bound {
+			continue
+		}
+		role := into[rbacv1.ClusterRole](t, objs, b.RoleRef.Kind+"/"+b.RoleRef.Name)
+		checked++
+		for _, r := range role.Rules {
+			if slices.Contains(r.APIGroups, "") && (slices.Contains(r.Resources, "secrets") || slices.Contains(r.Resources, "*")) {
+				t.Errorf("%s grants the node plugin %v on %v", b.RoleRef.Name, r.Verbs, r.Resources)
+			}
+		}
+	}
+	if checked < 2 {
+		t.Errorf("%d roles bound to %s checked: want its ClusterRole and its Role", checked, nodeSA)
+	}
+	// The issuer is the one pod with the Secret; it runs without privilege.
+	dep := into[appsv1.Deployment](t, objs, "Deployment/ephemeral-secrets-csi-issuer")
+	var mounted bool
+	for _, v := range dep.Spec.Template.Spec.Volumes {
+		mounted = mounted || (v.Secret != nil && v.Secret.SecretName == issuerSecret)
+	}
+	if !mounted {
+		t.Errorf("the issuer does not mount %s", issuerSecret)
+	}
+	if *dep.Spec.Replicas < 2 {
+		t.Errorf("issuer replicas %d: want 2 by default (leader election)", *dep.Spec.Replicas)
+	}
+	sc := dep.Spec.Template.Spec.SecurityContext
+	if sc == nil || sc.RunAsNonRoot == nil || !*sc.RunAsNonRoot {
+		t.Errorf("issuer pod security context %+v: want non-root", sc)
+	}
+	for _, c := range dep.Spec.Template.Spec.Containers {
+		csc := c.SecurityContext
+		if csc == nil || csc.Privileged != nil && *csc.Privileged || csc.ReadOnlyRootFilesystem == nil || !*csc.ReadOnlyRootFilesystem ||
+			csc.Capabilities == nil || !slices.Equal(csc.Capabilities.Drop, []corev1.Capability{"ALL"}) {
+			t.Errorf("issuer container %s security context %+v", c.Name, csc)
+		}
+	}
+	svc := into[corev1.Service](t, objs, "Service/ephemeral-secrets-csi-issuer")
+	for k, v := range svc.Spec.Selector {
+		if dep.Spec.Template.Labels[k] != v {
+			t.Errorf("issuer Service selector %v does not select the issuer's pods %v", svc.Spec.Selector, dep.Spec.Template.Labels)
+		}
+		if k == "app.kubernetes.io/component" && ds.Spec.Template.Labels[k] == v {
+			t.Errorf("issuer Service selector %v selects the node plugins", svc.Spec.Selector)
+		}
+	}
+}

@@ -161,6 +161,54 @@ func TestEveryValueReachesTheObjects(t *testing.T) {
 	svc := into[corev1.Service](t, objs, "Service/secrets-csi-metrics")
 	errorf("service port", svc.Spec.Ports[0].Port, 9900)
 	errorf("service selector", svc.Spec.Selector, ds.Spec.Selector.MatchLabels)
+
+	checkIssuerValues(t, objs, &driver)
+}
+
+// checkIssuerValues checks the issuer values of testdata/every-value.yaml.
+func checkIssuerValues(t *testing.T, objs objects, driver *corev1.Container) {
+	t.Helper()
+	dep := into[appsv1.Deployment](t, objs, "Deployment/secrets-csi-issuer")
+	spec := dep.Spec.Template.Spec
+	c := spec.Containers[0]
+	errorf := func(what string, got, want any) {
+		t.Helper()
+		if fmt.Sprint(got) != fmt.Sprint(want) {
+			t.Errorf("issuer %s: got %v, want %v", what, got, want)
+		}
+	}
+	errorf("replicas", *dep.Spec.Replicas, 3)
+	errorf("image (the driver's)", c.Image, driver.Image)
+	for _, a := range []string{
+		"--backend-config=/etc/ephemeral-secrets/issuer/pg.yaml", "--reap-interval=10s", "--cluster-domain=example.internal",
+		"--listen-address=:9443", "--metrics-address=:9912", "-v=3", "--token-review-cache=5s",
+		"--service-name=secrets-csi-issuer", "--driver-service-account=secrets-csi",
+	} {
+		if !slices.Contains(c.Args, a) {
+			t.Errorf("issuer args %v lack %s", c.Args, a)
+		}
+	}
+	errorf("memory limit", c.Resources.Limits.Memory(), "512Mi")
+	errorf("cpu request", c.Resources.Requests.Cpu(), "50m")
+	errorf("priorityClassName", spec.PriorityClassName, "issuer-critical")
+	errorf("nodeSelector", spec.NodeSelector, map[string]string{"kubernetes.io/os": "linux", "node-role.example.com/infra": "true"})
+	if a := spec.Affinity; a == nil || a.NodeAffinity == nil || a.PodAntiAffinity != nil {
+		t.Errorf("issuer affinity %+v: want the given one instead of the default", a)
+	}
+	errorf("tolerations", spec.Tolerations, []corev1.Toleration{{Key: "infra", Operator: "Exists", Effect: "NoSchedule"}})
+	var secret string
+	for _, v := range spec.Volumes {
+		if v.Secret != nil {
+			secret = v.Secret.SecretName
+		}
+	}
+	errorf("backends secret", secret, "my-issuer-backends")
+	svc := into[corev1.Service](t, objs, "Service/secrets-csi-issuer")
+	errorf("service target", svc.Spec.Ports[0].TargetPort.String(), "https")
+	errorf("container port", c.Ports[0].ContainerPort, 9443)
+	if !slices.Contains(driver.Args, "--issuer-address=https://secrets-csi-issuer.ephemeral-secrets.svc:443") {
+		t.Errorf("driver args %v do not name the issuer's Service", driver.Args)
+	}
 }
 
 // The alerts say which node, never which pod IP.
@@ -303,9 +351,9 @@ func TestEveryValueFileCoversValuesYAML(t *testing.T) {
 	every := read("testdata/every-value.yaml")
 	// Set, but to the default: the dashboard is on (TestDashboardCanBeOff
 	// turns it off).
-	same := map[string]bool{"monitoring.dashboard.enabled": true}
+	same := map[string]bool{"monitoring.dashboard.enabled": true, "issuer.enabled": true}
 	// Maps a user replaces whole: compared whole.
-	whole := map[string]bool{"nodeSelector": true, "updateStrategy": true, "monitoring.dashboard.labels": true}
+	whole := map[string]bool{"nodeSelector": true, "updateStrategy": true, "monitoring.dashboard.labels": true, "issuer.nodeSelector": true}
 	var walk func(prefix string, d, e map[string]any)
 	walk = func(prefix string, d, e map[string]any) {
 		for k, dv := range d {

@@ -124,6 +124,29 @@ func (db *Database) Backends(example []byte) ([]byte, error) {
 	return yaml.Marshal(cfg)
 }
 
+// SplitBackends splits a backend configuration as the chart's defaults
+// want it: the postgres section for the issuer's Secret, the rest for the
+// node plugins'.
+func SplitBackends(backends []byte) (issuerPart, nodePart []byte, err error) {
+	var cfg map[string]any
+	if err := yaml.Unmarshal(backends, &cfg); err != nil {
+		return nil, nil, err
+	}
+	pg := map[string]any{}
+	if v, ok := cfg["postgres"]; ok {
+		pg["postgres"] = v
+		delete(cfg, "postgres")
+	}
+	if issuerPart, err = yaml.Marshal(pg); err != nil {
+		return nil, nil, err
+	}
+	if cfg == nil {
+		cfg = map[string]any{}
+	}
+	nodePart, err = yaml.Marshal(cfg)
+	return issuerPart, nodePart, err
+}
+
 // CSINodeTimeout bounds the wait for kubelet to register the driver.
 const CSINodeTimeout = 2 * time.Minute
 
@@ -139,11 +162,17 @@ func (n *Node) InstallDriver(ctx context.Context, repoRoot string, backends []by
 	}}, metav1.CreateOptions{}); err != nil {
 		return err
 	}
-	if _, err := n.Clients.CoreV1().Secrets(Namespace).Create(ctx, &corev1.Secret{
-		ObjectMeta: metav1.ObjectMeta{Name: "ephemeral-secrets-backends"},
-		Data:       map[string][]byte{"backends.yaml": backends},
-	}, metav1.CreateOptions{}); err != nil {
+	issuerPart, nodePart, err := SplitBackends(backends)
+	if err != nil {
 		return err
+	}
+	for name, data := range map[string][]byte{"ephemeral-secrets-issuer": issuerPart, "ephemeral-secrets-backends": nodePart} {
+		if _, err := n.Clients.CoreV1().Secrets(Namespace).Create(ctx, &corev1.Secret{
+			ObjectMeta: metav1.ObjectMeta{Name: name},
+			Data:       map[string][]byte{"backends.yaml": data},
+		}, metav1.CreateOptions{}); err != nil {
+			return err
+		}
 	}
 	args := append([]string{"install", "ephemeral-secrets-csi", filepath.Join(repoRoot, "deploy/helm/ephemeral-secrets-csi"),
 		"--namespace", Namespace, "--wait", "--timeout", "3m"}, ChartImageValues()...)

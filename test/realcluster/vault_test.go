@@ -38,8 +38,13 @@ func testVaultExample(t *testing.T) {
 	setupVault(t, v)
 
 	// The admin: Vault's address allowed, the provider's token requested.
+	// The node plugins' Secret (PostgreSQL is the issuer's).
+	_, nodePart, err := node.SplitBackends(backends(t))
+	if err != nil {
+		t.Fatal(err)
+	}
 	cfg := map[string]any{}
-	if err := yaml.Unmarshal(backends(t), &cfg); err != nil {
+	if err := yaml.Unmarshal(nodePart, &cfg); err != nil {
 		t.Fatal(err)
 	}
 	cfg["vault"] = map[string]any{"addresses": []string{v.Addr}}

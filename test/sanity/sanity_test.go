@@ -18,6 +18,7 @@ import (
 	. "github.com/onsi/gomega"
 	"k8s.io/klog/v2"
 
+	"github.com/ephemeral-secrets/csi-driver/pkg/issuer"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider/postgres"
 	"github.com/ephemeral-secrets/csi-driver/test/harness"
@@ -57,19 +58,22 @@ func run(m *testing.M) int {
 		fmt.Println(err)
 		return 1
 	}
-	prov, err := postgres.New(postgres.Config{Connections: map[string]*postgres.Connection{
+	// The postgres provider as the driver serves it: the node side over
+	// an in-process issuer.
+	iss, err := issuer.New(issuer.Options{Config: postgres.Config{Connections: map[string]*postgres.Connection{
 		"main": {URL: pg.AdminURL(), Roles: map[string]*postgres.Role{
 			"login": {
 				CreationStatements: []string{`CREATE ROLE "{{.Name}}" LOGIN PASSWORD '{{.Password}}' VALID UNTIL '{{.Expiration}}'`},
 				Allowed:            []postgres.Subject{{Namespace: "*", ServiceAccount: "*"}},
 			},
 		}},
-	}})
+	}}})
 	if err != nil {
 		fmt.Println(err)
 		return 1
 	}
-	defer prov.Close()
+	defer iss.Close()
+	prov := postgres.NewNode(iss.Local())
 	reg := &provider.Registry{}
 	_ = reg.Register(postgres.Name, prov)
 	drv, err := harness.StartInProcess(env, harness.InProcessOptions{ClassesFile: classes, Providers: reg,

@@ -141,16 +141,16 @@ var verifierPattern = regexp.MustCompile(`^SCRAM-SHA-256\$[0-9]{1,7}:[A-Za-z0-9+
 // database: known connection and role, the pod's service account in the
 // role's allowed list, a TTL within bounds, a well-formed verifier. It
 // returns the TTL the role will have.
-func (a *Admin) Check(r MintRequest) (time.Duration, error) {
+func (a *Admin) Check(node string, r MintRequest) (time.Duration, error) {
 	t, err := a.lookup(r.Params)
 	if err != nil {
 		return 0, err
 	}
-	return a.check(t, r)
+	return a.check(t, node, r)
 }
 
-func (a *Admin) check(t target, r MintRequest) (time.Duration, error) {
-	if err := checkTagged(r.LeaseID, r.Class, r.Pod); err != nil {
+func (a *Admin) check(t target, node string, r MintRequest) (time.Duration, error) {
+	if err := checkTagged(r.LeaseID, r.Class, node, r.Pod); err != nil {
 		return 0, err
 	}
 	if !t.role.allows(r.Pod.Namespace, r.Pod.ServiceAccount) {
@@ -173,23 +173,27 @@ func (a *Admin) check(t target, r MintRequest) (time.Duration, error) {
 	return ttl, nil
 }
 
-// Mint creates the role of r.LeaseID from r.Verifier, valid for the TTL,
-// tagged, in one transaction; with the role's maxLive set, it first
-// counts the service account's live roles under a transaction-scoped
-// advisory lock, so that replicas of the issuer agree.
-func (a *Admin) Mint(ctx context.Context, r MintRequest) (Grant, error) {
+// Mint is MintFor with no node: the driver's own process asks.
+func (a *Admin) Mint(ctx context.Context, r MintRequest) (Grant, error) { return a.MintFor(ctx, "", r) }
+
+// MintFor creates the role of r.LeaseID from r.Verifier, valid for the
+// TTL, tagged (with node, the asking node plugin's, empty in-process), in
+// one transaction; with the role's maxLive set, it first counts the
+// service account's live roles under a transaction-scoped advisory lock,
+// so that replicas of the issuer agree.
+func (a *Admin) MintFor(ctx context.Context, node string, r MintRequest) (Grant, error) {
 	t, err := a.lookup(r.Params)
 	if err != nil {
 		return Grant{}, err
 	}
-	ttl, err := a.check(t, r)
+	ttl, err := a.check(t, node, r)
 	if err != nil {
 		return Grant{}, err
 	}
 	name := RoleName(r.LeaseID)
 	now := a.now().UTC().Truncate(time.Second)
 	exp := now.Add(ttl)
-	tag := Tag{LeaseID: r.LeaseID, Role: t.ref(), Class: r.Class, Pod: r.Pod, Created: now}
+	tag := Tag{LeaseID: r.LeaseID, Role: t.ref(), Class: r.Class, Pod: r.Pod, Node: node, Created: now}
 	pool, err := a.pool(t.connName)
 	if err != nil {
 		return Grant{}, err
@@ -294,6 +298,9 @@ func (a *Admin) Extend(ctx context.Context, r ExtendRequest) (Grant, error) {
 	var g Grant
 	err = withRetry(ctx, "renewing role", func(ctx context.Context) (bool, error) {
 		return inTx(ctx, pool, func(tx pgx.Tx) error {
+			if _, err := tx.Exec(ctx, `SELECT pg_advisory_xact_lock($1)`, roleLock(name)); err != nil {
+				return err
+			}
 			cur, err := tagged(ctx, tx, name, r.LeaseID)
 			if errors.Is(err, errNoRole) {
 				return fmt.Errorf("%w: role %s no longer exists", provider.ErrNotRenewable, name)
@@ -313,7 +320,14 @@ func (a *Admin) Extend(ctx context.Context, r ExtendRequest) (Grant, error) {
 			if !cur.ValidUntil.After(now) {
 				return fmt.Errorf("%w: role %s expired", provider.ErrNotRenewable, name)
 			}
-			if !exp.After(now) || exp.Sub(cur.ValidUntil) < ttl/10 {
+			// Worth it only if it moves the expiry the caller knows by a
+			// tenth of the TTL (the caller rotates instead); the caller's
+			// word decides nothing else: exp is now + TTL at most.
+			known := r.ExpiresAt
+			if known.IsZero() {
+				known = cur.ValidUntil
+			}
+			if !exp.After(now) || exp.Sub(known) < ttl/10 {
 				return fmt.Errorf("%w: role %s is near its maxTTL", provider.ErrNotRenewable, name)
 			}
 			stmts, err := renderAll(t.role.renew, stmtData{Name: name}, exp)
@@ -344,10 +358,19 @@ func samePod(made, asking provider.Pod) bool {
 // r's lease is refused (ErrPermissionDenied) and left alone. Params need
 // only the connection.
 func (a *Admin) Drop(ctx context.Context, r DropRequest) error {
+	_, err := a.DropIf(ctx, r, nil)
+	return err
+}
+
+// DropIf is Drop, done only if still (nil: always) holds for the role as
+// it is under its lock, which Extend takes too: a reaper that decided on
+// a listing does not drop a role extended since. dropped reports whether
+// the statements ran.
+func (a *Admin) DropIf(ctx context.Context, r DropRequest, still func(TaggedRole) bool) (dropped bool, err error) {
 	connName := r.Params[ConnectionParam]
 	conn := a.cfg.Connections[connName]
 	if conn == nil {
-		return fmt.Errorf("%w: no connection %q is configured", provider.ErrInvalidParameters, connName)
+		return false, fmt.Errorf("%w: no connection %q is configured", provider.ErrInvalidParameters, connName)
 	}
 	name := r.Name
 	if name == "" {
@@ -355,22 +378,37 @@ func (a *Admin) Drop(ctx context.Context, r DropRequest) error {
 	}
 	pool, err := a.pool(connName)
 	if err != nil {
-		return err
+		return false, err
 	}
 	// Each attempt looks again whether the role is there: a statement
 	// that ran before a connection was lost is not run twice.
-	return withRetry(ctx, "dropping role", func(ctx context.Context) (bool, error) {
+	err = withRetry(ctx, "dropping role", func(ctx context.Context) (bool, error) {
+		dropped = false
 		c, err := pool.Acquire(ctx)
 		if err != nil {
 			return false, err
 		}
 		defer c.Release()
+		key := roleLock(name)
+		if _, err := c.Exec(ctx, `SELECT pg_advisory_lock($1)`, key); err != nil {
+			return false, err
+		}
+		defer func() {
+			uctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+			defer cancel()
+			if _, err := c.Exec(uctx, `SELECT pg_advisory_unlock($1)`, key); err != nil {
+				_ = c.Conn().Close(uctx) // the lock goes with the session, not back to the pool
+			}
+		}()
 		cur, err := tagged(ctx, c, name, r.LeaseID)
 		if errors.Is(err, errNoRole) {
 			return false, nil
 		}
 		if err != nil {
 			return false, err
+		}
+		if still != nil && !still(cur) {
+			return false, nil
 		}
 		revoke := conn.defaultRevoke
 		if _, rname, _ := strings.Cut(cur.Tag.Role, "/"); conn.Roles[rname] != nil {
@@ -385,8 +423,18 @@ func (a *Admin) Drop(ctx context.Context, r DropRequest) error {
 				return false, err
 			}
 		}
+		dropped = true
 		return false, nil
 	})
+	return dropped, err
+}
+
+// roleLock is the advisory lock key of a role: Extend holds it for its
+// transaction, a drop while it decides and runs.
+func roleLock(name string) int64 {
+	h := fnv.New64a()
+	fmt.Fprintf(h, "ephemeral-secrets-csi role %s", name)
+	return int64(h.Sum64())
 }
 
 // Find returns the role name of connection if it is leaseID's; found is

@@ -20,6 +20,7 @@ const (
 	handlePod        = "pod"
 	handleUID        = "uid"
 	handleSA         = "serviceAccount"
+	handleVolume     = "volumeID"
 )
 
 // Provider is the node side of the postgres provider (provider.Provider):
@@ -66,7 +67,7 @@ func (p *Provider) Issue(ctx context.Context, req provider.Request) (provider.Le
 		return provider.Lease{}, err
 	}
 	g, err := p.m.Mint(ctx, MintRequest{
-		LeaseID: req.LeaseID, Class: req.Class, Params: req.Params, Pod: req.Pod, Verifier: verifier,
+		LeaseID: req.LeaseID, VolumeID: req.VolumeID, Class: req.Class, Params: req.Params, Pod: req.Pod, Verifier: verifier,
 	})
 	if err != nil {
 		return provider.Lease{}, scrub(err, password, verifier)
@@ -78,6 +79,7 @@ func (p *Provider) Issue(ctx context.Context, req provider.Request) (provider.Le
 			handleConnection: req.Params[ConnectionParam], handleRole: req.Params[RoleParam], handleName: g.Name,
 			handleNotAfter: g.NotAfter.Format(time.RFC3339), handleClass: req.Class,
 			handleNamespace: req.Pod.Namespace, handlePod: req.Pod.Name, handleUID: req.Pod.UID, handleSA: req.Pod.ServiceAccount,
+			handleVolume: req.VolumeID,
 		},
 		Role:      g.Role,
 		IssuedAt:  g.IssuedAt,
@@ -89,7 +91,7 @@ func (p *Provider) Issue(ctx context.Context, req provider.Request) (provider.Le
 // alive); it returns ErrNotRenewable when the role reached its maxTTL.
 func (p *Provider) Renew(ctx context.Context, l provider.Lease) (provider.Lease, error) {
 	g, err := p.m.Extend(ctx, ExtendRequest{
-		LeaseID: l.ID, Params: l.Params, Name: l.Handle[handleName], ExpiresAt: l.ExpiresAt,
+		LeaseID: l.ID, VolumeID: l.Handle[handleVolume], Params: l.Params, Name: l.Handle[handleName], ExpiresAt: l.ExpiresAt,
 		Pod: provider.Pod{Namespace: l.Handle[handleNamespace], Name: l.Handle[handlePod],
 			UID: l.Handle[handleUID], ServiceAccount: l.Handle[handleSA]},
 	})

@@ -20,9 +20,12 @@ const tagPrefix = "ephemeral-secrets-csi v1 "
 type Tag struct {
 	LeaseID string
 	// Role is "connection/role" of the admin's configuration.
-	Role    string
-	Class   string
-	Pod     provider.Pod
+	Role  string
+	Class string
+	Pod   provider.Pod
+	// Node is the node whose plugin asked for the role; empty when the
+	// driver's own process asked (no cluster).
+	Node    string
 	Created time.Time
 }
 
@@ -30,8 +33,8 @@ type Tag struct {
 // a character set checked when the role is made (safeTagValue), so it
 // needs no quoting.
 func (t Tag) String() string {
-	return fmt.Sprintf("%slease=%s role=%s class=%s ns=%s pod=%s uid=%s sa=%s created=%s", tagPrefix,
-		t.LeaseID, t.Role, t.Class, t.Pod.Namespace, t.Pod.Name, t.Pod.UID, t.Pod.ServiceAccount,
+	return fmt.Sprintf("%slease=%s role=%s class=%s ns=%s pod=%s uid=%s sa=%s node=%s created=%s", tagPrefix,
+		t.LeaseID, t.Role, t.Class, t.Pod.Namespace, t.Pod.Name, t.Pod.UID, t.Pod.ServiceAccount, t.Node,
 		t.Created.UTC().Format(time.RFC3339))
 }
 
@@ -60,6 +63,8 @@ func parseTag(comment string) (Tag, bool) {
 			t.Pod.UID = v
 		case "sa":
 			t.Pod.ServiceAccount = v
+		case "node":
+			t.Node = v
 		case "created":
 			t.Created, _ = time.Parse(time.RFC3339, v)
 		}
@@ -82,11 +87,11 @@ var (
 // checkTagged refuses a request whose fields could not be recorded in a
 // tag as they are: a lease ID or a pod identity of unexpected characters
 // comes from a caller that does not follow the protocol.
-func checkTagged(leaseID, class string, pod provider.Pod) error {
+func checkTagged(leaseID, class, node string, pod provider.Pod) error {
 	if !leaseIDPattern.MatchString(leaseID) {
 		return fmt.Errorf("%w: lease ID must be of [a-z0-9-]", provider.ErrInvalidParameters)
 	}
-	for _, v := range []string{class, pod.Namespace, pod.Name, pod.UID, pod.ServiceAccount} {
+	for _, v := range []string{class, node, pod.Namespace, pod.Name, pod.UID, pod.ServiceAccount} {
 		if !namePattern.MatchString(v) {
 			return fmt.Errorf("%w: pod identity or class of unexpected characters", provider.ErrInvalidParameters)
 		}

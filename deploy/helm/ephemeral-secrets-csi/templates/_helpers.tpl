@@ -20,8 +20,29 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/component: node
 {{- end -}}
 
+{{- define "esc.issuerSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "esc.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: issuer
+{{- end -}}
+
 {{- define "esc.labels" -}}
 {{ include "esc.selectorLabels" . }}
+{{ include "esc.metaLabels" . }}
+{{- end -}}
+
+{{- define "esc.issuerLabels" -}}
+{{ include "esc.issuerSelectorLabels" . }}
+{{ include "esc.metaLabels" . }}
+{{- end -}}
+
+{{/* The issuer's Deployment, Service, service account and Lease. */}}
+{{- define "esc.issuerName" -}}
+{{- printf "%s-issuer" (include "esc.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Labels of every object but the selectors'. */}}
+{{- define "esc.metaLabels" -}}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/part-of: ephemeral-secrets-csi
 app.kubernetes.io/managed-by: {{ .Release.Service }}

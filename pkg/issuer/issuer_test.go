@@ -1,0 +1,427 @@
+package issuer
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
+	"github.com/ephemeral-secrets/csi-driver/pkg/provider/postgres"
+	"github.com/ephemeral-secrets/csi-driver/test/pgtest"
+)
+
+var pg *pgtest.Server
+
+func TestMain(m *testing.M) {
+	var err error
+	if pg, err = pgtest.Start(); err != nil {
+		fmt.Println(err)
+		os.Exit(1)
+	}
+	code := m.Run()
+	pg.Close()
+	os.Exit(code)
+}
+
+const create = `CREATE ROLE "{{.Name}}" LOGIN PASSWORD '{{.Password}}' VALID UNTIL '{{.Expiration}}'`
+
+// clock is a settable time: the zero offset is the real time.
+type clock struct {
+	mu     sync.Mutex
+	offset time.Duration
+}
+
+func (c *clock) now() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return time.Now().Add(c.offset)
+}
+
+func (c *clock) advance(d time.Duration) {
+	c.mu.Lock()
+	c.offset += d
+	c.mu.Unlock()
+}
+
+func config(roles map[string]*postgres.Role) postgres.Config {
+	return postgres.Config{Connections: map[string]*postgres.Connection{"main": {URL: pg.AdminURL(), Roles: roles}}}
+}
+
+func newIssuer(t *testing.T, o Options) (*Issuer, *clock) {
+	t.Helper()
+	c := &clock{}
+	if o.Now == nil {
+		o.Now = c.now
+	}
+	if o.Config.Connections == nil {
+		o.Config = config(map[string]*postgres.Role{
+			"app": {CreationStatements: []string{create}, Allowed: []postgres.Subject{{Namespace: "team", ServiceAccount: "app"}}},
+		})
+	}
+	iss, err := New(o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(iss.Close)
+	return iss, c
+}
+
+// as is the Issuer as a node of a given name sees it.
+type as struct {
+	i *Issuer
+	c Caller
+}
+
+func (a as) Mint(ctx context.Context, r postgres.MintRequest) (postgres.Grant, error) {
+	return a.i.Mint(ctx, a.c, r)
+}
+
+func (a as) Extend(ctx context.Context, r postgres.ExtendRequest) (postgres.Grant, error) {
+	return a.i.Extend(ctx, a.c, r)
+}
+
+func (a as) Drop(ctx context.Context, r postgres.DropRequest) error { return a.i.Drop(ctx, a.c, r) }
+
+var appParams = map[string]string{postgres.ConnectionParam: "main", postgres.RoleParam: "app"}
+
+func appPod(name string) provider.Pod {
+	return provider.Pod{Namespace: "team", Name: name, UID: "uid-" + name, ServiceAccount: "app"}
+}
+
+func issue(ctx context.Context, p *postgres.Provider, id string, pod provider.Pod) (provider.Lease, error) {
+	l, err := p.Issue(ctx, provider.Request{LeaseID: id, Class: "team/db", Params: appParams, Pod: pod})
+	l.ID, l.Params, l.Provider = id, appParams, postgres.Name
+	return l, err
+}
+
+func login(ctx context.Context, l provider.Lease) (*pgx.Conn, error) {
+	return pgx.Connect(ctx, pg.URL(l.Values["username"], l.Values["password"]))
+}
+
+func exists(t *testing.T, name string) bool {
+	t.Helper()
+	ok, err := pg.RoleExists(context.Background(), name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ok
+}
+
+// inventory is an Inventory in memory.
+type inventory struct {
+	mu      sync.Mutex
+	entries map[string]Entry
+	states  map[string]string
+}
+
+func newInventory() *inventory {
+	return &inventory{entries: map[string]Entry{}, states: map[string]string{}}
+}
+
+func (v *inventory) Issuing(_ context.Context, e Entry) error {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	v.entries[e.LeaseID], v.states[e.LeaseID] = e, "issuing"
+	return nil
+}
+
+func (v *inventory) Issued(_ context.Context, e Entry) error {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	v.entries[e.LeaseID], v.states[e.LeaseID] = e, "issued"
+	return nil
+}
+
+func (v *inventory) Dropped(_ context.Context, id string) error {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	delete(v.entries, id)
+	delete(v.states, id)
+	return nil
+}
+
+func (v *inventory) Tracked(context.Context) (map[string]bool, error) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	out := map[string]bool{}
+	for id := range v.entries {
+		out[id] = true
+	}
+	return out, nil
+}
+
+func (v *inventory) get(id string) (Entry, string) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	return v.entries[id], v.states[id]
+}
+
+func TestMintExtendDropThroughTheIssuer(t *testing.T) {
+	ctx := context.Background()
+	inv := newInventory()
+	iss, clk := newIssuer(t, Options{Inventory: inv, Config: config(map[string]*postgres.Role{"app": {
+		DefaultTTL: postgres.Duration{Duration: time.Minute}, MaxTTL: postgres.Duration{Duration: 3 * time.Minute},
+		CreationStatements: []string{create}, Allowed: []postgres.Subject{{Namespace: "team", ServiceAccount: "app"}},
+	}})})
+	node := postgres.NewNode(iss.Local())
+	l, err := issue(ctx, node, "team-a-mint0001", appPod("a"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	name := l.Values["username"]
+	if name != postgres.RoleName(l.ID) || l.Info["port"] != fmt.Sprint(pg.Port) || l.Role != "main/app" {
+		t.Fatalf("lease: name %q, info %v, role %q", name, l.Info, l.Role)
+	}
+	conn, err := login(ctx, l)
+	if err != nil {
+		t.Fatalf("login: %v", err)
+	}
+	conn.Close(ctx)
+	if e, state := inv.get(l.ID); state != "issued" || e.Name != name || e.Role != "main/app" || !e.ExpiresAt.Equal(l.ExpiresAt) || e.Pod != appPod("a") {
+		t.Fatalf("inventory: %s %+v", state, e)
+	}
+
+	// The renewal is the issuer's Extend: VALID UNTIL moves, the record too.
+	clk.advance(30 * time.Second)
+	r, err := node.Renew(ctx, l)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !r.ExpiresAt.After(l.ExpiresAt) {
+		t.Fatalf("renewal did not move the expiry: %s", r.ExpiresAt)
+	}
+	if v, _ := pg.ValidUntil(ctx, name); !v.Equal(r.ExpiresAt) {
+		t.Fatalf("VALID UNTIL %s, want %s", v, r.ExpiresAt)
+	}
+	if e, _ := inv.get(l.ID); !e.ExpiresAt.Equal(r.ExpiresAt) || e.Class != "team/db" {
+		t.Fatalf("record after extension: %+v", e)
+	}
+	// Another pod cannot extend it by naming its lease.
+	other := postgres.ExtendRequest{LeaseID: l.ID, Params: appParams, Name: name, Pod: appPod("b")}
+	if _, err := iss.Extend(ctx, Caller{}, other); !errors.Is(err, provider.ErrPermissionDenied) {
+		t.Fatalf("extension by another pod: %v", err)
+	}
+
+	if err := node.Revoke(ctx, r); err != nil {
+		t.Fatal(err)
+	}
+	if exists(t, name) {
+		t.Fatal("role survives the drop")
+	}
+	if _, state := inv.get(l.ID); state != "" {
+		t.Fatalf("record survives the drop: %s", state)
+	}
+	if err := node.Revoke(ctx, r); err != nil {
+		t.Fatalf("second drop: %v", err)
+	}
+
+	// A kill switch knows the record only: Params from Entry.Role.
+	l2, err := issue(ctx, node, "team-a-mint0002", appPod("a"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	e, _ := inv.get(l2.ID)
+	conn2, rname, _ := strings.Cut(e.Role, "/")
+	if err := iss.Drop(ctx, Caller{}, postgres.DropRequest{LeaseID: e.LeaseID, Name: e.Name,
+		Params: map[string]string{postgres.ConnectionParam: conn2, postgres.RoleParam: rname}}); err != nil {
+		t.Fatal(err)
+	}
+	// An issue interrupted before its answer was recorded: lease ID and
+	// Params only.
+	l3, err := issue(ctx, node, "team-a-mint0003", appPod("a"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := node.Revoke(ctx, provider.Lease{ID: l3.ID, Params: appParams}); err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range []provider.Lease{l2, l3} {
+		if exists(t, l.Values["username"]) {
+			t.Errorf("role %s survives", l.Values["username"])
+		}
+	}
+}
+
+// Refusals create nothing: no role, no record.
+func TestRefusalsCreateNothing(t *testing.T) {
+	ctx := context.Background()
+	inv := newInventory()
+	var checked []string
+	podCheck := func(_ context.Context, c Caller, pod provider.Pod, class, _ string) error {
+		checked = append(checked, c.Node+" "+pod.Name+" "+class)
+		if pod.Name == "elsewhere" {
+			return fmt.Errorf("%w: pod is not on node %s", provider.ErrPermissionDenied, c.Node)
+		}
+		return nil
+	}
+	iss, _ := newIssuer(t, Options{Inventory: inv, PodCheck: podCheck, Config: config(map[string]*postgres.Role{"app": {
+		CreationStatements: []string{create}, MaxLive: 2,
+		Allowed: []postgres.Subject{{Namespace: "team", ServiceAccount: "app"}},
+	}})})
+	node := postgres.NewNode(as{iss, Caller{Node: "n1"}})
+
+	outsider := provider.Pod{Namespace: "team", Name: "x", UID: "u", ServiceAccount: "intruder"}
+	for id, pod := range map[string]provider.Pod{"team-x-refused1": outsider, "team-x-refused2": appPod("elsewhere")} {
+		if _, err := issue(ctx, node, id, pod); !errors.Is(err, provider.ErrPermissionDenied) {
+			t.Errorf("%s: %v, want ErrPermissionDenied", id, err)
+		}
+		if exists(t, postgres.RoleName(id)) {
+			t.Errorf("%s: a role was made", id)
+		}
+		if _, state := inv.get(id); state != "" {
+			t.Errorf("%s: a record was left (%s)", id, state)
+		}
+	}
+	if len(checked) != 1 || checked[0] != "n1 elsewhere team/db" {
+		t.Fatalf("PodCheck asked %q, want only the allowed pod, with the caller's node and the class", checked)
+	}
+
+	// maxLive 2 per service account: the third is refused, nothing made.
+	var leases []provider.Lease
+	for i := range 2 {
+		l, err := issue(ctx, node, fmt.Sprintf("team-q-quota%d", i), appPod(fmt.Sprint("q", i)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		leases = append(leases, l)
+	}
+	if _, err := issue(ctx, node, "team-q-quota2", appPod("q2")); !errors.Is(err, provider.ErrPermissionDenied) {
+		t.Fatalf("third: %v, want ErrPermissionDenied", err)
+	}
+	if exists(t, postgres.RoleName("team-q-quota2")) {
+		t.Fatal("the refused mint made a role")
+	}
+	if _, state := inv.get("team-q-quota2"); state != "" {
+		t.Fatalf("the refused mint left a record (%s)", state)
+	}
+	// A drop makes room.
+	if err := node.Revoke(ctx, leases[0]); err != nil {
+		t.Fatal(err)
+	}
+	l, err := issue(ctx, node, "team-q-quota3", appPod("q3"))
+	if err != nil {
+		t.Fatalf("after a drop: %v", err)
+	}
+	for _, l := range append(leases[1:], l) {
+		_ = node.Revoke(ctx, l)
+	}
+
+	// Extend asks PodCheck too: the pod is gone (here: the check says so).
+	podGone := false
+	iss2, _ := newIssuer(t, Options{PodCheck: func(context.Context, Caller, provider.Pod, string, string) error {
+		if podGone {
+			return fmt.Errorf("%w: pod gone", provider.ErrPermissionDenied)
+		}
+		return nil
+	}})
+	node2 := postgres.NewNode(iss2.Local())
+	l, err = issue(ctx, node2, "team-g-gone0001", appPod("g"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = node2.Revoke(ctx, l) }()
+	before, _ := pg.ValidUntil(ctx, l.Values["username"])
+	podGone = true
+	if _, err := node2.Renew(ctx, l); !errors.Is(err, provider.ErrPermissionDenied) {
+		t.Fatalf("renewal of a gone pod: %v", err)
+	}
+	if after, _ := pg.ValidUntil(ctx, l.Values["username"]); !after.Equal(before) {
+		t.Fatalf("VALID UNTIL moved from %s to %s", before, after)
+	}
+}
+
+// maxLive holds across replicas: concurrent mints through two issuers of
+// the same configuration make exactly maxLive roles.
+func TestMaxLiveHoldsAcrossReplicas(t *testing.T) {
+	ctx := context.Background()
+	cfg := func() postgres.Config {
+		return config(map[string]*postgres.Role{"app": {CreationStatements: []string{create}, MaxLive: 3,
+			Allowed: []postgres.Subject{{Namespace: "team", ServiceAccount: "app"}}}})
+	}
+	a, _ := newIssuer(t, Options{Config: cfg()})
+	b, _ := newIssuer(t, Options{Config: cfg()})
+	nodes := []*postgres.Provider{postgres.NewNode(a.Local()), postgres.NewNode(b.Local())}
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	var made []provider.Lease
+	refused := 0
+	for i := range 10 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			l, err := issue(ctx, nodes[i%2], fmt.Sprintf("team-r-race%02d", i), appPod(fmt.Sprint("r", i)))
+			mu.Lock()
+			defer mu.Unlock()
+			switch {
+			case err == nil:
+				made = append(made, l)
+			case errors.Is(err, provider.ErrPermissionDenied):
+				refused++
+			default:
+				t.Errorf("mint %d: %v", i, err)
+			}
+		}()
+	}
+	wg.Wait()
+	n, _ := pg.CountRoles(ctx, "esc_team_r_race")
+	if len(made) != 3 || refused != 7 || n != 3 {
+		t.Errorf("%d made, %d refused, %d roles; want 3, 7, 3", len(made), refused, n)
+	}
+	for _, l := range made {
+		_ = nodes[0].Revoke(ctx, l)
+	}
+}
+
+// A node plugin reaches only the roles it asked for: another node can
+// neither extend nor drop them, even knowing the lease ID; the kill
+// switch (no node) can.
+func TestANodeReachesOnlyItsOwnRoles(t *testing.T) {
+	ctx := context.Background()
+	iss, clk := newIssuer(t, Options{})
+	n1 := postgres.NewNode(as{iss, Caller{Node: "n1"}})
+	n2 := postgres.NewNode(as{iss, Caller{Node: "n2"}})
+	l, err := issue(ctx, n1, "team-n-node0001", appPod("n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	name := l.Values["username"]
+	var comment string
+	conn, err := pgx.Connect(ctx, pg.AdminURL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(ctx)
+	if err := conn.QueryRow(ctx, `SELECT shobj_description(oid, 'pg_authid') FROM pg_roles WHERE rolname = $1`, name).Scan(&comment); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(comment, " node=n1 ") || !strings.Contains(comment, "lease=team-n-node0001 ") {
+		t.Fatalf("tag %q", comment)
+	}
+	clk.advance(30 * time.Minute)
+	if _, err := n2.Renew(ctx, l); !errors.Is(err, provider.ErrPermissionDenied) {
+		t.Errorf("extension by another node: %v", err)
+	}
+	if err := n2.Revoke(ctx, l); !errors.Is(err, provider.ErrPermissionDenied) {
+		t.Errorf("drop by another node: %v", err)
+	}
+	if !exists(t, name) {
+		t.Fatal("another node dropped the role")
+	}
+	if _, err := n1.Renew(ctx, l); err != nil {
+		t.Errorf("extension by its node: %v", err)
+	}
+	if err := iss.Drop(ctx, Caller{}, postgres.DropRequest{LeaseID: l.ID, Params: appParams}); err != nil || exists(t, name) {
+		t.Fatalf("kill switch: %v", err)
+	}
+	// Its node's drop of a role gone already succeeds.
+	if err := n1.Revoke(ctx, l); err != nil {
+		t.Fatal(err)
+	}
+}
