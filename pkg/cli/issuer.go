@@ -316,30 +316,41 @@ func (f *issuerClientFlags) registerIssuer(kubeconfig string) (Register, error) 
 	if f.address == "" {
 		return nil, nil
 	}
+	// The API, where there is one: the issuer's ConfigMap, its Service.
+	var cs kubernetes.Interface
+	if kubeconfig != "" || os.Getenv("KUBERNETES_SERVICE_HOST") != "" {
+		rc, err := clientcmd.BuildConfigFromFlags("", kubeconfig)
+		if err != nil {
+			return nil, fmt.Errorf("kubernetes client: %w", err)
+		}
+		if cs, err = kubernetes.NewForConfig(rc); err != nil {
+			return nil, err
+		}
+	}
 	var roots remote.Roots
 	switch {
 	case f.caFile != "" && f.caConfigMap != "":
 		return nil, errors.New("give one of --issuer-ca-file and --issuer-ca-configmap")
 	case f.caFile != "":
 		roots = remote.RootsFile(f.caFile)
+	case f.caConfigMap != "" && cs == nil:
+		return nil, errors.New("--issuer-ca-configmap needs the Kubernetes API (in a cluster, or --kubeconfig)")
 	case f.caConfigMap != "":
 		ns, name, ok := strings.Cut(f.caConfigMap, "/")
 		if !ok || ns == "" || name == "" {
 			return nil, fmt.Errorf("--issuer-ca-configmap %q: namespace/name expected", f.caConfigMap)
 		}
-		rc, err := clientcmd.BuildConfigFromFlags("", kubeconfig)
-		if err != nil {
-			return nil, fmt.Errorf("kubernetes client: %w", err)
-		}
-		cs, err := kubernetes.NewForConfig(rc)
-		if err != nil {
-			return nil, err
-		}
 		roots = remote.RootsConfigMap(cs, ns, name)
 	default:
 		return nil, errors.New("--issuer-address needs --issuer-ca-configmap or --issuer-ca-file")
 	}
-	c, err := remote.NewClient(remote.ClientOptions{URL: f.address, TokenFile: f.tokenFile, Roots: roots})
+	// A Service's name that the node cannot resolve is dialed at its
+	// cluster IP, read through the API.
+	dial := remote.Dial((&net.Dialer{Timeout: 10 * time.Second}).DialContext)
+	if cs != nil {
+		dial = remote.ServiceDial(cs, dial)
+	}
+	c, err := remote.NewClient(remote.ClientOptions{URL: f.address, TokenFile: f.tokenFile, Roots: roots, Dial: dial})
 	if err != nil {
 		return nil, err
 	}

@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/url"
 	"os"
@@ -41,6 +42,8 @@ type ClientOptions struct {
 	Roots Roots
 	// Timeout bounds one call (default 30s).
 	Timeout time.Duration
+	// Dial opens connections (default: net.Dialer's, 10s).
+	Dial Dial
 }
 
 // Client is the node plugin's postgres.Minter: it asks the issuer
@@ -69,6 +72,9 @@ func NewClient(o ClientOptions) (*Client, error) {
 	}
 	if o.Timeout <= 0 {
 		o.Timeout = 30 * time.Second
+	}
+	if o.Dial == nil {
+		o.Dial = (&net.Dialer{Timeout: 10 * time.Second}).DialContext
 	}
 	return &Client{o: o, base: u}, nil
 }
@@ -179,6 +185,7 @@ func (c *Client) client(ctx context.Context, refresh bool) (*http.Client, error)
 	c.http = &http.Client{
 		Transport: &http.Transport{
 			TLSClientConfig:     &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12},
+			DialContext:         c.o.Dial,
 			TLSHandshakeTimeout: 10 * time.Second,
 			MaxIdleConnsPerHost: 8,
 			IdleConnTimeout:     90 * time.Second,

@@ -13,6 +13,8 @@ import (
 	"testing"
 	"time"
 
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 
@@ -111,6 +113,7 @@ func (a *recorder) last() issuer.Caller {
 type env struct {
 	auth *recorder
 	url  string
+	port int
 	ns   string
 	stop func()
 }
@@ -135,7 +138,7 @@ func start(t *testing.T, ns string) *env {
 	if err != nil {
 		t.Fatal(err)
 	}
-	certs, err := remote.NewCerts(cs, remote.CertOptions{Namespace: ns, Secret: "issuer-tls", ConfigMap: "issuer-ca", DNSNames: []string{"localhost"}})
+	certs, err := remote.NewCerts(cs, remote.CertOptions{Namespace: ns, Secret: "issuer-tls", ConfigMap: "issuer-ca", DNSNames: []string{"localhost", "issuer." + ns + ".svc"}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -153,7 +156,8 @@ func start(t *testing.T, ns string) *env {
 	if err != nil {
 		t.Fatal(err)
 	}
-	e.url = fmt.Sprintf("https://localhost:%d", l.Addr().(*net.TCPAddr).Port)
+	e.port = l.Addr().(*net.TCPAddr).Port
+	e.url = fmt.Sprintf("https://localhost:%d", e.port)
 	sctx, stop := context.WithCancel(ctx)
 	done := make(chan struct{})
 	go func() { defer close(done); _ = srv.Serve(sctx, l, certs.GetCertificate) }()
@@ -365,3 +369,45 @@ func TestUntrustedIssuerIsRefused(t *testing.T) {
 }
 
 func init() { harness.RememberSecret(verifier) }
+
+// A node without cluster DNS reaches the issuer at its Service's cluster
+// IP, read through the API, and still verifies the Service's name.
+func TestServiceNameWithoutClusterDNS(t *testing.T) {
+	e := start(t, "issuer-dial")
+	ctx := context.Background()
+	svc, err := admin.CoreV1().Services(e.ns).Create(ctx, &corev1.Service{
+		ObjectMeta: metav1.ObjectMeta{Name: "issuer"},
+		Spec:       corev1.ServiceSpec{Ports: []corev1.ServicePort{{Port: int32(e.port)}}},
+	}, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// kube-proxy's part: the cluster IP leads to the issuer's listener.
+	var dialed []string
+	var mu sync.Mutex
+	proxy := func(ctx context.Context, network, addr string) (net.Conn, error) {
+		host, port, _ := net.SplitHostPort(addr)
+		mu.Lock()
+		dialed = append(dialed, host)
+		mu.Unlock()
+		if host == svc.Spec.ClusterIP {
+			addr = net.JoinHostPort("127.0.0.1", port)
+		}
+		return (&net.Dialer{Timeout: 5 * time.Second}).DialContext(ctx, network, addr)
+	}
+	path, err := issuertest.WriteToken(t.TempDir(), "token", driverToken(t, "node-a", remote.Audience))
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := remote.NewClient(remote.ClientOptions{URL: fmt.Sprintf("https://issuer.%s.svc:%d", e.ns, e.port), TokenFile: path,
+		Roots: remote.RootsConfigMap(admin, e.ns, "issuer-ca"), Dial: remote.ServiceDial(admin, proxy)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := mint(c, "lease-1"); err != nil {
+		t.Fatalf("through the cluster IP: %v", err)
+	}
+	if len(dialed) != 2 || dialed[1] != svc.Spec.ClusterIP {
+		t.Errorf("dialed %v, want the name then the cluster IP %s", dialed, svc.Spec.ClusterIP)
+	}
+}
