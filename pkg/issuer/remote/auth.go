@@ -48,6 +48,7 @@ type TokenReviewer struct {
 
 type cached struct {
 	caller issuer.Caller
+	err    error // a refusal, kept as long: a misconfigured node retries often
 	until  time.Time
 }
 
@@ -98,15 +99,21 @@ func (r *TokenReviewer) Authenticate(ctx context.Context, token string) (issuer.
 	c, ok := r.cache[key]
 	r.mu.Unlock()
 	if ok && now.Before(c.until) {
-		return c.caller, nil
+		return c.caller, c.err
 	}
 	tr, err := r.reviews.Create(ctx, &authenticationv1.TokenReview{
 		Spec: authenticationv1.TokenReviewSpec{Token: token, Audiences: []string{r.audience}},
 	}, metav1.CreateOptions{})
-	if err != nil {
+	if err != nil { // not cached: the next call asks again
 		return issuer.Caller{}, fmt.Errorf("%w: reviewing the caller's token: %v", provider.ErrUnavailable, err)
 	}
-	st := tr.Status
+	caller, err := r.judge(tr.Status)
+	r.remember(key, cached{caller: caller, err: err, until: now.Add(r.ttl)})
+	return caller, err
+}
+
+// judge tells the caller a review's answer names, or why it is refused.
+func (r *TokenReviewer) judge(st authenticationv1.TokenReviewStatus) (issuer.Caller, error) {
 	if !st.Authenticated {
 		return issuer.Caller{}, fmt.Errorf("%w: token not valid for audience %q", errUnauthenticated, r.audience)
 	}
@@ -119,7 +126,12 @@ func (r *TokenReviewer) Authenticate(ctx context.Context, token string) (issuer.
 		return issuer.Caller{}, fmt.Errorf("%w: the token names no node (a token bound to the driver's pod is required, Kubernetes 1.32 or later)",
 			provider.ErrPermissionDenied)
 	}
-	caller := issuer.Caller{Node: nodes[0]}
+	return issuer.Caller{Node: nodes[0]}, nil
+}
+
+// remember caches c under key, making room if the cache is full.
+func (r *TokenReviewer) remember(key [sha256.Size]byte, c cached) {
+	now := r.now()
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if len(r.cache) >= r.max {
@@ -135,6 +147,5 @@ func (r *TokenReviewer) Authenticate(ctx context.Context, token string) (issuer.
 			delete(r.cache, k)
 		}
 	}
-	r.cache[key] = cached{caller: caller, until: now.Add(r.ttl)}
-	return caller, nil
+	r.cache[key] = c
 }

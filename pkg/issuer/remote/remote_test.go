@@ -324,6 +324,17 @@ func TestReviewsAreCached(t *testing.T) {
 	if n := reviews.Load() - before; n != 1 {
 		t.Errorf("%d TokenReviews for 20 calls with one token, want 1", n)
 	}
+	// A refused token too: a misconfigured node plugin retries often.
+	bad := e.client(t, driverToken(t, "node-c", "vault"))
+	before = reviews.Load()
+	for i := range 20 {
+		if _, err := mint(bad, fmt.Sprintf("lease-%d", i)); !errors.Is(err, provider.ErrMisconfigured) {
+			t.Fatalf("err = %v, want Misconfigured", err)
+		}
+	}
+	if n := reviews.Load() - before; n != 1 {
+		t.Errorf("%d TokenReviews for 20 calls with one refused token, want 1", n)
+	}
 }
 
 func TestIssuerDownIsUnavailable(t *testing.T) {
