@@ -234,6 +234,16 @@ func TestLeaderFailover(t *testing.T) {
 	harness.Eventually(t, 60*time.Second, "a leader", func() (bool, error) { return replicas[leader()] != nil, nil })
 	for _, how := range []string{"SIGKILL", "SIGTERM"} {
 		old := leader()
+		// Only the Lease's holder says it leads (and so reaps).
+		harness.Eventually(t, 10*time.Second, "one replica leading", func() (bool, error) {
+			for id, is := range replicas {
+				leading, err := is.Leading()
+				if err != nil || leading != (id == old) {
+					return false, err
+				}
+			}
+			return true, nil
+		})
 		next := "issuer-1"
 		if old == next {
 			next = "issuer-2"

@@ -3,10 +3,13 @@ package issuertest
 import (
 	"context"
 	"fmt"
+	"io"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"time"
 
@@ -99,6 +102,7 @@ func (c Cluster) Setup(ctx context.Context, k *kube.Cluster, dir string) (issuer
 type Issuer struct {
 	ID      string
 	Addr    string // host:port of its HTTPS listener
+	Metrics string // host:port of /metrics, /healthz, /readyz
 	LogFile string
 	cmd     *exec.Cmd
 	done    chan struct{}
@@ -116,14 +120,14 @@ func StartIssuer(bin, id, addr, kubeconfig, backends string, flags ...string) (*
 	if addr == "" {
 		addr = fmt.Sprintf("127.0.0.1:%d", ports[0])
 	}
-	is := &Issuer{ID: id, Addr: addr, LogFile: harness.LogPath("issuer-" + id), done: make(chan struct{})}
+	is := &Issuer{ID: id, Addr: addr, Metrics: fmt.Sprintf("127.0.0.1:%d", ports[1]), LogFile: harness.LogPath("issuer-" + id), done: make(chan struct{})}
 	log, err := os.Create(is.LogFile)
 	if err != nil {
 		return nil, err
 	}
 	harness.RegisterLog(is.LogFile)
 	args := append([]string{"issuer", "--kubeconfig", kubeconfig, "--namespace", IssuerNamespace, "--backend-config", backends,
-		"--listen-address", is.Addr, "--metrics-address", fmt.Sprintf("127.0.0.1:%d", ports[1]),
+		"--listen-address", is.Addr, "--metrics-address", is.Metrics,
 		"--leader-election-identity", id, "--tls-dns-names", "localhost", "--audit-log", "-", "-v", "2"}, flags...)
 	is.cmd = exec.Command(bin, args...)
 	is.cmd.Stdout, is.cmd.Stderr = log, log
@@ -162,6 +166,25 @@ func (is *Issuer) Exited() bool {
 	default:
 		return false
 	}
+}
+
+// Leading tells whether the replica's metrics say it leads.
+func (is *Issuer) Leading() (bool, error) {
+	resp, err := http.Get("http://" + is.Metrics + "/metrics")
+	if err != nil {
+		return false, err
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return false, err
+	}
+	for line := range strings.SplitSeq(string(body), "\n") {
+		if v, ok := strings.CutPrefix(line, "ephemeral_secrets_issuer_leader "); ok {
+			return strings.TrimSpace(v) == "1", nil
+		}
+	}
+	return false, fmt.Errorf("%s: no leader metric", is.ID)
 }
 
 // Leader is the holder of the issuers' Lease ("" without one).
