@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
@@ -272,7 +273,7 @@ func newIssuerMetrics() *issuerMetrics {
 		leader: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: ns, Name: "issuer_leader",
 			Help: "1 while this replica leads (reaps and runs the inventory controller)."}),
 	}
-	m.reg.MustRegister(m.requests, m.duration, m.leader, prometheus.NewGoCollector(), prometheus.NewProcessCollector(prometheus.ProcessCollectorOpts{}))
+	m.reg.MustRegister(m.requests, m.duration, m.leader, collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
 

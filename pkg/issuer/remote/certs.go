@@ -146,12 +146,12 @@ func (c *Certs) Ensure(ctx context.Context) error {
 		}
 		cert, err := tls.X509KeyPair(s.Data[CertKey], s.Data[PrivateKey])
 		if err != nil {
-			return fmt.Errorf("Secret %s/%s: certificate and key do not load", c.o.Namespace, c.o.Secret)
+			return fmt.Errorf("serving Secret %s/%s: certificate and key do not load", c.o.Namespace, c.o.Secret)
 		}
 		c.cert.Store(&cert)
 		return nil
 	}
-	return fmt.Errorf("Secret %s/%s: changed at every attempt", c.o.Namespace, c.o.Secret)
+	return fmt.Errorf("serving Secret %s/%s: changed at every attempt", c.o.Namespace, c.o.Secret)
 }
 
 // due tells whether data lacks a usable certificate for the DNS names,
