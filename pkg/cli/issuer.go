@@ -345,8 +345,8 @@ func (f *issuerClientFlags) registerIssuer(kubeconfig string) (Register, error) 
 	default:
 		return nil, errors.New("--issuer-address needs --issuer-ca-configmap or --issuer-ca-file")
 	}
-	// A Service's name that the node cannot resolve is dialed at its
-	// cluster IP, read through the API.
+	// A Service's name is dialed at its cluster IP, read through the API:
+	// no cluster DNS needed on the node.
 	dial := remote.Dial((&net.Dialer{Timeout: 10 * time.Second}).DialContext)
 	if cs != nil {
 		dial = remote.ServiceDial(cs, dial)

@@ -2,7 +2,6 @@ package remote
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"net"
 	"strings"
@@ -15,41 +14,40 @@ import (
 // Dial opens a connection (net.Dialer.DialContext).
 type Dial func(ctx context.Context, network, addr string) (net.Conn, error)
 
-// ServiceDial dials addr with dial, and where the name of a Service
-// ("name.namespace.svc", with or without the cluster domain) does not
-// resolve (a node without cluster DNS), dials the Service's cluster IP
-// read through the API instead; the TLS name stays the Service's.
+// ServiceDial dials the name of a Service ("name.namespace.svc", with or
+// without the cluster domain) at the Service's cluster IP, read through
+// the API (what cluster DNS would answer, without it: a node may have no
+// cluster DNS, and a lookup that times out there took 10 s); the TLS name
+// stays the Service's. A Service it cannot read, and any other address,
+// is dialed as given.
 func ServiceDial(cs kubernetes.Interface, dial Dial) Dial {
 	var mu sync.Mutex
 	ips := map[string]string{} // "namespace/name" -> cluster IP
 	return func(ctx context.Context, network, addr string) (net.Conn, error) {
-		conn, err := dial(ctx, network, addr)
-		var dnsErr *net.DNSError
-		if err == nil || !errors.As(err, &dnsErr) {
-			return conn, err
-		}
-		host, port, serr := net.SplitHostPort(addr)
+		host, port, err := net.SplitHostPort(addr)
 		labels := strings.Split(host, ".")
-		if serr != nil || len(labels) < 3 || labels[2] != "svc" {
-			return nil, err
+		if err != nil || len(labels) < 3 || labels[2] != "svc" {
+			return dial(ctx, network, addr)
 		}
 		key := labels[1] + "/" + labels[0]
 		mu.Lock()
 		ip := ips[key]
 		mu.Unlock()
 		if ip == "" {
-			svc, gerr := cs.CoreV1().Services(labels[1]).Get(ctx, labels[0], metav1.GetOptions{})
-			if gerr != nil {
-				return nil, fmt.Errorf("%w; reading Service %s: %v", err, key, gerr)
+			svc, err := cs.CoreV1().Services(labels[1]).Get(ctx, labels[0], metav1.GetOptions{})
+			if err != nil || svc.Spec.ClusterIP == "" || svc.Spec.ClusterIP == "None" {
+				conn, derr := dial(ctx, network, addr)
+				if derr != nil && err != nil {
+					derr = fmt.Errorf("%w (and reading Service %s: %v)", derr, key, err)
+				}
+				return conn, derr
 			}
-			if ip = svc.Spec.ClusterIP; ip == "" || ip == "None" {
-				return nil, fmt.Errorf("%w; Service %s has no cluster IP", err, key)
-			}
+			ip = svc.Spec.ClusterIP
 			mu.Lock()
 			ips[key] = ip
 			mu.Unlock()
 		}
-		conn, err = dial(ctx, network, net.JoinHostPort(ip, port))
+		conn, err := dial(ctx, network, net.JoinHostPort(ip, port))
 		if err != nil { // read the Service again next time
 			mu.Lock()
 			delete(ips, key)

@@ -381,8 +381,9 @@ func TestUntrustedIssuerIsRefused(t *testing.T) {
 
 func init() { harness.RememberSecret(verifier) }
 
-// A node without cluster DNS reaches the issuer at its Service's cluster
-// IP, read through the API, and still verifies the Service's name.
+// A node plugin reaches the issuer at its Service's cluster IP, read
+// through the API (a node may have no cluster DNS), and still verifies
+// the Service's name.
 func TestServiceNameWithoutClusterDNS(t *testing.T) {
 	e := start(t, "issuer-dial")
 	ctx := context.Background()
@@ -418,7 +419,17 @@ func TestServiceNameWithoutClusterDNS(t *testing.T) {
 	if _, err := mint(c, "lease-1"); err != nil {
 		t.Fatalf("through the cluster IP: %v", err)
 	}
-	if len(dialed) != 2 || dialed[1] != svc.Spec.ClusterIP {
-		t.Errorf("dialed %v, want the name then the cluster IP %s", dialed, svc.Spec.ClusterIP)
+	if len(dialed) != 1 || dialed[0] != svc.Spec.ClusterIP {
+		t.Errorf("dialed %v, want the cluster IP %s only (no DNS lookup)", dialed, svc.Spec.ClusterIP)
+	}
+	// A Service it cannot read: the name as given.
+	dialed = nil
+	c2, err := remote.NewClient(remote.ClientOptions{URL: fmt.Sprintf("https://localhost:%d", e.port), TokenFile: path,
+		Roots: remote.RootsConfigMap(admin, e.ns, "issuer-ca"), Dial: remote.ServiceDial(admin, proxy)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := mint(c2, "lease-2"); err != nil || len(dialed) != 1 || dialed[0] != "localhost" {
+		t.Errorf("a name that is no Service: dialed %v, %v", dialed, err)
 	}
 }
