@@ -1,0 +1,146 @@
+package inventory
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/api/meta"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/client-go/tools/cache"
+
+	v1alpha1 "github.com/ephemeral-secrets/csi-driver/pkg/apis/ephemeralsecrets/v1alpha1"
+	"github.com/ephemeral-secrets/csi-driver/pkg/issuer"
+)
+
+// Recorder is the issuer's Inventory: it records each credential of the
+// engines the issuer hosts as a Credential that the issuer's finalizer
+// (FinalizerRevoke) holds until the credential is dropped.
+type Recorder struct {
+	store
+	informer cache.SharedIndexInformer
+}
+
+var _ issuer.Inventory = (*Recorder)(nil)
+
+// NewRecorder records through c. informer (NewInformer, all records; it
+// may be nil) answers Tracked and finds records by lease ID once it has
+// synced; the Recorder asks the API server until then.
+func NewRecorder(c *Client, informer cache.SharedIndexInformer) *Recorder {
+	return &Recorder{store: store{client: c, finalizer: v1alpha1.FinalizerRevoke, cache: informer}, informer: informer}
+}
+
+// Issuing creates e's record, in state Issuing, before its role exists.
+func (r *Recorder) Issuing(ctx context.Context, e issuer.Entry) error {
+	c, err := r.create(ctx, e)
+	if err != nil {
+		return err
+	}
+	if c.Status.State != "" {
+		return nil // a retry: the record is further along
+	}
+	issuing := func(st *v1alpha1.CredentialStatus) {
+		st.State = v1alpha1.StateIssuing
+		st.BackendName = e.Name // known before the role exists: a revocation after a crash needs it
+		meta.SetStatusCondition(&st.Conditions, metav1.Condition{
+			Type: v1alpha1.ConditionIssued, Status: metav1.ConditionFalse, Reason: "Issuing",
+			Message: "recorded before the backend was asked",
+		})
+	}
+	// The object just created, without reading it again; on a conflict
+	// (someone wrote it since), read fresh.
+	issuing(&c.Status)
+	if _, err := r.client.UpdateStatus(ctx, c); !apierrors.IsConflict(err) {
+		if err != nil {
+			return fmt.Errorf("inventory: lease %s: %w", e.LeaseID, err)
+		}
+		return nil
+	}
+	return r.setStatus(ctx, e, issuing)
+}
+
+// Issued records that e's role exists until e.ExpiresAt. It returns
+// ErrGone when the record was deleted (the kill switch, the pod's
+// deletion): the issuer must then not extend the role.
+func (r *Recorder) Issued(ctx context.Context, e issuer.Entry) error {
+	return r.setStatus(ctx, e, issued(e))
+}
+
+// Dropped lets the records of leaseID go: the issuer's finalizer is
+// removed and the record deleted.
+func (r *Recorder) Dropped(ctx context.Context, leaseID string) error {
+	creds, err := r.find(ctx, leaseID)
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for _, c := range creds {
+		errs = append(errs, r.release(ctx, c.Namespace, c.Name))
+	}
+	return errors.Join(errs...)
+}
+
+// Tracked lists the lease IDs that have a record, from the informer's
+// cache once it has synced (never from a cache not yet filled, which would
+// make every role look untracked), else from the API server.
+func (r *Recorder) Tracked(ctx context.Context) (map[string]bool, error) {
+	out := map[string]bool{}
+	if r.informer != nil && r.informer.HasSynced() {
+		for _, obj := range r.informer.GetStore().List() {
+			if c, ok := obj.(*v1alpha1.Credential); ok {
+				out[c.Spec.LeaseID] = true
+			}
+		}
+		return out, nil
+	}
+	err := r.list(ctx, "", func(c *v1alpha1.Credential) { out[c.Spec.LeaseID] = true })
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+// find is the records of leaseID: from the cache, else (not synced yet,
+// or not seen yet) from the API server.
+func (r *Recorder) find(ctx context.Context, leaseID string) ([]*v1alpha1.Credential, error) {
+	var out []*v1alpha1.Credential
+	if r.informer != nil && r.informer.HasSynced() {
+		objs, err := r.informer.GetIndexer().ByIndex(leaseIndex, leaseID)
+		if err != nil {
+			return nil, err
+		}
+		for _, obj := range objs {
+			out = append(out, obj.(*v1alpha1.Credential))
+		}
+		if len(out) > 0 {
+			return out, nil
+		}
+	}
+	sel := labels.Set{v1alpha1.LabelLeaseID: labelValue(leaseID)}.String()
+	err := r.list(ctx, sel, func(c *v1alpha1.Credential) {
+		if c.Spec.LeaseID == leaseID {
+			out = append(out, c.DeepCopy())
+		}
+	})
+	return out, err
+}
+
+// list pages through the records of every namespace that match selector.
+func (r *Recorder) list(ctx context.Context, selector string, each func(*v1alpha1.Credential)) error {
+	opts := metav1.ListOptions{LabelSelector: selector, Limit: 500}
+	for {
+		l, err := r.client.List(ctx, metav1.NamespaceAll, opts)
+		if err != nil {
+			return fmt.Errorf("inventory: listing credentials: %w", err)
+		}
+		for i := range l.Items {
+			each(&l.Items[i])
+		}
+		if l.Continue == "" {
+			return nil
+		}
+		opts.Continue = l.Continue
+	}
+}
