@@ -18,7 +18,9 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
+	corev1client "k8s.io/client-go/kubernetes/typed/core/v1"
 	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/cache"
 	"k8s.io/client-go/tools/clientcmd"
 	"k8s.io/client-go/tools/leaderelection"
 	"k8s.io/client-go/tools/leaderelection/resourcelock"
@@ -26,6 +28,7 @@ import (
 	"sigs.k8s.io/yaml"
 
 	"github.com/ephemeral-secrets/csi-driver/pkg/audit"
+	"github.com/ephemeral-secrets/csi-driver/pkg/inventory"
 	"github.com/ephemeral-secrets/csi-driver/pkg/issuer"
 	"github.com/ephemeral-secrets/csi-driver/pkg/issuer/remote"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
@@ -115,7 +118,7 @@ func issuerCmd(version string, args []string) error {
 	}
 	defer closeAudit()
 
-	plugins, err := issuerPlugins(ctx, rc)
+	plugins, err := issuerPlugins(ctx, rc, cs.CoreV1())
 	if err != nil {
 		return err
 	}
@@ -213,11 +216,33 @@ type plugins struct {
 	RunController func(ctx context.Context, iss *issuer.Issuer) error
 }
 
-// issuerPlugins is the hook where pkg/inventory wires its Inventory and
-// its controller; until then the issuer keeps no record but the
-// database's own tags.
-func issuerPlugins(context.Context, *rest.Config) (plugins, error) {
-	return plugins{}, nil
+// issuerPlugins wires the inventory: one informer of every Credential,
+// run on every replica (the Recorder reads its records from it), and the
+// Controller, run by the leader, that revokes through the issuer the
+// credential of a record being deleted (the Pod gone, the kill switch).
+func issuerPlugins(ctx context.Context, rc *rest.Config, pods corev1client.PodsGetter) (plugins, error) {
+	c, err := inventory.NewClient(rc)
+	if err != nil {
+		return plugins{}, err
+	}
+	inf := inventory.NewInformer(c, "", 0)
+	go inf.Run(ctx.Done())
+	sctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+	defer cancel()
+	if !cache.WaitForCacheSync(sctx.Done(), inf.HasSynced) {
+		return plugins{}, errors.New("the inventory's Credentials did not sync (is the CRD installed?)")
+	}
+	return plugins{
+		Inventory: inventory.NewRecorder(c, inf),
+		RunController: func(ctx context.Context, iss *issuer.Issuer) error {
+			revoke := func(ctx context.Context, e issuer.Entry) error {
+				conn, role, _ := strings.Cut(e.Role, "/")
+				return iss.Drop(ctx, issuer.Caller{}, postgres.DropRequest{LeaseID: e.LeaseID, Name: e.Name,
+					Params: map[string]string{postgres.ConnectionParam: conn, postgres.RoleParam: role}})
+			}
+			return inventory.NewController(c, inf, pods, revoke, inventory.ControllerOptions{}).Run(ctx, 2)
+		},
+	}, nil
 }
 
 // lead takes part in the election until ctx is done, and runs work

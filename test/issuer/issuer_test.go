@@ -10,7 +10,10 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
+	v1alpha1 "github.com/ephemeral-secrets/csi-driver/pkg/apis/ephemeralsecrets/v1alpha1"
+	"github.com/ephemeral-secrets/csi-driver/pkg/inventory"
 	"github.com/ephemeral-secrets/csi-driver/pkg/issuer/remote"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider/postgres"
@@ -276,5 +279,37 @@ func TestLeaderFailover(t *testing.T) {
 		t.Logf("leader failover after %s of the leader: %s", how, took.Round(10*time.Millisecond))
 		fmt.Printf("FAILOVER %s %.2fs\n", how, took.Seconds())
 		startIssuers(t)
+	}
+}
+
+// The issuer keeps the inventory: a role minted through the transport
+// has its record, of the asking node; deleting the record (the kill
+// switch) has the leader drop the role, whichever replica minted it.
+func TestKillSwitchThroughTheIssuer(t *testing.T) {
+	startIssuers(t)
+	ctx := context.Background()
+	inv, err := inventory.NewClient(cluster.Config())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, is := range []*issuertest.Issuer{replicas["issuer-1"], replicas["issuer-2"]} {
+		lease := fmt.Sprintf("kill-%d", i)
+		if _, err := issue(nodeFor(t, "node-a", is), lease, tenant(t, "orders-"+lease, "node-a")); err != nil {
+			t.Fatal(err)
+		}
+		recs, err := inv.List(ctx, "shop", metav1.ListOptions{LabelSelector: v1alpha1.LabelLeaseID + "=" + lease})
+		if err != nil || len(recs.Items) != 1 {
+			t.Fatalf("records of %s: %v, %v", lease, recs, err)
+		}
+		if rec := recs.Items[0]; rec.Labels[v1alpha1.LabelNode] != "node-a" {
+			t.Errorf("record's node %q, want node-a", rec.Labels[v1alpha1.LabelNode])
+		}
+		if err := inv.Delete(ctx, "shop", recs.Items[0].Name, metav1.DeleteOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		harness.Eventually(t, 30*time.Second, "the role dropped", func() (bool, error) {
+			ok, err := pg.RoleExists(ctx, postgres.RoleName(lease))
+			return !ok, err
+		})
 	}
 }

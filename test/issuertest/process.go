@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"syscall"
 	"time"
@@ -73,14 +74,36 @@ roleRef: {apiGroup: rbac.authorization.k8s.io, kind: Role, name: ephemeral-secre
 subjects: [{kind: ServiceAccount, name: ephemeral-secrets-csi, namespace: esc-system}]
 `
 
-// Setup applies RBAC (with the namespace and the driver's account) and
+// inventoryBinding gives the issuer the inventory's rights (the chart's
+// files/inventory-rbac.yaml).
+const inventoryBinding = `
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {name: ephemeral-secrets-csi-issuer-inventory}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: ephemeral-secrets-csi-issuer-inventory}
+subjects: [{kind: ServiceAccount, name: ephemeral-secrets-csi-issuer, namespace: esc-system}]
+`
+
+// Setup applies RBAC, the Credential CRD and the inventory's rights (with the namespace and the driver's account) and
 // writes, in dir, a kubeconfig of the issuer's service account and one
 // of the driver's, and returns their paths.
 func (c Cluster) Setup(ctx context.Context, k *kube.Cluster, dir string) (issuerKubeconfig, driverKubeconfig string, err error) {
 	if err := c.Namespace(ctx, DriverNamespace, DriverServiceAccount); err != nil {
 		return "", "", err
 	}
-	if err := kube.Apply(ctx, k.Config(), []byte(RBAC), false); err != nil {
+	// The inventory the issuer keeps: the chart's CRD and rights.
+	_, self, _, _ := runtime.Caller(0)
+	chart := filepath.Join(filepath.Dir(self), "..", "..", "deploy", "helm", "ephemeral-secrets-csi")
+	docs := []byte(RBAC + inventoryBinding)
+	for _, f := range []string{"crds/ephemeral-secrets.csi.dev_credentials.yaml", "files/inventory-rbac.yaml"} {
+		data, err := os.ReadFile(filepath.Join(chart, f))
+		if err != nil {
+			return "", "", err
+		}
+		docs = append(append(docs, "\n---\n"...), data...)
+	}
+	if err := kube.Apply(ctx, k.Config(), docs, false); err != nil {
 		return "", "", err
 	}
 	for _, sa := range []struct{ name, path string }{
