@@ -111,7 +111,10 @@ func driverPID(t *testing.T) int {
 		cg, _ := os.ReadFile(filepath.Join("/proc", e.Name(), "cgroup"))
 		// The driver in its container: in a pod's cgroup (other tests on
 		// the machine may run driver binaries too). comm is cut at 15 bytes.
-		if err == nil && strings.TrimSpace(string(comm)) == "ephemeral-secre" && strings.Contains(string(cg), "/kubepods") {
+		// The issuer runs the same binary: its first argument says so.
+		args, _ := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
+		issuer := len(strings.Split(string(args), "\x00")) > 1 && strings.Split(string(args), "\x00")[1] == "issuer"
+		if err == nil && strings.TrimSpace(string(comm)) == "ephemeral-secre" && strings.Contains(string(cg), "/kubepods") && !issuer {
 			var pid int
 			fmt.Sscanf(e.Name(), "%d", &pid)
 			return pid
