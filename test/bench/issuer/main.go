@@ -18,6 +18,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -43,8 +44,9 @@ func main() {
 	burst := flag.Int("burst", 500, "publishes in the burst")
 	nodes := flag.Int("nodes", 50, "simulated nodes the burst comes from")
 	seq := flag.Int("seq", 100, "mints one at a time, in-process and through the issuer")
+	qps := flag.String("kube-api-qps", "", "the issuers' --kube-api-qps (burst: twice it); empty: their default")
 	flag.Parse()
-	if err := run(*out, *burst, *nodes, *seq); err != nil {
+	if err := run(*out, *burst, *nodes, *seq, *qps); err != nil {
 		fmt.Fprintln(os.Stderr, "bench issuer:", err)
 		os.Exit(1)
 	}
@@ -62,13 +64,14 @@ type latency struct {
 }
 
 type results struct {
-	Burst    int                `json:"burst"`
-	Nodes    int                `json:"nodes"`
-	Replicas int                `json:"issuer_replicas"`
-	MaxConns int                `json:"max_conns_per_replica"`
-	Mint     map[string]latency `json:"mint"`
-	Drop     map[string]latency `json:"drop"`
-	Machine  struct {
+	Burst      int                `json:"burst"`
+	KubeAPIQPS string             `json:"issuer_kube_api_qps,omitempty"`
+	Nodes      int                `json:"nodes"`
+	Replicas   int                `json:"issuer_replicas"`
+	MaxConns   int                `json:"max_conns_per_replica"`
+	Mint       map[string]latency `json:"mint"`
+	Drop       map[string]latency `json:"drop"`
+	Machine    struct {
 		CPUs int    `json:"cpus"`
 		Go   string `json:"go"`
 		Date string `json:"date"`
@@ -106,10 +109,10 @@ const (
 
 var params = map[string]string{"connection": "main", "role": "app"}
 
-func run(out string, burst, nodes, seq int) error {
+func run(out string, burst, nodes, seq int, qps string) error {
 	ctx := context.Background()
 	var r results
-	r.Burst, r.Nodes, r.Replicas, r.MaxConns = burst, nodes, replicas, maxConns
+	r.Burst, r.Nodes, r.Replicas, r.MaxConns, r.KubeAPIQPS = burst, nodes, replicas, maxConns, qps
 	r.Mint, r.Drop = map[string]latency{}, map[string]latency{}
 	r.Machine.CPUs, r.Machine.Go, r.Machine.Date = runtime.NumCPU(), runtime.Version(), time.Now().UTC().Format(time.RFC3339)
 
@@ -161,7 +164,15 @@ func run(out string, burst, nodes, seq int) error {
 
 	var issuers []*issuertest.Issuer
 	for i := range replicas {
-		is, err := issuertest.StartIssuer(bin, fmt.Sprintf("issuer-%d", i+1), "", issuerKC, backends, "-v", "0")
+		flags := []string{"-v", "0"}
+		if qps != "" {
+			q, err := strconv.Atoi(qps)
+			if err != nil {
+				return fmt.Errorf("--kube-api-qps: %w", err)
+			}
+			flags = append(flags, "--kube-api-qps", qps, "--kube-api-burst", strconv.Itoa(2*q))
+		}
+		is, err := issuertest.StartIssuer(bin, fmt.Sprintf("issuer-%d", i+1), "", issuerKC, backends, flags...)
 		if err != nil {
 			return err
 		}
