@@ -1,6 +1,6 @@
 // Package cli is the ephemeral-secrets-csi command line: "serve" runs the
-// node plugin (CSI Identity and Node services), "leases" lists the node's
-// live credentials. The binary's main only calls Main; a build with extra
+// node plugin (CSI Identity and Node services), "issuer" the cluster
+// issuer, "leases" lists the node's live credentials. The binary's main only calls Main; a build with extra
 // providers (the benchmark's) passes them in.
 package cli
 
@@ -48,7 +48,7 @@ type Register func(*provider.Registry) error
 // the exit code.
 func Main(version string, args []string, extra ...Register) int {
 	cmd := "serve"
-	if len(args) > 0 && (args[0] == "serve" || args[0] == "leases" || args[0] == "version") {
+	if len(args) > 0 && (args[0] == "serve" || args[0] == "leases" || args[0] == "issuer" || args[0] == "version") {
 		cmd, args = args[0], args[1:]
 	}
 	var err error
@@ -57,6 +57,8 @@ func Main(version string, args []string, extra ...Register) int {
 		err = serve(version, args, extra)
 	case "leases":
 		err = leases(args, os.Stdout)
+	case "issuer":
+		err = issuerCmd(version, args)
 	case "version":
 		fmt.Println(version)
 	}
@@ -79,6 +81,7 @@ type serveFlags struct {
 	limits                                                              limits.Options
 	leaseAPI                                                            leaseapi.Options
 	maxTasks                                                            int
+	issuer                                                              issuerClientFlags
 }
 
 func serve(version string, args []string, extra []Register) error {
@@ -116,8 +119,14 @@ func serve(version string, args []string, extra []Register) error {
 	fs.Float64Var(&f.leaseAPI.Rate, "lease-api-rate", 5, "calls per second one volume's lease socket answers")
 	fs.IntVar(&f.leaseAPI.Burst, "lease-api-burst", 10, "bursts allowed above that rate")
 	fs.IntVar(&f.maxTasks, "max-tasks-per-volume", render.DefaultMaxTasksCap, "cap on a class's maxTasks: live task leases one volume may hold")
+	f.issuer.register(fs)
 	if err := fs.Parse(args); err != nil {
 		return err
+	}
+	if r, err := f.issuer.registerIssuer(f.kubeconfig); err != nil {
+		return err
+	} else if r != nil {
+		extra = append(extra, r)
 	}
 	inCluster := os.Getenv("KUBERNETES_SERVICE_HOST") != ""
 	if f.classes == "" && f.kubeconfig == "" && !inCluster {
