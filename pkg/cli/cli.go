@@ -155,7 +155,7 @@ func serve(version string, args []string, extra []Register) error {
 	if grace <= 0 {
 		grace = time.Minute // the lease manager's default timeout, twice
 	}
-	providers, err := loadBackends(f.backends, extra, grace, f.reapInterval, auditLog, m)
+	providers, err := loadBackends(f.backends, f.issuer.address != "", extra, grace, f.reapInterval, auditLog, m)
 	if err != nil {
 		return err
 	}

@@ -70,7 +70,7 @@ func TestIssuerClientFlags(t *testing.T) {
 			t.Fatal(err)
 		}
 		m := metrics.New(func() metrics.State { return metrics.State{} })
-		return loadBackends(path, []Register{r}, time.Millisecond, time.Hour, audit.New(io.Discard), m)
+		return loadBackends(path, false, []Register{r}, time.Millisecond, time.Hour, audit.New(io.Discard), m)
 	}
 	if _, err := load(fmt.Sprintf(pgConfig, "pw")); err == nil || !strings.Contains(err.Error(), "admin credential belongs to the issuer") {
 		t.Errorf("a postgres section beside the issuer: %v", err)
