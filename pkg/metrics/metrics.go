@@ -22,6 +22,9 @@ const (
 	OpRotate = "rotate"
 	OpRevoke = "revoke"
 	OpExpire = "expire"
+	// OpRecord is a write of the credential's record to the cluster's
+	// inventory (the node's Records).
+	OpRecord = "record"
 )
 
 // Outcomes counted by LeaseOp (revocations also report the audit
