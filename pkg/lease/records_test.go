@@ -4,11 +4,14 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider/postgres"
+	"github.com/ephemeral-secrets/csi-driver/pkg/spc"
 )
 
 // recordLog is a Records that remembers its calls and fails as told: the
@@ -42,7 +45,11 @@ func (r *recordLog) Issued(_ context.Context, rec Record) error {
 	if rec.Pod.UID == "" || rec.VolumeID == "" || rec.Class == "" || rec.Provider == "" || rec.Role == "" {
 		return fmt.Errorf("record %+v lacks what the inventory needs", rec)
 	}
-	return r.call(fmt.Sprintf("issued %s %s", rec.LeaseID, rec.ExpiresAt.UTC().Format(time.RFC3339Nano)))
+	s := fmt.Sprintf("issued %s %s", rec.LeaseID, rec.ExpiresAt.UTC().Format(time.RFC3339Nano))
+	if rec.Task != "" {
+		s += " task " + rec.Task
+	}
+	return r.call(s)
 }
 
 func (r *recordLog) Revoked(_ context.Context, rec Record) error {
@@ -202,4 +209,93 @@ func TestRecordGoneWithdraws(t *testing.T) {
 	checkWithdrawn(t, n, m, v, "after the record went")
 	m.drainRecords(ctx)
 	rl.want(t, "after the withdrawal", "revoked "+id)
+}
+
+// A task lease is recorded with its task and its end, and released when
+// its revocation is confirmed; a restart records the live leases again
+// (a record a crash kept from being written is created then).
+func TestRecordsOfTasksAndAfterARestart(t *testing.T) {
+	ctx := context.Background()
+	n := newNode(t, time.Hour)
+	rl := &recordLog{}
+	m := n.manager(n.store, n.pg, Options{Records: rl})
+	if err := m.Recover(ctx); err != nil {
+		t.Fatal(err)
+	}
+	v := n.volume("tr1")
+	v.Attributes[spc.ClassKey], v.Mount.Class = "db-tasks", "db-tasks"
+	publish(t, m, v)
+	own := issuedCall(m, v.ID)
+	task, err := m.IssueTask(ctx, v.ID, "a", time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	taskCall := fmt.Sprintf("issued %s %s task a", task.LeaseID, task.ExpiresAt.UTC().Format(time.RFC3339Nano))
+	m.drainRecords(ctx)
+	rl.want(t, "after a task's issue", own, taskCall)
+
+	// A restart: a new manager on the same state, its inventory empty.
+	m.Close()
+	rl2 := &recordLog{}
+	m2 := n.manager(n.store, n.pg, Options{Records: rl2})
+	defer m2.Close()
+	if err := m2.Recover(ctx); err != nil {
+		t.Fatal(err)
+	}
+	m2.drainRecords(ctx)
+	got := rl2.log()
+	if len(got) != 2 || !slices.Contains(got, own) || !slices.Contains(got, taskCall) {
+		t.Fatalf("after a restart: %q, want %q and %q", got, own, taskCall)
+	}
+
+	done, err := m2.RevokeTask(ctx, v.ID, "a")
+	if err != nil {
+		t.Fatal(err)
+	}
+	m2.drain(ctx)
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	m2.drainRecords(ctx)
+	rl2.want(t, "after the task's end", append(got, "revoked "+task.LeaseID)...)
+}
+
+// unrevocable is a backend that cannot revoke (as AWS STS): its
+// credentials live until they expire.
+type unrevocable struct{ provider.Provider }
+
+func (unrevocable) Revoke(context.Context, provider.Lease) error {
+	return fmt.Errorf("%w: as an STS session", provider.ErrNotRevocable)
+}
+
+// A credential the backend cannot revoke keeps its record until it
+// expires: the inventory shows what is alive.
+func TestRecordOfAnUnrevocableCredentialGoesAtItsExpiry(t *testing.T) {
+	ctx := context.Background()
+	n := newNode(t, 5*time.Second)
+	rl := &recordLog{}
+	m := n.manager(n.store, unrevocable{n.pg}, Options{Records: rl})
+	defer m.Close()
+	if err := m.Recover(ctx); err != nil {
+		t.Fatal(err)
+	}
+	v := n.volume("u1")
+	publish(t, m, v)
+	first := issuedCall(m, v.ID)
+	m.drainRecords(ctx)
+	m.mu.Lock()
+	l := m.vols[v.ID].lease
+	m.mu.Unlock()
+	unpublish(t, m, v)
+	m.drain(ctx)
+	if m.QueueLength() != 0 {
+		t.Fatal("the unrevocable credential's revocation stays queued")
+	}
+	if wait := m.drainRecords(ctx); wait <= 0 || wait > time.Until(l.ExpiresAt)+time.Second {
+		t.Fatalf("next record call in %v, want at the expiry (%v)", wait, time.Until(l.ExpiresAt))
+	}
+	rl.want(t, "before the expiry", first)
+	time.Sleep(time.Until(l.ExpiresAt) + 10*time.Millisecond)
+	m.drainRecords(ctx)
+	rl.want(t, "after the expiry", first, "revoked "+l.ID)
 }
