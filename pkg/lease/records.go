@@ -1,8 +1,10 @@
 package lease
 
 import (
+	"cmp"
 	"context"
 	"errors"
+	"slices"
 	"sync"
 	"time"
 
@@ -59,6 +61,7 @@ func recordOf(meta storage.Metadata, l provider.Lease) Record {
 type recordQueue struct {
 	mu      sync.Mutex
 	pending map[string]*recordCall // lease ID ->
+	seq     uint64
 	wake    chan struct{}
 }
 
@@ -67,6 +70,7 @@ type recordCall struct {
 	revoked  bool
 	at       time.Time // not before
 	attempts int
+	seq      uint64 // calls are made in the order they were noted
 }
 
 // noteIssued queues the record of l, v's lease (or one of its tasks').
@@ -100,7 +104,8 @@ func (m *Manager) noteRecord(rec Record, revoked bool, at time.Time) {
 	cur := q.pending[rec.LeaseID]
 	// Once revoked, an issue or a renewal noted late changes nothing.
 	if cur == nil || !cur.revoked || revoked {
-		q.pending[rec.LeaseID] = &recordCall{rec: rec, revoked: revoked, at: at}
+		q.seq++
+		q.pending[rec.LeaseID] = &recordCall{rec: rec, revoked: revoked, at: at, seq: q.seq}
 	}
 	q.mu.Unlock()
 	select {
@@ -146,6 +151,8 @@ func (m *Manager) drainRecords(ctx context.Context) time.Duration {
 		due = append(due, c)
 	}
 	q.mu.Unlock()
+	// A rotation's new lease recorded before the old one is released.
+	slices.SortFunc(due, func(a, b *recordCall) int { return cmp.Compare(a.seq, b.seq) })
 	for _, c := range due {
 		if ctx.Err() != nil {
 			return 0
@@ -171,11 +178,11 @@ func (m *Manager) drainRecords(ctx context.Context) time.Duration {
 			}
 		}
 		q.mu.Unlock()
+		// Failures only are counted: Records may pass over a provider it
+		// does not record (postgres, which the issuer records).
 		switch {
 		case err == nil:
-			m.opts.Metrics.LeaseOp(c.rec.Provider, metrics.OpRecord, metrics.Success)
 		case gone:
-			m.opts.Metrics.LeaseOp(c.rec.Provider, metrics.OpRecord, metrics.Success)
 			klog.InfoS("The credential's record was deleted as it was recorded; withdrawing the volume",
 				"volumeID", c.rec.VolumeID, "leaseID", c.rec.LeaseID)
 			go m.withdrawGone(c.rec)

@@ -22,8 +22,8 @@ const (
 	OpRotate = "rotate"
 	OpRevoke = "revoke"
 	OpExpire = "expire"
-	// OpRecord is a write of the credential's record to the cluster's
-	// inventory (the node's Records).
+	// OpRecord is a failed write of the credential's record to the
+	// cluster's inventory (the node's Records; only errors are counted).
 	OpRecord = "record"
 )
 
