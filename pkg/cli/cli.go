@@ -28,6 +28,7 @@ import (
 	"github.com/ephemeral-secrets/csi-driver/pkg/audit"
 	"github.com/ephemeral-secrets/csi-driver/pkg/driver"
 	"github.com/ephemeral-secrets/csi-driver/pkg/events"
+	"github.com/ephemeral-secrets/csi-driver/pkg/inventory"
 	"github.com/ephemeral-secrets/csi-driver/pkg/issuer"
 	"github.com/ephemeral-secrets/csi-driver/pkg/lease"
 	"github.com/ephemeral-secrets/csi-driver/pkg/leaseapi"
@@ -77,7 +78,7 @@ type serveFlags struct {
 	sweep, retryMin, retryMax, backendTimeout, rotationGrace            time.Duration
 	backendReload, reapInterval                                         time.Duration
 	renewFraction                                                       float64
-	tokensInSecrets, watchInventory                                     bool
+	tokensInSecrets, watchInventory, recordCredentials                  bool
 	limits                                                              limits.Options
 	leaseAPI                                                            leaseapi.Options
 	maxTasks                                                            int
@@ -95,6 +96,7 @@ func serve(version string, args []string, extra []Register) error {
 	fs.StringVar(&f.kubeletDir, "kubelet-dir", "/var/lib/kubelet", "kubelet root directory: targets must be under its pods/")
 	fs.StringVar(&f.classes, "classes-file", "", "YAML file of SecretProviderClass documents, instead of the cluster's")
 	fs.BoolVar(&f.watchInventory, "watch-credentials", true, "in a cluster, watch the node's Credential records: deleting one (the kill switch) withdraws its volume's credential")
+	fs.BoolVar(&f.recordCredentials, "record-credentials", true, "in a cluster, record each credential the node revokes itself (every provider but postgres, which the issuer records) as a Credential held by the node's finalizer")
 	fs.StringVar(&f.kubeconfig, "kubeconfig", "", "kubeconfig for the Kubernetes API; empty: the in-cluster service account")
 	fs.StringVar(&f.backends, "backend-config", "", "YAML file configuring the backends (admin credentials; mount it from a Secret)")
 	fs.DurationVar(&f.backendReload, "backend-reload-interval", 10*time.Second, "how often the backend file is checked for a change (a new Secret from kubelet); 0: never, read at start only")
@@ -198,6 +200,14 @@ func serve(version string, args []string, extra []Register) error {
 		}
 		classes = fr
 	}
+	var records lease.Records
+	if apiConfig != nil && f.recordCredentials {
+		ic, err := inventory.NewClient(apiConfig)
+		if err != nil {
+			return err
+		}
+		records = newNodeRecords(ic, f.nodeID)
+	}
 	f.leaseAPI.Dir, f.leaseAPI.Audit, f.leaseAPI.Metric = store.DataDir, auditLog, m
 	sockets := leaseapi.New(f.leaseAPI)
 	mgr = lease.New(lease.Options{
@@ -208,6 +218,7 @@ func serve(version string, args []string, extra []Register) error {
 		BackendTimeout: f.backendTimeout, SweepInterval: f.sweep,
 		Render:  render.Limits{MaxBytes: f.maxVolumeBytes, MaxTasks: f.maxTasks},
 		Sockets: sockets,
+		Records: records,
 	})
 	sockets.Leases = mgr
 	defer sockets.Shutdown()
