@@ -203,13 +203,14 @@ fuzz:
 	$(GO) test ./pkg/render -run '^$$' -fuzz '^FuzzRenderIsBounded$$' -fuzztime $(FUZZTIME)
 
 clean:
-	rm -rf bin bench-results.json bench-cluster-results.json
+	rm -rf bin bench-results.json bench-issuer-results.json bench-cluster-results.json
 
 # The benchmark: the driver over its real socket beside the syscall floor;
 # prints a table and writes bench-results.json. Then the hot functions.
-bench: postgres
+bench: postgres kube
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "$(LDFLAGS)" -o bin/bench-driver ./test/bench/driver
 	$(GO) run ./test/bench --driver bin/bench-driver --out bench-results.json
+	$(GO) run ./test/bench/issuer --out bench-issuer-results.json
 	$(GO) test -run '^$$' -bench . -benchmem -benchtime 2000x ./pkg/storage ./pkg/render
 	$(GO) test -run '^$$' -bench . -benchtime 200x ./pkg/issuer
 

@@ -111,10 +111,14 @@ type backends struct {
 	extra []Register
 	// grace is how long replaced providers stay open: every call with
 	// them is bounded by the backend timeout, so after it none is left.
-	grace   time.Duration
-	reap    time.Duration // the in-process issuer's reap interval
-	audit   *audit.Logger
-	metrics *metrics.Metrics
+	grace time.Duration
+	reap  time.Duration // the in-process issuer's reap interval
+	// optional: a missing file is an empty configuration (the node
+	// plugin of a cluster whose issuer serves PostgreSQL needs none; the
+	// chart mounts its Secret optional), loaded when it appears.
+	optional bool
+	audit    *audit.Logger
+	metrics  *metrics.Metrics
 
 	reg *provider.Registry // shared with the lease manager; swapped in place
 
@@ -128,8 +132,8 @@ type backends struct {
 
 // loadBackends loads generation 1 of the backend file (none with an empty
 // path) and the providers of extra.
-func loadBackends(path string, extra []Register, grace, reap time.Duration, al *audit.Logger, m *metrics.Metrics) (*backends, error) {
-	b := &backends{path: path, extra: extra, grace: grace, reap: reap, audit: al, metrics: m, reg: &provider.Registry{}}
+func loadBackends(path string, optional bool, extra []Register, grace, reap time.Duration, al *audit.Logger, m *metrics.Metrics) (*backends, error) {
+	b := &backends{path: path, optional: optional, extra: extra, grace: grace, reap: reap, audit: al, metrics: m, reg: &provider.Registry{}}
 	var data []byte
 	var version [sha256.Size]byte
 	if path != "" {
@@ -229,6 +233,9 @@ func (b *backends) read() ([]byte, [sha256.Size]byte, error) {
 	var sum [sha256.Size]byte
 	before, _ := filepath.EvalSymlinks(b.path)
 	data, err := os.ReadFile(b.path)
+	if b.optional && errors.Is(err, os.ErrNotExist) {
+		data, err = nil, nil // hashed as the empty file at no path
+	}
 	if err != nil {
 		return nil, sum, fmt.Errorf("backend config: %w", err)
 	}

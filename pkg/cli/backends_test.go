@@ -6,6 +6,7 @@ import (
 	"io"
 	"net/http/httptest"
 	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -60,7 +61,7 @@ func TestReloadCountsEachBadVersionOnce(t *testing.T) {
 	path := kubeletWrite(t, dir, good)
 	m := metrics.New(func() metrics.State { return metrics.State{} })
 	var auditOut bytes.Buffer
-	b, err := loadBackends(path, nil, time.Millisecond, time.Hour, audit.New(&auditOut), m)
+	b, err := loadBackends(path, false, nil, time.Millisecond, time.Hour, audit.New(&auditOut), m)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -109,5 +110,36 @@ func TestReloadCountsEachBadVersionOnce(t *testing.T) {
 	}
 	if n := strings.Count(auditOut.String(), `"stage":"config"`); n != 4 {
 		t.Errorf("%d config records, want 4 (load, broken, unreadable, reload):\n%s", n, auditOut.String())
+	}
+}
+
+// TestOptionalBackendFileMayBeMissing: a node plugin whose issuer serves
+// PostgreSQL starts without a backend file (the chart mounts its Secret
+// optional) and loads the file when kubelet writes it; a required file
+// that is missing stops the start.
+func TestOptionalBackendFileMayBeMissing(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	path := filepath.Join(dir, "backends.yaml")
+	m := metrics.New(func() metrics.State { return metrics.State{} })
+	if _, err := loadBackends(path, false, nil, time.Millisecond, time.Hour, audit.New(io.Discard), m); err == nil {
+		t.Fatal("a missing required backend file loaded")
+	}
+	b, err := loadBackends(path, true, nil, time.Millisecond, time.Hour, audit.New(io.Discard), m)
+	if err != nil {
+		t.Fatalf("a missing optional backend file: %v", err)
+	}
+	defer b.Close()
+	if names := b.reg.Names(); len(names) != 0 {
+		t.Fatalf("providers %v from no file", names)
+	}
+	b.Reload(ctx)
+	if body := scrape(t, m); !strings.Contains(body, "ephemeral_secrets_backend_config_reload_errors_total 0\n") {
+		t.Error("a still-missing optional file counted as a reload error")
+	}
+	kubeletWrite(t, dir, strings.Replace(pgConfig, "%s", "secret", 1))
+	b.Reload(ctx)
+	if _, ok := b.reg.Get("postgres"); !ok {
+		t.Fatalf("the file written later was not loaded: %v", b.reg.Names())
 	}
 }

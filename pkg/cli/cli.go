@@ -1,6 +1,6 @@
 // Package cli is the ephemeral-secrets-csi command line: "serve" runs the
-// node plugin (CSI Identity and Node services), "leases" lists the node's
-// live credentials. The binary's main only calls Main; a build with extra
+// node plugin (CSI Identity and Node services), "issuer" the cluster
+// issuer, "leases" lists the node's live credentials. The binary's main only calls Main; a build with extra
 // providers (the benchmark's) passes them in.
 package cli
 
@@ -28,6 +28,7 @@ import (
 	"github.com/ephemeral-secrets/csi-driver/pkg/audit"
 	"github.com/ephemeral-secrets/csi-driver/pkg/driver"
 	"github.com/ephemeral-secrets/csi-driver/pkg/events"
+	"github.com/ephemeral-secrets/csi-driver/pkg/inventory"
 	"github.com/ephemeral-secrets/csi-driver/pkg/issuer"
 	"github.com/ephemeral-secrets/csi-driver/pkg/lease"
 	"github.com/ephemeral-secrets/csi-driver/pkg/leaseapi"
@@ -48,7 +49,7 @@ type Register func(*provider.Registry) error
 // the exit code.
 func Main(version string, args []string, extra ...Register) int {
 	cmd := "serve"
-	if len(args) > 0 && (args[0] == "serve" || args[0] == "leases" || args[0] == "version") {
+	if len(args) > 0 && (args[0] == "serve" || args[0] == "leases" || args[0] == "issuer" || args[0] == "version") {
 		cmd, args = args[0], args[1:]
 	}
 	var err error
@@ -57,6 +58,8 @@ func Main(version string, args []string, extra ...Register) int {
 		err = serve(version, args, extra)
 	case "leases":
 		err = leases(args, os.Stdout)
+	case "issuer":
+		err = issuerCmd(version, args)
 	case "version":
 		fmt.Println(version)
 	}
@@ -75,10 +78,11 @@ type serveFlags struct {
 	sweep, retryMin, retryMax, backendTimeout, rotationGrace            time.Duration
 	backendReload, reapInterval                                         time.Duration
 	renewFraction                                                       float64
-	tokensInSecrets, watchInventory                                     bool
+	tokensInSecrets, watchInventory, recordCredentials                  bool
 	limits                                                              limits.Options
 	leaseAPI                                                            leaseapi.Options
 	maxTasks                                                            int
+	issuer                                                              issuerClientFlags
 }
 
 func serve(version string, args []string, extra []Register) error {
@@ -92,6 +96,7 @@ func serve(version string, args []string, extra []Register) error {
 	fs.StringVar(&f.kubeletDir, "kubelet-dir", "/var/lib/kubelet", "kubelet root directory: targets must be under its pods/")
 	fs.StringVar(&f.classes, "classes-file", "", "YAML file of SecretProviderClass documents, instead of the cluster's")
 	fs.BoolVar(&f.watchInventory, "watch-credentials", true, "in a cluster, watch the node's Credential records: deleting one (the kill switch) withdraws its volume's credential")
+	fs.BoolVar(&f.recordCredentials, "record-credentials", true, "in a cluster, record each credential the node revokes itself (every provider but postgres, which the issuer records) as a Credential held by the node's finalizer")
 	fs.StringVar(&f.kubeconfig, "kubeconfig", "", "kubeconfig for the Kubernetes API; empty: the in-cluster service account")
 	fs.StringVar(&f.backends, "backend-config", "", "YAML file configuring the backends (admin credentials; mount it from a Secret)")
 	fs.DurationVar(&f.backendReload, "backend-reload-interval", 10*time.Second, "how often the backend file is checked for a change (a new Secret from kubelet); 0: never, read at start only")
@@ -116,8 +121,14 @@ func serve(version string, args []string, extra []Register) error {
 	fs.Float64Var(&f.leaseAPI.Rate, "lease-api-rate", 5, "calls per second one volume's lease socket answers")
 	fs.IntVar(&f.leaseAPI.Burst, "lease-api-burst", 10, "bursts allowed above that rate")
 	fs.IntVar(&f.maxTasks, "max-tasks-per-volume", render.DefaultMaxTasksCap, "cap on a class's maxTasks: live task leases one volume may hold")
+	f.issuer.register(fs)
 	if err := fs.Parse(args); err != nil {
 		return err
+	}
+	if r, err := f.issuer.registerIssuer(f.kubeconfig); err != nil {
+		return err
+	} else if r != nil {
+		extra = append(extra, r)
 	}
 	inCluster := os.Getenv("KUBERNETES_SERVICE_HOST") != ""
 	if f.classes == "" && f.kubeconfig == "" && !inCluster {
@@ -146,7 +157,7 @@ func serve(version string, args []string, extra []Register) error {
 	if grace <= 0 {
 		grace = time.Minute // the lease manager's default timeout, twice
 	}
-	providers, err := loadBackends(f.backends, extra, grace, f.reapInterval, auditLog, m)
+	providers, err := loadBackends(f.backends, f.issuer.address != "", extra, grace, f.reapInterval, auditLog, m)
 	if err != nil {
 		return err
 	}
@@ -189,6 +200,14 @@ func serve(version string, args []string, extra []Register) error {
 		}
 		classes = fr
 	}
+	var records lease.Records
+	if apiConfig != nil && f.recordCredentials {
+		ic, err := inventory.NewClient(apiConfig)
+		if err != nil {
+			return err
+		}
+		records = newNodeRecords(ic, f.nodeID)
+	}
 	f.leaseAPI.Dir, f.leaseAPI.Audit, f.leaseAPI.Metric = store.DataDir, auditLog, m
 	sockets := leaseapi.New(f.leaseAPI)
 	mgr = lease.New(lease.Options{
@@ -199,6 +218,7 @@ func serve(version string, args []string, extra []Register) error {
 		BackendTimeout: f.backendTimeout, SweepInterval: f.sweep,
 		Render:  render.Limits{MaxBytes: f.maxVolumeBytes, MaxTasks: f.maxTasks},
 		Sockets: sockets,
+		Records: records,
 	})
 	sockets.Leases = mgr
 	defer sockets.Shutdown()

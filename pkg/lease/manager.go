@@ -83,6 +83,9 @@ type Options struct {
 	// Sockets serves the lease sockets of volumes whose class asks for
 	// one; nil serves none (such a publish is refused).
 	Sockets Sockets
+	// Records records each lease outside the node (the cluster's
+	// inventory) as it is issued, renewed and revoked; nil records none.
+	Records Records
 }
 
 // Volume is what NodePublishVolume asks for, validated by the caller.
@@ -117,6 +120,8 @@ type Manager struct {
 	seen map[string]time.Time // "namespace/serviceaccount/class" -> first request; under mu
 
 	confirmed map[string]*waiter // lease ID -> who waits for its revocation; under mu
+
+	records recordQueue // calls of opts.Records not yet made
 }
 
 // volume is the in-memory state of one published volume. Its fields
@@ -169,6 +174,7 @@ func New(opts Options) *Manager {
 		opts: opts, ctx: ctx, cancel: cancel,
 		vols: map[string]*volume{}, wake: make(chan struct{}, 1), retryAt: map[string]time.Time{},
 		seen: map[string]time.Time{}, confirmed: map[string]*waiter{},
+		records: recordQueue{pending: map[string]*recordCall{}, wake: make(chan struct{}, 1)},
 	}
 }
 
@@ -391,6 +397,7 @@ func (m *Manager) publishNew(ctx context.Context, v Volume) error {
 	m.vols[v.ID] = vol
 	m.mu.Unlock()
 	m.scheduleRenewal(vol)
+	m.noteIssued(meta, l)
 	m.audit(withExpiry(withStage(rec, audit.Issue), l.ExpiresAt), audit.Success, nil)
 	m.opts.Metrics.LeaseOp(class.Provider, metrics.OpIssue, metrics.Success)
 	return nil

@@ -128,8 +128,15 @@ func (m *Manager) recoverVolume(ctx context.Context, id string) (bool, error) {
 	m.vols[id] = v
 	m.mu.Unlock()
 	m.scheduleRenewal(v)
+	// Recorded again: a record written before the restart is updated, one
+	// a crash kept from being written is created.
+	m.noteIssued(v.meta, v.lease)
 	for task, t := range v.meta.Tasks {
 		m.armTask(v, task, t.ExpiresAt) // one past its end ends at once
+		if l, ok := v.tasks[task]; ok {
+			l.ExpiresAt = t.ExpiresAt
+			m.noteIssued(v.meta, l)
+		}
 	}
 	m.openSocket(v)
 	klog.V(2).InfoS("Resumed volume", "volumeID", id, "leaseID", v.lease.ID, "expiresAt", v.lease.ExpiresAt)

@@ -370,6 +370,7 @@ func (m *Manager) install(v *volume, l provider.Lease, granted time.Time, rotate
 	v.meta, v.lease, v.failures, v.granted = meta, l, 0, granted
 	m.mu.Unlock()
 	m.scheduleRenewal(v)
+	m.noteIssued(meta, l)
 	return nil
 }
 

@@ -47,6 +47,7 @@ func (m *Manager) kick() {
 // Run works the revocation queue and sweeps for volumes whose target
 // vanished, until ctx is cancelled.
 func (m *Manager) Run(ctx context.Context) {
+	go m.runRecords(ctx)
 	sweep := time.NewTicker(m.opts.SweepInterval)
 	defer sweep.Stop()
 	next := time.NewTimer(0)
@@ -63,14 +64,18 @@ func (m *Manager) Run(ctx context.Context) {
 		case <-m.wake:
 		case <-next.C:
 		}
-		wait := m.drain(ctx)
-		next.Stop()
-		select {
-		case <-next.C:
-		default:
-		}
-		next.Reset(wait)
+		rearm(next, m.drain(ctx))
 	}
+}
+
+// rearm makes t fire after d, whether or not it fired already.
+func rearm(t *time.Timer, d time.Duration) {
+	t.Stop()
+	select {
+	case <-t.C:
+	default:
+	}
+	t.Reset(d)
 }
 
 // drain attempts every due revocation once and returns how long until the
@@ -132,6 +137,7 @@ func (m *Manager) revokeOne(ctx context.Context, r storage.Revocation) (time.Dur
 		}
 		delete(m.retryAt, r.Lease.ID)
 		m.confirm(r.Lease.ID, err)
+		m.noteRevoked(r, err != nil)
 		m.audit(rec, outcome, nil)
 		m.opts.Metrics.LeaseOp(r.Lease.Provider, metrics.OpRevoke, outcome)
 		klog.V(2).InfoS("Revoked lease", "leaseID", r.Lease.ID, "volumeID", r.VolumeID, "outcome", outcome)

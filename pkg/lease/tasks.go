@@ -246,6 +246,9 @@ func (m *Manager) IssueTask(ctx context.Context, volumeID, task string, ttl time
 		return undo(l, fmt.Errorf("recording the task: %w", err))
 	}
 	m.armTask(v, task, end)
+	tl := l
+	tl.ExpiresAt = end
+	m.noteIssued(v.meta, tl)
 	rec.Role = l.Role
 	m.audit(withExpiry(withStage(rec, audit.Issue), end), audit.Success, nil)
 	m.opts.Metrics.LeaseOp(v.meta.Provider, metrics.OpIssue, metrics.Success)

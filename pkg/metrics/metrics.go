@@ -22,6 +22,9 @@ const (
 	OpRotate = "rotate"
 	OpRevoke = "revoke"
 	OpExpire = "expire"
+	// OpRecord is a failed write of the credential's record to the
+	// cluster's inventory (the node's Records; only errors are counted).
+	OpRecord = "record"
 )
 
 // Outcomes counted by LeaseOp (revocations also report the audit

@@ -77,9 +77,11 @@ func (k *Kubelet) Close() error { return k.conn.Close() }
 // Conn is the gRPC connection, for the Identity service.
 func (k *Kubelet) Conn() *grpc.ClientConn { return k.conn }
 
-// VolumeID is the ID kubelet gives an inline volume: a hash of pod and volume.
+// VolumeID is the ID kubelet gives an inline volume: "csi-" and the
+// SHA-256 of the pod's UID followed by the volume's name (kubelet's
+// makeVolumeHandle, pkg/volume/csi). The issuer checks it against the pod.
 func VolumeID(pod Pod, volume string) string {
-	sum := sha256.Sum256([]byte(pod.UID + "/" + volume))
+	sum := sha256.Sum256([]byte(pod.UID + volume))
 	return "csi-" + hex.EncodeToString(sum[:])
 }
 

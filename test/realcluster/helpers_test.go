@@ -80,7 +80,9 @@ func driverPod(t *testing.T) *corev1.Pod {
 	t.Helper()
 	var pod *corev1.Pod
 	harness.Eventually(t, 2*time.Minute, "a running driver pod", func() (bool, error) {
-		pods, err := cluster.Clients.CoreV1().Pods(node.Namespace).List(context.Background(), metav1.ListOptions{})
+		// The node plugin's, not the issuer's (whose names share the prefix).
+		pods, err := cluster.Clients.CoreV1().Pods(node.Namespace).List(context.Background(),
+			metav1.ListOptions{LabelSelector: "app.kubernetes.io/component=node"})
 		if err != nil {
 			return false, err
 		}

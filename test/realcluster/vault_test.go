@@ -5,6 +5,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -14,9 +15,11 @@ import (
 	authenticationv1 "k8s.io/api/authentication/v1"
 	corev1 "k8s.io/api/core/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"sigs.k8s.io/yaml"
 
+	"github.com/ephemeral-secrets/csi-driver/pkg/apis/ephemeralsecrets/v1alpha1"
 	"github.com/ephemeral-secrets/csi-driver/test/harness"
 	"github.com/ephemeral-secrets/csi-driver/test/kube"
 	"github.com/ephemeral-secrets/csi-driver/test/node"
@@ -91,6 +94,13 @@ func testVaultExample(t *testing.T) {
 		t.Fatalf("db-check did not log in with a Vault database user:\n%s", podLogs(t, "ai-agents", "research-agent", "agent"))
 	}
 	user := m[1]
+	// The node plugin records the Vault lease it will revoke itself.
+	cred := credentialOf(t, pod)
+	if cred.Spec.Provider != "vault" || cred.Spec.Node != node.Name || !slices.Contains(cred.Finalizers, v1alpha1.FinalizerNodeRevoke) ||
+		slices.Contains(cred.Finalizers, v1alpha1.FinalizerRevoke) || cred.Status.ExpiresAt == nil {
+		t.Fatalf("Credential %s: provider %q, node %q, finalizers %v, expires %v; want vault, %s, the node's finalizer alone, an expiry",
+			cred.Name, cred.Spec.Provider, cred.Spec.Node, cred.Finalizers, cred.Status.ExpiresAt, node.Name)
+	}
 	harness.RememberSecret(volumeFile(t, pod, "vault", "db-password"))
 	if key := volumeFile(t, pod, "vault", "openai-key"); !strings.HasPrefix(key, "sk-test-") {
 		t.Fatalf("openai-key holds %d bytes of something else", len(key))
@@ -102,6 +112,13 @@ func testVaultExample(t *testing.T) {
 	// the database user.
 	deletePod(t, "ai-agents", "research-agent")
 	roleGone(t, user, 2*time.Minute)
+	harness.Eventually(t, time.Minute, "the Credential of the deleted pod gone", func() (bool, error) {
+		_, err := inventoryClient(t).Get(ctx, cred.Namespace, cred.Name)
+		if apierrors.IsNotFound(err) {
+			return true, nil
+		}
+		return false, err
+	})
 }
 
 // setupVault configures Vault as its admin would for the example: the

@@ -1,0 +1,390 @@
+package cli
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes"
+	corev1client "k8s.io/client-go/kubernetes/typed/core/v1"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/cache"
+	"k8s.io/client-go/tools/clientcmd"
+	"k8s.io/client-go/tools/leaderelection"
+	"k8s.io/client-go/tools/leaderelection/resourcelock"
+	"k8s.io/klog/v2"
+	"sigs.k8s.io/yaml"
+
+	"github.com/ephemeral-secrets/csi-driver/pkg/audit"
+	"github.com/ephemeral-secrets/csi-driver/pkg/inventory"
+	"github.com/ephemeral-secrets/csi-driver/pkg/issuer"
+	"github.com/ephemeral-secrets/csi-driver/pkg/issuer/remote"
+	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
+	"github.com/ephemeral-secrets/csi-driver/pkg/provider/postgres"
+)
+
+type issuerFlags struct {
+	listen, metricsAddr, kubeconfig, namespace, backends, auditLog  string
+	tlsSecret, caConfigMap, service, clusterDomain, dnsNames        string
+	audience, driverNamespace, driverServiceAccount, leaseName, id  string
+	reap, requestTimeout, reviewCache, leaseDuration, renewDeadline time.Duration
+	retryPeriod, certValidity                                       time.Duration
+	qps                                                             float64
+	burst                                                           int
+}
+
+// issuerCmd runs the cluster issuer: the only holder of the database's
+// admin credential. Every replica serves node plugins over HTTPS (each
+// decision reads the database and the API afresh, so replicas need not
+// agree on anything); the leader alone reaps expired roles and runs the
+// inventory's controller.
+func issuerCmd(version string, args []string) error {
+	fs := flag.NewFlagSet("issuer", flag.ContinueOnError)
+	klog.InitFlags(fs)
+	host, _ := os.Hostname()
+	var f issuerFlags
+	fs.StringVar(&f.listen, "listen-address", ":8443", "where node plugins' HTTPS requests are served")
+	fs.StringVar(&f.metricsAddr, "metrics-address", ":9811", "where /metrics, /healthz and /readyz are served; empty: nowhere")
+	fs.StringVar(&f.kubeconfig, "kubeconfig", "", "kubeconfig for the Kubernetes API; empty: the in-cluster service account")
+	fs.StringVar(&f.namespace, "namespace", os.Getenv("POD_NAMESPACE"), "the issuer's namespace: its TLS Secret, CA ConfigMap and leader Lease live there (default $POD_NAMESPACE, else the service account's)")
+	fs.StringVar(&f.backends, "backend-config", "", "YAML file with the postgres section of the backend configuration (admin credentials; mount it from a Secret)")
+	fs.StringVar(&f.auditLog, "audit-log", "-", "where audit records go: - for stdout, or a file path")
+	fs.StringVar(&f.tlsSecret, "tls-secret", "ephemeral-secrets-csi-issuer-tls", "Secret holding the issuer's signer and serving certificate (made if missing)")
+	fs.StringVar(&f.caConfigMap, "ca-configmap", "ephemeral-secrets-csi-issuer-ca", "ConfigMap where the signer's certificate is published for node plugins (ca.crt)")
+	fs.StringVar(&f.service, "service-name", "ephemeral-secrets-csi-issuer", "the issuer's Service: its DNS names are in the serving certificate")
+	fs.StringVar(&f.clusterDomain, "cluster-domain", "cluster.local", "the cluster's DNS domain")
+	fs.StringVar(&f.dnsNames, "tls-dns-names", "", "more DNS names for the serving certificate, comma-separated")
+	fs.DurationVar(&f.certValidity, "tls-validity", 90*24*time.Hour, "validity of a serving certificate; renewed with a third left")
+	fs.StringVar(&f.audience, "audience", remote.Audience, "audience node plugins' tokens must have")
+	fs.StringVar(&f.driverNamespace, "driver-namespace", "", "namespace of the driver's DaemonSet (default: the issuer's)")
+	fs.StringVar(&f.driverServiceAccount, "driver-service-account", "ephemeral-secrets-csi", "service account of the driver's DaemonSet: the only caller allowed")
+	fs.DurationVar(&f.reviewCache, "token-review-cache", 10*time.Second, "how long a TokenReview's answer is reused")
+	fs.DurationVar(&f.reap, "reap-interval", issuer.DefaultReapInterval, "how often the leader drops expired and unrecorded roles")
+	fs.DurationVar(&f.requestTimeout, "request-timeout", 30*time.Second, "bound on one request's work")
+	fs.StringVar(&f.leaseName, "leader-election-lease", "ephemeral-secrets-csi-issuer", "coordination.k8s.io Lease the replicas elect a leader with")
+	fs.StringVar(&f.id, "leader-election-identity", host, "this replica's identity in the Lease")
+	fs.DurationVar(&f.leaseDuration, "leader-election-lease-duration", 15*time.Second, "how long a leader's Lease holds without renewal")
+	fs.DurationVar(&f.renewDeadline, "leader-election-renew-deadline", 10*time.Second, "how long a leader tries to renew before it gives up leading")
+	fs.DurationVar(&f.retryPeriod, "leader-election-retry-period", 2*time.Second, "how often replicas try to acquire or renew the Lease")
+	fs.Float64Var(&f.qps, "kube-api-qps", 100, "requests per second to the Kubernetes API (a mint or an extension reads its pod, a new token is reviewed); the API server's priority and fairness protects it")
+	fs.IntVar(&f.burst, "kube-api-burst", 200, "bursts allowed above --kube-api-qps")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	cfg, err := readIssuerConfig(f.backends)
+	if err != nil {
+		return err
+	}
+	if f.namespace == "" {
+		ns, err := os.ReadFile("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+		if err != nil {
+			return errors.New("no namespace: give --namespace or set POD_NAMESPACE")
+		}
+		f.namespace = strings.TrimSpace(string(ns))
+	}
+	if f.driverNamespace == "" {
+		f.driverNamespace = f.namespace
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+
+	rc, err := clientcmd.BuildConfigFromFlags("", f.kubeconfig)
+	if err != nil {
+		return fmt.Errorf("kubernetes client: %w", err)
+	}
+	rc.UserAgent = "ephemeral-secrets-csi-issuer/" + version
+	// client-go's default (5 per second) would hold a burst of publishes
+	// for minutes: each needs a fresh GET of its pod.
+	rc.QPS, rc.Burst = float32(f.qps), f.burst
+	cs, err := kubernetes.NewForConfig(rc)
+	if err != nil {
+		return err
+	}
+	auditOut, closeAudit, err := openAudit(f.auditLog)
+	if err != nil {
+		return err
+	}
+	defer closeAudit()
+
+	plugins, err := issuerPlugins(ctx, rc, cs.CoreV1())
+	if err != nil {
+		return err
+	}
+	iss, err := issuer.New(issuer.Options{
+		Config: cfg, PodCheck: issuer.APIPodCheck(cs.CoreV1()), Inventory: plugins.Inventory,
+		ReapInterval: f.reap, Audit: audit.New(auditOut),
+	})
+	if err != nil {
+		return err
+	}
+	defer iss.Close()
+
+	svc := f.service + "." + f.namespace
+	names := []string{svc + ".svc", svc + ".svc." + f.clusterDomain, svc, f.service}
+	for n := range strings.SplitSeq(f.dnsNames, ",") {
+		if n = strings.TrimSpace(n); n != "" {
+			names = append(names, n)
+		}
+	}
+	certs, err := remote.NewCerts(cs, remote.CertOptions{Namespace: f.namespace, Secret: f.tlsSecret, ConfigMap: f.caConfigMap,
+		DNSNames: names, Validity: f.certValidity})
+	if err != nil {
+		return err
+	}
+	if err := certs.Run(ctx, 10*time.Minute); err != nil {
+		return err
+	}
+	reviewer, err := remote.NewTokenReviewer(cs.AuthenticationV1().TokenReviews(), remote.ReviewOptions{
+		Audience: f.audience, Namespace: f.driverNamespace, ServiceAccount: f.driverServiceAccount, CacheTTL: f.reviewCache})
+	if err != nil {
+		return err
+	}
+	m := newIssuerMetrics()
+	srv := remote.NewServer(remote.ServerOptions{Authority: iss, Authenticator: reviewer, Timeout: f.requestTimeout, Observe: m.observe})
+	l, err := net.Listen("tcp", f.listen)
+	if err != nil {
+		return fmt.Errorf("listen address: %w", err)
+	}
+	klog.InfoS("Serving node plugins", "address", l.Addr().String(), "dnsNames", names)
+	if f.metricsAddr != "" {
+		ml, err := net.Listen("tcp", f.metricsAddr)
+		if err != nil {
+			return fmt.Errorf("metrics address: %w", err)
+		}
+		hs := &http.Server{Handler: m.handler(certs.Ready), ReadHeaderTimeout: 10 * time.Second}
+		go func() { _ = hs.Serve(ml) }()
+		defer hs.Close()
+	}
+	elected := make(chan struct{})
+	go func() {
+		defer close(elected)
+		lead(ctx, cs, f, m, func(lctx context.Context) {
+			if plugins.RunController != nil {
+				go func() {
+					if err := plugins.RunController(lctx, iss); err != nil && lctx.Err() == nil {
+						klog.ErrorS(err, "Inventory controller stopped")
+					}
+				}()
+			}
+			iss.Run(lctx)
+		})
+	}()
+	err = srv.Serve(ctx, l, certs.GetCertificate)
+	stop()
+	<-elected // the Lease is released before the process goes: the other replica leads at once
+	return err
+}
+
+// readIssuerConfig reads the postgres section of the backend file; its
+// errors never quote the file (admin credentials).
+func readIssuerConfig(path string) (postgres.Config, error) {
+	if path == "" {
+		return postgres.Config{}, errors.New("--backend-config is required: the issuer holds the postgres admin configuration")
+	}
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return postgres.Config{}, fmt.Errorf("backend config: %w", err)
+	}
+	var cfg backendConfig
+	if err := yaml.UnmarshalStrict(data, &cfg); err != nil {
+		return postgres.Config{}, fmt.Errorf("backend config %s: not valid (check its keys and indentation)", path)
+	}
+	if cfg.Postgres == nil {
+		return postgres.Config{}, fmt.Errorf("backend config %s: no postgres section", path)
+	}
+	return *cfg.Postgres, nil
+}
+
+// plugins are what the inventory (pkg/inventory) adds to the issuer.
+type plugins struct {
+	// Inventory records every credential (every replica writes).
+	Inventory issuer.Inventory
+	// RunController runs the inventory's controller on the leader until
+	// ctx is done (the leader's term).
+	RunController func(ctx context.Context, iss *issuer.Issuer) error
+}
+
+// issuerPlugins wires the inventory: one informer of every Credential,
+// run on every replica (the Recorder reads its records from it), and the
+// Controller, run by the leader, that revokes through the issuer the
+// credential of a record being deleted (the Pod gone, the kill switch).
+func issuerPlugins(ctx context.Context, rc *rest.Config, pods corev1client.PodsGetter) (plugins, error) {
+	c, err := inventory.NewClient(rc)
+	if err != nil {
+		return plugins{}, err
+	}
+	inf := inventory.NewInformer(c, "", 0)
+	go inf.Run(ctx.Done())
+	sctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+	defer cancel()
+	if !cache.WaitForCacheSync(sctx.Done(), inf.HasSynced) {
+		return plugins{}, errors.New("the inventory's Credentials did not sync (is the CRD installed?)")
+	}
+	return plugins{
+		Inventory: inventory.NewRecorder(c, inf),
+		RunController: func(ctx context.Context, iss *issuer.Issuer) error {
+			revoke := func(ctx context.Context, e issuer.Entry) error {
+				conn, role, _ := strings.Cut(e.Role, "/")
+				return iss.Drop(ctx, issuer.Caller{}, postgres.DropRequest{LeaseID: e.LeaseID, Name: e.Name,
+					Params: map[string]string{postgres.ConnectionParam: conn, postgres.RoleParam: role}})
+			}
+			return inventory.NewController(c, inf, pods, revoke, inventory.ControllerOptions{}).Run(ctx, 2)
+		},
+	}, nil
+}
+
+// lead takes part in the election until ctx is done, and runs work
+// while it leads (ctx of work ends when leadership does). A replica that
+// loses the Lease stands again.
+func lead(ctx context.Context, cs kubernetes.Interface, f issuerFlags, m *issuerMetrics, work func(context.Context)) {
+	lock := &resourcelock.LeaseLock{
+		LeaseMeta:  metav1.ObjectMeta{Namespace: f.namespace, Name: f.leaseName},
+		Client:     cs.CoordinationV1(),
+		LockConfig: resourcelock.ResourceLockConfig{Identity: f.id},
+	}
+	for ctx.Err() == nil {
+		le, err := leaderelection.NewLeaderElector(leaderelection.LeaderElectionConfig{
+			Lock: lock, ReleaseOnCancel: true, Name: f.leaseName,
+			LeaseDuration: f.leaseDuration, RenewDeadline: f.renewDeadline, RetryPeriod: f.retryPeriod,
+			Callbacks: leaderelection.LeaderCallbacks{
+				OnStartedLeading: func(lctx context.Context) {
+					klog.InfoS("Leading: reaping and running the inventory controller", "identity", f.id)
+					m.leader.Set(1)
+					work(lctx)
+				},
+				OnStoppedLeading: func() {
+					m.leader.Set(0)
+					klog.InfoS("Not leading", "identity", f.id)
+				},
+				OnNewLeader: func(id string) { klog.V(2).InfoS("Leader", "identity", id) },
+			},
+		})
+		if err != nil {
+			klog.ErrorS(err, "Leader election")
+			return
+		}
+		le.Run(ctx)
+	}
+}
+
+// issuerMetrics are the issuer's own Prometheus metrics.
+type issuerMetrics struct {
+	reg      *prometheus.Registry
+	requests *prometheus.CounterVec
+	duration *prometheus.HistogramVec
+	leader   prometheus.Gauge
+}
+
+func newIssuerMetrics() *issuerMetrics {
+	const ns = "ephemeral_secrets"
+	m := &issuerMetrics{
+		reg: prometheus.NewRegistry(),
+		requests: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "issuer_requests_total",
+			Help: "Node plugins' requests to the issuer, by verb and answer code."}, []string{"verb", "code"}),
+		duration: prometheus.NewHistogramVec(prometheus.HistogramOpts{Namespace: ns, Name: "issuer_request_duration_seconds",
+			Help: "Time the issuer took to answer, by verb.", Buckets: prometheus.ExponentialBuckets(0.001, 2, 15)}, []string{"verb"}),
+		leader: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: ns, Name: "issuer_leader",
+			Help: "1 while this replica leads (reaps and runs the inventory controller)."}),
+	}
+	m.reg.MustRegister(m.requests, m.duration, m.leader, collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return m
+}
+
+func (m *issuerMetrics) observe(verb, code string, d time.Duration) {
+	m.requests.WithLabelValues(verb, code).Inc()
+	m.duration.WithLabelValues(verb).Observe(d.Seconds())
+}
+
+func (m *issuerMetrics) handler(ready func() bool) http.Handler {
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{}))
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok\n")) })
+	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
+		if !ready() {
+			http.Error(w, "no serving certificate yet", http.StatusServiceUnavailable)
+			return
+		}
+		_, _ = w.Write([]byte("ok\n"))
+	})
+	return mux
+}
+
+// issuerClientFlags are the node plugin's flags for a cluster issuer.
+type issuerClientFlags struct {
+	address, tokenFile, caConfigMap, caFile string
+}
+
+func (f *issuerClientFlags) register(fs *flag.FlagSet) {
+	fs.StringVar(&f.address, "issuer-address", "", "the cluster issuer's https://host:port; set, the postgres provider asks it and the node holds no admin credential")
+	fs.StringVar(&f.tokenFile, "issuer-token-file", "/var/run/secrets/ephemeral-secrets.csi.dev/issuer/token",
+		"the driver pod's projected service-account token for the issuer (audience "+remote.Audience+")")
+	fs.StringVar(&f.caConfigMap, "issuer-ca-configmap", "", "namespace/name of the ConfigMap whose ca.crt signs the issuer's certificate")
+	fs.StringVar(&f.caFile, "issuer-ca-file", "", "file holding the issuer's signer certificate (instead of --issuer-ca-configmap)")
+}
+
+// registerIssuer is the Register that makes the postgres provider ask the
+// cluster issuer; nil without --issuer-address. A backend file with a
+// postgres section beside it does not load: the node must not hold the
+// admin credential.
+func (f *issuerClientFlags) registerIssuer(kubeconfig string) (Register, error) {
+	if f.address == "" {
+		return nil, nil
+	}
+	// The API, where there is one: the issuer's ConfigMap, its Service.
+	var cs kubernetes.Interface
+	if kubeconfig != "" || os.Getenv("KUBERNETES_SERVICE_HOST") != "" {
+		rc, err := clientcmd.BuildConfigFromFlags("", kubeconfig)
+		if err != nil {
+			return nil, fmt.Errorf("kubernetes client: %w", err)
+		}
+		if cs, err = kubernetes.NewForConfig(rc); err != nil {
+			return nil, err
+		}
+	}
+	var roots remote.Roots
+	switch {
+	case f.caFile != "" && f.caConfigMap != "":
+		return nil, errors.New("give one of --issuer-ca-file and --issuer-ca-configmap")
+	case f.caFile != "":
+		roots = remote.RootsFile(f.caFile)
+	case f.caConfigMap != "" && cs == nil:
+		return nil, errors.New("--issuer-ca-configmap needs the Kubernetes API (in a cluster, or --kubeconfig)")
+	case f.caConfigMap != "":
+		ns, name, ok := strings.Cut(f.caConfigMap, "/")
+		if !ok || ns == "" || name == "" {
+			return nil, fmt.Errorf("--issuer-ca-configmap %q: namespace/name expected", f.caConfigMap)
+		}
+		roots = remote.RootsConfigMap(cs, ns, name)
+	default:
+		return nil, errors.New("--issuer-address needs --issuer-ca-configmap or --issuer-ca-file")
+	}
+	// A Service's name is dialed at its cluster IP, read through the API:
+	// no cluster DNS needed on the node.
+	dial := remote.Dial((&net.Dialer{Timeout: 10 * time.Second}).DialContext)
+	if cs != nil {
+		dial = remote.ServiceDial(cs, dial)
+	}
+	c, err := remote.NewClient(remote.ClientOptions{URL: f.address, TokenFile: f.tokenFile, Roots: roots, Dial: dial})
+	if err != nil {
+		return nil, err
+	}
+	return func(reg *provider.Registry) error {
+		if _, ok := reg.Get(postgres.Name); ok {
+			return errors.New("--issuer-address is set and the backend configuration has a postgres section: " +
+				"the admin credential belongs to the issuer; remove the section from the node's backend configuration")
+		}
+		return reg.Register(postgres.Name, postgres.NewNode(c))
+	}, nil
+}
