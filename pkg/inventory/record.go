@@ -24,7 +24,7 @@ import (
 // ErrGone means a credential's record was deleted, or is being deleted:
 // the credential is being revoked and must not be extended or recorded
 // again.
-var ErrGone = errors.New("credential record deleted")
+var ErrGone = issuer.ErrRecordGone
 
 // Name is the name of the Credential of a lease: the lease ID itself
 // when it is a valid object name (the driver's are), else a digest of it.

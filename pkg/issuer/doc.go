@@ -58,7 +58,9 @@ type Inventory interface {
 	// leaves a record the reaper finds.
 	Issuing(ctx context.Context, e Entry) error
 	// Issued records that e's role exists until e.ExpiresAt (after a mint
-	// or an extension).
+	// or an extension). It returns an error wrapping ErrRecordGone when
+	// e's record was deleted meanwhile (the kill switch, the pod's
+	// deletion): a role just minted is then dropped and refused.
 	Issued(ctx context.Context, e Entry) error
 	// Dropped records that e's role is gone (its record may then go).
 	Dropped(ctx context.Context, leaseID string) error
@@ -83,3 +85,7 @@ type Withdrawals interface {
 // provider.ErrPermissionDenied) for a volume whose credential was
 // withdrawn.
 var ErrWithdrawn = errors.New("the credential of this volume was withdrawn by deleting its Credential record")
+
+// ErrRecordGone is what an Inventory's Issued wraps when the credential's
+// record was deleted, or is being deleted.
+var ErrRecordGone = errors.New("credential record deleted")

@@ -117,8 +117,18 @@ func (i *Issuer) Mint(ctx context.Context, c Caller, r postgres.MintRequest) (po
 	if inv != nil {
 		e.IssuedAt, e.ExpiresAt = g.IssuedAt, g.ExpiresAt
 		// The role is recorded (issuing) already: a failure here leaves
-		// a record that says less, never a role without one.
-		if err := inv.Issued(ctx, e); err != nil {
+		// a record that says less, never a role without one. A record
+		// deleted meanwhile was killed (its revocation may have come
+		// before the role): the role goes now, not at the reaper's pass.
+		err := inv.Issued(ctx, e)
+		if errors.Is(err, ErrRecordGone) {
+			drop := postgres.DropRequest{LeaseID: r.LeaseID, Name: g.Name, Params: r.Params}
+			if derr := i.admin.Drop(ctx, drop); derr != nil {
+				klog.ErrorS(derr, "Dropping a role whose record was deleted as it was minted; the reaper drops it", "lease", r.LeaseID)
+			}
+			return postgres.Grant{}, fmt.Errorf("%w: the credential's record was deleted as it was issued (the kill switch or the pod's deletion)", provider.ErrPermissionDenied)
+		}
+		if err != nil {
 			klog.ErrorS(err, "Recording an issued credential", "lease", r.LeaseID)
 		}
 	}

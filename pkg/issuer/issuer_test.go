@@ -487,3 +487,26 @@ func TestMintRefusesAWithdrawnVolume(t *testing.T) {
 		t.Errorf("an inventory without Withdrawals: %v", err)
 	}
 }
+
+// killedAsIssued is an inventory in memory whose records are deleted as
+// they are minted (the kill switch between Issuing and Issued).
+type killedAsIssued struct{ *inventory }
+
+func (k killedAsIssued) Issued(_ context.Context, e Entry) error {
+	return fmt.Errorf("inventory: lease %s: %w", e.LeaseID, ErrRecordGone)
+}
+
+// TestMintOfARecordKilledMeanwhileIsDropped: a record deleted while its
+// role was being made (its revocation may have run before the role
+// existed) leaves no role: Mint drops it and refuses.
+func TestMintOfARecordKilledMeanwhileIsDropped(t *testing.T) {
+	ctx := context.Background()
+	iss, _ := newIssuer(t, Options{Inventory: killedAsIssued{newInventory()}})
+	_, err := issue(ctx, postgres.NewNode(as{iss, Caller{Node: "n1"}}), "team-k-racing01", appPod("k"))
+	if !errors.Is(err, provider.ErrPermissionDenied) || !strings.Contains(err.Error(), "record was deleted as it was issued") {
+		t.Errorf("Mint: %v, want permission denied, record deleted", err)
+	}
+	if exists(t, postgres.RoleName("team-k-racing01")) {
+		t.Error("the role of a record killed as it was minted lives")
+	}
+}
