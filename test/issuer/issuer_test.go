@@ -79,11 +79,18 @@ func nodeFor(t *testing.T, node string, is *issuertest.Issuer) *postgres.Provide
 
 func clientWith(t *testing.T, is *issuertest.Issuer, token string) *postgres.Provider {
 	t.Helper()
+	return clientAt(t, is.URL(), token)
+}
+
+// clientAt is the postgres provider of a node plugin asking the issuer at
+// url with token.
+func clientAt(t *testing.T, url, token string) *postgres.Provider {
+	t.Helper()
 	path, err := issuertest.WriteToken(t.TempDir(), "token", token)
 	if err != nil {
 		t.Fatal(err)
 	}
-	c, err := remote.NewClient(remote.ClientOptions{URL: is.URL(), TokenFile: path,
+	c, err := remote.NewClient(remote.ClientOptions{URL: url, TokenFile: path,
 		Roots: remote.RootsConfigMap(driverClients, issuertest.IssuerNamespace, "ephemeral-secrets-csi-issuer-ca")})
 	if err != nil {
 		t.Fatal(err)

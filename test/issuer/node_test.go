@@ -68,20 +68,7 @@ func TestServeThroughTheIssuer(t *testing.T) {
 	}
 
 	drv := &harness.Driver{Bin: bin, Env: env, LogFile: harness.LogPath("node"), Args: args}
-	if err := drv.Start(ctx); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		drv.Stop()
-		if t.Failed() {
-			t.Logf("driver log:\n%s", drv.LogTail(4000))
-		}
-	})
-	k, err := kubelet.Dial(env.Endpoint(), env.KubeletDir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer k.Close()
+	k := startNode(t, drv)
 	p := tenant(t, "orders-csi", node)
 	pod := kubelet.Pod{Namespace: p.Namespace, Name: p.Name, UID: p.UID, ServiceAccount: p.ServiceAccount}
 	vol := kubelet.Volume{Name: issuertest.VolumeName, ReadOnly: true, Attributes: map[string]string{"secretProviderClass": "orders-db"}}
@@ -110,4 +97,25 @@ func TestServeThroughTheIssuer(t *testing.T) {
 		ok, err := pg.RoleExists(ctx, user)
 		return !ok, err
 	})
+}
+
+// startNode starts the node plugin drv, stopped when t ends (its log
+// tail shown if t failed), and dials it as kubelet.
+func startNode(t *testing.T, drv *harness.Driver) *kubelet.Kubelet {
+	t.Helper()
+	if err := drv.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		drv.Stop()
+		if t.Failed() {
+			t.Logf("driver log:\n%s", drv.LogTail(4000))
+		}
+	})
+	k, err := kubelet.Dial(drv.Env.Endpoint(), drv.Env.KubeletDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = k.Close() })
+	return k
 }
