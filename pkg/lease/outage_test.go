@@ -158,7 +158,14 @@ func TestRenewalSurvivesRestartsAndOutages(t *testing.T) {
 	)
 	start := func() {
 		ks = &killableStore{Store: n.store}
-		m = n.manager(ks, n.pg, Options{Audit: lg, RetryMin: 250 * time.Millisecond, RetryMax: 2 * time.Second, BackendTimeout: time.Second})
+		// The driver's rotation grace, not the fixture's "revoke at once":
+		// the roles reach their maxTTL (4 TTLs, the length of phase 1) and
+		// rotate, retried every RetryMin through an outage, so the rotation
+		// often lands as the server comes back, just as checkLogins reads
+		// the files. A reader that read them just before the swap logs in
+		// only because the old role outlives the swap by the grace.
+		m = n.manager(ks, n.pg, Options{Audit: lg, RetryMin: 250 * time.Millisecond, RetryMax: 2 * time.Second,
+			BackendTimeout: time.Second, RotationGrace: 5 * time.Second})
 		if err := m.Recover(ctx); err != nil {
 			t.Fatal(err)
 		}

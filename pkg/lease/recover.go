@@ -41,7 +41,7 @@ func (m *Manager) Recover(ctx context.Context) error {
 	for _, id := range ids {
 		// One bad volume must not keep the node's other pods from mounting:
 		// it is logged and retried by the sweep.
-		ok, err := m.recoverVolume(ctx, id)
+		ok, err := m.recoverLocked(ctx, id)
 		switch {
 		case err != nil:
 			failed++
@@ -60,9 +60,21 @@ func (m *Manager) Recover(ctx context.Context) error {
 	return nil
 }
 
+// recoverLocked is recoverVolume under the volume's lock.
+func (m *Manager) recoverLocked(ctx context.Context, id string) (bool, error) {
+	unlock, err := m.locks.lock(ctx, id)
+	if err != nil {
+		return false, err
+	}
+	defer unlock()
+	return m.recoverVolume(ctx, id)
+}
+
 // recoverVolume returns true if the volume is live again. It never
 // deletes a lease record without queueing that lease's revocation with
-// everything the record holds (a Vault token included).
+// everything the record holds (a Vault token included). The caller holds
+// the volume's lock: the renewal it arms may be due at once, and must not
+// change the volume while its recovery still reads it.
 func (m *Manager) recoverVolume(ctx context.Context, id string) (bool, error) {
 	meta, err := m.opts.Store.ReadMetadata(id)
 	if err != nil {

@@ -330,6 +330,11 @@ func (m *Manager) writeFiles(v *volume, l provider.Lease) error {
 		return nil
 	}
 	if err := m.opts.Store.WriteFiles(v.meta.VolumeID, v.gid, files); err != nil {
+		// It may have failed after its swap: what the files hold is unknown,
+		// so the next write (an undone rotation's) is never skipped.
+		m.mu.Lock()
+		v.digest = [sha256.Size]byte{}
+		m.mu.Unlock()
 		return err
 	}
 	m.mu.Lock()
