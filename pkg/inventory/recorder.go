@@ -4,12 +4,14 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/client-go/tools/cache"
+	"k8s.io/client-go/util/retry"
 
 	v1alpha1 "github.com/ephemeral-secrets/csi-driver/pkg/apis/ephemeralsecrets/v1alpha1"
 	"github.com/ephemeral-secrets/csi-driver/pkg/issuer"
@@ -72,7 +74,11 @@ func (r *Recorder) Issued(ctx context.Context, e issuer.Entry) error {
 }
 
 // Dropped lets the records of leaseID go: the issuer's finalizer is
-// removed and the record deleted.
+// removed and the record deleted. A record whose deletion someone asked
+// for while it was live (the kill switch, its pod's deletion) is left to
+// the Controller, even when this drop came first (the node withdrew the
+// volume and revoked): the Controller leaves the volume's tombstone before
+// it lets the record go, and its revocation of a dropped role is a no-op.
 func (r *Recorder) Dropped(ctx context.Context, leaseID string) error {
 	creds, err := r.find(ctx, leaseID)
 	if err != nil {
@@ -80,9 +86,35 @@ func (r *Recorder) Dropped(ctx context.Context, leaseID string) error {
 	}
 	var errs []error
 	for _, c := range creds {
-		errs = append(errs, r.release(ctx, c.Namespace, c.Name))
+		errs = append(errs, r.releaseLive(ctx, c.Namespace, c.Name))
 	}
 	return errors.Join(errs...)
+}
+
+// releaseLive releases a record that nobody asked to delete, read fresh
+// from the API server at every try: a deletion that lands meanwhile makes
+// the update conflict, and the next read sees it.
+func (r *Recorder) releaseLive(ctx context.Context, namespace, name string) error {
+	deleting := false
+	err := retry.RetryOnConflict(retry.DefaultRetry, func() error {
+		c, err := r.client.Get(ctx, namespace, name)
+		if err != nil {
+			return err
+		}
+		if deleting = c.DeletionTimestamp != nil; deleting || !slices.Contains(c.Finalizers, r.finalizer) {
+			return nil
+		}
+		c.Finalizers = slices.DeleteFunc(c.Finalizers, func(f string) bool { return f == r.finalizer })
+		_, err = r.client.Update(ctx, c)
+		return err
+	})
+	if err == nil && !deleting {
+		err = r.client.Delete(ctx, namespace, name, metav1.DeleteOptions{})
+	}
+	if err != nil && !apierrors.IsNotFound(err) {
+		return fmt.Errorf("inventory: releasing %s/%s: %w", namespace, name, err)
+	}
+	return nil
 }
 
 // Tracked lists the lease IDs that have a record (a tombstone is none), from the informer's

@@ -386,3 +386,43 @@ func TestKillInANamespaceBeingDeleted(t *testing.T) {
 		t.Errorf("the pod: %v (the test needs it alive)", err)
 	}
 }
+
+// TestAKillTheNodeRevokedFirstStillLeavesItsTombstone: the node plugin's
+// watcher withdraws the volume and its revocation reaches the issuer
+// (Dropped) before the Controller took up the deleted record: the record
+// is left to the Controller, which leaves the tombstone before it lets the
+// record go (found by the real-cluster suite: the record was released and
+// no tombstone written).
+func TestAKillTheNodeRevokedFirstStillLeavesItsTombstone(t *testing.T) {
+	ns := namespace(t)
+	ctx := context.Background()
+	pod := newPod(t, ns, "raced")
+	rec := inventory.NewRecorder(issuerInv, nil)
+	e := entryFor(pod, "node-a", ns+"-raced-tomb0001")
+	record(t, rec, e)
+	if err := adminInv.Delete(ctx, ns, inventory.Name(e.LeaseID), metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	// The node's revocation, through the issuer, before any controller runs.
+	if err := rec.Dropped(ctx, e.LeaseID); err != nil {
+		t.Fatal(err)
+	}
+	c, err := adminInv.Get(ctx, ns, inventory.Name(e.LeaseID))
+	if err != nil || c.DeletionTimestamp == nil || !slices.Contains(c.Finalizers, v1alpha1.FinalizerRevoke) {
+		t.Fatalf("the killed record after the node's drop: %v, %+v; want it held by the issuer's finalizer for the controller", err, c)
+	}
+	startIssuer(t, &revoker{}, fastRetries)
+	gone(t, ns, inventory.Name(e.LeaseID))
+	tomb, err := adminInv.Get(ctx, ns, inventory.TombstoneName(string(pod.UID), e.VolumeID))
+	if err != nil || !inventory.IsTombstone(tomb) {
+		t.Fatalf("no tombstone after the kill: %v", err)
+	}
+	// A drop of a record nobody deleted still lets it go at once.
+	e2 := entryFor(pod, "node-a", ns+"-raced-live0001")
+	e2.VolumeID = e.VolumeID + "-2"
+	record(t, rec, e2)
+	if err := rec.Dropped(ctx, e2.LeaseID); err != nil {
+		t.Fatal(err)
+	}
+	gone(t, ns, inventory.Name(e2.LeaseID))
+}
