@@ -134,8 +134,17 @@ func TestNodeRecorderAndWatcher(t *testing.T) {
 	if c := w.all()[0]; c[0] != mine.VolumeID || c[2] == "" {
 		t.Errorf("withdraw(%q, %q, %q)", c[0], c[1], c[2])
 	}
-	// A record being deleted is not recorded again.
+	// A drop leaves a record being deleted to the controller (none runs
+	// here): node-b's record stays; the test then lets it go itself.
 	if err := inventory.NewRecorder(adminInv, nil).Dropped(ctx, theirs.LeaseID); err != nil {
+		t.Fatal(err)
+	}
+	c = get(t, ns, theirs.LeaseID)
+	if !slices.Contains(c.Finalizers, v1alpha1.FinalizerRevoke) {
+		t.Fatal("a drop released a record being deleted: the controller could not leave its tombstone")
+	}
+	c.Finalizers = nil
+	if _, err := adminInv.Update(ctx, c); err != nil {
 		t.Fatal(err)
 	}
 	gone(t, ns, inventory.Name(theirs.LeaseID))
