@@ -15,6 +15,7 @@ import (
 
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
+	networkingv1 "k8s.io/api/networking/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
 	storagev1 "k8s.io/api/storage/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
@@ -247,6 +248,16 @@ func checkSecurity(t *testing.T, ds *appsv1.DaemonSet) {
 	}
 }
 
+// subset reports whether every label of a is in b.
+func subset(a, b map[string]string) bool {
+	for k, v := range a {
+		if b[k] != v {
+			return false
+		}
+	}
+	return len(a) > 0
+}
+
 func mapsEqual(a, b map[string]string) bool {
 	if len(a) != len(b) {
 		return false
@@ -359,6 +370,11 @@ func TestNodeHasNoPathToTheAdminCredential(t *testing.T) {
 			csc.Capabilities == nil || !slices.Equal(csc.Capabilities.Drop, []corev1.Capability{"ALL"}) {
 			t.Errorf("issuer container %s security context %+v", c.Name, csc)
 		}
+	}
+	np := into[networkingv1.NetworkPolicy](t, objs, "NetworkPolicy/ephemeral-secrets-csi-issuer")
+	if len(np.Spec.Ingress) != 2 || len(np.Spec.Ingress[0].From) != 1 || np.Spec.Ingress[0].Ports[0].Port.String() != "https" ||
+		!subset(np.Spec.Ingress[0].From[0].PodSelector.MatchLabels, ds.Spec.Template.Labels) {
+		t.Errorf("issuer NetworkPolicy ingress %+v: want https from the node plugins only", np.Spec.Ingress)
 	}
 	svc := into[corev1.Service](t, objs, "Service/ephemeral-secrets-csi-issuer")
 	for k, v := range svc.Spec.Selector {

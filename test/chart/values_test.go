@@ -206,6 +206,9 @@ func checkIssuerValues(t *testing.T, objs objects, driver *corev1.Container) {
 	svc := into[corev1.Service](t, objs, "Service/secrets-csi-issuer")
 	errorf("service target", svc.Spec.Ports[0].TargetPort.String(), "https")
 	errorf("container port", c.Ports[0].ContainerPort, 9443)
+	if _, ok := objs["NetworkPolicy/secrets-csi-issuer"]; ok {
+		t.Error("issuer.networkPolicy.enabled=false rendered the NetworkPolicy")
+	}
 	if !slices.Contains(driver.Args, "--issuer-address=https://secrets-csi-issuer.ephemeral-secrets.svc:443") {
 		t.Errorf("driver args %v do not name the issuer's Service", driver.Args)
 	}
