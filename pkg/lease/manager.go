@@ -480,6 +480,7 @@ func (m *Manager) retire(v *volume, reason string) error {
 	if err := m.enqueueHeld(v.meta, v.lease, reason); err != nil {
 		return err
 	}
+	m.expediteGrace(v.meta.VolumeID)
 	m.mu.Lock()
 	if v.timer != nil {
 		v.timer.Stop()

@@ -37,6 +37,30 @@ func (m *Manager) enqueueAfter(l provider.Lease, meta storage.Metadata, reason s
 	return nil
 }
 
+// expediteGrace makes the queued revocations of a volume that is going
+// (its pod is gone) due now: a rotated-out lease waits out its rotation
+// grace for readers of the old files, and a gone pod has none. Without
+// it, a driver stopped within the grace (an uninstall) kept its state and
+// the credential lived on.
+func (m *Manager) expediteGrace(volumeID string) {
+	q, err := m.opts.Store.ListRevocations()
+	if err != nil {
+		klog.ErrorS(err, "Reading the revocation queue", "volumeID", volumeID)
+		return
+	}
+	now := time.Now()
+	for _, r := range q {
+		if r.VolumeID != volumeID || !r.NotBefore.After(now) {
+			continue
+		}
+		r.NotBefore = time.Time{}
+		if err := m.opts.Store.PutRevocation(r); err != nil {
+			klog.ErrorS(err, "Making a rotated-out lease's revocation due", "leaseID", r.Lease.ID)
+		}
+	}
+	m.kick()
+}
+
 func (m *Manager) kick() {
 	select {
 	case m.wake <- struct{}{}:

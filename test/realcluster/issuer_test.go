@@ -202,6 +202,11 @@ func testNodeLoss(t *testing.T) {
 	ctx := context.Background()
 	pod, role, _, held := startExample(t)
 	credentialOf(t, pod)
+	// A pod whose Pod object nobody deletes: its short-TTL role must die
+	// at VALID UNTIL plus the issuer's reap interval, with no node plugin
+	// to renew or revoke it.
+	orphan := startRotatingPod(t, "orphan")
+	waitLog(t, rotatingNS, "orphan", "agent", time.Minute, rotatingUser.String())
 
 	// The node plugin goes: its DaemonSet no longer selects the node.
 	setDriverNodeSelector(t, map[string]string{"esc-test/absent": "true"})
@@ -212,6 +217,9 @@ func testNodeLoss(t *testing.T) {
 		}
 	}()
 	harness.Eventually(t, 2*time.Minute, "the node plugin gone", func() (bool, error) { return len(productPIDs("serve")) == 0, nil })
+	nodeGone := time.Now()
+	orphanRole := envValue(t, volumeFile(t, orphan, "db", "pg.env"), "PGUSER")
+	harness.RememberSecret(envValue(t, volumeFile(t, orphan, "db", "pg.env"), "PGPASSWORD"))
 	// Its state of the volume goes too: the pod's mount, and the volume's
 	// record and files in the state directory.
 	target := filepath.Join("/var/lib/kubelet/pods", string(pod.UID), "volumes/kubernetes.io~csi/db/mount")
@@ -231,12 +239,35 @@ func testNodeLoss(t *testing.T) {
 		t.Fatal("a session of the lost node's credential still answers")
 	}
 
+	// The orphan's role, never renewed again, expires (TTL 6 s) and the
+	// issuer reaps it (reap interval 5 s in testdata/values.yaml).
+	orphanGone := roleGone(t, orphanRole, 2*time.Minute)
+	report(t, "node plugin gone, pod kept -> its role reaped", orphanGone.Sub(nodeGone))
+
 	setDriverNodeSelector(t, nil)
 	restored = true
 	if err := cluster.WaitDriverRegistered(ctx); err != nil {
 		t.Fatal(err)
 	}
 	harness.Eventually(t, 2*time.Minute, "the node plugin back", func() (bool, error) { return len(productPIDs("serve")) == 1, nil })
+	// Back, the node plugin gives the orphan (still there, on its node) a
+	// fresh credential: the issuer's pod check passes.
+	harness.Eventually(t, 2*time.Minute, "the orphan's new credential", func() (bool, error) {
+		return envValue(t, volumeFile(t, orphan, "db", "pg.env"), "PGUSER") != orphanRole, nil
+	})
+	deletePod(t, rotatingNS, "orphan")
+}
+
+// envValue is the value of key in an env file's text.
+func envValue(t *testing.T, env, key string) string {
+	t.Helper()
+	for _, line := range strings.Split(env, "\n") {
+		if v, ok := strings.CutPrefix(line, key+"="); ok {
+			return v
+		}
+	}
+	t.Fatalf("no %s in the env file", key)
+	return ""
 }
 
 // setDriverNodeSelector adds extra to the DaemonSet's node selector (nil:
