@@ -118,6 +118,9 @@ type Manager struct {
 	retryAt map[string]time.Time // revocation lease ID -> next attempt; worker only
 
 	seen map[string]time.Time // "namespace/serviceaccount/class" -> first request; under mu
+	// graced: volumes with a revocation queued to wait out the rotation
+	// grace (expediteGrace); under mu.
+	graced map[string]bool
 
 	confirmed map[string]*waiter // lease ID -> who waits for its revocation; under mu
 
@@ -173,7 +176,7 @@ func New(opts Options) *Manager {
 	return &Manager{
 		opts: opts, ctx: ctx, cancel: cancel,
 		vols: map[string]*volume{}, wake: make(chan struct{}, 1), retryAt: map[string]time.Time{},
-		seen: map[string]time.Time{}, confirmed: map[string]*waiter{},
+		seen: map[string]time.Time{}, confirmed: map[string]*waiter{}, graced: map[string]bool{},
 		records: recordQueue{pending: map[string]*recordCall{}, wake: make(chan struct{}, 1)},
 	}
 }

@@ -30,6 +30,11 @@ func (m *Manager) enqueueAfter(l provider.Lease, meta storage.Metadata, reason s
 	if err := m.opts.Store.PutRevocation(r); err != nil {
 		return err
 	}
+	if notBefore.After(time.Now()) {
+		m.mu.Lock()
+		m.graced[meta.VolumeID] = true
+		m.mu.Unlock()
+	}
 	rec := recordFor(meta, l)
 	rec.Detail, rec.Task = reason, r.Task
 	m.audit(withStage(rec, audit.Revoke), audit.Pending, nil)
@@ -41,8 +46,17 @@ func (m *Manager) enqueueAfter(l provider.Lease, meta storage.Metadata, reason s
 // (its pod is gone) due now: a rotated-out lease waits out its rotation
 // grace for readers of the old files, and a gone pod has none. Without
 // it, a driver stopped within the grace (an uninstall) kept its state and
-// the credential lived on.
+// the credential lived on. Only a volume that queued such a revocation
+// since the start reads the queue: an unpublish stays cheap (after a
+// restart a pending grace simply runs out).
 func (m *Manager) expediteGrace(volumeID string) {
+	m.mu.Lock()
+	graced := m.graced[volumeID]
+	delete(m.graced, volumeID)
+	m.mu.Unlock()
+	if !graced {
+		return
+	}
 	q, err := m.opts.Store.ListRevocations()
 	if err != nil {
 		klog.ErrorS(err, "Reading the revocation queue", "volumeID", volumeID)
