@@ -5,6 +5,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
+	"strings"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
@@ -35,8 +36,12 @@ func TombstoneName(podUID, volumeID string) string {
 }
 
 // IsTombstone tells whether c is a tombstone rather than the record of a
-// credential.
-func IsTombstone(c *v1alpha1.Credential) bool { return c.Status.State == v1alpha1.StateWithdrawn }
+// credential: by its name too, so that a tombstone just created, whose
+// status is not written yet, is never taken for the record it copies (a
+// drop of that lease deleted it; found by the real-cluster suite).
+func IsTombstone(c *v1alpha1.Credential) bool {
+	return c.Status.State == v1alpha1.StateWithdrawn || strings.HasPrefix(c.Name, v1alpha1.TombstonePrefix)
+}
 
 // tombstoneOf reports whether c is the tombstone of pod UID's volume.
 func tombstoneOf(c *v1alpha1.Credential, podUID, volumeID string) bool {
@@ -97,7 +102,7 @@ func (c *Controller) leaveTombstone(ctx context.Context, cred *v1alpha1.Credenti
 		_ = c.client.Delete(ctx, t.Namespace, t.Name, metav1.DeleteOptions{Preconditions: &metav1.Preconditions{UID: &uid}})
 		return fmt.Errorf("the tombstone %s/%s names another pod or volume: deleted it", t.Namespace, t.Name)
 	}
-	if !IsTombstone(t) {
+	if t.Status.State != v1alpha1.StateWithdrawn {
 		if err := c.markWithdrawn(ctx, t, cred); err != nil {
 			return err
 		}

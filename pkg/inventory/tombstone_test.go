@@ -426,3 +426,29 @@ func TestAKillTheNodeRevokedFirstStillLeavesItsTombstone(t *testing.T) {
 	}
 	gone(t, ns, inventory.Name(e2.LeaseID))
 }
+
+// TestADropLeavesATombstoneJustCreated: the tombstone is created (a copy
+// of the killed record's spec, its lease ID too) before its status says
+// Withdrawn; a drop of that lease in between (the node's withdrawal
+// reaching the issuer) must not take it for the record and delete it.
+func TestADropLeavesATombstoneJustCreated(t *testing.T) {
+	ns := namespace(t)
+	ctx := context.Background()
+	pod := newPod(t, ns, "early")
+	e := entryFor(pod, "node-a", ns+"-early-tomb0001")
+	name := inventory.TombstoneName(string(pod.UID), e.VolumeID)
+	c := &v1alpha1.Credential{
+		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: ns, Labels: map[string]string{v1alpha1.LabelLeaseID: e.LeaseID}},
+		Spec: v1alpha1.CredentialSpec{Pod: v1alpha1.PodReference{Name: pod.Name, UID: string(pod.UID)}, Node: e.Node,
+			Provider: e.Provider, LeaseID: e.LeaseID, VolumeID: e.VolumeID},
+	}
+	if _, err := issuerInv.Create(ctx, c); err != nil {
+		t.Fatal(err)
+	}
+	if err := inventory.NewRecorder(issuerInv, nil).Dropped(ctx, e.LeaseID); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := adminInv.Get(ctx, ns, name); err != nil {
+		t.Fatalf("a drop of the lease deleted the tombstone being written: %v", err)
+	}
+}
