@@ -5,11 +5,16 @@
 # is possible here). A wrapper module requires k8s.io/kubernetes and points
 # each of its staging modules (the "=> ./staging" replaces of its go.mod) at
 # the matching release; the commands share one module graph and build cache.
-# Usage: build-kube.sh [OUTDIR]
+# Usage: [KUBE_VERSION=1.x.y] build-kube.sh [OUTDIR]
 #   (default: ${XDG_CACHE_HOME:-~/.cache}/ephemeral-secrets-csi/bin, kept across clones)
+# KUBE_VERSION defaults to the version the real node runs; the chart's
+# compatibility matrix builds the lowest claimed minor's kube-apiserver
+# into a directory of its own (see the Makefile's kube target).
 set -euo pipefail
-K8S=1.35.4
-STAGING=0.35.4
+K8S=${KUBE_VERSION:-1.37.2}
+STAGING=0.${K8S#1.}
+MINOR=${K8S#1.}
+MINOR=${MINOR%%.*}
 out=${1:-${XDG_CACHE_HOME:-$HOME/.cache}/ephemeral-secrets-csi/bin}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
@@ -25,11 +30,11 @@ done
 [ -n "$missing" ] || exit 0
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-modules="api apiextensions-apiserver apimachinery apiserver cli-runtime client-go cloud-provider
-cluster-bootstrap code-generator component-base component-helpers controller-manager cri-api cri-client
-csi-translation-lib dynamic-resource-allocation endpointslice externaljwt kms kube-aggregator
-kube-controller-manager kube-proxy kube-scheduler kubectl kubelet metrics mount-utils
-pod-security-admission sample-apiserver sample-cli-plugin sample-controller"
+# The staging modules are the "=> ./staging/src/k8s.io/X" replaces of the
+# release's own go.mod (the list changes from minor to minor).
+gomod=$(cd "$work" && GOFLAGS=-mod=mod go mod download -json "k8s.io/kubernetes@v$K8S" | sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",*$/\1/p')
+modules=$(sed -n 's|^[[:space:]]*k8s.io/\([^[:space:]]*\) => ./staging/src/k8s.io/.*|\1|p' "$gomod" | sort -u)
+[ -n "$modules" ] || { echo "build-kube.sh: no staging modules found in $gomod" >&2; exit 1; }
 {
 	echo "module esc.local/apiserver-build"
 	echo
@@ -65,7 +70,7 @@ base=k8s.io/component-base/version
 build() {
 	for c in $missing; do
 		GOFLAGS=-mod=mod CGO_ENABLED=0 go build -trimpath -o "$out/$c" \
-			-ldflags "-s -w -X $base.gitVersion=v$K8S -X $base.gitMajor=1 -X $base.gitMinor=35 -X $pkg.gitVersion=v$K8S" \
+			-ldflags "-s -w -X $base.gitVersion=v$K8S -X $base.gitMajor=1 -X $base.gitMinor=$MINOR -X $pkg.gitVersion=v$K8S" \
 			"k8s.io/kubernetes/cmd/$c" || return 1
 	done
 }
