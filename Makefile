@@ -15,7 +15,7 @@ FUZZTIME  ?= 30s
 # keeps a two-core machine responsive; -race is part of the standard run.
 TESTFLAGS ?= -race -count=1 -timeout 30m -p 1
 
-.PHONY: all build generate print-controller-gen test demo lint fuzz bench bench-cluster postgres kube node vault aws clean cluster cluster-down manifests release release-check release-artifacts release-push print-crane print-helm sbom
+.PHONY: all build generate print-controller-gen print-crd-dir test demo lint fuzz bench bench-cluster postgres kube node vault aws clean cluster cluster-down manifests release release-check release-artifacts release-push print-crane print-helm sbom
 
 all: build
 
@@ -103,17 +103,21 @@ test: postgres kube node vault aws
 	$(GO) test $(TESTFLAGS) ./...
 
 # The inventory API (pkg/apis): its deep-copy functions and its CRD, in the
-# chart's crds/, generated from the Go types by controller-gen (a test in
-# pkg/apis fails when they are stale: run make generate).
+# chart's files/crds/ (templates/crd-credentials.yaml renders it, so that
+# helm upgrade updates it), generated from the Go types by controller-gen
+# (a test in pkg/apis fails when they are stale: run make generate).
 CONTROLLER_GEN_VERSION ?= v0.20.1
 CONTROLLER_GEN := $(TOOLS)/controller-gen-$(CONTROLLER_GEN_VERSION)/controller-gen
 $(CONTROLLER_GEN):
 	GOBIN=$(dir $@) $(GO) install sigs.k8s.io/controller-tools/cmd/controller-gen@$(CONTROLLER_GEN_VERSION)
 CONTROLLER_GEN_ARGS = object paths=./pkg/apis/... crd:crdVersions=v1
+CRD_DIR = $(CHART)/files/crds
 generate: $(CONTROLLER_GEN)
-	$(CONTROLLER_GEN) $(CONTROLLER_GEN_ARGS) output:crd:dir=$(CHART)/crds
+	$(CONTROLLER_GEN) $(CONTROLLER_GEN_ARGS) output:crd:dir=$(CRD_DIR)
 print-controller-gen:
 	@echo $(CONTROLLER_GEN) $(CONTROLLER_GEN_ARGS)
+print-crd-dir:
+	@echo $(CRD_DIR)
 
 # Each lint tool in a directory of its version, so a version bump
 # installs the new one.

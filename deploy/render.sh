@@ -43,11 +43,9 @@ apiVersion: kustomize.config.k8s.io/v1beta1
 kind: Kustomization
 resources:
 EOK
-# The Credential CRD is the driver's own: always in the base.
-{
-	echo "# Generated from deploy/helm/ephemeral-secrets-csi by make manifests: edit the chart's API types, not this file."
-	cat "$chart/crds/ephemeral-secrets.csi.dev_credentials.yaml"
-} >"$out/base/credentials-crd.yaml"
+# The Credential CRD is the driver's own: always in the base (the chart's
+# template of the CRD that make generate writes from pkg/apis).
+emit crd-credentials.yaml "$out/base/credentials-crd.yaml"
 echo "  - credentials-crd.yaml" >>"$out/base/kustomization.yaml"
 for f in rbac aggregate-roles csidriver daemonset issuer-rbac issuer inventory; do
 	emit "$f.yaml" "$out/base/$f.yaml"

@@ -75,7 +75,7 @@ func run(m *testing.M) int {
 	}
 	ctx := context.Background()
 	for _, f := range []string{
-		"deploy/helm/ephemeral-secrets-csi/crds/ephemeral-secrets.csi.dev_credentials.yaml",
+		"deploy/helm/ephemeral-secrets-csi/files/crds/ephemeral-secrets.csi.dev_credentials.yaml",
 		"deploy/helm/ephemeral-secrets-csi/files/inventory-rbac.yaml",
 		"pkg/inventory/testdata/bindings.yaml",
 	} {

@@ -277,8 +277,11 @@ func podSecurityViolations(t *testing.T, msg string) []string {
 }
 
 // helm install and uninstall, as a user runs them, against the API server:
-// the CRD is left alone where it exists, every object is created, NOTES
-// render with the release's names, and uninstall leaves only the CRD.
+// the SecretProviderClass CRD is left alone where it exists, the
+// Credential CRD applied before (as kubectl apply -k does) is taken over
+// with --take-ownership, every object is created, NOTES render with the
+// release's names, and uninstall leaves only the CRDs (test/chart follows
+// the Credential CRD through upgrades).
 func TestHelmInstallAndUninstall(t *testing.T) {
 	helm, err := kube.Tool("helm")
 	if err != nil {
@@ -310,7 +313,7 @@ func TestHelmInstallAndUninstall(t *testing.T) {
 	if _, err := clients.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	out := run("install", "esc", "deploy/helm/ephemeral-secrets-csi", "-n", ns,
+	out := run("install", "esc", "deploy/helm/ephemeral-secrets-csi", "-n", ns, "--take-ownership",
 		"--set", "fullnameOverride="+name+",providers.vault.enabled=true")
 	for _, want := range []string{"rollout status daemonset/" + name, "-l app.kubernetes.io/instance=esc", "audiences vault"} {
 		if !strings.Contains(out, want) {
@@ -351,7 +354,9 @@ func TestHelmInstallAndUninstall(t *testing.T) {
 		t.Fatal(err)
 	}
 	crd := schema.GroupVersionResource{Group: "apiextensions.k8s.io", Version: "v1", Resource: "customresourcedefinitions"}
-	if _, err := dyn.Resource(crd).Get(ctx, "secretproviderclasses.secrets-store.csi.x-k8s.io", metav1.GetOptions{}); err != nil {
-		t.Errorf("the SecretProviderClass CRD went with the release: %v", err)
+	for _, name := range []string{"secretproviderclasses.secrets-store.csi.x-k8s.io", "credentials.ephemeral-secrets.csi.dev"} {
+		if _, err := dyn.Resource(crd).Get(ctx, name, metav1.GetOptions{}); err != nil {
+			t.Errorf("the CRD %s went with the release: %v", name, err)
+		}
 	}
 }

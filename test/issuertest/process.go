@@ -96,7 +96,7 @@ func (c Cluster) Setup(ctx context.Context, k *kube.Cluster, dir string) (issuer
 	_, self, _, _ := runtime.Caller(0)
 	chart := filepath.Join(filepath.Dir(self), "..", "..", "deploy", "helm", "ephemeral-secrets-csi")
 	docs := []byte(RBAC + inventoryBinding)
-	for _, f := range []string{"crds/ephemeral-secrets.csi.dev_credentials.yaml", "files/inventory-rbac.yaml"} {
+	for _, f := range []string{"files/crds/ephemeral-secrets.csi.dev_credentials.yaml", "files/inventory-rbac.yaml"} {
 		data, err := os.ReadFile(filepath.Join(chart, f))
 		if err != nil {
 			return "", "", err

@@ -11,21 +11,27 @@ import (
 
 // TestGeneratedFilesAreCurrent runs controller-gen (the version and
 // arguments of "make generate") into a temporary directory and compares
-// its output with the committed deep-copy functions and CRD: a type
-// changed without "make generate" fails here.
+// its output with the committed deep-copy functions and CRD (in the
+// directory "make generate" writes it to, the chart's files/crds/): a
+// type changed without "make generate" fails here.
 func TestGeneratedFilesAreCurrent(t *testing.T) {
 	root, err := filepath.Abs("../../../..")
 	if err != nil {
 		t.Fatal(err)
 	}
-	out, err := exec.Command("make", "-s", "-C", root, "print-controller-gen").Output()
-	if err != nil {
-		t.Fatalf("make print-controller-gen: %v", err)
+	printed := func(target string) string {
+		t.Helper()
+		out, err := exec.Command("make", "-s", "-C", root, target).Output()
+		if err != nil {
+			t.Fatalf("make %s: %v", target, err)
+		}
+		return strings.TrimSpace(string(out))
 	}
-	args := strings.Fields(string(out))
+	args := strings.Fields(printed("print-controller-gen"))
 	if len(args) < 2 {
-		t.Fatalf("make print-controller-gen printed %q", out)
+		t.Fatalf("make print-controller-gen printed %q", args)
 	}
+	committedCRDs := filepath.Join(root, printed("print-crd-dir"))
 	// Installs the tool from the Go module proxy when it is missing.
 	if b, err := exec.Command("make", "-s", "-C", root, args[0]).CombinedOutput(); err != nil {
 		t.Fatalf("installing %s: %v\n%s", args[0], err, b)
@@ -39,7 +45,7 @@ func TestGeneratedFilesAreCurrent(t *testing.T) {
 	}
 	for generated, committed := range map[string]string{
 		filepath.Join(objDir, "zz_generated.deepcopy.go"):                   "zz_generated.deepcopy.go",
-		filepath.Join(crdDir, "ephemeral-secrets.csi.dev_credentials.yaml"): filepath.Join(root, "deploy/helm/ephemeral-secrets-csi/crds/ephemeral-secrets.csi.dev_credentials.yaml"),
+		filepath.Join(crdDir, "ephemeral-secrets.csi.dev_credentials.yaml"): filepath.Join(committedCRDs, "ephemeral-secrets.csi.dev_credentials.yaml"),
 	} {
 		want, err := os.ReadFile(generated)
 		if err != nil {
