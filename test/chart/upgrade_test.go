@@ -23,6 +23,7 @@ import (
 	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
 	"sigs.k8s.io/yaml"
 
 	"github.com/ephemeral-secrets/csi-driver/test/harness"
@@ -211,24 +212,31 @@ func TestHelmUpgradeUpdatesTheCredentialCRD(t *testing.T) {
 	}
 	spcVersion := spc.GetResourceVersion()
 
-	// Live records: two Credentials, one held by the issuer's finalizer
-	// and with a status, and a class.
-	creds := dyn.Resource(credentialResource).Namespace(app)
+	// Live records, written as the issuer writes them (its account, the
+	// chart's RBAC and admission policies): two Credentials held by its
+	// finalizer, one with a status; and a class.
+	issuerCfg := rest.CopyConfig(c.Config())
+	issuerCfg.Impersonate.UserName = "system:serviceaccount:" + ns + ":ephemeral-secrets-csi-issuer"
+	issuer, err := dynamic.NewForConfig(issuerCfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	creds, issuerCreds := dyn.Resource(credentialResource).Namespace(app), issuer.Resource(credentialResource).Namespace(app)
 	for _, name := range []string{"cred-a", "cred-b"} {
 		cred := credential(name)
 		harness.Eventually(t, 30*time.Second, "the Credential CRD served", func() (bool, error) {
-			_, err := creds.Create(ctx, cred, metav1.CreateOptions{})
+			_, err := issuerCreds.Create(ctx, cred, metav1.CreateOptions{})
 			return err == nil, err
 		})
 	}
-	a, err := creds.Get(ctx, "cred-a", metav1.GetOptions{})
+	a, err := issuerCreds.Get(ctx, "cred-a", metav1.GetOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
 	if err := unstructured.SetNestedMap(a.Object, map[string]any{"state": "Issued", "expiresAt": "2030-01-01T00:00:00Z"}, "status"); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := creds.UpdateStatus(ctx, a, metav1.UpdateOptions{}); err != nil {
+	if _, err := issuerCreds.UpdateStatus(ctx, a, metav1.UpdateOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	class := &unstructured.Unstructured{Object: map[string]any{
@@ -249,6 +257,11 @@ func TestHelmUpgradeUpdatesTheCredentialCRD(t *testing.T) {
 		if got := snapshot(t, creds); !reflect.DeepEqual(got, records) {
 			t.Errorf("%s: Credentials %+v, want %+v", step, got, records)
 		}
+		// A CRD being deleted deletes its records first; the finalizers
+		// hold them (and so the CRD) in Terminating.
+		if getCRD(credentialCRD).GetDeletionTimestamp() != nil {
+			t.Errorf("%s: the Credential CRD is being deleted", step)
+		}
 		if v := getCRD(spcCRD).GetResourceVersion(); v != spcVersion {
 			t.Errorf("%s: the SecretProviderClass CRD was changed (resourceVersion %s, was %s)", step, v, spcVersion)
 		}
@@ -257,7 +270,7 @@ func TestHelmUpgradeUpdatesTheCredentialCRD(t *testing.T) {
 		}
 	}
 	const field = "upgradeProbe"
-	if probe(t, creds, field) {
+	if probe(t, issuerCreds, field) {
 		t.Fatalf("status.%s was stored before any CRD had it: the API server prunes nothing, and the check below proves nothing", field)
 	}
 
@@ -288,7 +301,7 @@ func TestHelmUpgradeUpdatesTheCredentialCRD(t *testing.T) {
 	if !slices.Contains(statusFields(t, getCRD(credentialCRD)), field) {
 		t.Errorf("the upgraded CRD's status has %v, no %s", statusFields(t, getCRD(credentialCRD)), field)
 	}
-	harness.Eventually(t, 30*time.Second, "status."+field+" stored", func() (bool, error) { return probe(t, creds, field), nil })
+	harness.Eventually(t, 30*time.Second, "status."+field+" stored", func() (bool, error) { return probe(t, issuerCreds, field), nil })
 	intact("after the upgrade that added a field")
 
 	// Rollback to the crds/ chart, whose manifest has no Credential CRD: kept.
@@ -307,7 +320,7 @@ func TestHelmUpgradeUpdatesTheCredentialCRD(t *testing.T) {
 	intact("after the upgrade back")
 
 	// Uninstall keeps the CRD and the records, and says so.
-	out = helmOK("uninstall", "esc", "-n", ns, "--wait")
+	out = helmOK("uninstall", "esc", "-n", ns, "--wait", "--timeout", "1m")
 	if !strings.Contains(out, "kept due to the resource policy") || !strings.Contains(out, credentialCRD) {
 		t.Errorf("helm uninstall does not say it kept the CRD:\n%s", out)
 	}
@@ -367,6 +380,7 @@ type record struct {
 	State      string
 	ExpiresAt  string
 	Finalizers []string
+	Deleting   bool
 }
 
 // snapshot reads every Credential, by name.
@@ -381,7 +395,8 @@ func snapshot(t *testing.T, creds dynamic.ResourceInterface) map[string]record {
 		spec, _, _ := unstructured.NestedMap(c.Object, "spec")
 		state, _, _ := unstructured.NestedString(c.Object, "status", "state")
 		expires, _, _ := unstructured.NestedString(c.Object, "status", "expiresAt")
-		m[c.GetName()] = record{UID: string(c.GetUID()), Spec: spec, State: state, ExpiresAt: expires, Finalizers: c.GetFinalizers()}
+		m[c.GetName()] = record{UID: string(c.GetUID()), Spec: spec, State: state, ExpiresAt: expires, Finalizers: c.GetFinalizers(),
+			Deleting: c.GetDeletionTimestamp() != nil}
 	}
 	return m
 }
