@@ -15,7 +15,7 @@ FUZZTIME  ?= 30s
 # keeps a two-core machine responsive; -race is part of the standard run.
 TESTFLAGS ?= -race -count=1 -timeout 30m -p 1
 
-.PHONY: all build generate print-controller-gen test demo lint fuzz bench bench-cluster postgres kube node vault aws clean cluster cluster-down manifests release release-check release-artifacts release-push print-crane print-helm sbom
+.PHONY: all build docs generate print-controller-gen test demo lint fuzz bench bench-cluster postgres kube node vault aws clean cluster cluster-down manifests release release-check release-artifacts release-push print-crane print-helm sbom
 
 all: build
 
@@ -114,6 +114,11 @@ generate: $(CONTROLLER_GEN)
 	$(CONTROLLER_GEN) $(CONTROLLER_GEN_ARGS) output:crd:dir=$(CHART)/crds
 print-controller-gen:
 	@echo $(CONTROLLER_GEN) $(CONTROLLER_GEN_ARGS)
+
+# The generated parts of docs/ (the backend file's reference, from the Go
+# types' doc comments); a test in test/docs fails when they are stale.
+docs:
+	$(GO) run ./test/docs/cmd/gendocs
 
 # Each lint tool in a directory of its version, so a version bump
 # installs the new one.

@@ -23,11 +23,25 @@ import (
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider/vault"
 )
 
-// backendConfig is the admin's backend file: one section per provider.
+// backendConfig is the admin's backend file (--backend-config of serve
+// and of issuer): one section per provider, each optional, in one YAML
+// file. In a cluster it is a key of a Secret: the postgres section (which
+// holds the admin credential) in the issuer's Secret
+// ephemeral-secrets-issuer, the others in the node plugins' Secret
+// ephemeral-secrets-backends. A node plugin beside the issuer refuses a
+// postgres section; without an issuer (issuer.enabled=false, the demo)
+// the node plugin reads every section. The node plugins re-read their
+// file when it changes; the issuer reads its file at start only.
 type backendConfig struct {
+	// Postgres configures the postgres provider: the databases roles are
+	// made in, and the roles classes may ask for. Read by the issuer.
 	Postgres *postgres.Config `json:"postgres,omitempty"`
-	Vault    *vault.Config    `json:"vault,omitempty"`
-	AWS      *aws.Config      `json:"aws,omitempty"`
+	// Vault configures the vault provider (Vault and OpenBao): the servers
+	// classes may name and how each is trusted. Read by the node plugins.
+	Vault *vault.Config `json:"vault,omitempty"`
+	// AWS configures the aws provider (STS sessions, Secrets Manager and
+	// SSM values). Read by the node plugins.
+	AWS *aws.Config `json:"aws,omitempty"`
 }
 
 // decodeBackends decodes the backend file (read from path) strictly: an

@@ -12,6 +12,8 @@ import (
 	"math/big"
 	"os"
 	"path/filepath"
+	"reflect"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -19,6 +21,7 @@ import (
 	"github.com/ephemeral-secrets/csi-driver/pkg/audit"
 	"github.com/ephemeral-secrets/csi-driver/pkg/issuer"
 	"github.com/ephemeral-secrets/csi-driver/pkg/metrics"
+	"github.com/ephemeral-secrets/csi-driver/test/docs/backendsref"
 )
 
 // checkSecret is in every file's admin URL: no output may quote it.
@@ -201,5 +204,43 @@ func TestCheckConfigUsage(t *testing.T) {
 	if code := checkConfig([]string{filepath.Join(t.TempDir(), "none.yaml")}, io.Discard, &stderr); code != 1 ||
 		!strings.Contains(stderr.String(), "no such file") {
 		t.Errorf("a missing file: exit %d: %s", code, &stderr)
+	}
+}
+
+// TestReferenceHasEveryKey: the generated reference of the backend file
+// (docs/backends.md, read from the source by test/docs/backendsref) lists
+// exactly the keys the decoder knows (check-config's walk of the same
+// types by reflection, as encoding/json reads them).
+func TestReferenceHasEveryKey(t *testing.T) {
+	documented, err := backendsref.Keys("../..")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var decoded []string
+	var walk func(prefix string, t reflect.Type)
+	walk = func(prefix string, t reflect.Type) {
+		for t.Kind() == reflect.Pointer {
+			t = t.Elem()
+		}
+		switch {
+		case reflect.PointerTo(t).Implements(jsonUnmarshaler):
+		case t.Kind() == reflect.Struct:
+			for key, ft := range jsonFields(t) {
+				decoded = append(decoded, join(prefix, key))
+				walk(join(prefix, key), ft)
+			}
+		case t.Kind() == reflect.Map:
+			walk(prefix+".*", t.Elem())
+		case t.Kind() == reflect.Slice:
+			walk(prefix+".[]", t.Elem())
+		}
+	}
+	walk("", reflect.TypeFor[backendConfig]())
+	slices.Sort(decoded)
+	if !slices.Equal(documented, decoded) {
+		t.Errorf("the reference's keys differ from the decoder's:\nreference: %q\ndecoder:   %q", documented, decoded)
+	}
+	if len(decoded) < 30 {
+		t.Errorf("only %d keys: the walk missed the sections", len(decoded))
 	}
 }
