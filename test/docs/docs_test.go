@@ -21,6 +21,7 @@ package docs
 
 import (
 	"bufio"
+	"flag"
 	"fmt"
 	"os"
 	"os/exec"
@@ -29,6 +30,8 @@ import (
 	"sort"
 	"strings"
 	"testing"
+
+	"k8s.io/klog/v2"
 
 	"github.com/ephemeral-secrets/csi-driver/test/kube"
 )
@@ -373,5 +376,48 @@ func TestReadmeIsAFrontPage(t *testing.T) {
 	first, _, _ := strings.Cut(after, "```")
 	if !strings.HasPrefix(first, "make demo") || !strings.Contains(first, "\nmake test") {
 		t.Errorf("README.md's first code block is not make demo and make test:\n%s", first)
+	}
+}
+
+// TestEveryFlagIsDocumented: every flag of serve and issuer (as their
+// -h lists them; klog's own, but -v, left out) is in its table of
+// docs/configuration.md.
+func TestEveryFlagIsDocumented(t *testing.T) {
+	bin := tools(t, false)
+	klogFlags := flag.NewFlagSet("klog", flag.ContinueOnError)
+	klog.InitFlags(klogFlags)
+	doc, err := os.ReadFile(filepath.Join(root, "docs", "configuration.md"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	flagLine := regexp.MustCompile(`(?m)^\s+-([a-z0-9_-]+)`)
+	for _, cmd := range []string{"serve", "issuer"} {
+		heading := "## Flags of `ephemeral-secrets-csi " + cmd + "`"
+		_, section, ok := strings.Cut(string(doc), heading)
+		if !ok {
+			t.Errorf("docs/configuration.md has no %q", heading)
+			continue
+		}
+		if i := strings.Index(section, "\n## "); i >= 0 {
+			section = section[:i]
+		}
+		out, _ := exec.Command(filepath.Join(bin, "ephemeral-secrets-csi"), cmd, "-h").CombinedOutput()
+		flags := flagLine.FindAllStringSubmatch(string(out), -1)
+		if len(flags) < 10 {
+			t.Fatalf("%s -h lists %d flags:\n%s", cmd, len(flags), out)
+		}
+		for _, m := range flags {
+			name := m[1]
+			if klogFlags.Lookup(name) != nil && name != "v" {
+				continue
+			}
+			dashes := "--"
+			if name == "v" {
+				dashes = "-"
+			}
+			if !strings.Contains(section, "`"+dashes+name+"`") {
+				t.Errorf("%s's flag %s%s is not in docs/configuration.md, %s", cmd, dashes, name, heading)
+			}
+		}
 	}
 }
