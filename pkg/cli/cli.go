@@ -49,12 +49,12 @@ type Register func(*provider.Registry) error
 // Main runs the command with args (without the program name) and returns
 // the exit code.
 func Main(version string, args []string, extra ...Register) int {
+	if len(args) > 0 && args[0] == "check-config" {
+		return checkConfig(args[1:], os.Stdout, os.Stderr)
+	}
 	cmd := "serve"
 	if len(args) > 0 && (args[0] == "serve" || args[0] == "leases" || args[0] == "issuer" || args[0] == "version") {
 		cmd, args = args[0], args[1:]
-	}
-	if len(args) > 0 && args[0] == "check-config" {
-		return checkConfig(args[1:], os.Stdout, os.Stderr)
 	}
 	var err error
 	switch cmd {
