@@ -15,7 +15,7 @@ FUZZTIME  ?= 30s
 # keeps a two-core machine responsive; -race is part of the standard run.
 TESTFLAGS ?= -race -count=1 -timeout 30m -p 1
 
-.PHONY: all build generate print-controller-gen print-crd-dir test demo lint fuzz bench bench-cluster postgres kube node vault aws clean cluster cluster-down manifests release release-check release-artifacts release-push print-crane print-helm sbom
+.PHONY: all build generate print-controller-gen print-crd-dir test demo lint fuzz bench bench-cluster postgres kube node vault aws clean cluster cluster-down manifests release release-check release-artifacts release-push print-crane print-helm sbom docs kubectl
 
 all: build
 
@@ -68,6 +68,10 @@ $(TOOLS)/helm:
 $(TOOLS)/kustomize:
 	GOBIN=$(TOOLS) $(GO) install sigs.k8s.io/kustomize/kustomize/v5@$(KUSTOMIZE_VERSION)
 
+# kubectl, for the commands of the docs that test/docs runs (and make cluster).
+kubectl:
+	@KUBE_COMMANDS=kubectl test/kube/build-kube.sh $(TOOLS)
+
 # What a real node needs beside the Kubernetes commands: containerd, runc,
 # the CNI plugins, iptables (kube-proxy) and iproute2 (the node's network), from apt.
 NODE_PACKAGES := containerd runc containernetworking-plugins iptables conntrack iproute2
@@ -79,8 +83,7 @@ node: kube
 # A single-node cluster for a person: kubelet, containerd, the control
 # plane, PostgreSQL with the example's database, the driver from the chart.
 # It prints what to export to use kubectl. cluster-down removes all of it.
-cluster: postgres node
-	@KUBE_COMMANDS=kubectl test/kube/build-kube.sh $(TOOLS)
+cluster: postgres node kubectl
 	$(GO) run ./test/node/cmd/cluster up --dir bin/cluster
 
 cluster-down:
@@ -99,7 +102,7 @@ aws:
 demo: postgres build
 	$(GO) run ./test/demo --driver $(BIN)
 
-test: postgres kube node vault aws
+test: postgres kube kubectl node vault aws
 	$(GO) test $(TESTFLAGS) ./...
 
 # The inventory API (pkg/apis): its deep-copy functions and its CRD, in the
@@ -118,6 +121,11 @@ print-controller-gen:
 	@echo $(CONTROLLER_GEN) $(CONTROLLER_GEN_ARGS)
 print-crd-dir:
 	@echo $(CRD_DIR)
+
+# The generated parts of docs/ (the backend file's reference, from the Go
+# types' doc comments); a test in test/docs fails when they are stale.
+docs:
+	$(GO) run ./test/docs/cmd/gendocs
 
 # Each lint tool in a directory of its version, so a version bump
 # installs the new one.
@@ -142,7 +150,7 @@ CHART := deploy/helm/ephemeral-secrets-csi
 manifests: $(TOOLS)/helm
 	deploy/render.sh $(TOOLS)/helm deploy/kustomize
 
-# A release, from a tag vX.Y.Z (see "Versions" in README.md): the driver's
+# A release, from a tag vX.Y.Z (see "Versions" in docs/development.md): the driver's
 # image for amd64 and arm64 and the chart, packaged; release-push sends
 # both to their registries (log in first: crane auth login, helm registry
 # login). `make image` writes IMAGE_ARCHIVE: a tar of an OCI image layout

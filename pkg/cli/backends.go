@@ -23,38 +23,57 @@ import (
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider/vault"
 )
 
-// backendConfig is the admin's backend file: one section per provider.
+// backendConfig is the admin's backend file (--backend-config of serve
+// and of issuer): one section per provider, each optional, in one YAML
+// file. In a cluster it is a key of a Secret: the postgres section (which
+// holds the admin credential) in the issuer's Secret
+// ephemeral-secrets-issuer, the others in the node plugins' Secret
+// ephemeral-secrets-backends. A node plugin beside the issuer refuses a
+// postgres section; without an issuer (issuer.enabled=false, the demo)
+// the node plugin reads every section. The node plugins re-read their
+// file when it changes; the issuer reads its file at start only.
 type backendConfig struct {
+	// Postgres configures the postgres provider: the databases roles are
+	// made in, and the roles classes may ask for. Read by the issuer.
 	Postgres *postgres.Config `json:"postgres,omitempty"`
-	Vault    *vault.Config    `json:"vault,omitempty"`
-	AWS      *aws.Config      `json:"aws,omitempty"`
+	// Vault configures the vault provider (Vault and OpenBao): the servers
+	// classes may name and how each is trusted. Read by the node plugins.
+	Vault *vault.Config `json:"vault,omitempty"`
+	// AWS configures the aws provider (STS sessions, Secrets Manager and
+	// SSM values). Read by the node plugins.
+	AWS *aws.Config `json:"aws,omitempty"`
 }
 
-// build builds the providers data (the content of the backend file)
-// configures, and those of extra. Its errors never quote data: the file
-// holds admin credentials.
-//
-// The postgres section is served by an issuer in this process (the
-// cluster's issuer Deployment is the other transport of the same code):
-// the node side mints through iss.Local(), and the issuer's reaper runs
-// every reap until the returned closer is called.
-func (b *backends) build(data []byte) (*provider.Registry, func(), error) {
-	path := b.path
-	reg := &provider.Registry{}
-	closers := []func(){}
-	closeAll := func() {
-		for _, c := range closers {
-			c()
-		}
-	}
-	fail := func(err error) (*provider.Registry, func(), error) {
-		closeAll()
-		return nil, nil, err
-	}
+// decodeBackends decodes the backend file (read from path) strictly: an
+// unknown key is an error. Its error never quotes data: the YAML
+// library's message can quote the offending line, and this file holds
+// admin credentials.
+func decodeBackends(path string, data []byte) (backendConfig, error) {
 	var cfg backendConfig
 	if err := yaml.UnmarshalStrict(data, &cfg); err != nil {
-		// The YAML library's message can quote the offending line; this file holds admin credentials.
-		return fail(fmt.Errorf("backend config %s: not valid (check its keys and indentation)", path))
+		return backendConfig{}, fmt.Errorf("backend config %s: not valid (check its keys and indentation)", path)
+	}
+	return cfg, nil
+}
+
+// providers builds the providers data (the content of the backend file)
+// configures, and those of extra, and connects to nothing: the postgres
+// section's issuer is returned unstarted (nil without the section), for
+// the caller to run its reaper and to close it. Its errors never quote
+// data: the file holds admin credentials. check-config loads a file
+// through it, so what it accepts is what a serving driver accepts.
+func (b *backends) providers(data []byte) (*provider.Registry, *issuer.Issuer, error) {
+	cfg, err := decodeBackends(b.path, data)
+	if err != nil {
+		return nil, nil, err
+	}
+	reg := &provider.Registry{}
+	var iss *issuer.Issuer
+	fail := func(err error) (*provider.Registry, *issuer.Issuer, error) {
+		if iss != nil {
+			iss.Close()
+		}
+		return nil, nil, err
 	}
 	add := func(name string, p provider.Provider, err error) error {
 		if err != nil {
@@ -63,15 +82,13 @@ func (b *backends) build(data []byte) (*provider.Registry, func(), error) {
 		return reg.Register(name, p)
 	}
 	if cfg.Postgres != nil {
-		iss, err := issuer.New(issuer.Options{Config: *cfg.Postgres, ReapInterval: b.reap, Audit: b.audit,
-			OnReap: func(r issuer.ReapReport, _ error) { b.metrics.Reaped(r.Expired, r.Untracked, r.Failed+r.Unlisted) }})
-		if err != nil {
+		// The postgres section is served by an issuer in this process (the
+		// cluster's issuer Deployment is the other transport of the same
+		// code): the node side mints through iss.Local().
+		if iss, err = issuer.New(issuer.Options{Config: *cfg.Postgres, ReapInterval: b.reap, Audit: b.audit,
+			OnReap: func(r issuer.ReapReport, _ error) { b.metrics.Reaped(r.Expired, r.Untracked, r.Failed+r.Unlisted) }}); err != nil {
 			return fail(err)
 		}
-		ctx, cancel := context.WithCancel(context.Background())
-		reaped := make(chan struct{})
-		go func() { defer close(reaped); iss.Run(ctx) }()
-		closers = append(closers, func() { cancel(); <-reaped; iss.Close() })
 		if err := reg.Register(postgres.Name, postgres.NewNode(iss.Local())); err != nil {
 			return fail(err)
 		}
@@ -93,7 +110,24 @@ func (b *backends) build(data []byte) (*provider.Registry, func(), error) {
 			return fail(err)
 		}
 	}
-	return reg, closeAll, nil
+	return reg, iss, nil
+}
+
+// build builds the providers of data and extra (providers) and starts
+// the in-process issuer's reaper, which runs every reap until the
+// returned closer is called.
+func (b *backends) build(data []byte) (*provider.Registry, func(), error) {
+	reg, iss, err := b.providers(data)
+	if err != nil {
+		return nil, nil, err
+	}
+	if iss == nil {
+		return reg, func() {}, nil
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	reaped := make(chan struct{})
+	go func() { defer close(reaped); iss.Run(ctx) }()
+	return reg, func() { cancel(); <-reaped; iss.Close() }, nil
 }
 
 // backends is the serving driver's backend configuration: the registry

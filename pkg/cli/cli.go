@@ -1,6 +1,7 @@
 // Package cli is the ephemeral-secrets-csi command line: "serve" runs the
 // node plugin (CSI Identity and Node services), "issuer" the cluster
-// issuer, "leases" lists the node's live credentials. The binary's main only calls Main; a build with extra
+// issuer, "leases" lists the node's live credentials, "check-config"
+// checks a backend file as the driver or the issuer would load it. The binary's main only calls Main; a build with extra
 // providers (the benchmark's) passes them in.
 package cli
 
@@ -48,6 +49,9 @@ type Register func(*provider.Registry) error
 // Main runs the command with args (without the program name) and returns
 // the exit code.
 func Main(version string, args []string, extra ...Register) int {
+	if len(args) > 0 && args[0] == "check-config" {
+		return checkConfig(args[1:], os.Stdout, os.Stderr)
+	}
 	cmd := "serve"
 	if len(args) > 0 && (args[0] == "serve" || args[0] == "leases" || args[0] == "issuer" || args[0] == "version") {
 		cmd, args = args[0], args[1:]

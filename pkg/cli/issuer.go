@@ -25,7 +25,6 @@ import (
 	"k8s.io/client-go/tools/leaderelection"
 	"k8s.io/client-go/tools/leaderelection/resourcelock"
 	"k8s.io/klog/v2"
-	"sigs.k8s.io/yaml"
 
 	"github.com/ephemeral-secrets/csi-driver/pkg/audit"
 	"github.com/ephemeral-secrets/csi-driver/pkg/inventory"
@@ -197,9 +196,9 @@ func readIssuerConfig(path string) (postgres.Config, error) {
 	if err != nil {
 		return postgres.Config{}, fmt.Errorf("backend config: %w", err)
 	}
-	var cfg backendConfig
-	if err := yaml.UnmarshalStrict(data, &cfg); err != nil {
-		return postgres.Config{}, fmt.Errorf("backend config %s: not valid (check its keys and indentation)", path)
+	cfg, err := decodeBackends(path, data)
+	if err != nil {
+		return postgres.Config{}, err
 	}
 	if cfg.Postgres == nil {
 		return postgres.Config{}, fmt.Errorf("backend config %s: no postgres section", path)
@@ -381,10 +380,20 @@ func (f *issuerClientFlags) registerIssuer(kubeconfig string) (Register, error) 
 		return nil, err
 	}
 	return func(reg *provider.Registry) error {
-		if _, ok := reg.Get(postgres.Name); ok {
-			return errors.New("--issuer-address is set and the backend configuration has a postgres section: " +
-				"the admin credential belongs to the issuer; remove the section from the node's backend configuration")
+		if err := refuseAdminOnNode(reg); err != nil {
+			return err
 		}
 		return reg.Register(postgres.Name, postgres.NewNode(c))
 	}, nil
+}
+
+// refuseAdminOnNode refuses a node plugin's backend configuration with a
+// postgres section when a cluster issuer serves PostgreSQL: the node must
+// not hold the admin credential.
+func refuseAdminOnNode(reg *provider.Registry) error {
+	if _, ok := reg.Get(postgres.Name); ok {
+		return errors.New("--issuer-address is set and the backend configuration has a postgres section: " +
+			"the admin credential belongs to the issuer; remove the section from the node's backend configuration")
+	}
+	return nil
 }

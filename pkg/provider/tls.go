@@ -25,10 +25,11 @@ type TLS struct {
 	// CACert is a PEM file of the CAs that sign the backend's certificate;
 	// empty: the system's roots.
 	CACert string `json:"caCert,omitempty"`
-	// ClientCert and ClientKey are PEM files of the certificate the driver
-	// presents (mutual TLS); both or neither.
+	// ClientCert is a PEM file of the certificate the driver presents
+	// (mutual TLS); with ClientKey, or neither.
 	ClientCert string `json:"clientCert,omitempty"`
-	ClientKey  string `json:"clientKey,omitempty"`
+	// ClientKey is the PEM file of ClientCert's private key.
+	ClientKey string `json:"clientKey,omitempty"`
 	// ServerName is the name the backend's certificate must carry, when it
 	// is not the address's host.
 	ServerName string `json:"serverName,omitempty"`

@@ -15,31 +15,47 @@ import (
 // SecretProviderClass may ask for. It holds admin credentials: in a cluster
 // it comes from a Secret mounted into the driver.
 type Config struct {
+	// Connections are the databases, by a name classes give as their
+	// connection parameter (letters, digits, '.', '_' and '-'); at least
+	// one.
 	Connections map[string]*Connection `json:"connections"`
 }
 
 // Connection is one database the driver administers.
 type Connection struct {
 	// URL is a libpq connection string with credentials allowed to create
-	// and drop roles.
+	// and drop roles (required; a URL or a key=value string; never quoted
+	// in a message).
 	URL string `json:"url"`
-	// Host, Port and Database are what pods are told to dial (templates see
-	// them as host, port, database); by default those of URL.
-	Host     string `json:"host,omitempty"`
-	Port     string `json:"port,omitempty"`
+	// Host is what pods are told to dial (templates see it as host); by
+	// default the host of URL.
+	Host string `json:"host,omitempty"`
+	// Port is the port pods are told (templates: port); by default that of
+	// URL.
+	Port string `json:"port,omitempty"`
+	// Database is the database pods are told (templates: database); by
+	// default that of URL.
 	Database string `json:"database,omitempty"`
 	// MaxConns bounds the admin connections the driver holds (default 4).
-	MaxConns int32            `json:"maxConns,omitempty"`
-	Roles    map[string]*Role `json:"roles"`
+	MaxConns int32 `json:"maxConns,omitempty"`
+	// Roles are the roles classes may ask for on this connection, by a
+	// name classes give as their role parameter (letters, digits, '.', '_'
+	// and '-'); at least one.
+	Roles map[string]*Role `json:"roles"`
 
 	defaultRevoke []*template.Template
 }
 
 // Role is a template for the roles the driver creates.
 type Role struct {
+	// DefaultTTL is the lifetime of a credential whose class sets no ttl
+	// (default 1h, at least 5s, at most MaxTTL).
 	DefaultTTL Duration `json:"defaultTTL"`
-	MaxTTL     Duration `json:"maxTTL"`
-	// CreationStatements run in one transaction. Templates see .Name,
+	// MaxTTL bounds a role's life from its creation (default 24h):
+	// renewals extend it up to this, then a new role is swapped in.
+	MaxTTL Duration `json:"maxTTL"`
+	// CreationStatements run in one transaction (required; they must use
+	// {{.Name}}; {{.PlainPassword}} is refused). Templates see .Name,
 	// .Password (the SCRAM-SHA-256 verifier the node made: the password
 	// itself never leaves the node) and .Expiration, all safe inside
 	// quotes. The driver then sets VALID UNTIL and tags the role
@@ -50,7 +66,8 @@ type Role struct {
 	// RevocationStatements end the role (default: refuse logins, end its
 	// sessions, drop what it owns, drop it).
 	RevocationStatements []string `json:"revocationStatements,omitempty"`
-	// Allowed lists who may use the role; "*" matches any name.
+	// Allowed lists who may use the role (at least one entry); "*"
+	// matches any name.
 	Allowed []Subject `json:"allowed"`
 	// MaxLive caps the live roles one service account holds of this role,
 	// across the cluster (0: no cap).
@@ -61,7 +78,9 @@ type Role struct {
 
 // Subject is a namespace and service account.
 type Subject struct {
-	Namespace      string `json:"namespace"`
+	// Namespace of the pods (required; "*": any).
+	Namespace string `json:"namespace"`
+	// ServiceAccount the pods run as (required; "*": any).
 	ServiceAccount string `json:"serviceAccount"`
 }
 
