@@ -19,6 +19,7 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/ephemeral-secrets/csi-driver/pkg/audit"
+	"github.com/ephemeral-secrets/csi-driver/pkg/lease/revocation"
 	"github.com/ephemeral-secrets/csi-driver/pkg/metrics"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
 	"github.com/ephemeral-secrets/csi-driver/pkg/render"
@@ -86,6 +87,9 @@ type Options struct {
 	// Records records each lease outside the node (the cluster's
 	// inventory) as it is issued, renewed and revoked; nil records none.
 	Records Records
+	// RevocationWorkers is how many revocations run at once (default 8):
+	// a backlog left by a backend outage drains in parallel.
+	RevocationWorkers int
 }
 
 // Volume is what NodePublishVolume asks for, validated by the caller.
@@ -114,17 +118,10 @@ type Manager struct {
 	vols  map[string]*volume
 	ready bool
 
-	wake    chan struct{}
-	retryAt map[string]time.Time // revocation lease ID -> next attempt; worker only
-
 	seen map[string]time.Time // "namespace/serviceaccount/class" -> first request; under mu
-	// graced: volumes with a revocation queued to wait out the rotation
-	// grace (expediteGrace); under mu.
-	graced map[string]bool
 
-	confirmed map[string]*waiter // lease ID -> who waits for its revocation; under mu
-
-	records recordQueue // calls of opts.Records not yet made
+	revocations *revocation.Queue
+	records     recordQueue // calls of opts.Records not yet made
 }
 
 // volume is the in-memory state of one published volume. Its fields
@@ -173,12 +170,17 @@ func New(opts Options) *Manager {
 		opts.Providers = &provider.Registry{}
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	return &Manager{
+	m := &Manager{
 		opts: opts, ctx: ctx, cancel: cancel,
-		vols: map[string]*volume{}, wake: make(chan struct{}, 1), retryAt: map[string]time.Time{},
-		seen: map[string]time.Time{}, confirmed: map[string]*waiter{}, graced: map[string]bool{},
+		vols: map[string]*volume{}, seen: map[string]time.Time{},
 		records: recordQueue{pending: map[string]*recordCall{}, wake: make(chan struct{}, 1)},
 	}
+	m.revocations = revocation.New(revocation.Options{
+		Store: opts.Store, Providers: opts.Providers, Audit: opts.Audit, Metrics: opts.Metrics,
+		Workers: opts.RevocationWorkers, RetryMin: opts.RetryMin, RetryMax: opts.RetryMax,
+		BackendTimeout: opts.BackendTimeout, Revoked: m.noteRevoked,
+	})
+	return m
 }
 
 // Ready reports whether recovery has finished.
@@ -192,6 +194,7 @@ func (m *Manager) Ready() bool {
 // picked up again by the next Recover.
 func (m *Manager) Close() {
 	m.cancel()
+	m.revocations.Close()
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	for _, v := range m.vols {
@@ -483,7 +486,7 @@ func (m *Manager) retire(v *volume, reason string) error {
 	if err := m.enqueueHeld(v.meta, v.lease, reason); err != nil {
 		return err
 	}
-	m.expediteGrace(v.meta.VolumeID)
+	m.revocations.Expedite(v.meta.VolumeID)
 	m.mu.Lock()
 	if v.timer != nil {
 		v.timer.Stop()

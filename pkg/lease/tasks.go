@@ -271,12 +271,13 @@ func (m *Manager) RevokeTask(ctx context.Context, volumeID, task string) (confir
 	if !ok {
 		return nil, fmt.Errorf("%w: %s", ErrUnknownTask, task)
 	}
-	m.watch([]string{t.LeaseID})
+	ids := []string{t.LeaseID}
+	m.revocations.Watch(ids)
 	if err := m.endTask(v, task, "task done"); err != nil {
-		m.unwatch([]string{t.LeaseID})
+		m.revocations.Unwatch(ids)
 		return nil, err
 	}
-	return m.await([]string{t.LeaseID}), nil
+	return m.revocations.Await(m.ctx.Done(), ids), nil
 }
 
 // endTask ends one task lease of v: the record says it ended first (a
