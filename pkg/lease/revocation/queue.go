@@ -79,14 +79,16 @@ type Options struct {
 type Queue struct {
 	opts    Options
 	clock   clock.WithTicker
-	due     workqueue.TypedDelayingInterface[string] // lease IDs to try
 	backoff workqueue.TypedRateLimiter[string]
-	closing sync.Once
 
 	// mu guards what follows, and is held over the store's write of an
 	// entry, so that the index and the store never disagree (a write on
 	// tmpfs: tens of microseconds).
-	mu       sync.Mutex
+	mu sync.Mutex
+	// due holds the lease IDs to try, each at its time; a Run that ends
+	// shuts it down, and the next Run starts another.
+	due      workqueue.TypedDelayingInterface[string]
+	closed   bool                       // by Close: no Run starts again
 	entries  map[string]*entry          // lease ID ->
 	byVolume map[string]map[string]bool // volume ID -> lease IDs queued
 	waiters  map[string]*waiter         // lease ID -> who waits for its backend's answer
@@ -127,8 +129,7 @@ func New(opts Options) *Queue {
 		opts.Clock = clock.RealClock{}
 	}
 	return &Queue{
-		opts: opts, clock: opts.Clock,
-		due:     workqueue.NewTypedDelayingQueueWithConfig(workqueue.TypedDelayingQueueConfig[string]{Clock: opts.Clock}),
+		opts: opts, clock: opts.Clock, due: newDue(opts.Clock),
 		backoff: workqueue.NewTypedItemExponentialFailureRateLimiter[string](opts.RetryMin, opts.RetryMax),
 		entries: map[string]*entry{}, byVolume: map[string]map[string]bool{}, waiters: map[string]*waiter{},
 	}
@@ -263,30 +264,53 @@ func (q *Queue) Oldest() time.Time {
 	return oldest
 }
 
-// Run revokes due entries with Workers workers until ctx is done, then
-// stops the queue (what is left stays on the store for the next start).
+func newDue(c clock.WithTicker) workqueue.TypedDelayingInterface[string] {
+	return workqueue.NewTypedDelayingQueueWithConfig(workqueue.TypedDelayingQueueConfig[string]{Clock: c})
+}
+
+// Run revokes due entries with Workers workers until ctx is done or the
+// queue is closed. What is left stays queued, on the store and in the
+// index, for a later Run or the next start.
 func (q *Queue) Run(ctx context.Context) {
+	q.mu.Lock()
+	if q.closed {
+		q.mu.Unlock()
+		return
+	}
+	if q.due.ShuttingDown() { // an earlier Run ended
+		q.due = newDue(q.clock)
+		for id, e := range q.entries {
+			q.schedule(id, e.at)
+		}
+	}
+	due := q.due
+	q.mu.Unlock()
 	var wg sync.WaitGroup
 	for range q.opts.Workers {
 		wg.Go(func() {
 			for {
-				id, shutdown := q.due.Get()
+				id, shutdown := due.Get()
 				if shutdown {
 					return
 				}
 				q.attempt(ctx, id)
-				q.due.Done(id)
+				due.Done(id)
 			}
 		})
 	}
-	<-ctx.Done()
-	q.Close()
+	stop := context.AfterFunc(ctx, due.ShutDown)
+	defer stop()
 	wg.Wait()
 }
 
-// Close stops the queue's timers and workers; entries stay on the store.
+// Close stops the queue's timers and workers for good; its entries stay
+// on the store.
 func (q *Queue) Close() {
-	q.closing.Do(q.due.ShutDown)
+	q.mu.Lock()
+	q.closed = true
+	due := q.due
+	q.mu.Unlock()
+	due.ShutDown()
 }
 
 // RevokeDue tries every entry due now once, one after the other in the

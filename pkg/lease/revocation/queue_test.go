@@ -408,3 +408,19 @@ func TestAddedAgainWhileRevoked(t *testing.T) {
 		t.Errorf("queue %d, store %d after the second revocation", f.q.Len(), f.store.len())
 	}
 }
+
+// A Run that ended leaves the queue to the next Run (the manager may be
+// run again), and Close ends it for good.
+func TestRunAgain(t *testing.T) {
+	f := newFixture(t, Options{})
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	f.q.Run(ctx) // ends at once
+	if err := f.q.Add(rev("l1", "v1")); err != nil {
+		t.Fatal(err)
+	}
+	f.run(t)
+	f.waitCalls(t, 1)
+	f.q.Close()
+	f.q.Run(context.Background()) // closed: returns at once
+}
