@@ -1,7 +1,11 @@
 // Package lease manages the life of every credential on the node: issue
 // at publish, renewal on its own timer, rotation where renewal is
-// impossible, a durable revocation queue retried until the backend
-// confirms, and recovery of all of it after a driver restart.
+// impossible, withdrawal, task leases, and recovery of all of it after a
+// driver restart. Its two workers are types of their own beneath it: the
+// durable revocation queue, retried until the backend confirms
+// (pkg/lease/revocation), and the outbox of the calls that record each
+// lease in the cluster's inventory (pkg/lease/outbox); neither imports
+// this package.
 package lease
 
 import (
@@ -19,6 +23,7 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/ephemeral-secrets/csi-driver/pkg/audit"
+	"github.com/ephemeral-secrets/csi-driver/pkg/lease/outbox"
 	"github.com/ephemeral-secrets/csi-driver/pkg/lease/revocation"
 	"github.com/ephemeral-secrets/csi-driver/pkg/metrics"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
@@ -121,7 +126,7 @@ type Manager struct {
 	seen map[string]time.Time // "namespace/serviceaccount/class" -> first request; under mu
 
 	revocations *revocation.Queue
-	records     recordQueue // calls of opts.Records not yet made
+	records     *outbox.Outbox // calls of opts.Records not yet made
 }
 
 // volume is the in-memory state of one published volume. Its fields
@@ -173,8 +178,11 @@ func New(opts Options) *Manager {
 	m := &Manager{
 		opts: opts, ctx: ctx, cancel: cancel,
 		vols: map[string]*volume{}, seen: map[string]time.Time{},
-		records: recordQueue{pending: map[string]*recordCall{}, wake: make(chan struct{}, 1)},
 	}
+	m.records = outbox.New(outbox.Options{
+		Records: opts.Records, Metrics: opts.Metrics, RetryMin: opts.RetryMin, RetryMax: opts.RetryMax,
+		Timeout: opts.BackendTimeout, Gone: m.withdrawGone,
+	})
 	m.revocations = revocation.New(revocation.Options{
 		Store: opts.Store, Providers: opts.Providers, Audit: opts.Audit, Metrics: opts.Metrics,
 		Workers: opts.RevocationWorkers, RetryMin: opts.RetryMin, RetryMax: opts.RetryMax,

@@ -45,7 +45,7 @@ func (m *Manager) Run(ctx context.Context) {
 	defer stop()
 	var wg sync.WaitGroup
 	wg.Go(func() { m.revocations.Run(ctx) })
-	wg.Go(func() { m.runRecords(ctx) })
+	wg.Go(func() { m.records.Run(ctx) })
 	defer wg.Wait()
 	sweep := time.NewTicker(m.opts.SweepInterval)
 	defer sweep.Stop()
@@ -57,16 +57,6 @@ func (m *Manager) Run(ctx context.Context) {
 			m.Sweep(ctx)
 		}
 	}
-}
-
-// rearm makes t fire after d, whether or not it fired already.
-func rearm(t *time.Timer, d time.Duration) {
-	t.Stop()
-	select {
-	case <-t.C:
-	default:
-	}
-	t.Reset(d)
 }
 
 // State reports the node's lease state for the metrics gauges.
