@@ -23,6 +23,7 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/ephemeral-secrets/csi-driver/pkg/audit"
+	"github.com/ephemeral-secrets/csi-driver/pkg/lease/keylock"
 	"github.com/ephemeral-secrets/csi-driver/pkg/lease/outbox"
 	"github.com/ephemeral-secrets/csi-driver/pkg/lease/revocation"
 	"github.com/ephemeral-secrets/csi-driver/pkg/metrics"
@@ -114,7 +115,7 @@ type Volume struct {
 // Manager runs the lifecycle of the node's leases.
 type Manager struct {
 	opts  Options
-	locks keyedLock
+	locks keylock.Keyed
 
 	ctx    context.Context // cancelled by Close; bounds background work
 	cancel context.CancelFunc
@@ -220,7 +221,7 @@ func (m *Manager) Publish(ctx context.Context, v Volume) error {
 	if !m.Ready() {
 		return fmt.Errorf("%w: %w", provider.ErrUnavailable, ErrNotReady)
 	}
-	unlock, err := m.locks.lock(ctx, v.ID)
+	unlock, err := m.locks.Lock(ctx, v.ID)
 	if err != nil {
 		return fmt.Errorf("%w: waiting for another operation on the volume: %w", provider.ErrUnavailable, err)
 	}
@@ -467,7 +468,7 @@ func (m *Manager) Unpublish(ctx context.Context, volumeID, target string) error 
 		// from "not loaded yet"; kubelet retries.
 		return fmt.Errorf("%w: %w", provider.ErrUnavailable, ErrNotReady)
 	}
-	unlock, err := m.locks.lock(ctx, volumeID)
+	unlock, err := m.locks.Lock(ctx, volumeID)
 	if err != nil {
 		return fmt.Errorf("%w: waiting for another operation on the volume: %w", provider.ErrUnavailable, err)
 	}

@@ -64,7 +64,7 @@ func (m *Manager) Recover(ctx context.Context) error {
 
 // recoverLocked is recoverVolume under the volume's lock.
 func (m *Manager) recoverLocked(ctx context.Context, id string) (bool, error) {
-	unlock, err := m.locks.lock(ctx, id)
+	unlock, err := m.locks.Lock(ctx, id)
 	if err != nil {
 		return false, err
 	}
@@ -264,7 +264,7 @@ func (m *Manager) Sweep(ctx context.Context) {
 	}
 	for _, id := range ids {
 		lctx, cancel := context.WithTimeout(ctx, time.Second)
-		unlock, err := m.locks.lock(lctx, id)
+		unlock, err := m.locks.Lock(lctx, id)
 		cancel()
 		if err != nil {
 			continue // busy: next sweep

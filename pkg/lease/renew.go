@@ -132,7 +132,7 @@ func (m *Manager) retryDelay(v *volume) time.Duration {
 // renew runs when a volume's timer fires: extend the lease, or re-issue
 // and swap where the provider cannot extend it or the lease has lapsed.
 func (m *Manager) renew(id string) {
-	unlock, err := m.locks.lock(m.ctx, id)
+	unlock, err := m.locks.Lock(m.ctx, id)
 	if err != nil {
 		return // shutting down
 	}

@@ -112,7 +112,7 @@ func (m *Manager) usable(ctx context.Context, volumeID string) (*volume, func(),
 	if !m.Ready() {
 		return nil, nil, fmt.Errorf("%w: %w", provider.ErrUnavailable, ErrNotReady)
 	}
-	unlock, err := m.locks.lock(ctx, volumeID)
+	unlock, err := m.locks.Lock(ctx, volumeID)
 	if err != nil {
 		return nil, nil, fmt.Errorf("%w: waiting for another operation on the volume: %w", provider.ErrUnavailable, err)
 	}
@@ -356,7 +356,7 @@ func (m *Manager) armTask(v *volume, task string, end time.Time) {
 		tm.Stop()
 	}
 	v.taskTimers[task] = time.AfterFunc(time.Until(end), func() {
-		unlock, err := m.locks.lock(m.ctx, id)
+		unlock, err := m.locks.Lock(m.ctx, id)
 		if err != nil {
 			return
 		}

@@ -47,7 +47,7 @@ func (m *Manager) Withdraw(ctx context.Context, volumeID, reason string) (confir
 	if !m.Ready() {
 		return nil, fmt.Errorf("%w: %w", provider.ErrUnavailable, ErrNotReady)
 	}
-	unlock, err := m.locks.lock(ctx, volumeID)
+	unlock, err := m.locks.Lock(ctx, volumeID)
 	if err != nil {
 		return nil, fmt.Errorf("%w: waiting for another operation on the volume: %w", provider.ErrUnavailable, err)
 	}

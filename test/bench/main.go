@@ -39,8 +39,13 @@ func main() {
 	ngb := flag.Int("ngb", 200, "volumes for the give-back rows (half wait for the backend, half not)")
 	nbl := flag.Int("nbacklog", 2000, "volumes for the revocation backlog row (0: skip it)")
 	only := flag.String("only", "", `"backlog": only the revocation backlog row`)
+	var driverArgs []string
+	flag.Func("driver-arg", "a flag for the driver, as --name=value (repeatable)", func(v string) error {
+		driverArgs = append(driverArgs, v)
+		return nil
+	})
 	flag.Parse()
-	if err := run(*bin, *out, *n1, *n16, *npg, *ngb, *nbl, *only == "backlog"); err != nil {
+	if err := run(*bin, *out, *n1, *n16, *npg, *ngb, *nbl, *only == "backlog", driverArgs); err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)
 		os.Exit(1)
 	}
@@ -113,7 +118,7 @@ func summarize(ds []time.Duration, elapsed time.Duration, failures int) latency 
 	return l
 }
 
-func run(bin, out string, n1, n16, npg, ngb, nbl int, onlyBacklog bool) error {
+func run(bin, out string, n1, n16, npg, ngb, nbl int, onlyBacklog bool, driverArgs []string) error {
 	if os.Geteuid() != 0 {
 		return errors.New("run as root: the driver mounts tmpfs")
 	}
@@ -162,6 +167,7 @@ func run(bin, out string, n1, n16, npg, ngb, nbl int, onlyBacklog bool) error {
 	drv := &harness.Driver{Bin: bin, Env: env, LogFile: filepath.Join(env.Base, "driver.log"), Args: []string{
 		"--classes-file", classes, "--backend-config", backends, "--audit-log", filepath.Join(env.Base, "audit.log"), "-v", "0",
 	}}
+	drv.Args = append(drv.Args, driverArgs...)
 	if err := drv.Start(ctx); err != nil {
 		return err
 	}

@@ -26,6 +26,7 @@ import (
 	"k8s.io/utils/clock"
 
 	"github.com/ephemeral-secrets/csi-driver/pkg/audit"
+	"github.com/ephemeral-secrets/csi-driver/pkg/lease/keylock"
 	"github.com/ephemeral-secrets/csi-driver/pkg/metrics"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
 	"github.com/ephemeral-secrets/csi-driver/pkg/storage"
@@ -80,11 +81,12 @@ type Queue struct {
 	opts    Options
 	clock   clock.WithTicker
 	backoff workqueue.TypedRateLimiter[string]
+	// writing orders the store's writes of each lease: they are made
+	// under the lease's own lock, never under mu, and the index changes
+	// after the store, under both.
+	writing keylock.Keyed
 
-	// mu guards what follows, and is held over the store's write of an
-	// entry, so that the index and the store never disagree (a write on
-	// tmpfs: tens of microseconds).
-	mu sync.Mutex
+	mu sync.Mutex // guards what follows
 	// due holds the lease IDs to try, each at its time; a Run that ends
 	// shuts it down, and the next Run starts another.
 	due      workqueue.TypedDelayingInterface[string]
@@ -153,6 +155,12 @@ func (q *Queue) Load() error {
 	return nil
 }
 
+// lockWrites takes lease id's lock over the store's writes of its entry.
+func (q *Queue) lockWrites(id string) (unlock func()) {
+	unlock, _ = q.writing.Lock(context.Background(), id) // no deadline: never fails
+	return unlock
+}
+
 // index puts e in the index and schedules it; under mu.
 func (q *Queue) index(e *entry) {
 	id := e.rev.Lease.ID
@@ -196,11 +204,13 @@ func (q *Queue) Add(r storage.Revocation) error {
 	if r.EnqueuedAt.IsZero() {
 		r.EnqueuedAt = q.clock.Now().UTC()
 	}
-	q.mu.Lock()
-	defer q.mu.Unlock()
+	unlock := q.lockWrites(r.Lease.ID)
+	defer unlock()
 	if err := q.opts.Store.PutRevocation(r); err != nil {
 		return err
 	}
+	q.mu.Lock()
+	defer q.mu.Unlock()
 	e := q.entries[r.Lease.ID]
 	if e == nil {
 		q.index(&entry{rev: r, at: r.NotBefore, gen: 1})
@@ -217,24 +227,44 @@ func (q *Queue) Add(r storage.Revocation) error {
 func (q *Queue) Expedite(volumeID string) int {
 	now := q.clock.Now()
 	q.mu.Lock()
-	defer q.mu.Unlock()
-	n := 0
+	var graced []string
 	for id := range q.byVolume[volumeID] {
-		e := q.entries[id]
-		if !e.rev.NotBefore.After(now) {
-			continue
+		if q.entries[id].rev.NotBefore.After(now) {
+			graced = append(graced, id)
 		}
-		r := e.rev
-		r.NotBefore = time.Time{}
-		if err := q.opts.Store.PutRevocation(r); err != nil {
-			klog.ErrorS(err, "Making a rotated-out lease's revocation due", "leaseID", id)
-			continue
+	}
+	q.mu.Unlock()
+	n := 0
+	for _, id := range graced {
+		if q.expedite(id, now) {
+			n++
 		}
-		e.rev, e.at = r, time.Time{}
-		q.schedule(id, e.at)
-		n++
 	}
 	return n
+}
+
+// expedite makes lease id due now if it waits out a not-before time.
+func (q *Queue) expedite(id string, now time.Time) bool {
+	unlock := q.lockWrites(id)
+	defer unlock()
+	q.mu.Lock()
+	e := q.entries[id]
+	if e == nil || !e.rev.NotBefore.After(now) {
+		q.mu.Unlock()
+		return false
+	}
+	r := e.rev // as it is on the store: it changes only under id's lock
+	q.mu.Unlock()
+	r.NotBefore = time.Time{}
+	if err := q.opts.Store.PutRevocation(r); err != nil {
+		klog.ErrorS(err, "Making a rotated-out lease's revocation due", "leaseID", id)
+		return false
+	}
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	e.rev.NotBefore, e.at = time.Time{}, time.Time{}
+	q.schedule(id, e.at)
+	return true
 }
 
 // Queued reports whether the revocation of lease id is queued.
@@ -382,19 +412,24 @@ func (q *Queue) revoke(ctx context.Context, r storage.Revocation) error {
 func (q *Queue) finish(r storage.Revocation, gen uint64, err error) {
 	id := r.Lease.ID
 	q.backoff.Forget(id)
-	q.mu.Lock()
 	func() {
-		defer q.mu.Unlock()
+		unlock := q.lockWrites(id)
+		defer unlock()
+		q.mu.Lock()
 		e := q.entries[id]
-		e.busy = false
-		if e.gen != gen {
+		if e.gen != gen { // added again meanwhile: revoked again
+			e.busy = false
 			q.schedule(id, e.at)
+			q.mu.Unlock()
 			return
 		}
+		q.mu.Unlock() // busy still: no worker takes it up meanwhile
 		if derr := q.opts.Store.DeleteRevocation(id); derr != nil {
 			// The backend answered: the next start revokes it again, harmlessly.
 			klog.ErrorS(derr, "Removing a finished revocation from the queue", "leaseID", id)
 		}
+		q.mu.Lock()
+		defer q.mu.Unlock()
 		q.unindex(id)
 		if w := q.waiters[id]; w != nil && !closed(w.done) {
 			w.err = err
@@ -418,23 +453,27 @@ func (q *Queue) finish(r storage.Revocation, gen uint64, err error) {
 func (q *Queue) fail(r storage.Revocation, gen uint64, err error) {
 	id := r.Lease.ID
 	d := q.backoff.When(id)
-	q.mu.Lock()
 	func() {
-		defer q.mu.Unlock()
+		unlock := q.lockWrites(id)
+		defer unlock()
+		q.mu.Lock()
 		e := q.entries[id]
 		e.busy = false
 		if e.gen != gen { // added again meanwhile: tried as that Add says
 			q.schedule(id, e.at)
+			q.mu.Unlock()
 			return
 		}
 		e.rev.Attempts++
 		e.rev.LastError = err.Error()
-		if perr := q.opts.Store.PutRevocation(e.rev); perr != nil {
+		e.at = q.clock.Now().Add(d)
+		q.schedule(id, e.at)
+		stored := e.rev
+		q.mu.Unlock()
+		r.Attempts = stored.Attempts
+		if perr := q.opts.Store.PutRevocation(stored); perr != nil {
 			klog.ErrorS(perr, "Updating the revocation queue", "leaseID", id)
 		}
-		e.at = q.clock.Now().Add(d)
-		r.Attempts = e.rev.Attempts
-		q.schedule(id, e.at)
 	}()
 	q.audit(r, audit.Failure, audit.Error, err)
 	q.opts.Metrics.LeaseOp(r.Lease.Provider, metrics.OpRevoke, metrics.Error)
