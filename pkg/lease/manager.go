@@ -21,6 +21,7 @@ import (
 	"time"
 
 	"k8s.io/klog/v2"
+	"k8s.io/utils/clock"
 
 	"github.com/ephemeral-secrets/csi-driver/pkg/audit"
 	"github.com/ephemeral-secrets/csi-driver/pkg/lease/keylock"
@@ -96,6 +97,9 @@ type Options struct {
 	// RevocationWorkers is how many revocations run at once (default 8):
 	// a backlog left by a backend outage drains in parallel.
 	RevocationWorkers int
+	// Clock times renewals, retries, task ends, the sweep and the queues
+	// (default: the system's).
+	Clock clock.WithTickerAndDelayedExecution
 }
 
 // Volume is what NodePublishVolume asks for, validated by the caller.
@@ -115,6 +119,7 @@ type Volume struct {
 // Manager runs the lifecycle of the node's leases.
 type Manager struct {
 	opts  Options
+	clock clock.WithTickerAndDelayedExecution
 	locks keylock.Keyed
 
 	ctx    context.Context // cancelled by Close; bounds background work
@@ -139,14 +144,14 @@ type volume struct {
 	spec     *render.Spec
 	tokens   map[string]provider.Token
 	gid      int
-	timer    *time.Timer
+	timer    clock.Timer
 	renewAt  time.Time
 	granted  time.Time // when the lease's current grant began: its issue or last renewal
 	failures int
 	digest   [32]byte // of the files last written; zero after a restart
 
 	tasks      map[string]provider.Lease // task ID -> its lease
-	taskTimers map[string]*time.Timer    // task ID -> its end
+	taskTimers map[string]clock.Timer    // task ID -> its end
 }
 
 // New returns a Manager. Call Recover, then Run.
@@ -175,21 +180,30 @@ func New(opts Options) *Manager {
 	if opts.Providers == nil {
 		opts.Providers = &provider.Registry{}
 	}
+	if opts.Clock == nil {
+		opts.Clock = clock.RealClock{}
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	m := &Manager{
-		opts: opts, ctx: ctx, cancel: cancel,
+		opts: opts, clock: opts.Clock, ctx: ctx, cancel: cancel,
 		vols: map[string]*volume{}, seen: map[string]time.Time{},
 	}
 	m.records = outbox.New(outbox.Options{
 		Records: opts.Records, Metrics: opts.Metrics, RetryMin: opts.RetryMin, RetryMax: opts.RetryMax,
-		Timeout: opts.BackendTimeout, Gone: m.withdrawGone,
+		Timeout: opts.BackendTimeout, Gone: m.withdrawGone, Clock: opts.Clock,
 	})
 	m.revocations = revocation.New(revocation.Options{
 		Store: opts.Store, Providers: opts.Providers, Audit: opts.Audit, Metrics: opts.Metrics,
 		Workers: opts.RevocationWorkers, RetryMin: opts.RetryMin, RetryMax: opts.RetryMax,
-		BackendTimeout: opts.BackendTimeout, Revoked: m.noteRevoked,
+		BackendTimeout: opts.BackendTimeout, Revoked: m.noteRevoked, Clock: opts.Clock,
 	})
 	return m
+}
+
+// after calls f in a goroutine of its own d from now: a fake clock calls
+// its functions as it is stepped, under its own lock.
+func (m *Manager) after(d time.Duration, f func()) clock.Timer {
+	return m.clock.AfterFunc(d, func() { go f() })
 }
 
 // Ready reports whether recovery has finished.
@@ -267,7 +281,7 @@ func (m *Manager) republish(cur *volume, v Volume) error {
 	if len(v.Mount.Tokens) > 0 {
 		cur.tokens = v.Mount.Tokens
 	}
-	overdue := !cur.renewAt.IsZero() && time.Now().After(cur.renewAt) && cur.failures == 0 &&
+	overdue := !cur.renewAt.IsZero() && m.clock.Now().After(cur.renewAt) && cur.failures == 0 &&
 		cur.meta.State != storage.StateWithdrawn
 	m.mu.Unlock()
 	if !m.opts.Store.IsMounted(v.TargetPath) {
@@ -329,7 +343,7 @@ func (m *Manager) publishNew(ctx context.Context, v Volume) error {
 		}
 	}
 	leaseID := newLeaseID(pod)
-	now := time.Now().UTC()
+	now := m.clock.Now().UTC()
 	meta := storage.Metadata{
 		VolumeID: v.ID, TargetPath: v.TargetPath, ReadOnly: v.ReadOnly, MountGroup: v.MountGroup,
 		Attributes: v.Attributes, Class: class.Ref(), Provider: class.Provider, Pod: pod,
@@ -363,7 +377,7 @@ func (m *Manager) publishNew(ctx context.Context, v Volume) error {
 	}
 
 	ictx, cancel := context.WithTimeout(ctx, m.opts.BackendTimeout)
-	asked := time.Now()
+	asked := m.clock.Now()
 	l, err := prov.Issue(ictx, provider.Request{
 		LeaseID: leaseID, VolumeID: v.ID, Class: class.Ref(), Params: params, Pod: pod, Tokens: v.Mount.Tokens,
 	})
@@ -430,7 +444,7 @@ func (m *Manager) firstSeen(pod provider.Pod, class string) bool {
 	if _, ok := m.seen[key]; ok {
 		return false
 	}
-	m.seen[key] = time.Now().UTC()
+	m.seen[key] = m.clock.Now().UTC()
 	if err := m.opts.Store.WriteRecord(seenRecord, m.seen); err != nil {
 		klog.ErrorS(err, "Recording a first-seen request")
 	}

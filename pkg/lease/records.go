@@ -67,7 +67,7 @@ func (m *Manager) withdrawGone(rec Record) {
 		}
 		klog.ErrorS(err, "Withdrawing a volume whose credential record was deleted; will retry", "volumeID", rec.VolumeID)
 		select {
-		case <-time.After(m.backoff(attempt)):
+		case <-m.clock.After(m.backoff(attempt)):
 		case <-m.ctx.Done():
 		}
 	}

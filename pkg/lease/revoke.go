@@ -23,7 +23,7 @@ func (m *Manager) enqueueAfter(l provider.Lease, meta storage.Metadata, reason s
 	}
 	r := storage.Revocation{
 		Lease: l, VolumeID: meta.VolumeID, Class: meta.Class, Pod: meta.Pod,
-		Reason: reason, Task: taskOf(meta, l.ID), EnqueuedAt: time.Now().UTC(), NotBefore: notBefore,
+		Reason: reason, Task: taskOf(meta, l.ID), EnqueuedAt: m.clock.Now().UTC(), NotBefore: notBefore,
 	}
 	if err := m.revocations.Add(r); err != nil {
 		return err
@@ -47,13 +47,13 @@ func (m *Manager) Run(ctx context.Context) {
 	wg.Go(func() { m.revocations.Run(ctx) })
 	wg.Go(func() { m.records.Run(ctx) })
 	defer wg.Wait()
-	sweep := time.NewTicker(m.opts.SweepInterval)
+	sweep := m.clock.NewTicker(m.opts.SweepInterval)
 	defer sweep.Stop()
 	for {
 		select {
 		case <-ctx.Done():
 			return
-		case <-sweep.C:
+		case <-sweep.C():
 			m.Sweep(ctx)
 		}
 	}
@@ -62,7 +62,7 @@ func (m *Manager) Run(ctx context.Context) {
 // State reports the node's lease state for the metrics gauges.
 func (m *Manager) State() metrics.State {
 	s := metrics.State{LiveLeases: map[string]int{}}
-	now := time.Now()
+	now := m.clock.Now()
 	m.mu.Lock()
 	for _, v := range m.vols {
 		if v.meta.State == storage.StateWithdrawn {
@@ -97,7 +97,7 @@ func (m *Manager) graceEnd(l provider.Lease) time.Time {
 	if m.opts.RotationGrace <= 0 {
 		return time.Time{}
 	}
-	end := time.Now().Add(m.opts.RotationGrace).UTC()
+	end := m.clock.Now().Add(m.opts.RotationGrace).UTC()
 	if !l.ExpiresAt.IsZero() && l.ExpiresAt.Before(end) {
 		end = l.ExpiresAt.UTC()
 	}

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"k8s.io/klog/v2"
+	"k8s.io/utils/clock"
 
 	"github.com/ephemeral-secrets/csi-driver/pkg/audit"
 	"github.com/ephemeral-secrets/csi-driver/pkg/metrics"
@@ -222,8 +223,8 @@ func (m *Manager) IssueTask(ctx context.Context, volumeID, task string, ttl time
 		return undo(provider.Lease{}, err)
 	}
 	end := l.ExpiresAt
-	if ttl > 0 && (end.IsZero() || time.Now().Add(ttl).Before(end)) {
-		end = time.Now().Add(ttl).UTC()
+	if ttl > 0 && (end.IsZero() || m.clock.Now().Add(ttl).Before(end)) {
+		end = m.clock.Now().Add(ttl).UTC()
 	}
 	if err := m.opts.Store.WriteLease(volumeID, l); err != nil {
 		return undo(l, fmt.Errorf("recording the task lease: %w", err))
@@ -350,12 +351,12 @@ func (m *Manager) armTask(v *volume, task string, end time.Time) {
 		return
 	}
 	if v.taskTimers == nil {
-		v.taskTimers = map[string]*time.Timer{}
+		v.taskTimers = map[string]clock.Timer{}
 	}
 	if tm := v.taskTimers[task]; tm != nil {
 		tm.Stop()
 	}
-	v.taskTimers[task] = time.AfterFunc(time.Until(end), func() {
+	v.taskTimers[task] = m.after(end.Sub(m.clock.Now()), func() {
 		unlock, err := m.locks.Lock(m.ctx, id)
 		if err != nil {
 			return
@@ -373,7 +374,7 @@ func (m *Manager) armTask(v *volume, task string, end time.Time) {
 
 // endExpiredTasks ends the tasks of v whose time is up.
 func (m *Manager) endExpiredTasks(v *volume) {
-	now := time.Now()
+	now := m.clock.Now()
 	for _, id := range slices.Sorted(maps.Keys(v.meta.Tasks)) {
 		t := v.meta.Tasks[id]
 		if t.State == storage.StatePublished && !t.ExpiresAt.IsZero() && !now.Before(t.ExpiresAt) {

@@ -61,7 +61,7 @@ func (m *Manager) Withdraw(ctx context.Context, volumeID, reason string) (confir
 	}
 	if v.meta.State != storage.StateWithdrawn {
 		meta := v.meta
-		meta.State, meta.WithdrawnAt, meta.WithdrawReason = storage.StateWithdrawn, time.Now().UTC(), reason
+		meta.State, meta.WithdrawnAt, meta.WithdrawReason = storage.StateWithdrawn, m.clock.Now().UTC(), reason
 		if err := m.opts.Store.WriteMetadata(meta); err != nil {
 			return nil, fmt.Errorf("recording the withdrawal: %w", err)
 		}
