@@ -3,7 +3,8 @@
 // backend confirmed (or said it cannot revoke it), across failures and
 // restarts. The lease manager (pkg/lease) adds to it and waits on it; the
 // queue calls the providers. It imports pkg/storage, pkg/provider,
-// pkg/audit and pkg/metrics, nothing of the lease manager's.
+// pkg/audit, pkg/metrics and pkg/lease/keylock, nothing of the lease
+// manager's.
 //
 // The queue keeps an index of its entries in memory, read from the store
 // once (Load, at recovery), and writes the store before the index changes:
