@@ -85,7 +85,7 @@ type serveFlags struct {
 	tokensInSecrets, watchInventory, recordCredentials                  bool
 	limits                                                              limits.Options
 	leaseAPI                                                            leaseapi.Options
-	maxTasks                                                            int
+	maxTasks, revocationWorkers                                         int
 	issuer                                                              issuerClientFlags
 }
 
@@ -112,6 +112,7 @@ func serve(version string, args []string, extra []Register) error {
 	fs.DurationVar(&f.retryMax, "retry-max", time.Minute, "longest retry delay")
 	fs.DurationVar(&f.rotationGrace, "rotation-grace", 5*time.Second, "how long a rotated-out credential stays valid for readers of the old files (never past its expiry; negative: revoke at once)")
 	fs.DurationVar(&f.backendTimeout, "backend-timeout", 30*time.Second, "bound on one backend call")
+	fs.IntVar(&f.revocationWorkers, "revocation-workers", 8, "revocations run at once: a backlog left by a backend outage drains in parallel")
 	fs.Float64Var(&f.renewFraction, "renew-fraction", 2.0/3, "fraction of a lease's TTL after which it is renewed")
 	fs.StringVar(&f.registrationDir, "registration-dir", "", "kubelet's plugins_registry directory as mounted here: the driver registers itself with kubelet there; empty: no registration (node-driver-registrar's job)")
 	fs.StringVar(&f.registrationPath, "kubelet-registration-path", "", "the CSI socket's path on the host, as kubelet dials it (default <kubelet-dir>/plugins/"+driver.Name+"/csi.sock)")
@@ -222,7 +223,7 @@ func serve(version string, args []string, extra []Register) error {
 		BackendTimeout: f.backendTimeout, SweepInterval: f.sweep,
 		Render:  render.Limits{MaxBytes: f.maxVolumeBytes, MaxTasks: f.maxTasks},
 		Sockets: sockets,
-		Records: records,
+		Records: records, RevocationWorkers: f.revocationWorkers,
 	})
 	sockets.Leases = mgr
 	defer sockets.Shutdown()

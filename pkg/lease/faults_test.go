@@ -59,7 +59,6 @@ func faultCases(ttl time.Duration) []faultCase {
 			before: func(t *testing.T, m *Manager, v Volume) { publish(t, m, v); unpublish(t, m, v) },
 			step:   func(t *testing.T, m *Manager, v Volume) error { m.drain(context.Background()); return nil },
 			again: func(t *testing.T, m *Manager, v Volume) {
-				clear(m.retryAt) // as if its backoff had passed
 				m.drain(context.Background())
 			},
 		},

@@ -1,7 +1,11 @@
 // Package lease manages the life of every credential on the node: issue
 // at publish, renewal on its own timer, rotation where renewal is
-// impossible, a durable revocation queue retried until the backend
-// confirms, and recovery of all of it after a driver restart.
+// impossible, withdrawal, task leases, and recovery of all of it after a
+// driver restart. Its two workers are types of their own beneath it: the
+// durable revocation queue, retried until the backend confirms
+// (pkg/lease/revocation), and the outbox of the calls that record each
+// lease in the cluster's inventory (pkg/lease/outbox); neither imports
+// this package.
 package lease
 
 import (
@@ -17,8 +21,12 @@ import (
 	"time"
 
 	"k8s.io/klog/v2"
+	"k8s.io/utils/clock"
 
 	"github.com/ephemeral-secrets/csi-driver/pkg/audit"
+	"github.com/ephemeral-secrets/csi-driver/pkg/lease/keylock"
+	"github.com/ephemeral-secrets/csi-driver/pkg/lease/outbox"
+	"github.com/ephemeral-secrets/csi-driver/pkg/lease/revocation"
 	"github.com/ephemeral-secrets/csi-driver/pkg/metrics"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
 	"github.com/ephemeral-secrets/csi-driver/pkg/render"
@@ -86,6 +94,12 @@ type Options struct {
 	// Records records each lease outside the node (the cluster's
 	// inventory) as it is issued, renewed and revoked; nil records none.
 	Records Records
+	// RevocationWorkers is how many revocations run at once (default 8):
+	// a backlog left by a backend outage drains in parallel.
+	RevocationWorkers int
+	// Clock times renewals, retries, task ends, the sweep and the queues
+	// (default: the system's).
+	Clock clock.WithTickerAndDelayedExecution
 }
 
 // Volume is what NodePublishVolume asks for, validated by the caller.
@@ -105,7 +119,8 @@ type Volume struct {
 // Manager runs the lifecycle of the node's leases.
 type Manager struct {
 	opts  Options
-	locks keyedLock
+	clock clock.WithTickerAndDelayedExecution
+	locks keylock.Keyed
 
 	ctx    context.Context // cancelled by Close; bounds background work
 	cancel context.CancelFunc
@@ -114,17 +129,10 @@ type Manager struct {
 	vols  map[string]*volume
 	ready bool
 
-	wake    chan struct{}
-	retryAt map[string]time.Time // revocation lease ID -> next attempt; worker only
-
 	seen map[string]time.Time // "namespace/serviceaccount/class" -> first request; under mu
-	// graced: volumes with a revocation queued to wait out the rotation
-	// grace (expediteGrace); under mu.
-	graced map[string]bool
 
-	confirmed map[string]*waiter // lease ID -> who waits for its revocation; under mu
-
-	records recordQueue // calls of opts.Records not yet made
+	revocations *revocation.Queue
+	records     *outbox.Outbox // calls of opts.Records not yet made
 }
 
 // volume is the in-memory state of one published volume. Its fields
@@ -136,14 +144,14 @@ type volume struct {
 	spec     *render.Spec
 	tokens   map[string]provider.Token
 	gid      int
-	timer    *time.Timer
+	timer    clock.Timer
 	renewAt  time.Time
 	granted  time.Time // when the lease's current grant began: its issue or last renewal
 	failures int
 	digest   [32]byte // of the files last written; zero after a restart
 
 	tasks      map[string]provider.Lease // task ID -> its lease
-	taskTimers map[string]*time.Timer    // task ID -> its end
+	taskTimers map[string]clock.Timer    // task ID -> its end
 }
 
 // New returns a Manager. Call Recover, then Run.
@@ -172,13 +180,30 @@ func New(opts Options) *Manager {
 	if opts.Providers == nil {
 		opts.Providers = &provider.Registry{}
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	return &Manager{
-		opts: opts, ctx: ctx, cancel: cancel,
-		vols: map[string]*volume{}, wake: make(chan struct{}, 1), retryAt: map[string]time.Time{},
-		seen: map[string]time.Time{}, confirmed: map[string]*waiter{}, graced: map[string]bool{},
-		records: recordQueue{pending: map[string]*recordCall{}, wake: make(chan struct{}, 1)},
+	if opts.Clock == nil {
+		opts.Clock = clock.RealClock{}
 	}
+	ctx, cancel := context.WithCancel(context.Background())
+	m := &Manager{
+		opts: opts, clock: opts.Clock, ctx: ctx, cancel: cancel,
+		vols: map[string]*volume{}, seen: map[string]time.Time{},
+	}
+	m.records = outbox.New(outbox.Options{
+		Records: opts.Records, Metrics: opts.Metrics, RetryMin: opts.RetryMin, RetryMax: opts.RetryMax,
+		Timeout: opts.BackendTimeout, Gone: m.withdrawGone, Clock: opts.Clock,
+	})
+	m.revocations = revocation.New(revocation.Options{
+		Store: opts.Store, Providers: opts.Providers, Audit: opts.Audit, Metrics: opts.Metrics,
+		Workers: opts.RevocationWorkers, RetryMin: opts.RetryMin, RetryMax: opts.RetryMax,
+		BackendTimeout: opts.BackendTimeout, Revoked: m.noteRevoked, Clock: opts.Clock,
+	})
+	return m
+}
+
+// after calls f in a goroutine of its own d from now: a fake clock calls
+// its functions as it is stepped, under its own lock.
+func (m *Manager) after(d time.Duration, f func()) clock.Timer {
+	return m.clock.AfterFunc(d, func() { go f() })
 }
 
 // Ready reports whether recovery has finished.
@@ -192,6 +217,7 @@ func (m *Manager) Ready() bool {
 // picked up again by the next Recover.
 func (m *Manager) Close() {
 	m.cancel()
+	m.revocations.Close()
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	for _, v := range m.vols {
@@ -209,7 +235,7 @@ func (m *Manager) Publish(ctx context.Context, v Volume) error {
 	if !m.Ready() {
 		return fmt.Errorf("%w: %w", provider.ErrUnavailable, ErrNotReady)
 	}
-	unlock, err := m.locks.lock(ctx, v.ID)
+	unlock, err := m.locks.Lock(ctx, v.ID)
 	if err != nil {
 		return fmt.Errorf("%w: waiting for another operation on the volume: %w", provider.ErrUnavailable, err)
 	}
@@ -255,7 +281,7 @@ func (m *Manager) republish(cur *volume, v Volume) error {
 	if len(v.Mount.Tokens) > 0 {
 		cur.tokens = v.Mount.Tokens
 	}
-	overdue := !cur.renewAt.IsZero() && time.Now().After(cur.renewAt) && cur.failures == 0 &&
+	overdue := !cur.renewAt.IsZero() && m.clock.Now().After(cur.renewAt) && cur.failures == 0 &&
 		cur.meta.State != storage.StateWithdrawn
 	m.mu.Unlock()
 	if !m.opts.Store.IsMounted(v.TargetPath) {
@@ -317,7 +343,7 @@ func (m *Manager) publishNew(ctx context.Context, v Volume) error {
 		}
 	}
 	leaseID := newLeaseID(pod)
-	now := time.Now().UTC()
+	now := m.clock.Now().UTC()
 	meta := storage.Metadata{
 		VolumeID: v.ID, TargetPath: v.TargetPath, ReadOnly: v.ReadOnly, MountGroup: v.MountGroup,
 		Attributes: v.Attributes, Class: class.Ref(), Provider: class.Provider, Pod: pod,
@@ -351,7 +377,7 @@ func (m *Manager) publishNew(ctx context.Context, v Volume) error {
 	}
 
 	ictx, cancel := context.WithTimeout(ctx, m.opts.BackendTimeout)
-	asked := time.Now()
+	asked := m.clock.Now()
 	l, err := prov.Issue(ictx, provider.Request{
 		LeaseID: leaseID, VolumeID: v.ID, Class: class.Ref(), Params: params, Pod: pod, Tokens: v.Mount.Tokens,
 	})
@@ -418,7 +444,7 @@ func (m *Manager) firstSeen(pod provider.Pod, class string) bool {
 	if _, ok := m.seen[key]; ok {
 		return false
 	}
-	m.seen[key] = time.Now().UTC()
+	m.seen[key] = m.clock.Now().UTC()
 	if err := m.opts.Store.WriteRecord(seenRecord, m.seen); err != nil {
 		klog.ErrorS(err, "Recording a first-seen request")
 	}
@@ -456,7 +482,7 @@ func (m *Manager) Unpublish(ctx context.Context, volumeID, target string) error 
 		// from "not loaded yet"; kubelet retries.
 		return fmt.Errorf("%w: %w", provider.ErrUnavailable, ErrNotReady)
 	}
-	unlock, err := m.locks.lock(ctx, volumeID)
+	unlock, err := m.locks.Lock(ctx, volumeID)
 	if err != nil {
 		return fmt.Errorf("%w: waiting for another operation on the volume: %w", provider.ErrUnavailable, err)
 	}
@@ -483,7 +509,7 @@ func (m *Manager) retire(v *volume, reason string) error {
 	if err := m.enqueueHeld(v.meta, v.lease, reason); err != nil {
 		return err
 	}
-	m.expediteGrace(v.meta.VolumeID)
+	m.revocations.Expedite(v.meta.VolumeID)
 	m.mu.Lock()
 	if v.timer != nil {
 		v.timer.Stop()

@@ -22,6 +22,9 @@ import (
 // interrupted, and leaves pending revocations to Run. The driver is Ready
 // once it returns.
 func (m *Manager) Recover(ctx context.Context) error {
+	if err := m.revocations.Load(); err != nil {
+		return err
+	}
 	if n, err := m.opts.Store.RemoveOrphans(); err != nil {
 		return fmt.Errorf("removing orphaned volume directories: %w", err)
 	} else if n > 0 {
@@ -55,14 +58,13 @@ func (m *Manager) Recover(ctx context.Context) error {
 	m.mu.Lock()
 	m.ready = true
 	m.mu.Unlock()
-	m.kick()
 	klog.InfoS("Recovery finished", "resumed", resumed, "retired", revoked, "failed", failed, "pendingRevocations", m.QueueLength())
 	return nil
 }
 
 // recoverLocked is recoverVolume under the volume's lock.
 func (m *Manager) recoverLocked(ctx context.Context, id string) (bool, error) {
-	unlock, err := m.locks.lock(ctx, id)
+	unlock, err := m.locks.Lock(ctx, id)
 	if err != nil {
 		return false, err
 	}
@@ -185,18 +187,7 @@ func (m *Manager) finishRotation(v *volume, records map[string]provider.Lease) e
 }
 
 // queued reports whether the revocation of lease id is queued.
-func (m *Manager) queued(id string) bool {
-	q, err := m.opts.Store.ListRevocations()
-	if err != nil {
-		return true // unknown: do not put it in use
-	}
-	for _, r := range q {
-		if r.Lease.ID == id {
-			return true
-		}
-	}
-	return false
-}
+func (m *Manager) queued(id string) bool { return m.revocations.Queued(id) }
 
 // enqueueHeld queues the revocation of every lease the volume holds (see
 // heldLeases), with all each record holds.
@@ -273,7 +264,7 @@ func (m *Manager) Sweep(ctx context.Context) {
 	}
 	for _, id := range ids {
 		lctx, cancel := context.WithTimeout(ctx, time.Second)
-		unlock, err := m.locks.lock(lctx, id)
+		unlock, err := m.locks.Lock(lctx, id)
 		cancel()
 		if err != nil {
 			continue // busy: next sweep

@@ -32,7 +32,7 @@ func (m *Manager) scheduleRenewal(v *volume) {
 	d := time.Duration(math.MaxInt64)
 	if exp := v.lease.ExpiresAt; !exp.IsZero() {
 		f := m.opts.RenewFraction * (1 - m.opts.Jitter*rand.Float64())
-		at := renewPoint(v.granted, exp, f)
+		at := renewPoint(v.granted, exp, f, m.clock.Now())
 		// A grant a max TTL shortened keeps the margin a full one leaves;
 		// a short one keeps up to RotationGrace (at most half the TTL), so
 		// that a rotation leaves the old credential that long for readers
@@ -45,19 +45,19 @@ func (m *Manager) scheduleRenewal(v *volume) {
 		if exp.Add(-margin).Before(at) {
 			at = exp.Add(-margin)
 		}
-		d = time.Until(at)
+		d = at.Sub(m.clock.Now())
 	}
 	if !v.lease.RenewAt.IsZero() {
-		d = min(d, time.Until(v.lease.RenewAt))
+		d = min(d, v.lease.RenewAt.Sub(m.clock.Now()))
 	}
 	m.schedule(v.meta.VolumeID, max(d, 0))
 }
 
 // renewPoint is fraction of the way from granted to expires. Without a
 // known grant time (or one not before the expiry) it counts from now.
-func renewPoint(granted, expires time.Time, fraction float64) time.Time {
+func renewPoint(granted, expires time.Time, fraction float64, now time.Time) time.Time {
 	if granted.IsZero() || !granted.Before(expires) {
-		granted = time.Now()
+		granted = now
 	}
 	return granted.Add(time.Duration(float64(expires.Sub(granted)) * fraction))
 }
@@ -100,8 +100,8 @@ func (m *Manager) schedule(id string, d time.Duration) {
 	if v.timer != nil {
 		v.timer.Stop()
 	}
-	v.renewAt = time.Now().Add(d)
-	v.timer = time.AfterFunc(d, func() { m.renew(id) })
+	v.renewAt = m.clock.Now().Add(d)
+	v.timer = m.after(d, func() { m.renew(id) })
 }
 
 // backoff is the delay before retry number n (1-based), capped.
@@ -120,7 +120,7 @@ func (m *Manager) backoff(n int) time.Duration {
 func (m *Manager) retryDelay(v *volume) time.Duration {
 	d := m.backoff(v.failures)
 	if !v.lease.ExpiresAt.IsZero() {
-		left := time.Until(v.lease.ExpiresAt)
+		left := v.lease.ExpiresAt.Sub(m.clock.Now())
 		if left < time.Minute {
 			return m.opts.RetryMin
 		}
@@ -132,7 +132,7 @@ func (m *Manager) retryDelay(v *volume) time.Duration {
 // renew runs when a volume's timer fires: extend the lease, or re-issue
 // and swap where the provider cannot extend it or the lease has lapsed.
 func (m *Manager) renew(id string) {
-	unlock, err := m.locks.lock(m.ctx, id)
+	unlock, err := m.locks.Lock(m.ctx, id)
 	if err != nil {
 		return // shutting down
 	}
@@ -159,15 +159,15 @@ func (m *Manager) renew(id string) {
 	defer cancel()
 
 	rec := recordFor(v.meta, v.lease)
-	lapsed := !v.lease.ExpiresAt.IsZero() && !time.Now().Before(v.lease.ExpiresAt)
+	lapsed := !v.lease.ExpiresAt.IsZero() && !m.clock.Now().Before(v.lease.ExpiresAt)
 	if lapsed {
 		m.recordLapse(v)
 	} else {
-		asked := time.Now()
+		asked := m.clock.Now()
 		var nl provider.Lease
 		nl, err = prov.Renew(ctx, v.lease)
 		if err == nil {
-			if !v.lease.ExpiresAt.IsZero() && time.Now().After(v.lease.ExpiresAt) {
+			if !v.lease.ExpiresAt.IsZero() && m.clock.Now().After(v.lease.ExpiresAt) {
 				m.recordLapse(v) // the renewal came late: the pod held a dead credential meanwhile
 			}
 			nl.ID, nl.Provider, nl.Params = v.lease.ID, v.lease.Provider, v.lease.Params
@@ -238,7 +238,7 @@ func (m *Manager) rotate(ctx context.Context, prov provider.Provider, v *volume)
 	v.meta = meta
 	tokens := v.tokens
 	m.mu.Unlock()
-	asked := time.Now()
+	asked := m.clock.Now()
 	nl, err := prov.Issue(ctx, provider.Request{
 		LeaseID: newID, VolumeID: v.meta.VolumeID, Class: v.meta.Class, Params: v.meta.Params, Pod: v.meta.Pod, Tokens: tokens,
 	})

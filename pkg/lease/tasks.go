@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"k8s.io/klog/v2"
+	"k8s.io/utils/clock"
 
 	"github.com/ephemeral-secrets/csi-driver/pkg/audit"
 	"github.com/ephemeral-secrets/csi-driver/pkg/metrics"
@@ -112,7 +113,7 @@ func (m *Manager) usable(ctx context.Context, volumeID string) (*volume, func(),
 	if !m.Ready() {
 		return nil, nil, fmt.Errorf("%w: %w", provider.ErrUnavailable, ErrNotReady)
 	}
-	unlock, err := m.locks.lock(ctx, volumeID)
+	unlock, err := m.locks.Lock(ctx, volumeID)
 	if err != nil {
 		return nil, nil, fmt.Errorf("%w: waiting for another operation on the volume: %w", provider.ErrUnavailable, err)
 	}
@@ -222,8 +223,8 @@ func (m *Manager) IssueTask(ctx context.Context, volumeID, task string, ttl time
 		return undo(provider.Lease{}, err)
 	}
 	end := l.ExpiresAt
-	if ttl > 0 && (end.IsZero() || time.Now().Add(ttl).Before(end)) {
-		end = time.Now().Add(ttl).UTC()
+	if ttl > 0 && (end.IsZero() || m.clock.Now().Add(ttl).Before(end)) {
+		end = m.clock.Now().Add(ttl).UTC()
 	}
 	if err := m.opts.Store.WriteLease(volumeID, l); err != nil {
 		return undo(l, fmt.Errorf("recording the task lease: %w", err))
@@ -271,12 +272,13 @@ func (m *Manager) RevokeTask(ctx context.Context, volumeID, task string) (confir
 	if !ok {
 		return nil, fmt.Errorf("%w: %s", ErrUnknownTask, task)
 	}
-	m.watch([]string{t.LeaseID})
+	ids := []string{t.LeaseID}
+	m.revocations.Watch(ids)
 	if err := m.endTask(v, task, "task done"); err != nil {
-		m.unwatch([]string{t.LeaseID})
+		m.revocations.Unwatch(ids)
 		return nil, err
 	}
-	return m.await([]string{t.LeaseID}), nil
+	return m.revocations.Await(m.ctx.Done(), ids), nil
 }
 
 // endTask ends one task lease of v: the record says it ended first (a
@@ -349,13 +351,13 @@ func (m *Manager) armTask(v *volume, task string, end time.Time) {
 		return
 	}
 	if v.taskTimers == nil {
-		v.taskTimers = map[string]*time.Timer{}
+		v.taskTimers = map[string]clock.Timer{}
 	}
 	if tm := v.taskTimers[task]; tm != nil {
 		tm.Stop()
 	}
-	v.taskTimers[task] = time.AfterFunc(time.Until(end), func() {
-		unlock, err := m.locks.lock(m.ctx, id)
+	v.taskTimers[task] = m.after(end.Sub(m.clock.Now()), func() {
+		unlock, err := m.locks.Lock(m.ctx, id)
 		if err != nil {
 			return
 		}
@@ -372,7 +374,7 @@ func (m *Manager) armTask(v *volume, task string, end time.Time) {
 
 // endExpiredTasks ends the tasks of v whose time is up.
 func (m *Manager) endExpiredTasks(v *volume) {
-	now := time.Now()
+	now := m.clock.Now()
 	for _, id := range slices.Sorted(maps.Keys(v.meta.Tasks)) {
 		t := v.meta.Tasks[id]
 		if t.State == storage.StatePublished && !t.ExpiresAt.IsZero() && !now.Before(t.ExpiresAt) {

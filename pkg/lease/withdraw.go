@@ -10,6 +10,7 @@ import (
 
 	"k8s.io/klog/v2"
 
+	"github.com/ephemeral-secrets/csi-driver/pkg/lease/revocation"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
 	"github.com/ephemeral-secrets/csi-driver/pkg/storage"
 )
@@ -19,7 +20,7 @@ var (
 	ErrUnknownVolume = errors.New("no such volume on this node")
 	// ErrClosed: the manager stopped before the backend confirmed; the
 	// revocation stays queued and the next start finishes it.
-	ErrClosed = errors.New("the driver stopped before the backend confirmed the revocation")
+	ErrClosed = revocation.ErrClosed
 )
 
 // Withdraw takes the credentials of a published volume back while its pod
@@ -46,7 +47,7 @@ func (m *Manager) Withdraw(ctx context.Context, volumeID, reason string) (confir
 	if !m.Ready() {
 		return nil, fmt.Errorf("%w: %w", provider.ErrUnavailable, ErrNotReady)
 	}
-	unlock, err := m.locks.lock(ctx, volumeID)
+	unlock, err := m.locks.Lock(ctx, volumeID)
 	if err != nil {
 		return nil, fmt.Errorf("%w: waiting for another operation on the volume: %w", provider.ErrUnavailable, err)
 	}
@@ -60,7 +61,7 @@ func (m *Manager) Withdraw(ctx context.Context, volumeID, reason string) (confir
 	}
 	if v.meta.State != storage.StateWithdrawn {
 		meta := v.meta
-		meta.State, meta.WithdrawnAt, meta.WithdrawReason = storage.StateWithdrawn, time.Now().UTC(), reason
+		meta.State, meta.WithdrawnAt, meta.WithdrawReason = storage.StateWithdrawn, m.clock.Now().UTC(), reason
 		if err := m.opts.Store.WriteMetadata(meta); err != nil {
 			return nil, fmt.Errorf("recording the withdrawal: %w", err)
 		}
@@ -76,7 +77,7 @@ func (m *Manager) Withdraw(ctx context.Context, volumeID, reason string) (confir
 	if err != nil {
 		return nil, err
 	}
-	return m.await(ids), nil
+	return m.revocations.Await(m.ctx.Done(), ids), nil
 }
 
 // settleWithdrawn does steps 2 to 4 of Withdraw on v, already recorded as
@@ -100,11 +101,11 @@ func (m *Manager) settleWithdrawn(v *volume, reason string) ([]string, error) {
 	for _, l := range leases {
 		ids = append(ids, l.ID)
 	}
-	// Waiters before the queue: the worker may confirm at once.
-	m.watch(ids)
+	// Waiters before the queue: a worker may confirm at once.
+	m.revocations.Watch(ids)
 	for _, l := range leases {
 		if err := m.enqueue(l, v.meta, reason); err != nil {
-			m.unwatch(ids)
+			m.revocations.Unwatch(ids)
 			return nil, fmt.Errorf("queueing the revocation: %w", err)
 		}
 	}
@@ -129,19 +130,7 @@ func (m *Manager) settleWithdrawn(v *volume, reason string) ([]string, error) {
 	}
 	if len(ids) == 0 {
 		// Withdrawn before: report on whatever of it is still queued.
-		if q, err := m.opts.Store.ListRevocations(); err == nil {
-			for _, r := range q {
-				if r.VolumeID == id {
-					ids = append(ids, r.Lease.ID)
-				}
-			}
-			m.watch(ids)
-			for _, lid := range slices.Clone(ids) {
-				if !m.queued(lid) {
-					m.confirm(lid, nil)
-				}
-			}
-		}
+		ids = m.revocations.WatchVolume(id)
 	}
 	return ids, nil
 }
@@ -175,72 +164,4 @@ func (m *Manager) heldLeases(meta storage.Metadata, cur provider.Lease) ([]provi
 		add(provider.Lease{ID: lid, Provider: meta.Provider, Params: meta.Params})
 	}
 	return out, nil
-}
-
-// watch registers interest in the confirmation of the revocation of ids.
-func (m *Manager) watch(ids []string) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	for _, id := range ids {
-		if _, ok := m.confirmed[id]; !ok {
-			m.confirmed[id] = &waiter{done: make(chan struct{})}
-		}
-	}
-}
-
-// waiter is closed when the backend answered for a lease's revocation.
-type waiter struct {
-	done chan struct{}
-	err  error // set before done is closed
-}
-
-// unwatch drops interest in ids without confirming them.
-func (m *Manager) unwatch(ids []string) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	for _, id := range ids {
-		delete(m.confirmed, id)
-	}
-}
-
-// confirm tells whoever waits for lease id's revocation that the backend
-// answered: nil (revoked) or why it cannot revoke.
-func (m *Manager) confirm(id string, err error) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if w, ok := m.confirmed[id]; ok {
-		w.err = err
-		close(w.done)
-		delete(m.confirmed, id)
-	}
-}
-
-// await returns a channel that receives nil once the revocation of every
-// one of ids is confirmed, or ErrClosed if the manager stops first.
-func (m *Manager) await(ids []string) <-chan error {
-	out := make(chan error, 1)
-	m.mu.Lock()
-	ws := make([]*waiter, 0, len(ids))
-	for _, id := range ids {
-		if w, ok := m.confirmed[id]; ok {
-			ws = append(ws, w)
-		}
-	}
-	m.mu.Unlock()
-	go func() {
-		var first error
-		for _, w := range ws {
-			select {
-			case <-w.done:
-				if first == nil && w.err != nil {
-					first = fmt.Errorf("the backend cannot revoke it; it stays valid until it expires: %w", w.err)
-				}
-			case <-m.ctx.Done():
-				out <- ErrClosed
-				return
-			}
-		}
-		out <- first
-	}()
-	return out
 }

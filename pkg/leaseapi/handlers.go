@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"path"
 	"strings"
 	"time"
 
@@ -16,7 +17,7 @@ import (
 	"github.com/ephemeral-secrets/csi-driver/pkg/render"
 )
 
-// The endpoints, as counted and audited.
+// The endpoints, as counted and audited: their patterns.
 const (
 	epLease  = "GET /v1/lease"
 	epRevoke = "POST /v1/lease/revoke"
@@ -26,7 +27,12 @@ const (
 	epEnd    = "DELETE /v1/tasks/{task}"
 )
 
-// call is one request being answered: what its audit record says.
+// epOther names, in the audit and the metric, a call that reached no
+// endpoint: an unknown or unclean path, a method an endpoint does not take.
+const epOther = "other"
+
+// call is one request being answered: what its audit record says and, once
+// a route ran, its answer.
 type call struct {
 	volumeID, endpoint string
 	pod                provider.Pod
@@ -35,27 +41,16 @@ type call struct {
 	// own rate); held: how many such calls the record stands for.
 	quiet bool
 	held  int
+	// routed: a route answered (code, body, err); else the mux found none.
+	routed bool
+	code   int
+	body   any
+	err    error
 }
 
-// auditRefusal reports whether a rate-limit refusal is audited; one that
-// is not is counted for the next that is.
-func (sk *socket) auditRefusal() bool {
-	if sk.quiet.Allow() {
-		return true
-	}
-	sk.mu.Lock()
-	sk.held++
-	sk.mu.Unlock()
-	return false
-}
-
-func (sk *socket) takeHeld() int {
-	sk.mu.Lock()
-	defer sk.mu.Unlock()
-	n := sk.held
-	sk.held = 0
-	return n
-}
+// callKey carries a *call from the socket's handler to the route the mux
+// picks.
+type callKey struct{}
 
 // apiError is an answer other than success: its status and reason.
 type apiError struct {
@@ -69,42 +64,72 @@ func refuse(code int, format string, a ...any) error {
 	return &apiError{code: code, reason: fmt.Sprintf(format, a...)}
 }
 
-// handler serves one volume's socket.
-func (s *Server) handler(volumeID string, sk *socket) http.Handler {
-	mux := http.NewServeMux()
-	route := func(pattern, endpoint string, h func(ctx context.Context, c *call, r *http.Request) (int, any, error)) {
-		mux.HandleFunc(pattern, func(w http.ResponseWriter, r *http.Request) {
-			c := &call{volumeID: volumeID, endpoint: endpoint}
-			if info, err := s.Leases.Info(volumeID); err == nil {
-				c.pod, c.leaseID = info.Pod, info.LeaseID
-			}
-			code, body, err := 0, any(nil), error(nil)
-			if !sk.limiter.Allow() {
-				err = refuse(http.StatusTooManyRequests, "rate limit: at most %g calls a second on this volume", s.opts.Rate)
-				if c.quiet = !sk.auditRefusal(); !c.quiet {
-					c.held = sk.takeHeld()
-				}
-			} else {
-				r.Body = http.MaxBytesReader(w, r.Body, MaxBody)
-				code, body, err = h(r.Context(), c, r)
-			}
-			s.answer(w, c, code, body, err)
-		})
-	}
-	route("GET /v1/lease", epLease, s.getLease)
-	route("POST /v1/lease/revoke", epRevoke, s.revoke)
-	route("POST /v1/lease/rotate", epRotate, s.rotate)
-	route("GET /v1/tasks", epTasks, s.listTasks)
-	route("POST /v1/tasks", epTask, s.issueTask)
-	route("DELETE /v1/tasks/{task}", epEnd, s.endTask)
-	route("/", "other", func(context.Context, *call, *http.Request) (int, any, error) {
-		return 0, nil, refuse(http.StatusNotFound, "no such endpoint: see GET /v1/lease, POST /v1/lease/revoke, POST /v1/lease/rotate, GET|POST /v1/tasks, DELETE /v1/tasks/{task}")
-	})
-	return mux
+// clean reports whether p is a path ServeMux takes as it is: absolute, no
+// empty, "." or ".." segment, no trailing slash. ServeMux answers any
+// other path with a redirect of its own, before a route runs.
+func clean(p string) bool {
+	return strings.HasPrefix(p, "/") && path.Clean(p) == p
 }
 
+// handler serves one volume's socket. Every request passes here whatever
+// its path or method: it is rate-limited, answered, counted and audited
+// here, and the mux only picks the route. A path the mux would redirect is
+// refused before the mux sees it, and what the mux would answer itself (a
+// redirect, 404, 405) is never sent: the call is answered as unknown.
+func (s *Server) handler(volumeID string, sk *socket) http.Handler {
+	mux := http.NewServeMux()
+	route := func(endpoint string, h func(ctx context.Context, c *call, r *http.Request) (int, any, error)) {
+		mux.HandleFunc(endpoint, func(_ http.ResponseWriter, r *http.Request) {
+			c := r.Context().Value(callKey{}).(*call)
+			c.routed = true
+			c.code, c.body, c.err = h(r.Context(), c, r)
+		})
+	}
+	route(epLease, s.getLease)
+	route(epRevoke, s.revoke)
+	route(epRotate, s.rotate)
+	route(epTasks, s.listTasks)
+	route(epTask, s.issueTask)
+	route(epEnd, s.endTask)
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		c := &call{volumeID: volumeID, endpoint: epOther}
+		if clean(r.URL.Path) {
+			// The endpoints are named by their patterns.
+			if _, pattern := mux.Handler(r); pattern != "" {
+				c.endpoint = pattern
+			}
+		}
+		if info, err := s.Leases.Info(volumeID); err == nil {
+			c.pod, c.leaseID = info.Pod, info.LeaseID
+		}
+		switch {
+		case !sk.limiter.AllowN(s.clock.Now(), 1):
+			c.err = refuse(http.StatusTooManyRequests, "rate limit: at most %g calls a second on this volume", s.opts.Rate)
+			s.refused(sk, c)
+		case !clean(r.URL.Path):
+			c.err = refuse(http.StatusBadRequest, "the path is not in clean form (no empty, . or .. segment, no trailing /); this socket does not redirect")
+		default:
+			r.Body = http.MaxBytesReader(w, r.Body, MaxBody)
+			mux.ServeHTTP(discard{}, r.WithContext(context.WithValue(r.Context(), callKey{}, c)))
+			if !c.routed {
+				c.err = refuse(http.StatusNotFound, "no such endpoint: see GET /v1/lease, POST /v1/lease/revoke, POST /v1/lease/rotate, GET|POST /v1/tasks, DELETE /v1/tasks/{task}")
+			}
+		}
+		s.answer(w, c)
+	})
+}
+
+// discard is the ResponseWriter the mux gets: the routes answer through
+// their call, and whatever the mux would write itself is dropped.
+type discard struct{}
+
+func (discard) Header() http.Header         { return http.Header{} }
+func (discard) Write(b []byte) (int, error) { return len(b), nil }
+func (discard) WriteHeader(int)             {}
+
 // answer writes the reply, audits the call and counts it.
-func (s *Server) answer(w http.ResponseWriter, c *call, code int, body any, err error) {
+func (s *Server) answer(w http.ResponseWriter, c *call) {
+	code, body, err := c.code, c.body, c.err
 	outcome := audit.Success
 	if err != nil {
 		var ae *apiError
@@ -128,12 +153,17 @@ func (s *Server) answer(w http.ResponseWriter, c *call, code int, body any, err 
 	rec := audit.Record{Stage: audit.API, VolumeID: c.volumeID, Pod: c.pod, LeaseID: c.leaseID, Task: c.task,
 		Outcome: outcome, Detail: fmt.Sprintf("%s -> %d", c.endpoint, code)}
 	if c.held > 0 {
-		rec.Detail += fmt.Sprintf(" (and %d more refused by the rate limit since the last record)", c.held)
+		rec.Detail += fmt.Sprintf(" (and %s)", heldDetail(c.held))
 	}
 	if err != nil {
 		rec.Error = err.Error()
 	}
 	_ = s.opts.Audit.Log(rec)
+}
+
+// heldDetail says how many refusals a record stands for beside its own call.
+func heldDetail(n int) string {
+	return fmt.Sprintf("%d more refused by the rate limit since the last record", n)
 }
 
 // statusOf maps the manager's errors to HTTP statuses.

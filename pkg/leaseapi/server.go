@@ -23,6 +23,7 @@ import (
 	"golang.org/x/sys/unix"
 	"golang.org/x/time/rate"
 	"k8s.io/klog/v2"
+	"k8s.io/utils/clock"
 
 	"github.com/ephemeral-secrets/csi-driver/pkg/audit"
 	"github.com/ephemeral-secrets/csi-driver/pkg/lease"
@@ -55,6 +56,9 @@ type Options struct {
 	// MaxWait caps how long a revoke waits for the backend's confirmation
 	// (default 30 s); a caller asks for less with "wait".
 	MaxWait time.Duration
+	// Clock times the rate limits and the summary of held refusals
+	// (default: the system's).
+	Clock clock.WithDelayedExecution
 }
 
 // Server runs the lease sockets of the node's volumes. Set Leases before
@@ -62,6 +66,7 @@ type Options struct {
 type Server struct {
 	Leases Leases
 	opts   Options
+	clock  clock.WithDelayedExecution
 
 	mu    sync.Mutex
 	socks map[string]*socket
@@ -75,11 +80,23 @@ type socket struct {
 	limiter *rate.Limiter
 	// quiet bounds the audit records of refusals by the rate limit, so
 	// that a pod calling in a loop cannot flood the audit trail; the
-	// records it holds back are counted in the next one.
+	// refusals it holds back are counted in the next record, written with
+	// the next audited refusal or HeldFlush after the first held, whichever
+	// comes first, and at the latest when the socket closes.
 	quiet *rate.Limiter
-	mu    sync.Mutex
-	held  int // refusals not audited since the last audited one; under mu
+
+	mu sync.Mutex // guards what follows
+	// held counts the refusals not audited since the last record; heldOf
+	// is the call that last added to it (its pod and lease).
+	held    int
+	heldOf  call
+	flusher bool // a flush of held is scheduled
+	closed  bool // the socket closed: nothing more is held
 }
+
+// HeldFlush is how long a refusal held back from the audit trail waits at
+// most for a record that counts it.
+const HeldFlush = time.Second
 
 // MaxBody bounds a request's body; MaxConns the connections one socket
 // serves at once (more wait in the listen queue).
@@ -99,7 +116,10 @@ func New(opts Options) *Server {
 	if opts.MaxWait <= 0 {
 		opts.MaxWait = 30 * time.Second
 	}
-	return &Server{opts: opts, socks: map[string]*socket{}}
+	if opts.Clock == nil {
+		opts.Clock = clock.RealClock{}
+	}
+	return &Server{opts: opts, clock: opts.Clock, socks: map[string]*socket{}}
 }
 
 // Open listens on the volume's socket, root:gid 0660 (root only when gid
@@ -146,6 +166,7 @@ func (s *Server) Close(volumeID string) {
 	}
 	_ = sk.srv.Close()
 	_ = os.Remove(sk.path)
+	s.flushHeld(sk, true)
 }
 
 // Shutdown stops every socket, leaving the socket files: the next start
@@ -157,7 +178,50 @@ func (s *Server) Shutdown() {
 	s.mu.Unlock()
 	for _, sk := range socks {
 		_ = sk.srv.Close()
+		s.flushHeld(sk, true)
 	}
+}
+
+// refused accounts for c, a call refused by the rate limit: either it is
+// audited, standing for the refusals held before it too, or it is held
+// back (c.quiet) and a flush of what is held is scheduled.
+func (s *Server) refused(sk *socket, c *call) {
+	sk.mu.Lock()
+	if sk.closed || sk.quiet.AllowN(s.clock.Now(), 1) {
+		c.held, sk.held = sk.held, 0
+		sk.mu.Unlock()
+		return
+	}
+	c.quiet = true
+	sk.held++
+	sk.heldOf = *c
+	schedule := !sk.flusher
+	sk.flusher = true
+	sk.mu.Unlock()
+	// Outside sk.mu: a fake clock runs the function as it is stepped,
+	// holding its own lock.
+	if schedule {
+		s.clock.AfterFunc(HeldFlush, func() { s.flushHeld(sk, false) })
+	}
+}
+
+// flushHeld writes a record of the refusals held back, if any; closing:
+// the socket closed, and what would be held from now on is audited.
+func (s *Server) flushHeld(sk *socket, closing bool) {
+	sk.mu.Lock()
+	n, c := sk.held, sk.heldOf
+	sk.held = 0
+	if closing {
+		sk.closed = true
+	} else {
+		sk.flusher = false
+	}
+	sk.mu.Unlock()
+	if n == 0 {
+		return
+	}
+	_ = s.opts.Audit.Log(audit.Record{Stage: audit.API, VolumeID: c.volumeID, Pod: c.pod, LeaseID: c.leaseID,
+		Outcome: audit.Refused, Detail: heldDetail(n)})
 }
 
 // listen binds a unix socket at path, owned root:gid, mode 0660. It binds

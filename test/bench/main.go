@@ -37,8 +37,15 @@ func main() {
 	n16 := flag.Int("n16", 1000, "volumes for the concurrency-16 rows and the memory row")
 	npg := flag.Int("npg", 100, "volumes for the postgres rows")
 	ngb := flag.Int("ngb", 200, "volumes for the give-back rows (half wait for the backend, half not)")
+	nbl := flag.Int("nbacklog", 2000, "volumes for the revocation backlog row (0: skip it)")
+	only := flag.String("only", "", `"backlog": only the revocation backlog row`)
+	var driverArgs []string
+	flag.Func("driver-arg", "a flag for the driver, as --name=value (repeatable)", func(v string) error {
+		driverArgs = append(driverArgs, v)
+		return nil
+	})
 	flag.Parse()
-	if err := run(*bin, *out, *n1, *n16, *npg, *ngb); err != nil {
+	if err := run(*bin, *out, *n1, *n16, *npg, *ngb, *nbl, *only == "backlog", driverArgs); err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)
 		os.Exit(1)
 	}
@@ -78,6 +85,7 @@ type results struct {
 		RevokeP99  float64 `json:"revoke_after_unpublish_p99_ms"`
 	} `json:"postgres"`
 	GiveBack giveBack `json:"lease_socket_give_back"`
+	Backlog  backlog  `json:"revocation_backlog"`
 	Targets  []target `json:"targets"`
 	Machine  struct {
 		CPUs int    `json:"cpus"`
@@ -110,7 +118,7 @@ func summarize(ds []time.Duration, elapsed time.Duration, failures int) latency 
 	return l
 }
 
-func run(bin, out string, n1, n16, npg, ngb int) error {
+func run(bin, out string, n1, n16, npg, ngb, nbl int, onlyBacklog bool, driverArgs []string) error {
 	if os.Geteuid() != 0 {
 		return errors.New("run as root: the driver mounts tmpfs")
 	}
@@ -134,12 +142,14 @@ func run(bin, out string, n1, n16, npg, ngb int) error {
 		return err
 	}
 
-	fmt.Println("floor: bare system calls of a publish + unpublish ...")
-	floor, err := measureFloor(filepath.Join(env.KubeletDir, "floor"), 300)
-	if err != nil {
-		return fmt.Errorf("floor: %w", err)
+	if !onlyBacklog {
+		fmt.Println("floor: bare system calls of a publish + unpublish ...")
+		floor, err := measureFloor(filepath.Join(env.KubeletDir, "floor"), 300)
+		if err != nil {
+			return fmt.Errorf("floor: %w", err)
+		}
+		r.Floor.CycleP50, r.Floor.CycleP99 = floor.P50, floor.P99
 	}
-	r.Floor.CycleP50, r.Floor.CycleP99 = floor.P50, floor.P99
 
 	pg, err := pgtest.Start()
 	if err != nil {
@@ -157,6 +167,7 @@ func run(bin, out string, n1, n16, npg, ngb int) error {
 	drv := &harness.Driver{Bin: bin, Env: env, LogFile: filepath.Join(env.Base, "driver.log"), Args: []string{
 		"--classes-file", classes, "--backend-config", backends, "--audit-log", filepath.Join(env.Base, "audit.log"), "-v", "0",
 	}}
+	drv.Args = append(drv.Args, driverArgs...)
 	if err := drv.Start(ctx); err != nil {
 		return err
 	}
@@ -167,6 +178,40 @@ func run(bin, out string, n1, n16, npg, ngb int) error {
 	}
 	defer kube.Close()
 	time.Sleep(time.Second)
+	if !onlyBacklog {
+		if err := measureRows(ctx, kube, pg, drv, n1, n16, npg, ngb, &r); err != nil {
+			return err
+		}
+	}
+	if nbl > 0 {
+		fmt.Printf("revocation backlog: %d volumes unpublished with the backend up, %d with it down, then the backend back ...\n", nbl, nbl)
+		if err := measureBacklog(ctx, kube, pg, drv, filepath.Join(env.Base, "audit.log"), nbl, &r); err != nil {
+			return fmt.Errorf("backlog: %w", err)
+		}
+	}
+
+	if onlyBacklog {
+		r.Targets = backlogTargets(r.Backlog)
+		printBacklog(r.Backlog)
+		printTargets(r.Targets)
+	} else {
+		r.Targets = targets(&r)
+		printTable(&r, bin)
+	}
+	data, err := json.MarshalIndent(r, "", "  ")
+	if err != nil {
+		return err
+	}
+	if err := os.WriteFile(out, append(data, '\n'), 0o644); err != nil {
+		return err
+	}
+	fmt.Println("\nwrote", out)
+	return nil
+}
+
+// measureRows measures every row but the floor and the backlog.
+func measureRows(ctx context.Context, kube *kubelet.Kubelet, pg *pgtest.Server, drv *harness.Driver, n1, n16, npg, ngb int, r *results) error {
+	var err error
 	if r.RSS.Idle, r.RSS.IdleAnon, err = rssMiB(drv.Pid()); err != nil {
 		return err
 	}
@@ -227,25 +272,15 @@ func run(bin, out string, n1, n16, npg, ngb int) error {
 	r.Unpublish["c16"] = summarize(unpub, el, fails)
 
 	fmt.Printf("postgres: %d publishes, and the time from unpublish to the role refusing logins ...\n", npg)
-	if err := measurePostgres(ctx, kube, pg, npg, &r); err != nil {
+	if err := measurePostgres(ctx, kube, pg, npg, r); err != nil {
 		return err
 	}
 
 	fmt.Printf("lease socket: %d credentials and %d task leases given back, and the time from the answer to the login refused ...\n", ngb, ngb)
-	if err := measureGiveBack(ctx, kube, pg, ngb, &r); err != nil {
+	if err := measureGiveBack(ctx, kube, pg, ngb, r); err != nil {
 		return fmt.Errorf("give-back: %w", err)
 	}
 
-	r.Targets = targets(&r)
-	printTable(&r, bin)
-	data, err := json.MarshalIndent(r, "", "  ")
-	if err != nil {
-		return err
-	}
-	if err := os.WriteFile(out, append(data, '\n'), 0o644); err != nil {
-		return err
-	}
-	fmt.Println("\nwrote", out)
 	return nil
 }
 
@@ -461,7 +496,11 @@ func targets(r *results) []target {
 		}
 		return target{What: what, Value: v, Limit: limit, Unit: unit, Met: met}
 	}
-	return []target{
+	var bl []target
+	if r.Backlog.Volumes > 0 {
+		bl = backlogTargets(r.Backlog)
+	}
+	return append(bl,
 		t("publish p50 c1 / floor p50", r.Publish["c1"].P50/r.Floor.CycleP50, 2.5, "x", false),
 		t("publish p50 c1", r.Publish["c1"].P50, 0.5, "ms", false),
 		t("publish p99 c1", r.Publish["c1"].P99, 2, "ms", false),
@@ -474,6 +513,14 @@ func targets(r *results) []target {
 		t("postgres revoke after unpublish p99", r.Postgres.RevokeP99, 1000, "ms", false),
 		t("give-back answer to refused p99 (no wait)", r.GiveBack.NoWaitRefusedP99, 50, "ms", false),
 		t("give-back answer to refused p99 (wait)", r.GiveBack.WaitRefusedP99, 50, "ms", false),
+	)
+}
+
+func backlogTargets(b backlog) []target {
+	return []target{
+		{What: "unpublish p50 backlog / no backlog", Value: b.Growing.P50 / b.NoBacklog.P50, Limit: 1.5, Unit: "x", Met: b.Growing.P50 <= 1.5*b.NoBacklog.P50},
+		{What: "unpublish p99 backlog / no backlog", Value: b.Growing.P99 / b.NoBacklog.P99, Limit: 1.5, Unit: "x", Met: b.Growing.P99 <= 1.5*b.NoBacklog.P99},
+		{What: "revocations in flight at most", Value: float64(b.MaxInFlight), Limit: 8, Unit: "", Met: b.MaxInFlight >= 8},
 	}
 }
 
@@ -507,8 +554,25 @@ func printTable(r *results, bin string) {
 	fmt.Printf("\ndriver work in a republish (republish p50 - no-op call p50): %.3f ms\n", r.Republish["c1"].P50-r.RPC.P50)
 	fmt.Printf("resident memory: %.1f MiB idle, %.1f MiB with 1000 live volumes (anonymous: %.1f and %.1f MiB; the rest is the binary's own pages)\n\n",
 		r.RSS.Idle, r.RSS.Volumes, r.RSS.IdleAnon, r.RSS.VolumesAnon)
+	if b := r.Backlog; b.Volumes > 0 {
+		printBacklog(b)
+	}
+	printTargets(r.Targets)
+}
+
+func printBacklog(b backlog) {
+	fmt.Printf("revocation backlog, %d PostgreSQL volumes (load average %.1f at its start):\n", b.Volumes, b.Load)
+	fmt.Printf("  unpublish c1, no backlog:       p50 %.3f ms  p99 %.3f ms\n", b.NoBacklog.P50, b.NoBacklog.P99)
+	fmt.Printf("  unpublish c1, backlog growing:  p50 %.3f ms  p99 %.3f ms (backend down)\n", b.Growing.P50, b.Growing.P99)
+	fmt.Printf("  driver CPU, no backlog:         %.2f s over %.1f s (its revocations made meanwhile)\n", b.CPUNoBacklog, b.NoBacklogS)
+	fmt.Printf("  driver CPU while queueing:      %.2f s over %.1f s; %d queued when the backend came back\n", b.CPUSeconds, b.QueueingS, b.QueueDepth)
+	fmt.Printf("  backend back -> queue empty and every role gone: %.2f s (%.0f revocations/s; peak %d in one second; at most %d in flight)\n\n",
+		b.DrainS, b.PerSecond, b.PeakPerSecond, b.MaxInFlight)
+}
+
+func printTargets(ts []target) {
 	fmt.Printf("%-38s %10s %10s  %s\n", "target", "measured", "limit", "")
-	for _, t := range r.Targets {
+	for _, t := range ts {
 		mark := "met"
 		if !t.Met {
 			mark = "MISSED"

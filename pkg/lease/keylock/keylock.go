@@ -1,13 +1,18 @@
-package lease
+// Package keylock serialises work on one key while work on other keys
+// runs in parallel: the lease manager's per-volume lock, and the
+// revocation queue's per-lease order of writes. It imports nothing of
+// ours.
+package keylock
 
 import (
 	"context"
 	"sync"
 )
 
-// keyedLock serialises work on one key (a volume ID) while work on other
-// keys runs in parallel. Waiting honours the caller's context.
-type keyedLock struct {
+// Keyed serialises work on one key while work on other keys runs in
+// parallel. Waiting honours the caller's context. The zero value is ready
+// to use.
+type Keyed struct {
 	mu      sync.Mutex
 	entries map[string]*lockEntry
 }
@@ -17,7 +22,9 @@ type lockEntry struct {
 	refs int
 }
 
-func (k *keyedLock) lock(ctx context.Context, key string) (unlock func(), err error) {
+// Lock waits until key is free or ctx is done, and returns the key's
+// unlock.
+func (k *Keyed) Lock(ctx context.Context, key string) (unlock func(), err error) {
 	k.mu.Lock()
 	if k.entries == nil {
 		k.entries = map[string]*lockEntry{}
