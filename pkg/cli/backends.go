@@ -64,7 +64,7 @@ func (b *backends) build(data []byte) (*provider.Registry, func(), error) {
 	}
 	if cfg.Postgres != nil {
 		iss, err := issuer.New(issuer.Options{Config: *cfg.Postgres, ReapInterval: b.reap, Audit: b.audit,
-			OnReap: func(r issuer.ReapReport, _ error) { b.metrics.Reaped(r.Expired, r.Untracked, r.Failed+r.Unlisted) }})
+			OnReap: countReaps(b.metrics)})
 		if err != nil {
 			return fail(err)
 		}
