@@ -12,6 +12,8 @@ import (
 	"testing"
 	"time"
 
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 
@@ -149,10 +151,22 @@ spec:
   parameters:
     connection: main
     role: app
+---
+apiVersion: secrets-store.csi.x-k8s.io/v1
+kind: SecretProviderClass
+metadata:
+  name: orders-db
+  namespace: lab
+spec:
+  provider: postgres
+  parameters:
+    connection: main
+    role: app
 `
 
 // startDriver starts the node plugin asking is, retrying a failed
-// revocation at least every second.
+// revocation at least every second, two live credentials at most in a
+// namespace.
 func startDriver(t *testing.T, is *issuertest.Issuer) (*harness.Driver, *kubelet.Kubelet) {
 	t.Helper()
 	ctx := context.Background()
@@ -181,7 +195,7 @@ func startDriver(t *testing.T, is *issuertest.Issuer) (*harness.Driver, *kubelet
 		"--classes-file", classFile, "--kubeconfig", driverKubeconfig, "--audit-log", harness.LogPath("node-audit"),
 		"--issuer-address", is.URL(), "--issuer-token-file", tokenFile,
 		"--issuer-ca-configmap", issuertest.IssuerNamespace + "/ephemeral-secrets-csi-issuer-ca",
-		"--retry-min=100ms", "--retry-max=1s", "--backend-timeout=5s",
+		"--retry-min=100ms", "--retry-max=1s", "--backend-timeout=5s", "--max-leases-per-namespace=2",
 	}}
 	if err := drv.Start(ctx); err != nil {
 		t.Fatal(err)
@@ -205,7 +219,13 @@ var volume = kubelet.Volume{Name: issuertest.VolumeName, ReadOnly: true, Attribu
 // tenant makes a pod of shop/orders on the node, in the API.
 func tenant(t *testing.T, name string) kubelet.Pod {
 	t.Helper()
-	p, _, err := objs.TenantPod(context.Background(), "shop", name, "orders", node, "orders-db")
+	return tenantOf(t, "shop", "orders", name)
+}
+
+// tenantOf makes a pod of namespace/serviceAccount on the node, in the API.
+func tenantOf(t *testing.T, namespace, serviceAccount, name string) kubelet.Pod {
+	t.Helper()
+	p, _, err := objs.TenantPod(context.Background(), namespace, name, serviceAccount, node, "orders-db")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -245,8 +265,9 @@ func roleGone(t *testing.T, role string) {
 // and issuer (against a real PostgreSQL and kube-apiserver): none fires
 // while all is well; each fires, with its labels, when its condition is
 // made real: PostgreSQL down (issue and revoke errors on the node and in
-// the issuer, a Credential held in Revoking, the reaper failing), the
-// processes down, no leader, no node plugin at all.
+// the issuer, a Credential held in Revoking, the reaper failing), tenants
+// refused (first requests, authorization failures, a namespace's cap; no
+// error alert), the processes down, no leader, no node plugin at all.
 func TestAlertsOnRealMetrics(t *testing.T) {
 	promtool, err := harness.Tool("promtool")
 	if err != nil {
@@ -325,6 +346,33 @@ func TestAlertsOnRealMetrics(t *testing.T) {
 		return true, nil
 	})
 
+	// Tenants refused: a service account the class does not allow asks
+	// twice a step, a namespace past its cap of two live credentials once,
+	// both for the first time on the node. No error alert fires: a tenant
+	// cannot page anyone with a refusal.
+	intruder := tenantOf(t, "shop", "intruder", "intruder")
+	l1, l2, l3 := tenantOf(t, "lab", "agents", "agent-1"), tenantOf(t, "lab", "agents", "agent-2"), tenantOf(t, "lab", "agents", "agent-3")
+	refused := 0
+	tenants := record(both, 9, func(i int) {
+		if i == 0 {
+			return
+		}
+		if i == 1 {
+			publish(t, k, l1)
+			publish(t, k, l2)
+		}
+		for _, p := range []kubelet.Pod{intruder, intruder, l3} {
+			if _, err := k.Publish(ctx, p, volume); status.Code(err) == codes.PermissionDenied || status.Code(err) == codes.ResourceExhausted {
+				refused++
+			} else {
+				t.Errorf("publish of %s/%s: %v, want a refusal", p.Namespace, p.Name, err)
+			}
+		}
+	})
+	if refused != 3*8 {
+		t.Errorf("%d refusals, want %d", refused, 3*8)
+	}
+
 	// The node plugin and the issuer stopped: their targets do not answer.
 	drv.Stop()
 	is.Stop()
@@ -346,6 +394,11 @@ func TestAlertsOnRealMetrics(t *testing.T) {
 			"EphemeralSecretsIssuerIssueFailing":      {{}},
 			"EphemeralSecretsIssuerRevocationFailing": {{}},
 			"EphemeralSecretsCredentialStuckRevoking": {{}},
+		}},
+		{Name: "tenants refused", Recording: tenants, Firing: map[string][]map[string]string{
+			"EphemeralSecretsFirstSeenRequest":          {{"node": node, "namespace": "shop"}, {"node": node, "namespace": "lab"}},
+			"EphemeralSecretsAuthorizationFailureSpike": {nodeLabels},
+			"EphemeralSecretsTenantLimitReached":        {{"node": node, "namespace": "lab", "limit": "namespace_leases"}},
 		}},
 		{Name: "processes down", Recording: stopped, Firing: map[string][]map[string]string{
 			"EphemeralSecretsDriverDown": {nodeLabels},

@@ -71,6 +71,8 @@ func run(m *testing.M) int {
           allowed:
             - namespace: shop
               serviceAccount: orders
+            - namespace: lab
+              serviceAccount: agents
 `, pg.AdminURL())
 	if err := os.WriteFile(backends, []byte(config), 0o600); err != nil {
 		return fail(err)
