@@ -86,7 +86,7 @@ func (b *backends) providers(data []byte) (*provider.Registry, *issuer.Issuer, e
 		// cluster's issuer Deployment is the other transport of the same
 		// code): the node side mints through iss.Local().
 		if iss, err = issuer.New(issuer.Options{Config: *cfg.Postgres, ReapInterval: b.reap, Audit: b.audit,
-			OnReap: func(r issuer.ReapReport, _ error) { b.metrics.Reaped(r.Expired, r.Untracked, r.Failed+r.Unlisted) }}); err != nil {
+			OnReap: countReaps(b.metrics)}); err != nil {
 			return fail(err)
 		}
 		if err := reg.Register(postgres.Name, postgres.NewNode(iss.Local())); err != nil {
