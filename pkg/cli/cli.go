@@ -1,6 +1,7 @@
 // Package cli is the ephemeral-secrets-csi command line: "serve" runs the
 // node plugin (CSI Identity and Node services), "issuer" the cluster
-// issuer, "leases" lists the node's live credentials. The binary's main only calls Main; a build with extra
+// issuer, "housekeeper" the inventory's always-on controller, "uninstall"
+// helm's pre-delete hook, "leases" lists the node's live credentials. The binary's main only calls Main; a build with extra
 // providers (the benchmark's) passes them in.
 package cli
 
@@ -49,7 +50,8 @@ type Register func(*provider.Registry) error
 // the exit code.
 func Main(version string, args []string, extra ...Register) int {
 	cmd := "serve"
-	if len(args) > 0 && (args[0] == "serve" || args[0] == "leases" || args[0] == "issuer" || args[0] == "version") {
+	if len(args) > 0 && (args[0] == "serve" || args[0] == "leases" || args[0] == "issuer" || args[0] == "housekeeper" ||
+		args[0] == "uninstall" || args[0] == "version") {
 		cmd, args = args[0], args[1:]
 	}
 	var err error
@@ -60,6 +62,10 @@ func Main(version string, args []string, extra ...Register) int {
 		err = leases(args, os.Stdout)
 	case "issuer":
 		err = issuerCmd(version, args)
+	case "housekeeper":
+		err = housekeeperCmd(version, args)
+	case "uninstall":
+		err = uninstallCmd(version, args)
 	case "version":
 		fmt.Println(version)
 	}
@@ -271,7 +277,7 @@ func serve(version string, args []string, extra []Register) error {
 	}
 	go mgr.Run(ctx)
 	if apiConfig != nil && f.watchInventory {
-		if err := watchInventory(ctx, apiConfig, f.nodeID, mgr, sink); err != nil {
+		if err := watchInventory(ctx, apiConfig, f.nodeID, mgr, store, sink); err != nil {
 			return fmt.Errorf("watching the node's credential records: %w", err)
 		}
 	}

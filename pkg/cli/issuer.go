@@ -240,7 +240,8 @@ func issuerPlugins(ctx context.Context, rc *rest.Config, pods corev1client.PodsG
 				return iss.Drop(ctx, issuer.Caller{}, postgres.DropRequest{LeaseID: e.LeaseID, Name: e.Name,
 					Params: map[string]string{postgres.ConnectionParam: conn, postgres.RoleParam: role}})
 			}
-			return inventory.NewController(c, inf, pods, revoke, inventory.ControllerOptions{}).Run(ctx, 2)
+			// Its own records only: the housekeeper (always on) does the rest.
+			return inventory.NewController(c, inf, pods, revoke, inventory.ControllerOptions{RevokeOnly: true}).Run(ctx, 2)
 		},
 	}, nil
 }
