@@ -116,6 +116,13 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/component: housekeeper
 {{- end -}}
 
+{{- define "esc.uninstallLabels" -}}
+app.kubernetes.io/name: {{ include "esc.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: uninstall
+{{ include "esc.metaLabels" . }}
+{{- end -}}
+
 {{- define "esc.housekeeperLabels" -}}
 {{ include "esc.housekeeperSelectorLabels" . }}
 {{ include "esc.metaLabels" . }}
