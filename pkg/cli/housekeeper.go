@@ -2,6 +2,7 @@ package cli
 
 import (
 	"context"
+	"errors"
 	"flag"
 	"fmt"
 	"net"
@@ -12,6 +13,7 @@ import (
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/clientcmd"
@@ -105,9 +107,11 @@ func clusterClients(kubeconfig, userAgent string) (*kubernetes.Clientset, *inven
 func uninstallCmd(version string, args []string) error {
 	fs := flag.NewFlagSet("uninstall", flag.ContinueOnError)
 	klog.InitFlags(fs)
-	var kubeconfig string
+	var kubeconfig, issuerState string
 	var waitPods, waitRecords, poll time.Duration
 	fs.StringVar(&kubeconfig, "kubeconfig", "", "kubeconfig for the Kubernetes API; empty: the in-cluster service account")
+	fs.StringVar(&issuerState, "issuer-state", "", "namespace/name: only delete what the issuer of that name made at run time "+
+		"(Secret name-tls, ConfigMap name-ca, Lease name), once the release is gone (helm's post-delete hook)")
 	fs.DurationVar(&waitPods, "wait-for-pods", 2*time.Minute, "how long to wait for the pods that mount the driver's volumes to go")
 	fs.DurationVar(&waitRecords, "wait-for-records", time.Minute, "how long to wait for the node plugins and the issuer to release their records")
 	fs.DurationVar(&poll, "poll-interval", 2*time.Second, "how often pods and records are looked at while waiting")
@@ -119,6 +123,9 @@ func uninstallCmd(version string, args []string) error {
 	cs, ic, err := clusterClients(kubeconfig, "ephemeral-secrets-csi-uninstall/"+version)
 	if err != nil {
 		return err
+	}
+	if issuerState != "" {
+		return deleteIssuerState(ctx, cs, issuerState)
 	}
 	start := time.Now()
 	var users []string
@@ -142,6 +149,28 @@ func uninstallCmd(version string, args []string) error {
 	n, err := inventory.HandOverAll(ctx, ic, "the driver is being uninstalled")
 	klog.InfoS("Credential records handed over", "records", n, "took", time.Since(start).Round(time.Millisecond))
 	return err
+}
+
+// deleteIssuerState deletes what the issuer ns/name made at run time,
+// which no template of the chart owns; gone already is no error.
+func deleteIssuerState(ctx context.Context, cs kubernetes.Interface, nsName string) error {
+	ns, name, ok := strings.Cut(nsName, "/")
+	if !ok || ns == "" || name == "" {
+		return fmt.Errorf("--issuer-state %q: namespace/name expected", nsName)
+	}
+	var errs []error
+	for what, del := range map[string]func() error{
+		"Secret " + name + "-tls":   func() error { return cs.CoreV1().Secrets(ns).Delete(ctx, name+"-tls", metav1.DeleteOptions{}) },
+		"ConfigMap " + name + "-ca": func() error { return cs.CoreV1().ConfigMaps(ns).Delete(ctx, name+"-ca", metav1.DeleteOptions{}) },
+		"Lease " + name:             func() error { return cs.CoordinationV1().Leases(ns).Delete(ctx, name, metav1.DeleteOptions{}) },
+	} {
+		if err := del(); err != nil && !apierrors.IsNotFound(err) {
+			errs = append(errs, fmt.Errorf("deleting %s: %w", what, err))
+			continue
+		}
+		klog.InfoS("Deleted what the issuer made", "object", what, "namespace", ns)
+	}
+	return errors.Join(errs...)
 }
 
 // waitFor polls done every interval until it is true or timeout passes;
