@@ -196,7 +196,7 @@ func checkHousekeeperValues(t *testing.T, objs objects, driver *corev1.Container
 	}
 	errorf("memory limit", c.Resources.Limits.Memory(), "80Mi")
 	errorf("priorityClassName", spec.PriorityClassName, "housekeeper-critical")
-	errorf("nodeSelector", spec.NodeSelector, map[string]string{"node-role.example.com/infra": "true"})
+	errorf("nodeSelector", spec.NodeSelector, map[string]string{"kubernetes.io/os": "linux", "node-role.example.com/infra": "true"})
 	errorf("tolerations", spec.Tolerations, []corev1.Toleration{{Key: "infra", Operator: "Exists", Effect: "NoSchedule"}})
 	errorf("volumes (none: no Secret)", len(spec.Volumes), 0)
 	job := into[batchv1.Job](t, objs, "Job/secrets-csi-uninstall")
