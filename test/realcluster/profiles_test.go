@@ -582,6 +582,14 @@ func (p *profiles) issuerDown(t *testing.T) {
 	start := time.Now()
 	roleGone(t, role, 3*time.Minute)
 	report(t, "issuer back -> the role of the handed-over record dropped", time.Since(start))
+	// An upgrade that forgets providers.postgres (the issuer ran by
+	// default before) is refused, not a silent loss of PostgreSQL.
+	upgrade := append([]string{"upgrade", "ephemeral-secrets-csi", filepath.Join(repoRoot, "deploy/helm/ephemeral-secrets-csi"),
+		"--namespace", node.Namespace, "-f", filepath.Join(repoRoot, "test/realcluster/testdata/profile-values.yaml")}, node.ChartImageValues()...)
+	if _, err := cluster.Helm(ctx, upgrade...); err == nil || !strings.Contains(err.Error(), "providers.postgres.enabled=true") {
+		t.Errorf("an upgrade without providers.postgres.enabled: %v; want it refused", err)
+	}
+	checkClean(t, true)
 	start = time.Now()
 	if out, err := uninstall(ctx); err != nil {
 		t.Fatalf("helm uninstall: %v\n%s", err, out)
