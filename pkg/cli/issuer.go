@@ -246,13 +246,14 @@ func issuerPlugins(ctx context.Context, rc *rest.Config, pods corev1client.PodsG
 				revoked(err)
 				return err
 			}
+			// Its own records only: the housekeeper (always on) does the rest.
 			// client-go's controller default, with the per-record backoff
 			// capped at retryMax instead of 1000 s: the alert on a record
 			// stuck in Revoking counts on a retry at least that often.
 			rl := workqueue.NewTypedMaxOfRateLimiter(
 				workqueue.NewTypedItemExponentialFailureRateLimiter[string](5*time.Millisecond, retryMax),
 				&workqueue.TypedBucketRateLimiter[string]{Limiter: rate.NewLimiter(rate.Limit(10), 100)})
-			return inventory.NewController(c, inf, pods, revoke, inventory.ControllerOptions{RateLimiter: rl}).Run(ctx, 2)
+			return inventory.NewController(c, inf, pods, revoke, inventory.ControllerOptions{RateLimiter: rl, RevokeOnly: true}).Run(ctx, 2)
 		},
 		Revoking: func() metrics.Revoking { return inventory.Revoking(inf.GetStore(), time.Now()) },
 	}, nil
