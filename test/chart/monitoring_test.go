@@ -21,7 +21,7 @@ var jobsInRules = regexp.MustCompile(`up\{job="([^"]+)"\}`)
 // each ServiceMonitor gives its targets the job the alerts name, and
 // every job an alert names is one of them.
 func TestIssuerIsScraped(t *testing.T) {
-	objs := render(t, "--set", "monitoring.enabled=true,monitoring.serviceMonitor.labels.release=kps,monitoring.serviceMonitor.interval=15s")
+	objs := render(t, "--set", "monitoring.enabled=true,providers.postgres.enabled=true,monitoring.serviceMonitor.labels.release=kps,monitoring.serviceMonitor.interval=15s")
 	svc := into[corev1.Service](t, objs, "Service/ephemeral-secrets-csi-issuer-metrics")
 	dep := into[appsv1.Deployment](t, objs, "Deployment/ephemeral-secrets-csi-issuer")
 	if !matches(svc.Spec.Selector, dep.Spec.Template.Labels) || matches(svc.Spec.Selector, map[string]string{"app.kubernetes.io/component": "node"}) {
@@ -80,7 +80,14 @@ func TestIssuerIsScraped(t *testing.T) {
 // alerts (which would say it is down) are rendered; the cluster-wide
 // alerts, which read the in-process reaper too, are.
 func TestNoIssuerNoIssuerMonitoring(t *testing.T) {
-	objs := render(t, "--set", "monitoring.enabled=true,issuer.enabled=false")
+	// Without PostgreSQL (the default profile), and with PostgreSQL held
+	// by the nodes.
+	for _, set := range []string{"monitoring.enabled=true", "monitoring.enabled=true,providers.postgres.enabled=true,issuer.enabled=false"} {
+		t.Run(set, func(t *testing.T) { noIssuerMonitoring(t, render(t, "--set", set)) })
+	}
+}
+
+func noIssuerMonitoring(t *testing.T, objs objects) {
 	for _, k := range []string{"Service/ephemeral-secrets-csi-issuer-metrics", "ServiceMonitor/ephemeral-secrets-csi-issuer"} {
 		if objs[k] != nil {
 			t.Errorf("%s rendered without the issuer", k)
