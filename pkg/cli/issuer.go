@@ -28,6 +28,7 @@ import (
 	"github.com/ephemeral-secrets/csi-driver/pkg/audit"
 	"github.com/ephemeral-secrets/csi-driver/pkg/inventory"
 	"github.com/ephemeral-secrets/csi-driver/pkg/issuer"
+	pgengine "github.com/ephemeral-secrets/csi-driver/pkg/issuer/postgres"
 	"github.com/ephemeral-secrets/csi-driver/pkg/issuer/remote"
 	"github.com/ephemeral-secrets/csi-driver/pkg/metrics"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
@@ -189,20 +190,20 @@ func issuerCmd(version string, args []string) error {
 
 // readIssuerConfig reads the postgres section of the backend file; its
 // errors never quote the file (admin credentials).
-func readIssuerConfig(path string) (postgres.Config, error) {
+func readIssuerConfig(path string) (pgengine.Config, error) {
 	if path == "" {
-		return postgres.Config{}, errors.New("--backend-config is required: the issuer holds the postgres admin configuration")
+		return pgengine.Config{}, errors.New("--backend-config is required: the issuer holds the postgres admin configuration")
 	}
 	data, err := os.ReadFile(path)
 	if err != nil {
-		return postgres.Config{}, fmt.Errorf("backend config: %w", err)
+		return pgengine.Config{}, fmt.Errorf("backend config: %w", err)
 	}
 	cfg, err := decodeBackends(path, data)
 	if err != nil {
-		return postgres.Config{}, err
+		return pgengine.Config{}, err
 	}
 	if cfg.Postgres == nil {
-		return postgres.Config{}, fmt.Errorf("backend config %s: no postgres section", path)
+		return pgengine.Config{}, fmt.Errorf("backend config %s: no postgres section", path)
 	}
 	return *cfg.Postgres, nil
 }
