@@ -15,7 +15,7 @@ FUZZTIME  ?= 30s
 # keeps a two-core machine responsive; -race is part of the standard run.
 TESTFLAGS ?= -race -count=1 -timeout 30m -p 1
 
-.PHONY: all build generate print-controller-gen test test-hosted demo lint fuzz bench bench-cluster postgres kube node vault aws clean cluster cluster-down manifests manifests-check chart-test workflows-check release release-check release-artifacts release-push release-sign print-crane print-helm sbom
+.PHONY: all build generate print-controller-gen test test-hosted demo lint fuzz bench bench-cluster postgres kube node vault aws clean cluster cluster-down manifests manifests-check chart-test workflows-check image-sbom release release-check release-artifacts release-push release-sign print-crane print-helm sbom
 
 all: build
 
@@ -195,8 +195,21 @@ sbom: $(CYCLONEDX)
 			-notimestamp -noserial -output bin/ephemeral-secrets-csi-$(RELEASE)-linux-$$arch.cdx.json . || exit 1; \
 	done
 
+# The image's SBOM for each platform (test/image/cmd/imagesbom): the
+# image's manifest digest, every file of its layers with its SHA-256 (the
+# CA bundle, /etc/passwd, /etc/group) and the binary with the Go modules of
+# its own SBOM (make sbom).
+image-sbom: sbom
+	rm -rf bin/image-layout && mkdir -p bin/image-layout && tar -xf $(IMAGE_ARCHIVE) -C bin/image-layout
+	for arch in amd64 arm64; do \
+		$(GO) run ./test/image/cmd/imagesbom --layout bin/image-layout --platform linux/$$arch --name $(IMAGE_REPOSITORY) \
+			--binary /ephemeral-secrets-csi --binary-sbom bin/ephemeral-secrets-csi-$(RELEASE)-linux-$$arch.cdx.json \
+			--out bin/ephemeral-secrets-csi-image-$(RELEASE)-linux-$$arch.cdx.json || exit 1; \
+	done
+
 release-artifacts: release-check sbom
 	$(MAKE) image VERSION=$(VERSION) IMAGE_PLATFORMS=linux/amd64,linux/arm64 IMAGE_ARCHIVE=$(IMAGE_ARCHIVE)
+	$(MAKE) image-sbom VERSION=$(VERSION) IMAGE_ARCHIVE=$(IMAGE_ARCHIVE)
 	$(TOOLS)/helm package $(CHART) --destination bin
 	awk '/^## /{if (p) exit; if ($$2 == "$(RELEASE)") p=1} p' CHANGELOG.md >bin/release-notes.md
 
@@ -208,11 +221,10 @@ release-push: $(CRANE)
 # Keyless signatures (cosign, Sigstore's Fulcio and Rekor; in the release
 # workflow the certificate names the workflow at the tag): the image index
 # and each platform's image (--recursive), the chart as pushed, and the
-# chart's archive (a bundle beside it). Each platform's image gets its
-# binary's SBOM (make sbom) as a signed CycloneDX attestation: the SBOM
-# covers the binary (the Go modules in it), not the image's other files
-# (the CA bundle, /etc/passwd, /etc/group). DIGESTS receives name=value
-# lines (the workflow's $$GITHUB_OUTPUT) for the provenance step.
+# chart's archive (a bundle beside it). Each platform's image gets its own
+# SBOM (make image-sbom) as a signed CycloneDX attestation. DIGESTS
+# receives name=value lines (the workflow's $$GITHUB_OUTPUT) for the
+# provenance step.
 COSIGN    ?= cosign
 CHART_REF  = $(CHART_REPOSITORY:oci://%=%)/ephemeral-secrets-csi
 DIGESTS   ?= bin/digests.txt
@@ -224,7 +236,7 @@ release-sign: $(CRANE)
 	$(COSIGN) sign --yes --recursive $(IMAGE_REPOSITORY)@$$image; \
 	for arch in amd64 arm64; do \
 		platform=$$($(CRANE) digest --platform linux/$$arch $(IMAGE_REPOSITORY):$(RELEASE)); \
-		$(COSIGN) attest --yes --type cyclonedx --predicate bin/ephemeral-secrets-csi-$(RELEASE)-linux-$$arch.cdx.json \
+		$(COSIGN) attest --yes --type cyclonedx --predicate bin/ephemeral-secrets-csi-image-$(RELEASE)-linux-$$arch.cdx.json \
 			$(IMAGE_REPOSITORY)@$$platform; \
 	done; \
 	$(COSIGN) sign --yes $(CHART_REF)@$$chart; \
