@@ -101,16 +101,21 @@ func testSurgeRollout(t *testing.T) {
 		}
 		return false, nil
 	})
+	// The CSINode lists the driver from the old pod's registration: the
+	// new instance's own registration is kubelet's answer to it.
+	harness.Eventually(t, time.Minute, "kubelet registering the new driver", func() (bool, error) {
+		logs := podLogs(t, node.Namespace, fresh.Name, "driver")
+		for _, want := range []string{"Waiting for the node lock", "Holding the node lock", "Resumed volume", "Kubelet registered the driver"} {
+			if !strings.Contains(logs, want) {
+				return false, fmt.Errorf("the new driver's log lacks %q", want)
+			}
+		}
+		return true, nil
+	})
 	if err := cluster.WaitDriverRegistered(ctx); err != nil {
 		t.Fatal(err)
 	}
-	report(t, "surge rollout, patch -> new driver pod serving and ready", time.Since(start))
-	logs := podLogs(t, node.Namespace, fresh.Name, "driver")
-	for _, want := range []string{"Waiting for the node lock", "Holding the node lock", "Resumed volume", "Kubelet registered the driver"} {
-		if !strings.Contains(logs, want) {
-			t.Fatalf("the new driver's log lacks %q", want)
-		}
-	}
+	report(t, "surge rollout, patch -> new driver pod holding the node and registered", time.Since(start))
 
 	// The running pod's credential, published by the old driver, keeps
 	// rotating under the new one, and the pod never restarted.
