@@ -15,7 +15,7 @@ FUZZTIME  ?= 30s
 # keeps a two-core machine responsive; -race is part of the standard run.
 TESTFLAGS ?= -race -count=1 -timeout 30m -p 1
 
-.PHONY: all build generate print-controller-gen print-crd-dir test demo lint fuzz bench bench-cluster postgres kube node vault aws clean cluster cluster-down manifests release release-check release-artifacts release-push print-crane print-helm sbom docs kubectl promtool print-promtool
+.PHONY: all build generate print-controller-gen print-crd-dir test demo lint fuzz bench bench-cluster postgres kube node vault aws clean cluster cluster-down manifests release release-check release-artifacts release-push print-crane print-helm sbom docs kubectl promtool print-promtool test-hosted manifests-check chart-test workflows-check image-sbom release-sign
 
 all: build
 
@@ -119,6 +119,11 @@ demo: postgres build
 test: postgres kube kubectl node vault aws promtool
 	$(GO) test $(TESTFLAGS) ./...
 
+# What a hosted CI runner can run (the pull-request workflow): every test
+# but test/realcluster, which needs a node of its own (kubelet, containerd).
+test-hosted: postgres kube kubectl vault aws promtool
+	$(GO) test $(TESTFLAGS) $$($(GO) list ./... | grep -v '/test/realcluster$$')
+
 # The inventory API (pkg/apis): its deep-copy functions and its CRD, in the
 # chart's files/crds/ (templates/crd-credentials.yaml renders it, so that
 # helm upgrade updates it), generated from the Go types by controller-gen
@@ -164,6 +169,23 @@ CHART := deploy/helm/ephemeral-secrets-csi
 manifests: $(TOOLS)/helm
 	deploy/render.sh $(TOOLS)/helm deploy/kustomize
 
+# deploy/kustomize is what the chart renders now.
+manifests-check: $(TOOLS)/helm
+	@tmp=$$(mktemp -d) && deploy/render.sh $(TOOLS)/helm $$tmp && diff -r $$tmp deploy/kustomize >/dev/null; rc=$$?; rm -rf $$tmp; \
+		[ $$rc = 0 ] || { echo "deploy/kustomize is stale: make manifests"; exit 1; }
+
+# The chart's tests (helm template against the expected objects) and the
+# rendered manifests' freshness.
+chart-test: manifests-check
+	$(GO) test -count=1 ./test/chart
+
+# The workflows, offline: every action pinned to a commit SHA (with its
+# tag in a comment), the same action at the same commit everywhere; pull
+# requests run the linters and the tests; a release runs the tests first,
+# signs, and attests SBOM and provenance (test/workflows).
+workflows-check:
+	$(GO) test -count=1 ./test/workflows
+
 # A release, from a tag vX.Y.Z (see "Versions" in docs/development.md): the driver's
 # image for amd64 and arm64 and the chart, packaged; release-push sends
 # both to their registries (log in first: crane auth login, helm registry
@@ -180,13 +202,11 @@ $(CRANE):
 	GOBIN=$(dir $@) $(GO) install github.com/google/go-containerregistry/cmd/crane@$(CRANE_VERSION)
 
 # The tag, Chart.yaml, the generated manifests and CHANGELOG.md agree.
-release-check: $(TOOLS)/helm
+release-check: $(TOOLS)/helm manifests-check workflows-check
 	@echo "$(VERSION)" | grep -Eq '^v[0-9]+\.[0-9]+\.[0-9]+(-[0-9A-Za-z.-]+)?$$' || { echo "release: VERSION=$(VERSION) is not a tag vX.Y.Z"; exit 1; }
 	@grep -qx 'version: $(RELEASE)' $(CHART)/Chart.yaml || { echo "release: $(CHART)/Chart.yaml version is not $(RELEASE)"; exit 1; }
 	@grep -qx 'appVersion: "$(RELEASE)"' $(CHART)/Chart.yaml || { echo "release: $(CHART)/Chart.yaml appVersion is not \"$(RELEASE)\""; exit 1; }
 	@grep -Eq '^## $(subst .,\.,$(RELEASE)) \([0-9]{4}-[0-9]{2}-[0-9]{2}\)$$' CHANGELOG.md || { echo "release: CHANGELOG.md has no section \"## $(RELEASE) (YYYY-MM-DD)\""; exit 1; }
-	@tmp=$$(mktemp -d) && deploy/render.sh $(TOOLS)/helm $$tmp && diff -r $$tmp deploy/kustomize >/dev/null; rc=$$?; rm -rf $$tmp; \
-		[ $$rc = 0 ] || { echo "release: deploy/kustomize is stale: make manifests"; exit 1; }
 
 # An SBOM (CycloneDX) of the binary for each platform, from the module
 # graph: no network beyond the module proxy, the same bytes each run.
@@ -201,8 +221,21 @@ sbom: $(CYCLONEDX)
 			-notimestamp -noserial -output bin/ephemeral-secrets-csi-$(RELEASE)-linux-$$arch.cdx.json . || exit 1; \
 	done
 
+# The image's SBOM for each platform (test/image/cmd/imagesbom): the
+# image's manifest digest, every file of its layers with its SHA-256 (the
+# CA bundle, /etc/passwd, /etc/group) and the binary with the Go modules of
+# its own SBOM (make sbom).
+image-sbom: sbom
+	rm -rf bin/image-layout && mkdir -p bin/image-layout && tar -xf $(IMAGE_ARCHIVE) -C bin/image-layout
+	for arch in amd64 arm64; do \
+		$(GO) run ./test/image/cmd/imagesbom --layout bin/image-layout --platform linux/$$arch --name $(IMAGE_REPOSITORY) \
+			--binary /ephemeral-secrets-csi --binary-sbom bin/ephemeral-secrets-csi-$(RELEASE)-linux-$$arch.cdx.json \
+			--out bin/ephemeral-secrets-csi-image-$(RELEASE)-linux-$$arch.cdx.json || exit 1; \
+	done
+
 release-artifacts: release-check sbom
 	$(MAKE) image VERSION=$(VERSION) IMAGE_PLATFORMS=linux/amd64,linux/arm64 IMAGE_ARCHIVE=$(IMAGE_ARCHIVE)
+	$(MAKE) image-sbom VERSION=$(VERSION) IMAGE_ARCHIVE=$(IMAGE_ARCHIVE)
 	$(TOOLS)/helm package $(CHART) --destination bin
 	awk '/^## /{if (p) exit; if ($$2 == "$(RELEASE)") p=1} p' CHANGELOG.md >bin/release-notes.md
 
@@ -211,7 +244,32 @@ release-push: $(CRANE)
 	$(CRANE) push bin/image-layout $(IMAGE_REPOSITORY):$(RELEASE)
 	$(TOOLS)/helm push bin/ephemeral-secrets-csi-$(RELEASE).tgz $(CHART_REPOSITORY)
 
-release: release-artifacts release-push
+# Keyless signatures (cosign, Sigstore's Fulcio and Rekor; in the release
+# workflow the certificate names the workflow at the tag): the image index
+# and each platform's image (--recursive), the chart as pushed, and the
+# chart's archive (a bundle beside it). Each platform's image gets its own
+# SBOM (make image-sbom) as a signed CycloneDX attestation. DIGESTS
+# receives name=value lines (the workflow's $$GITHUB_OUTPUT) for the
+# provenance step.
+COSIGN    ?= cosign
+CHART_REF  = $(CHART_REPOSITORY:oci://%=%)/ephemeral-secrets-csi
+DIGESTS   ?= bin/digests.txt
+release-sign: $(CRANE)
+	@command -v $(COSIGN) >/dev/null || { echo "release-sign: cosign not found (COSIGN=$(COSIGN))"; exit 1; }
+	set -e; \
+	image=$$($(CRANE) digest $(IMAGE_REPOSITORY):$(RELEASE)); \
+	chart=$$($(CRANE) digest $(CHART_REF):$(RELEASE)); \
+	$(COSIGN) sign --yes --recursive $(IMAGE_REPOSITORY)@$$image; \
+	for arch in amd64 arm64; do \
+		platform=$$($(CRANE) digest --platform linux/$$arch $(IMAGE_REPOSITORY):$(RELEASE)); \
+		$(COSIGN) attest --yes --type cyclonedx --predicate bin/ephemeral-secrets-csi-image-$(RELEASE)-linux-$$arch.cdx.json \
+			$(IMAGE_REPOSITORY)@$$platform; \
+	done; \
+	$(COSIGN) sign --yes $(CHART_REF)@$$chart; \
+	$(COSIGN) sign-blob --yes --bundle bin/ephemeral-secrets-csi-$(RELEASE).tgz.sigstore.json bin/ephemeral-secrets-csi-$(RELEASE).tgz; \
+	printf 'image=%s\nimage-digest=%s\nchart=%s\nchart-digest=%s\n' $(IMAGE_REPOSITORY) $$image $(CHART_REF) $$chart >>$(DIGESTS)
+
+release: release-artifacts release-push release-sign
 
 # Where the release tools are, for the workflow's registry logins.
 print-crane:

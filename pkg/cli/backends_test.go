@@ -38,7 +38,7 @@ func kubeletWrite(t *testing.T, dir, content string) string {
 
 func scrape(t *testing.T, m *metrics.Metrics) string {
 	t.Helper()
-	srv := httptest.NewServer(m.Handler(func() bool { return true }, nil))
+	srv := httptest.NewServer(m.Handler(metrics.Health{}))
 	defer srv.Close()
 	resp, err := srv.Client().Get(srv.URL + "/metrics")
 	if err != nil {

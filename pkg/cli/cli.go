@@ -14,11 +14,9 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"net"
-	"net/http"
 	"os"
 	"os/signal"
-	"path/filepath"
+	"sync/atomic"
 	"syscall"
 	"text/tabwriter"
 	"time"
@@ -38,7 +36,6 @@ import (
 	"github.com/ephemeral-secrets/csi-driver/pkg/limits"
 	"github.com/ephemeral-secrets/csi-driver/pkg/metrics"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
-	"github.com/ephemeral-secrets/csi-driver/pkg/registration"
 	"github.com/ephemeral-secrets/csi-driver/pkg/render"
 	"github.com/ephemeral-secrets/csi-driver/pkg/spc"
 	"github.com/ephemeral-secrets/csi-driver/pkg/storage"
@@ -85,6 +82,7 @@ func Main(version string, args []string, extra ...Register) int {
 type serveFlags struct {
 	endpoint, nodeID, stateDir, kubeletDir, classes, backends, auditLog string
 	metricsAddr, kubeconfig, registrationDir, registrationPath          string
+	lockFile                                                            string
 	maxVolumeBytes                                                      int64
 	sweep, retryMin, retryMax, backendTimeout, rotationGrace            time.Duration
 	backendReload, reapInterval                                         time.Duration
@@ -123,6 +121,7 @@ func serve(version string, args []string, extra []Register) error {
 	fs.Float64Var(&f.renewFraction, "renew-fraction", 2.0/3, "fraction of a lease's TTL after which it is renewed")
 	fs.StringVar(&f.registrationDir, "registration-dir", "", "kubelet's plugins_registry directory as mounted here: the driver registers itself with kubelet there; empty: no registration (node-driver-registrar's job)")
 	fs.StringVar(&f.registrationPath, "kubelet-registration-path", "", "the CSI socket's path on the host, as kubelet dials it (default <kubelet-dir>/plugins/"+driver.Name+"/csi.sock)")
+	fs.StringVar(&f.lockFile, "lock-file", "", "the node lock: one driver per node serves the socket, the registration and the state; another waits for it (default: "+driver.LockFileName+" beside the CSI socket)")
 	fs.StringVar(&f.metricsAddr, "metrics-address", ":9810", "where /metrics, /healthz and /readyz are served; empty: nowhere")
 	fs.BoolVar(&f.tokensInSecrets, "tokens-in-secrets", true, "kubelet passes service-account tokens in the request's secrets "+
 		"(the CSIDriver's serviceAccountTokenInSecrets); false: in the volume context. Tokens anywhere else are refused")
@@ -155,12 +154,24 @@ func serve(version string, args []string, extra []Register) error {
 		return err
 	}
 	defer closeAudit()
+	var mgr *lease.Manager
+	var running atomic.Pointer[lease.Manager] // mgr, once the node lock is held
+	m := metrics.New(func() metrics.State {
+		if mg := running.Load(); mg != nil {
+			return mg.State()
+		}
+		return metrics.State{}
+	})
+	node, err := holdNode(ctx, &f, m)
+	if node == nil {
+		return err // nil: stopped while it waited
+	}
+	defer node.Release() // last: the next instance goes on once this one let go of everything
+	reg := node.reg
 	store, err := storage.Open(f.stateDir, storage.Options{MaxVolumeBytes: f.maxVolumeBytes})
 	if err != nil {
 		return err
 	}
-	var mgr *lease.Manager
-	m := metrics.New(func() metrics.State { return mgr.State() })
 	auditLog := audit.New(auditOut)
 	// Replaced providers are closed once no call with them can be left:
 	// each is bounded by the backend timeout (twice it, for a call that
@@ -233,6 +244,7 @@ func serve(version string, args []string, extra []Register) error {
 		Records: records, RevocationWorkers: f.revocationWorkers,
 	})
 	sockets.Leases = mgr
+	running.Store(mgr)
 	defer sockets.Shutdown()
 	defer mgr.Close()
 	l, err := driver.Listen(f.endpoint)
@@ -247,13 +259,7 @@ func serve(version string, args []string, extra []Register) error {
 	}
 	d := driver.New(driver.Options{NodeID: f.nodeID, Version: version, Leases: mgr, Targets: targets, Metrics: m, Events: sink, Tokens: tokens,
 		Admission: limits.New(mgr, lo)})
-	var healthy func() error
-	if f.registrationDir != "" {
-		if f.registrationPath == "" {
-			f.registrationPath = filepath.Join(f.kubeletDir, "plugins", driver.Name, "csi.sock")
-		}
-		reg := registration.New(registration.Options{DriverName: driver.Name, Dir: f.registrationDir, Endpoint: f.registrationPath})
-		healthy = reg.Healthy
+	if reg != nil {
 		regDone := make(chan struct{})
 		defer func() { stop(); <-regDone }() // the socket goes before the process: kubelet deregisters the driver
 		go func() {
@@ -263,16 +269,6 @@ func serve(version string, args []string, extra []Register) error {
 				stop()
 			}
 		}()
-	}
-	if f.metricsAddr != "" {
-		ml, err := net.Listen("tcp", f.metricsAddr)
-		if err != nil {
-			return fmt.Errorf("metrics address: %w", err)
-		}
-		srv := &http.Server{Handler: m.Handler(mgr.Ready, healthy), ReadHeaderTimeout: 10 * time.Second}
-		go func() { _ = srv.Serve(ml) }()
-		defer srv.Close()
-		klog.InfoS("Serving metrics and health", "address", ml.Addr().String())
 	}
 	// Serve at once (Probe says not ready) and recover meanwhile.
 	errc := make(chan error, 1)

@@ -84,14 +84,13 @@ func New(opts Options) *Driver {
 
 // Listen opens the endpoint ("unix:///path" or "unix:/path"), removing a
 // stale socket left by a previous run.
+//
+// Only the holder of the node lock (AcquireNodeLock) may call it: the
+// socket it removes may be another live instance's.
 func Listen(endpoint string) (net.Listener, error) {
-	u, err := url.Parse(endpoint)
-	if err != nil || u.Scheme != "unix" {
-		return nil, fmt.Errorf("endpoint %q: only unix:///path is supported", endpoint)
-	}
-	path := u.Path
-	if path == "" {
-		path = u.Opaque
+	path, err := socketPath(endpoint)
+	if err != nil {
+		return nil, err
 	}
 	if err := os.MkdirAll(filepath.Dir(path), 0o750); err != nil {
 		return nil, err
@@ -100,6 +99,21 @@ func Listen(endpoint string) (net.Listener, error) {
 		return nil, fmt.Errorf("removing stale socket: %w", err)
 	}
 	return net.Listen("unix", path)
+}
+
+// socketPath is the file of a unix endpoint.
+func socketPath(endpoint string) (string, error) {
+	u, err := url.Parse(endpoint)
+	if err != nil || u.Scheme != "unix" {
+		return "", fmt.Errorf("endpoint %q: only unix:///path is supported", endpoint)
+	}
+	if u.Path != "" {
+		return u.Path, nil
+	}
+	if u.Opaque != "" {
+		return u.Opaque, nil
+	}
+	return "", fmt.Errorf("endpoint %q: no path", endpoint)
 }
 
 // Serve serves d on l until ctx is cancelled.

@@ -161,7 +161,7 @@ func (f *socketFixture) do(t *testing.T, method, target string) int {
 func (f *socketFixture) counted(t *testing.T) (map[string]int, int) {
 	t.Helper()
 	rec := httptest.NewRecorder()
-	f.metric.Handler(func() bool { return true }, nil).ServeHTTP(rec, httptest.NewRequest(http.MethodGet, "/metrics", nil))
+	f.metric.Handler(metrics.Health{}).ServeHTTP(rec, httptest.NewRequest(http.MethodGet, "/metrics", nil))
 	const name = "ephemeral_secrets_lease_api_requests_total"
 	by, sum := map[string]int{}, 0
 	for line := range strings.Lines(rec.Body.String()) {

@@ -10,7 +10,6 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
-	"github.com/prometheus/client_golang/prometheus/promhttp"
 )
 
 const namespace = "ephemeral_secrets"
@@ -61,6 +60,7 @@ type Metrics struct {
 	configErrors prometheus.Counter
 	reaper       *reaper
 	leaseAPI     *prometheus.CounterVec
+	lockHeld     prometheus.Gauge // health.go
 }
 
 // New returns Metrics whose gauges are read from state at each scrape.
@@ -107,6 +107,7 @@ func New(state func() State) *Metrics {
 	}, []string{"namespace", "endpoint", "code"})
 	m.reg.MustRegister(m.leaseAPI)
 	m.reaper = newReaper(m.reg)
+	m.registerHealth()
 	m.reg.MustRegister(m.rpc, m.leaseOps, m.authFailures, m.kubeRequests, m.firstSeen, m.refusals, m.configGen, m.configErrors,
 		&stateCollector{state: state},
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
@@ -200,31 +201,6 @@ func (m *Metrics) CountRequests(rt http.RoundTripper) http.RoundTripper {
 type roundTripper func(*http.Request) (*http.Response, error)
 
 func (f roundTripper) RoundTrip(r *http.Request) (*http.Response, error) { return f(r) }
-
-// Handler serves /metrics, /healthz (the process answers and healthy()
-// finds nothing wrong; nil healthy: always) and /readyz (ready() is true:
-// recovery after start-up has finished).
-func (m *Metrics) Handler(ready func() bool, healthy func() error) http.Handler {
-	mux := http.NewServeMux()
-	mux.Handle("/metrics", promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{}))
-	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) {
-		if healthy != nil {
-			if err := healthy(); err != nil {
-				http.Error(w, err.Error(), http.StatusServiceUnavailable)
-				return
-			}
-		}
-		_, _ = w.Write([]byte("ok\n"))
-	})
-	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
-		if !ready() {
-			http.Error(w, "recovering state after start-up", http.StatusServiceUnavailable)
-			return
-		}
-		_, _ = w.Write([]byte("ok\n"))
-	})
-	return mux
-}
 
 var (
 	liveDesc    = prometheus.NewDesc(namespace+"_live_leases", "Leases alive on the node, by provider.", []string{"provider"}, nil)

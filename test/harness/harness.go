@@ -230,6 +230,16 @@ type Driver struct {
 
 // Start starts the driver and waits until its Probe says ready.
 func (d *Driver) Start(ctx context.Context) error {
+	if err := d.Launch(); err != nil {
+		return err
+	}
+	return d.waitProbe(ctx)
+}
+
+// Launch starts the driver process and returns at once: a second instance
+// on the same environment waits for the node lock, so its socket's Probe
+// would be the first instance's.
+func (d *Driver) Launch() error {
 	if d.LogFile == "" {
 		d.LogFile = LogPath("driver")
 	}
@@ -257,7 +267,15 @@ func (d *Driver) Start(ctx context.Context) error {
 	}
 	d.done = make(chan struct{})
 	go func(c *exec.Cmd, done chan struct{}) { _ = c.Wait(); close(done) }(d.cmd, d.done)
+	return nil
+}
 
+// Exited is closed when the driver process has exited.
+func (d *Driver) Exited() <-chan struct{} { return d.done }
+
+// waitProbe waits until the socket's Probe says ready while the process
+// runs.
+func (d *Driver) waitProbe(ctx context.Context) error {
 	k, err := kubelet.Dial(d.Env.Endpoint(), d.Env.KubeletDir)
 	if err != nil {
 		return err

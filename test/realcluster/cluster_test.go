@@ -39,6 +39,7 @@ func TestRealCluster(t *testing.T) {
 		{"Refusals", testRefusals},
 		{"RotationAndRepublish", testRotationAndRepublish},
 		{"DriverRestart", testDriverRestart},
+		{"SurgeRollout", testSurgeRollout},
 		{"DriverReach", testDriverReach},
 		{"AdminCredentialOnlyInTheIssuer", testAdminCredentialOnlyInTheIssuer},
 		{"InventoryAndKillSwitch", testInventoryAndKillSwitch},
