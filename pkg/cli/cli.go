@@ -217,7 +217,7 @@ func serve(version string, args []string, extra []Register) error {
 	sockets := leaseapi.New(f.leaseAPI)
 	mgr = lease.New(lease.Options{
 		Metrics: m,
-		Store:   store, Providers: providers.reg, Classes: classes, Audit: auditLog,
+		Store:   lease.NewStore(store), Providers: providers.reg, Classes: classes, Audit: auditLog,
 		VerifyTarget:  targets.CheckNoSymlinks,
 		RenewFraction: f.renewFraction, RetryMin: f.retryMin, RetryMax: f.retryMax, RotationGrace: f.rotationGrace,
 		BackendTimeout: f.backendTimeout, SweepInterval: f.sweep,
@@ -323,7 +323,7 @@ func leases(args []string, out io.Writer) error {
 	if err != nil {
 		return err
 	}
-	inv, err := lease.ReadInventory(store)
+	inv, err := lease.ReadInventory(lease.NewStateRecords(store))
 	if err != nil {
 		return err
 	}

@@ -7,7 +7,6 @@ import (
 	"time"
 
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
-	"github.com/ephemeral-secrets/csi-driver/pkg/storage"
 )
 
 func TestNewLeaseID(t *testing.T) {
@@ -73,7 +72,7 @@ func TestRenewalPointIsOnTheLeasesTimeline(t *testing.T) {
 		"overdue":                {now.Add(-8 * time.Second), now.Add(time.Second), 9 * time.Second, now},
 		"grant time unknown":     {time.Time{}, now.Add(9 * time.Second), 0, now.Add(6 * time.Second)},
 	} {
-		v := &volume{meta: storage.Metadata{VolumeID: name, GrantTTL: tc.grantTTL},
+		v := &volume{meta: Metadata{VolumeID: name, GrantTTL: tc.grantTTL},
 			lease: provider.Lease{ExpiresAt: tc.expires}, granted: tc.granted}
 		m.mu.Lock()
 		m.vols[name] = v
@@ -125,7 +124,7 @@ func TestRenewalLeavesTheRotationGrace(t *testing.T) {
 		"12s: 5s left": {12 * time.Second, 7 * time.Second},
 		"1m: a third":  {time.Minute, 40 * time.Second},
 	} {
-		v := &volume{meta: storage.Metadata{VolumeID: name, GrantTTL: tc.ttl},
+		v := &volume{meta: Metadata{VolumeID: name, GrantTTL: tc.ttl},
 			lease: provider.Lease{ExpiresAt: now.Add(tc.ttl)}, granted: now}
 		m.mu.Lock()
 		m.vols[name] = v
