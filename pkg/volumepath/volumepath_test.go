@@ -6,7 +6,7 @@ import (
 	"testing"
 )
 
-func TestCheck(t *testing.T) {
+func TestValidatePath(t *testing.T) {
 	for _, tc := range []struct {
 		path string
 		ok   bool
@@ -35,9 +35,9 @@ func TestCheck(t *testing.T) {
 	}
 }
 
-// FuzzCheck: whatever it accepts stays inside the directory it is
+// FuzzValidatePath: whatever it accepts stays inside the directory it is
 // joined to, and is not one of the atomic writer's own names.
-func FuzzCheck(f *testing.F) {
+func FuzzValidatePath(f *testing.F) {
 	for _, s := range []string{"username", "a/b", "../x", "/abs", "a/../../b", "..data", "a/./b", "x/..", "\x00"} {
 		f.Add(s)
 	}
