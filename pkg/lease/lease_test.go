@@ -6,6 +6,8 @@ import (
 	"testing"
 	"time"
 
+	clocktesting "k8s.io/utils/clock/testing"
+
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
 )
 
@@ -58,9 +60,12 @@ func TestParseGID(t *testing.T) {
 // after the grant began, whenever it is computed (a restart included), and
 // a grant a max TTL shortened keeps the margin a full grant leaves.
 func TestRenewalPointIsOnTheLeasesTimeline(t *testing.T) {
-	m := New(Options{Jitter: 0, RotationGrace: -1})
+	// A fake clock: the overdue case's timer (due at once) must not fire
+	// and re-arm itself before the test reads where it was set.
+	clk := clocktesting.NewFakeClock(time.Now())
+	m := New(Options{Jitter: 0, RotationGrace: -1, Clock: clk})
 	defer m.Close()
-	now := time.Now()
+	now := clk.Now()
 	for name, tc := range map[string]struct {
 		granted, expires time.Time
 		grantTTL         time.Duration
