@@ -1,5 +1,7 @@
 #!/bin/sh
-# Renders deploy/kustomize from the Helm chart with its default values:
+# Renders deploy/kustomize from the Helm chart with its default values and
+# the PostgreSQL profile (providers.postgres.enabled: the issuer), without
+# the uninstall hook (a helm hook; kustomize has none):
 # the chart is the one source of the manifests. `make manifests` runs it;
 # test/cluster checks that deploy/kustomize is what it renders.
 #
@@ -16,7 +18,7 @@ tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 
 "$helm" template ephemeral-secrets-csi "$chart" --namespace ephemeral-secrets \
-	--kube-version "$kube_version" --set monitoring.enabled=true --output-dir "$tmp" >/dev/null
+	--kube-version "$kube_version" --set monitoring.enabled=true --set providers.postgres.enabled=true --output-dir "$tmp" >/dev/null
 rendered=$tmp/ephemeral-secrets-csi/templates
 
 # emit SRC DEST: the rendered file, labelled as kustomize's to manage.
@@ -47,7 +49,7 @@ EOK
 # template of the CRD that make generate writes from pkg/apis).
 emit crd-credentials.yaml "$out/base/credentials-crd.yaml"
 echo "  - credentials-crd.yaml" >>"$out/base/kustomization.yaml"
-for f in rbac aggregate-roles csidriver daemonset issuer-rbac issuer inventory; do
+for f in rbac aggregate-roles csidriver daemonset issuer-rbac issuer inventory housekeeper; do
 	emit "$f.yaml" "$out/base/$f.yaml"
 	echo "  - $f.yaml" >>"$out/base/kustomization.yaml"
 done

@@ -16,6 +16,7 @@ import (
 
 	"github.com/ephemeral-secrets/csi-driver/pkg/audit"
 	"github.com/ephemeral-secrets/csi-driver/pkg/issuer"
+	pgengine "github.com/ephemeral-secrets/csi-driver/pkg/issuer/postgres"
 	"github.com/ephemeral-secrets/csi-driver/pkg/metrics"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider/aws"
@@ -35,7 +36,7 @@ import (
 type backendConfig struct {
 	// Postgres configures the postgres provider: the databases roles are
 	// made in, and the roles classes may ask for. Read by the issuer.
-	Postgres *postgres.Config `json:"postgres,omitempty"`
+	Postgres *pgengine.Config `json:"postgres,omitempty"`
 	// Vault configures the vault provider (Vault and OpenBao): the servers
 	// classes may name and how each is trusted. Read by the node plugins.
 	Vault *vault.Config `json:"vault,omitempty"`
@@ -86,7 +87,7 @@ func (b *backends) providers(data []byte) (*provider.Registry, *issuer.Issuer, e
 		// cluster's issuer Deployment is the other transport of the same
 		// code): the node side mints through iss.Local().
 		if iss, err = issuer.New(issuer.Options{Config: *cfg.Postgres, ReapInterval: b.reap, Audit: b.audit,
-			OnReap: func(r issuer.ReapReport, _ error) { b.metrics.Reaped(r.Expired, r.Untracked, r.Failed+r.Unlisted) }}); err != nil {
+			OnReap: countReaps(b.metrics)}); err != nil {
 			return fail(err)
 		}
 		if err := reg.Register(postgres.Name, postgres.NewNode(iss.Local())); err != nil {

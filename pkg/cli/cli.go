@@ -1,7 +1,9 @@
 // Package cli is the ephemeral-secrets-csi command line: "serve" runs the
 // node plugin (CSI Identity and Node services), "issuer" the cluster
-// issuer, "leases" lists the node's live credentials, "check-config"
-// checks a backend file as the driver or the issuer would load it. The binary's main only calls Main; a build with extra
+// issuer, "housekeeper" the inventory's always-on controller, "uninstall"
+// helm's pre-delete hook, "leases" lists the node's live credentials,
+// "check-config" checks a backend file as the driver or the issuer would
+// load it. The binary's main only calls Main; a build with extra
 // providers (the benchmark's) passes them in.
 package cli
 
@@ -53,7 +55,8 @@ func Main(version string, args []string, extra ...Register) int {
 		return checkConfig(args[1:], os.Stdout, os.Stderr)
 	}
 	cmd := "serve"
-	if len(args) > 0 && (args[0] == "serve" || args[0] == "leases" || args[0] == "issuer" || args[0] == "version") {
+	if len(args) > 0 && (args[0] == "serve" || args[0] == "leases" || args[0] == "issuer" || args[0] == "housekeeper" ||
+		args[0] == "uninstall" || args[0] == "version") {
 		cmd, args = args[0], args[1:]
 	}
 	var err error
@@ -64,6 +67,10 @@ func Main(version string, args []string, extra ...Register) int {
 		err = leases(args, os.Stdout)
 	case "issuer":
 		err = issuerCmd(version, args)
+	case "housekeeper":
+		err = housekeeperCmd(version, args)
+	case "uninstall":
+		err = uninstallCmd(version, args)
 	case "version":
 		fmt.Println(version)
 	}
@@ -276,7 +283,7 @@ func serve(version string, args []string, extra []Register) error {
 	}
 	go mgr.Run(ctx)
 	if apiConfig != nil && f.watchInventory {
-		if err := watchInventory(ctx, apiConfig, f.nodeID, mgr, sink); err != nil {
+		if err := watchInventory(ctx, apiConfig, f.nodeID, mgr, store, sink); err != nil {
 			return fmt.Errorf("watching the node's credential records: %w", err)
 		}
 	}

@@ -13,9 +13,7 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/prometheus/client_golang/prometheus"
-	"github.com/prometheus/client_golang/prometheus/collectors"
-	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"golang.org/x/time/rate"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 	corev1client "k8s.io/client-go/kubernetes/typed/core/v1"
@@ -24,12 +22,15 @@ import (
 	"k8s.io/client-go/tools/clientcmd"
 	"k8s.io/client-go/tools/leaderelection"
 	"k8s.io/client-go/tools/leaderelection/resourcelock"
+	"k8s.io/client-go/util/workqueue"
 	"k8s.io/klog/v2"
 
 	"github.com/ephemeral-secrets/csi-driver/pkg/audit"
 	"github.com/ephemeral-secrets/csi-driver/pkg/inventory"
 	"github.com/ephemeral-secrets/csi-driver/pkg/issuer"
+	pgengine "github.com/ephemeral-secrets/csi-driver/pkg/issuer/postgres"
 	"github.com/ephemeral-secrets/csi-driver/pkg/issuer/remote"
+	"github.com/ephemeral-secrets/csi-driver/pkg/metrics"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider/postgres"
 )
@@ -39,7 +40,7 @@ type issuerFlags struct {
 	tlsSecret, caConfigMap, service, clusterDomain, dnsNames        string
 	audience, driverNamespace, driverServiceAccount, leaseName, id  string
 	reap, requestTimeout, reviewCache, leaseDuration, renewDeadline time.Duration
-	retryPeriod, certValidity                                       time.Duration
+	retryPeriod, certValidity, retryMax                             time.Duration
 	qps                                                             float64
 	burst                                                           int
 }
@@ -72,6 +73,7 @@ func issuerCmd(version string, args []string) error {
 	fs.DurationVar(&f.reviewCache, "token-review-cache", 10*time.Second, "how long a TokenReview's answer is reused")
 	fs.DurationVar(&f.reap, "reap-interval", issuer.DefaultReapInterval, "how often the leader drops expired and unrecorded roles")
 	fs.DurationVar(&f.requestTimeout, "request-timeout", 30*time.Second, "bound on one request's work")
+	fs.DurationVar(&f.retryMax, "retry-max", time.Minute, "longest wait between two attempts of a failed revocation of a deleted Credential's credential (the leader's inventory controller)")
 	fs.StringVar(&f.leaseName, "leader-election-lease", "ephemeral-secrets-csi-issuer", "coordination.k8s.io Lease the replicas elect a leader with")
 	fs.StringVar(&f.id, "leader-election-identity", host, "this replica's identity in the Lease")
 	fs.DurationVar(&f.leaseDuration, "leader-election-lease-duration", 15*time.Second, "how long a leader's Lease holds without renewal")
@@ -117,13 +119,14 @@ func issuerCmd(version string, args []string) error {
 	}
 	defer closeAudit()
 
-	plugins, err := issuerPlugins(ctx, rc, cs.CoreV1())
+	plugins, err := issuerPlugins(ctx, rc, cs.CoreV1(), f.retryMax)
 	if err != nil {
 		return err
 	}
+	m := metrics.NewIssuer(metrics.IssuerOptions{Revoking: plugins.Revoking})
 	iss, err := issuer.New(issuer.Options{
 		Config: cfg, PodCheck: issuer.APIPodCheck(cs.CoreV1()), Inventory: plugins.Inventory,
-		ReapInterval: f.reap, Audit: audit.New(auditOut),
+		ReapInterval: f.reap, Audit: audit.New(auditOut), OnReap: countReaps(m),
 	})
 	if err != nil {
 		return err
@@ -150,8 +153,7 @@ func issuerCmd(version string, args []string) error {
 	if err != nil {
 		return err
 	}
-	m := newIssuerMetrics()
-	srv := remote.NewServer(remote.ServerOptions{Authority: iss, Authenticator: reviewer, Timeout: f.requestTimeout, Observe: m.observe})
+	srv := remote.NewServer(remote.ServerOptions{Authority: iss, Authenticator: reviewer, Timeout: f.requestTimeout, Observe: m.Request})
 	l, err := net.Listen("tcp", f.listen)
 	if err != nil {
 		return fmt.Errorf("listen address: %w", err)
@@ -162,17 +164,17 @@ func issuerCmd(version string, args []string) error {
 		if err != nil {
 			return fmt.Errorf("metrics address: %w", err)
 		}
-		hs := &http.Server{Handler: m.handler(certs.Ready), ReadHeaderTimeout: 10 * time.Second}
+		hs := &http.Server{Handler: m.Handler(certs.Ready), ReadHeaderTimeout: 10 * time.Second}
 		go func() { _ = hs.Serve(ml) }()
 		defer hs.Close()
 	}
 	elected := make(chan struct{})
 	go func() {
 		defer close(elected)
-		lead(ctx, cs, f, m, func(lctx context.Context) {
+		lead(ctx, cs, f, m.Leading, func(lctx context.Context) {
 			if plugins.RunController != nil {
 				go func() {
-					if err := plugins.RunController(lctx, iss); err != nil && lctx.Err() == nil {
+					if err := plugins.RunController(lctx, iss, m.InventoryRevocation); err != nil && lctx.Err() == nil {
 						klog.ErrorS(err, "Inventory controller stopped")
 					}
 				}()
@@ -188,20 +190,20 @@ func issuerCmd(version string, args []string) error {
 
 // readIssuerConfig reads the postgres section of the backend file; its
 // errors never quote the file (admin credentials).
-func readIssuerConfig(path string) (postgres.Config, error) {
+func readIssuerConfig(path string) (pgengine.Config, error) {
 	if path == "" {
-		return postgres.Config{}, errors.New("--backend-config is required: the issuer holds the postgres admin configuration")
+		return pgengine.Config{}, errors.New("--backend-config is required: the issuer holds the postgres admin configuration")
 	}
 	data, err := os.ReadFile(path)
 	if err != nil {
-		return postgres.Config{}, fmt.Errorf("backend config: %w", err)
+		return pgengine.Config{}, fmt.Errorf("backend config: %w", err)
 	}
 	cfg, err := decodeBackends(path, data)
 	if err != nil {
-		return postgres.Config{}, err
+		return pgengine.Config{}, err
 	}
 	if cfg.Postgres == nil {
-		return postgres.Config{}, fmt.Errorf("backend config %s: no postgres section", path)
+		return pgengine.Config{}, fmt.Errorf("backend config %s: no postgres section", path)
 	}
 	return *cfg.Postgres, nil
 }
@@ -211,15 +213,19 @@ type plugins struct {
 	// Inventory records every credential (every replica writes).
 	Inventory issuer.Inventory
 	// RunController runs the inventory's controller on the leader until
-	// ctx is done (the leader's term).
-	RunController func(ctx context.Context, iss *issuer.Issuer) error
+	// ctx is done (the leader's term); each revocation's outcome is told
+	// to revoked.
+	RunController func(ctx context.Context, iss *issuer.Issuer, revoked func(error)) error
+	// Revoking is the backlog of records being revoked (metrics).
+	Revoking func() metrics.Revoking
 }
 
 // issuerPlugins wires the inventory: one informer of every Credential,
 // run on every replica (the Recorder reads its records from it), and the
 // Controller, run by the leader, that revokes through the issuer the
-// credential of a record being deleted (the Pod gone, the kill switch).
-func issuerPlugins(ctx context.Context, rc *rest.Config, pods corev1client.PodsGetter) (plugins, error) {
+// credential of a record being deleted (the Pod gone, the kill switch),
+// retrying a failure after at most retryMax.
+func issuerPlugins(ctx context.Context, rc *rest.Config, pods corev1client.PodsGetter, retryMax time.Duration) (plugins, error) {
 	c, err := inventory.NewClient(rc)
 	if err != nil {
 		return plugins{}, err
@@ -233,21 +239,31 @@ func issuerPlugins(ctx context.Context, rc *rest.Config, pods corev1client.PodsG
 	}
 	return plugins{
 		Inventory: inventory.NewRecorder(c, inf),
-		RunController: func(ctx context.Context, iss *issuer.Issuer) error {
+		RunController: func(ctx context.Context, iss *issuer.Issuer, revoked func(error)) error {
 			revoke := func(ctx context.Context, e issuer.Entry) error {
 				conn, role, _ := strings.Cut(e.Role, "/")
-				return iss.Drop(ctx, issuer.Caller{}, postgres.DropRequest{LeaseID: e.LeaseID, Name: e.Name,
+				err := iss.Drop(ctx, issuer.Caller{}, postgres.DropRequest{LeaseID: e.LeaseID, Name: e.Name,
 					Params: map[string]string{postgres.ConnectionParam: conn, postgres.RoleParam: role}})
+				revoked(err)
+				return err
 			}
-			return inventory.NewController(c, inf, pods, revoke, inventory.ControllerOptions{}).Run(ctx, 2)
+			// Its own records only: the housekeeper (always on) does the rest.
+			// client-go's controller default, with the per-record backoff
+			// capped at retryMax instead of 1000 s: the alert on a record
+			// stuck in Revoking counts on a retry at least that often.
+			rl := workqueue.NewTypedMaxOfRateLimiter(
+				workqueue.NewTypedItemExponentialFailureRateLimiter[string](5*time.Millisecond, retryMax),
+				&workqueue.TypedBucketRateLimiter[string]{Limiter: rate.NewLimiter(rate.Limit(10), 100)})
+			return inventory.NewController(c, inf, pods, revoke, inventory.ControllerOptions{RateLimiter: rl, RevokeOnly: true}).Run(ctx, 2)
 		},
+		Revoking: func() metrics.Revoking { return inventory.Revoking(inf.GetStore(), time.Now()) },
 	}, nil
 }
 
 // lead takes part in the election until ctx is done, and runs work
 // while it leads (ctx of work ends when leadership does). A replica that
 // loses the Lease stands again.
-func lead(ctx context.Context, cs kubernetes.Interface, f issuerFlags, m *issuerMetrics, work func(context.Context)) {
+func lead(ctx context.Context, cs kubernetes.Interface, f issuerFlags, leading func(bool), work func(context.Context)) {
 	lock := &resourcelock.LeaseLock{
 		LeaseMeta:  metav1.ObjectMeta{Namespace: f.namespace, Name: f.leaseName},
 		Client:     cs.CoordinationV1(),
@@ -260,11 +276,11 @@ func lead(ctx context.Context, cs kubernetes.Interface, f issuerFlags, m *issuer
 			Callbacks: leaderelection.LeaderCallbacks{
 				OnStartedLeading: func(lctx context.Context) {
 					klog.InfoS("Leading: reaping and running the inventory controller", "identity", f.id)
-					m.leader.Set(1)
+					leading(true)
 					work(lctx)
 				},
 				OnStoppedLeading: func() {
-					m.leader.Set(0)
+					leading(false)
 					klog.InfoS("Not leading", "identity", f.id)
 				},
 				OnNewLeader: func(id string) { klog.V(2).InfoS("Leader", "identity", id) },
@@ -278,46 +294,15 @@ func lead(ctx context.Context, cs kubernetes.Interface, f issuerFlags, m *issuer
 	}
 }
 
-// issuerMetrics are the issuer's own Prometheus metrics.
-type issuerMetrics struct {
-	reg      *prometheus.Registry
-	requests *prometheus.CounterVec
-	duration *prometheus.HistogramVec
-	leader   prometheus.Gauge
+// reapCounter counts the reaper's passes (metrics.Metrics for the
+// driver's in-process issuer, metrics.Issuer for the cluster issuer).
+type reapCounter interface {
+	Reaped(expired, untracked, failures int)
 }
 
-func newIssuerMetrics() *issuerMetrics {
-	const ns = "ephemeral_secrets"
-	m := &issuerMetrics{
-		reg: prometheus.NewRegistry(),
-		requests: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "issuer_requests_total",
-			Help: "Node plugins' requests to the issuer, by verb and answer code."}, []string{"verb", "code"}),
-		duration: prometheus.NewHistogramVec(prometheus.HistogramOpts{Namespace: ns, Name: "issuer_request_duration_seconds",
-			Help: "Time the issuer took to answer, by verb.", Buckets: prometheus.ExponentialBuckets(0.001, 2, 15)}, []string{"verb"}),
-		leader: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: ns, Name: "issuer_leader",
-			Help: "1 while this replica leads (reaps and runs the inventory controller)."}),
-	}
-	m.reg.MustRegister(m.requests, m.duration, m.leader, collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	return m
-}
-
-func (m *issuerMetrics) observe(verb, code string, d time.Duration) {
-	m.requests.WithLabelValues(verb, code).Inc()
-	m.duration.WithLabelValues(verb).Observe(d.Seconds())
-}
-
-func (m *issuerMetrics) handler(ready func() bool) http.Handler {
-	mux := http.NewServeMux()
-	mux.Handle("/metrics", promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{}))
-	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok\n")) })
-	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
-		if !ready() {
-			http.Error(w, "no serving certificate yet", http.StatusServiceUnavailable)
-			return
-		}
-		_, _ = w.Write([]byte("ok\n"))
-	})
-	return mux
+// countReaps is the reaper's OnReap that counts each pass in m.
+func countReaps(m reapCounter) func(issuer.ReapReport, error) {
+	return func(r issuer.ReapReport, _ error) { m.Reaped(r.Expired, r.Untracked, r.Failed+r.Unlisted) }
 }
 
 // issuerClientFlags are the node plugin's flags for a cluster issuer.

@@ -11,6 +11,7 @@ import (
 	"github.com/ephemeral-secrets/csi-driver/pkg/events"
 	"github.com/ephemeral-secrets/csi-driver/pkg/inventory"
 	"github.com/ephemeral-secrets/csi-driver/pkg/lease"
+	"github.com/ephemeral-secrets/csi-driver/pkg/storage"
 )
 
 // ReasonCredentialWithdrawn is the reason of the pod's Warning event when
@@ -24,7 +25,12 @@ const ReasonCredentialWithdrawn = "CredentialWithdrawn"
 // volume: its files go at once, its leases are revoked, and it is never
 // issued again while its pod lives. The pod gets a Warning event saying
 // why.
-func watchInventory(ctx context.Context, cfg *rest.Config, node string, mgr *lease.Manager, sink events.Sink) error {
+//
+// A record being deleted loses the node's finalizer as soon as the node
+// no longer holds its lease (read from the state directory, store): an
+// unrevocable one (STS) does not hold its namespace's deletion until it
+// expires.
+func watchInventory(ctx context.Context, cfg *rest.Config, node string, mgr *lease.Manager, store storage.MetadataReader, sink events.Sink) error {
 	c, err := inventory.NewClient(cfg)
 	if err != nil {
 		return err
@@ -51,10 +57,31 @@ func watchInventory(ctx context.Context, cfg *rest.Config, node string, mgr *lea
 		}
 		return nil
 	}, 10*time.Minute)
+	w.ReleaseWhenDone(func(leaseID string) (bool, error) { return holdsLease(store, leaseID) })
 	go func() {
 		if err := w.Run(ctx); err != nil {
 			klog.ErrorS(err, "Credential record watcher stopped")
 		}
 	}()
 	return nil
+}
+
+// holdsLease tells whether the node still holds leaseID: a live lease of
+// a volume (or of one of its tasks), or a revocation not yet confirmed.
+func holdsLease(store storage.MetadataReader, leaseID string) (bool, error) {
+	inv, err := lease.ReadInventory(store)
+	if err != nil {
+		return false, err
+	}
+	for _, l := range inv.Live {
+		if l.LeaseID == leaseID {
+			return true, nil
+		}
+	}
+	for _, p := range inv.Pending {
+		if p.LeaseID == leaseID {
+			return true, nil
+		}
+	}
+	return false, nil
 }

@@ -37,7 +37,11 @@ type RevokeFunc func(ctx context.Context, e issuer.Entry) error
 //     whose node never released it goes once the credential has expired,
 //     since the backend has then ended it.
 //
-// Run it on the elected leader only.
+// The issuer runs it with a RevokeFunc, on its elected leader only
+// (ControllerOptions.RevokeOnly: its records alone). The housekeeper runs
+// it without one (NewHousekeeper), whatever the profile: every record
+// but the revocation, and the hand-over of a record being deleted whose
+// holder is gone (ControllerOptions.Holders).
 type Controller struct {
 	client  *Client
 	inf     cache.SharedIndexInformer
@@ -63,6 +67,18 @@ type ControllerOptions struct {
 	// that the record of a pod gone is deleted even when the garbage
 	// collector missed it (default 5 min).
 	PodCheckInterval time.Duration
+	// RevokeOnly limits the Controller to the records the issuer holds
+	// (the issuer's, beside a housekeeper that does the rest).
+	RevokeOnly bool
+	// Holders, when set, tells whether a record's holder is there: a
+	// record being deleted whose holder has been gone for HandoverAfter
+	// (counted from the deletion) is let go; its credential ends at its
+	// expiry (a PostgreSQL role is also dropped by the issuer when it is
+	// back: no record holds it).
+	Holders Holders
+	// HandoverAfter is how long a record being deleted waits for a holder
+	// seen gone (default 1 min).
+	HandoverAfter time.Duration
 }
 
 // NewController reconciles the records of informer (NewInformer with all
@@ -74,6 +90,9 @@ func NewController(c *Client, informer cache.SharedIndexInformer, pods corev1cli
 	}
 	if opts.PodCheckInterval == 0 {
 		opts.PodCheckInterval = 5 * time.Minute
+	}
+	if opts.HandoverAfter == 0 {
+		opts.HandoverAfter = time.Minute
 	}
 	return &Controller{
 		client: c, inf: informer, pods: pods, revoke: revoke, opts: opts, nowFunc: time.Now,
@@ -156,12 +175,17 @@ func (c *Controller) reconcile(ctx context.Context, key string) error {
 		return err
 	}
 	cred := obj.(*v1alpha1.Credential)
+	deleting := cred.DeletionTimestamp != nil
 	switch {
-	case cred.DeletionTimestamp != nil && slices.Contains(cred.Finalizers, v1alpha1.FinalizerRevoke):
+	case deleting && slices.Contains(cred.Finalizers, v1alpha1.FinalizerRevoke) && c.revoke != nil:
 		return c.revokeRecord(ctx, cred.Namespace, cred.Name)
-	case cred.DeletionTimestamp != nil && slices.Contains(cred.Finalizers, v1alpha1.FinalizerNodeRevoke):
+	case deleting && slices.Contains(cred.Finalizers, v1alpha1.FinalizerRevoke):
+		return c.handOverIssuerRecord(ctx, key, cred)
+	case c.opts.RevokeOnly:
+		return nil
+	case deleting && slices.Contains(cred.Finalizers, v1alpha1.FinalizerNodeRevoke):
 		return c.expireNodeRecord(ctx, key, cred)
-	case cred.DeletionTimestamp == nil:
+	case !deleting:
 		return c.checkPod(ctx, cred)
 	}
 	return nil
@@ -211,19 +235,82 @@ func (c *Controller) revokeRecord(ctx context.Context, namespace, name string) e
 // expireNodeRecord lets a node-revoked record being deleted go once its
 // credential has expired: its node did not release it (it is down, or
 // gone), and the backend has ended the credential.
+// With Holders, it goes sooner when the node plugin of its node is gone
+// (HandoverAfter after its deletion): nobody is left to revoke it.
 func (c *Controller) expireNodeRecord(ctx context.Context, key string, cred *v1alpha1.Credential) error {
-	if cred.Status.ExpiresAt == nil {
-		return nil // nothing tells when the backend ends it: the node must
+	wait := time.Duration(-1) // no expiry known: only the node, or a hand-over, lets it go
+	if cred.Status.ExpiresAt != nil {
+		wait = cred.Status.ExpiresAt.Add(c.opts.ExpiryGrace).Sub(c.nowFunc())
+		if wait <= 0 {
+			_ = c.setCondition(ctx, cred, v1alpha1.StateRevoked, metav1.ConditionTrue, "Expired",
+				"the node did not revoke the credential; it expired at "+cred.Status.ExpiresAt.UTC().Format(time.RFC3339))
+			return c.node.release(ctx, cred.Namespace, cred.Name)
+		}
 	}
-	wait := cred.Status.ExpiresAt.Add(c.opts.ExpiryGrace).Sub(c.nowFunc())
+	if c.opts.Holders != nil {
+		present, err := c.opts.Holders.NodePluginPresent(ctx, cred.Spec.Node)
+		if err != nil {
+			return fmt.Errorf("is the node plugin of %s there: %w", cred.Spec.Node, err)
+		}
+		if !present {
+			return c.handOver(ctx, key, cred, c.node, "the node plugin of "+cred.Spec.Node+" is gone")
+		}
+		// Looked at again: the node plugin may go meanwhile.
+		wait = c.soonest(wait, c.opts.HandoverAfter)
+	}
 	if wait > 0 {
+		c.queue.AddAfter(key, wait)
+	}
+	return nil
+}
+
+// soonest is the shorter of two waits, a negative one being none.
+func (c *Controller) soonest(a, b time.Duration) time.Duration {
+	if a < 0 || b < a {
+		return b
+	}
+	return a
+}
+
+// handOverIssuerRecord lets an issuer's record being deleted go when the
+// issuer has no leader (it is down, scaled to zero, or uninstalled): the
+// role ends at its VALID UNTIL, and the issuer drops it when it is back
+// (no record holds it), as does the node's queued revocation.
+func (c *Controller) handOverIssuerRecord(ctx context.Context, key string, cred *v1alpha1.Credential) error {
+	if c.opts.Holders == nil {
+		return nil
+	}
+	present, err := c.opts.Holders.IssuerPresent(ctx)
+	if err != nil {
+		return fmt.Errorf("is the issuer there: %w", err)
+	}
+	if present {
+		c.queue.AddAfter(key, c.opts.HandoverAfter)
+		return nil
+	}
+	return c.handOver(ctx, key, cred, c.issuer, "the issuer has no leader")
+}
+
+// handOver lets a record being deleted go once it has waited
+// HandoverAfter since its deletion for a holder that is gone (why).
+func (c *Controller) handOver(ctx context.Context, key string, cred *v1alpha1.Credential, s store, why string) error {
+	if wait := cred.DeletionTimestamp.Add(c.opts.HandoverAfter).Sub(c.nowFunc()); wait > 0 {
 		c.queue.AddAfter(key, wait)
 		return nil
 	}
-	_ = c.setCondition(ctx, cred, v1alpha1.StateRevoked, metav1.ConditionTrue, "Expired",
-		"the node did not revoke the credential; it expired at "+cred.Status.ExpiresAt.UTC().Format(time.RFC3339))
-	return c.node.release(ctx, cred.Namespace, cred.Name)
+	msg := why + ": the record goes without its revocation"
+	if cred.Status.ExpiresAt != nil {
+		msg += "; the backend ends the credential at " + cred.Status.ExpiresAt.UTC().Format(time.RFC3339)
+	}
+	_ = c.setCondition(ctx, cred, "", metav1.ConditionFalse, ReasonHandedOver, msg)
+	klog.InfoS("Handed over a credential record whose holder is gone", "credential", klog.KObj(cred), "leaseID", cred.Spec.LeaseID, "why", why)
+	return s.release(ctx, cred.Namespace, cred.Name)
 }
+
+// ReasonHandedOver is the reason of the Revoked condition of a record let
+// go without a revocation: its holder was gone (the housekeeper), or the
+// driver was being uninstalled (HandOverAll).
+const ReasonHandedOver = "HandedOver"
 
 // checkPod deletes a record whose Pod is gone: its deletion then revokes.
 func (c *Controller) checkPod(ctx context.Context, cred *v1alpha1.Credential) error {

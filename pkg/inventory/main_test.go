@@ -32,9 +32,11 @@ import (
 // but not its identity, and a node-a user with the node plugin's rights,
 // both with the rights of the chart's files/inventory-rbac.yaml only.
 const (
-	issuerUserToken = "esc-inventory-issuer"
-	nodeAToken      = "esc-inventory-node-a"
-	controllerToken = "esc-inventory-kcm"
+	issuerUserToken  = "esc-inventory-issuer"
+	nodeAToken       = "esc-inventory-node-a"
+	controllerToken  = "esc-inventory-kcm"
+	housekeeperToken = "esc-inventory-housekeeper"
+	uninstallToken   = "esc-inventory-uninstall"
 )
 
 var (
@@ -61,6 +63,8 @@ func run(m *testing.M) int {
 		{Token: issuerUserToken, Name: "esc-issuer"},
 		{Token: nodeAToken, Name: "esc-node-a"},
 		{Token: controllerToken, Name: "system:kube-controller-manager"},
+		{Token: housekeeperToken, Name: "esc-housekeeper"},
+		{Token: uninstallToken, Name: "esc-uninstall"},
 	}})
 	if err != nil {
 		return fail(err)
@@ -109,7 +113,7 @@ func run(m *testing.M) int {
 	if issuerInv, err = inventory.NewClient(issuerCfg); err != nil {
 		return fail(err)
 	}
-	for _, token := range []string{issuerUserToken, nodeAToken, controllerToken} {
+	for _, token := range []string{issuerUserToken, nodeAToken, controllerToken, housekeeperToken, uninstallToken} {
 		harness.RememberSecret(token)
 	}
 	return max(m.Run(), harness.ReportLogs())

@@ -170,18 +170,5 @@ func (r *Recorder) find(ctx context.Context, leaseID string) ([]*v1alpha1.Creden
 
 // list pages through the records of every namespace that match selector.
 func (r *Recorder) list(ctx context.Context, selector string, each func(*v1alpha1.Credential)) error {
-	opts := metav1.ListOptions{LabelSelector: selector, Limit: 500}
-	for {
-		l, err := r.client.List(ctx, metav1.NamespaceAll, opts)
-		if err != nil {
-			return fmt.Errorf("inventory: listing credentials: %w", err)
-		}
-		for i := range l.Items {
-			each(&l.Items[i])
-		}
-		if l.Continue == "" {
-			return nil
-		}
-		opts.Continue = l.Continue
-	}
+	return list(ctx, r.client, selector, each)
 }

@@ -18,6 +18,7 @@ import (
 	v1alpha1 "github.com/ephemeral-secrets/csi-driver/pkg/apis/ephemeralsecrets/v1alpha1"
 	"github.com/ephemeral-secrets/csi-driver/pkg/inventory"
 	"github.com/ephemeral-secrets/csi-driver/pkg/issuer"
+	pgengine "github.com/ephemeral-secrets/csi-driver/pkg/issuer/postgres"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider/postgres"
 	"github.com/ephemeral-secrets/csi-driver/test/harness"
@@ -77,11 +78,11 @@ func startRealIssuer(t *testing.T, ns, node string) *postgres.Provider {
 	srv := postgresServer(t)
 	rv := &revoker{}
 	rec := startIssuer(t, rv, fastRetries)
-	iss, err := issuer.New(issuer.Options{Inventory: rec, Config: postgres.Config{Connections: map[string]*postgres.Connection{
-		"main": {URL: srv.AdminURL(), Roles: map[string]*postgres.Role{"app": {
-			DefaultTTL: postgres.Duration{Duration: time.Minute}, MaxTTL: postgres.Duration{Duration: time.Hour},
+	iss, err := issuer.New(issuer.Options{Inventory: rec, Config: pgengine.Config{Connections: map[string]*pgengine.Connection{
+		"main": {URL: srv.AdminURL(), Roles: map[string]*pgengine.Role{"app": {
+			DefaultTTL: pgengine.Duration{Duration: time.Minute}, MaxTTL: pgengine.Duration{Duration: time.Hour},
 			CreationStatements: []string{`CREATE ROLE "{{.Name}}" LOGIN PASSWORD '{{.Password}}' VALID UNTIL '{{.Expiration}}'`},
-			Allowed:            []postgres.Subject{{Namespace: ns, ServiceAccount: "default"}},
+			Allowed:            []pgengine.Subject{{Namespace: ns, ServiceAccount: "default"}},
 		}}},
 	}}})
 	if err != nil {

@@ -3,6 +3,7 @@ package inventory
 import (
 	"context"
 	"fmt"
+	"slices"
 	"time"
 
 	"k8s.io/apimachinery/pkg/api/meta"
@@ -31,7 +32,21 @@ type NodeWatcher struct {
 	informer cache.SharedIndexInformer
 	withdraw WithdrawFunc
 	limiter  workqueue.TypedRateLimiter[withdrawal]
+	release  store
+	holds    HoldsFunc
 }
+
+// HoldsFunc tells whether the node still holds a lease: live, or waiting
+// in its revocation queue.
+type HoldsFunc func(leaseID string) (bool, error)
+
+// ReleaseWhenDone makes the watcher, once it has withdrawn a record being
+// deleted, remove the node's finalizer as soon as holds says the node no
+// longer holds its lease: revoked, or one the backend cannot revoke (an
+// STS session, which lives until its expiry whatever the node does). The
+// record, and its namespace's deletion, then wait for nothing more. Call
+// it before Run.
+func (w *NodeWatcher) ReleaseWhenDone(holds HoldsFunc) { w.holds = holds }
 
 // NewNodeWatcher watches node's records through c. A failed withdrawal
 // is retried after a backoff from 100 ms to 30 s.
@@ -39,12 +54,18 @@ func NewNodeWatcher(c *Client, node string, withdraw WithdrawFunc, resync time.D
 	sel := labels.Set{v1alpha1.LabelNode: labelValue(node)}.String()
 	return &NodeWatcher{
 		node: node, informer: NewInformer(c, sel, resync), withdraw: withdraw,
+		release: store{client: c, finalizer: v1alpha1.FinalizerNodeRevoke},
 		limiter: workqueue.NewTypedItemExponentialFailureRateLimiter[withdrawal](100*time.Millisecond, 30*time.Second),
 	}
 }
 
-// withdrawal is one call of the WithdrawFunc.
-type withdrawal struct{ volumeID, leaseID, reason string }
+// withdrawal is one call of the WithdrawFunc; release: the record (namespace/name) is
+// being deleted and holds the node's finalizer.
+type withdrawal struct {
+	volumeID, leaseID, reason string
+	namespace, name           string
+	release                   bool
+}
 
 // Run watches until ctx is done. Calls of the WithdrawFunc happen one at
 // a time, outside the informer's goroutine, and are retried until they
@@ -71,7 +92,9 @@ func (w *NodeWatcher) Run(ctx context.Context) error {
 		// withdraw.
 		if (c.DeletionTimestamp != nil || IsTombstone(c)) && !seen[key] {
 			seen[key] = true
-			queue.Add(withdrawal{c.Spec.VolumeID, c.Spec.LeaseID, reason(c)})
+			queue.Add(withdrawal{volumeID: c.Spec.VolumeID, leaseID: c.Spec.LeaseID, reason: reason(c),
+				namespace: c.Namespace, name: c.Name,
+				release: c.DeletionTimestamp != nil && slices.Contains(c.Finalizers, v1alpha1.FinalizerNodeRevoke)})
 		}
 		if gone {
 			delete(seen, key)
@@ -94,6 +117,11 @@ func (w *NodeWatcher) Run(ctx context.Context) error {
 			if err := w.withdraw(ctx, item.volumeID, item.leaseID, item.reason); err != nil && ctx.Err() == nil {
 				klog.ErrorS(err, "Withdrawing the volume of a deleted credential record; retrying", "volumeID", item.volumeID, "leaseID", item.leaseID)
 				queue.AddRateLimited(item)
+			} else if again, err := w.releaseDone(ctx, item); (err != nil || again) && ctx.Err() == nil {
+				if err != nil {
+					klog.ErrorS(err, "Releasing a deleted credential record the node no longer holds; retrying", "leaseID", item.leaseID)
+				}
+				queue.AddRateLimited(item)
 			} else {
 				queue.Forget(item)
 			}
@@ -102,6 +130,24 @@ func (w *NodeWatcher) Run(ctx context.Context) error {
 	}()
 	w.informer.Run(ctx.Done())
 	return nil
+}
+
+// releaseDone removes the node's finalizer from a record being deleted
+// once the node no longer holds its lease; again: it still does (a
+// revocation in flight), look again after a backoff.
+func (w *NodeWatcher) releaseDone(ctx context.Context, item withdrawal) (again bool, err error) {
+	if !item.release || w.holds == nil {
+		return false, nil
+	}
+	held, err := w.holds(item.leaseID)
+	if err != nil || held {
+		return held, err
+	}
+	if err := w.release.release(ctx, item.namespace, item.name); err != nil {
+		return false, err
+	}
+	klog.V(2).InfoS("Released a deleted credential record the node no longer holds", "credential", item.namespace+"/"+item.name, "leaseID", item.leaseID)
+	return false, nil
 }
 
 // HasSynced tells whether the watcher has listed the node's records.

@@ -9,7 +9,20 @@
 //
 // The package knows nothing of how requests arrive: the driver calls an
 // Issuer in its own process without a cluster (Local), the issuer
-// Deployment serves the same Issuer to node plugins over HTTPS.
+// Deployment serves the same Issuer to node plugins over HTTPS
+// (pkg/issuer/remote).
+//
+// Every decision is made here (policy.go, reap.go, podcheck.go): which
+// configured role a class names, the allowed list, the TTL bounds, the
+// maxLive quota, the pod check, the node a role is bound to, how far an
+// extension goes and which roles the reaper drops. The SQL is not:
+// pkg/issuer/postgres, the engine, holds the admin connections and runs
+// the statements with the decisions it is given.
+//
+// It may import pkg/issuer/postgres (the engine), pkg/provider and
+// pkg/provider/postgres (the node's requests and grants), pkg/audit and
+// client-go; never pkg/issuer/remote (its transport imports it) nor
+// anything of the node plugin (pkg/lease, pkg/driver, pkg/storage).
 package issuer
 
 import (

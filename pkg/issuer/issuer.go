@@ -9,6 +9,7 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/ephemeral-secrets/csi-driver/pkg/audit"
+	pgengine "github.com/ephemeral-secrets/csi-driver/pkg/issuer/postgres"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider/postgres"
 )
@@ -17,7 +18,7 @@ import (
 // every other field is useful.
 type Options struct {
 	// Config is the admin's postgres configuration (admin credentials).
-	Config postgres.Config
+	Config pgengine.Config
 	// PodCheck, when set, is asked on every Mint and Extend.
 	PodCheck PodCheck
 	// Inventory, when set, records every credential; the reaper then
@@ -41,7 +42,7 @@ type Options struct {
 // Issuer is the authority over the postgres engine's roles. It is safe
 // for concurrent use.
 type Issuer struct {
-	admin *postgres.Admin
+	admin *pgengine.Admin
 	opts  Options
 }
 
@@ -64,7 +65,7 @@ func New(o Options) (*Issuer, error) {
 	if o.UntrackedGrace <= 0 {
 		o.UntrackedGrace = DefaultUntrackedGrace
 	}
-	a, err := postgres.NewAdmin(o.Config, o.Now)
+	a, err := pgengine.NewAdmin(o.Config)
 	if err != nil {
 		return nil, err
 	}
@@ -81,7 +82,13 @@ func (i *Issuer) Close() { i.admin.Close() }
 // maxLive under a lock) and records it as issued. A refusal leaves
 // nothing behind.
 func (i *Issuer) Mint(ctx context.Context, c Caller, r postgres.MintRequest) (postgres.Grant, error) {
-	if _, err := i.admin.Check(c.Node, r); err != nil {
+	t, err := i.lookup(r.Params)
+	if err != nil {
+		return postgres.Grant{}, err
+	}
+	tag := pgengine.Tag{LeaseID: r.LeaseID, Role: t.ref(), Class: r.Class, Pod: r.Pod, Node: c.Node}
+	ttl, err := check(t, tag, r)
+	if err != nil {
 		return postgres.Grant{}, err
 	}
 	if i.opts.PodCheck != nil {
@@ -105,8 +112,14 @@ func (i *Issuer) Mint(ctx context.Context, c Caller, r postgres.MintRequest) (po
 		}
 		return postgres.Grant{}, err
 	}
-	g, err := i.admin.MintFor(ctx, c.Node, r)
-	if err != nil {
+	now := i.opts.Now().UTC().Truncate(time.Second)
+	tag.Created = now
+	cr := pgengine.Creation{
+		Connection: t.connName, Role: t.roleName, Name: e.Name, Verifier: r.Verifier,
+		ExpiresAt: now.Add(ttl), Tag: tag,
+	}
+	cr.Quota, cr.Admit = i.quota(t, r.Pod)
+	if err := i.admin.Create(ctx, cr); err != nil {
 		if inv != nil && nothingMade(err) {
 			if derr := inv.Dropped(ctx, r.LeaseID); derr != nil {
 				klog.ErrorS(derr, "Removing the record of a refused credential; the reaper finds no role for it", "lease", r.LeaseID)
@@ -114,6 +127,7 @@ func (i *Issuer) Mint(ctx context.Context, c Caller, r postgres.MintRequest) (po
 		}
 		return postgres.Grant{}, err
 	}
+	g := grant(t, e.Name, now, cr.ExpiresAt)
 	if inv != nil {
 		e.IssuedAt, e.ExpiresAt = g.IssuedAt, g.ExpiresAt
 		// The role is recorded (issuing) already: a failure here leaves
@@ -122,8 +136,7 @@ func (i *Issuer) Mint(ctx context.Context, c Caller, r postgres.MintRequest) (po
 		// before the role): the role goes now, not at the reaper's pass.
 		err := inv.Issued(ctx, e)
 		if errors.Is(err, ErrRecordGone) {
-			drop := postgres.DropRequest{LeaseID: r.LeaseID, Name: g.Name, Params: r.Params}
-			if derr := i.admin.Drop(ctx, drop); derr != nil {
+			if _, derr := i.admin.Drop(ctx, t.connName, g.Name, r.LeaseID, nil); derr != nil {
 				klog.ErrorS(derr, "Dropping a role whose record was deleted as it was minted; the reaper drops it", "lease", r.LeaseID)
 			}
 			return postgres.Grant{}, fmt.Errorf("%w: the credential's record was deleted as it was issued (the kill switch or the pod's deletion)", provider.ErrPermissionDenied)
@@ -151,16 +164,6 @@ func (i *Issuer) withdrawn(ctx context.Context, r postgres.MintRequest) error {
 		return fmt.Errorf("%w: checking whether the volume's credential was withdrawn: %w", provider.ErrUnavailable, err)
 	case gone:
 		return fmt.Errorf("%w: %w (pod %s/%s, volume %s)", provider.ErrPermissionDenied, ErrWithdrawn, r.Pod.Namespace, r.Pod.Name, r.VolumeID)
-	}
-	return nil
-}
-
-// sameNode refuses a node plugin a role that another node asked for: a
-// compromised node reaches only its own pods' roles. In-process and the
-// kill switch (no node) reach every role.
-func sameNode(c Caller, tr postgres.TaggedRole) error {
-	if c.Node != "" && tr.Tag.Node != c.Node {
-		return fmt.Errorf("%w: role %s was issued to another node", provider.ErrPermissionDenied, tr.Name)
 	}
 	return nil
 }
@@ -194,15 +197,20 @@ func (i *Issuer) Extend(ctx context.Context, c Caller, r postgres.ExtendRequest)
 	}
 	if i.opts.PodCheck != nil {
 		// The pod and class the role was made for, as its tag records
-		// them; Admin.Extend checks that r names the same pod.
+		// them; extension checks that r names the same pod.
 		if err := i.opts.PodCheck(ctx, c, tr.Tag.Pod, tr.Tag.Class, r.VolumeID); err != nil {
 			return postgres.Grant{}, err
 		}
 	}
-	g, err := i.admin.Extend(ctx, r)
+	t, err := i.lookup(r.Params)
 	if err != nil {
 		return postgres.Grant{}, err
 	}
+	cur, err := i.admin.Extend(ctx, t.connName, t.roleName, name, r.LeaseID, i.extension(t, r))
+	if err != nil {
+		return postgres.Grant{}, err
+	}
+	g := grant(t, name, cur.Tag.Created, cur.ValidUntil)
 	if inv := i.opts.Inventory; inv != nil {
 		e := Entry{
 			LeaseID: r.LeaseID, VolumeID: r.VolumeID, Pod: tr.Tag.Pod, Node: c.Node, Class: tr.Tag.Class,
@@ -221,12 +229,13 @@ func (i *Issuer) Extend(ctx context.Context, c Caller, r postgres.ExtendRequest)
 // already; a role without the tag of r's lease is refused and left alone,
 // and so is a node plugin's request for a role another node asked for.
 func (i *Issuer) Drop(ctx context.Context, c Caller, r postgres.DropRequest) error {
+	name := r.Name
+	if name == "" {
+		name = postgres.RoleName(r.LeaseID) // an issue interrupted before its answer was recorded
+	}
+	conn := r.Params[postgres.ConnectionParam]
 	if c.Node != "" {
-		name := r.Name
-		if name == "" {
-			name = postgres.RoleName(r.LeaseID)
-		}
-		tr, found, err := i.admin.Find(ctx, r.Params[postgres.ConnectionParam], name, r.LeaseID)
+		tr, found, err := i.admin.Find(ctx, conn, name, r.LeaseID)
 		if err != nil && !errors.Is(err, provider.ErrPermissionDenied) {
 			return err
 		}
@@ -236,7 +245,7 @@ func (i *Issuer) Drop(ctx context.Context, c Caller, r postgres.DropRequest) err
 			}
 		}
 	}
-	if err := i.admin.Drop(ctx, r); err != nil {
+	if _, err := i.admin.Drop(ctx, conn, name, r.LeaseID, nil); err != nil {
 		return err
 	}
 	if inv := i.opts.Inventory; inv != nil {

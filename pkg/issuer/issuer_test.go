@@ -12,6 +12,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
+	pgengine "github.com/ephemeral-secrets/csi-driver/pkg/issuer/postgres"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider/postgres"
 	"github.com/ephemeral-secrets/csi-driver/test/pgtest"
@@ -50,8 +51,8 @@ func (c *clock) advance(d time.Duration) {
 	c.mu.Unlock()
 }
 
-func config(roles map[string]*postgres.Role) postgres.Config {
-	return postgres.Config{Connections: map[string]*postgres.Connection{"main": {URL: pg.AdminURL(), Roles: roles}}}
+func config(roles map[string]*pgengine.Role) pgengine.Config {
+	return pgengine.Config{Connections: map[string]*pgengine.Connection{"main": {URL: pg.AdminURL(), Roles: roles}}}
 }
 
 func newIssuer(t *testing.T, o Options) (*Issuer, *clock) {
@@ -61,8 +62,8 @@ func newIssuer(t *testing.T, o Options) (*Issuer, *clock) {
 		o.Now = c.now
 	}
 	if o.Config.Connections == nil {
-		o.Config = config(map[string]*postgres.Role{
-			"app": {CreationStatements: []string{create}, Allowed: []postgres.Subject{{Namespace: "team", ServiceAccount: "app"}}},
+		o.Config = config(map[string]*pgengine.Role{
+			"app": {CreationStatements: []string{create}, Allowed: []pgengine.Subject{{Namespace: "team", ServiceAccount: "app"}}},
 		})
 	}
 	iss, err := New(o)
@@ -166,9 +167,9 @@ func (v *inventory) get(id string) (Entry, string) {
 func TestMintExtendDropThroughTheIssuer(t *testing.T) {
 	ctx := context.Background()
 	inv := newInventory()
-	iss, clk := newIssuer(t, Options{Inventory: inv, Config: config(map[string]*postgres.Role{"app": {
-		DefaultTTL: postgres.Duration{Duration: time.Minute}, MaxTTL: postgres.Duration{Duration: 3 * time.Minute},
-		CreationStatements: []string{create}, Allowed: []postgres.Subject{{Namespace: "team", ServiceAccount: "app"}},
+	iss, clk := newIssuer(t, Options{Inventory: inv, Config: config(map[string]*pgengine.Role{"app": {
+		DefaultTTL: pgengine.Duration{Duration: time.Minute}, MaxTTL: pgengine.Duration{Duration: 3 * time.Minute},
+		CreationStatements: []string{create}, Allowed: []pgengine.Subject{{Namespace: "team", ServiceAccount: "app"}},
 	}})})
 	node := postgres.NewNode(iss.Local())
 	l, err := issue(ctx, node, "team-a-mint0001", appPod("a"))
@@ -261,9 +262,9 @@ func TestRefusalsCreateNothing(t *testing.T) {
 		}
 		return nil
 	}
-	iss, _ := newIssuer(t, Options{Inventory: inv, PodCheck: podCheck, Config: config(map[string]*postgres.Role{"app": {
+	iss, _ := newIssuer(t, Options{Inventory: inv, PodCheck: podCheck, Config: config(map[string]*pgengine.Role{"app": {
 		CreationStatements: []string{create}, MaxLive: 2,
-		Allowed: []postgres.Subject{{Namespace: "team", ServiceAccount: "app"}},
+		Allowed: []pgengine.Subject{{Namespace: "team", ServiceAccount: "app"}},
 	}})})
 	node := postgres.NewNode(as{iss, Caller{Node: "n1"}})
 
@@ -341,9 +342,9 @@ func TestRefusalsCreateNothing(t *testing.T) {
 // the same configuration make exactly maxLive roles.
 func TestMaxLiveHoldsAcrossReplicas(t *testing.T) {
 	ctx := context.Background()
-	cfg := func() postgres.Config {
-		return config(map[string]*postgres.Role{"app": {CreationStatements: []string{create}, MaxLive: 3,
-			Allowed: []postgres.Subject{{Namespace: "team", ServiceAccount: "app"}}}})
+	cfg := func() pgengine.Config {
+		return config(map[string]*pgengine.Role{"app": {CreationStatements: []string{create}, MaxLive: 3,
+			Allowed: []pgengine.Subject{{Namespace: "team", ServiceAccount: "app"}}}})
 	}
 	a, _ := newIssuer(t, Options{Config: cfg()})
 	b, _ := newIssuer(t, Options{Config: cfg()})

@@ -9,6 +9,7 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/ephemeral-secrets/csi-driver/pkg/audit"
+	pgengine "github.com/ephemeral-secrets/csi-driver/pkg/issuer/postgres"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider/postgres"
 )
 
@@ -66,15 +67,16 @@ func (i *Issuer) Reap(ctx context.Context) (ReapReport, error) {
 		now := i.opts.Now()
 		for _, r := range roles {
 			var why string
+			notAfter := i.notAfter(conn, r)
 			switch {
-			case r.Expired(now):
+			case expired(r, notAfter, now):
 				why = "expired"
 			case tracked != nil && !tracked[r.Tag.LeaseID] && now.Sub(r.Tag.Created) >= i.opts.UntrackedGrace:
 				why = "untracked"
 			default:
 				continue
 			}
-			dropped, err := i.reapOne(ctx, conn, r, why, now)
+			dropped, err := i.reapOne(ctx, conn, r, notAfter, why, now)
 			if err != nil {
 				rep.Failed++
 				errs = append(errs, err)
@@ -93,19 +95,16 @@ func (i *Issuer) Reap(ctx context.Context) (ReapReport, error) {
 	return rep, errors.Join(errs...)
 }
 
-func (i *Issuer) reapOne(ctx context.Context, conn string, r postgres.TaggedRole, why string, now time.Time) (bool, error) {
+func (i *Issuer) reapOne(ctx context.Context, conn string, r pgengine.TaggedRole, notAfter time.Time, why string, now time.Time) (bool, error) {
 	ctx, cancel := context.WithTimeout(ctx, reapCallTimeout)
 	defer cancel()
-	still := func(postgres.TaggedRole) bool { return true }
+	var still func(pgengine.TaggedRole) bool
 	if why == "expired" {
-		still = func(cur postgres.TaggedRole) bool {
-			cur.NotAfter = r.NotAfter // from the configuration, as listed
-			return cur.Expired(now)
-		}
+		// Decided on the listing: dropped only if still expired under
+		// the role's lock (an Extend since moved it).
+		still = func(cur pgengine.TaggedRole) bool { return expired(cur, notAfter, now) }
 	}
-	dropped, err := i.admin.DropIf(ctx, postgres.DropRequest{
-		LeaseID: r.Tag.LeaseID, Name: r.Name, Params: map[string]string{postgres.ConnectionParam: conn},
-	}, still)
+	dropped, err := i.admin.Drop(ctx, conn, r.Name, r.Tag.LeaseID, still)
 	if err == nil && !dropped {
 		return false, nil
 	}

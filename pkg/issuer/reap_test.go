@@ -5,6 +5,7 @@ import (
 	"testing"
 	"time"
 
+	pgengine "github.com/ephemeral-secrets/csi-driver/pkg/issuer/postgres"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider/postgres"
 )
@@ -148,10 +149,10 @@ func TestLeastPrivilegeAdminSuffices(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer func() { _ = pg.Exec(ctx, `DROP ROLE IF EXISTS csi_least`) }()
-	iss, clk := newIssuer(t, Options{Config: postgres.Config{Connections: map[string]*postgres.Connection{"main": {
+	iss, clk := newIssuer(t, Options{Config: pgengine.Config{Connections: map[string]*pgengine.Connection{"main": {
 		URL: pg.URL("csi_least", "least-admin"),
-		Roles: map[string]*postgres.Role{"app": {CreationStatements: []string{create}, MaxLive: 5,
-			Allowed: []postgres.Subject{{Namespace: "team", ServiceAccount: "app"}}}},
+		Roles: map[string]*pgengine.Role{"app": {CreationStatements: []string{create}, MaxLive: 5,
+			Allowed: []pgengine.Subject{{Namespace: "team", ServiceAccount: "app"}}}},
 	}}}})
 	node := postgres.NewNode(iss.Local())
 	l, err := issue(ctx, node, "team-l-least001", appPod("l"))
@@ -203,7 +204,7 @@ func TestReapSparesARoleExtendedSinceTheListing(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var listed postgres.TaggedRole
+	var listed pgengine.TaggedRole
 	for _, r := range roles {
 		if r.Name == l.Values["username"] {
 			listed = r
@@ -215,10 +216,11 @@ func TestReapSparesARoleExtendedSinceTheListing(t *testing.T) {
 	}
 	clk.advance(11 * time.Minute) // past the listed VALID UNTIL, not the extended one
 	now := clk.now()
-	if !listed.Expired(now) {
+	notAfter := iss.notAfter("main", listed)
+	if !expired(listed, notAfter, now) {
 		t.Fatal("the listing does not look expired: the test proves nothing")
 	}
-	dropped, err := iss.reapOne(ctx, "main", listed, "expired", now)
+	dropped, err := iss.reapOne(ctx, "main", listed, notAfter, "expired", now)
 	if err != nil || dropped {
 		t.Fatalf("reaped: %v, %v", dropped, err)
 	}

@@ -13,6 +13,8 @@ import (
 	"github.com/jackc/pgx/v5"
 	"golang.org/x/sys/unix"
 
+	"github.com/ephemeral-secrets/csi-driver/pkg/issuer"
+	pgengine "github.com/ephemeral-secrets/csi-driver/pkg/issuer/postgres"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider/postgres"
 	"github.com/ephemeral-secrets/csi-driver/pkg/render"
@@ -84,17 +86,18 @@ func newNode(t testing.TB, ttl time.Duration, creation ...string) *node {
 	if len(creation) == 0 {
 		creation = []string{`CREATE ROLE "{{.Name}}" LOGIN PASSWORD '{{.Password}}' VALID UNTIL '{{.Expiration}}'`}
 	}
-	p, err := postgres.New(postgres.Config{Connections: map[string]*postgres.Connection{"main": {
+	iss, err := issuer.New(issuer.Options{Config: pgengine.Config{Connections: map[string]*pgengine.Connection{"main": {
 		URL: srv.AdminURL(), MaxConns: 8,
-		Roles: map[string]*postgres.Role{"app": {
-			DefaultTTL: postgres.Duration{Duration: ttl}, MaxTTL: postgres.Duration{Duration: 4 * ttl},
+		Roles: map[string]*pgengine.Role{"app": {
+			DefaultTTL: pgengine.Duration{Duration: ttl}, MaxTTL: pgengine.Duration{Duration: 4 * ttl},
 			CreationStatements: creation,
-			Allowed:            []postgres.Subject{{Namespace: "*", ServiceAccount: "*"}},
+			Allowed:            []pgengine.Subject{{Namespace: "*", ServiceAccount: "*"}},
 		}},
-	}}})
+	}}}})
 	if err != nil {
 		t.Fatal(err)
 	}
+	p := postgres.NewNode(iss.Local())
 	n := &node{
 		t: t, root: root, fs: store, store: NewStore(store), pg: p,
 		classes: classMap{
@@ -106,7 +109,7 @@ func newNode(t testing.TB, ttl time.Duration, creation ...string) *node {
 		prefix: "esc_" + testNS + "_",
 	}
 	t.Cleanup(func() {
-		p.Close()
+		iss.Close()
 		unmountUnder(filepath.Join(root, "pods"))
 		entries, _ := os.ReadDir(filepath.Join(store.Root(), "volumes"))
 		for _, e := range entries {

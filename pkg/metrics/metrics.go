@@ -61,8 +61,7 @@ type Metrics struct {
 	refusals     *prometheus.CounterVec
 	configGen    prometheus.Gauge
 	configErrors prometheus.Counter
-	reaped       *prometheus.CounterVec
-	reapFailures prometheus.Counter
+	reaper       *reaper
 	leaseAPI     *prometheus.CounterVec
 }
 
@@ -104,21 +103,13 @@ func New(state func() State) *Metrics {
 		Namespace: namespace, Name: "backend_config_reload_errors_total",
 		Help: "Changed backend configurations that failed to load (the previous one stays in use).",
 	})
-	m.reaped = prometheus.NewCounterVec(prometheus.CounterOpts{
-		Namespace: namespace, Name: "issuer_reaped_roles_total",
-		Help: "PostgreSQL roles the issuer's reaper dropped, by reason (expired: VALID UNTIL passed; untracked: no inventory record).",
-	}, []string{"reason"})
-	m.reapFailures = prometheus.NewCounter(prometheus.CounterOpts{
-		Namespace: namespace, Name: "issuer_reap_failures_total",
-		Help: "Roles the issuer's reaper failed to drop, and connections it failed to list (retried at the next pass).",
-	})
 	m.leaseAPI = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Namespace: namespace, Name: "lease_api_requests_total",
 		Help: "Calls of volumes' lease sockets by namespace, endpoint and HTTP status (429 and 400: refused).",
 	}, []string{"namespace", "endpoint", "code"})
 	m.reg.MustRegister(m.leaseAPI)
+	m.reaper = newReaper(m.reg)
 	m.reg.MustRegister(m.rpc, m.leaseOps, m.authFailures, m.kubeRequests, m.firstSeen, m.refusals, m.configGen, m.configErrors,
-		m.reaped, m.reapFailures,
 		&stateCollector{state: state},
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
@@ -188,9 +179,7 @@ func (m *Metrics) Reaped(expired, untracked, failures int) {
 	if m == nil {
 		return
 	}
-	m.reaped.WithLabelValues("expired").Add(float64(expired))
-	m.reaped.WithLabelValues("untracked").Add(float64(untracked))
-	m.reapFailures.Add(float64(failures))
+	m.reaper.reaped(expired, untracked, failures)
 }
 
 // CountRequests wraps an HTTP transport so that every Kubernetes API

@@ -294,7 +294,7 @@ func checkRegistration(t *testing.T, ds *appsv1.DaemonSet, driver corev1.Contain
 // volume, environment variable or RBAC rule of the DaemonSet reaches the
 // issuer's Secret (or any Secret); only the issuer's pod mounts it.
 func TestNodeHasNoPathToTheAdminCredential(t *testing.T) {
-	objs := render(t)
+	objs := render(t, "--set", "providers.postgres.enabled=true")
 	const issuerSecret = "ephemeral-secrets-issuer"
 	ds := into[appsv1.DaemonSet](t, objs, "DaemonSet/ephemeral-secrets-csi")
 	for _, v := range ds.Spec.Template.Spec.Volumes {

@@ -276,7 +276,7 @@ func TestHelmUpgradeUpdatesTheCredentialCRD(t *testing.T) {
 
 	// A plain upgrade stops before changing anything: the CRD is not the release's.
 	before := getCRD(credentialCRD).GetResourceVersion()
-	out, err := helmAt("upgrade", "esc", chartDir, "-n", ns)
+	out, err := helmAt("upgrade", "esc", chartDir, "-n", ns, "--set", "providers.postgres.enabled=true")
 	if err == nil {
 		t.Fatal("helm upgrade took over a Credential CRD it had not created, without --take-ownership")
 	}
@@ -289,7 +289,7 @@ func TestHelmUpgradeUpdatesTheCredentialCRD(t *testing.T) {
 	intact("after the refused upgrade")
 
 	// Once with --take-ownership: the CRD is the release's, marked keep.
-	helmOK("upgrade", "esc", chartDir, "-n", ns, "--take-ownership")
+	helmOK("upgrade", "esc", chartDir, "-n", ns, "--take-ownership", "--set", "providers.postgres.enabled=true")
 	crd := getCRD(credentialCRD)
 	if a := crd.GetAnnotations(); a["helm.sh/resource-policy"] != "keep" || a["meta.helm.sh/release-name"] != "esc" || a["meta.helm.sh/release-namespace"] != ns {
 		t.Errorf("after --take-ownership the Credential CRD has annotations %v", a)
@@ -297,7 +297,7 @@ func TestHelmUpgradeUpdatesTheCredentialCRD(t *testing.T) {
 	intact("after the upgrade that took the CRD")
 
 	// A chart whose CRD has one more status field: a plain upgrade serves it.
-	helmOK("upgrade", "esc", chartWithStatusField(t, field), "-n", ns)
+	helmOK("upgrade", "esc", chartWithStatusField(t, field), "-n", ns, "--set", "providers.postgres.enabled=true")
 	if !slices.Contains(statusFields(t, getCRD(credentialCRD)), field) {
 		t.Errorf("the upgraded CRD's status has %v, no %s", statusFields(t, getCRD(credentialCRD)), field)
 	}
@@ -313,14 +313,14 @@ func TestHelmUpgradeUpdatesTheCredentialCRD(t *testing.T) {
 
 	// Back to this chart, no flag (the CRD still names the release): the
 	// schema is this chart's again.
-	helmOK("upgrade", "esc", chartDir, "-n", ns)
+	helmOK("upgrade", "esc", chartDir, "-n", ns, "--set", "providers.postgres.enabled=true")
 	if fields := statusFields(t, getCRD(credentialCRD)); slices.Contains(fields, field) {
 		t.Errorf("after the upgrade back the CRD's status still has %s: %v", field, fields)
 	}
 	intact("after the upgrade back")
 
 	// Uninstall keeps the CRD and the records, and says so.
-	out = helmOK("uninstall", "esc", "-n", ns, "--wait", "--timeout", "1m")
+	out = helmOK("uninstall", "esc", "-n", ns, "--wait", "--timeout", "1m", "--no-hooks") // no controller runs the hook Job here
 	if !strings.Contains(out, "kept due to the resource policy") || !strings.Contains(out, credentialCRD) {
 		t.Errorf("helm uninstall does not say it kept the CRD:\n%s", out)
 	}
@@ -333,7 +333,7 @@ func TestHelmUpgradeUpdatesTheCredentialCRD(t *testing.T) {
 	intact("after uninstall")
 
 	// A new install of the same release takes the kept CRD back, no flag.
-	helmOK("install", "esc", chartDir, "-n", ns)
+	helmOK("install", "esc", chartDir, "-n", ns, "--set", "providers.postgres.enabled=true")
 	if getCRD(credentialCRD).GetUID() != crd.GetUID() {
 		t.Error("the reinstall replaced the Credential CRD")
 	}

@@ -10,6 +10,7 @@ import (
 	"testing"
 
 	appsv1 "k8s.io/api/apps/v1"
+	batchv1 "k8s.io/api/batch/v1"
 	corev1 "k8s.io/api/core/v1"
 	storagev1 "k8s.io/api/storage/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
@@ -122,6 +123,13 @@ func TestEveryValueReachesTheObjects(t *testing.T) {
 	if p := csi.Spec.ServiceAccountTokenInSecrets; p == nil || !*p {
 		t.Error("serviceAccountTokenInSecrets not set")
 	}
+	if !slices.Contains(driver.Args, "--tokens-in-secrets=true") {
+		t.Errorf("driver args %v lack --tokens-in-secrets=true", driver.Args)
+	}
+	// priorityClassQuota.enabled=false: no quota for the system-* class.
+	if _, ok := objs["ResourceQuota/secrets-csi-critical-pods"]; ok {
+		t.Error("ResourceQuota rendered with priorityClassQuota.enabled=false")
+	}
 
 	// aggregateRoles: false.
 	if _, ok := objs["ClusterRole/secrets-csi-edit"]; ok {
@@ -163,6 +171,42 @@ func TestEveryValueReachesTheObjects(t *testing.T) {
 	errorf("service selector", svc.Spec.Selector, ds.Spec.Selector.MatchLabels)
 
 	checkIssuerValues(t, objs, &driver)
+	checkHousekeeperValues(t, objs, &driver)
+}
+
+// checkHousekeeperValues checks the housekeeper and uninstall values of
+// testdata/every-value.yaml.
+func checkHousekeeperValues(t *testing.T, objs objects, driver *corev1.Container) {
+	t.Helper()
+	dep := into[appsv1.Deployment](t, objs, "Deployment/secrets-csi-housekeeper")
+	spec := dep.Spec.Template.Spec
+	c := spec.Containers[0]
+	errorf := func(what string, got, want any) {
+		t.Helper()
+		if fmt.Sprint(got) != fmt.Sprint(want) {
+			t.Errorf("housekeeper %s: got %v, want %v", what, got, want)
+		}
+	}
+	errorf("image (the driver's)", c.Image, driver.Image)
+	for _, a := range []string{"housekeeper", "--handover-after=30s", "--metrics-address=:9913", "-v=2", "--pod-check-interval=1m",
+		"--issuer-lease=ephemeral-secrets/secrets-csi-issuer"} {
+		if !slices.Contains(c.Args, a) {
+			t.Errorf("housekeeper args %v lack %s", c.Args, a)
+		}
+	}
+	errorf("memory limit", c.Resources.Limits.Memory(), "80Mi")
+	errorf("priorityClassName", spec.PriorityClassName, "housekeeper-critical")
+	errorf("nodeSelector", spec.NodeSelector, map[string]string{"kubernetes.io/os": "linux", "node-role.example.com/infra": "true"})
+	errorf("tolerations", spec.Tolerations, []corev1.Toleration{{Key: "infra", Operator: "Exists", Effect: "NoSchedule"}})
+	errorf("volumes (none: no Secret)", len(spec.Volumes), 0)
+	job := into[batchv1.Job](t, objs, "Job/secrets-csi-uninstall")
+	jc := job.Spec.Template.Spec.Containers[0]
+	for _, a := range []string{"uninstall", "--wait-for-pods=3m", "--wait-for-records=30s"} {
+		if !slices.Contains(jc.Args, a) {
+			t.Errorf("uninstall hook args %v lack %s", jc.Args, a)
+		}
+	}
+	errorf("uninstall hook", job.Annotations["helm.sh/hook"], "pre-delete")
 }
 
 // checkIssuerValues checks the issuer values of testdata/every-value.yaml.
@@ -277,24 +321,32 @@ func TestSchemaRefusesUnknownKeys(t *testing.T) {
 	}
 }
 
-// serviceAccountTokenInSecrets only where the API has it (1.35) and only
-// with tokens requested; an explicit "true" without a token fails.
-func TestTokenInSecretsFollowsTheCluster(t *testing.T) {
+// Token delivery is one explicit value, csiDriver.tokensInSecrets,
+// whatever Kubernetes version helm assumes (an offline render, helm
+// template or GitOps, must agree with the cluster): the CSIDriver's
+// serviceAccountTokenInSecrets and the driver's --tokens-in-secrets follow
+// it; its default, false, is right for the oldest Kubernetes the chart
+// claims (1.30: the field exists from 1.35). With no token requested the
+// field is absent (1.35 refuses it without tokenRequests) and the driver
+// refuses any token a pod puts in its volume attributes.
+func TestTokensInSecretsIsAnExplicitValue(t *testing.T) {
 	for _, tc := range []struct {
 		name      string
 		args      []string
 		audiences []string
-		inSecrets bool
+		inSecrets bool // the CSIDriver's field
+		flag      bool // the driver's --tokens-in-secrets
 	}{
-		{"1.34 vault", []string{"--kube-version", "1.34.2", "--set", "providers.vault.enabled=true"}, []string{"vault"}, false},
-		{"1.35 vault", []string{"--kube-version", "1.35.0", "--set", "providers.vault.enabled=true"}, []string{"vault"}, true},
-		{"1.36 aws", []string{"--kube-version", "1.36.1", "--set", "providers.aws.enabled=true"}, []string{"sts.amazonaws.com"}, true},
-		{"1.35 none", []string{"--kube-version", "1.35.0"}, nil, false},
-		{"1.35 turned off", []string{"--kube-version", "1.35.0", "--set", "providers.vault.enabled=true,csiDriver.serviceAccountTokenInSecrets=false"}, []string{"vault"}, false},
-		{"1.34 forced", []string{"--kube-version", "1.34.0", "--set", "providers.vault.enabled=true,csiDriver.serviceAccountTokenInSecrets=true"}, []string{"vault"}, true},
+		{"default on 1.30", []string{"--kube-version", "1.30.0", "--set", "providers.vault.enabled=true"}, []string{"vault"}, false, false},
+		{"default on 1.37", []string{"--kube-version", "1.37.2", "--set", "providers.vault.enabled=true"}, []string{"vault"}, false, false},
+		{"set on 1.35", []string{"--kube-version", "1.35.0", "--set", "providers.aws.enabled=true,csiDriver.tokensInSecrets=true"}, []string{"sts.amazonaws.com"}, true, true},
+		{"set, rendered offline as 1.30", []string{"--kube-version", "1.30.0", "--set", "providers.vault.enabled=true,csiDriver.tokensInSecrets=true"}, []string{"vault"}, true, true},
+		{"no token", []string{"--kube-version", "1.37.2"}, nil, false, true},
+		{"no token, set", []string{"--kube-version", "1.37.2", "--set", "csiDriver.tokensInSecrets=true"}, nil, false, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			csi := into[storagev1.CSIDriver](t, render(t, tc.args...), "CSIDriver/ephemeral-secrets.csi.dev")
+			objs := render(t, tc.args...)
+			csi := into[storagev1.CSIDriver](t, objs, "CSIDriver/ephemeral-secrets.csi.dev")
 			var auds []string
 			for _, r := range csi.Spec.TokenRequests {
 				auds = append(auds, r.Audience)
@@ -305,23 +357,112 @@ func TestTokenInSecretsFollowsTheCluster(t *testing.T) {
 			if got := csi.Spec.ServiceAccountTokenInSecrets != nil && *csi.Spec.ServiceAccountTokenInSecrets; got != tc.inSecrets {
 				t.Errorf("serviceAccountTokenInSecrets %v, want %v", got, tc.inSecrets)
 			}
-			// The driver looks for tokens where kubelet puts them (with no
-			// token requested, any token is a pod's own: in secrets mode it
-			// refuses those in the volume attributes).
-			ds := into[appsv1.DaemonSet](t, render(t, tc.args...), "DaemonSet/ephemeral-secrets-csi")
-			want := fmt.Sprintf("--tokens-in-secrets=%v", tc.inSecrets || len(tc.audiences) == 0)
-			if args := container(t, ds, "driver").Args; !slices.Contains(args, want) {
+			ds := into[appsv1.DaemonSet](t, objs, "DaemonSet/ephemeral-secrets-csi")
+			if want, args := fmt.Sprintf("--tokens-in-secrets=%v", tc.flag), container(t, ds, "driver").Args; !slices.Contains(args, want) {
 				t.Errorf("driver args %v lack %s", args, want)
 			}
 		})
 	}
-	out, err := helm(t, "template", "esc", chartDir, "--kube-version", "1.35.0", "--set", "csiDriver.serviceAccountTokenInSecrets=true")
-	if err == nil || !strings.Contains(out, "needs a token audience") {
-		t.Errorf("serviceAccountTokenInSecrets=true without a token: %v\n%.300s", err, out)
+	// The same values render the same objects on every version.
+	a, b := render(t, "--kube-version", "1.30.0", "--set", "providers.vault.enabled=true"), render(t, "--kube-version", "1.37.2", "--set", "providers.vault.enabled=true")
+	if !reflect.DeepEqual(a["CSIDriver/ephemeral-secrets.csi.dev"], b["CSIDriver/ephemeral-secrets.csi.dev"]) {
+		t.Error("the CSIDriver depends on the Kubernetes version helm assumes")
+	}
+	// The value it replaced is refused, not ignored.
+	if out, err := helm(t, "template", "esc", chartDir, "--set", "csiDriver.serviceAccountTokenInSecrets=auto"); err == nil {
+		t.Errorf("csiDriver.serviceAccountTokenInSecrets accepted:\n%.300s", out)
 	}
 	// Below the chart's kubeVersion, nothing renders.
 	if out, err := helm(t, "template", "esc", chartDir, "--kube-version", "1.24.0"); err == nil {
 		t.Errorf("rendered for Kubernetes 1.24:\n%.300s", out)
+	}
+}
+
+// Install profiles: the issuer runs only with providers.postgres.enabled
+// (and issuer.enabled); a Vault-only or AWS-only install has no issuer,
+// no way to it, and a backend Secret the node plugins need.
+func TestProfiles(t *testing.T) {
+	for _, tc := range []struct {
+		name     string
+		set      string
+		issuer   bool
+		optional bool // the node plugins' backend Secret
+	}{
+		{"default", "", false, false},
+		{"vault only", "providers.vault.enabled=true", false, false},
+		{"aws only", "providers.aws.enabled=true", false, false},
+		{"postgres through the issuer", "providers.postgres.enabled=true", true, true},
+		{"postgres and vault", "providers.postgres.enabled=true,providers.vault.enabled=true", true, true},
+		{"postgres held by the nodes", "providers.postgres.enabled=true,issuer.enabled=false", false, false},
+		{"issuer without postgres", "issuer.enabled=true", false, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var args []string
+			if tc.set != "" {
+				args = []string{"--set", tc.set}
+			}
+			objs := render(t, args...)
+			var issuerObjs []string
+			for k := range objs {
+				if strings.Contains(k, "-issuer") && !strings.HasPrefix(k, "ValidatingAdmissionPolicy") {
+					issuerObjs = append(issuerObjs, k)
+				}
+			}
+			if got := len(issuerObjs) > 0; got != tc.issuer {
+				t.Errorf("issuer objects %v: want the issuer %v", issuerObjs, tc.issuer)
+			}
+			ds := into[appsv1.DaemonSet](t, objs, "DaemonSet/ephemeral-secrets-csi")
+			if got := slices.ContainsFunc(container(t, ds, "driver").Args, func(a string) bool { return strings.HasPrefix(a, "--issuer-") }); got != tc.issuer {
+				t.Errorf("driver args %v: --issuer-* %v, want %v", container(t, ds, "driver").Args, got, tc.issuer)
+			}
+			for _, v := range ds.Spec.Template.Spec.Volumes {
+				if v.Name == "backends" && (v.Secret.Optional == nil || *v.Secret.Optional != tc.optional) {
+					t.Errorf("backend Secret optional %v, want %v", v.Secret.Optional, tc.optional)
+				}
+			}
+			// The housekeeper and the uninstall hook, whatever the profile.
+			for _, k := range []string{"Deployment/ephemeral-secrets-csi-housekeeper", "Job/ephemeral-secrets-csi-uninstall"} {
+				if objs[k] == nil {
+					t.Errorf("no %s: %v", k, keysOf(objs))
+				}
+			}
+		})
+	}
+	// The schema and the templates refuse a PostgreSQL-through-issuer
+	// install without what it needs.
+	for _, set := range []string{
+		"providers.postgres.enabled=true,issuer.backends.secretName=null",
+		"providers.postgres.enabled=true,issuer.replicas=0",
+		"providers.postgres.enabled=true,issuer.backends.secretName=ephemeral-secrets-backends",
+		"providers.postgres.enabled=yes",
+	} {
+		if out, err := helm(t, "template", "esc", chartDir, "--set", set); err == nil {
+			t.Errorf("helm template --set %s passed:\n%.300s", set, out)
+		}
+	}
+}
+
+// No priority class by default (a system-* class outside kube-system is
+// refused without a ResourceQuota of it); set, the quota comes with it.
+func TestPriorityClassAnywhere(t *testing.T) {
+	ds := into[appsv1.DaemonSet](t, render(t), "DaemonSet/ephemeral-secrets-csi")
+	if pc := ds.Spec.Template.Spec.PriorityClassName; pc != "" {
+		t.Errorf("default priorityClassName %q, want none", pc)
+	}
+	if _, ok := render(t)["ResourceQuota/ephemeral-secrets-csi-critical-pods"]; ok {
+		t.Error("a ResourceQuota rendered without a priority class")
+	}
+	objs := render(t, "--set", "priorityClassName=system-node-critical")
+	q := into[corev1.ResourceQuota](t, objs, "ResourceQuota/ephemeral-secrets-csi-critical-pods")
+	if sel := q.Spec.ScopeSelector; sel == nil || len(sel.MatchExpressions) != 1 || sel.MatchExpressions[0].ScopeName != corev1.ResourceQuotaScopePriorityClass ||
+		!slices.Equal(sel.MatchExpressions[0].Values, []string{"system-node-critical"}) {
+		t.Errorf("ResourceQuota scope %+v", q.Spec.ScopeSelector)
+	}
+	if _, ok := render(t, "--set", "priorityClassName=system-node-critical", "--namespace", "kube-system")["ResourceQuota/ephemeral-secrets-csi-critical-pods"]; ok {
+		t.Error("a ResourceQuota rendered in kube-system")
+	}
+	if _, ok := render(t, "--set", "priorityClassName=my-class")["ResourceQuota/ephemeral-secrets-csi-critical-pods"]; ok {
+		t.Error("a ResourceQuota rendered for a class of the user's")
 	}
 }
 
@@ -354,9 +495,10 @@ func TestEveryValueFileCoversValuesYAML(t *testing.T) {
 	every := read("testdata/every-value.yaml")
 	// Set, but to the default: the dashboard is on (TestDashboardCanBeOff
 	// turns it off).
-	same := map[string]bool{"monitoring.dashboard.enabled": true, "issuer.enabled": true}
+	same := map[string]bool{"monitoring.dashboard.enabled": true, "issuer.enabled": true, "uninstall.hook": true}
 	// Maps a user replaces whole: compared whole.
-	whole := map[string]bool{"nodeSelector": true, "updateStrategy": true, "monitoring.dashboard.labels": true, "issuer.nodeSelector": true}
+	whole := map[string]bool{"nodeSelector": true, "updateStrategy": true, "monitoring.dashboard.labels": true, "issuer.nodeSelector": true,
+		"housekeeper.nodeSelector": true}
 	var walk func(prefix string, d, e map[string]any)
 	walk = func(prefix string, d, e map[string]any) {
 		for k, dv := range d {

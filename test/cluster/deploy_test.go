@@ -327,8 +327,9 @@ func TestHelmInstallAndUninstall(t *testing.T) {
 	if err != nil {
 		t.Fatalf("CSIDriver: %v", err)
 	}
-	// This API server is 1.35: helm saw it and asked for tokens in secrets.
-	if p := csi.Spec.ServiceAccountTokenInSecrets; p == nil || !*p || len(csi.Spec.TokenRequests) != 1 {
+	// Token delivery is csiDriver.tokensInSecrets (default false), not
+	// what helm sees of the cluster.
+	if p := csi.Spec.ServiceAccountTokenInSecrets; p != nil || len(csi.Spec.TokenRequests) != 1 {
 		t.Errorf("CSIDriver spec %+v", csi.Spec)
 	}
 	for _, role := range []string{name, name + "-edit", name + "-view"} {
@@ -337,7 +338,9 @@ func TestHelmInstallAndUninstall(t *testing.T) {
 		}
 	}
 
-	run("uninstall", "esc", "-n", ns, "--wait")
+	// No hooks: this API server has no controller to run the uninstall
+	// hook's Job (test/realcluster runs it).
+	run("uninstall", "esc", "-n", ns, "--wait", "--no-hooks")
 	if _, err := clients.StorageV1().CSIDrivers().Get(ctx, "ephemeral-secrets.csi.dev", metav1.GetOptions{}); !apierrors.IsNotFound(err) {
 		t.Errorf("CSIDriver after uninstall: %v", err)
 	}

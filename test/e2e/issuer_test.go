@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/ephemeral-secrets/csi-driver/pkg/issuer"
+	pgengine "github.com/ephemeral-secrets/csi-driver/pkg/issuer/postgres"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider/postgres"
 	"github.com/ephemeral-secrets/csi-driver/test/harness"
@@ -38,11 +39,11 @@ func TestRebootOnWipedStateReapsExpiredRolesAndTheirSessions(t *testing.T) {
 
 	// A role the driver tagged that is still valid: another node's,
 	// minted by another authority over the same database.
-	other, err := issuer.New(issuer.Options{Config: postgres.Config{Connections: map[string]*postgres.Connection{"main": {
-		URL: pg.AdminURL(), Roles: map[string]*postgres.Role{"rotating": {
-			DefaultTTL: postgres.Duration{Duration: time.Hour}, MaxTTL: postgres.Duration{Duration: time.Hour},
+	other, err := issuer.New(issuer.Options{Config: pgengine.Config{Connections: map[string]*pgengine.Connection{"main": {
+		URL: pg.AdminURL(), Roles: map[string]*pgengine.Role{"rotating": {
+			DefaultTTL: pgengine.Duration{Duration: time.Hour}, MaxTTL: pgengine.Duration{Duration: time.Hour},
 			CreationStatements: []string{`CREATE ROLE "{{.Name}}" LOGIN PASSWORD '{{.Password}}' VALID UNTIL '{{.Expiration}}'`},
-			Allowed:            []postgres.Subject{{Namespace: "*", ServiceAccount: "*"}},
+			Allowed:            []pgengine.Subject{{Namespace: "*", ServiceAccount: "*"}},
 		}},
 	}}}})
 	if err != nil {

@@ -72,9 +72,14 @@ func testVaultExample(t *testing.T) {
 	})
 	pod0 := driverPod(t)
 	// Then the provider's token requested: an upgrade that changes the
-	// CSIDriver, not the driver's pod.
+	// CSIDriver, not the driver's pod. Tokens in the request's secrets
+	// (this node runs 1.35 or later): the driver's --tokens-in-secrets stays
+	// what it is with no token requested, so its pod stays (with the
+	// default, false, enabling the first token provider restarts the node
+	// plugins; TestProfiles runs Vault that way).
 	if _, err := cluster.Helm(ctx, "upgrade", "ephemeral-secrets-csi", filepath.Join(repoRoot, "deploy/helm/ephemeral-secrets-csi"),
-		"--namespace", node.Namespace, "--wait", "--timeout", "3m", "-f", userValues(), "--set", "providers.vault.enabled=true"); err != nil {
+		"--namespace", node.Namespace, "--wait", "--timeout", "3m", "-f", userValues(),
+		"--set", "providers.vault.enabled=true,csiDriver.tokensInSecrets=true"); err != nil {
 		t.Fatal(err)
 	}
 	if p := driverPod(t); p.UID != pod0.UID {

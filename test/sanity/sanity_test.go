@@ -19,6 +19,7 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/ephemeral-secrets/csi-driver/pkg/issuer"
+	pgengine "github.com/ephemeral-secrets/csi-driver/pkg/issuer/postgres"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider/postgres"
 	"github.com/ephemeral-secrets/csi-driver/test/harness"
@@ -60,11 +61,11 @@ func run(m *testing.M) int {
 	}
 	// The postgres provider as the driver serves it: the node side over
 	// an in-process issuer.
-	iss, err := issuer.New(issuer.Options{Config: postgres.Config{Connections: map[string]*postgres.Connection{
-		"main": {URL: pg.AdminURL(), Roles: map[string]*postgres.Role{
+	iss, err := issuer.New(issuer.Options{Config: pgengine.Config{Connections: map[string]*pgengine.Connection{
+		"main": {URL: pg.AdminURL(), Roles: map[string]*pgengine.Role{
 			"login": {
 				CreationStatements: []string{`CREATE ROLE "{{.Name}}" LOGIN PASSWORD '{{.Password}}' VALID UNTIL '{{.Expiration}}'`},
-				Allowed:            []postgres.Subject{{Namespace: "*", ServiceAccount: "*"}},
+				Allowed:            []pgengine.Subject{{Namespace: "*", ServiceAccount: "*"}},
 			},
 		}},
 	}}})

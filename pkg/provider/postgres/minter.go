@@ -7,14 +7,15 @@ import (
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
 )
 
-// Minter is the authority over the roles of the postgres provider: it
-// holds the database's admin credential, decides whether a pod may have a
-// role, and creates, extends and drops roles. The node plugin holds only
-// the pod's password and sends its SCRAM-SHA-256 verifier.
+// Minter is the authority over the roles of the postgres provider: the
+// issuer (pkg/issuer), which holds the database's admin credential,
+// decides whether a pod may have a role, and creates, extends and drops
+// roles. The node plugin holds only the pod's password and sends its
+// SCRAM-SHA-256 verifier.
 //
 // Without a cluster the Minter is an issuer in the driver's own process
 // (issuer.Issuer.Local); in a cluster it is a client of the issuer
-// Deployment. One engine, two transports.
+// Deployment (pkg/issuer/remote). One issuer, two transports.
 type Minter interface {
 	Mint(ctx context.Context, r MintRequest) (Grant, error)
 	Extend(ctx context.Context, r ExtendRequest) (Grant, error)

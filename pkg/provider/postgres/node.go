@@ -28,8 +28,7 @@ const (
 // its Minter for the role. The password stays in the node's memory and
 // the volume's tmpfs; the Minter sees only the verifier.
 type Provider struct {
-	m     Minter
-	close func()
+	m Minter
 }
 
 var _ provider.Provider = (*Provider)(nil)
@@ -37,26 +36,6 @@ var _ provider.Provider = (*Provider)(nil)
 // NewNode returns the node side over m (issuer.Issuer.Local in the
 // driver's process, a client of the cluster's issuer otherwise).
 func NewNode(m Minter) *Provider { return &Provider{m: m} }
-
-// New returns a node Provider whose Minter is an Admin of cfg in this
-// process: the configuration's rules apply, but nothing reaps expired
-// roles and no inventory is kept. The driver wires issuer.New with
-// NewNode instead; New serves tests of the node side alone.
-func New(cfg Config) (*Provider, error) {
-	a, err := NewAdmin(cfg, nil)
-	if err != nil {
-		return nil, err
-	}
-	return &Provider{m: a, close: a.Close}, nil
-}
-
-// Close releases what New opened; a Provider of NewNode has nothing to
-// close (its Minter's owner closes it).
-func (p *Provider) Close() {
-	if p.close != nil {
-		p.close()
-	}
-}
 
 // Issue makes a password, sends its verifier to the Minter, and returns
 // the role's name and password (Values) and where to dial it (Info).
@@ -70,7 +49,7 @@ func (p *Provider) Issue(ctx context.Context, req provider.Request) (provider.Le
 		LeaseID: req.LeaseID, VolumeID: req.VolumeID, Class: req.Class, Params: req.Params, Pod: req.Pod, Verifier: verifier,
 	})
 	if err != nil {
-		return provider.Lease{}, scrub(err, password, verifier)
+		return provider.Lease{}, redact(err, password, verifier)
 	}
 	return provider.Lease{
 		Values: map[string]string{"username": g.Name, "password": password},

@@ -30,6 +30,7 @@ import (
 	"sigs.k8s.io/yaml"
 
 	"github.com/ephemeral-secrets/csi-driver/pkg/issuer"
+	pgengine "github.com/ephemeral-secrets/csi-driver/pkg/issuer/postgres"
 	"github.com/ephemeral-secrets/csi-driver/pkg/issuer/remote"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider/postgres"
@@ -248,7 +249,7 @@ func run(out string, burst, nodes, seq int, qps string) error {
 	// The same issuer code in this process, as the driver runs it
 	// without a cluster: its own admin pool of the same size.
 	var cfg struct {
-		Postgres postgres.Config `json:"postgres"`
+		Postgres pgengine.Config `json:"postgres"`
 	}
 	if err := yaml.UnmarshalStrict([]byte(backendConfig(pg.AdminURL()+"&application_name="+localApp)), &cfg); err != nil {
 		return err

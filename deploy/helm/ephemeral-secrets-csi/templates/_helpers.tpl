@@ -86,17 +86,57 @@ Call with (dict "image" .Values.x.image "root" .).
 {{/*
 Whether kubelet hands pods' tokens in NodePublishVolume's secrets: the
 CSIDriver's serviceAccountTokenInSecrets and the driver's
---tokens-in-secrets follow this one decision. Kubernetes 1.34 and older
-have no such field, and 1.35 refuses it without tokenRequests; with no
-token requested there is none to misplace ("true": the driver then refuses
-any token a pod puts in its volume attributes).
+--tokens-in-secrets follow this one value, csiDriver.tokensInSecrets,
+never the Kubernetes version helm assumes (an offline render, helm
+template or GitOps, would disagree with the cluster). With no token
+requested there is none to misplace: "true" (the driver then refuses any
+token a pod puts in its volume attributes).
 */}}
 {{- define "esc.tokensInSecrets" -}}
 {{- $audiences := include "esc.audiences" . | fromJsonArray -}}
-{{- $inSecrets := .Values.csiDriver.serviceAccountTokenInSecrets | toString -}}
-{{- if not $audiences -}}true
-{{- else if eq $inSecrets "true" -}}true
-{{- else if and (eq $inSecrets "auto") (semverCompare ">=1.35.0-0" .Capabilities.KubeVersion.Version) -}}true
-{{- else -}}false
+{{- if or (not $audiences) .Values.csiDriver.tokensInSecrets -}}true{{- else -}}false{{- end -}}
 {{- end -}}
+
+{{/*
+Whether the issuer runs: PostgreSQL is in use and served through it.
+"true" or "".
+*/}}
+{{- define "esc.issuerOn" -}}
+{{- if and .Values.providers.postgres.enabled .Values.issuer.enabled -}}true{{- end -}}
+{{- end -}}
+
+{{/* The housekeeper's Deployment and service account. */}}
+{{- define "esc.housekeeperName" -}}
+{{- printf "%s-housekeeper" (include "esc.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "esc.housekeeperSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "esc.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: housekeeper
+{{- end -}}
+
+{{- define "esc.uninstallLabels" -}}
+app.kubernetes.io/name: {{ include "esc.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: uninstall
+{{ include "esc.metaLabels" . }}
+{{- end -}}
+
+{{- define "esc.housekeeperLabels" -}}
+{{ include "esc.housekeeperSelectorLabels" . }}
+{{ include "esc.metaLabels" . }}
+{{- end -}}
+
+{{/*
+The rules of files/inventory-rbac.yaml (the rights pkg/inventory's tests
+run with), as YAML: a map from each ClusterRole's name to its rules.
+*/}}
+{{- define "esc.inventoryRules" -}}
+{{- $rbac := dict -}}
+{{- range splitList "\n---\n" (.Files.Get "files/inventory-rbac.yaml") -}}
+{{- $o := fromYaml . -}}
+{{- $_ := set $rbac $o.metadata.name $o.rules -}}
+{{- end -}}
+{{- toYaml $rbac -}}
 {{- end -}}

@@ -84,20 +84,6 @@ type Subject struct {
 	ServiceAccount string `json:"serviceAccount"`
 }
 
-func (s Subject) matches(ns, sa string) bool {
-	return (s.Namespace == "*" || s.Namespace == ns) && (s.ServiceAccount == "*" || s.ServiceAccount == sa)
-}
-
-// allows reports whether the service account sa of namespace ns may use r.
-func (r *Role) allows(ns, sa string) bool {
-	for _, s := range r.Allowed {
-		if s.matches(ns, sa) {
-			return true
-		}
-	}
-	return false
-}
-
 // Duration is a time.Duration written as "1h30m".
 type Duration struct{ time.Duration }
 

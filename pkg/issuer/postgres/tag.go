@@ -30,7 +30,7 @@ type Tag struct {
 }
 
 // String is the comment: space-separated key=value fields, each value of
-// a character set checked when the role is made (safeTagValue), so it
+// a character set checked before the role is made (Check), so it
 // needs no quoting.
 func (t Tag) String() string {
 	return fmt.Sprintf("%slease=%s role=%s class=%s ns=%s pod=%s uid=%s sa=%s node=%s created=%s", tagPrefix,
@@ -84,17 +84,30 @@ var (
 	configKeyPattern = regexp.MustCompile(`^[A-Za-z0-9._-]{1,63}$`)
 )
 
-// checkTagged refuses a request whose fields could not be recorded in a
-// tag as they are: a lease ID or a pod identity of unexpected characters
-// comes from a caller that does not follow the protocol.
-func checkTagged(leaseID, class, node string, pod provider.Pod) error {
-	if !leaseIDPattern.MatchString(leaseID) {
+// Check refuses a tag whose fields could not be recorded as they are: a
+// lease ID or a pod identity of unexpected characters comes from a caller
+// that does not follow the protocol (ErrInvalidParameters).
+func (t Tag) Check() error {
+	if !leaseIDPattern.MatchString(t.LeaseID) {
 		return fmt.Errorf("%w: lease ID must be of [a-z0-9-]", provider.ErrInvalidParameters)
 	}
-	for _, v := range []string{class, node, pod.Namespace, pod.Name, pod.UID, pod.ServiceAccount} {
+	for _, v := range []string{t.Class, t.Node, t.Pod.Namespace, t.Pod.Name, t.Pod.UID, t.Pod.ServiceAccount} {
 		if !namePattern.MatchString(v) {
 			return fmt.Errorf("%w: pod identity or class of unexpected characters", provider.ErrInvalidParameters)
 		}
+	}
+	return nil
+}
+
+// verifierPattern is the form of a SCRAM-SHA-256 verifier: it goes into
+// a statement between quotes, so nothing else is taken.
+var verifierPattern = regexp.MustCompile(`^SCRAM-SHA-256\$[0-9]{1,7}:[A-Za-z0-9+/=]{1,200}\$[A-Za-z0-9+/=]{1,200}:[A-Za-z0-9+/=]{1,200}$`)
+
+// CheckVerifier refuses a verifier that is not of a SCRAM-SHA-256
+// verifier's form (ErrInvalidParameters).
+func CheckVerifier(v string) error {
+	if !verifierPattern.MatchString(v) {
+		return fmt.Errorf("%w: verifier is not a SCRAM-SHA-256 verifier", provider.ErrInvalidParameters)
 	}
 	return nil
 }
