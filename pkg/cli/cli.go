@@ -283,7 +283,7 @@ func serve(version string, args []string, extra []Register) error {
 	}
 	go mgr.Run(ctx)
 	if apiConfig != nil && f.watchInventory {
-		if err := watchInventory(ctx, apiConfig, f.nodeID, mgr, store, sink); err != nil {
+		if err := watchInventory(ctx, apiConfig, f.nodeID, mgr, lease.NewStateRecords(store), sink); err != nil {
 			return fmt.Errorf("watching the node's credential records: %w", err)
 		}
 	}

@@ -37,6 +37,7 @@ var rank = map[string]int{
 	"pkg/provider/aws":      2,
 	"pkg/provider/vault":    2,
 	"pkg/provider/postgres": 2,
+	"pkg/issuer/postgres":   2, // the issuer's SQL engine: pools, statements, SQLSTATE classes
 	// 3: the lease manager's workers and what it renders; the issuer and
 	// the inventory.
 	"pkg/render":           3,
