@@ -279,7 +279,7 @@ print-helm:
 
 # Each fuzz target for FUZZTIME (their seed corpora already run in `make test`).
 fuzz:
-	$(GO) test ./pkg/storage -run '^$$' -fuzz '^FuzzValidatePath$$' -fuzztime $(FUZZTIME)
+	$(GO) test ./pkg/volumepath -run '^$$' -fuzz '^FuzzValidatePath$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./pkg/storage -run '^$$' -fuzz '^FuzzTargetPolicy$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./pkg/spc -run '^$$' -fuzz '^FuzzParseVolumeContext$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./pkg/spc -run '^$$' -fuzz '^FuzzParseClasses$$' -fuzztime $(FUZZTIME)

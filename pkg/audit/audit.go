@@ -2,6 +2,8 @@
 // request, issue, renew, rotate, revoke, expire, failure; and one per load
 // of the backend configuration (config). Records carry
 // who, what, when and how long; never a secret.
+//
+// It imports pkg/provider (the pod and lease it records) only.
 package audit
 
 import (

@@ -235,7 +235,7 @@ func serve(version string, args []string, extra []Register) error {
 	sockets := leaseapi.New(f.leaseAPI)
 	mgr = lease.New(lease.Options{
 		Metrics: m,
-		Store:   store, Providers: providers.reg, Classes: classes, Audit: auditLog,
+		Store:   lease.NewStore(store), Providers: providers.reg, Classes: classes, Audit: auditLog,
 		VerifyTarget:  targets.CheckNoSymlinks,
 		RenewFraction: f.renewFraction, RetryMin: f.retryMin, RetryMax: f.retryMax, RotationGrace: f.rotationGrace,
 		BackendTimeout: f.backendTimeout, SweepInterval: f.sweep,
@@ -279,7 +279,7 @@ func serve(version string, args []string, extra []Register) error {
 	}
 	go mgr.Run(ctx)
 	if apiConfig != nil && f.watchInventory {
-		if err := watchInventory(ctx, apiConfig, f.nodeID, mgr, store, sink); err != nil {
+		if err := watchInventory(ctx, apiConfig, f.nodeID, mgr, lease.NewStateRecords(store), sink); err != nil {
 			return fmt.Errorf("watching the node's credential records: %w", err)
 		}
 	}
@@ -326,7 +326,7 @@ func leases(args []string, out io.Writer) error {
 	if err != nil {
 		return err
 	}
-	inv, err := lease.ReadInventory(store)
+	inv, err := lease.ReadInventory(lease.NewStateRecords(store))
 	if err != nil {
 		return err
 	}

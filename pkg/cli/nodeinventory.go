@@ -11,7 +11,6 @@ import (
 	"github.com/ephemeral-secrets/csi-driver/pkg/events"
 	"github.com/ephemeral-secrets/csi-driver/pkg/inventory"
 	"github.com/ephemeral-secrets/csi-driver/pkg/lease"
-	"github.com/ephemeral-secrets/csi-driver/pkg/storage"
 )
 
 // ReasonCredentialWithdrawn is the reason of the pod's Warning event when
@@ -30,7 +29,7 @@ const ReasonCredentialWithdrawn = "CredentialWithdrawn"
 // no longer holds its lease (read from the state directory, store): an
 // unrevocable one (STS) does not hold its namespace's deletion until it
 // expires.
-func watchInventory(ctx context.Context, cfg *rest.Config, node string, mgr *lease.Manager, store storage.MetadataReader, sink events.Sink) error {
+func watchInventory(ctx context.Context, cfg *rest.Config, node string, mgr *lease.Manager, store lease.MetadataReader, sink events.Sink) error {
 	c, err := inventory.NewClient(cfg)
 	if err != nil {
 		return err
@@ -68,7 +67,7 @@ func watchInventory(ctx context.Context, cfg *rest.Config, node string, mgr *lea
 
 // holdsLease tells whether the node still holds leaseID: a live lease of
 // a volume (or of one of its tasks), or a revocation not yet confirmed.
-func holdsLease(store storage.MetadataReader, leaseID string) (bool, error) {
+func holdsLease(store lease.MetadataReader, leaseID string) (bool, error) {
 	inv, err := lease.ReadInventory(store)
 	if err != nil {
 		return false, err

@@ -1,6 +1,11 @@
 // Package driver serves the CSI Identity and Node services: it validates
 // requests, hands them to the lease manager and maps the outcome to CSI
 // error codes, all in one place.
+//
+// It is the top of the node's stack below the command line: it imports
+// pkg/lease (the state machine it delegates to), pkg/spc, pkg/render,
+// pkg/storage (target path policy, errors), pkg/limits, pkg/events,
+// pkg/metrics and pkg/provider, and nothing imports it but pkg/cli.
 package driver
 
 import (

@@ -6,6 +6,8 @@
 // Events are written with the dynamic client, as unstructured objects: the
 // typed clientset and its scheme of every API group would double the
 // driver's resident memory for one kind of object.
+//
+// It imports pkg/provider (the pod an event is about) only.
 package events
 
 import (

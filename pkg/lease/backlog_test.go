@@ -7,8 +7,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ephemeral-secrets/csi-driver/pkg/lease/revocation"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
-	"github.com/ephemeral-secrets/csi-driver/pkg/storage"
 )
 
 // listCounter counts the reads of the revocation queue from the store.
@@ -17,7 +17,7 @@ type listCounter struct {
 	lists atomic.Int32
 }
 
-func (s *listCounter) ListRevocations() ([]storage.Revocation, error) {
+func (s *listCounter) ListRevocations() ([]revocation.Entry, error) {
 	s.lists.Add(1)
 	return s.Store.ListRevocations()
 }

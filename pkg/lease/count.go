@@ -1,7 +1,5 @@
 package lease
 
-import "github.com/ephemeral-secrets/csi-driver/pkg/storage"
-
 // Published reports whether the volume is published on the node: a
 // publish of it is a republish.
 func (m *Manager) Published(volumeID string) bool {
@@ -17,7 +15,7 @@ func (m *Manager) Live(namespace string) (inNamespace, onNode int) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	for _, v := range m.vols {
-		if v.meta.State == storage.StateWithdrawn {
+		if v.meta.State == StateWithdrawn {
 			continue // holds no credential any more
 		}
 		n := 1 + len(v.meta.Tasks)

@@ -15,7 +15,6 @@ import (
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider/postgres"
 	"github.com/ephemeral-secrets/csi-driver/pkg/spc"
-	"github.com/ephemeral-secrets/csi-driver/pkg/storage"
 	"github.com/ephemeral-secrets/csi-driver/test/crashstore"
 	"github.com/ephemeral-secrets/csi-driver/test/faults"
 )
@@ -279,9 +278,9 @@ func TestCrashAtEveryWrite(t *testing.T) {
 func crashAt(t *testing.T, sc crashScenario, k int, ttl time.Duration) bool {
 	ctx := context.Background()
 	n := newNode(t, ttl)
-	cs := crashstore.New(n.store)
+	cs := crashstore.New(n.fs)
 	fp := &faults.Provider{Provider: n.pg}
-	c := &crashRun{node: n, cs: cs, m: n.manager(cs, fp, Options{}), vol: n.volume(fmt.Sprintf("p%d", k)), ttl: ttl,
+	c := &crashRun{node: n, cs: cs, m: n.manager(NewStore(cs), fp, Options{}), vol: n.volume(fmt.Sprintf("p%d", k)), ttl: ttl,
 		withdrawn: sc.withdrawn}
 	if sc.tasks {
 		c.vol.Attributes[spc.ClassKey], c.vol.Mount.Class = "db-tasks", "db-tasks"
@@ -363,7 +362,7 @@ func (m *Manager) current() map[string]bool {
 	defer m.mu.Unlock()
 	out := map[string]bool{}
 	for _, v := range m.vols {
-		if v.meta.State == storage.StateWithdrawn {
+		if v.meta.State == StateWithdrawn {
 			continue
 		}
 		out[postgres.RoleName(v.lease.ID)] = true
@@ -407,7 +406,7 @@ func (c *crashRun) checkRecovered(t *testing.T, m *Manager, running bool, when s
 		m.mu.Lock()
 		state := m.vols[c.vol.ID].meta.State
 		m.mu.Unlock()
-		if state != storage.StateWithdrawn {
+		if state != StateWithdrawn {
 			t.Errorf("%s: the withdrawn volume is %s", when, state)
 		}
 		if !c.store.IsMounted(c.vol.TargetPath) {

@@ -66,7 +66,8 @@ func (c classMap) Resolve(_ context.Context, ns, name string) (*spc.Class, error
 type node struct {
 	t       testing.TB
 	root    string
-	store   *storage.Filesystem
+	fs      *storage.Filesystem // the raw store
+	store   Store               // fs, as the manager reads it
 	pg      *postgres.Provider
 	classes classMap
 	prefix  string // role-name prefix of this test's pods
@@ -98,7 +99,7 @@ func newNode(t testing.TB, ttl time.Duration, creation ...string) *node {
 	}
 	p := postgres.NewNode(iss.Local())
 	n := &node{
-		t: t, root: root, store: store, pg: p,
+		t: t, root: root, fs: store, store: NewStore(store), pg: p,
 		classes: classMap{
 			testNS + "/db": {Namespace: testNS, Name: "db", Provider: postgres.Name,
 				Parameters: map[string]string{postgres.ConnectionParam: "main", postgres.RoleParam: "app"}},

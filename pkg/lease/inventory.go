@@ -6,7 +6,6 @@ import (
 	"time"
 
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
-	"github.com/ephemeral-secrets/csi-driver/pkg/storage"
 )
 
 // Live is a lease alive on the node, as an admin sees it: nothing secret.
@@ -49,7 +48,7 @@ type Inventory struct {
 
 // ReadInventory reads the inventory from a store; it works while the
 // driver runs, or after it stopped, from its state directory.
-func ReadInventory(s storage.MetadataReader) (Inventory, error) {
+func ReadInventory(s MetadataReader) (Inventory, error) {
 	inv := Inventory{Live: []Live{}, Pending: []Pending{}}
 	ids, err := s.ListVolumes()
 	if err != nil {

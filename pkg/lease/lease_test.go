@@ -6,8 +6,9 @@ import (
 	"testing"
 	"time"
 
+	clocktesting "k8s.io/utils/clock/testing"
+
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
-	"github.com/ephemeral-secrets/csi-driver/pkg/storage"
 )
 
 func TestNewLeaseID(t *testing.T) {
@@ -59,9 +60,12 @@ func TestParseGID(t *testing.T) {
 // after the grant began, whenever it is computed (a restart included), and
 // a grant a max TTL shortened keeps the margin a full grant leaves.
 func TestRenewalPointIsOnTheLeasesTimeline(t *testing.T) {
-	m := New(Options{Jitter: 0, RotationGrace: -1})
+	// A fake clock: the overdue case's timer (due at once) must not fire
+	// and re-arm itself before the test reads where it was set.
+	clk := clocktesting.NewFakeClock(time.Now())
+	m := New(Options{Jitter: 0, RotationGrace: -1, Clock: clk})
 	defer m.Close()
-	now := time.Now()
+	now := clk.Now()
 	for name, tc := range map[string]struct {
 		granted, expires time.Time
 		grantTTL         time.Duration
@@ -73,7 +77,7 @@ func TestRenewalPointIsOnTheLeasesTimeline(t *testing.T) {
 		"overdue":                {now.Add(-8 * time.Second), now.Add(time.Second), 9 * time.Second, now},
 		"grant time unknown":     {time.Time{}, now.Add(9 * time.Second), 0, now.Add(6 * time.Second)},
 	} {
-		v := &volume{meta: storage.Metadata{VolumeID: name, GrantTTL: tc.grantTTL},
+		v := &volume{meta: Metadata{VolumeID: name, GrantTTL: tc.grantTTL},
 			lease: provider.Lease{ExpiresAt: tc.expires}, granted: tc.granted}
 		m.mu.Lock()
 		m.vols[name] = v
@@ -125,7 +129,7 @@ func TestRenewalLeavesTheRotationGrace(t *testing.T) {
 		"12s: 5s left": {12 * time.Second, 7 * time.Second},
 		"1m: a third":  {time.Minute, 40 * time.Second},
 	} {
-		v := &volume{meta: storage.Metadata{VolumeID: name, GrantTTL: tc.ttl},
+		v := &volume{meta: Metadata{VolumeID: name, GrantTTL: tc.ttl},
 			lease: provider.Lease{ExpiresAt: now.Add(tc.ttl)}, granted: now}
 		m.mu.Lock()
 		m.vols[name] = v

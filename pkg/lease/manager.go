@@ -6,6 +6,12 @@
 // (pkg/lease/revocation), and the outbox of the calls that record each
 // lease in the cluster's inventory (pkg/lease/outbox); neither imports
 // this package.
+//
+// Its records (Metadata, Task, State) are defined here and kept by the
+// volume store (pkg/storage) as opaque JSON, through NewStore. It imports
+// pkg/storage, pkg/lease/revocation, pkg/lease/outbox, pkg/lease/keylock,
+// pkg/provider (the contract it calls), pkg/render, pkg/spc, pkg/audit and
+// pkg/metrics; pkg/driver, pkg/leaseapi and pkg/cli import it.
 package lease
 
 import (
@@ -43,14 +49,6 @@ var (
 	// ErrNotReady: recovery after start-up has not finished.
 	ErrNotReady = errors.New("driver is still recovering its state")
 )
-
-// Store is what the manager needs of the storage.
-type Store interface {
-	storage.MetadataReader
-	storage.MetadataWriter
-	storage.DataWriter
-	RemoveOrphans() (int, error)
-}
 
 // Options configure a Manager. Zero durations take the defaults.
 type Options struct {
@@ -139,7 +137,7 @@ type Manager struct {
 // change only under the volume's lock and m.mu together, so either one is
 // enough to read them (State reads under m.mu alone).
 type volume struct {
-	meta     storage.Metadata
+	meta     Metadata
 	lease    provider.Lease
 	spec     *render.Spec
 	tokens   map[string]provider.Token
@@ -282,7 +280,7 @@ func (m *Manager) republish(cur *volume, v Volume) error {
 		cur.tokens = v.Mount.Tokens
 	}
 	overdue := !cur.renewAt.IsZero() && m.clock.Now().After(cur.renewAt) && cur.failures == 0 &&
-		cur.meta.State != storage.StateWithdrawn
+		cur.meta.State != StateWithdrawn
 	m.mu.Unlock()
 	if !m.opts.Store.IsMounted(v.TargetPath) {
 		if err := m.mount(v.ID, v.TargetPath); err != nil {
@@ -344,10 +342,10 @@ func (m *Manager) publishNew(ctx context.Context, v Volume) error {
 	}
 	leaseID := newLeaseID(pod)
 	now := m.clock.Now().UTC()
-	meta := storage.Metadata{
+	meta := Metadata{
 		VolumeID: v.ID, TargetPath: v.TargetPath, ReadOnly: v.ReadOnly, MountGroup: v.MountGroup,
 		Attributes: v.Attributes, Class: class.Ref(), Provider: class.Provider, Pod: pod,
-		PendingLeaseID: leaseID, Params: params, State: storage.StateIssuing, CreatedAt: now,
+		PendingLeaseID: leaseID, Params: params, State: StateIssuing, CreatedAt: now,
 		LeaseAPI: spec.LeaseAPI, MaxTasks: spec.MaxTasks,
 	}
 	// The volume's tmpfs first (a crash now leaves a directory without a
@@ -410,7 +408,7 @@ func (m *Manager) publishNew(ctx context.Context, v Volume) error {
 	if err := m.mount(v.ID, v.TargetPath); err != nil {
 		return undo(l, err)
 	}
-	meta.State, meta.LeaseID, meta.PendingLeaseID = storage.StatePublished, l.ID, ""
+	meta.State, meta.LeaseID, meta.PendingLeaseID = StatePublished, l.ID, ""
 	meta.Role, meta.IssuedAt, meta.ExpiresAt, meta.GrantTTL = l.Role, l.IssuedAt, l.ExpiresAt, grantTTL(l, asked)
 	if err := m.opts.Store.WriteMetadata(meta); err != nil {
 		_ = m.opts.Store.UnmountTarget(v.TargetPath)
@@ -547,7 +545,7 @@ func withExpiry(r audit.Record, t time.Time) audit.Record {
 	return r
 }
 
-func recordFor(meta storage.Metadata, l provider.Lease) audit.Record {
+func recordFor(meta Metadata, l provider.Lease) audit.Record {
 	return withExpiry(audit.Record{
 		VolumeID: meta.VolumeID, Pod: meta.Pod, Class: meta.Class, Provider: meta.Provider,
 		Role: l.Role, LeaseID: l.ID,

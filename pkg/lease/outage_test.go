@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/ephemeral-secrets/csi-driver/pkg/audit"
+	"github.com/ephemeral-secrets/csi-driver/pkg/lease/revocation"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
 	"github.com/ephemeral-secrets/csi-driver/pkg/storage"
 )
@@ -26,7 +27,7 @@ type killableStore struct {
 
 var errKilled = errors.New("driver killed")
 
-func (s *killableStore) WriteMetadata(m storage.Metadata) error {
+func (s *killableStore) WriteMetadata(m Metadata) error {
 	if s.dead.Load() {
 		return errKilled
 	}
@@ -44,7 +45,7 @@ func (s *killableStore) DeleteLease(id, leaseID string) error {
 	}
 	return s.Store.DeleteLease(id, leaseID)
 }
-func (s *killableStore) PutRevocation(r storage.Revocation) error {
+func (s *killableStore) PutRevocation(r revocation.Entry) error {
 	if s.dead.Load() {
 		return errKilled
 	}

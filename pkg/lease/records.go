@@ -7,8 +7,8 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/ephemeral-secrets/csi-driver/pkg/lease/outbox"
+	"github.com/ephemeral-secrets/csi-driver/pkg/lease/revocation"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
-	"github.com/ephemeral-secrets/csi-driver/pkg/storage"
 )
 
 // The records of each lease outside the node (the cluster's inventory):
@@ -28,7 +28,7 @@ type (
 // the issue or a renewal): the manager then withdraws the volume.
 var ErrRecordGone = outbox.ErrRecordGone
 
-func recordOf(meta storage.Metadata, l provider.Lease) Record {
+func recordOf(meta Metadata, l provider.Lease) Record {
 	return Record{
 		LeaseID: l.ID, VolumeID: meta.VolumeID, Pod: meta.Pod, Class: meta.Class, Provider: meta.Provider,
 		Role: l.Role, Task: taskOf(meta, l.ID), IssuedAt: l.IssuedAt, ExpiresAt: l.ExpiresAt,
@@ -36,7 +36,7 @@ func recordOf(meta storage.Metadata, l provider.Lease) Record {
 }
 
 // noteIssued queues the record of l, v's lease (or one of its tasks').
-func (m *Manager) noteIssued(meta storage.Metadata, l provider.Lease) {
+func (m *Manager) noteIssued(meta Metadata, l provider.Lease) {
 	m.records.Issued(recordOf(meta, l))
 }
 
@@ -45,7 +45,7 @@ func (m *Manager) noteIssued(meta storage.Metadata, l provider.Lease) {
 // session) lives until it expires, and so does its record: the inventory
 // shows what is alive, and deleting the record then (the kill switch)
 // could stop nothing anyway.
-func (m *Manager) noteRevoked(r storage.Revocation, unrevocable bool) {
+func (m *Manager) noteRevoked(r revocation.Entry, unrevocable bool) {
 	rec := Record{
 		LeaseID: r.Lease.ID, VolumeID: r.VolumeID, Pod: r.Pod, Class: r.Class, Provider: r.Lease.Provider,
 		Role: r.Lease.Role, Task: r.Task, IssuedAt: r.Lease.IssuedAt, ExpiresAt: r.Lease.ExpiresAt,

@@ -91,10 +91,10 @@ func (m *Manager) recoverVolume(ctx context.Context, id string) (bool, error) {
 		byID[l.ID] = l
 	}
 	cur, published := byID[meta.LeaseID]
-	if meta.State == storage.StateWithdrawn {
+	if meta.State == StateWithdrawn {
 		return m.recoverWithdrawn(meta, cur)
 	}
-	if meta.State != storage.StatePublished || !published {
+	if meta.State != StatePublished || !published {
 		// The publish never finished, so kubelet got an error and will
 		// retry it from scratch: leave nothing behind.
 		if err := m.enqueueHeld(meta, provider.Lease{}, "issue interrupted by a restart"); err != nil {
@@ -191,7 +191,7 @@ func (m *Manager) queued(id string) bool { return m.revocations.Queued(id) }
 
 // enqueueHeld queues the revocation of every lease the volume holds (see
 // heldLeases), with all each record holds.
-func (m *Manager) enqueueHeld(meta storage.Metadata, cur provider.Lease, reason string) error {
+func (m *Manager) enqueueHeld(meta Metadata, cur provider.Lease, reason string) error {
 	leases, err := m.heldLeases(meta, cur)
 	if err != nil {
 		return err
@@ -207,7 +207,7 @@ func (m *Manager) enqueueHeld(meta storage.Metadata, cur provider.Lease, reason 
 // recoverWithdrawn finishes the withdrawal of a volume a restart found:
 // retired if its target is gone, else kept, empty, with every lease it
 // still holds queued for revocation. It reports false: nothing is live.
-func (m *Manager) recoverWithdrawn(meta storage.Metadata, cur provider.Lease) (bool, error) {
+func (m *Manager) recoverWithdrawn(meta Metadata, cur provider.Lease) (bool, error) {
 	gid, _ := ParseGID(meta.MountGroup)
 	v := &volume{meta: meta, lease: cur, gid: gid, tasks: map[string]provider.Lease{}}
 	if !m.opts.Store.IsMounted(meta.TargetPath) {
@@ -230,7 +230,7 @@ func (m *Manager) recoverWithdrawn(meta storage.Metadata, cur provider.Lease) (b
 // specFor finds the file layout of a recovered volume. The class may have
 // changed or gone since the publish; the volume then keeps the layout it
 // has (its files stay until renewal rewrites them with the class as it is).
-func (m *Manager) specFor(ctx context.Context, meta storage.Metadata) (*render.Spec, error) {
+func (m *Manager) specFor(ctx context.Context, meta Metadata) (*render.Spec, error) {
 	class, err := m.opts.Classes.Resolve(ctx, meta.Pod.Namespace, meta.Attributes[spc.ClassKey])
 	if err != nil {
 		if errors.Is(err, spc.ErrClassNotFound) {
@@ -302,7 +302,7 @@ func (m *Manager) recoverTasks(v *volume, records map[string]provider.Lease) err
 		t := v.meta.Tasks[task]
 		if l, ok := records[t.LeaseID]; ok {
 			v.tasks[task] = l
-			if t.State == storage.StatePublished {
+			if t.State == StatePublished {
 				continue
 			}
 		}

@@ -6,7 +6,6 @@ import (
 	"time"
 
 	"github.com/ephemeral-secrets/csi-driver/pkg/spc"
-	"github.com/ephemeral-secrets/csi-driver/pkg/storage"
 )
 
 // renewalWrites signals each metadata write of a renewal or a rotation
@@ -16,7 +15,7 @@ type renewalWrites struct {
 	wrote chan struct{}
 }
 
-func (s *renewalWrites) WriteMetadata(m storage.Metadata) error {
+func (s *renewalWrites) WriteMetadata(m Metadata) error {
 	err := s.Store.WriteMetadata(m)
 	if m.Renewals > 0 || m.PendingLeaseID != "" {
 		select {

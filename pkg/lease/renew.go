@@ -79,7 +79,7 @@ func grantTTL(l provider.Lease, asked time.Time) time.Duration {
 // of its issue and its last recorded renewal. A crash between recording a
 // renewed lease and its metadata leaves an earlier time, which only
 // brings the next renewal forward.
-func grantedAt(meta storage.Metadata, l provider.Lease) time.Time {
+func grantedAt(meta Metadata, l provider.Lease) time.Time {
 	t := l.IssuedAt
 	for _, u := range []time.Time{meta.IssuedAt, meta.RenewedAt} {
 		if u.After(t) && l.ID == meta.LeaseID {
@@ -94,7 +94,7 @@ func (m *Manager) schedule(id string, d time.Duration) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	v := m.vols[id]
-	if v == nil || m.ctx.Err() != nil || v.meta.State == storage.StateWithdrawn {
+	if v == nil || m.ctx.Err() != nil || v.meta.State == StateWithdrawn {
 		return
 	}
 	if v.timer != nil {
@@ -140,7 +140,7 @@ func (m *Manager) renew(id string) {
 	m.mu.Lock()
 	v := m.vols[id]
 	m.mu.Unlock()
-	if v == nil || v.meta.State == storage.StateWithdrawn {
+	if v == nil || v.meta.State == StateWithdrawn {
 		return
 	}
 	prov, ok := m.opts.Providers.Get(v.meta.Provider)
@@ -279,7 +279,7 @@ func (m *Manager) switchTo(v *volume, nl provider.Lease, granted time.Time) erro
 // once), then removes l's record. A record whose revocation could not be
 // queued stays, for recovery to queue; it reports whether the revocation
 // was queued.
-func (m *Manager) dropRecord(l provider.Lease, meta storage.Metadata, reason string, notBefore time.Time) bool {
+func (m *Manager) dropRecord(l provider.Lease, meta Metadata, reason string, notBefore time.Time) bool {
 	if err := m.enqueueAfter(l, meta, reason, notBefore); err != nil {
 		klog.ErrorS(err, "Queueing a revocation", "leaseID", l.ID)
 		return false
@@ -392,7 +392,7 @@ func digest(files []storage.File) [sha256.Size]byte {
 }
 
 // enqueueOrLog queues the revocation of l; the worker runs it at once.
-func (m *Manager) enqueueOrLog(l provider.Lease, meta storage.Metadata, reason string) {
+func (m *Manager) enqueueOrLog(l provider.Lease, meta Metadata, reason string) {
 	if err := m.enqueue(l, meta, reason); err != nil {
 		klog.ErrorS(err, "Queueing a revocation", "leaseID", l.ID)
 	}

@@ -6,22 +6,22 @@ import (
 	"time"
 
 	"github.com/ephemeral-secrets/csi-driver/pkg/audit"
+	"github.com/ephemeral-secrets/csi-driver/pkg/lease/revocation"
 	"github.com/ephemeral-secrets/csi-driver/pkg/metrics"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
-	"github.com/ephemeral-secrets/csi-driver/pkg/storage"
 )
 
 // enqueue records the revocation of l durably; the queue's workers run it.
-func (m *Manager) enqueue(l provider.Lease, meta storage.Metadata, reason string) error {
+func (m *Manager) enqueue(l provider.Lease, meta Metadata, reason string) error {
 	return m.enqueueAfter(l, meta, reason, time.Time{})
 }
 
 // enqueueAfter is enqueue for a revocation not to run before notBefore.
-func (m *Manager) enqueueAfter(l provider.Lease, meta storage.Metadata, reason string, notBefore time.Time) error {
+func (m *Manager) enqueueAfter(l provider.Lease, meta Metadata, reason string, notBefore time.Time) error {
 	if l.ID == "" {
 		return nil
 	}
-	r := storage.Revocation{
+	r := revocation.Entry{
 		Lease: l, VolumeID: meta.VolumeID, Class: meta.Class, Pod: meta.Pod,
 		Reason: reason, Task: taskOf(meta, l.ID), EnqueuedAt: m.clock.Now().UTC(), NotBefore: notBefore,
 	}
@@ -65,7 +65,7 @@ func (m *Manager) State() metrics.State {
 	now := m.clock.Now()
 	m.mu.Lock()
 	for _, v := range m.vols {
-		if v.meta.State == storage.StateWithdrawn {
+		if v.meta.State == StateWithdrawn {
 			continue
 		}
 		s.LiveLeases[v.meta.Provider] += 1 + len(v.meta.Tasks)

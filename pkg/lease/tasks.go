@@ -15,7 +15,6 @@ import (
 	"github.com/ephemeral-secrets/csi-driver/pkg/audit"
 	"github.com/ephemeral-secrets/csi-driver/pkg/metrics"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
-	"github.com/ephemeral-secrets/csi-driver/pkg/storage"
 )
 
 // Errors of the lease socket's verbs; the socket maps them to HTTP codes.
@@ -76,7 +75,7 @@ type TaskInfo struct {
 	Path string `json:"path"`
 }
 
-func taskInfo(id string, t storage.Task) TaskInfo {
+func taskInfo(id string, t Task) TaskInfo {
 	return TaskInfo{Task: id, LeaseID: t.LeaseID, Role: t.Role, State: string(t.State),
 		IssuedAt: t.IssuedAt, ExpiresAt: t.ExpiresAt, Path: "tasks/" + id}
 }
@@ -92,13 +91,13 @@ func (m *Manager) Info(volumeID string) (Info, error) {
 	return infoOf(v.meta), nil
 }
 
-func infoOf(meta storage.Metadata) Info {
+func infoOf(meta Metadata) Info {
 	in := Info{
 		VolumeID: meta.VolumeID, Pod: meta.Pod, LeaseID: meta.LeaseID, Provider: meta.Provider, Role: meta.Role,
 		State: string(meta.State), IssuedAt: meta.IssuedAt, ExpiresAt: meta.ExpiresAt, RenewedAt: meta.RenewedAt,
 		Renewals: meta.Renewals, Withdrawn: meta.WithdrawReason, MaxTasks: meta.MaxTasks, Tasks: []TaskInfo{},
 	}
-	if meta.State == storage.StateWithdrawn {
+	if meta.State == StateWithdrawn {
 		in.LeaseID = meta.WithdrawnLease
 	}
 	for _, id := range slices.Sorted(maps.Keys(meta.Tasks)) {
@@ -125,7 +124,7 @@ func (m *Manager) usable(ctx context.Context, volumeID string) (*volume, func(),
 		err = fmt.Errorf("%w: %s", ErrUnknownVolume, volumeID)
 	case !v.meta.LeaseAPI:
 		err = ErrNoLeaseAPI
-	case v.meta.State == storage.StateWithdrawn:
+	case v.meta.State == StateWithdrawn:
 		err = ErrWithdrawn
 	}
 	if err != nil {
@@ -192,7 +191,7 @@ func (m *Manager) IssueTask(ctx context.Context, volumeID, task string, ttl time
 		return TaskInfo{}, err
 	}
 	// The intent first.
-	if err := m.setTask(v, task, &storage.Task{LeaseID: leaseID, State: storage.StateIssuing}); err != nil {
+	if err := m.setTask(v, task, &Task{LeaseID: leaseID, State: StateIssuing}); err != nil {
 		return fail(fmt.Errorf("recording the task: %w", err))
 	}
 	m.mu.Lock()
@@ -238,7 +237,7 @@ func (m *Manager) IssueTask(ctx context.Context, volumeID, task string, ttl time
 		m.mu.Unlock()
 		return undo(l, err)
 	}
-	t := storage.Task{LeaseID: leaseID, State: storage.StatePublished, Role: l.Role, IssuedAt: l.IssuedAt, ExpiresAt: end}
+	t := Task{LeaseID: leaseID, State: StatePublished, Role: l.Role, IssuedAt: l.IssuedAt, ExpiresAt: end}
 	if err := m.setTask(v, task, &t); err != nil {
 		m.mu.Lock()
 		delete(v.tasks, task)
@@ -301,7 +300,7 @@ func (m *Manager) endTask(v *volume, task, reason string) error {
 		delete(v.taskTimers, task)
 	}
 	m.mu.Unlock()
-	if v.meta.State != storage.StateWithdrawn {
+	if v.meta.State != StateWithdrawn {
 		if err := m.writeFiles(v, v.lease); err != nil {
 			klog.ErrorS(err, "Removing an ended task's files", "volumeID", v.meta.VolumeID, "task", task)
 		}
@@ -316,14 +315,14 @@ func (m *Manager) endTask(v *volume, task, reason string) error {
 }
 
 // setTask records t as task's record in v's metadata (nil: none).
-func (m *Manager) setTask(v *volume, task string, t *storage.Task) error {
+func (m *Manager) setTask(v *volume, task string, t *Task) error {
 	meta := v.meta
 	meta.Tasks = maps.Clone(meta.Tasks)
 	if t == nil {
 		delete(meta.Tasks, task)
 	} else {
 		if meta.Tasks == nil {
-			meta.Tasks = map[string]storage.Task{}
+			meta.Tasks = map[string]Task{}
 		}
 		meta.Tasks[task] = *t
 	}
@@ -377,7 +376,7 @@ func (m *Manager) endExpiredTasks(v *volume) {
 	now := m.clock.Now()
 	for _, id := range slices.Sorted(maps.Keys(v.meta.Tasks)) {
 		t := v.meta.Tasks[id]
-		if t.State == storage.StatePublished && !t.ExpiresAt.IsZero() && !now.Before(t.ExpiresAt) {
+		if t.State == StatePublished && !t.ExpiresAt.IsZero() && !now.Before(t.ExpiresAt) {
 			if err := m.endTask(v, id, "task TTL reached"); err != nil {
 				klog.ErrorS(err, "Ending an expired task", "volumeID", v.meta.VolumeID, "task", id)
 			}
@@ -394,7 +393,7 @@ func (v *volume) stopTaskTimers() {
 }
 
 // taskOf names the task whose lease leaseID is, or "".
-func taskOf(meta storage.Metadata, leaseID string) string {
+func taskOf(meta Metadata, leaseID string) string {
 	for id, t := range meta.Tasks {
 		if t.LeaseID == leaseID {
 			return id

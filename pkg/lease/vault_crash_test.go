@@ -19,8 +19,8 @@ func TestCrashedVaultPublishRevokesItsToken(t *testing.T) {
 	ctx := context.Background()
 	tokensChecked := 0
 	for k := 1; k < 20; k++ {
-		cs := crashstore.New(e.store)
-		m := e.restart(lease.Options{Store: cs})
+		cs := crashstore.New(e.fs)
+		m := e.restart(lease.Options{Store: lease.NewStore(cs)})
 		cs.Arm(k)
 		after := crashstore.Run(func() { _ = m.Publish(ctx, e.vol) })
 		m.Close()

@@ -31,8 +31,9 @@ type vaultEnv struct {
 	pg      *pgtest.Server
 	vault   *vaulttest.Server
 	root    *api.Client
-	store   *storage.Filesystem
-	fp      *faults.Provider // the vault provider, faults injectable
+	fs      *storage.Filesystem // the raw store
+	store   lease.Store         // fs, as the manager reads it
+	fp      *faults.Provider    // the vault provider, faults injectable
 	classes lease.ClassMap
 	vol     lease.Volume
 }
@@ -70,9 +71,10 @@ func newVaultEnv(t *testing.T, ttl, maxTTL time.Duration) *vaultEnv {
 			"- objectName: password\n  secretPath: database/creds/app\n  secretKey: password\n",
 	}}}
 	dir := t.TempDir()
-	if e.store, err = storage.Open(filepath.Join(dir, "state"), storage.Options{}); err != nil {
+	if e.fs, err = storage.Open(filepath.Join(dir, "state"), storage.Options{}); err != nil {
 		t.Fatal(err)
 	}
+	e.store = lease.NewStore(e.fs)
 	jwt, err := e.vault.Token("team-a", "app", "vault")
 	if err != nil {
 		t.Fatal(err)
@@ -90,7 +92,7 @@ func newVaultEnv(t *testing.T, ttl, maxTTL time.Duration) *vaultEnv {
 	t.Cleanup(func() {
 		_ = e.store.UnmountTarget(e.vol.TargetPath)
 		_ = e.store.DeleteVolume(e.vol.ID)
-		_ = unix.Unmount(e.store.Root(), unix.MNT_DETACH)
+		_ = unix.Unmount(e.fs.Root(), unix.MNT_DETACH)
 	})
 	return e
 }

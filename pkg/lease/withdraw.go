@@ -12,7 +12,6 @@ import (
 
 	"github.com/ephemeral-secrets/csi-driver/pkg/lease/revocation"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
-	"github.com/ephemeral-secrets/csi-driver/pkg/storage"
 )
 
 var (
@@ -59,9 +58,9 @@ func (m *Manager) Withdraw(ctx context.Context, volumeID, reason string) (confir
 	if v == nil {
 		return nil, fmt.Errorf("%w: %s", ErrUnknownVolume, volumeID)
 	}
-	if v.meta.State != storage.StateWithdrawn {
+	if v.meta.State != StateWithdrawn {
 		meta := v.meta
-		meta.State, meta.WithdrawnAt, meta.WithdrawReason = storage.StateWithdrawn, m.clock.Now().UTC(), reason
+		meta.State, meta.WithdrawnAt, meta.WithdrawReason = StateWithdrawn, m.clock.Now().UTC(), reason
 		if err := m.opts.Store.WriteMetadata(meta); err != nil {
 			return nil, fmt.Errorf("recording the withdrawal: %w", err)
 		}
@@ -137,7 +136,7 @@ func (m *Manager) settleWithdrawn(v *volume, reason string) ([]string, error) {
 
 // heldLeases is every lease the volume holds: cur first, then every lease
 // record, then (by ID alone) what its metadata names without a record.
-func (m *Manager) heldLeases(meta storage.Metadata, cur provider.Lease) ([]provider.Lease, error) {
+func (m *Manager) heldLeases(meta Metadata, cur provider.Lease) ([]provider.Lease, error) {
 	records, err := m.opts.Store.ListLeases(meta.VolumeID)
 	if err != nil {
 		return nil, err

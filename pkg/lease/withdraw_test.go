@@ -43,7 +43,7 @@ func checkWithdrawn(t *testing.T, n *node, m *Manager, v Volume, when string) {
 	if err != nil {
 		t.Fatalf("%s: %v", when, err)
 	}
-	if meta.State != storage.StateWithdrawn || meta.LeaseID != "" {
+	if meta.State != StateWithdrawn || meta.LeaseID != "" {
 		t.Errorf("%s: record is %s naming lease %q, want withdrawn naming none", when, meta.State, meta.LeaseID)
 	}
 	if ls, _ := n.store.ListLeases(v.ID); len(ls) > 0 {

@@ -6,6 +6,10 @@
 // the socket is reachable only through the pod's own mount (the driver's
 // state directory is root's alone). No answer holds a secret value: the
 // credentials themselves are files in the volume.
+//
+// It sits beside pkg/driver, above the state machine: it imports
+// pkg/lease (the verbs it serves), pkg/render, pkg/storage (the socket's
+// name), pkg/audit, pkg/metrics and pkg/provider.
 package leaseapi
 
 import (

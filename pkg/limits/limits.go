@@ -4,6 +4,8 @@
 // namespace), so that a crash-looping deployment cannot flood a backend
 // or starve its neighbours. A republish of a published volume is never
 // refused.
+//
+// It imports pkg/provider and pkg/metrics only.
 package limits
 
 import (

@@ -1,6 +1,8 @@
 // Package metrics exposes the driver's Prometheus metrics and health
 // endpoints. Labels are provider names, operations, outcomes and gRPC
 // methods and codes: never a pod, a lease or anything secret.
+//
+// It imports none of our packages: every other one may count through it.
 package metrics
 
 import (

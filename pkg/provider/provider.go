@@ -1,6 +1,9 @@
 // Package provider defines the contract between the lease manager and the
 // backends that mint credentials, and a registry of the backends a driver
 // was built with.
+//
+// It imports none of our packages: every provider, the lease manager and
+// the issuer build on it.
 package provider
 
 import (

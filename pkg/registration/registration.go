@@ -9,6 +9,8 @@
 // Doing it in the driver saves an image and a container per node, and
 // ties the registration's life to the driver's: kubelet never sees a
 // registered driver whose process is gone.
+//
+// It imports none of our packages.
 package registration
 
 import (

@@ -1,5 +1,8 @@
 // Package render turns a lease into the files a pod reads: which files,
 // their names, modes and contents (raw values, templates, env or JSON).
+//
+// It imports pkg/provider (the lease it renders), pkg/storage (the File it
+// produces, the size error) and pkg/volumepath.
 package render
 
 import (
@@ -19,6 +22,7 @@ import (
 
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
 	"github.com/ephemeral-secrets/csi-driver/pkg/storage"
+	"github.com/ephemeral-secrets/csi-driver/pkg/volumepath"
 )
 
 // Class parameters render reads; the rest belong to the provider.
@@ -100,7 +104,7 @@ func ParseSpecWithin(params map[string]string, limits Limits) (*Spec, error) {
 	seen := map[string]bool{}
 	for i := range s.Files {
 		f := &s.Files[i]
-		if err := storage.ValidatePath(f.Path); err != nil {
+		if err := volumepath.Check(f.Path); err != nil {
 			return nil, fmt.Errorf("%w: files[%d]: %v", ErrInvalidSpec, i, err)
 		}
 		if seen[f.Path] {
@@ -207,7 +211,7 @@ func (s *Spec) Render(l provider.Lease) ([]storage.File, error) {
 	if len(s.Files) == 0 {
 		files := make([]storage.File, 0, len(l.Values))
 		for _, k := range sortedKeys(l.Values) {
-			if err := storage.ValidatePath(k); err != nil {
+			if err := volumepath.Check(k); err != nil {
 				return nil, fmt.Errorf("%w: value name: %v", ErrInvalidSpec, err)
 			}
 			if err := r.wrote(len(l.Values[k])); err != nil {

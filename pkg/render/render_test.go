@@ -9,6 +9,7 @@ import (
 
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
 	"github.com/ephemeral-secrets/csi-driver/pkg/storage"
+	"github.com/ephemeral-secrets/csi-driver/pkg/volumepath"
 )
 
 var lease = provider.Lease{
@@ -145,13 +146,13 @@ func FuzzParseSpec(f *testing.F) {
 			return
 		}
 		for _, fs := range s.Files {
-			if storage.ValidatePath(fs.Path) != nil {
+			if volumepath.Check(fs.Path) != nil {
 				t.Fatalf("accepted path %q", fs.Path)
 			}
 		}
 		if out, err := s.Render(lease); err == nil {
 			for _, f := range out {
-				if storage.ValidatePath(f.Path) != nil || f.Mode > 0o777 {
+				if volumepath.Check(f.Path) != nil || f.Mode > 0o777 {
 					t.Fatalf("rendered %q mode %o", f.Path, f.Mode)
 				}
 			}

@@ -1,5 +1,7 @@
 // Package spc resolves SecretProviderClasses and reads the pod identity
 // kubelet passes in a volume's context.
+//
+// It imports pkg/provider (the pod identity) only.
 package spc
 
 import (

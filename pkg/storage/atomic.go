@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/ephemeral-secrets/csi-driver/pkg/volumepath"
 )
 
 const dataLink = "..data"
@@ -35,7 +37,7 @@ func (f *Filesystem) WriteFiles(id string, gid int, files []File) error {
 	var total int64
 	top := map[string]bool{}
 	for _, file := range files {
-		if err := ValidatePath(file.Path); err != nil {
+		if err := volumepath.Check(file.Path); err != nil {
 			return err
 		}
 		if strings.SplitN(file.Path, "/", 2)[0] == SocketName {

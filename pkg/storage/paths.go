@@ -6,41 +6,14 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+
+	"github.com/ephemeral-secrets/csi-driver/pkg/volumepath"
 )
 
 // ErrInvalidPath means a name or path from a user or from kubelet would
-// leave the place it must stay in.
-var ErrInvalidPath = errors.New("invalid path")
-
-// MaxPathLen bounds a file path inside a volume.
-const MaxPathLen = 255
-
-// ValidatePath checks a file path inside a volume: relative, clean, no "."
-// or ".." components, not starting with ".." (reserved for the atomic
-// writer's own entries), and of printable characters.
-func ValidatePath(p string) error {
-	switch {
-	case p == "":
-		return fmt.Errorf("%w: empty file name", ErrInvalidPath)
-	case len(p) > MaxPathLen:
-		return fmt.Errorf("%w: file name longer than %d bytes", ErrInvalidPath, MaxPathLen)
-	case strings.HasPrefix(p, "/"):
-		return fmt.Errorf("%w: %q is absolute", ErrInvalidPath, p)
-	case strings.HasPrefix(p, ".."):
-		return fmt.Errorf("%w: %q starts with \"..\"", ErrInvalidPath, p)
-	}
-	for _, r := range p {
-		if r < 0x20 || r == 0x7f || r == '\\' {
-			return fmt.Errorf("%w: %q has a control character or backslash", ErrInvalidPath, p)
-		}
-	}
-	for _, c := range strings.Split(p, "/") {
-		if c == "" || c == "." || c == ".." {
-			return fmt.Errorf("%w: %q is not a clean relative path", ErrInvalidPath, p)
-		}
-	}
-	return nil
-}
+// leave the place it must stay in: volumepath's error, so one check of
+// errors.Is covers both.
+var ErrInvalidPath = volumepath.ErrInvalid
 
 // TargetPolicy checks NodePublishVolume target paths: they must be the
 // mount directory kubelet gives an inline CSI volume of this pod,
@@ -76,7 +49,7 @@ func (p TargetPolicy) CheckPath(target, podUID string) error {
 	if podUID == "" || parts[1] != podUID {
 		return fmt.Errorf("%w: target path is not in the directory of pod %s", ErrInvalidPath, podUID)
 	}
-	return ValidatePath(parts[4])
+	return volumepath.Check(parts[4])
 }
 
 // CheckNoSymlinks checks that no component of target below the kubelet

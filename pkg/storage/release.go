@@ -14,7 +14,7 @@ import (
 // anything is kept as it is (the next start resumes it) and Release
 // reports false.
 func (f *Filesystem) Release() (bool, error) {
-	vols, err := f.ListVolumes()
+	vols, err := f.ListMetadata()
 	if err != nil {
 		return false, err
 	}

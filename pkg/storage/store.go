@@ -1,8 +1,15 @@
-// Package storage keeps each volume's files and metadata in memory (tmpfs):
-// a size-capped tmpfs per volume bind-mounted read-only onto the pod's
-// target path, atomic updates through a "..data" symlink, and the
-// non-secret metadata and revocation queue in the driver's own tmpfs state
-// directory, which survives a driver restart but not a reboot.
+// Package storage is the volume store on tmpfs: a size-capped tmpfs per
+// volume bind-mounted read-only onto the pod's target path, atomic updates
+// of its files through a "..data" symlink, and the driver's durable
+// records (each volume's metadata and lease records, the revocation
+// queue, the node's own records) in its own tmpfs state directory, which
+// survives a driver restart but not a reboot. It also holds kubelet's
+// target path policy.
+//
+// It keeps records as JSON it never interprets: their shape is their
+// owners' (pkg/lease, pkg/lease/revocation). It sits at the bottom of the
+// node's stack and imports pkg/volumepath only: nothing of providers,
+// leases or the driver.
 package storage
 
 import (
@@ -13,14 +20,12 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"sort"
 	"strings"
-	"time"
 
 	"golang.org/x/sys/unix"
 	mount "k8s.io/mount-utils"
 
-	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
+	"github.com/ephemeral-secrets/csi-driver/pkg/volumepath"
 )
 
 // Errors callers map to CSI codes.
@@ -29,91 +34,6 @@ var (
 	ErrVolumeNotFound = errors.New("volume not found")
 )
 
-// State of a volume's lease, recorded before each step so that a crash
-// at any point can be finished or undone.
-type State string
-
-const (
-	// StateIssuing: the lease ID is chosen and Issue may have run; the
-	// lease may exist in the backend without being recorded yet.
-	StateIssuing State = "issuing"
-	// StatePublished: files are written and the lease is recorded.
-	StatePublished State = "published"
-	// StateWithdrawn: the volume's credential was taken back while its pod
-	// runs (the pod gave it back, or an admin killed it). The volume stays
-	// mounted and empty until its unpublish; nothing is issued for it again,
-	// and every lease it held is revoked, after a restart too.
-	StateWithdrawn State = "withdrawn"
-)
-
-// Metadata is what the driver records about a volume: nothing secret.
-type Metadata struct {
-	VolumeID   string            `json:"volumeID"`
-	TargetPath string            `json:"targetPath"`
-	ReadOnly   bool              `json:"readOnly"`
-	MountGroup string            `json:"mountGroup,omitempty"`
-	Attributes map[string]string `json:"attributes"` // volume context less tokens: for idempotency checks
-	Class      string            `json:"class"`
-	Provider   string            `json:"provider"`
-	Pod        provider.Pod      `json:"pod"`
-	LeaseID    string            `json:"leaseID"`
-	// PendingLeaseID is set before a provider is asked to issue and cleared
-	// once the lease is recorded: after a crash it names what to revoke.
-	PendingLeaseID string            `json:"pendingLeaseID,omitempty"`
-	Params         map[string]string `json:"params,omitempty"` // provider parameters, to revoke an interrupted issue
-	Role           string            `json:"role,omitempty"`
-	State          State             `json:"state"`
-	CreatedAt      time.Time         `json:"createdAt"`
-	IssuedAt       time.Time         `json:"issuedAt,omitzero"`
-	ExpiresAt      time.Time         `json:"expiresAt,omitzero"`
-	RenewedAt      time.Time         `json:"renewedAt,omitzero"`
-	// GrantTTL is the lifetime the lease got when it was issued: renewal
-	// keeps the same margin before expiry when a max TTL shortens a grant.
-	GrantTTL time.Duration `json:"grantTTL,omitempty"`
-	// LapseRecorded is the expiry of the lease whose lapse was last
-	// audited, so that each lapse is recorded once, across restarts too.
-	LapseRecorded time.Time `json:"lapseRecorded,omitzero"`
-	// WithdrawnAt and WithdrawReason say when and why the volume was
-	// withdrawn (StateWithdrawn).
-	WithdrawnAt    time.Time `json:"withdrawnAt,omitzero"`
-	WithdrawReason string    `json:"withdrawReason,omitempty"`
-	// WithdrawnLease is the lease the volume held when it was withdrawn.
-	WithdrawnLease string `json:"withdrawnLease,omitempty"`
-	// Renewals counts the renewals of the current lease.
-	Renewals int `json:"renewals,omitempty"`
-	// LeaseAPI: the volume has a lease socket (its class asked for one).
-	LeaseAPI bool `json:"leaseAPI,omitempty"`
-	// MaxTasks bounds the volume's live task leases.
-	MaxTasks int `json:"maxTasks,omitempty"`
-	// Tasks are the volume's task leases by task ID: recorded before each
-	// is issued (StateIssuing), published once its files are written.
-	Tasks map[string]Task `json:"tasks,omitempty"`
-}
-
-// Task is the record of one task lease of a volume: nothing secret.
-type Task struct {
-	LeaseID   string    `json:"leaseID"`
-	State     State     `json:"state"`
-	Role      string    `json:"role,omitempty"`
-	IssuedAt  time.Time `json:"issuedAt,omitzero"`
-	ExpiresAt time.Time `json:"expiresAt,omitzero"`
-}
-
-// Revocation is one entry of the durable revocation queue.
-type Revocation struct {
-	Lease      provider.Lease `json:"lease"` // may hold a secret handle: tmpfs only
-	VolumeID   string         `json:"volumeID"`
-	Class      string         `json:"class"`
-	Pod        provider.Pod   `json:"pod"`
-	Reason     string         `json:"reason"`
-	Task       string         `json:"task,omitempty"` // of a task lease
-	EnqueuedAt time.Time      `json:"enqueuedAt"`
-	// NotBefore delays the revocation (a rotated-out lease's grace).
-	NotBefore time.Time `json:"notBefore,omitzero"`
-	Attempts  int       `json:"attempts"`
-	LastError string    `json:"lastError,omitempty"`
-}
-
 // File is one file of a volume.
 type File struct {
 	Path string
@@ -121,32 +41,41 @@ type File struct {
 	Data []byte
 }
 
-// MetadataReader reads volume records; all the lease manager's recovery needs.
-type MetadataReader interface {
-	ListVolumes() ([]string, error)
-	ReadMetadata(volumeID string) (Metadata, error)
-	// ReadLease returns the volume's current lease: the record of the
-	// lease its metadata names.
-	ReadLease(volumeID string) (provider.Lease, error)
-	// ListLeases returns every lease record the volume holds: its current
-	// lease and any that a rotation or an issue left on its way.
-	ListLeases(volumeID string) ([]provider.Lease, error)
-	ListRevocations() ([]Revocation, error)
-}
-
-// MetadataWriter records volume metadata and the revocation queue.
-type MetadataWriter interface {
+// RecordStore keeps the driver's records: small JSON documents it writes
+// atomically and never interprets. Each volume has one metadata record and
+// any number of lease records keyed by lease ID; the node has a revocation
+// queue keyed by lease ID and named records of its own. The shape of every
+// record is its owner's (pkg/lease, pkg/lease/revocation): this package
+// only encodes what it is given and decodes into what it is given.
+type RecordStore interface {
 	// WriteRecord and ReadRecord keep a small named record of the node's
 	// own (not a volume's), such as which identities asked for what.
 	WriteRecord(name string, v any) error
 	ReadRecord(name string, v any) error
-	WriteMetadata(m Metadata) error
-	// WriteLease records l, keyed by its ID: the records of other leases
-	// of the volume stay until DeleteLease.
-	WriteLease(volumeID string, l provider.Lease) error
+	// WriteMetadata records v as the volume's metadata, replacing what was
+	// there; ReadMetadata decodes it into v (ErrVolumeNotFound if absent).
+	WriteMetadata(volumeID string, v any) error
+	ReadMetadata(volumeID string, v any) error
+	// ListMetadata returns the metadata record of every volume.
+	ListMetadata() ([]json.RawMessage, error)
+	// WriteLease records v as lease leaseID of the volume: the records of
+	// other leases of the volume stay until DeleteLease.
+	WriteLease(volumeID, leaseID string, v any) error
+	ReadLease(volumeID, leaseID string, v any) error
+	// ReadLegacyLease reads the one lease record drivers kept per volume
+	// before lease records were keyed (ErrVolumeNotFound if absent);
+	// DeleteLegacyLease removes it.
+	ReadLegacyLease(volumeID string, v any) error
+	DeleteLegacyLease(volumeID string) error
+	// ListLeases returns every lease record of the volume, the legacy one
+	// included.
+	ListLeases(volumeID string) ([]json.RawMessage, error)
 	DeleteLease(volumeID, leaseID string) error
-	PutRevocation(r Revocation) error
+	// PutRevocation records v as the queued revocation of leaseID;
+	// ListRevocations returns every one queued.
+	PutRevocation(leaseID string, v any) error
 	DeleteRevocation(leaseID string) error
+	ListRevocations() ([]json.RawMessage, error)
 }
 
 // DataWriter manages a volume's tmpfs, its files and its bind mount.
@@ -176,9 +105,8 @@ type Filesystem struct {
 }
 
 var (
-	_ MetadataReader = (*Filesystem)(nil)
-	_ MetadataWriter = (*Filesystem)(nil)
-	_ DataWriter     = (*Filesystem)(nil)
+	_ RecordStore = (*Filesystem)(nil)
+	_ DataWriter  = (*Filesystem)(nil)
 )
 
 // Open prepares root as the driver's state directory: created if absent
@@ -343,40 +271,40 @@ func (f *Filesystem) DeleteVolume(id string) error {
 	return os.RemoveAll(f.volumeDir(id))
 }
 
-// WriteMetadata records m, replacing what was there atomically.
-func (f *Filesystem) WriteMetadata(m Metadata) error {
-	path := filepath.Join(f.volumeDir(m.VolumeID), "meta.json")
-	err := writeJSON(path, m)
+// WriteMetadata records v as the volume's metadata, replacing what was
+// there atomically.
+func (f *Filesystem) WriteMetadata(id string, v any) error {
+	path := filepath.Join(f.volumeDir(id), "meta.json")
+	err := writeJSON(path, v)
 	if errors.Is(err, os.ErrNotExist) { // the volume's first record
-		if err := mkdir(f.volumeDir(m.VolumeID)); err != nil {
+		if err := mkdir(f.volumeDir(id)); err != nil {
 			return err
 		}
-		err = writeJSON(path, m)
+		err = writeJSON(path, v)
 	}
 	return err
 }
 
-// WriteRecord implements MetadataWriter.
+// WriteRecord implements RecordStore.
 func (f *Filesystem) WriteRecord(name string, v any) error {
-	if err := ValidatePath(name); err != nil || strings.Contains(name, "/") {
+	if err := volumepath.Check(name); err != nil || strings.Contains(name, "/") {
 		return fmt.Errorf("%w: record name %q", ErrInvalidPath, name)
 	}
 	return writeJSON(filepath.Join(f.root, name+".json"), v)
 }
 
-// ReadRecord implements MetadataWriter; a missing record is ErrVolumeNotFound.
+// ReadRecord implements RecordStore; a missing record is ErrVolumeNotFound.
 func (f *Filesystem) ReadRecord(name string, v any) error {
-	if err := ValidatePath(name); err != nil || strings.Contains(name, "/") {
+	if err := volumepath.Check(name); err != nil || strings.Contains(name, "/") {
 		return fmt.Errorf("%w: record name %q", ErrInvalidPath, name)
 	}
 	return readJSON(filepath.Join(f.root, name+".json"), v)
 }
 
-// ReadMetadata returns the volume's metadata or ErrVolumeNotFound.
-func (f *Filesystem) ReadMetadata(id string) (Metadata, error) {
-	var m Metadata
-	err := readJSON(filepath.Join(f.volumeDir(id), "meta.json"), &m)
-	return m, err
+// ReadMetadata decodes the volume's metadata into v, or returns
+// ErrVolumeNotFound.
+func (f *Filesystem) ReadMetadata(id string, v any) error {
+	return readJSON(filepath.Join(f.volumeDir(id), "meta.json"), v)
 }
 
 // leaseFile names the record of lease leaseID in a volume's directory.
@@ -389,31 +317,31 @@ func (f *Filesystem) leaseFile(volumeID, leaseID string) string {
 const legacyLease = "lease.json"
 
 // WriteLease records a lease of the volume (secret: tmpfs, mode 0600).
-func (f *Filesystem) WriteLease(id string, l provider.Lease) error {
-	return writeJSON(f.leaseFile(id, l.ID), l)
+func (f *Filesystem) WriteLease(id, leaseID string, v any) error {
+	return writeJSON(f.leaseFile(id, leaseID), v)
 }
 
-// ReadLease returns the volume's current lease or ErrVolumeNotFound.
-func (f *Filesystem) ReadLease(id string) (provider.Lease, error) {
-	m, err := f.ReadMetadata(id)
-	if err != nil {
-		return provider.Lease{}, err
-	}
-	if m.LeaseID == "" {
-		return provider.Lease{}, ErrVolumeNotFound
-	}
-	var l provider.Lease
-	err = readJSON(f.leaseFile(id, m.LeaseID), &l)
-	if errors.Is(err, ErrVolumeNotFound) {
-		if err = readJSON(filepath.Join(f.volumeDir(id), legacyLease), &l); err == nil && l.ID != m.LeaseID {
-			err = ErrVolumeNotFound
-		}
-	}
-	return l, err
+// ReadLease decodes the record of lease leaseID of the volume into v, or
+// returns ErrVolumeNotFound.
+func (f *Filesystem) ReadLease(id, leaseID string, v any) error {
+	return readJSON(f.leaseFile(id, leaseID), v)
 }
 
-// ListLeases returns every lease record of the volume, sorted by ID.
-func (f *Filesystem) ListLeases(id string) ([]provider.Lease, error) {
+// ReadLegacyLease decodes the volume's legacy lease record into v, or
+// returns ErrVolumeNotFound.
+func (f *Filesystem) ReadLegacyLease(id string, v any) error {
+	return readJSON(filepath.Join(f.volumeDir(id), legacyLease), v)
+}
+
+// DeleteLegacyLease removes the volume's legacy lease record; removing an
+// absent one is fine.
+func (f *Filesystem) DeleteLegacyLease(id string) error {
+	return remove(filepath.Join(f.volumeDir(id), legacyLease))
+}
+
+// ListLeases returns every lease record of the volume, in the order of
+// their file names.
+func (f *Filesystem) ListLeases(id string) ([]json.RawMessage, error) {
 	dir := f.volumeDir(id)
 	entries, err := os.ReadDir(dir)
 	if errors.Is(err, os.ErrNotExist) {
@@ -422,51 +350,41 @@ func (f *Filesystem) ListLeases(id string) ([]provider.Lease, error) {
 	if err != nil {
 		return nil, err
 	}
-	var out []provider.Lease
+	var out []json.RawMessage
 	for _, e := range entries {
 		name := e.Name()
 		if name != legacyLease && !(strings.HasPrefix(name, "lease-") && strings.HasSuffix(name, ".json")) {
 			continue
 		}
-		var l provider.Lease
-		if err := readJSON(filepath.Join(dir, name), &l); err != nil {
+		data, err := readRaw(filepath.Join(dir, name))
+		if err != nil {
 			return nil, err
 		}
-		out = append(out, l)
+		out = append(out, data)
 	}
-	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
 	return out, nil
 }
 
 // DeleteLease removes the record of a lease; removing an absent one is fine.
 func (f *Filesystem) DeleteLease(id, leaseID string) error {
-	if err := remove(f.leaseFile(id, leaseID)); err != nil {
-		return err
-	}
-	legacy := filepath.Join(f.volumeDir(id), legacyLease)
-	var l provider.Lease
-	if readJSON(legacy, &l) == nil && l.ID == leaseID {
-		return remove(legacy)
-	}
-	return nil
+	return remove(f.leaseFile(id, leaseID))
 }
 
-// ListVolumes returns the IDs of every volume with metadata.
-func (f *Filesystem) ListVolumes() ([]string, error) {
+// ListMetadata returns the metadata record of every volume that has one.
+func (f *Filesystem) ListMetadata() ([]json.RawMessage, error) {
 	entries, err := os.ReadDir(filepath.Join(f.root, "volumes"))
 	if err != nil {
 		return nil, err
 	}
-	var ids []string
+	var out []json.RawMessage
 	for _, e := range entries {
-		var m Metadata
-		if err := readJSON(filepath.Join(f.root, "volumes", e.Name(), "meta.json"), &m); err != nil {
-			continue // a directory whose metadata never got written: see Orphans
+		data, err := readRaw(filepath.Join(f.root, "volumes", e.Name(), "meta.json"))
+		if err != nil {
+			continue // a directory whose metadata never got written: see RemoveOrphans
 		}
-		ids = append(ids, m.VolumeID)
+		out = append(out, data)
 	}
-	sort.Strings(ids)
-	return ids, nil
+	return out, nil
 }
 
 // RemoveOrphans removes volume directories that have no metadata (a crash
@@ -498,9 +416,9 @@ func revocationPath(root, leaseID string) string {
 	return filepath.Join(root, "revocations", key(leaseID)+".json")
 }
 
-// PutRevocation adds or updates an entry of the revocation queue.
-func (f *Filesystem) PutRevocation(r Revocation) error {
-	return writeJSON(revocationPath(f.root, r.Lease.ID), r)
+// PutRevocation adds or updates the queued revocation of leaseID.
+func (f *Filesystem) PutRevocation(leaseID string, v any) error {
+	return writeJSON(revocationPath(f.root, leaseID), v)
 }
 
 // DeleteRevocation removes an entry; removing an absent one is fine.
@@ -516,24 +434,23 @@ func remove(path string) error {
 	return nil
 }
 
-// ListRevocations returns the queue, oldest first.
-func (f *Filesystem) ListRevocations() ([]Revocation, error) {
+// ListRevocations returns every queued revocation, in no set order.
+func (f *Filesystem) ListRevocations() ([]json.RawMessage, error) {
 	entries, err := os.ReadDir(filepath.Join(f.root, "revocations"))
 	if err != nil {
 		return nil, err
 	}
-	var out []Revocation
+	var out []json.RawMessage
 	for _, e := range entries {
 		if !strings.HasSuffix(e.Name(), ".json") {
 			continue
 		}
-		var r Revocation
-		if err := readJSON(filepath.Join(f.root, "revocations", e.Name()), &r); err != nil {
+		data, err := readRaw(filepath.Join(f.root, "revocations", e.Name()))
+		if err != nil {
 			return nil, err
 		}
-		out = append(out, r)
+		out = append(out, data)
 	}
-	sort.Slice(out, func(i, j int) bool { return out[i].EnqueuedAt.Before(out[j].EnqueuedAt) })
 	return out, nil
 }
 
@@ -569,12 +486,18 @@ func writeJSON(path string, v any) error {
 }
 
 func readJSON(path string, v any) error {
-	data, err := os.ReadFile(path)
-	if errors.Is(err, os.ErrNotExist) {
-		return ErrVolumeNotFound
-	}
+	data, err := readRaw(path)
 	if err != nil {
 		return err
 	}
 	return json.Unmarshal(data, v)
+}
+
+// readRaw returns a record's bytes, or ErrVolumeNotFound if it is absent.
+func readRaw(path string) (json.RawMessage, error) {
+	data, err := os.ReadFile(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, ErrVolumeNotFound
+	}
+	return data, err
 }

@@ -2,10 +2,12 @@ package storage
 
 import (
 	"bytes"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -13,8 +15,6 @@ import (
 	"testing"
 
 	"golang.org/x/sys/unix"
-
-	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
 )
 
 // newStore opens a store on a fresh tmpfs; it needs root.
@@ -48,15 +48,15 @@ func TestOpenPutsStateOnTmpfs(t *testing.T) {
 		t.Fatalf("state dir is not tmpfs: %v type %x", err, st.Type)
 	}
 	// Opening again (a restart) keeps what is there.
-	if err := s.WriteMetadata(Metadata{VolumeID: "v1", State: StatePublished}); err != nil {
+	if err := s.WriteMetadata("v1", record{ID: "v1"}); err != nil {
 		t.Fatal(err)
 	}
 	s2, err := Open(s.Root(), Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if ids, _ := s2.ListVolumes(); len(ids) != 1 || ids[0] != "v1" {
-		t.Fatalf("after reopen: %v", ids)
+	if ms, _ := s2.ListMetadata(); len(ms) != 1 || decode(t, ms[0]).ID != "v1" {
+		t.Fatalf("after reopen: %s", ms)
 	}
 }
 
@@ -194,18 +194,37 @@ func TestMountIsReadOnlyAndUnmountCleansUp(t *testing.T) {
 	}
 }
 
+// record stands for what the store's owners keep in it: the store never
+// looks inside.
+type record struct {
+	ID    string `json:"id"`
+	Token string `json:"token,omitempty"`
+}
+
+func decode(t testing.TB, raw json.RawMessage) record {
+	t.Helper()
+	var r record
+	if err := json.Unmarshal(raw, &r); err != nil {
+		t.Fatalf("record %s: %v", raw, err)
+	}
+	return r
+}
+
 func TestRevocationQueueRoundTrip(t *testing.T) {
 	s := newStore(t, Options{})
-	for i, id := range []string{"b-lease", "a-lease"} {
-		r := Revocation{Lease: provider.Lease{ID: id, Provider: "postgres"}, Reason: "test"}
-		r.EnqueuedAt = r.EnqueuedAt.AddDate(0, 0, i)
-		if err := s.PutRevocation(r); err != nil {
+	for _, id := range []string{"b-lease", "a-lease"} {
+		if err := s.PutRevocation(id, record{ID: id}); err != nil {
 			t.Fatal(err)
 		}
 	}
 	q, err := s.ListRevocations()
-	if err != nil || len(q) != 2 || q[0].Lease.ID != "b-lease" {
-		t.Fatalf("queue %v %v", q, err)
+	if err != nil || len(q) != 2 {
+		t.Fatalf("queue %s %v", q, err)
+	}
+	ids := []string{decode(t, q[0]).ID, decode(t, q[1]).ID}
+	slices.Sort(ids)
+	if ids[0] != "a-lease" || ids[1] != "b-lease" {
+		t.Fatalf("queue holds %v", ids)
 	}
 	st, _ := os.Stat(revocationPath(s.root, "a-lease"))
 	if st.Mode().Perm() != 0o600 {
@@ -217,54 +236,58 @@ func TestRevocationQueueRoundTrip(t *testing.T) {
 	if err := s.DeleteRevocation("a-lease"); err != nil {
 		t.Fatal(err)
 	}
-	if q, _ := s.ListRevocations(); len(q) != 1 {
-		t.Fatalf("after delete: %v", q)
+	if q, _ := s.ListRevocations(); len(q) != 1 || decode(t, q[0]).ID != "b-lease" {
+		t.Fatalf("after delete: %s", q)
 	}
 }
 
 func TestLeaseRecordsAreKeptPerLease(t *testing.T) {
 	s := newStore(t, Options{})
-	if err := s.WriteMetadata(Metadata{VolumeID: "v", LeaseID: "old"}); err != nil {
+	if err := s.WriteMetadata("v", record{ID: "v"}); err != nil { // makes the volume's directory
 		t.Fatal(err)
 	}
 	for _, id := range []string{"old", "new"} {
-		if err := s.WriteLease("v", provider.Lease{ID: id, Handle: map[string]string{"token": id}}); err != nil {
+		if err := s.WriteLease("v", id, record{ID: id, Token: id}); err != nil {
 			t.Fatal(err)
 		}
 	}
-	if l, err := s.ReadLease("v"); err != nil || l.ID != "old" || l.Handle["token"] != "old" {
-		t.Fatalf("current lease %+v, %v; want the one the metadata names", l, err)
+	var l record
+	if err := s.ReadLease("v", "old", &l); err != nil || l.ID != "old" || l.Token != "old" {
+		t.Fatalf("lease old: %+v, %v", l, err)
 	}
-	if ls, err := s.ListLeases("v"); err != nil || len(ls) != 2 || ls[0].ID != "new" || ls[1].ID != "old" {
-		t.Fatalf("records %+v, %v; want both", ls, err)
-	}
-	if err := s.DeleteLease("v", "old"); err != nil {
-		t.Fatal(err)
+	if ls, err := s.ListLeases("v"); err != nil || len(ls) != 2 {
+		t.Fatalf("records %s, %v; want both", ls, err)
 	}
 	if err := s.DeleteLease("v", "old"); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := s.ReadLease("v"); !errors.Is(err, ErrVolumeNotFound) {
-		t.Fatalf("deleted current lease read back: %v", err)
+	if err := s.DeleteLease("v", "old"); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.ReadLease("v", "old", &l); !errors.Is(err, ErrVolumeNotFound) {
+		t.Fatalf("deleted lease read back: %v", err)
 	}
 	// A volume recorded by an earlier driver keeps its one lease in lease.json.
-	if err := writeJSON(filepath.Join(s.volumeDir("v"), legacyLease), provider.Lease{ID: "old"}); err != nil {
+	if err := s.ReadLegacyLease("v", &l); !errors.Is(err, ErrVolumeNotFound) {
+		t.Fatalf("absent legacy record: %v", err)
+	}
+	if err := writeJSON(filepath.Join(s.volumeDir("v"), legacyLease), record{ID: "old"}); err != nil {
 		t.Fatal(err)
 	}
-	if l, err := s.ReadLease("v"); err != nil || l.ID != "old" {
+	if err := s.ReadLegacyLease("v", &l); err != nil || l.ID != "old" {
 		t.Fatalf("legacy record: %+v, %v", l, err)
 	}
 	if ls, _ := s.ListLeases("v"); len(ls) != 2 {
-		t.Fatalf("legacy record not listed: %+v", ls)
+		t.Fatalf("legacy record not listed: %s", ls)
 	}
-	if err := s.DeleteLease("v", "old"); err != nil {
+	if err := s.DeleteLegacyLease("v"); err != nil {
 		t.Fatal(err)
 	}
-	if ls, _ := s.ListLeases("v"); len(ls) != 1 || ls[0].ID != "new" {
-		t.Fatalf("after deleting the legacy record: %+v", ls)
+	if ls, _ := s.ListLeases("v"); len(ls) != 1 || decode(t, ls[0]).ID != "new" {
+		t.Fatalf("after deleting the legacy record: %s", ls)
 	}
 	if ls, err := s.ListLeases("unknown"); err != nil || len(ls) != 0 {
-		t.Fatalf("unknown volume: %+v, %v", ls, err)
+		t.Fatalf("unknown volume: %s, %v", ls, err)
 	}
 }
 
@@ -287,10 +310,11 @@ func BenchmarkWriteFiles(b *testing.B) {
 
 func BenchmarkWriteMetadata(b *testing.B) {
 	s := newStore(b, Options{})
-	m := Metadata{VolumeID: "v", TargetPath: "/var/lib/kubelet/pods/x/volumes/kubernetes.io~csi/v/mount", State: StatePublished,
-		Attributes: map[string]string{"secretProviderClass": "db"}, Pod: provider.Pod{Namespace: "ns", Name: "pod"}}
+	m := map[string]any{"volumeID": "v", "targetPath": "/var/lib/kubelet/pods/x/volumes/kubernetes.io~csi/v/mount",
+		"state": "published", "attributes": map[string]string{"secretProviderClass": "db"},
+		"pod": map[string]string{"namespace": "ns", "name": "pod"}}
 	for b.Loop() {
-		if err := s.WriteMetadata(m); err != nil {
+		if err := s.WriteMetadata("v", m); err != nil {
 			b.Fatal(err)
 		}
 	}
@@ -318,7 +342,7 @@ func TestReleaseLeavesNothingOnlyWhenEmpty(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = unix.Unmount(root, unix.MNT_DETACH) })
-	if err := f.PutRevocation(Revocation{Lease: provider.Lease{ID: "l1", Provider: "p"}}); err != nil {
+	if err := f.PutRevocation("l1", record{ID: "l1"}); err != nil {
 		t.Fatal(err)
 	}
 	if released, err := f.Release(); err != nil || released {

@@ -8,14 +8,14 @@ package crashstore
 import (
 	"sync"
 
-	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
 	"github.com/ephemeral-secrets/csi-driver/pkg/storage"
 )
 
-// Inner is the store being wrapped: what the lease manager needs.
+// Inner is the store being wrapped: the raw volume store the lease
+// manager's Store is made of (lease.NewStore(crashstore.New(fs))), so
+// every durable write of a record is one write here.
 type Inner interface {
-	storage.MetadataReader
-	storage.MetadataWriter
+	storage.RecordStore
 	storage.DataWriter
 	RemoveOrphans() (int, error)
 }
@@ -84,17 +84,20 @@ func (s *Store) wrote(name string, err error) error {
 func (s *Store) WriteRecord(name string, v any) error {
 	return s.wrote("WriteRecord", s.Inner.WriteRecord(name, v))
 }
-func (s *Store) WriteMetadata(m storage.Metadata) error {
-	return s.wrote("WriteMetadata", s.Inner.WriteMetadata(m))
+func (s *Store) WriteMetadata(id string, v any) error {
+	return s.wrote("WriteMetadata", s.Inner.WriteMetadata(id, v))
 }
-func (s *Store) WriteLease(id string, l provider.Lease) error {
-	return s.wrote("WriteLease", s.Inner.WriteLease(id, l))
+func (s *Store) WriteLease(id, leaseID string, v any) error {
+	return s.wrote("WriteLease", s.Inner.WriteLease(id, leaseID, v))
 }
 func (s *Store) DeleteLease(id, leaseID string) error {
 	return s.wrote("DeleteLease", s.Inner.DeleteLease(id, leaseID))
 }
-func (s *Store) PutRevocation(r storage.Revocation) error {
-	return s.wrote("PutRevocation", s.Inner.PutRevocation(r))
+func (s *Store) DeleteLegacyLease(id string) error {
+	return s.wrote("DeleteLegacyLease", s.Inner.DeleteLegacyLease(id))
+}
+func (s *Store) PutRevocation(leaseID string, v any) error {
+	return s.wrote("PutRevocation", s.Inner.PutRevocation(leaseID, v))
 }
 func (s *Store) DeleteRevocation(id string) error {
 	return s.wrote("DeleteRevocation", s.Inner.DeleteRevocation(id))

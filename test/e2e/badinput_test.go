@@ -152,7 +152,7 @@ func assertNothingLeft(t *testing.T, f *fixture, pod kubelet.Pod) {
 		if err != nil {
 			return false, err
 		}
-		inv, err := lease.ReadInventory(store)
+		inv, err := lease.ReadInventory(lease.NewStateRecords(store))
 		return len(inv.Live) == 0 && len(inv.Pending) == 0, err
 	})
 }

@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ephemeral-secrets/csi-driver/pkg/lease"
 	"github.com/ephemeral-secrets/csi-driver/test/harness"
 	"github.com/ephemeral-secrets/csi-driver/test/kubelet"
 	"github.com/ephemeral-secrets/csi-driver/test/vaulttest"
@@ -172,7 +173,7 @@ func TestVaultDatabaseLeaseIsRenewedRotatedAndRevoked(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	l, err := store.ReadLease(kubelet.VolumeID(pod, "db"))
+	l, err := lease.NewStateRecords(store).ReadLease(kubelet.VolumeID(pod, "db"))
 	if err != nil {
 		t.Fatal(err)
 	}

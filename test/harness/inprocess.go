@@ -43,7 +43,7 @@ func StartInProcess(env *Env, o InProcessOptions) (*InProcess, error) {
 	}
 	lo := o.Lease
 	targets := storage.TargetPolicy{KubeletDir: env.KubeletDir}
-	lo.Store, lo.Providers, lo.Classes, lo.VerifyTarget = store, o.Providers, classes, targets.CheckNoSymlinks
+	lo.Store, lo.Providers, lo.Classes, lo.VerifyTarget = lease.NewStore(store), o.Providers, classes, targets.CheckNoSymlinks
 	if o.Audit != nil {
 		lo.Audit = audit.New(o.Audit)
 	}

@@ -264,7 +264,7 @@ func TestIssuerKilledMidRequest(t *testing.T) {
 		t.Fatal(err)
 	}
 	harness.Eventually(t, 60*time.Second, "the node's leases all revoked", func() (bool, error) {
-		inv, err := lease.ReadInventory(store)
+		inv, err := lease.ReadInventory(lease.NewStateRecords(store))
 		if err != nil || len(inv.Live)+len(inv.Pending) > 0 {
 			return false, fmt.Errorf("%d live, %d pending revocations (%v)", len(inv.Live), len(inv.Pending), err)
 		}

@@ -191,7 +191,7 @@ func assertNothingLeft(t *testing.T, f *fixture, p kubelet.Pod) {
 		if err != nil {
 			return false, err
 		}
-		inv, err := lease.ReadInventory(store)
+		inv, err := lease.ReadInventory(lease.NewStateRecords(store))
 		if err != nil {
 			return false, err
 		}

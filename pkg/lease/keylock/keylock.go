@@ -1,7 +1,8 @@
 // Package keylock serialises work on one key while work on other keys
 // runs in parallel: the lease manager's per-volume lock, and the
-// revocation queue's per-lease order of writes. It imports nothing of
-// ours.
+// revocation queue's per-lease order of writes.
+//
+// It imports none of our packages.
 package keylock
 
 import (

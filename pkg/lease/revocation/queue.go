@@ -2,9 +2,10 @@
 // whose revocation was asked for stays in it, on the store, until its
 // backend confirmed (or said it cannot revoke it), across failures and
 // restarts. The lease manager (pkg/lease) adds to it and waits on it; the
-// queue calls the providers. It imports pkg/storage, pkg/provider,
-// pkg/audit, pkg/metrics and pkg/lease/keylock, nothing of the lease
-// manager's.
+// queue calls the providers. It owns the shape of its entries (Entry);
+// the store keeps them opaque. It imports pkg/provider, pkg/audit,
+// pkg/metrics and pkg/lease/keylock, nothing of the lease manager's and
+// not pkg/storage.
 //
 // The queue keeps an index of its entries in memory, read from the store
 // once (Load, at recovery), and writes the store before the index changes:
@@ -30,7 +31,6 @@ import (
 	"github.com/ephemeral-secrets/csi-driver/pkg/lease/keylock"
 	"github.com/ephemeral-secrets/csi-driver/pkg/metrics"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
-	"github.com/ephemeral-secrets/csi-driver/pkg/storage"
 )
 
 var (
@@ -43,9 +43,10 @@ var (
 )
 
 // Store is what the queue needs of the storage: its own entries.
+// pkg/lease adapts the volume store to it.
 type Store interface {
-	ListRevocations() ([]storage.Revocation, error)
-	PutRevocation(r storage.Revocation) error
+	ListRevocations() ([]Entry, error)
+	PutRevocation(r Entry) error
 	DeleteRevocation(leaseID string) error
 }
 
@@ -73,7 +74,7 @@ type Options struct {
 	// Revoked, if set, is told of each revocation the backend answered
 	// for: revoked, or (unrevocable) it cannot revoke the lease, which then
 	// lives to its expiry. It is called from a worker, under no lock.
-	Revoked func(r storage.Revocation, unrevocable bool)
+	Revoked func(r Entry, unrevocable bool)
 }
 
 // Queue is the durable revocation queue. Its methods are safe to call
@@ -99,7 +100,7 @@ type Queue struct {
 
 // entry is one queued revocation.
 type entry struct {
-	rev storage.Revocation
+	rev Entry
 	// at: not to be tried before (its not-before time, or its backoff).
 	at time.Time
 	// gen counts the Adds of the lease: one re-added while it was being
@@ -198,7 +199,7 @@ func (q *Queue) schedule(id string, at time.Time) {
 // Add records r durably, then queues it: it is tried at r.NotBefore (at
 // once if zero), and until its backend answers. Adding a queued lease
 // again replaces its entry. EnqueuedAt is stamped if zero.
-func (q *Queue) Add(r storage.Revocation) error {
+func (q *Queue) Add(r Entry) error {
 	if r.Lease.ID == "" {
 		return nil
 	}
@@ -397,7 +398,7 @@ func (q *Queue) attempt(ctx context.Context, id string) {
 }
 
 // revoke calls r's provider.
-func (q *Queue) revoke(ctx context.Context, r storage.Revocation) error {
+func (q *Queue) revoke(ctx context.Context, r Entry) error {
 	prov, ok := q.opts.Providers.Get(r.Lease.Provider)
 	if !ok {
 		return fmt.Errorf("%w: %s", ErrUnknownProvider, r.Lease.Provider)
@@ -410,7 +411,7 @@ func (q *Queue) revoke(ctx context.Context, r storage.Revocation) error {
 // finish removes r, which the backend answered for (err: it cannot
 // revoke it), and tells who waits. A lease added again while it was
 // revoked stays queued and is revoked again.
-func (q *Queue) finish(r storage.Revocation, gen uint64, err error) {
+func (q *Queue) finish(r Entry, gen uint64, err error) {
 	id := r.Lease.ID
 	q.backoff.Forget(id)
 	func() {
@@ -451,7 +452,7 @@ func (q *Queue) finish(r storage.Revocation, gen uint64, err error) {
 
 // fail records a failed attempt at r and schedules the next after the
 // backoff.
-func (q *Queue) fail(r storage.Revocation, gen uint64, err error) {
+func (q *Queue) fail(r Entry, gen uint64, err error) {
 	id := r.Lease.ID
 	d := q.backoff.When(id)
 	func() {
@@ -483,7 +484,7 @@ func (q *Queue) fail(r storage.Revocation, gen uint64, err error) {
 
 // audit writes the record of an attempt at r: its stage, outcome and
 // error (nil: none).
-func (q *Queue) audit(r storage.Revocation, stage audit.Stage, outcome string, err error) {
+func (q *Queue) audit(r Entry, stage audit.Stage, outcome string, err error) {
 	rec := audit.Record{
 		Stage: stage, VolumeID: r.VolumeID, Pod: r.Pod, Class: r.Class, Outcome: outcome,
 		Provider: r.Lease.Provider, Role: r.Lease.Role, LeaseID: r.Lease.ID, Task: r.Task, Detail: r.Reason,

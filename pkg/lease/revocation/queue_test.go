@@ -13,7 +13,6 @@ import (
 	clocktesting "k8s.io/utils/clock/testing"
 
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
-	"github.com/ephemeral-secrets/csi-driver/pkg/storage"
 )
 
 // memStore is the queue's part of the store, in memory. The real store
@@ -21,27 +20,27 @@ import (
 // scheduling, which the store does not take part in.
 type memStore struct {
 	mu    sync.Mutex
-	revs  map[string]storage.Revocation
+	revs  map[string]Entry
 	lists int   // ListRevocations calls
 	fail  error // every write fails with it
 }
 
-func newMemStore(revs ...storage.Revocation) *memStore {
-	s := &memStore{revs: map[string]storage.Revocation{}}
+func newMemStore(revs ...Entry) *memStore {
+	s := &memStore{revs: map[string]Entry{}}
 	for _, r := range revs {
 		s.revs[r.Lease.ID] = r
 	}
 	return s
 }
 
-func (s *memStore) ListRevocations() ([]storage.Revocation, error) {
+func (s *memStore) ListRevocations() ([]Entry, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.lists++
 	return slices.Collect(maps.Values(s.revs)), nil
 }
 
-func (s *memStore) PutRevocation(r storage.Revocation) error {
+func (s *memStore) PutRevocation(r Entry) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.fail != nil {
@@ -61,7 +60,7 @@ func (s *memStore) DeleteRevocation(id string) error {
 	return nil
 }
 
-func (s *memStore) get(id string) (storage.Revocation, bool) {
+func (s *memStore) get(id string) (Entry, bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	r, ok := s.revs[id]
@@ -132,7 +131,7 @@ type fixture struct {
 	done  map[string]bool // lease ID -> unrevocable, as Revoked was told
 }
 
-func newFixture(t *testing.T, opts Options, stored ...storage.Revocation) *fixture {
+func newFixture(t *testing.T, opts Options, stored ...Entry) *fixture {
 	t.Helper()
 	f := &fixture{store: newMemStore(stored...), be: newBackend(), clock: clocktesting.NewFakeClock(start), done: map[string]bool{}}
 	reg := &provider.Registry{}
@@ -140,7 +139,7 @@ func newFixture(t *testing.T, opts Options, stored ...storage.Revocation) *fixtu
 		t.Fatal(err)
 	}
 	opts.Store, opts.Providers, opts.Clock = f.store, reg, f.clock
-	opts.Revoked = func(r storage.Revocation, unrevocable bool) {
+	opts.Revoked = func(r Entry, unrevocable bool) {
 		f.mu.Lock()
 		f.done[r.Lease.ID] = unrevocable
 		f.mu.Unlock()
@@ -159,8 +158,8 @@ func (f *fixture) revoked() map[string]bool {
 	return maps.Clone(f.done)
 }
 
-func rev(id, volume string) storage.Revocation {
-	return storage.Revocation{Lease: provider.Lease{ID: id, Provider: "pg"}, VolumeID: volume, Reason: "unpublished"}
+func rev(id, volume string) Entry {
+	return Entry{Lease: provider.Lease{ID: id, Provider: "pg"}, VolumeID: volume, Reason: "unpublished"}
 }
 
 // run starts the workers until the test ends.
@@ -285,7 +284,7 @@ func TestWorkersWaitOutNotBefore(t *testing.T) {
 func TestExpedite(t *testing.T) {
 	ctx := context.Background()
 	f := newFixture(t, Options{})
-	for _, r := range []storage.Revocation{rev("a1", "a"), rev("a2", "a"), rev("b1", "b")} {
+	for _, r := range []Entry{rev("a1", "a"), rev("a2", "a"), rev("b1", "b")} {
 		r.NotBefore = start.Add(time.Hour)
 		if err := f.q.Add(r); err != nil {
 			t.Fatal(err)

@@ -7,6 +7,9 @@
 // STS sessions cannot be revoked one by one: at unpublish their files go,
 // and the audit says the credentials stay valid until their expiry, which
 // defaults to the shortest STS allows (15 minutes).
+//
+// It imports pkg/provider (the contract) and pkg/volumepath (the rule for
+// the file names a class asks for), nothing else of ours.
 package aws
 
 import (

@@ -8,7 +8,7 @@ import (
 	"sigs.k8s.io/yaml"
 
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
-	"github.com/ephemeral-secrets/csi-driver/pkg/storage"
+	"github.com/ephemeral-secrets/csi-driver/pkg/volumepath"
 )
 
 // Class parameters: those of aws/secrets-store-csi-driver-provider-aws
@@ -137,7 +137,7 @@ func parseParams(p map[string]string, defaultRegion string) (classParams, error)
 		}
 		// Checked here, before any AWS call: an STS session minted for a
 		// file that cannot be written could not be revoked.
-		if err := storage.ValidatePath(name); err != nil {
+		if err := volumepath.Check(name); err != nil {
 			return fmt.Errorf("%w: %w", provider.ErrInvalidParameters, err)
 		}
 		names[name] = true

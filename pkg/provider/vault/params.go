@@ -8,7 +8,7 @@ import (
 	"sigs.k8s.io/yaml"
 
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
-	"github.com/ephemeral-secrets/csi-driver/pkg/storage"
+	"github.com/ephemeral-secrets/csi-driver/pkg/volumepath"
 )
 
 // Class parameters. The first ones are those of hashicorp/vault-csi-provider,
@@ -121,9 +121,9 @@ func parseParams(p map[string]string) (classParams, error) {
 			return c, fmt.Errorf("%w: objects[%d] needs objectName and secretPath", provider.ErrInvalidParameters, i)
 		case hasDotDot(o.SecretPath):
 			return c, fmt.Errorf("%w: objects[%d]: secretPath has a \"..\" segment", provider.ErrInvalidParameters, i)
-		case storage.ValidatePath(o.ObjectName) != nil:
+		case volumepath.Check(o.ObjectName) != nil:
 			// A file name: checked before the login, not after.
-			return c, fmt.Errorf("%w: objects[%d]: %w", provider.ErrInvalidParameters, i, storage.ValidatePath(o.ObjectName))
+			return c, fmt.Errorf("%w: objects[%d]: %w", provider.ErrInvalidParameters, i, volumepath.Check(o.ObjectName))
 		case seen[o.ObjectName]:
 			return c, fmt.Errorf("%w: objectName %q is listed twice", provider.ErrInvalidParameters, o.ObjectName)
 		case o.Method != "" && o.Method != "GET" && o.Method != "POST" && o.Method != "PUT":

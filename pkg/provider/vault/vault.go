@@ -4,6 +4,9 @@
 // and the login token, and revokes the token (and so every lease it
 // created) when the pod is gone. Parameters are those of
 // hashicorp/vault-csi-provider.
+//
+// It imports pkg/provider (the contract) and pkg/volumepath (the rule for
+// the file names a class asks for), nothing else of ours.
 package vault
 
 import (
