@@ -19,6 +19,7 @@ import (
 	"k8s.io/apimachinery/pkg/util/version"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
+	"sigs.k8s.io/yaml"
 
 	v1alpha1 "github.com/ephemeral-secrets/csi-driver/pkg/apis/ephemeralsecrets/v1alpha1"
 	"github.com/ephemeral-secrets/csi-driver/pkg/inventory"
@@ -67,11 +68,6 @@ func TestKubeVersionIsTheMatrixFloor(t *testing.T) {
 		}
 	}
 }
-
-// tokensInSecretsOff turns the CSIDriver's serviceAccountTokenInSecrets
-// off, for the every-value file (which asks for it) on a cluster before
-// 1.35, whose API refuses the field.
-const tokensInSecretsOff = "csiDriver.serviceAccountTokenInSecrets=false"
 
 func testVersion(t *testing.T, want string) {
 	ctx := context.Background()
@@ -124,16 +120,7 @@ func testVersion(t *testing.T, want string) {
 
 	everyValue := []string{"-f", "testdata/every-value.yaml"}
 	if server.LessThan(version.MustParseGeneric("1.35.0")) {
-		// The file asks for tokens in secrets: this API has no such field,
-		// and says so.
-		out, err := helmRun(append([]string{"install", "esc", chartDir, "-n", ns}, everyValue...)...)
-		if err == nil || !strings.Contains(out, "serviceAccountTokenInSecrets") {
-			t.Errorf("every value with serviceAccountTokenInSecrets on %s: %v\n%.600s", want, err, out)
-		}
-		if _, err := helmRun("uninstall", "esc", "-n", ns, "--ignore-not-found"); err != nil {
-			t.Fatal(err)
-		}
-		everyValue = append(everyValue, "--set", tokensInSecretsOff)
+		everyValue = []string{"-f", withoutTokensInSecrets(t, "testdata/every-value.yaml")}
 	}
 	helmInstall := func(t *testing.T, values ...string) []byte {
 		t.Helper()
@@ -146,6 +133,7 @@ func testVersion(t *testing.T, want string) {
 			t.Fatalf("helm get manifest: %v\n%s", err, manifest)
 		}
 		checkNotes(t, out, server, requestsTokens(t, []byte(manifest)))
+		checkTokenDelivery(t, clients, ns)
 		t.Cleanup(func() {
 			if out, err := helmRun("uninstall", "esc", "-n", ns, "--wait"); err != nil {
 				t.Errorf("helm uninstall: %v\n%s", err, out)
@@ -356,6 +344,79 @@ func inventoryAs(t *testing.T, admin *rest.Config, token string) *inventory.Clie
 		t.Fatal(err)
 	}
 	return c
+}
+
+// withoutTokensInSecrets writes a copy of a values file without the
+// CSIDriver's token delivery (csiDriver's key that asks for tokens in
+// secrets): a cluster before 1.35 has no serviceAccountTokenInSecrets,
+// and the chart's default delivery is the one to install there.
+func withoutTokensInSecrets(t *testing.T, file string) string {
+	t.Helper()
+	data, err := os.ReadFile(file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var values map[string]any
+	if err := yaml.Unmarshal(data, &values); err != nil {
+		t.Fatal(err)
+	}
+	csi, _ := values["csiDriver"].(map[string]any)
+	removed := 0
+	for k := range csi {
+		if strings.Contains(strings.ToLower(k), "insecrets") {
+			delete(csi, k)
+			removed++
+		}
+	}
+	if removed == 0 {
+		t.Fatalf("%s sets no csiDriver token delivery: the every-value file should", file)
+	}
+	out, err := yaml.Marshal(values)
+	if err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(t.TempDir(), "values.yaml")
+	if err := os.WriteFile(path, out, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+// checkTokenDelivery: where kubelet mints tokens, the CSIDriver as the
+// API server stored it (a field this version lacks is dropped, with no
+// more than a warning) and the driver's --tokens-in-secrets agree on
+// where the tokens travel; a disagreement fails every publish that needs
+// a token.
+func checkTokenDelivery(t *testing.T, clients *kubernetes.Clientset, ns string) {
+	t.Helper()
+	ctx := context.Background()
+	csi, err := clients.StorageV1().CSIDrivers().Get(ctx, "ephemeral-secrets.csi.dev", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(csi.Spec.TokenRequests) == 0 {
+		return
+	}
+	stored := csi.Spec.ServiceAccountTokenInSecrets != nil && *csi.Spec.ServiceAccountTokenInSecrets
+	dss, err := clients.AppsV1().DaemonSets(ns).List(ctx, metav1.ListOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	checked := 0
+	for _, ds := range dss.Items {
+		for _, c := range ds.Spec.Template.Spec.Containers {
+			if c.Name != "driver" {
+				continue
+			}
+			checked++
+			if want := fmt.Sprintf("--tokens-in-secrets=%v", stored); !slices.Contains(c.Args, want) {
+				t.Errorf("the stored CSIDriver has serviceAccountTokenInSecrets %v, the driver's args %v lack %s", stored, c.Args, want)
+			}
+		}
+	}
+	if checked != 1 {
+		t.Errorf("%d driver containers in %s, want 1", checked, ns)
+	}
 }
 
 // requestsTokens: the CSIDriver of a stream has kubelet mint tokens.
