@@ -48,14 +48,20 @@ postgres:
 	fi
 
 # For the Kubernetes tests: a real kube-apiserver (built from the Go module
-# proxy), helm and kustomize, cached in $(TOOLS); etcd from apt.
+# proxy), helm and kustomize, cached in $(TOOLS); etcd from apt. Two
+# Kubernetes versions (test/kube/versions): the node's, every command, in
+# $(TOOLS); the oldest the chart claims, kube-apiserver alone, in
+# $(TOOLS)/kube-VERSION (test/chart's compatibility matrix).
 TOOLS     := $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/ephemeral-secrets-csi/bin
+KUBE_NODE_VERSION   := $(shell awk '$$1 == "node" { print $$2 }' test/kube/versions)
+KUBE_OLDEST_VERSION := $(shell awk '$$1 == "oldest" { print $$2 }' test/kube/versions)
 HELM_VERSION      ?= v3.22.0
 KUSTOMIZE_VERSION ?= v5.8.0
 kube:
 	@command -v etcd >/dev/null || { echo "installing etcd (apt)"; apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends etcd-server >/dev/null; }
-	test/kube/build-kube.sh $(TOOLS)
+	KUBE_VERSION=$(KUBE_NODE_VERSION) test/kube/build-kube.sh $(TOOLS)
+	KUBE_VERSION=$(KUBE_OLDEST_VERSION) KUBE_COMMANDS=kube-apiserver test/kube/build-kube.sh $(TOOLS)/kube-$(KUBE_OLDEST_VERSION)
 	@$(MAKE) --no-print-directory $(TOOLS)/helm $(TOOLS)/kustomize
 # The Kubernetes version helm assumes without a cluster (helm template,
 # helm lint): the one the tests run (helm's release builds use their
@@ -70,7 +76,7 @@ $(TOOLS)/kustomize:
 
 # kubectl, for the commands of the docs that test/docs runs (and make cluster).
 kubectl:
-	@KUBE_COMMANDS=kubectl test/kube/build-kube.sh $(TOOLS)
+	@KUBE_VERSION=$(KUBE_NODE_VERSION) KUBE_COMMANDS=kubectl test/kube/build-kube.sh $(TOOLS)
 
 # What a real node needs beside the Kubernetes commands: containerd, runc,
 # the CNI plugins, iptables (kube-proxy) and iproute2 (the node's network), from apt.

@@ -42,10 +42,12 @@ func helm(t *testing.T, args ...string) (string, error) {
 type objects map[string]*unstructured.Unstructured
 
 // render is `helm template` of the chart in namespace ephemeral-secrets
-// for Kubernetes 1.35 (unless args say otherwise), failing the test on error.
+// for the Kubernetes version of the tests' node (test/kube/versions;
+// unless args say otherwise), failing the test on error.
 func render(t *testing.T, args ...string) objects {
 	t.Helper()
-	all := append([]string{"template", "esc", chartDir, "--namespace", "ephemeral-secrets", "--kube-version", "1.35.0"}, args...)
+	node, _ := kube.Versions()
+	all := append([]string{"template", "esc", chartDir, "--namespace", "ephemeral-secrets", "--kube-version", node}, args...)
 	out, err := helm(t, all...)
 	if err != nil {
 		t.Fatalf("helm %v: %v\n%s", all, err, out)
@@ -179,7 +181,8 @@ func TestDefaults(t *testing.T) {
 	checkSecurity(t, ds)
 
 	// No provider enabled: no token minted for any pod, so no
-	// serviceAccountTokenInSecrets (1.35 refuses it without tokenRequests).
+	// serviceAccountTokenInSecrets (1.35 and later refuse it without
+	// tokenRequests).
 	csi := into[storagev1.CSIDriver](t, objs, "CSIDriver/ephemeral-secrets.csi.dev")
 	if len(csi.Spec.TokenRequests) != 0 || csi.Spec.ServiceAccountTokenInSecrets != nil {
 		t.Errorf("CSIDriver tokenRequests %v, serviceAccountTokenInSecrets %v: want neither by default", csi.Spec.TokenRequests, csi.Spec.ServiceAccountTokenInSecrets)

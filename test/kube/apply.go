@@ -10,6 +10,7 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/types"
 	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
 	"k8s.io/client-go/discovery"
 	"k8s.io/client-go/discovery/cached/memory"
@@ -50,6 +51,39 @@ func Apply(ctx context.Context, cfg *rest.Config, data []byte, dryRun bool) erro
 		}
 		return nil
 	})
+}
+
+// ApplyServerSide applies the objects of a YAML stream as
+// `kubectl apply --server-side --force-conflicts` does, under the field
+// manager named, with strict field validation: an unknown or misspelt
+// field is an error.
+func ApplyServerSide(ctx context.Context, cfg *rest.Config, data []byte, fieldManager string) error {
+	force := true
+	return forEach(ctx, cfg, data, func(ri dynamic.ResourceInterface, obj *unstructured.Unstructured) error {
+		body, err := obj.MarshalJSON()
+		if err != nil {
+			return err
+		}
+		_, err = ri.Patch(ctx, obj.GetName(), types.ApplyPatchType, body, metav1.PatchOptions{
+			FieldManager: fieldManager, Force: &force, FieldValidation: "Strict",
+		})
+		return err
+	})
+}
+
+// Missing names the objects of a YAML stream the API server does not
+// have (kind namespace/name).
+func Missing(ctx context.Context, cfg *rest.Config, data []byte) ([]string, error) {
+	var missing []string
+	err := forEach(ctx, cfg, data, func(ri dynamic.ResourceInterface, obj *unstructured.Unstructured) error {
+		_, err := ri.Get(ctx, obj.GetName(), metav1.GetOptions{})
+		if apierrors.IsNotFound(err) {
+			missing = append(missing, obj.GetKind()+" "+obj.GetNamespace()+"/"+obj.GetName())
+			return nil
+		}
+		return err
+	})
+	return missing, err
 }
 
 // Delete deletes the objects of a YAML stream (kubectl delete -f), in

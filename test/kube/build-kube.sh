@@ -7,11 +7,13 @@
 # the matching release; the commands share one module graph and build cache.
 # Usage: [KUBE_VERSION=1.x.y] build-kube.sh [OUTDIR]
 #   (default: ${XDG_CACHE_HOME:-~/.cache}/ephemeral-secrets-csi/bin, kept across clones)
-# KUBE_VERSION defaults to the version the real node runs; the chart's
-# compatibility matrix builds the lowest claimed minor's kube-apiserver
-# into a directory of its own (see the Makefile's kube target).
+# KUBE_VERSION defaults to the version the real node runs (the "node"
+# line of test/kube/versions); the chart's compatibility matrix builds the
+# lowest claimed minor's kube-apiserver ("oldest") into a directory of its
+# own (see the Makefile's kube target).
 set -euo pipefail
-K8S=${KUBE_VERSION:-1.37.2}
+K8S=${KUBE_VERSION:-$(awk '$1 == "node" { print $2 }' "$(dirname "$0")/versions")}
+[ -n "$K8S" ] || { echo "build-kube.sh: no KUBE_VERSION and no node version in test/kube/versions" >&2; exit 1; }
 STAGING=0.${K8S#1.}
 MINOR=${K8S#1.}
 MINOR=${MINOR%%.*}

@@ -2,7 +2,8 @@
 // tests: a throwaway CA and serving certificate, a service-account signing
 // key (so TokenRequest works), and an admin bearer token. The API server
 // binary is built from the Go module proxy by build-kube.sh ("make
-// kube"); etcd comes from the distribution (etcd-server).
+// kube"), one per version of the file versions; etcd comes from the
+// distribution (etcd-server).
 package kube
 
 import (
@@ -14,6 +15,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	_ "embed"
 	"encoding/base64"
 	"encoding/pem"
 	"fmt"
@@ -51,6 +53,9 @@ type Options struct {
 	// authorization, the NodeRestriction and ServiceAccount admission
 	// plugins, and a client certificate to call kubelets with.
 	Nodes bool
+	// Version is the API server's Kubernetes version, one of Versions
+	// (built by make kube); default the node's.
+	Version string
 }
 
 // User is one bearer-token identity of the token file.
@@ -73,13 +78,37 @@ type Cluster struct {
 	LogFiles []string
 }
 
-// APIServerPath finds the kube-apiserver binary: $ESC_KUBE_APISERVER, or
-// where build-kube.sh puts it.
-func APIServerPath() (string, error) {
-	if p := os.Getenv("ESC_KUBE_APISERVER"); p != "" {
-		return p, nil
+//go:embed versions
+var versionsFile string
+
+// Versions are the Kubernetes versions the tests run, from the file
+// versions (make kube builds the same): node, every command of the real
+// node and the default API server; oldest, an API server alone, the
+// lowest minor the chart claims.
+func Versions() (node, oldest string) {
+	for line := range strings.Lines(versionsFile) {
+		switch f := strings.Fields(line); {
+		case len(f) == 2 && f[0] == "node":
+			node = f[1]
+		case len(f) == 2 && f[0] == "oldest":
+			oldest = f[1]
+		}
 	}
-	return Tool("kube-apiserver")
+	return node, oldest
+}
+
+// APIServerPath finds the kube-apiserver binary of version (""
+// is the node's): $ESC_KUBE_APISERVER for the node's, or where
+// build-kube.sh puts it (make kube).
+func APIServerPath(version string) (string, error) {
+	node, _ := Versions()
+	if version == "" || version == node {
+		if p := os.Getenv("ESC_KUBE_APISERVER"); p != "" {
+			return p, nil
+		}
+		return Tool("kube-apiserver")
+	}
+	return Tool(filepath.Join("kube-"+version, "kube-apiserver"))
 }
 
 // Tool finds one of the test tools "make kube" installs.
@@ -96,7 +125,7 @@ func StartWith(opts Options) (*Cluster, error) {
 	if opts.AdvertiseAddress == "" {
 		opts.AdvertiseAddress = "127.0.0.1"
 	}
-	apiserver, err := APIServerPath()
+	apiserver, err := APIServerPath(opts.Version)
 	if err != nil {
 		return nil, err
 	}

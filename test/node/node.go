@@ -196,7 +196,10 @@ func (n *Node) startControlPlane(context.Context) error {
 		"--leader-elect=false", "--use-service-account-credentials=true", // each controller with its own role, as kubeadm runs it
 		"--service-account-private-key-file", n.SAKeyFile(), "--root-ca-file", ca,
 		"--bind-address", "127.0.0.1", fmt.Sprintf("--secure-port=%d", ports[0]),
-		"--controllers", "*,-nodeipam,-cloud-node-lifecycle,-service-lb-controller,-node-route-controller",
+		// No pod CIDRs to allocate (the CNI bridge's host-local IPAM does it).
+		// 1.37 has no cloud controllers in kube-controller-manager any
+		// more: naming one is an error.
+		"--controllers", "*,-nodeipam",
 		"--v", "1"); err != nil {
 		return err
 	}
