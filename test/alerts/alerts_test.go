@@ -49,7 +49,7 @@ func rendered(t *testing.T) (Rules, map[string]string) {
 		t.Fatal(err)
 	}
 	out, err := exec.Command(helm, "template", "esc", chartDir, "--namespace", issuertest.IssuerNamespace,
-		"--kube-version", "1.35.0", "--set", "monitoring.enabled=true").CombinedOutput()
+		"--kube-version", "1.37.0", "--set", "monitoring.enabled=true,providers.postgres.enabled=true").CombinedOutput()
 	if err != nil {
 		t.Fatalf("helm template: %v\n%s", err, out)
 	}
