@@ -135,7 +135,7 @@ func testVersion(t *testing.T, want string) {
 		checkNotes(t, out, server, requestsTokens(t, []byte(manifest)))
 		checkTokenDelivery(t, clients, ns)
 		t.Cleanup(func() {
-			if out, err := helmRun("uninstall", "esc", "-n", ns, "--wait"); err != nil {
+			if out, err := helmRun("uninstall", "esc", "-n", ns, "--wait", "--no-hooks"); err != nil {
 				t.Errorf("helm uninstall: %v\n%s", err, out)
 			}
 		})
