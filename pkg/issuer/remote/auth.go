@@ -21,7 +21,8 @@ import (
 const Audience = "ephemeral-secrets.csi.dev/issuer"
 
 // NodeNameExtra is the extra of a TokenReview that names the node of the
-// pod a token is bound to (Kubernetes 1.32 and later).
+// pod a token is bound to (Kubernetes 1.30 and later: a beta feature on by default before 1.32,
+// the API server's ServiceAccountTokenPodNodeInfo gate).
 const NodeNameExtra = "authentication.kubernetes.io/node-name"
 
 // Authenticator tells who presents a bearer token.
@@ -123,7 +124,7 @@ func (r *TokenReviewer) judge(st authenticationv1.TokenReviewStatus) (issuer.Cal
 	}
 	nodes := st.User.Extra[NodeNameExtra]
 	if len(nodes) != 1 || nodes[0] == "" {
-		return issuer.Caller{}, fmt.Errorf("%w: the token names no node (a token bound to the driver's pod is required, Kubernetes 1.32 or later)",
+		return issuer.Caller{}, fmt.Errorf("%w: the token names no node (a token bound to the driver's pod is required, Kubernetes 1.30 or later with the ServiceAccountTokenPodNodeInfo feature on)",
 			provider.ErrPermissionDenied)
 	}
 	return issuer.Caller{Node: nodes[0]}, nil
