@@ -132,11 +132,18 @@ func readHolder(fd int) string {
 // Path is the lock file's path.
 func (l *NodeLock) Path() string { return l.path }
 
-// Release lets the next instance go on. The holder's record is left: it is
-// overwritten by the next holder.
+// Release lets the next instance go on. It removes the lock file first,
+// while still holding it (and only if the path still names the file it
+// holds), so an uninstalled driver leaves nothing behind: a waiter blocked
+// on the removed file finds the path gone once it gets that lock, and
+// starts again on a new file (AcquireNodeLock's check), so there is still
+// one holder at a time.
 func (l *NodeLock) Release() error {
 	if l == nil || l.fd < 0 {
 		return nil
+	}
+	if same, err := sameFile(l.fd, l.path); err == nil && same {
+		_ = unix.Unlink(l.path)
 	}
 	err := unix.Close(l.fd) // closing the only descriptor drops the flock
 	l.fd = -1

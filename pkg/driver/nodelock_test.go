@@ -66,9 +66,9 @@ func TestNodeLockSecondWaitsUntilTheFirstLetsGo(t *testing.T) {
 	if err := first.Release(); err != nil {
 		t.Fatal(err)
 	}
+	var second *NodeLock
 	select {
-	case second := <-got:
-		defer second.Release()
+	case second = <-got:
 	case err := <-failed:
 		t.Fatal(err)
 	case <-time.After(10 * time.Second):
@@ -76,6 +76,21 @@ func TestNodeLockSecondWaitsUntilTheFirstLetsGo(t *testing.T) {
 	}
 	if err := first.Release(); err != nil {
 		t.Errorf("a second Release: %v", err)
+	}
+	// The second holds the file the path names now (the first removed its
+	// own at release): a third instance waits for it.
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	_, failed3, waits3 := acquireAsync(ctx, path)
+	waitHolder(t, waits3)
+	cancel()
+	<-failed3
+	if err := second.Release(); err != nil {
+		t.Fatal(err)
+	}
+	// The last holder gone, nothing is left (an uninstall leaves no file).
+	if _, err := os.Lstat(path); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("lock file after the last release: %v", err)
 	}
 }
 
