@@ -46,6 +46,11 @@ import (
 // refuses while a pod mounts the driver's volumes, and otherwise leaves
 // nothing the chart made.
 func TestProfiles(t *testing.T) {
+	// TestRealCluster leaves the driver's namespace (the Secrets it made
+	// there) and the examples' tenant namespace (a Vault class naming its
+	// own Vault server, no pod): start from nothing.
+	dropNamespace(t, node.Namespace)
+	dropNamespace(t, "ai-agents")
 	p := &profiles{}
 	defer p.close()
 	for _, step := range []struct {
@@ -182,14 +187,17 @@ func uninstall(ctx context.Context) ([]byte, error) {
 
 // dropDriverNamespace deletes the release's namespace (the Secrets the
 // test made) so that the next profile installs from nothing.
-func dropDriverNamespace(t *testing.T) {
+func dropDriverNamespace(t *testing.T) { t.Helper(); dropNamespace(t, node.Namespace) }
+
+// dropNamespace deletes namespace ns, if there, and waits until it is gone.
+func dropNamespace(t *testing.T, ns string) {
 	t.Helper()
 	ctx := context.Background()
-	if err := cluster.Clients.CoreV1().Namespaces().Delete(ctx, node.Namespace, metav1.DeleteOptions{}); err != nil && !apierrors.IsNotFound(err) {
+	if err := cluster.Clients.CoreV1().Namespaces().Delete(ctx, ns, metav1.DeleteOptions{}); err != nil && !apierrors.IsNotFound(err) {
 		t.Fatal(err)
 	}
-	harness.Eventually(t, namespaceBound, "namespace "+node.Namespace+" gone", func() (bool, error) {
-		_, err := cluster.Clients.CoreV1().Namespaces().Get(ctx, node.Namespace, metav1.GetOptions{})
+	harness.Eventually(t, namespaceBound, "namespace "+ns+" gone", func() (bool, error) {
+		_, err := cluster.Clients.CoreV1().Namespaces().Get(ctx, ns, metav1.GetOptions{})
 		return apierrors.IsNotFound(err), nil
 	})
 }

@@ -43,6 +43,31 @@ func testSurgeRollout(t *testing.T) {
 	ctx := context.Background()
 	startRotatingPod(t, "surging")
 	waitLog(t, rotatingNS, "surging", "agent", time.Minute, rotatingUser.String())
+	// An earlier step's rollout may still be going on, and the DaemonSet
+	// controller deletes an old pod that is not available at once, with no
+	// surge (seen: the surge pod then never waited): start from one driver
+	// pod, of the current template, ready.
+	harness.Eventually(t, 2*time.Minute, "one ready driver pod of the current template", func() (bool, error) {
+		ds, err := cluster.Clients.AppsV1().DaemonSets(node.Namespace).Get(ctx, "ephemeral-secrets-csi", metav1.GetOptions{})
+		if err != nil {
+			return false, err
+		}
+		st := ds.Status
+		if st.ObservedGeneration != ds.Generation || st.UpdatedNumberScheduled != st.DesiredNumberScheduled ||
+			st.NumberAvailable != st.DesiredNumberScheduled {
+			return false, nil
+		}
+		pods := nodePlugins(t)
+		if len(pods) != 1 {
+			return false, fmt.Errorf("%d driver pods", len(pods))
+		}
+		for _, c := range pods[0].Status.Conditions {
+			if c.Type == corev1.PodReady && c.Status == corev1.ConditionTrue {
+				return true, nil
+			}
+		}
+		return false, nil
+	})
 	old := driverPod(t)
 	auditRecords(t, old) // keep its log for the secret search
 	seenBefore := usersIn(podLogs(t, rotatingNS, "surging", "agent"))
