@@ -30,7 +30,7 @@ func TestRenewalOnTheInjectedClock(t *testing.T) {
 	if got := tr.Count(t, audit.Renew, "") + tr.Count(t, audit.Rotate, ""); got != 0 {
 		t.Fatalf("%d renewals before the renewal point", got)
 	}
-	if !m.has(v.ID) {
+	if !m.Published(v.ID) {
 		t.Fatal("the volume is gone")
 	}
 	clk.Step(2 * time.Minute)

@@ -108,10 +108,7 @@ var crashScenarios = []crashScenario{
 		setup: func(t *testing.T, c *crashRun) {
 			publish(t, c.m, c.vol)
 			// Half the TTL has gone by, as far as the backend's renewal is concerned.
-			c.m.mu.Lock()
-			v := c.m.vols[c.vol.ID]
-			v.lease.ExpiresAt = v.lease.ExpiresAt.Add(-c.ttl / 2)
-			c.m.mu.Unlock()
+			c.m.setExpiry(c.vol.ID, func(e time.Time) time.Time { return e.Add(-c.ttl / 2) })
 		},
 		op:    func(t *testing.T, c *crashRun) { c.m.renew(c.vol.ID) },
 		retry: func(t *testing.T, c *crashRun, m *Manager) { publish(t, m, c.vol) },
@@ -132,9 +129,7 @@ var crashScenarios = []crashScenario{
 		running: true,
 		setup: func(t *testing.T, c *crashRun) {
 			publish(t, c.m, c.vol)
-			c.m.mu.Lock()
-			c.m.vols[c.vol.ID].lease.ExpiresAt = time.Now().Add(-time.Second)
-			c.m.mu.Unlock()
+			c.m.setExpiry(c.vol.ID, func(time.Time) time.Time { return time.Now().Add(-time.Second) })
 		},
 		op:    func(t *testing.T, c *crashRun) { c.m.renew(c.vol.ID) },
 		retry: func(t *testing.T, c *crashRun, m *Manager) { publish(t, m, c.vol) },
@@ -340,7 +335,7 @@ func crashAt(t *testing.T, sc crashScenario, k int, ttl time.Duration) bool {
 	// Kubelet retries what never returned; then the pod goes away.
 	sc.retry(t, c, m)
 	c.checkRecovered(t, m, false, "after kubelet's retry")
-	if m.has(c.vol.ID) {
+	if m.Published(c.vol.ID) {
 		unpublish(t, m, c.vol)
 	}
 	m.drain(ctx)
@@ -358,15 +353,13 @@ func crashAt(t *testing.T, sc crashScenario, k int, ttl time.Duration) bool {
 
 // current is the role name of every lease the manager holds for a volume.
 func (m *Manager) current() map[string]bool {
-	m.mu.Lock()
-	defer m.mu.Unlock()
 	out := map[string]bool{}
-	for _, v := range m.vols {
-		if v.meta.State == StateWithdrawn {
+	for _, v := range m.vols.All() {
+		if v.Meta().State == StateWithdrawn {
 			continue
 		}
-		out[postgres.RoleName(v.lease.ID)] = true
-		for _, l := range v.tasks {
+		out[postgres.RoleName(v.Lease().ID)] = true
+		for _, l := range v.Tasks() {
 			out[postgres.RoleName(l.ID)] = true
 		}
 	}
@@ -392,7 +385,7 @@ func (c *crashRun) checkRecovered(t *testing.T, m *Manager, running bool, when s
 		}
 	}
 	if running {
-		if !m.has(c.vol.ID) {
+		if !m.Published(c.vol.ID) {
 			t.Errorf("%s: the running pod's volume was dropped", when)
 		}
 		if !c.store.IsMounted(c.vol.TargetPath) {
@@ -401,11 +394,9 @@ func (c *crashRun) checkRecovered(t *testing.T, m *Manager, running bool, when s
 			t.Errorf("%s: the running pod's credential does not work: %v", when, err)
 		}
 	}
-	if c.withdrawn && m.has(c.vol.ID) {
+	if c.withdrawn && m.Published(c.vol.ID) {
 		// Every write of a withdrawal comes after the one that records it.
-		m.mu.Lock()
-		state := m.vols[c.vol.ID].meta.State
-		m.mu.Unlock()
+		state := m.vols.Get(c.vol.ID).Meta().State
 		if state != StateWithdrawn {
 			t.Errorf("%s: the withdrawn volume is %s", when, state)
 		}
@@ -417,7 +408,7 @@ func (c *crashRun) checkRecovered(t *testing.T, m *Manager, running bool, when s
 		return
 	}
 	// Whatever is mounted for a live volume holds a working credential.
-	if m.has(c.vol.ID) && c.store.IsMounted(c.vol.TargetPath) {
+	if m.Published(c.vol.ID) && c.store.IsMounted(c.vol.TargetPath) {
 		if err := login(ctx, c.vol.TargetPath); err != nil {
 			t.Errorf("%s: a mounted volume's credential does not work: %v", when, err)
 		}

@@ -29,10 +29,7 @@ type faultCase struct {
 }
 
 func halfTTLGone(m *Manager, id string, ttl time.Duration) {
-	m.mu.Lock()
-	v := m.vols[id]
-	v.lease.ExpiresAt = v.lease.ExpiresAt.Add(-ttl / 2)
-	m.mu.Unlock()
+	m.setExpiry(id, func(e time.Time) time.Time { return e.Add(-ttl / 2) })
 }
 
 func faultCases(ttl time.Duration) []faultCase {
@@ -116,7 +113,7 @@ func TestBackendFailsAtEachCall(t *testing.T) {
 				c.checkRecovered(t, m, fc.running, "after a restart")
 				fc.again(t, m, v)
 				c.checkRecovered(t, m, fc.running, "after the retry")
-				if m.has(v.ID) {
+				if m.Published(v.ID) {
 					unpublish(t, m, v)
 				}
 				m.drain(ctx)
@@ -149,10 +146,8 @@ func TestLateRenewalRecordsTheLapse(t *testing.T) {
 	v := n.volume("late")
 	publish(t, m, v)
 	halfTTLGone(m, v.ID, time.Hour)
-	m.mu.Lock()
-	lease := m.vols[v.ID].lease
-	m.vols[v.ID].lease.ExpiresAt = time.Now().Add(faults.SlowCall / 3) // as the manager knows it
-	m.mu.Unlock()
+	lease := m.vols.Get(v.ID).Lease()
+	m.setExpiry(v.ID, func(time.Time) time.Time { return time.Now().Add(faults.SlowCall / 3) }) // as the manager knows it
 	fp.Inject("Renew", faults.Slow)
 	m.renew(v.ID)
 	if e := trail.expires(t); e[lease.ID] != 1 || len(e) != 1 {
@@ -185,17 +180,13 @@ func TestRenewalResumesWhenItsProviderIsBack(t *testing.T) {
 	publish(t, m, v)
 	reg.Replace(&provider.Registry{}) // the provider is gone from the file
 	m.renew(v.ID)
-	m.mu.Lock()
-	failures, at := m.vols[v.ID].failures, m.vols[v.ID].renewAt
-	m.mu.Unlock()
+	failures, at := m.vols.Get(v.ID).Failures(), m.vols.Get(v.ID).RenewAt()
 	if failures != 1 || at.IsZero() || time.Until(at) > 2*time.Minute {
 		t.Fatalf("after a renewal without its provider: %d failures, next try in %s; want a retry scheduled", failures, time.Until(at))
 	}
 	reg.Replace(registry(n.pg)) // and back
 	m.renew(v.ID)
-	m.mu.Lock()
-	failures = m.vols[v.ID].failures
-	m.mu.Unlock()
+	failures = m.vols.Get(v.ID).Failures()
 	if failures != 0 {
 		t.Fatalf("%d failures after the provider came back; want the lease renewed", failures)
 	}

@@ -181,8 +181,8 @@ func TestRenewalSurvivesRestartsAndOutages(t *testing.T) {
 		// What was in flight ends (its writes fail): a dead process's
 		// calls do not reach the backend after the next one has started.
 		for _, v := range vols {
-			if unlock, err := m.locks.Lock(ctx, v.ID); err == nil {
-				unlock()
+			if h, err := m.vols.Lock(ctx, v.ID); err == nil {
+				h.Unlock()
 			}
 		}
 	}

@@ -71,9 +71,7 @@ func (r *recordLog) want(t *testing.T, when string, want ...string) {
 }
 
 func issuedCall(m *Manager, volumeID string) string {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	l := m.vols[volumeID].lease
+	l := m.vols.Get(volumeID).Lease()
 	return fmt.Sprintf("issued %s %s", l.ID, l.ExpiresAt.UTC().Format(time.RFC3339Nano))
 }
 
@@ -96,9 +94,7 @@ func TestRecordsFollowTheLease(t *testing.T) {
 	rl.want(t, "after publish", first)
 
 	leaseOf := func() string {
-		m.mu.Lock()
-		defer m.mu.Unlock()
-		return m.vols[v.ID].lease.ID
+		return m.vols.Get(v.ID).Lease().ID
 	}
 	old := leaseOf()
 	time.Sleep(1100 * time.Millisecond) // VALID UNTIL has a second's resolution
@@ -146,9 +142,7 @@ func TestRecordsFailureNeverBlocks(t *testing.T) {
 		t.Fatal(err)
 	}
 	m.drainRecords(ctx)
-	m.mu.Lock()
-	vid := m.vols[v.ID].lease.ID
-	m.mu.Unlock()
+	vid := m.vols.Get(v.ID).Lease().ID
 	wIssued := issuedCall(m, w.ID)
 	unpublish(t, m, v)
 	m.drain(ctx)
@@ -186,18 +180,14 @@ func TestRecordGoneWithdraws(t *testing.T) {
 	}
 	v := n.volume("g1")
 	publish(t, m, v)
-	m.mu.Lock()
-	id := m.vols[v.ID].lease.ID
-	m.mu.Unlock()
+	id := m.vols.Get(v.ID).Lease().ID
 	rl.mu.Lock()
 	rl.gone[id] = true
 	rl.mu.Unlock()
 	m.drainRecords(ctx)
 	deadline := time.Now().Add(10 * time.Second)
 	for {
-		m.mu.Lock()
-		withdrawn := m.vols[v.ID].meta.LeaseID == ""
-		m.mu.Unlock()
+		withdrawn := m.vols.Get(v.ID).Meta().LeaseID == ""
 		if withdrawn {
 			break
 		}
@@ -283,9 +273,7 @@ func TestRecordOfAnUnrevocableCredentialGoesAtItsExpiry(t *testing.T) {
 	publish(t, m, v)
 	first := issuedCall(m, v.ID)
 	m.drainRecords(ctx)
-	m.mu.Lock()
-	l := m.vols[v.ID].lease
-	m.mu.Unlock()
+	l := m.vols.Get(v.ID).Lease()
 	unpublish(t, m, v)
 	m.drain(ctx)
 	if m.QueueLength() != 0 {

@@ -33,6 +33,7 @@ var rank = map[string]int{
 	"pkg/audit":             2,
 	"pkg/events":            2,
 	"pkg/spc":               2,
+	"pkg/lease/state":       2, // the state machine's records and their codec
 	"pkg/limits":            2,
 	"pkg/provider/aws":      2,
 	"pkg/provider/vault":    2,
@@ -45,15 +46,17 @@ var rank = map[string]int{
 	"pkg/lease/revocation": 3,
 	"pkg/issuer":           3,
 	"pkg/inventory":        3,
-	// 4: the state machine, the issuer's transport.
-	"pkg/lease":         4,
+	// 4: each volume's in-memory state and its lock; the issuer's transport.
+	"pkg/lease/volume":  4,
 	"pkg/issuer/remote": 4,
-	// 5: the node's edges: the CSI server and the lease socket.
-	"pkg/driver":   5,
-	"pkg/leaseapi": 5,
-	// 6: the command line, 7: the binary.
-	"pkg/cli":                   6,
-	"cmd/ephemeral-secrets-csi": 7,
+	// 5: the state machine.
+	"pkg/lease": 5,
+	// 6: the node's edges: the CSI server and the lease socket.
+	"pkg/driver":   6,
+	"pkg/leaseapi": 6,
+	// 7: the command line, 8: the binary.
+	"pkg/cli":                   7,
+	"cmd/ephemeral-secrets-csi": 8,
 }
 
 // allowed are the imports against the order that are known and meant to

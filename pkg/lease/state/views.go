@@ -1,0 +1,148 @@
+package state
+
+import (
+	"maps"
+	"slices"
+	"time"
+
+	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
+)
+
+// TaskOf names the task whose lease leaseID is, or "".
+func (m Metadata) TaskOf(leaseID string) string {
+	for id, t := range m.Tasks {
+		if t.LeaseID == leaseID {
+			return id
+		}
+	}
+	return ""
+}
+
+// WithTask returns m with t as task's record (nil: none); m is unchanged.
+func (m Metadata) WithTask(task string, t *Task) Metadata {
+	m.Tasks = maps.Clone(m.Tasks)
+	if t == nil {
+		delete(m.Tasks, task)
+	} else {
+		if m.Tasks == nil {
+			m.Tasks = map[string]Task{}
+		}
+		m.Tasks[task] = *t
+	}
+	if len(m.Tasks) == 0 {
+		m.Tasks = nil
+	}
+	return m
+}
+
+// Held is every lease the volume holds: cur first (if m names it), then
+// every lease record of the volume, then (by ID alone) what m names
+// without a record: a pending issue, the current lease, its tasks'.
+func (m Metadata) Held(cur provider.Lease, records []provider.Lease) []provider.Lease {
+	var out []provider.Lease
+	seen := map[string]bool{}
+	add := func(l provider.Lease) {
+		if l.ID != "" && !seen[l.ID] {
+			seen[l.ID] = true
+			out = append(out, l)
+		}
+	}
+	if m.LeaseID != "" && cur.ID == m.LeaseID {
+		add(cur)
+	}
+	for _, l := range records {
+		add(l)
+	}
+	named := []string{m.PendingLeaseID, m.LeaseID}
+	for _, task := range slices.Sorted(maps.Keys(m.Tasks)) {
+		named = append(named, m.Tasks[task].LeaseID)
+	}
+	for _, lid := range named {
+		add(m.Named(lid))
+	}
+	return out
+}
+
+// Named is the lease of ID id as m knows it without its record: enough
+// for its provider to revoke it by ID.
+func (m Metadata) Named(id string) provider.Lease {
+	return provider.Lease{ID: id, Provider: m.Provider, Params: m.Params}
+}
+
+// GrantedAt is when a recovered lease's current grant began: the latest
+// of its issue and its last recorded renewal. A crash between recording a
+// renewed lease and its metadata leaves an earlier time, which only
+// brings the next renewal forward.
+func (m Metadata) GrantedAt(l provider.Lease) time.Time {
+	t := l.IssuedAt
+	for _, u := range []time.Time{m.IssuedAt, m.RenewedAt} {
+		if u.After(t) && l.ID == m.LeaseID {
+			t = u
+		}
+	}
+	return t
+}
+
+// GrantTTL is the lifetime l was issued with, granted (at the latest)
+// at asked.
+func GrantTTL(l provider.Lease, asked time.Time) time.Duration {
+	if l.ExpiresAt.IsZero() {
+		return 0
+	}
+	from := l.IssuedAt
+	if from.IsZero() {
+		from = asked
+	}
+	return max(l.ExpiresAt.Sub(from), 0)
+}
+
+// Info is what a pod may know of its volume's lease: nothing secret.
+type Info struct {
+	VolumeID  string       `json:"-"`
+	Pod       provider.Pod `json:"-"`
+	LeaseID   string       `json:"leaseID,omitempty"`
+	Provider  string       `json:"provider"`
+	Role      string       `json:"role,omitempty"`
+	State     string       `json:"state"`
+	IssuedAt  time.Time    `json:"issuedAt,omitzero"`
+	ExpiresAt time.Time    `json:"expiresAt,omitzero"`
+	RenewedAt time.Time    `json:"renewedAt,omitzero"`
+	Renewals  int          `json:"renewals"`
+	Withdrawn string       `json:"withdrawn,omitempty"` // why
+	MaxTasks  int          `json:"maxTasks"`
+	Tasks     []TaskInfo   `json:"tasks"`
+}
+
+// TaskInfo is one task lease, as its pod sees it: nothing secret.
+type TaskInfo struct {
+	Task      string    `json:"task"`
+	LeaseID   string    `json:"leaseID"`
+	Role      string    `json:"role,omitempty"`
+	State     string    `json:"state"`
+	IssuedAt  time.Time `json:"issuedAt,omitzero"`
+	ExpiresAt time.Time `json:"expiresAt,omitzero"`
+	// Path is where the task's files are, relative to the volume.
+	Path string `json:"path"`
+}
+
+// Info is the task's record as its pod sees it.
+func (t Task) Info(id string) TaskInfo {
+	return TaskInfo{Task: id, LeaseID: t.LeaseID, Role: t.Role, State: string(t.State),
+		IssuedAt: t.IssuedAt, ExpiresAt: t.ExpiresAt, Path: "tasks/" + id}
+}
+
+// Info is what the volume's pod may know of its lease and tasks.
+func (m Metadata) Info() Info {
+	in := Info{
+		VolumeID: m.VolumeID, Pod: m.Pod, LeaseID: m.LeaseID, Provider: m.Provider, Role: m.Role,
+		State: string(m.State), IssuedAt: m.IssuedAt, ExpiresAt: m.ExpiresAt, RenewedAt: m.RenewedAt,
+		Renewals: m.Renewals, Withdrawn: m.WithdrawReason, MaxTasks: m.MaxTasks, Tasks: []TaskInfo{},
+	}
+	if m.State == Withdrawn {
+		in.LeaseID = m.WithdrawnLease
+	}
+	for _, id := range slices.Sorted(maps.Keys(m.Tasks)) {
+		in.Tasks = append(in.Tasks, m.Tasks[id].Info(id))
+	}
+	return in
+}
