@@ -8,26 +8,26 @@
 // (pkg/lease/revocation), and the outbox of the calls that record each
 // lease in the cluster's inventory (pkg/lease/outbox).
 //
-// One lock discipline, which pkg/lease/volume's types enforce:
-//   - A volume's lock (volume.Table.Lock) is held for a whole operation on
-//     the volume: publish, unpublish, a renewal, a rotation, a withdrawal, a
-//     task verb, its recovery or its sweep. Backend calls and file writes
-//     are made under it; it is the only lock held while they run. Only its
-//     holder changes the volume (every mutator takes the *volume.Held) or
-//     arms its timers; a timer's function takes the lock again. No one holds
-//     two volumes' locks at once.
-//   - The table of volumes and each volume have a mutex of their own:
-//     leaves, taken inside pkg/lease/volume for a few instructions, with no
-//     call out under them. So a reader (State, Info, Live, PodOf) needs no
-//     volume lock, and never waits for a backend.
-//   - The first-seen record has a lock of its own, held only to check and
-//     write that record, so that its writes land in order.
-//   - The revocation queue and the outbox lock only themselves; they are
-//     called with a volume's lock held or not, and never call back into
-//     the manager under their locks.
+// One lock discipline, enforced by pkg/lease/volume's types. Locks, in
+// the order they are taken, never the other way round:
 //
-// Locks are taken in that order: a volume's, then the first-seen one or a
-// worker's; the leaves last.
+//  1. A volume's lock (volume.Table.Lock hands out a *volume.Held): held
+//     for a whole operation on the volume (publish, unpublish, a renewal, a
+//     rotation, a withdrawal, a task verb, its recovery or sweep); its
+//     backend calls and file writes are made under it. Only its holder
+//     changes the volume or arms its timers: each mutator of volume.Volume
+//     takes the *volume.Held, and panics on a nil, released or other
+//     volume's one. A timer's function takes the lock again. Never two
+//     volumes' locks at once.
+//  2. Locks of their own: the first-seen record's (held to check and write
+//     that one record, so that its writes land in order), the revocation
+//     queue's and the outbox's; taken with a volume's lock or without.
+//     Nothing of the manager is called under them.
+//  3. Leaves: the mutex of the table of volumes and each volume's, taken
+//     inside pkg/lease/volume for a few instructions, with no file write,
+//     backend call, wait or other lock under them. There is no other
+//     manager-wide mutex: a reader (State, Info, Live, PodOf) takes only
+//     leaves, and never waits for a backend or an operation on a volume.
 //
 // It imports pkg/storage, pkg/lease/state, pkg/lease/volume,
 // pkg/lease/revocation, pkg/lease/outbox, pkg/provider (the contract it
@@ -37,8 +37,6 @@ package lease
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/base32"
 	"errors"
 	"fmt"
 	"maps"
@@ -329,7 +327,7 @@ func (m *Manager) publishNew(ctx context.Context, h *volume.Held, v Volume) erro
 			params[k] = val
 		}
 	}
-	leaseID := newLeaseID(pod)
+	leaseID := state.NewLeaseID(pod)
 	now := m.clock.Now().UTC()
 	meta := Metadata{
 		VolumeID: v.ID, TargetPath: v.TargetPath, ReadOnly: v.ReadOnly, MountGroup: v.MountGroup,
@@ -398,7 +396,7 @@ func (m *Manager) publishNew(ctx context.Context, h *volume.Held, v Volume) erro
 		granted = asked
 	}
 	vol := volume.New(m.clock, volume.Initial{Meta: meta, Lease: l, Spec: spec, GID: v.GID, Tokens: v.Mount.Tokens,
-		Granted: granted, Digest: digest(files)})
+		Granted: granted, Digest: volume.Digest(files)})
 	h.Put(vol)
 	m.scheduleRenewal(h, vol)
 	m.noteIssued(meta, l)
@@ -536,29 +534,6 @@ func recordFor(meta Metadata, l provider.Lease) audit.Record {
 		VolumeID: meta.VolumeID, Pod: meta.Pod, Class: meta.Class, Provider: meta.Provider,
 		Role: l.Role, LeaseID: l.ID,
 	}, l.ExpiresAt)
-}
-
-var leaseEncoding = base32.NewEncoding("abcdefghijklmnopqrstuvwxyz234567").WithPadding(base32.NoPadding)
-
-// newLeaseID makes a unique, non-secret ID of [a-z0-9-] that says which pod
-// the lease is for: "<namespace>-<pod>-<random>", at most 48 bytes.
-func newLeaseID(pod provider.Pod) string {
-	var b [5]byte
-	_, _ = rand.Read(b[:])
-	suffix := leaseEncoding.EncodeToString(b[:]) // 8 characters
-	clean := func(s string, n int) string {
-		s = strings.Map(func(r rune) rune {
-			if r >= 'a' && r <= 'z' || r >= '0' && r <= '9' {
-				return r
-			}
-			return '-'
-		}, strings.ToLower(s))
-		if len(s) > n {
-			s = s[:n]
-		}
-		return strings.Trim(s, "-")
-	}
-	return clean(pod.Namespace, 16) + "-" + clean(pod.Name, 21) + "-" + suffix
 }
 
 // ParseGID parses a volume_mount_group: empty is "none" (-1).

@@ -14,7 +14,6 @@ import (
 	"github.com/ephemeral-secrets/csi-driver/pkg/lease/volume"
 	"github.com/ephemeral-secrets/csi-driver/pkg/metrics"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
-	"github.com/ephemeral-secrets/csi-driver/pkg/storage"
 )
 
 // scheduleRenewal arms v's timer at its renewal point (volume.Timing).
@@ -129,7 +128,7 @@ func (m *Manager) recordLapse(h *volume.Held, v *volume.Volume) {
 //  4. the old lease's revocation queued, then its record removed.
 func (m *Manager) rotate(ctx context.Context, h *volume.Held, prov provider.Provider, v *volume.Volume) error {
 	meta := v.Meta()
-	newID := newLeaseID(meta.Pod)
+	newID := state.NewLeaseID(meta.Pod)
 	meta.PendingLeaseID = newID
 	if err := m.opts.Store.WriteMetadata(meta); err != nil {
 		return fmt.Errorf("recording the rotation: %w", err)
@@ -215,7 +214,7 @@ func (m *Manager) writeFiles(h *volume.Held, v *volume.Volume, l provider.Lease)
 	// Unchanged files (a renewal that only moved the expiry, a re-read of
 	// a static secret of the same version) are left alone: no swap for
 	// readers to notice.
-	d := digest(files)
+	d := volume.Digest(files)
 	if d == v.Digest() {
 		return nil
 	}
@@ -261,18 +260,6 @@ func (m *Manager) install(h *volume.Held, v *volume.Volume, l provider.Lease, gr
 	m.scheduleRenewal(h, v)
 	m.noteIssued(meta, l)
 	return nil
-}
-
-// digest identifies a set of files: names, modes and contents.
-func digest(files []storage.File) [sha256.Size]byte {
-	h := sha256.New()
-	for _, f := range files {
-		fmt.Fprintf(h, "%s\x00%o\x00%d\x00", f.Path, f.Mode, len(f.Data))
-		h.Write(f.Data)
-	}
-	var d [sha256.Size]byte
-	h.Sum(d[:0])
-	return d
 }
 
 // enqueueOrLog queues the revocation of l; the worker runs it at once.

@@ -12,6 +12,7 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/ephemeral-secrets/csi-driver/pkg/audit"
+	"github.com/ephemeral-secrets/csi-driver/pkg/lease/state"
 	"github.com/ephemeral-secrets/csi-driver/pkg/lease/volume"
 	"github.com/ephemeral-secrets/csi-driver/pkg/metrics"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
@@ -135,7 +136,7 @@ func (m *Manager) IssueTask(ctx context.Context, volumeID, task string, ttl time
 	if err != nil {
 		return TaskInfo{}, err
 	}
-	leaseID := newLeaseID(meta.Pod)
+	leaseID := state.NewLeaseID(meta.Pod)
 	rec := recordFor(meta, provider.Lease{ID: leaseID})
 	rec.Task = task
 	fail := func(err error) (TaskInfo, error) {

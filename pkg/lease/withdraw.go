@@ -76,7 +76,7 @@ func (m *Manager) settleWithdrawn(h *volume.Held, v *volume.Volume, reason strin
 	if err := m.opts.Store.WriteFiles(id, v.GID(), nil); err != nil {
 		return nil, fmt.Errorf("removing the withdrawn volume's files: %w", err)
 	}
-	v.SetDigest(h, digest(nil))
+	v.SetDigest(h, volume.Digest(nil))
 	v.ClearTasks(h)
 	meta := v.Meta()
 	leases, err := m.heldLeases(meta, v.Lease())

@@ -1,12 +1,38 @@
 package state
 
 import (
+	"crypto/rand"
+	"encoding/base32"
 	"maps"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
 )
+
+var leaseEncoding = base32.NewEncoding("abcdefghijklmnopqrstuvwxyz234567").WithPadding(base32.NoPadding)
+
+// NewLeaseID makes a unique, non-secret ID of [a-z0-9-] that says which pod
+// the lease is for: "<namespace>-<pod>-<random>", at most 48 bytes.
+func NewLeaseID(pod provider.Pod) string {
+	var b [5]byte
+	_, _ = rand.Read(b[:])
+	suffix := leaseEncoding.EncodeToString(b[:]) // 8 characters
+	clean := func(s string, n int) string {
+		s = strings.Map(func(r rune) rune {
+			if r >= 'a' && r <= 'z' || r >= '0' && r <= '9' {
+				return r
+			}
+			return '-'
+		}, strings.ToLower(s))
+		if len(s) > n {
+			s = s[:n]
+		}
+		return strings.Trim(s, "-")
+	}
+	return clean(pod.Namespace, 16) + "-" + clean(pod.Name, 21) + "-" + suffix
+}
 
 // TaskOf names the task whose lease leaseID is, or "".
 func (m Metadata) TaskOf(leaseID string) string {

@@ -40,6 +40,7 @@ import (
 	"github.com/ephemeral-secrets/csi-driver/pkg/lease/state"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
 	"github.com/ephemeral-secrets/csi-driver/pkg/render"
+	"github.com/ephemeral-secrets/csi-driver/pkg/storage"
 )
 
 // Table is the node's published volumes by ID, with a lock per volume.
@@ -187,6 +188,18 @@ type Volume struct {
 func New(clk clock.WithDelayedExecution, in Initial) *Volume {
 	return &Volume{id: in.Meta.VolumeID, gid: in.GID, spec: in.Spec, clk: clk, meta: in.Meta, lease: in.Lease,
 		tokens: in.Tokens, granted: in.Granted, digest: in.Digest, tasks: map[string]provider.Lease{}}
+}
+
+// Digest identifies a set of files: names, modes and contents.
+func Digest(files []storage.File) [sha256.Size]byte {
+	h := sha256.New()
+	for _, f := range files {
+		fmt.Fprintf(h, "%s\x00%o\x00%d\x00", f.Path, f.Mode, len(f.Data))
+		h.Write(f.Data)
+	}
+	var d [sha256.Size]byte
+	h.Sum(d[:0])
+	return d
 }
 
 // get reads under the volume's mutex.
