@@ -14,12 +14,13 @@
 //   - The table's mutex (its map of volumes) and each volume's mutex (its
 //     fields) are leaves, taken only inside this package's methods, for a
 //     few instructions: nothing waits, writes a file or calls a backend
-//     under them, and no other lock is taken under them. Locks are taken in
-//     the order volume lock, table mutex, volume mutex.
+//     under them. Locks are taken in the order volume lock, table mutex,
+//     volume mutex.
 //
-// Close stops every timer, and those of volumes put later, so that no
-// renewal fires after the manager closed. The package also keeps the
-// volume's renewal timeline (Timing).
+// A volume's timers are armed only while it is in its table: none before
+// it is put there (a recovery that fails half way leaves no timer
+// behind), none once it is removed, none after Close, which stops them
+// all. The package also keeps the volume's renewal timeline (Timing).
 //
 // It imports pkg/lease/keylock, pkg/lease/state, pkg/provider, pkg/render
 // and pkg/storage; only pkg/lease imports it.
@@ -30,6 +31,7 @@ import (
 	"crypto/sha256"
 	"fmt"
 	"maps"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -84,8 +86,8 @@ func (h *Held) ID() string { return h.id }
 // Volume is the locked volume in the table, or nil.
 func (h *Held) Volume() *Volume { return h.t.Get(h.id) }
 
-// Put makes v, of the locked ID, the table's volume; after Close its
-// timers are stopped at once.
+// Put makes v, of the locked ID, the table's volume: from then on, until
+// it is removed or the table closed, its timers may be armed.
 func (h *Held) Put(v *Volume) {
 	h.check(v)
 	h.t.mu.Lock()
@@ -94,9 +96,9 @@ func (h *Held) Put(v *Volume) {
 		h.t.vols = map[string]*Volume{}
 	}
 	h.t.vols[v.id] = v
-	if h.t.closed {
-		v.stop()
-	}
+	v.mu.Lock()
+	v.live = !h.t.closed
+	v.mu.Unlock()
 }
 
 // Remove stops v's timers and takes it out of the table.
@@ -127,22 +129,14 @@ func (t *Table) Get(id string) *Volume {
 func (t *Table) All() []*Volume {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	return slicesOf(t.vols)
-}
-
-func slicesOf(m map[string]*Volume) []*Volume {
-	out := make([]*Volume, 0, len(m))
-	for _, v := range m {
-		out = append(out, v)
-	}
-	return out
+	return slices.Collect(maps.Values(t.vols))
 }
 
 // Close stops the timers of every volume, now and put later.
 func (t *Table) Close() {
 	t.mu.Lock()
 	t.closed = true
-	vols := slicesOf(t.vols)
+	vols := slices.Collect(maps.Values(t.vols))
 	t.mu.Unlock()
 	for _, v := range vols {
 		v.stop()
@@ -181,7 +175,7 @@ type Volume struct {
 	timer      clock.Timer
 	renewAt    time.Time
 	taskTimers map[string]clock.Timer // task ID -> its end
-	stopped    bool                   // no timer is armed again
+	live       bool                   // in its table, open: timers may be armed
 }
 
 // New returns the state of a volume, timed by clk.
@@ -315,7 +309,7 @@ func (v *Volume) after(d time.Duration, f func()) clock.Timer {
 // Arm (re)arms the renewal timer to call f after d.
 func (v *Volume) Arm(h *Held, d time.Duration, f func()) {
 	v.set(h, func() {
-		if v.stopped {
+		if !v.live {
 			return
 		}
 		if v.timer != nil {
@@ -339,7 +333,7 @@ func (v *Volume) Disarm(h *Held) {
 // ArmTask (re)arms task's timer to call f after d.
 func (v *Volume) ArmTask(h *Held, task string, d time.Duration, f func()) {
 	v.set(h, func() {
-		if v.stopped {
+		if !v.live {
 			return
 		}
 		if v.taskTimers == nil {
@@ -352,11 +346,11 @@ func (v *Volume) ArmTask(h *Held, task string, d time.Duration, f func()) {
 	})
 }
 
-// stop stops every timer of v for good.
+// stop stops every timer of v, and arms none until it is put again.
 func (v *Volume) stop() {
 	v.mu.Lock()
 	defer v.mu.Unlock()
-	v.stopped = true
+	v.live = false
 	if v.timer != nil {
 		v.timer.Stop()
 	}

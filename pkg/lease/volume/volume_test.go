@@ -41,28 +41,36 @@ func TestChangesNeedTheVolumesLock(t *testing.T) {
 	}
 }
 
-// After Close no timer is armed: those armed are stopped, and a volume
-// put later arms none.
-func TestCloseStopsEveryTimer(t *testing.T) {
-	clk := clocktesting.NewFakeClock(time.Now())
-	var tab Table
+// A volume's timers are armed only while it is in its table: not before
+// it is put, not once removed, not after Close (which stops those armed).
+func TestTimersOnlyInTheTable(t *testing.T) {
 	ctx := context.Background()
-	arm := func(id string) {
-		h, _ := tab.Lock(ctx, id)
-		defer h.Unlock()
-		v := h.Volume()
-		if v == nil {
-			v = New(clk, Initial{Meta: state.Metadata{VolumeID: id}})
-			h.Put(v)
+	for name, tc := range map[string]struct {
+		before, after func(*Table, *Held, *Volume) // around arming the timers
+		armed         bool
+	}{
+		"put":             {before: func(_ *Table, h *Held, v *Volume) { h.Put(v) }, armed: true},
+		"never put":       {},
+		"removed":         {before: func(_ *Table, h *Held, v *Volume) { h.Put(v); h.Remove(v) }},
+		"removed after":   {before: func(_ *Table, h *Held, v *Volume) { h.Put(v) }, after: func(_ *Table, h *Held, v *Volume) { h.Remove(v) }},
+		"put after Close": {before: func(tab *Table, h *Held, v *Volume) { tab.Close(); h.Put(v) }},
+		"closed after":    {before: func(_ *Table, h *Held, v *Volume) { h.Put(v) }, after: func(tab *Table, _ *Held, _ *Volume) { tab.Close() }},
+	} {
+		clk := clocktesting.NewFakeClock(time.Now())
+		var tab Table
+		h, _ := tab.Lock(ctx, "v")
+		v := New(clk, Initial{Meta: state.Metadata{VolumeID: "v"}})
+		if tc.before != nil {
+			tc.before(&tab, h, v)
 		}
 		v.Arm(h, time.Second, func() {})
 		v.ArmTask(h, "t", time.Second, func() {})
-	}
-	arm("armed")
-	tab.Close()
-	arm("armed") // again, after Close
-	arm("later") // put after Close
-	if clk.HasWaiters() {
-		t.Error("a timer is still armed after Close")
+		if tc.after != nil {
+			tc.after(&tab, h, v)
+		}
+		h.Unlock()
+		if clk.HasWaiters() != tc.armed {
+			t.Errorf("%s: timers armed %v, want %v", name, clk.HasWaiters(), tc.armed)
+		}
 	}
 }
