@@ -10,6 +10,8 @@ import (
 	"time"
 
 	clocktesting "k8s.io/utils/clock/testing"
+
+	"github.com/ephemeral-secrets/csi-driver/pkg/credential"
 )
 
 // inventory is the cluster's inventory as the outbox sees it: it records
@@ -23,15 +25,19 @@ type inventory struct {
 	err   error
 }
 
-func (inv *inventory) call(name string, r Record) error {
+func (inv *inventory) call(name string, r credential.Record) error {
 	inv.mu.Lock()
 	defer inv.mu.Unlock()
 	inv.calls = append(inv.calls, name+" "+r.LeaseID)
 	return inv.err
 }
 
-func (inv *inventory) Issued(_ context.Context, r Record) error  { return inv.call("issued", r) }
-func (inv *inventory) Revoked(_ context.Context, r Record) error { return inv.call("revoked", r) }
+func (inv *inventory) Issued(_ context.Context, r credential.Record) error {
+	return inv.call("issued", r)
+}
+func (inv *inventory) Revoked(_ context.Context, r credential.Record) error {
+	return inv.call("revoked", r)
+}
 
 func (inv *inventory) take() []string {
 	inv.mu.Lock()
@@ -41,7 +47,7 @@ func (inv *inventory) take() []string {
 	return c
 }
 
-func newOutbox(inv *inventory, gone func(Record)) (*Outbox, *clocktesting.FakeClock) {
+func newOutbox(inv *inventory, gone func(credential.Record)) (*Outbox, *clocktesting.FakeClock) {
 	clk := clocktesting.NewFakeClock(time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC))
 	return New(Options{Records: inv, Clock: clk, RetryMin: time.Second, RetryMax: 4 * time.Second, Gone: gone}), clk
 }
@@ -52,12 +58,12 @@ func TestOrderLatestWinsRevocationFinal(t *testing.T) {
 	ctx := context.Background()
 	inv := &inventory{}
 	o, _ := newOutbox(inv, nil)
-	o.Issued(Record{LeaseID: "new"}) // a rotation: the new lease first,
-	o.Revoked(Record{LeaseID: "old"}, time.Time{})
-	o.Issued(Record{LeaseID: "l1"})
-	o.Issued(Record{LeaseID: "l1"}) // renewed before the first call: one call
-	o.Revoked(Record{LeaseID: "l2"}, time.Time{})
-	o.Issued(Record{LeaseID: "l2"}) // a renewal noted late: the revocation stands
+	o.Issued(credential.Record{LeaseID: "new"}) // a rotation: the new lease first,
+	o.Revoked(credential.Record{LeaseID: "old"}, time.Time{})
+	o.Issued(credential.Record{LeaseID: "l1"})
+	o.Issued(credential.Record{LeaseID: "l1"}) // renewed before the first call: one call
+	o.Revoked(credential.Record{LeaseID: "l2"}, time.Time{})
+	o.Issued(credential.Record{LeaseID: "l2"}) // a renewal noted late: the revocation stands
 	o.Flush(ctx)
 	want := []string{"issued new", "revoked old", "issued l1", "revoked l2"}
 	if got := inv.take(); !slices.Equal(got, want) {
@@ -76,8 +82,8 @@ func TestRetriesAndNotBefore(t *testing.T) {
 	inv := &inventory{err: errors.New("the API server is down")}
 	o, clk := newOutbox(inv, nil)
 	expiry := clk.Now().Add(time.Hour)
-	o.Issued(Record{LeaseID: "l1"})
-	o.Revoked(Record{LeaseID: "sts"}, expiry)
+	o.Issued(credential.Record{LeaseID: "l1"})
+	o.Revoked(credential.Record{LeaseID: "sts"}, expiry)
 	for i, s := range []struct {
 		step time.Duration
 		want []string
@@ -114,10 +120,10 @@ func TestRetriesAndNotBefore(t *testing.T) {
 // Gone is told, once.
 func TestRecordGone(t *testing.T) {
 	ctx := context.Background()
-	inv := &inventory{err: fmt.Errorf("%w: deleted", ErrRecordGone)}
-	gone := make(chan Record, 2)
-	o, clk := newOutbox(inv, func(r Record) { gone <- r })
-	o.Issued(Record{LeaseID: "l1", VolumeID: "v1"})
+	inv := &inventory{err: fmt.Errorf("%w: deleted", credential.ErrRecordGone)}
+	gone := make(chan credential.Record, 2)
+	o, clk := newOutbox(inv, func(r credential.Record) { gone <- r })
+	o.Issued(credential.Record{LeaseID: "l1", VolumeID: "v1"})
 	o.Flush(ctx)
 	if r := <-gone; r.VolumeID != "v1" {
 		t.Errorf("Gone told of %+v", r)
@@ -138,7 +144,7 @@ func TestRun(t *testing.T) {
 	done := make(chan struct{})
 	go func() { o.Run(ctx); close(done) }()
 	defer func() { cancel(); <-done }()
-	o.Issued(Record{LeaseID: "l1"})
+	o.Issued(credential.Record{LeaseID: "l1"})
 	calls := func() int {
 		inv.mu.Lock()
 		defer inv.mu.Unlock()
