@@ -1,7 +1,8 @@
 // Package outbox is the lease manager's records outbox: the calls that
-// record each lease outside the node (the cluster's inventory), made from
-// one goroutine of their own, never under a volume's lock, and retried
-// with a backoff until they succeed. A failure never fails a publish or
+// record each lease outside the node (the cluster's inventory), made by a
+// bounded pool of workers of their own (one volume's calls in order, other
+// volumes' in parallel), never under a volume's lock, and retried with a
+// backoff until they succeed. A failure never fails a publish or
 // holds a revocation back. It imports pkg/credential (the record it
 // sends) and pkg/metrics, nothing of the lease manager's.
 package outbox
@@ -46,6 +47,9 @@ type Options struct {
 	Gone func(credential.Record)
 	// Clock times the retries (default: the system's).
 	Clock clock.WithTicker
+	// Workers is how many calls are made at once, each of another volume
+	// (default 8): a burst of publishes is recorded in parallel.
+	Workers int
 }
 
 // Outbox holds the Records calls not yet made, one per lease: the latest
@@ -80,6 +84,9 @@ func New(opts Options) *Outbox {
 	}
 	if opts.Clock == nil {
 		opts.Clock = clock.RealClock{}
+	}
+	if opts.Workers <= 0 {
+		opts.Workers = 8
 	}
 	return &Outbox{
 		opts: opts, wake: make(chan struct{}, 1), pending: map[string]*call{},
@@ -137,9 +144,10 @@ func (o *Outbox) Run(ctx context.Context) {
 	}
 }
 
-// Flush makes every due call once, in the order they were noted (a
-// rotation's new lease is recorded before the old one is released), and
-// returns how long until the next one is due.
+// Flush makes every due call once and returns how long until the next one
+// is due. The calls of one volume are made one after another in the order
+// they were noted (a rotation's new lease is recorded before the old one
+// is released); those of up to Workers volumes at once.
 func (o *Outbox) Flush(ctx context.Context) time.Duration {
 	now := o.opts.Clock.Now()
 	var due []*call
@@ -154,13 +162,48 @@ func (o *Outbox) Flush(ctx context.Context) time.Duration {
 	}
 	o.mu.Unlock()
 	slices.SortFunc(due, func(a, b *call) int { return cmp.Compare(a.seq, b.seq) })
+	var order []string // volumes, by their first due call
+	byVolume := map[string][]*call{}
 	for _, c := range due {
+		k := c.rec.VolumeID
+		if k == "" {
+			k = "lease/" + c.rec.LeaseID
+		}
+		if byVolume[k] == nil {
+			order = append(order, k)
+		}
+		byVolume[k] = append(byVolume[k], c)
+	}
+	var (
+		wg   sync.WaitGroup
+		wmu  sync.Mutex
+		slot = make(chan struct{}, o.opts.Workers)
+	)
+	for _, k := range order {
+		select {
+		case slot <- struct{}{}:
+		case <-ctx.Done():
+		}
 		if ctx.Err() != nil {
-			return 0
+			break
 		}
-		if d, retry := o.make(ctx, c); retry {
-			wait = min(wait, d)
-		}
+		wg.Go(func() {
+			defer func() { <-slot }()
+			for _, c := range byVolume[k] {
+				if ctx.Err() != nil {
+					return
+				}
+				if d, retry := o.make(ctx, c); retry {
+					wmu.Lock()
+					wait = min(wait, d)
+					wmu.Unlock()
+				}
+			}
+		})
+	}
+	wg.Wait()
+	if ctx.Err() != nil {
+		return 0
 	}
 	return wait
 }
