@@ -19,10 +19,10 @@
 //     takes the *volume.Held, and panics on a nil, released or other
 //     volume's one. A timer's function takes the lock again. Never two
 //     volumes' locks at once.
-//  2. Locks of their own: the first-seen record's (held to check and write
-//     that one record, so that its writes land in order), the revocation
-//     queue's and the outbox's; taken with a volume's lock or without.
-//     Nothing of the manager is called under them.
+//  2. Locks of their own: the first-seen record's (state.Seen: held to
+//     check and write that one record, so that its writes land in order),
+//     the revocation queue's and the outbox's; taken with a volume's lock or
+//     without. Nothing of the manager is called under them.
 //  3. Leaves: the mutex of the table of volumes and each volume's, taken
 //     inside pkg/lease/volume for a few instructions, with no file write,
 //     backend call, wait or other lock under them. There is no other
@@ -31,7 +31,9 @@
 //
 // It imports pkg/storage, pkg/lease/state, pkg/lease/volume,
 // pkg/lease/revocation, pkg/lease/outbox, pkg/provider (the contract it
-// calls), pkg/render, pkg/spc, pkg/audit and pkg/metrics; pkg/driver,
+// calls), pkg/credential (the record of a live credential: `inventory`,
+// the records, the audit and the lease socket render from it),
+// pkg/render, pkg/spc, pkg/audit and pkg/metrics; pkg/driver,
 // pkg/leaseapi and pkg/cli import it.
 package lease
 
@@ -42,7 +44,6 @@ import (
 	"maps"
 	"strconv"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"time"
 
@@ -142,7 +143,7 @@ type Manager struct {
 	timing volume.Timing
 	vols   volume.Table // the published volumes, each with its lock
 	ready  atomic.Bool  // recovery has finished
-	seen   firstSeen
+	seen   state.Seen   // who asked first for what
 
 	ctx    context.Context // cancelled by Close; bounds background work
 	cancel context.CancelFunc
@@ -182,7 +183,7 @@ func New(opts Options) *Manager {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	m := &Manager{
-		opts: opts, clock: opts.Clock, ctx: ctx, cancel: cancel, seen: firstSeen{at: map[string]time.Time{}},
+		opts: opts, clock: opts.Clock, ctx: ctx, cancel: cancel,
 		timing: volume.Timing{RenewFraction: opts.RenewFraction, Jitter: opts.Jitter, RotationGrace: opts.RotationGrace,
 			RetryMin: opts.RetryMin, RetryMax: opts.RetryMax},
 	}
@@ -439,32 +440,17 @@ func (m *Manager) issue(ctx context.Context, prov provider.Provider, meta Metada
 	return l, nil
 }
 
-// seenRecord names the node's record of which identities asked for what.
-const seenRecord = "seen"
-
-// firstSeen is when each namespace, service account and class first asked
-// for a volume on the node. Its lock is held to check and write its record
-// only, so that the writes land in order; nothing is locked under it.
-type firstSeen struct {
-	mu sync.Mutex
-	at map[string]time.Time // "namespace/serviceaccount/class" -> first request
-}
-
 // firstSeen reports whether this is the first request on the node from
 // the pod's namespace and service account for class, and remembers it.
 func (m *Manager) firstSeen(pod provider.Pod, class string) bool {
-	key := pod.Namespace + "/" + pod.ServiceAccount + "/" + class
-	m.seen.mu.Lock()
-	defer m.seen.mu.Unlock()
-	if _, ok := m.seen.at[key]; ok {
-		return false
-	}
-	m.seen.at[key] = m.clock.Now().UTC()
-	if err := m.opts.Store.WriteRecord(seenRecord, m.seen.at); err != nil {
+	first, err := m.seen.First(m.opts.Store, pod, class, m.clock.Now().UTC())
+	if err != nil {
 		klog.ErrorS(err, "Recording a first-seen request")
 	}
-	m.opts.Metrics.FirstSeen(pod.Namespace)
-	return true
+	if first {
+		m.opts.Metrics.FirstSeen(pod.Namespace)
+	}
+	return first
 }
 
 // Unpublish unmounts target, queues the revocation of the volume's lease
@@ -529,11 +515,10 @@ func withExpiry(r audit.Record, t time.Time) audit.Record {
 	return r
 }
 
+// recordFor is the audit record of l, the lease of the volume meta or of
+// one of its tasks: its credential's record, rendered.
 func recordFor(meta Metadata, l provider.Lease) audit.Record {
-	return withExpiry(audit.Record{
-		VolumeID: meta.VolumeID, Pod: meta.Pod, Class: meta.Class, Provider: meta.Provider,
-		Role: l.Role, LeaseID: l.ID,
-	}, l.ExpiresAt)
+	return audit.Of(recordOf(meta, l))
 }
 
 // ParseGID parses a volume_mount_group: empty is "none" (-1).

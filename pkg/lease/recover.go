@@ -35,12 +35,7 @@ func (m *Manager) Recover(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("listing volumes: %w", err)
 	}
-	seen := map[string]time.Time{}
-	if err := m.opts.Store.ReadRecord(seenRecord, &seen); err == nil {
-		m.seen.mu.Lock()
-		m.seen.at = seen
-		m.seen.mu.Unlock()
-	}
+	m.seen.Load(m.opts.Store)
 	resumed, revoked, failed := 0, 0, 0
 	for _, id := range ids {
 		// One bad volume must not keep the node's other pods from mounting:

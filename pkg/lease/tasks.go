@@ -5,13 +5,13 @@ import (
 	"errors"
 	"fmt"
 	"maps"
-	"regexp"
 	"slices"
 	"time"
 
 	"k8s.io/klog/v2"
 
 	"github.com/ephemeral-secrets/csi-driver/pkg/audit"
+	"github.com/ephemeral-secrets/csi-driver/pkg/credential"
 	"github.com/ephemeral-secrets/csi-driver/pkg/lease/state"
 	"github.com/ephemeral-secrets/csi-driver/pkg/lease/volume"
 	"github.com/ephemeral-secrets/csi-driver/pkg/metrics"
@@ -25,7 +25,7 @@ var (
 	ErrTaskExists  = errors.New("the task already has a lease")
 	ErrUnknownTask = errors.New("no such task")
 	ErrTaskLimit   = errors.New("the volume holds as many task leases as its class allows")
-	ErrInvalidTask = errors.New("a task ID is 1 to 63 characters of a-z, 0-9 and -, starting and ending with a letter or digit")
+	ErrInvalidTask = state.ErrInvalidTask
 )
 
 // Sockets opens and closes the lease sockets of volumes whose class asks
@@ -37,14 +37,42 @@ type Sockets interface {
 	Close(volumeID string)
 }
 
-var taskID = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$`)
-
 // ValidTask reports whether id is a valid task ID.
-func ValidTask(id string) error {
-	if !taskID.MatchString(id) {
-		return fmt.Errorf("%w: %q", ErrInvalidTask, id)
-	}
-	return nil
+func ValidTask(id string) error { return state.ValidTask(id) }
+
+// Info is what a pod may know of its volume's lease: nothing secret.
+type Info struct {
+	VolumeID  string       `json:"-"`
+	Pod       provider.Pod `json:"-"`
+	LeaseID   string       `json:"leaseID,omitempty"`
+	Provider  string       `json:"provider"`
+	Role      string       `json:"role,omitempty"`
+	State     string       `json:"state"`
+	IssuedAt  time.Time    `json:"issuedAt,omitzero"`
+	ExpiresAt time.Time    `json:"expiresAt,omitzero"`
+	RenewedAt time.Time    `json:"renewedAt,omitzero"`
+	Renewals  int          `json:"renewals"`
+	Withdrawn string       `json:"withdrawn,omitempty"` // why
+	MaxTasks  int          `json:"maxTasks"`
+	Tasks     []TaskInfo   `json:"tasks"`
+}
+
+// TaskInfo is one task lease, as its pod sees it: nothing secret.
+type TaskInfo struct {
+	Task      string    `json:"task"`
+	LeaseID   string    `json:"leaseID"`
+	Role      string    `json:"role,omitempty"`
+	State     string    `json:"state"`
+	IssuedAt  time.Time `json:"issuedAt,omitzero"`
+	ExpiresAt time.Time `json:"expiresAt,omitzero"`
+	// Path is where the task's files are, relative to the volume.
+	Path string `json:"path"`
+}
+
+// taskInfo renders the record of a task lease for its pod.
+func taskInfo(r credential.Record) TaskInfo {
+	return TaskInfo{Task: r.Task, LeaseID: r.LeaseID, Role: r.Role, State: r.State,
+		IssuedAt: r.IssuedAt, ExpiresAt: r.ExpiresAt, Path: "tasks/" + r.Task}
 }
 
 // Info returns what the volume's pod may know of its lease and tasks.
@@ -53,7 +81,25 @@ func (m *Manager) Info(volumeID string) (Info, error) {
 	if v == nil {
 		return Info{}, fmt.Errorf("%w: %s", ErrUnknownVolume, volumeID)
 	}
-	return v.Meta().Info(), nil
+	return infoOf(v.Meta()), nil
+}
+
+// infoOf renders the record of the volume's lease, and its tasks', for
+// its pod.
+func infoOf(meta Metadata) Info {
+	r := volumeCredential(meta)
+	in := Info{
+		VolumeID: r.VolumeID, Pod: r.Pod, LeaseID: r.LeaseID, Provider: r.Provider, Role: r.Role,
+		State: r.State, IssuedAt: r.IssuedAt, ExpiresAt: r.ExpiresAt, RenewedAt: r.RenewedAt,
+		Renewals: meta.Renewals, Withdrawn: meta.WithdrawReason, MaxTasks: meta.MaxTasks, Tasks: []TaskInfo{},
+	}
+	if meta.State == StateWithdrawn {
+		in.LeaseID = meta.WithdrawnLease
+	}
+	for _, id := range slices.Sorted(maps.Keys(meta.Tasks)) {
+		in.Tasks = append(in.Tasks, taskInfo(taskCredential(meta, id, meta.Tasks[id])))
+	}
+	return in
 }
 
 // usable locks the volume for a verb of its lease socket and returns it,
@@ -107,7 +153,7 @@ func (m *Manager) RotateNow(ctx context.Context, volumeID string) (Info, error) 
 	if err := m.rotate(cctx, h, prov, v); err != nil {
 		return Info{}, err
 	}
-	return v.Meta().Info(), nil
+	return infoOf(v.Meta()), nil
 }
 
 // IssueTask issues a separate lease for one task of the volume's pod,
@@ -189,7 +235,7 @@ func (m *Manager) IssueTask(ctx context.Context, volumeID, task string, ttl time
 	rec.Role = l.Role
 	m.audit(withExpiry(withStage(rec, audit.Issue), end), audit.Success, nil)
 	m.opts.Metrics.LeaseOp(meta.Provider, metrics.OpIssue, metrics.Success)
-	return t.Info(task), nil
+	return taskInfo(taskCredential(v.Meta(), task, t)), nil
 }
 
 // RevokeTask ends a task's lease: its files removed at once, its

@@ -1,8 +1,8 @@
 // Package state defines the lease state machine's own records: a
 // volume's Metadata, the Task record of each task lease, the State each
-// is in, and what a pod may know of them (Info); the lease IDs that key
-// them (NewLeaseID); and their codec over the volume store (Records),
-// which keeps them as JSON it never reads.
+// is in; the lease and task IDs that key them (NewLeaseID, ValidTask);
+// the node's own record of who asked first (Seen); and their codec over
+// the volume store (Records), which keeps them as JSON it never reads.
 //
 // Their JSON is the on-disk format of a live node's state: a driver
 // upgraded over it must read it back, so a field may be added but never
