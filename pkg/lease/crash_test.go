@@ -108,7 +108,7 @@ var crashScenarios = []crashScenario{
 		setup: func(t *testing.T, c *crashRun) {
 			publish(t, c.m, c.vol)
 			// Half the TTL has gone by, as far as the backend's renewal is concerned.
-			c.m.setExpiry(c.vol.ID, func(e time.Time) time.Time { return e.Add(-c.ttl / 2) })
+			c.m.ageBy(c.vol.ID, c.ttl/2)
 		},
 		op:    func(t *testing.T, c *crashRun) { c.m.renew(c.vol.ID) },
 		retry: func(t *testing.T, c *crashRun, m *Manager) { publish(t, m, c.vol) },
@@ -129,7 +129,7 @@ var crashScenarios = []crashScenario{
 		running: true,
 		setup: func(t *testing.T, c *crashRun) {
 			publish(t, c.m, c.vol)
-			c.m.setExpiry(c.vol.ID, func(time.Time) time.Time { return time.Now().Add(-time.Second) })
+			c.m.expireIn(c.vol.ID, -time.Second)
 		},
 		op:    func(t *testing.T, c *crashRun) { c.m.renew(c.vol.ID) },
 		retry: func(t *testing.T, c *crashRun, m *Manager) { publish(t, m, c.vol) },

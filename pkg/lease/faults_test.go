@@ -29,7 +29,7 @@ type faultCase struct {
 }
 
 func halfTTLGone(m *Manager, id string, ttl time.Duration) {
-	m.setExpiry(id, func(e time.Time) time.Time { return e.Add(-ttl / 2) })
+	m.ageBy(id, ttl/2)
 }
 
 func faultCases(ttl time.Duration) []faultCase {
@@ -146,8 +146,8 @@ func TestLateRenewalRecordsTheLapse(t *testing.T) {
 	v := n.volume("late")
 	publish(t, m, v)
 	halfTTLGone(m, v.ID, time.Hour)
-	lease := m.vols.Get(v.ID).Lease()
-	m.setExpiry(v.ID, func(time.Time) time.Time { return time.Now().Add(faults.SlowCall / 3) }) // as the manager knows it
+	lease := m.currentLease(v.ID)
+	m.expireIn(v.ID, faults.SlowCall/3) // as the manager knows it
 	fp.Inject("Renew", faults.Slow)
 	m.renew(v.ID)
 	if e := trail.expires(t); e[lease.ID] != 1 || len(e) != 1 {
@@ -180,13 +180,13 @@ func TestRenewalResumesWhenItsProviderIsBack(t *testing.T) {
 	publish(t, m, v)
 	reg.Replace(&provider.Registry{}) // the provider is gone from the file
 	m.renew(v.ID)
-	failures, at := m.vols.Get(v.ID).Failures(), m.vols.Get(v.ID).RenewAt()
+	failures, at := m.renewalState(v.ID)
 	if failures != 1 || at.IsZero() || time.Until(at) > 2*time.Minute {
 		t.Fatalf("after a renewal without its provider: %d failures, next try in %s; want a retry scheduled", failures, time.Until(at))
 	}
 	reg.Replace(registry(n.pg)) // and back
 	m.renew(v.ID)
-	failures = m.vols.Get(v.ID).Failures()
+	failures, _ = m.renewalState(v.ID)
 	if failures != 0 {
 		t.Fatalf("%d failures after the provider came back; want the lease renewed", failures)
 	}

@@ -244,9 +244,3 @@ func login(ctx context.Context, target string) error {
 	}
 	return conn.Close(ctx)
 }
-
-// drain tries every revocation due now once, in the test's goroutine.
-func (m *Manager) drain(ctx context.Context) { m.revocations.RevokeDue(ctx) }
-
-// drainRecords makes every due records call once, in the test's goroutine.
-func (m *Manager) drainRecords(ctx context.Context) time.Duration { return m.records.Flush(ctx) }

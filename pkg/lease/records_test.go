@@ -72,7 +72,7 @@ func (r *recordLog) want(t *testing.T, when string, want ...string) {
 }
 
 func issuedCall(m *Manager, volumeID string) string {
-	l := m.vols.Get(volumeID).Lease()
+	l := m.currentLease(volumeID)
 	return fmt.Sprintf("issued %s %s", l.ID, l.ExpiresAt.UTC().Format(time.RFC3339Nano))
 }
 
@@ -95,7 +95,7 @@ func TestRecordsFollowTheLease(t *testing.T) {
 	rl.want(t, "after publish", first)
 
 	leaseOf := func() string {
-		return m.vols.Get(v.ID).Lease().ID
+		return m.currentLease(v.ID).ID
 	}
 	old := leaseOf()
 	time.Sleep(1100 * time.Millisecond) // VALID UNTIL has a second's resolution
@@ -143,7 +143,7 @@ func TestRecordsFailureNeverBlocks(t *testing.T) {
 		t.Fatal(err)
 	}
 	m.drainRecords(ctx)
-	vid := m.vols.Get(v.ID).Lease().ID
+	vid := m.currentLease(v.ID).ID
 	wIssued := issuedCall(m, w.ID)
 	unpublish(t, m, v)
 	m.drain(ctx)
@@ -181,7 +181,7 @@ func TestRecordGoneWithdraws(t *testing.T) {
 	}
 	v := n.volume("g1")
 	publish(t, m, v)
-	id := m.vols.Get(v.ID).Lease().ID
+	id := m.currentLease(v.ID).ID
 	rl.mu.Lock()
 	rl.gone[id] = true
 	rl.mu.Unlock()
@@ -274,7 +274,7 @@ func TestRecordOfAnUnrevocableCredentialGoesAtItsExpiry(t *testing.T) {
 	publish(t, m, v)
 	first := issuedCall(m, v.ID)
 	m.drainRecords(ctx)
-	l := m.vols.Get(v.ID).Lease()
+	l := m.currentLease(v.ID)
 	unpublish(t, m, v)
 	m.drain(ctx)
 	if m.QueueLength() != 0 {

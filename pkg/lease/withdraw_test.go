@@ -70,7 +70,7 @@ func TestWithdrawRevokesAndKeepsTheVolumeEmpty(t *testing.T) {
 	publish(t, m, v)
 	other := n.volume("w2")
 	publish(t, m, other)
-	role := postgres.RoleName(m.vols.Get(v.ID).Lease().ID)
+	role := postgres.RoleName(m.currentLease(v.ID).ID)
 
 	confirmed, err := m.Withdraw(ctx, v.ID, "given back")
 	if err != nil {
@@ -105,7 +105,7 @@ func TestWithdrawRevokesAndKeepsTheVolumeEmpty(t *testing.T) {
 	// A republish (kubelet's periodic one) issues nothing; a renewal that
 	// was due does nothing; a second withdrawal is fine.
 	publish(t, m, v)
-	m.setExpiry(v.ID, func(time.Time) time.Time { return time.Now().Add(-time.Second) }) // a lapsed lease is replaced, unless withdrawn
+	m.expireIn(v.ID, -time.Second) // a lapsed lease is replaced, unless withdrawn
 	m.renew(v.ID)
 	if got := names(t, v.TargetPath); len(got) != 0 {
 		t.Errorf("a renewal of the withdrawn volume wrote %v", got)
