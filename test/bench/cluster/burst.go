@@ -17,7 +17,10 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/watch"
 	"k8s.io/client-go/kubernetes"
+	typedcorev1 "k8s.io/client-go/kubernetes/typed/core/v1"
 	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/cache"
+	watchtools "k8s.io/client-go/tools/watch"
 
 	"github.com/ephemeral-secrets/csi-driver/pkg/apis/ephemeralsecrets/v1alpha1"
 	"github.com/ephemeral-secrets/csi-driver/pkg/inventory"
@@ -62,6 +65,11 @@ type BurstRound struct {
 	// Clean: → no Credential object and no role of the round left.
 	AllGone float64 `json:"allGoneMs"`
 	Clean   float64 `json:"cleanMs"`
+	// Publish is the node plugin's NodePublishVolume time (kubelet's call)
+	// per postgres volume, Mint the issuer's mean mint within it, from
+	// their own histograms: where the postgres pods' extra time goes.
+	Publish Timing `json:"nodePublishVolume"`
+	Mint    Timing `json:"issuerMint"`
 	// LoadAvg is /proc/loadavg at the start and at the end of the round.
 	LoadAvg  [2]string     `json:"loadavg"`
 	Capacity Capacity      `json:"capacity"`
@@ -130,8 +138,15 @@ func burstRound(ctx context.Context, clients kubernetes.Interface, inv *inventor
 	if err := roomFor(ctx, clients, size); err != nil {
 		return br, err
 	}
-	// From the watch cache's state (see timed): no pod of the round yet.
-	w, err := api.Watch(ctx, metav1.ListOptions{LabelSelector: label, ResourceVersion: "0"})
+	publish0, err := publishHistogram.read(ctx, clients)
+	if err != nil {
+		return br, err
+	}
+	mint0, err := mintHistogram.read(ctx, clients)
+	if err != nil {
+		return br, err
+	}
+	w, err := podWatch(ctx, api, label)
 	if err != nil {
 		return br, err
 	}
@@ -192,6 +207,15 @@ func burstRound(ctx context.Context, clients kubernetes.Interface, inv *inventor
 	}
 	br.AllRunning = ms(time.Since(start))
 	br.Capacity = capacity(ctx, clients)
+	publish, err := publishHistogram.read(ctx, clients)
+	if err != nil {
+		return br, err
+	}
+	mint, err := mintHistogram.read(ctx, clients)
+	if err != nil {
+		return br, err
+	}
+	br.Publish, br.Mint = publish.since(publish0, size/len(burstKinds)), mint.since(mint0, 0)
 	for _, p := range pods {
 		br.Samples = append(br.Samples, *samples[p.Name])
 	}
@@ -231,6 +255,22 @@ func burstRound(ctx context.Context, clients kubernetes.Interface, inv *inventor
 	br.Clean = ms(time.Since(start))
 	br.LoadAvg[1] = loadavg()
 	return br, nil
+}
+
+// podWatch watches the pods of a label from now on, and resumes where it
+// was when the API server ends the watch: under a burst the watch cache
+// drops a watcher that falls behind.
+func podWatch(ctx context.Context, api typedcorev1.PodInterface, label string) (watch.Interface, error) {
+	l, err := api.List(ctx, metav1.ListOptions{LabelSelector: label})
+	if err != nil {
+		return nil, err
+	}
+	return watchtools.NewRetryWatcherWithContext(ctx, l.ResourceVersion, &cache.ListWatch{
+		WatchFuncWithContext: func(ctx context.Context, opts metav1.ListOptions) (watch.Interface, error) {
+			opts.LabelSelector = label
+			return api.Watch(ctx, opts)
+		},
+	})
 }
 
 // roomFor refuses a burst the node cannot hold beside the pods it runs.
@@ -369,6 +409,8 @@ type burstMedians struct {
 	Ratio       float64 `json:"medianRatioToEmptyDir"`
 	AllGone     float64 `json:"allGoneMs"`
 	Clean       float64 `json:"cleanMs"`
+	Publish     Timing  `json:"nodePublishVolume"`
+	Mint        Timing  `json:"issuerMint"`
 }
 
 func mediansOf(rounds []BurstRound) burstMedians {
@@ -388,6 +430,8 @@ func mediansOf(rounds []BurstRound) burstMedians {
 		Ratio:       med(func(r BurstRound) float64 { return r.Ratio }),
 		AllGone:     med(func(r BurstRound) float64 { return r.AllGone }),
 		Clean:       med(func(r BurstRound) float64 { return r.Clean }),
+		Publish:     Timing{MeanMs: med(func(r BurstRound) float64 { return r.Publish.MeanMs })},
+		Mint:        Timing{MeanMs: med(func(r BurstRound) float64 { return r.Mint.MeanMs })},
 	}
 }
 
@@ -397,16 +441,18 @@ func printBurst(rounds []BurstRound) {
 		return
 	}
 	fmt.Printf("\nburst: %d pods created at once, half postgres (through the issuer), half emptyDir, interleaved; ms after the burst's start\n", rounds[0].Pods)
-	fmt.Printf("%-7s %11s  %-20s %-20s %11s %9s %9s  %s\n", "round", "all Running", "postgres p50/p90", "emptyDir p50/p90", "pg/emptyDir", "all gone", "clean", "loadavg (start; end)")
-	row := func(name string, m burstMedians, load string) {
-		fmt.Printf("%-7s %11.0f  %9.0f %9.0f  %9.0f %9.0f  %11.2f %9.0f %9.0f  %s\n", name, m.AllRunning, m.PostgresP50, m.PostgresP90,
-			m.EmptyDirP50, m.EmptyDirP90, m.Ratio, m.AllGone, m.Clean, load)
+	fmt.Printf("%-7s %11s  %-20s %-20s %11s %9s %9s  %-15s %-15s %s\n", "round", "all Running", "postgres p50/p90", "emptyDir p50/p90",
+		"pg/emptyDir", "all gone", "clean", "publish/volume", "mint (mean)", "loadavg (start; end)")
+	row := func(name string, m burstMedians, publish, mint Timing, load string) {
+		fmt.Printf("%-7s %11.0f  %9.0f %9.0f  %9.0f %9.0f  %11.2f %9.0f %9.0f  %-15s %-15s %s\n", name, m.AllRunning, m.PostgresP50, m.PostgresP90,
+			m.EmptyDirP50, m.EmptyDirP90, m.Ratio, m.AllGone, m.Clean, publish, mint, load)
 	}
 	for _, r := range rounds {
-		row(strconv.Itoa(r.Round), mediansOf([]BurstRound{r}), r.LoadAvg[0]+"; "+r.LoadAvg[1])
+		row(strconv.Itoa(r.Round), mediansOf([]BurstRound{r}), r.Publish, r.Mint, r.LoadAvg[0]+"; "+r.LoadAvg[1])
 	}
 	if len(rounds) > 1 {
-		row("median", mediansOf(rounds), "")
+		m := mediansOf(rounds)
+		row("median", m, m.Publish, m.Mint, "")
 	}
 	c := rounds[len(rounds)-1].Capacity
 	fmt.Printf("at the peak: %d pods on the node of at most %d (maxPods), pod subnet %s, containerd %d open files of %d, inotify instances %d (limit %d a user)\n",
