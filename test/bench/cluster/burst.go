@@ -108,9 +108,6 @@ func burst(ctx context.Context, n *node.Node, db *node.Database, size, rounds in
 	}
 	var out []BurstRound
 	for r := 1; r <= rounds; r++ {
-		if err := n.WaitNoCredentials(ctx, db, namespace, node.ExampleRolePrefix, cleanBound); err != nil {
-			return out, fmt.Errorf("before burst %d: %w", r, err)
-		}
 		logf("burst %d of %d: %d pods", r, rounds, size)
 		br, err := burstRound(ctx, clients, inv, n, db, r, size)
 		if err != nil {

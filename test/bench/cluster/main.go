@@ -190,6 +190,9 @@ func run(ctx context.Context, perKind, burstSize, rounds int, out string) error 
 			logf("%s", n.Describe(ctx))
 			return err
 		}
+		if err := n.WaitNoCredentials(ctx, db, namespace, node.ExampleRolePrefix, cleanBound); err != nil {
+			return fmt.Errorf("after the pods one at a time: %w", err)
+		}
 	}
 	var bursts []BurstRound
 	if burstSize > 0 {
