@@ -212,10 +212,14 @@ func burstRound(ctx context.Context, clients kubernetes.Interface, inv *inventor
 	if err != nil {
 		return br, err
 	}
-	br.Publish, br.Mint = publish.since(publish0, size/len(burstKinds)), mint.since(mint0, 0)
+	volumes := 0
 	for _, p := range pods {
 		br.Samples = append(br.Samples, *samples[p.Name])
+		if p.Spec.Volumes[0].CSI != nil {
+			volumes++
+		}
 	}
+	br.Publish, br.Mint = publish.since(publish0, volumes), mint.since(mint0, 0)
 	if err := checkBurst(ctx, clients, inv, db, br.Samples, last); err != nil {
 		return br, err
 	}
