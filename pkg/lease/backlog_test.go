@@ -31,7 +31,7 @@ func TestQueueReadOnceThroughAnOutage(t *testing.T) {
 	ctx := context.Background()
 	n := newNode(t, time.Hour)
 	store := &listCounter{Store: n.store}
-	down := &outage{Provider: n.pg}
+	down := &outage{Provider: n.prov}
 	m := n.manager(store, down, Options{})
 	defer m.Close()
 	if err := m.Recover(ctx); err != nil {

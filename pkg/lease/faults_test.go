@@ -83,7 +83,7 @@ func TestBackendFailsAtEachCall(t *testing.T) {
 			t.Run(fc.name+"/"+fc.call+"/"+string(kind), func(t *testing.T) {
 				ctx := context.Background()
 				n := newNode(t, ttl)
-				fp := &faults.Provider{Provider: n.pg}
+				fp := &faults.Provider{Provider: n.prov}
 				m := n.manager(n.store, fp, faultOptions)
 				defer m.Close()
 				if err := m.Recover(ctx); err != nil {
@@ -137,7 +137,7 @@ func TestLateRenewalRecordsTheLapse(t *testing.T) {
 	needPostgres(t)
 	ctx := context.Background()
 	n := newNode(t, time.Hour)
-	fp := &faults.Provider{Provider: n.pg}
+	fp := &faults.Provider{Provider: n.prov}
 	trail := &auditTrail{}
 	o := faultOptions
 	o.Audit, o.BackendTimeout = audit.New(trail), 5*time.Second
@@ -172,7 +172,7 @@ func TestRenewalResumesWhenItsProviderIsBack(t *testing.T) {
 	needPostgres(t)
 	ctx := context.Background()
 	n := newNode(t, time.Hour)
-	reg := registry(n.pg)
+	reg := n.registry(n.prov)
 	o := faultOptions
 	o.Store, o.Providers, o.Classes = n.store, reg, n.classes
 	o.RotationGrace = -1
@@ -191,7 +191,7 @@ func TestRenewalResumesWhenItsProviderIsBack(t *testing.T) {
 	if failures != 1 || at.IsZero() || time.Until(at) > 2*time.Minute {
 		t.Fatalf("after a renewal without its provider: %d failures, next try in %s; want a retry scheduled", failures, time.Until(at))
 	}
-	reg.Replace(registry(n.pg)) // and back
+	reg.Replace(n.registry(n.prov)) // and back
 	m.renew(v.ID)
 	m.mu.Lock()
 	failures = m.vols[v.ID].failures

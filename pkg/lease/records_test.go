@@ -84,7 +84,7 @@ func TestRecordsFollowTheLease(t *testing.T) {
 	ctx := context.Background()
 	n := newNode(t, time.Hour)
 	rl := &recordLog{}
-	m := n.manager(n.store, n.pg, Options{Records: rl})
+	m := n.manager(n.store, n.prov, Options{Records: rl})
 	defer m.Close()
 	if err := m.Recover(ctx); err != nil {
 		t.Fatal(err)
@@ -134,7 +134,7 @@ func TestRecordsFailureNeverBlocks(t *testing.T) {
 	ctx := context.Background()
 	n := newNode(t, time.Hour)
 	rl := &recordLog{fail: 1000}
-	m := n.manager(n.store, n.pg, Options{Records: rl, RetryMin: time.Millisecond, RetryMax: time.Millisecond})
+	m := n.manager(n.store, n.prov, Options{Records: rl, RetryMin: time.Millisecond, RetryMax: time.Millisecond})
 	defer m.Close()
 	if err := m.Recover(ctx); err != nil {
 		t.Fatal(err)
@@ -142,7 +142,7 @@ func TestRecordsFailureNeverBlocks(t *testing.T) {
 	v, w := n.volume("f1"), n.volume("f2")
 	publish(t, m, v)
 	publish(t, m, w)
-	if err := login(ctx, v.TargetPath); err != nil {
+	if err := n.login(ctx, v.TargetPath); err != nil {
 		t.Fatal(err)
 	}
 	m.drainRecords(ctx)
@@ -179,7 +179,7 @@ func TestRecordGoneWithdraws(t *testing.T) {
 	ctx := context.Background()
 	n := newNode(t, time.Hour)
 	rl := &recordLog{gone: map[string]bool{}}
-	m := n.manager(n.store, n.pg, Options{Records: rl})
+	m := n.manager(n.store, n.prov, Options{Records: rl})
 	defer m.Close()
 	if err := m.Recover(ctx); err != nil {
 		t.Fatal(err)
@@ -218,7 +218,7 @@ func TestRecordsOfTasksAndAfterARestart(t *testing.T) {
 	ctx := context.Background()
 	n := newNode(t, time.Hour)
 	rl := &recordLog{}
-	m := n.manager(n.store, n.pg, Options{Records: rl})
+	m := n.manager(n.store, n.prov, Options{Records: rl})
 	if err := m.Recover(ctx); err != nil {
 		t.Fatal(err)
 	}
@@ -237,7 +237,7 @@ func TestRecordsOfTasksAndAfterARestart(t *testing.T) {
 	// A restart: a new manager on the same state, its inventory empty.
 	m.Close()
 	rl2 := &recordLog{}
-	m2 := n.manager(n.store, n.pg, Options{Records: rl2})
+	m2 := n.manager(n.store, n.prov, Options{Records: rl2})
 	defer m2.Close()
 	if err := m2.Recover(ctx); err != nil {
 		t.Fatal(err)
@@ -274,7 +274,7 @@ func TestRecordOfAnUnrevocableCredentialGoesAtItsExpiry(t *testing.T) {
 	ctx := context.Background()
 	n := newNode(t, 5*time.Second)
 	rl := &recordLog{}
-	m := n.manager(n.store, unrevocable{n.pg}, Options{Records: rl})
+	m := n.manager(n.store, unrevocable{n.prov}, Options{Records: rl})
 	defer m.Close()
 	if err := m.Recover(ctx); err != nil {
 		t.Fatal(err)

@@ -38,7 +38,7 @@ func TestRotationUndoneAfterASwappedWriteRestoresTheFiles(t *testing.T) {
 	n := newNode(t, time.Minute)
 	ctx := context.Background()
 	st := &swapThenFail{Store: n.store}
-	m := n.manager(st, n.pg, Options{})
+	m := n.manager(st, n.prov, Options{})
 	defer m.Close()
 	if err := m.Recover(ctx); err != nil {
 		t.Fatal(err)
@@ -63,7 +63,7 @@ func TestRotationUndoneAfterASwappedWriteRestoresTheFiles(t *testing.T) {
 	if string(after) != string(before) {
 		t.Errorf("the files name %s after the rotation was undone, want %s", after, before)
 	}
-	if err := login(ctx, v.TargetPath); err != nil {
+	if err := n.login(ctx, v.TargetPath); err != nil {
 		t.Errorf("the pod's files do not log in after the rotation was undone: %v", err)
 	}
 	unpublish(t, m, v)
