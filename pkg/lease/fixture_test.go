@@ -157,9 +157,9 @@ const fakeName = "fake"
 // ledger is the fake backend as the tests ask it.
 type ledger struct{ *fakeprovider.Provider }
 
-func (l ledger) credential(leaseID string) string           { return fakeprovider.Name(leaseID) }
+func (l ledger) credential(leaseID string) string               { return fakeprovider.Name(leaseID) }
 func (l ledger) alive(context.Context) (map[string]bool, error) { return l.Alive(), nil }
-func (l ledger) login(_ context.Context, u, p string) error { return l.Login(u, p) }
+func (l ledger) login(_ context.Context, u, p string) error     { return l.Login(u, p) }
 
 // memoryFiles reads a path under a target mounted in the memory store.
 type memoryFiles struct{ s *memory.Store }
@@ -424,4 +424,3 @@ func (n *node) names(target string) []string {
 	}
 	return out
 }
-
