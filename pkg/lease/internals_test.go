@@ -3,6 +3,8 @@ package lease
 import (
 	"context"
 	"time"
+
+	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
 )
 
 // The tests reach the manager's internals only here: what no exported
@@ -50,4 +52,20 @@ func (m *Manager) renewalState(id string) (failures int, renewAt time.Time) {
 	defer m.mu.Unlock()
 	v := m.vols[id]
 	return v.failures, v.renewAt
+}
+
+// currentLease is the volume's lease as the manager holds it (its
+// expiry to the nanosecond, which the records calls carry).
+func (m *Manager) currentLease(id string) provider.Lease {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.vols[id].lease
+}
+
+// waitFor returns once no operation holds the volume: what was in flight
+// has ended.
+func (m *Manager) waitFor(ctx context.Context, id string) {
+	if unlock, err := m.locks.Lock(ctx, id); err == nil {
+		unlock()
+	}
 }

@@ -181,9 +181,7 @@ func TestRenewalSurvivesRestartsAndOutages(t *testing.T) {
 		// What was in flight ends (its writes fail): a dead process's
 		// calls do not reach the backend after the next one has started.
 		for _, v := range vols {
-			if unlock, err := m.locks.Lock(ctx, v.ID); err == nil {
-				unlock()
-			}
+			m.waitFor(ctx, v.ID)
 		}
 	}
 	vols = []Volume{n.volume("o1"), n.volume("o2"), n.volume("o3")}

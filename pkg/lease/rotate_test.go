@@ -3,7 +3,6 @@ package lease
 import (
 	"context"
 	"errors"
-	"os"
 	"path/filepath"
 	"sync/atomic"
 	"testing"
@@ -35,7 +34,10 @@ func (s *swapThenFail) WriteFiles(id string, gid int, files []storage.File) erro
 // files go back to the credential it keeps, never stay on the new one,
 // which is revoked.
 func TestRotationUndoneAfterASwappedWriteRestoresTheFiles(t *testing.T) {
-	n := newNode(t, time.Minute)
+	inTiers(t, time.Minute, testRotationUndoneAfterASwappedWriteRestoresTheFiles)
+}
+
+func testRotationUndoneAfterASwappedWriteRestoresTheFiles(t *testing.T, n *node) {
 	ctx := context.Background()
 	st := &swapThenFail{Store: n.store}
 	m := n.manager(st, n.prov, Options{})
@@ -46,7 +48,7 @@ func TestRotationUndoneAfterASwappedWriteRestoresTheFiles(t *testing.T) {
 	v := n.volume("swap")
 	v.Attributes[spc.ClassKey], v.Mount.Class = "db-tasks", "db-tasks"
 	publish(t, m, v)
-	before, err := os.ReadFile(filepath.Join(v.TargetPath, "username"))
+	before, err := n.files.readFile(filepath.Join(v.TargetPath, "username"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -56,7 +58,7 @@ func TestRotationUndoneAfterASwappedWriteRestoresTheFiles(t *testing.T) {
 		t.Fatal("the rotation succeeded although its file write failed")
 	}
 	m.drain(ctx) // the new lease's revocation
-	after, err := os.ReadFile(filepath.Join(v.TargetPath, "username"))
+	after, err := n.files.readFile(filepath.Join(v.TargetPath, "username"))
 	if err != nil {
 		t.Fatal(err)
 	}
