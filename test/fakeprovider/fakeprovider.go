@@ -74,20 +74,31 @@ func earlier(a, b time.Time) time.Time {
 	return a
 }
 
+// answer starts the answer to a call of kind: it counts the call and
+// locks the ledger (unlock when done), or fails as a call that ran out
+// of time does.
+func (p *Provider) answer(ctx context.Context, kind string) (unlock func(), err error) {
+	if err := ctx.Err(); err != nil {
+		return nil, fmt.Errorf("%w: %w", provider.ErrUnavailable, err)
+	}
+	p.mu.Lock()
+	p.calls[kind]++
+	return p.mu.Unlock, nil
+}
+
 // Issue implements provider.Provider.
 func (p *Provider) Issue(ctx context.Context, req provider.Request) (provider.Lease, error) {
-	if err := ctx.Err(); err != nil {
-		return provider.Lease{}, fmt.Errorf("%w: %w", provider.ErrUnavailable, err)
-	}
 	if req.LeaseID == "" {
 		return provider.Lease{}, fmt.Errorf("%w: no lease ID", provider.ErrInvalidParameters)
 	}
 	var b [12]byte
 	_, _ = rand.Read(b[:])
 	now := p.now()
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	p.calls["Issue"]++
+	unlock, err := p.answer(ctx, "Issue")
+	if err != nil {
+		return provider.Lease{}, err
+	}
+	defer unlock()
 	c := p.creds[req.LeaseID]
 	if c == nil || c.Revoked {
 		c = &Credential{LeaseID: req.LeaseID, Name: Name(req.LeaseID), IssuedAt: now, NotAfter: now.Add(p.maxTTL)}
@@ -109,13 +120,12 @@ func (p *Provider) Issue(ctx context.Context, req provider.Request) (provider.Le
 // never past the maximum; ErrNotRenewable when it would not move, or the
 // credential is gone.
 func (p *Provider) Renew(ctx context.Context, l provider.Lease) (provider.Lease, error) {
-	if err := ctx.Err(); err != nil {
-		return l, fmt.Errorf("%w: %w", provider.ErrUnavailable, err)
-	}
 	now := p.now()
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	p.calls["Renew"]++
+	unlock, err := p.answer(ctx, "Renew")
+	if err != nil {
+		return l, err
+	}
+	defer unlock()
 	c := p.creds[l.ID]
 	if c == nil || c.Revoked {
 		return l, fmt.Errorf("%w: credential %s is gone", provider.ErrNotRenewable, l.ID)
@@ -133,12 +143,11 @@ func (p *Provider) Renew(ctx context.Context, l provider.Lease) (provider.Lease,
 // Revoke implements provider.Provider; revoking what is gone, or was never
 // issued, succeeds.
 func (p *Provider) Revoke(ctx context.Context, l provider.Lease) error {
-	if err := ctx.Err(); err != nil {
-		return fmt.Errorf("%w: %w", provider.ErrUnavailable, err)
+	unlock, err := p.answer(ctx, "Revoke")
+	if err != nil {
+		return err
 	}
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	p.calls["Revoke"]++
+	defer unlock()
 	if c := p.creds[l.ID]; c != nil {
 		c.Revoked = true
 	}

@@ -74,14 +74,51 @@ func New(opts storage.Options) *Store {
 	}
 }
 
-func encode(v any) ([]byte, error) { return json.Marshal(v) }
+// put encodes v, then hands it to set under s.mu; set may refuse.
+func (s *Store) put(v any, set func(data []byte) error) error {
+	data, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return set(data)
+}
 
-// decode reads a record into v; an absent record is ErrVolumeNotFound.
-func decode(data []byte, v any) error {
+// get decodes into v the record find returns under s.mu; none is
+// ErrVolumeNotFound.
+func (s *Store) get(v any, find func() []byte) error {
+	s.mu.Lock()
+	data := find()
+	s.mu.Unlock()
 	if data == nil {
 		return storage.ErrVolumeNotFound
 	}
 	return json.Unmarshal(data, v)
+}
+
+// ofVolume finds a record of volume id with f, if the volume exists;
+// under s.mu.
+func (s *Store) ofVolume(id string, f func(*volume) []byte) func() []byte {
+	return func() []byte {
+		if vol := s.volumes[id]; vol != nil {
+			return f(vol)
+		}
+		return nil
+	}
+}
+
+// inVolume sets a record of volume id with f, if the volume's directory
+// exists (the Filesystem writes only into one that does); under s.mu.
+func (s *Store) inVolume(id, what string, f func(*volume, []byte)) func([]byte) error {
+	return func(data []byte) error {
+		vol := s.volumes[id]
+		if vol == nil {
+			return &fs.PathError{Op: "write", Path: "volumes/" + id + "/" + what, Err: fs.ErrNotExist}
+		}
+		f(vol, data)
+		return nil
+	}
 }
 
 func checkRecordName(name string) error {
@@ -96,14 +133,7 @@ func (s *Store) WriteRecord(name string, v any) error {
 	if err := checkRecordName(name); err != nil {
 		return err
 	}
-	data, err := encode(v)
-	if err != nil {
-		return err
-	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	s.records[name] = data
-	return nil
+	return s.put(v, func(data []byte) error { s.records[name] = data; return nil })
 }
 
 // ReadRecord implements storage.RecordStore.
@@ -111,10 +141,7 @@ func (s *Store) ReadRecord(name string, v any) error {
 	if err := checkRecordName(name); err != nil {
 		return err
 	}
-	s.mu.Lock()
-	data := s.records[name]
-	s.mu.Unlock()
-	return decode(data, v)
+	return s.get(v, func() []byte { return s.records[name] })
 }
 
 // dir returns the volume's directory, made if absent (as WriteMetadata
@@ -128,27 +155,15 @@ func (s *Store) dir(id string) *volume {
 	return v
 }
 
-// WriteMetadata implements storage.RecordStore.
+// WriteMetadata implements storage.RecordStore; it makes the volume's
+// directory if needed.
 func (s *Store) WriteMetadata(id string, v any) error {
-	data, err := encode(v)
-	if err != nil {
-		return err
-	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	s.dir(id).meta = data
-	return nil
+	return s.put(v, func(data []byte) error { s.dir(id).meta = data; return nil })
 }
 
 // ReadMetadata implements storage.RecordStore.
 func (s *Store) ReadMetadata(id string, v any) error {
-	s.mu.Lock()
-	var data []byte
-	if vol := s.volumes[id]; vol != nil {
-		data = vol.meta
-	}
-	s.mu.Unlock()
-	return decode(data, v)
+	return s.get(v, s.ofVolume(id, func(vol *volume) []byte { return vol.meta }))
 }
 
 // ListMetadata implements storage.RecordStore, in no set order.
@@ -168,57 +183,23 @@ func (s *Store) ListMetadata() ([]json.RawMessage, error) {
 // writes only into a volume's directory that exists (made by CreateVolume
 // or WriteMetadata).
 func (s *Store) WriteLease(id, leaseID string, v any) error {
-	data, err := encode(v)
-	if err != nil {
-		return err
-	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	vol := s.volumes[id]
-	if vol == nil {
-		return &fs.PathError{Op: "write", Path: "volumes/" + id + "/lease", Err: fs.ErrNotExist}
-	}
-	vol.leases[leaseID] = data
-	return nil
+	return s.put(v, s.inVolume(id, "lease", func(vol *volume, data []byte) { vol.leases[leaseID] = data }))
 }
 
 // ReadLease implements storage.RecordStore.
 func (s *Store) ReadLease(id, leaseID string, v any) error {
-	s.mu.Lock()
-	var data []byte
-	if vol := s.volumes[id]; vol != nil {
-		data = vol.leases[leaseID]
-	}
-	s.mu.Unlock()
-	return decode(data, v)
+	return s.get(v, s.ofVolume(id, func(vol *volume) []byte { return vol.leases[leaseID] }))
 }
 
 // ReadLegacyLease implements storage.RecordStore.
 func (s *Store) ReadLegacyLease(id string, v any) error {
-	s.mu.Lock()
-	var data []byte
-	if vol := s.volumes[id]; vol != nil {
-		data = vol.legacy
-	}
-	s.mu.Unlock()
-	return decode(data, v)
+	return s.get(v, s.ofVolume(id, func(vol *volume) []byte { return vol.legacy }))
 }
 
 // WriteLegacyLease records v as the volume's legacy lease record, as a
 // driver before keyed lease records wrote it: for tests of an upgrade.
 func (s *Store) WriteLegacyLease(id string, v any) error {
-	data, err := encode(v)
-	if err != nil {
-		return err
-	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	vol := s.volumes[id]
-	if vol == nil {
-		return &fs.PathError{Op: "write", Path: "volumes/" + id + "/lease.json", Err: fs.ErrNotExist}
-	}
-	vol.legacy = data
-	return nil
+	return s.put(v, s.inVolume(id, "lease.json", func(vol *volume, data []byte) { vol.legacy = data }))
 }
 
 // DeleteLegacyLease implements storage.RecordStore.
@@ -262,14 +243,7 @@ func (s *Store) DeleteLease(id, leaseID string) error {
 
 // PutRevocation implements storage.RecordStore.
 func (s *Store) PutRevocation(leaseID string, v any) error {
-	data, err := encode(v)
-	if err != nil {
-		return err
-	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	s.revocations[leaseID] = data
-	return nil
+	return s.put(v, func(data []byte) error { s.revocations[leaseID] = data; return nil })
 }
 
 // DeleteRevocation implements storage.RecordStore.
