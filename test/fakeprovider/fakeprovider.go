@@ -4,11 +4,12 @@
 // and revoked, on the test's clock, so that a test can ask which
 // credentials are alive, whether a pod's files log in, and that nothing
 // is left behind. It behaves as the PostgreSQL provider does where the
-// manager can tell: a lease ID names one credential (an issue repeated
-// after a lost answer names the same one), a renewal moves the expiry up
-// to the lease's maximum TTL and answers ErrNotRenewable when it cannot,
-// and a revocation is idempotent. Faults are injected by wrapping it in
-// test/faults.Provider.
+// manager can tell (pkg/lease's TestBackendContract holds both to it): a
+// lease ID names one credential (an issue repeated while it exists is
+// refused as unavailable, and leaves it as it was), a renewal moves the
+// expiry up to the lease's maximum TTL and answers ErrNotRenewable when it
+// cannot, and a revocation is idempotent and needs only the lease's ID.
+// Faults are injected by wrapping it in test/faults.Provider.
 //
 // It imports pkg/provider only.
 package fakeprovider
@@ -37,7 +38,7 @@ type Credential struct {
 	IssuedAt  time.Time
 	ExpiresAt time.Time
 	NotAfter  time.Time // the maximum TTL's end
-	Issues    int       // issue calls that named it (more than one: a repeated issue)
+	Issues    int       // issue calls that named it (more than one: a repeated issue, refused)
 	Renewals  int
 	Revoked   bool
 }
@@ -99,14 +100,14 @@ func (p *Provider) Issue(ctx context.Context, req provider.Request) (provider.Le
 		return provider.Lease{}, err
 	}
 	defer unlock()
-	c := p.creds[req.LeaseID]
-	if c == nil || c.Revoked {
-		c = &Credential{LeaseID: req.LeaseID, Name: Name(req.LeaseID), IssuedAt: now, NotAfter: now.Add(p.maxTTL)}
-		p.creds[req.LeaseID] = c
+	if c := p.creds[req.LeaseID]; c != nil && !c.Revoked {
+		c.Issues++
+		return provider.Lease{}, fmt.Errorf("%w: credential %s already exists", provider.ErrUnavailable, c.Name)
 	}
-	c.Issues++
-	c.Password = hex.EncodeToString(b[:])
+	c := &Credential{LeaseID: req.LeaseID, Name: Name(req.LeaseID), Password: hex.EncodeToString(b[:]),
+		IssuedAt: now, NotAfter: now.Add(p.maxTTL), Issues: 1}
 	c.ExpiresAt = earlier(now.Add(p.ttl), c.NotAfter)
+	p.creds[req.LeaseID] = c
 	return provider.Lease{
 		Values:    map[string]string{"username": c.Name, "password": c.Password},
 		Handle:    map[string]string{"name": c.Name},
