@@ -11,7 +11,6 @@ import (
 
 	"github.com/ephemeral-secrets/csi-driver/pkg/credential"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
-	"github.com/ephemeral-secrets/csi-driver/pkg/provider/postgres"
 	"github.com/ephemeral-secrets/csi-driver/pkg/spc"
 )
 
@@ -79,11 +78,12 @@ func issuedCall(m *Manager, volumeID string) string {
 // The record follows the lease: issued at publish, again at each renewal
 // or rotation with its new expiry, released once the backend confirmed
 // the revocation (of a rotated-out lease too).
-func TestRecordsFollowTheLease(t *testing.T) {
+func TestRecordsFollowTheLease(t *testing.T) { inTiers(t, time.Hour, testRecordsFollowTheLease) }
+
+func testRecordsFollowTheLease(t *testing.T, n *node) {
 	ctx := context.Background()
-	n := newNode(t, time.Hour)
 	rl := &recordLog{}
-	m := n.manager(n.store, n.pg, Options{Records: rl})
+	m := n.manager(n.store, n.prov, Options{Records: rl, Clock: n.clk})
 	defer m.Close()
 	if err := m.Recover(ctx); err != nil {
 		t.Fatal(err)
@@ -94,12 +94,13 @@ func TestRecordsFollowTheLease(t *testing.T) {
 	m.drainRecords(ctx)
 	rl.want(t, "after publish", first)
 
-	leaseOf := func() string {
-		return m.currentLease(v.ID).ID
-	}
+	leaseOf := func() string { return m.currentLease(v.ID).ID }
 	old := leaseOf()
-	time.Sleep(1100 * time.Millisecond) // VALID UNTIL has a second's resolution
-	m.renew(v.ID)
+	// The ledger's expiry has a second's resolution, as VALID UNTIL has:
+	// two seconds on, a renewal moves it. (PostgreSQL's clock did not
+	// move: its role is rotated instead.)
+	n.clk.Step(2 * time.Second)
+	m.renewNow(v.ID)
 	renewed := issuedCall(m, v.ID)
 	if renewed == first {
 		t.Fatalf("the renewal did not move the expiry: %s", renewed)
@@ -117,8 +118,8 @@ func TestRecordsFollowTheLease(t *testing.T) {
 	m.drainRecords(ctx)
 	rl.want(t, "before the backend confirmed", want...)
 	m.drain(ctx)
-	if n.alive(ctx)[postgres.RoleName(id)] {
-		t.Fatal("role alive after the drain")
+	if n.alive(ctx)[n.credential(id)] {
+		t.Fatal("credential alive after the drain")
 	}
 	m.drainRecords(ctx)
 	rl.want(t, "after the revocation", append(want, "revoked "+id)...)
@@ -128,10 +129,13 @@ func TestRecordsFollowTheLease(t *testing.T) {
 // calls are retried until they land, and a lease revoked meanwhile is
 // released, not recorded again.
 func TestRecordsFailureNeverBlocks(t *testing.T) {
+	inTiers(t, time.Hour, testRecordsFailureNeverBlocks)
+}
+
+func testRecordsFailureNeverBlocks(t *testing.T, n *node) {
 	ctx := context.Background()
-	n := newNode(t, time.Hour)
 	rl := &recordLog{fail: 1000}
-	m := n.manager(n.store, n.pg, Options{Records: rl, RetryMin: time.Millisecond, RetryMax: time.Millisecond})
+	m := n.manager(n.store, n.prov, Options{Records: rl, RetryMin: time.Millisecond, RetryMax: time.Millisecond, Clock: n.clk})
 	defer m.Close()
 	if err := m.Recover(ctx); err != nil {
 		t.Fatal(err)
@@ -139,7 +143,7 @@ func TestRecordsFailureNeverBlocks(t *testing.T) {
 	v, w := n.volume("f1"), n.volume("f2")
 	publish(t, m, v)
 	publish(t, m, w)
-	if err := login(ctx, v.TargetPath); err != nil {
+	if err := n.login(ctx, v.TargetPath); err != nil {
 		t.Fatal(err)
 	}
 	m.drainRecords(ctx)
@@ -147,7 +151,7 @@ func TestRecordsFailureNeverBlocks(t *testing.T) {
 	wIssued := issuedCall(m, w.ID)
 	unpublish(t, m, v)
 	m.drain(ctx)
-	if n.alive(ctx)[postgres.RoleName(vid)] {
+	if n.alive(ctx)[n.credential(vid)] {
 		t.Fatal("the revocation waited for the inventory")
 	}
 	if m.QueueLength() != 0 {
@@ -158,7 +162,7 @@ func TestRecordsFailureNeverBlocks(t *testing.T) {
 	rl.mu.Lock()
 	rl.fail = 0
 	rl.mu.Unlock()
-	time.Sleep(5 * time.Millisecond) // past the retry's backoff
+	n.clk.Step(5 * time.Millisecond) // past the retry's backoff
 	m.drainRecords(ctx)
 	got := rl.log()
 	want := map[string]bool{wIssued: true, "revoked " + vid: true}
@@ -170,11 +174,12 @@ func TestRecordsFailureNeverBlocks(t *testing.T) {
 // A record deleted as the node writes it (the kill switch raced the
 // publish) withdraws the volume: files gone, credential revoked, record
 // released.
-func TestRecordGoneWithdraws(t *testing.T) {
+func TestRecordGoneWithdraws(t *testing.T) { inTiers(t, time.Hour, testRecordGoneWithdraws) }
+
+func testRecordGoneWithdraws(t *testing.T, n *node) {
 	ctx := context.Background()
-	n := newNode(t, time.Hour)
 	rl := &recordLog{gone: map[string]bool{}}
-	m := n.manager(n.store, n.pg, Options{Records: rl})
+	m := n.manager(n.store, n.prov, Options{Records: rl, Clock: n.clk})
 	defer m.Close()
 	if err := m.Recover(ctx); err != nil {
 		t.Fatal(err)
@@ -185,18 +190,14 @@ func TestRecordGoneWithdraws(t *testing.T) {
 	rl.mu.Lock()
 	rl.gone[id] = true
 	rl.mu.Unlock()
-	m.drainRecords(ctx)
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		withdrawn := m.vols.Get(v.ID).Meta().LeaseID == ""
-		if withdrawn {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("the volume was not withdrawn")
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	m.drainRecords(ctx) // the withdrawal runs in a goroutine of its own
+	eventually(t, 10*time.Second, "the volume is withdrawn", func() bool {
+		info, err := m.Info(v.ID)
+		return err == nil && info.State == string(StateWithdrawn)
+	})
+	// Info says withdrawn from the withdrawal's first write on; the rest
+	// of it is done once its volume's lock is free.
+	m.waitFor(ctx, v.ID)
 	checkWithdrawn(t, n, m, v, "after the record went")
 	m.drainRecords(ctx)
 	rl.want(t, "after the withdrawal", "revoked "+id)
@@ -206,10 +207,13 @@ func TestRecordGoneWithdraws(t *testing.T) {
 // its revocation is confirmed; a restart records the live leases again
 // (a record a crash kept from being written is created then).
 func TestRecordsOfTasksAndAfterARestart(t *testing.T) {
+	inTiers(t, time.Hour, testRecordsOfTasksAndAfterARestart)
+}
+
+func testRecordsOfTasksAndAfterARestart(t *testing.T, n *node) {
 	ctx := context.Background()
-	n := newNode(t, time.Hour)
 	rl := &recordLog{}
-	m := n.manager(n.store, n.pg, Options{Records: rl})
+	m := n.manager(n.store, n.prov, Options{Records: rl, Clock: n.clk})
 	if err := m.Recover(ctx); err != nil {
 		t.Fatal(err)
 	}
@@ -228,7 +232,7 @@ func TestRecordsOfTasksAndAfterARestart(t *testing.T) {
 	// A restart: a new manager on the same state, its inventory empty.
 	m.Close()
 	rl2 := &recordLog{}
-	m2 := n.manager(n.store, n.pg, Options{Records: rl2})
+	m2 := n.manager(n.store, n.prov, Options{Records: rl2, Clock: n.clk})
 	defer m2.Close()
 	if err := m2.Recover(ctx); err != nil {
 		t.Fatal(err)
@@ -262,10 +266,13 @@ func (unrevocable) Revoke(context.Context, provider.Lease) error {
 // A credential the backend cannot revoke keeps its record until it
 // expires: the inventory shows what is alive.
 func TestRecordOfAnUnrevocableCredentialGoesAtItsExpiry(t *testing.T) {
+	inTiers(t, 5*time.Second, testRecordOfAnUnrevocableCredentialGoesAtItsExpiry)
+}
+
+func testRecordOfAnUnrevocableCredentialGoesAtItsExpiry(t *testing.T, n *node) {
 	ctx := context.Background()
-	n := newNode(t, 5*time.Second)
 	rl := &recordLog{}
-	m := n.manager(n.store, unrevocable{n.pg}, Options{Records: rl})
+	m := n.manager(n.store, unrevocable{n.prov}, Options{Records: rl, Clock: n.clk})
 	defer m.Close()
 	if err := m.Recover(ctx); err != nil {
 		t.Fatal(err)
@@ -280,11 +287,12 @@ func TestRecordOfAnUnrevocableCredentialGoesAtItsExpiry(t *testing.T) {
 	if m.QueueLength() != 0 {
 		t.Fatal("the unrevocable credential's revocation stays queued")
 	}
-	if wait := m.drainRecords(ctx); wait <= 0 || wait > time.Until(l.ExpiresAt)+time.Second {
-		t.Fatalf("next record call in %v, want at the expiry (%v)", wait, time.Until(l.ExpiresAt))
+	left := l.ExpiresAt.Sub(n.clk.Now())
+	if wait := m.drainRecords(ctx); wait <= 0 || wait > left+time.Second {
+		t.Fatalf("next record call in %v, want at the expiry (%v)", wait, left)
 	}
 	rl.want(t, "before the expiry", first)
-	time.Sleep(time.Until(l.ExpiresAt) + 10*time.Millisecond)
+	n.clk.Step(left + 10*time.Millisecond)
 	m.drainRecords(ctx)
 	rl.want(t, "after the expiry", first, "revoked "+l.ID)
 }

@@ -10,6 +10,7 @@ import (
 	"go/token"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 )
@@ -40,6 +41,7 @@ var rank = map[string]int{
 	"pkg/provider/aws":      2,
 	"pkg/provider/vault":    2,
 	"pkg/provider/postgres": 2,
+	"pkg/storage/memory":    2, // the volume store in memory, for the unprivileged tests
 	"pkg/issuer/postgres":   2, // the issuer's SQL engine: pools, statements, SQLSTATE classes
 	// 3: the lease manager's workers and what it renders; the issuer and
 	// the inventory.
@@ -184,6 +186,29 @@ func TestPackageCommentsNameTheirImports(t *testing.T) {
 			if !strings.Contains(text, imp) {
 				t.Errorf("%s imports %s, which its package comment does not name", p.ImportPath, imp)
 			}
+		}
+	}
+}
+
+// testOnly are packages under pkg/ that exist for tests (an implementation
+// of a contract that runs without root): the driver's binary must never
+// link them.
+var testOnly = []string{"pkg/storage/memory"}
+
+func TestTheBinaryLinksNoTestOnlyPackage(t *testing.T) {
+	cmd := exec.Command("go", "list", "-deps", "./cmd/ephemeral-secrets-csi")
+	cmd.Dir = "../.."
+	out, err := cmd.Output()
+	if err != nil {
+		t.Fatalf("go list: %v", err)
+	}
+	deps := strings.Fields(string(out))
+	if len(deps) < 10 {
+		t.Fatalf("go list -deps found %d packages", len(deps))
+	}
+	for _, p := range testOnly {
+		if slices.Contains(deps, module+p) {
+			t.Errorf("the binary links %s, which is for tests only", p)
 		}
 	}
 }
