@@ -37,6 +37,7 @@ var rank = map[string]int{
 	"pkg/spc":               2,
 	"pkg/limits":            2,
 	"pkg/provider/aws":      2,
+	"pkg/provider/gcp":      2,
 	"pkg/provider/vault":    2,
 	"pkg/provider/postgres": 2,
 	"pkg/issuer/postgres":   2, // the issuer's SQL engine: pools, statements, SQLSTATE classes
