@@ -237,14 +237,21 @@ func (s *Server) Issued() []string {
 func googleError(w http.ResponseWriter, code int, status, msg string) {
 	w.Header().Set("Content-Type", "application/json; charset=UTF-8")
 	w.WriteHeader(code)
-	_ = json.NewEncoder(w).Encode(map[string]any{"error": map[string]any{"code": code, "message": msg, "status": status}})
+	writeIndented(w, map[string]any{"error": map[string]any{"code": code, "message": msg, "status": status}})
 }
 
 // oauthError answers STS's error (RFC 6749 section 5.2).
 func oauthError(w http.ResponseWriter, code int, errCode, desc string) {
 	w.Header().Set("Content-Type", "application/json; charset=UTF-8")
 	w.WriteHeader(code)
-	_ = json.NewEncoder(w).Encode(map[string]string{"error": errCode, "error_description": desc})
+	writeIndented(w, map[string]string{"error": errCode, "error_description": desc})
+}
+
+// writeIndented writes JSON on several lines, as Google's services answer.
+func writeIndented(w io.Writer, v any) {
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	_ = enc.Encode(v)
 }
 
 var statusNames = map[int]string{

@@ -384,7 +384,7 @@ func (p *Provider) Revoke(_ context.Context, l provider.Lease) error {
 
 // statusRE finds the HTTP status and body golang.org/x/oauth2's
 // external-account flow puts in its errors.
-var statusRE = regexp.MustCompile(`status code (\d{3}): (.*)`)
+var statusRE = regexp.MustCompile(`(?s)status code (\d{3}): (.*)`)
 
 // classifyOAuth maps an error of the external-account flow to the
 // provider's sentinels, with Google's reason (never the token).
@@ -456,9 +456,9 @@ func classify(code int, body []byte, what string) error {
 // bounded cuts a text from a server to a length fit for an error.
 func bounded(s string) string {
 	const n = 300
-	s = strings.ToValidUTF8(s, "?")
+	s = strings.Join(strings.Fields(s), " ")
 	if len(s) > n {
-		return s[:n] + "..."
+		s = s[:n] + "..."
 	}
-	return s
+	return strings.ToValidUTF8(s, "?")
 }
