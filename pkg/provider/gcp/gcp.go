@@ -101,7 +101,13 @@ type Provider struct {
 
 var _ provider.Provider = (*Provider)(nil)
 
-var gsaRE = regexp.MustCompile(`^[a-z][a-z0-9-]{4,28}[a-z0-9]@[a-z0-9.-]+\.iam\.gserviceaccount\.com$`)
+// validServiceAccount is a Google service account's email: an ID of 6 to
+// 30 characters at a project's iam.gserviceaccount.com domain.
+func validServiceAccount(email string) bool {
+	id, domain, ok := strings.Cut(email, "@")
+	project, ok2 := strings.CutSuffix(domain, ".iam.gserviceaccount.com")
+	return ok && ok2 && validID(id, 6, 30) && only(project, 1, 100, func(c byte) bool { return isLabel(c) || c == '.' })
+}
 
 // New checks the admin's configuration and returns a provider. It
 // connects to nothing.
@@ -138,7 +144,7 @@ func New(cfg Config) (*Provider, error) {
 			return nil, fmt.Errorf("gcp: serviceAccounts: %q is not namespace/serviceaccount or namespace/*", key)
 		}
 		for _, g := range gsas {
-			if !gsaRE.MatchString(g) {
+			if !validServiceAccount(g) {
 				return nil, fmt.Errorf("gcp: serviceAccounts[%s]: %q is not a service account's email", key, g)
 			}
 		}

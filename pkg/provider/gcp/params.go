@@ -2,7 +2,6 @@ package gcp
 
 import (
 	"fmt"
-	"regexp"
 	"strconv"
 	"strings"
 	"time"
@@ -82,14 +81,57 @@ func (s Secret) alias() bool {
 	return err != nil
 }
 
-// Secret Manager's resource names (documented in its REST reference):
-// project IDs are 6-30 lower-case letters, digits and hyphens, numbers
-// digits; secret IDs letters, digits, underscores and hyphens (at most
-// 255); versions a number, "latest" or an alias.
-var (
-	resourceRE = regexp.MustCompile(`^projects/([a-z][a-z0-9-]{4,28}[a-z0-9]|[0-9]{1,20})/(?:locations/([a-z][a-z0-9-]{0,62})/)?secrets/([A-Za-z0-9_-]{1,255})/versions/([A-Za-z0-9_-]{1,63})$`)
-	locationRE = regexp.MustCompile(`^[a-z][a-z0-9-]{0,62}$`)
-)
+// Secret Manager's resource names (its REST reference): project IDs are
+// 6-30 lower-case letters, digits and hyphens, starting with a letter;
+// project numbers digits; locations lower-case host labels; secret IDs
+// letters, digits, underscores and hyphens (at most 255); versions a
+// number, "latest" or an alias. Checked by hand: the regular expression
+// with these bounded repetitions compiles to some 400 KB of heap that
+// every driver process would keep.
+func parseResource(name string) (project, location, secret, version string, ok bool) {
+	parts := strings.Split(name, "/")
+	switch {
+	case len(parts) == 6 && parts[0] == "projects" && parts[2] == "secrets" && parts[4] == "versions":
+		project, secret, version = parts[1], parts[3], parts[5]
+	case len(parts) == 8 && parts[0] == "projects" && parts[2] == "locations" && parts[4] == "secrets" && parts[6] == "versions":
+		project, location, secret, version = parts[1], parts[3], parts[5], parts[7]
+		if !validLocation(location) {
+			return "", "", "", "", false
+		}
+	default:
+		return "", "", "", "", false
+	}
+	ok = (validID(project, 6, 30) || only(project, 1, 20, isDigit)) && only(secret, 1, 255, isIDChar) && only(version, 1, 63, isIDChar)
+	return project, location, secret, version, ok
+}
+
+func isDigit(c byte) bool  { return c >= '0' && c <= '9' }
+func isLower(c byte) bool  { return c >= 'a' && c <= 'z' }
+func isLabel(c byte) bool  { return isLower(c) || isDigit(c) || c == '-' }
+func isIDChar(c byte) bool { return isLabel(c) || c >= 'A' && c <= 'Z' || c == '_' }
+
+// only reports whether s has min to max bytes, each allowed.
+func only(s string, minLen, maxLen int, allowed func(byte) bool) bool {
+	if len(s) < minLen || len(s) > maxLen {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		if !allowed(s[i]) {
+			return false
+		}
+	}
+	return true
+}
+
+// validID is a Google Cloud ID (a project's, a service account's):
+// lower-case letters, digits and hyphens, a letter first, no hyphen last.
+func validID(s string, minLen, maxLen int) bool {
+	return only(s, minLen, maxLen, isLabel) && isLower(s[0]) && s[len(s)-1] != '-'
+}
+
+// validLocation is a location (a region), which becomes a host label of
+// Google's regional endpoints.
+func validLocation(s string) bool { return only(s, 1, 63, isLabel) && isLower(s[0]) }
 
 type classParams struct {
 	audience, serviceAccount             string
@@ -175,14 +217,13 @@ func parseParams(p map[string]string) (classParams, error) {
 	}
 	for i := range c.secrets {
 		s := &c.secrets[i]
-		m := resourceRE.FindStringSubmatch(s.ResourceName)
-		if m == nil {
+		var ok bool
+		if s.project, s.location, s.secret, s.version, ok = parseResource(s.ResourceName); !ok {
 			if strings.Contains(s.ResourceName, "/parameters/") {
 				return c, fmt.Errorf("%w: secrets[%d]: Parameter Manager resources are not supported", provider.ErrInvalidParameters, i)
 			}
 			return c, fmt.Errorf("%w: secrets[%d]: resourceName %q is not projects/P/[locations/L/]secrets/S/versions/V", provider.ErrInvalidParameters, i, s.ResourceName)
 		}
-		s.project, s.location, s.secret, s.version = m[1], m[2], m[3], m[4]
 		if s.file() == "" {
 			return c, fmt.Errorf("%w: secrets[%d] (%s) has no fileName or path", provider.ErrInvalidParameters, i, s.ResourceName)
 		}

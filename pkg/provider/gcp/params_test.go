@@ -145,3 +145,33 @@ func TestExtract(t *testing.T) {
 		}
 	}
 }
+
+func TestParseResource(t *testing.T) {
+	for name, ok := range map[string]bool{
+		"projects/my-project/secrets/s/versions/latest":                           true,
+		"projects/123456789012/secrets/S_1-x/versions/7":                          true,
+		"projects/my-project/locations/us-central1/secrets/s/versions/a":          true,
+		"projects/my-project-/secrets/s/versions/1":                               false, // a hyphen last
+		"projects/1project/secrets/s/versions/1":                                  false, // a digit first, not all digits
+		"projects/my-project/locations/US/secrets/s/versions/1":                   false,
+		"projects/my-project/locations/a.evil/secrets/s/versions/1":               false, // a host of its own
+		"projects/my-project/secrets/s/versions/..":                               false,
+		"projects/my-project/secrets/s/versions/1/extra":                          false,
+		"projects/my-project/secrets/" + strings.Repeat("s", 256) + "/versions/1": false,
+	} {
+		if _, _, _, _, got := parseResource(name); got != ok {
+			t.Errorf("parseResource(%q) ok = %v, want %v", name, got, ok)
+		}
+	}
+	for email, ok := range map[string]bool{
+		"app-reader@proj-a.iam.gserviceaccount.com":      true,
+		"app@proj-a.iam.gserviceaccount.com":             false, // too short an ID
+		"app-reader@proj-a.iam.gserviceaccount.com.evil": false,
+		"app-reader@evil.example":                        false,
+		"App-reader@proj-a.iam.gserviceaccount.com":      false,
+	} {
+		if got := validServiceAccount(email); got != ok {
+			t.Errorf("validServiceAccount(%q) = %v, want %v", email, got, ok)
+		}
+	}
+}

@@ -41,7 +41,7 @@ type accessResponse struct {
 // Google's public endpoint, whose regional twin is
 // secretmanager.LOCATION.rep.googleapis.com.
 func smEndpoint(base string, s Secret) string {
-	if s.location == "" || base != DefaultSecretManagerEndpoint || !locationRE.MatchString(s.location) {
+	if s.location == "" || base != DefaultSecretManagerEndpoint || !validLocation(s.location) {
 		return base
 	}
 	return "https://secretmanager." + s.location + ".rep.googleapis.com"
