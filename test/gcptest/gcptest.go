@@ -103,6 +103,7 @@ type fault struct {
 	n      int
 	status int
 	hang   time.Duration
+	lose   bool // do the call, then drop the connection unanswered
 }
 
 type secret struct {
@@ -203,6 +204,14 @@ func (s *Server) Fail(service string, n, status int, hang time.Duration) {
 	s.faults[service] = fault{n: n, status: status, hang: hang}
 }
 
+// Lose makes the next n calls of service done but unanswered: the call
+// does what it does (a token is minted), then the connection is dropped.
+func (s *Server) Lose(service string, n int) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.faults[service] = fault{n: n, lose: true}
+}
+
 // CorruptChecksums makes versions.access answer a dataCrc32c that does
 // not match the data.
 func (s *Server) CorruptChecksums(on bool) {
@@ -289,6 +298,10 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request) {
 		s.faults[service] = f
 	}
 	s.mu.Unlock()
+	if faulty && f.lose {
+		s.handle(service, httptest.NewRecorder(), r)
+		panic(http.ErrAbortHandler) // net/http drops the connection, answering nothing
+	}
 	if faulty {
 		if f.hang > 0 {
 			select {
@@ -306,6 +319,10 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request) {
 		}
 		return
 	}
+	s.handle(service, w, r)
+}
+
+func (s *Server) handle(service string, w http.ResponseWriter, r *http.Request) {
 	switch service {
 	case STS:
 		s.exchange(w, r)

@@ -194,6 +194,11 @@ func TestFaults(t *testing.T) {
 	if _, err := googleToken(t, s, jwt, ""); err != nil {
 		t.Errorf("after the fault: %v", err)
 	}
+	issued := len(s.Issued())
+	s.Lose(STS, 1)
+	if _, err := googleToken(t, s, jwt, ""); err == nil || len(s.Issued()) != issued+1 {
+		t.Errorf("a lost answer: %v, %d tokens minted, want an error and 1", err, len(s.Issued())-issued)
+	}
 	s.Fail(STS, 1, http.StatusServiceUnavailable, time.Hour)
 	ctx, cancel := context.WithTimeout(context.WithValue(context.Background(), oauth2.HTTPClient, s.Client()), 300*time.Millisecond)
 	defer cancel()

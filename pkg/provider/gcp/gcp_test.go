@@ -347,6 +347,23 @@ func TestBackendRefusals(t *testing.T) {
 	if _, err := e.issue(context.Background(), req); !errors.Is(err, provider.ErrPermissionDenied) || !strings.Contains(err.Error(), "invalid_grant") {
 		t.Errorf("a token STS refuses: %v", err)
 	}
+	// Done but unanswered: a token minted that the pod never gets (it
+	// lives until its expiry: unrevocable), and the call unavailable.
+	for _, svc := range []string{gcptest.STS, gcptest.IAM} {
+		e.s.Lose(svc, 1)
+		n := len(e.s.Issued())
+		_, err := e.issue(context.Background(), e.request(t, "team-a", "app", one("projects/proj-a/secrets/s/versions/1")))
+		if !errors.Is(err, provider.ErrUnavailable) || len(e.s.Issued()) == n {
+			t.Errorf("%s answers nothing: %v, %d tokens minted", svc, err, len(e.s.Issued())-n)
+		}
+	}
+	// net/http sends a GET again once on a connection dropped before any
+	// answer: versions.access unanswered twice fails the issue.
+	e.s.Lose(gcptest.Access, 2)
+	if _, err := e.issue(context.Background(), e.request(t, "team-a", "app", one("projects/proj-a/secrets/s/versions/1"))); !errors.Is(err, provider.ErrUnavailable) {
+		t.Errorf("versions.access answers nothing: %v", err)
+	}
+	e.s.Fail(gcptest.Access, 0, 0, 0)
 	// Each service hanging: the call ends at the caller's deadline, unavailable.
 	for _, svc := range []string{gcptest.STS, gcptest.IAM, gcptest.Access} {
 		e.s.Fail(svc, 1, 503, time.Hour)
