@@ -16,7 +16,12 @@ package gcptest
 
 import (
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
 	"encoding/base64"
 	"encoding/json"
 	"encoding/pem"
@@ -24,6 +29,8 @@ import (
 	"fmt"
 	"hash/crc32"
 	"io"
+	"math/big"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -65,6 +72,9 @@ type Options struct {
 	// FederatedLifetime is the lifetime of federated tokens (default 1
 	// hour, never past the subject token's expiry).
 	FederatedLifetime time.Duration
+	// CertIPs are more addresses its certificate is valid for (a node's,
+	// where a forwarder there leads to it); it listens on 127.0.0.1 only.
+	CertIPs []net.IP
 }
 
 // Server is the stand-in.
@@ -125,6 +135,9 @@ func Start(t testing.TB, opts Options) *Server {
 		secrets: map[string]*secret{}, imperson: map[string]map[string]bool{}, numbers: map[string]string{},
 		stop: make(chan struct{})}
 	s.srv = httptest.NewUnstartedServer(http.HandlerFunc(s.serve))
+	if len(opts.CertIPs) > 0 {
+		s.srv.TLS = &tls.Config{Certificates: []tls.Certificate{selfSigned(t, append([]net.IP{net.IPv4(127, 0, 0, 1)}, opts.CertIPs...))}}
+	}
 	s.srv.StartTLS()
 	t.Cleanup(s.srv.Close)
 	t.Cleanup(func() { close(s.stop) }) // runs first: hung calls end
@@ -619,4 +632,22 @@ func (s *Server) tokenInfo(w http.ResponseWriter, r *http.Request) {
 	}
 	w.Header().Set("Content-Type", "application/json; charset=UTF-8")
 	_ = json.NewEncoder(w).Encode(out)
+}
+
+// selfSigned is a certificate for ips that vouches for itself.
+func selfSigned(t testing.TB, ips []net.IP) tls.Certificate {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(time.Now().UnixNano()), Subject: pkix.Name{CommonName: "gcp-standin"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour), IPAddresses: ips,
+		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageDigitalSignature | x509.KeyUsageCertSign,
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
 }

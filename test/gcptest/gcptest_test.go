@@ -2,9 +2,11 @@ package gcptest
 
 import (
 	"context"
+	"crypto/x509"
 	"encoding/json"
 	"fmt"
 	"hash/crc32"
+	"net"
 	"net/http"
 	"strconv"
 	"strings"
@@ -206,5 +208,26 @@ func TestFaults(t *testing.T) {
 		TokenURL: s.URL + "/v1/token", Scopes: []string{"x"}, SubjectTokenSupplier: supplier(jwt)})
 	if _, err := ts.Token(); err == nil || ctx.Err() == nil {
 		t.Errorf("a hang: %v", err)
+	}
+}
+
+// A stand-in reached through a forwarder on another address has a
+// certificate for it too, and still for 127.0.0.1.
+func TestCertificateForMoreAddresses(t *testing.T) {
+	nodeIP := net.IPv4(10, 0, 0, 7)
+	s := Start(t, Options{Issuer: cluster.Issuer, OIDCClient: OIDCClient(cluster.CAPEM, kube.AdminToken), Audience: audience, CertIPs: []net.IP{nodeIP}})
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(s.CAPEM) {
+		t.Fatal("CAPEM holds no certificate")
+	}
+	cert := s.srv.Certificate()
+	for _, ip := range []string{"10.0.0.7", "127.0.0.1"} {
+		if _, err := cert.Verify(x509.VerifyOptions{Roots: pool, DNSName: ip}); err != nil {
+			t.Errorf("%s: %v", ip, err)
+		}
+	}
+	var info map[string]any
+	if code := get(t, s, "/tokeninfo", "ya29.made-up", &info); code != http.StatusUnauthorized {
+		t.Errorf("tokeninfo over the new certificate: HTTP %d", code)
 	}
 }
