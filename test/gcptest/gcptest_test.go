@@ -72,13 +72,11 @@ func get(t *testing.T, s *Server, path, token string, out any) int {
 	return resp.StatusCode
 }
 
-// Google's client library gets a federated token for a real
-// kube-apiserver's service-account token, impersonates a service account
-// with it, and the tokens work at the stand-in's authenticated endpoints.
-func TestGoogleClientLibrary(t *testing.T) {
-	s := start(t)
-	ctx := context.Background()
-	jwt, _, err := PodToken(ctx, cluster.Config(), "team-a", "app", "p1", "https:"+audience)
+// federated is the token of team-a/app's pod p1 and the federated token
+// Google's client gets for it.
+func federated(t *testing.T, s *Server) (string, *oauth2.Token) {
+	t.Helper()
+	jwt, _, err := PodToken(context.Background(), cluster.Config(), "team-a", "app", "p1", "https:"+audience)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -86,6 +84,15 @@ func TestGoogleClientLibrary(t *testing.T) {
 	if err != nil {
 		t.Fatalf("federated token: %v", err)
 	}
+	return jwt, fed
+}
+
+// Google's client library gets a federated token for a real
+// kube-apiserver's service-account token, impersonates a service account
+// with it, and the tokens work at the stand-in's authenticated endpoints.
+func TestGoogleClientLibrary(t *testing.T) {
+	s := start(t)
+	jwt, fed := federated(t, s)
 	if left := time.Until(fed.Expiry); left < 50*time.Minute || left > time.Hour {
 		t.Errorf("federated token lives %s, want about the subject token's hour", left)
 	}

@@ -20,14 +20,7 @@ import (
 func TestSecretManagerClientLibrary(t *testing.T) {
 	s := start(t)
 	ctx := context.Background()
-	jwt, _, err := PodToken(ctx, cluster.Config(), "team-a", "app", "p1", "https:"+audience)
-	if err != nil {
-		t.Fatal(err)
-	}
-	fed, err := googleToken(t, s, jwt, "")
-	if err != nil {
-		t.Fatal(err)
-	}
+	_, fed := federated(t, s)
 	hc := &http.Client{Transport: &oauth2.Transport{Source: oauth2.StaticTokenSource(fed), Base: s.Client().Transport}}
 	c, err := secretmanager.NewRESTClient(ctx, option.WithEndpoint(s.URL), option.WithHTTPClient(hc))
 	if err != nil {
