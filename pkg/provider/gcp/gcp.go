@@ -29,6 +29,7 @@ import (
 	"net/url"
 	"regexp"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 
@@ -402,8 +403,7 @@ func classifyOAuth(ctx context.Context, err error, what string) error {
 	if m == nil {
 		return fmt.Errorf("%w: %s: %s", provider.ErrUnavailable, what, bounded(err.Error()))
 	}
-	var code int
-	fmt.Sscan(m[1], &code)
+	code, _ := strconv.Atoi(m[1]) // three digits
 	return classify(code, []byte(m[2]), what)
 }
 
