@@ -38,6 +38,7 @@ var rank = map[string]int{
 	"pkg/spc":               2,
 	"pkg/limits":            2,
 	"pkg/provider/aws":      2,
+	"pkg/provider/gcp":      2,
 	"pkg/provider/vault":    2,
 	"pkg/provider/postgres": 2,
 	"pkg/storage/memory":    2, // the volume store in memory, for the unprivileged tests
