@@ -39,6 +39,7 @@ var rank = map[string]int{
 	"pkg/lease/state":       2, // the state machine's records and their codec
 	"pkg/limits":            2,
 	"pkg/provider/aws":      2,
+	"pkg/provider/gcp":      2,
 	"pkg/provider/vault":    2,
 	"pkg/provider/postgres": 2,
 	"pkg/storage/memory":    2, // the volume store in memory, for the unprivileged tests
