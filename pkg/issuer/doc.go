@@ -67,13 +67,15 @@ type Entry struct {
 // Inventory is where credentials are recorded outside the node (the
 // cluster's Credential objects). Nil: no record but the database's own.
 type Inventory interface {
-	// Issuing records e before its role is created: a crash after it
-	// leaves a record the reaper finds.
+	// Issuing records e before its role is created, in one write: a
+	// crash after it leaves a record the reaper finds, and whose
+	// deletion revokes (e.Name is the role's name already).
 	Issuing(ctx context.Context, e Entry) error
 	// Issued records that e's role exists until e.ExpiresAt (after a mint
-	// or an extension). It returns an error wrapping ErrRecordGone when
-	// e's record was deleted meanwhile (the kill switch, the pod's
-	// deletion): a role just minted is then dropped and refused.
+	// or an extension). The Issuer calls it after its answer, from its
+	// own writers (coalesced per lease, retried). It returns an error
+	// wrapping ErrRecordGone when e's record was deleted meanwhile (the
+	// kill switch, the pod's deletion): the role is then dropped.
 	Issued(ctx context.Context, e Entry) error
 	// Dropped records that e's role is gone (its record may then go).
 	Dropped(ctx context.Context, leaseID string) error
