@@ -5,9 +5,9 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"sync/atomic"
 	"time"
 
-	"golang.org/x/time/rate"
 	"k8s.io/klog/v2"
 
 	"github.com/ephemeral-secrets/csi-driver/pkg/audit"
@@ -49,7 +49,14 @@ type Issuer struct {
 	// records writes the Inventory's status of each credential off the
 	// requests' path (nil without an Inventory).
 	records *recordWriter
+	// minting counts the mints under way: at burstMints or more, the
+	// status writes wait.
+	minting atomic.Int64
 }
+
+// burstMints is how many mints under way make a burst, whose requests
+// to the API server go before the records' status writes.
+const burstMints = 8
 
 // Defaults.
 const (
@@ -78,7 +85,7 @@ func New(o Options) (*Issuer, error) {
 	}
 	i := &Issuer{admin: a, opts: o}
 	if o.Inventory != nil {
-		i.records = newRecordWriter(o.Inventory, i.recordGone, recordWorkers, nil, rate.NewLimiter(recordRate, recordBurst))
+		i.records = newRecordWriter(o.Inventory, i.recordGone, recordWorkers, nil, func() bool { return i.minting.Load() >= burstMints })
 	}
 	return i, nil
 }
@@ -100,6 +107,8 @@ func (i *Issuer) Close() {
 // kill switch), and answers; the record's status (issued, until when)
 // is written after the answer. A refusal leaves nothing behind.
 func (i *Issuer) Mint(ctx context.Context, c Caller, r postgres.MintRequest) (postgres.Grant, error) {
+	i.minting.Add(1)
+	defer i.minting.Add(-1)
 	t, err := i.lookup(r.Params)
 	if err != nil {
 		return postgres.Grant{}, err

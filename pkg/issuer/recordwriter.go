@@ -6,7 +6,6 @@ import (
 	"sync"
 	"time"
 
-	"golang.org/x/time/rate"
 	"k8s.io/client-go/util/workqueue"
 	"k8s.io/klog/v2"
 )
@@ -21,16 +20,17 @@ import (
 // was learnt last (an extension queued behind its mint's status replaces
 // it), and a lease dropped before its write is not written at all
 // (forget). A failed write is retried with backoff until it succeeds or
-// the lease is dropped. Writes are paced (recordRate): under a burst of
-// mints, the mints' own requests to the API server go first, and the
-// status writes follow, coalescing meanwhile. A record found deleted (the kill switch, or the
+// the lease is dropped. Under a burst of mints (busy), a write waits for
+// it to pass (recordDefer at most): the mints' own requests to the API
+// server go first, and the status writes follow, coalescing meanwhile. A
+// record found deleted (the kill switch, or the
 // pod's deletion, while the role was being made) has its role ended by
 // gone: its revocation may have run before the role existed.
 type recordWriter struct {
 	inv   Inventory
 	gone  func(ctx context.Context, e Entry)
 	queue workqueue.TypedRateLimitingInterface[string]
-	pace  *rate.Limiter // nil: no pacing
+	busy  func() bool // nil: never
 
 	mu      sync.Mutex
 	pending map[string]Entry // by lease ID
@@ -42,12 +42,10 @@ type recordWriter struct {
 // Record writer defaults.
 const (
 	recordWorkers = 8
-	// recordRate and recordBurst pace the status writes of an Issuer
-	// (a replica): its share of the API server's time beside the mints'
-	// requests. A burst of 500 mints on two replicas has its statuses
-	// written within about five seconds of the last answer.
-	recordRate  = 50
-	recordBurst = 20
+	// recordDefer is how long a write waits at most for a burst of
+	// mints to pass; recordPoll how often it looks.
+	recordDefer = 3 * time.Second
+	recordPoll  = 10 * time.Millisecond
 	// recordCallTimeout bounds one write.
 	recordCallTimeout = 30 * time.Second
 	// recordDrain is how long close lets the writes queued go out.
@@ -55,15 +53,15 @@ const (
 )
 
 // newRecordWriter starts workers writers to inv; rl spaces the retries
-// of a lease whose write failed (nil: 100 ms doubling up to 30 s); pace,
-// when set, paces the writes.
-func newRecordWriter(inv Inventory, gone func(context.Context, Entry), workers int, rl workqueue.TypedRateLimiter[string], pace *rate.Limiter) *recordWriter {
+// of a lease whose write failed (nil: 100 ms doubling up to 30 s); busy,
+// when set, tells when the writes should wait (a burst of mints).
+func newRecordWriter(inv Inventory, gone func(context.Context, Entry), workers int, rl workqueue.TypedRateLimiter[string], busy func() bool) *recordWriter {
 	if rl == nil {
 		rl = workqueue.NewTypedItemExponentialFailureRateLimiter[string](100*time.Millisecond, 30*time.Second)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	w := &recordWriter{
-		inv: inv, gone: gone, pace: pace, pending: map[string]Entry{}, cancel: cancel,
+		inv: inv, gone: gone, busy: busy, pending: map[string]Entry{}, cancel: cancel,
 		queue: workqueue.NewTypedRateLimitingQueueWithConfig(rl,
 			workqueue.TypedRateLimitingQueueConfig[string]{Name: "credential-records"}),
 	}
@@ -83,12 +81,6 @@ func (w *recordWriter) issued(e Entry) {
 	w.mu.Lock()
 	w.pending[e.LeaseID] = e
 	w.mu.Unlock()
-	if w.pace != nil {
-		if d := w.pace.Reserve().Delay(); d > 0 {
-			w.queue.AddAfter(e.LeaseID, d)
-			return
-		}
-	}
 	w.queue.Add(e.LeaseID)
 }
 
@@ -107,6 +99,7 @@ func (w *recordWriter) next(ctx context.Context) bool {
 		return false
 	}
 	defer w.queue.Done(leaseID)
+	w.yield(ctx)
 	w.mu.Lock()
 	e, ok := w.pending[leaseID]
 	w.mu.Unlock()
@@ -134,6 +127,21 @@ func (w *recordWriter) next(ctx context.Context) bool {
 	}
 	w.mu.Unlock()
 	return true
+}
+
+// yield waits while the issuer is busy minting, recordDefer at most.
+func (w *recordWriter) yield(ctx context.Context) {
+	if w.busy == nil {
+		return
+	}
+	deadline := time.Now().Add(recordDefer)
+	for w.busy() && time.Now().Before(deadline) {
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(recordPoll):
+		}
+	}
 }
 
 // close lets the writes queued go out for up to drain, then stops the

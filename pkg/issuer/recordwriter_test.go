@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -117,4 +118,23 @@ func TestCloseWritesWhatIsQueued(t *testing.T) {
 	if n := len(inv.log()); n != 20 {
 		t.Errorf("%d of 20 writes made before close returned", n)
 	}
+}
+
+// TestWritesWaitForABurstToPass: while the issuer is busy minting, a
+// write waits (recordDefer at most); once it is not, the write is made.
+func TestWritesWaitForABurstToPass(t *testing.T) {
+	inv := &statusLog{entered: make(chan string, 100)}
+	var busy atomic.Bool
+	busy.Store(true)
+	w := newRecordWriter(inv, func(context.Context, Entry) {}, 2, nil, busy.Load)
+	defer w.close(time.Second)
+	w.issued(at("a", 1))
+	time.Sleep(100 * time.Millisecond) // well within recordDefer
+	if n := len(inv.log()); n != 0 {
+		t.Fatalf("%d writes made while the issuer was busy", n)
+	}
+	busy.Store(false)
+	harness.Eventually(t, 10*time.Second, "the write made once the burst passed", func() (bool, error) {
+		return slices.Equal(inv.log(), []string{"a@1"}), nil
+	})
 }
