@@ -14,6 +14,7 @@ import (
 	"k8s.io/client-go/rest"
 
 	v1alpha1 "github.com/ephemeral-secrets/csi-driver/pkg/apis/ephemeralsecrets/v1alpha1"
+	"github.com/ephemeral-secrets/csi-driver/pkg/credential"
 	"github.com/ephemeral-secrets/csi-driver/pkg/inventory"
 	"github.com/ephemeral-secrets/csi-driver/pkg/issuer"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
@@ -74,7 +75,7 @@ type statusHeld struct {
 	lost    bool
 }
 
-func (s statusHeld) Issued(ctx context.Context, e issuer.Entry) error {
+func (s statusHeld) Issued(ctx context.Context, e credential.Record) error {
 	if s.lost {
 		return nil
 	}
@@ -137,7 +138,7 @@ func TestCrashBetweenTheRecordAndTheRole(t *testing.T) {
 	pod := newPod(t, ns, "app")
 	p, iss, rec := startRealIssuerWith(t, ns, ns+"-a", realIssuer{})
 	lease := ns + "-app-crashrec1"
-	e := issuer.Entry{LeaseID: lease, VolumeID: "csi-vol-a", Node: ns + "-a", Class: ns + "/db", Provider: postgres.Name,
+	e := credential.Record{LeaseID: lease, VolumeID: "csi-vol-a", Node: ns + "-a", Class: ns + "/db", Provider: postgres.Name,
 		Pod:  provider.Pod{Namespace: ns, Name: pod.Name, UID: string(pod.UID), ServiceAccount: "default"},
 		Role: "main/app", Name: postgres.RoleName(lease)}
 	if err := rec.Issuing(ctx, e); err != nil { // the mint's one write; then the crash

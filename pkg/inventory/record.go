@@ -19,13 +19,8 @@ import (
 	"k8s.io/client-go/util/retry"
 
 	v1alpha1 "github.com/ephemeral-secrets/csi-driver/pkg/apis/ephemeralsecrets/v1alpha1"
-	"github.com/ephemeral-secrets/csi-driver/pkg/issuer"
+	"github.com/ephemeral-secrets/csi-driver/pkg/credential"
 )
-
-// ErrGone means a credential's record was deleted, or is being deleted:
-// the credential is being revoked and must not be extended or recorded
-// again.
-var ErrGone = issuer.ErrRecordGone
 
 // Name is the name of the Credential of a lease: the lease ID itself
 // when it is a valid object name (the driver's are), else a digest of it.
@@ -37,8 +32,8 @@ func Name(leaseID string) string {
 	return "lease-" + hex.EncodeToString(sum[:16])
 }
 
-// newCredential is the record of e, held by finalizer.
-func newCredential(e issuer.Entry, finalizer string) (*v1alpha1.Credential, error) {
+// newCredential is the Credential object of e, held by finalizer.
+func newCredential(e credential.Record, finalizer string) (*v1alpha1.Credential, error) {
 	switch {
 	case e.LeaseID == "":
 		return nil, errors.New("inventory: entry without a lease ID")
@@ -89,9 +84,10 @@ func labelValue(v string) string {
 	return "sha256-" + hex.EncodeToString(sum[:20])
 }
 
-// entry is the issuer's view of a record.
-func entry(c *v1alpha1.Credential) issuer.Entry {
-	e := issuer.Entry{
+// entry is the credential record c holds: the one conversion from the
+// Kubernetes shape (newCredential and issued are the ones to it).
+func entry(c *v1alpha1.Credential) credential.Record {
+	e := credential.Record{
 		LeaseID: c.Spec.LeaseID, VolumeID: c.Spec.VolumeID, Node: c.Spec.Node,
 		Class: c.Spec.Class, Provider: c.Spec.Provider, Role: c.Spec.Role, Name: c.Status.BackendName,
 	}
@@ -177,7 +173,7 @@ func (c *created) take(key string) *v1alpha1.Credential {
 
 // create records e; a record of the same lease that exists already
 // (a retry) is no error.
-func (s store) create(ctx context.Context, e issuer.Entry) (*v1alpha1.Credential, error) {
+func (s store) create(ctx context.Context, e credential.Record) (*v1alpha1.Credential, error) {
 	c, err := newCredential(e, s.finalizer)
 	if err != nil {
 		return nil, err
@@ -194,7 +190,7 @@ func (s store) create(ctx context.Context, e issuer.Entry) (*v1alpha1.Credential
 			return nil, fmt.Errorf("inventory: lease %s: the name %s/%s records lease %s", e.LeaseID, c.Namespace, c.Name, out.Spec.LeaseID)
 		}
 		if out.DeletionTimestamp != nil {
-			return nil, fmt.Errorf("inventory: lease %s: %w", e.LeaseID, ErrGone)
+			return nil, fmt.Errorf("inventory: lease %s: %w", e.LeaseID, credential.ErrRecordGone)
 		}
 		return out, nil
 	}
@@ -205,17 +201,17 @@ func (s store) create(ctx context.Context, e issuer.Entry) (*v1alpha1.Credential
 }
 
 // setStatus applies change to the status of e's record (read fresh,
-// retried on conflict). A record that is gone or being deleted is ErrGone.
-func (s store) setStatus(ctx context.Context, e issuer.Entry, change func(*v1alpha1.CredentialStatus)) error {
+// retried on conflict). A record that is gone or being deleted is credential.ErrRecordGone.
+func (s store) setStatus(ctx context.Context, e credential.Record, change func(*v1alpha1.CredentialStatus)) error {
 	err := s.updateStatus(ctx, e.Pod.Namespace, Name(e.LeaseID), func(c *v1alpha1.Credential) error {
 		if c.DeletionTimestamp != nil || c.Spec.LeaseID != e.LeaseID {
-			return ErrGone
+			return credential.ErrRecordGone
 		}
 		change(&c.Status)
 		return nil
 	})
 	if apierrors.IsNotFound(err) {
-		err = ErrGone
+		err = credential.ErrRecordGone
 	}
 	if err != nil {
 		return fmt.Errorf("inventory: lease %s: %w", e.LeaseID, err)
@@ -242,7 +238,7 @@ func (s store) updateStatus(ctx context.Context, namespace, name string, change 
 }
 
 // issued is the status of a credential the backend holds.
-func issued(e issuer.Entry) func(*v1alpha1.CredentialStatus) {
+func issued(e credential.Record) func(*v1alpha1.CredentialStatus) {
 	return func(st *v1alpha1.CredentialStatus) {
 		st.State = v1alpha1.StateIssued
 		if e.Name != "" {

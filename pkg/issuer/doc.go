@@ -20,7 +20,8 @@
 // the statements with the decisions it is given.
 //
 // It may import pkg/issuer/postgres (the engine), pkg/provider and
-// pkg/provider/postgres (the node's requests and grants), pkg/audit and
+// pkg/provider/postgres (the node's requests and grants), pkg/credential
+// (the record of a credential, its Inventory's currency), pkg/audit and
 // client-go; never pkg/issuer/remote (its transport imports it) nor
 // anything of the node plugin (pkg/lease, pkg/driver, pkg/storage).
 package issuer
@@ -28,8 +29,8 @@ package issuer
 import (
 	"context"
 	"errors"
-	"time"
 
+	"github.com/ephemeral-secrets/csi-driver/pkg/credential"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
 )
 
@@ -49,34 +50,19 @@ type Caller struct {
 // took the pod's identity from kubelet.
 type PodCheck func(ctx context.Context, c Caller, pod provider.Pod, class, volumeID string) error
 
-// Entry is the non-secret record of one credential.
-type Entry struct {
-	LeaseID  string       `json:"leaseID"`
-	VolumeID string       `json:"volumeID"`
-	Pod      provider.Pod `json:"pod"`
-	Node     string       `json:"node,omitempty"`
-	Class    string       `json:"class"`
-	Provider string       `json:"provider"`
-	// Role is "connection/role"; Name the database role's name.
-	Role      string    `json:"role"`
-	Name      string    `json:"name"`
-	IssuedAt  time.Time `json:"issuedAt,omitzero"`
-	ExpiresAt time.Time `json:"expiresAt,omitzero"`
-}
-
 // Inventory is where credentials are recorded outside the node (the
 // cluster's Credential objects). Nil: no record but the database's own.
 type Inventory interface {
 	// Issuing records e before its role is created, in one write: a
 	// crash after it leaves a record the reaper finds, and whose
 	// deletion revokes (e.Name is the role's name already).
-	Issuing(ctx context.Context, e Entry) error
+	Issuing(ctx context.Context, e credential.Record) error
 	// Issued records that e's role exists until e.ExpiresAt (after a mint
 	// or an extension). The Issuer calls it after its answer, from its
 	// own writers (coalesced per lease, retried). It returns an error
-	// wrapping ErrRecordGone when e's record was deleted meanwhile (the
+	// wrapping credential.ErrRecordGone when e's record was deleted meanwhile (the
 	// kill switch, the pod's deletion): the role is then dropped.
-	Issued(ctx context.Context, e Entry) error
+	Issued(ctx context.Context, e credential.Record) error
 	// Dropped records that e's role is gone (its record may then go).
 	Dropped(ctx context.Context, leaseID string) error
 	// Tracked lists the lease IDs that have a record. A role the issuer
@@ -100,7 +86,3 @@ type Withdrawals interface {
 // provider.ErrPermissionDenied) for a volume whose credential was
 // withdrawn.
 var ErrWithdrawn = errors.New("the credential of this volume was withdrawn by deleting its Credential record")
-
-// ErrRecordGone is what an Inventory's Issued wraps when the credential's
-// record was deleted, or is being deleted.
-var ErrRecordGone = errors.New("credential record deleted")

@@ -11,6 +11,7 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/ephemeral-secrets/csi-driver/pkg/audit"
+	"github.com/ephemeral-secrets/csi-driver/pkg/credential"
 	pgengine "github.com/ephemeral-secrets/csi-driver/pkg/issuer/postgres"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider/postgres"
@@ -123,7 +124,7 @@ func (i *Issuer) Mint(ctx context.Context, c Caller, r postgres.MintRequest) (po
 			return postgres.Grant{}, err
 		}
 	}
-	e := Entry{
+	e := credential.Record{
 		LeaseID: r.LeaseID, VolumeID: r.VolumeID, Pod: r.Pod, Node: c.Node, Class: r.Class, Provider: postgres.Name,
 		Role: r.Params[postgres.ConnectionParam] + "/" + r.Params[postgres.RoleParam], Name: postgres.RoleName(r.LeaseID),
 	}
@@ -178,7 +179,7 @@ func (i *Issuer) Mint(ctx context.Context, c Caller, r postgres.MintRequest) (po
 // the role, when one may have been made, then the record, once no role
 // is left for it to hold (a role that cannot be dropped keeps its record:
 // the reaper drops it at its expiry, the controller at the pod's end).
-func (i *Issuer) undo(ctx context.Context, conn string, e Entry, roleMade bool) {
+func (i *Issuer) undo(ctx context.Context, conn string, e credential.Record, roleMade bool) {
 	if roleMade {
 		if _, err := i.admin.Drop(ctx, conn, e.Name, e.LeaseID, nil); err != nil {
 			klog.ErrorS(err, "Dropping the role of a refused credential; its record holds it", "lease", e.LeaseID)
@@ -196,7 +197,7 @@ func (i *Issuer) undo(ctx context.Context, conn string, e Entry, roleMade bool) 
 // after the role was made (the kill switch or the pod's deletion while it
 // was being minted, or extended): the record's revocation may have run
 // before the role existed.
-func (i *Issuer) recordGone(ctx context.Context, e Entry) {
+func (i *Issuer) recordGone(ctx context.Context, e credential.Record) {
 	conn, _, _ := strings.Cut(e.Role, "/")
 	dropped, err := i.admin.Drop(ctx, conn, e.Name, e.LeaseID, nil)
 	if err != nil {
@@ -270,7 +271,7 @@ func (i *Issuer) Extend(ctx context.Context, c Caller, r postgres.ExtendRequest)
 	if i.records != nil {
 		// Off the path, as a mint's: the role is extended whatever the
 		// record says; a record found deleted has the role dropped.
-		i.records.issued(Entry{
+		i.records.issued(credential.Record{
 			LeaseID: r.LeaseID, VolumeID: r.VolumeID, Pod: tr.Tag.Pod, Node: c.Node, Class: tr.Tag.Class,
 			Provider: postgres.Name, Role: g.Role, Name: g.Name, IssuedAt: g.IssuedAt, ExpiresAt: g.ExpiresAt,
 		})

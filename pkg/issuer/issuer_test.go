@@ -13,6 +13,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
+	"github.com/ephemeral-secrets/csi-driver/pkg/credential"
 	pgengine "github.com/ephemeral-secrets/csi-driver/pkg/issuer/postgres"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider/postgres"
@@ -121,17 +122,17 @@ func exists(t *testing.T, name string) bool {
 // existed already when its record was written (none may).
 type inventory struct {
 	mu        sync.Mutex
-	entries   map[string]Entry
+	entries   map[string]credential.Record
 	states    map[string]string
 	roleFirst []string
 	issued    int // calls of Issued
 }
 
 func newInventory() *inventory {
-	return &inventory{entries: map[string]Entry{}, states: map[string]string{}}
+	return &inventory{entries: map[string]credential.Record{}, states: map[string]string{}}
 }
 
-func (v *inventory) Issuing(ctx context.Context, e Entry) error {
+func (v *inventory) Issuing(ctx context.Context, e credential.Record) error {
 	made, err := pg.RoleExists(ctx, e.Name)
 	if err != nil {
 		return err
@@ -145,12 +146,12 @@ func (v *inventory) Issuing(ctx context.Context, e Entry) error {
 	return nil
 }
 
-func (v *inventory) Issued(_ context.Context, e Entry) error {
+func (v *inventory) Issued(_ context.Context, e credential.Record) error {
 	v.mu.Lock()
 	defer v.mu.Unlock()
 	v.issued++
 	if _, ok := v.entries[e.LeaseID]; !ok {
-		return fmt.Errorf("inventory: lease %s: %w", e.LeaseID, ErrRecordGone)
+		return fmt.Errorf("inventory: lease %s: %w", e.LeaseID, credential.ErrRecordGone)
 	}
 	v.entries[e.LeaseID], v.states[e.LeaseID] = e, "issued"
 	return nil
@@ -174,7 +175,7 @@ func (v *inventory) Tracked(context.Context) (map[string]bool, error) {
 	return out, nil
 }
 
-func (v *inventory) get(id string) (Entry, string) {
+func (v *inventory) get(id string) (credential.Record, string) {
 	v.mu.Lock()
 	defer v.mu.Unlock()
 	return v.entries[id], v.states[id]
@@ -189,7 +190,7 @@ func (v *inventory) rolesFirst() []string {
 
 // eventually waits until cond holds of the record of id (the status is
 // written after the answer).
-func (v *inventory) eventually(t *testing.T, id, what string, cond func(e Entry, state string) bool) {
+func (v *inventory) eventually(t *testing.T, id, what string, cond func(e credential.Record, state string) bool) {
 	t.Helper()
 	harness.Eventually(t, 10*time.Second, what, func() (bool, error) {
 		return cond(v.get(id)), nil
@@ -217,7 +218,7 @@ func TestMintExtendDropThroughTheIssuer(t *testing.T) {
 		t.Fatalf("login: %v", err)
 	}
 	conn.Close(ctx)
-	inv.eventually(t, l.ID, "the record issued", func(e Entry, state string) bool {
+	inv.eventually(t, l.ID, "the record issued", func(e credential.Record, state string) bool {
 		return state == "issued" && e.Name == name && e.Role == "main/app" && e.ExpiresAt.Equal(l.ExpiresAt) && e.Pod == appPod("a")
 	})
 
@@ -233,7 +234,7 @@ func TestMintExtendDropThroughTheIssuer(t *testing.T) {
 	if v, _ := pg.ValidUntil(ctx, name); !v.Equal(r.ExpiresAt) {
 		t.Fatalf("VALID UNTIL %s, want %s", v, r.ExpiresAt)
 	}
-	inv.eventually(t, l.ID, "the record extended", func(e Entry, _ string) bool {
+	inv.eventually(t, l.ID, "the record extended", func(e credential.Record, _ string) bool {
 		return e.ExpiresAt.Equal(r.ExpiresAt) && e.Class == "team/db"
 	})
 	// Another pod cannot extend it by naming its lease.
@@ -255,7 +256,7 @@ func TestMintExtendDropThroughTheIssuer(t *testing.T) {
 		t.Fatalf("second drop: %v", err)
 	}
 
-	// A kill switch knows the record only: Params from Entry.Role.
+	// A kill switch knows the record only: Params from the record's Role.
 	l2, err := issue(ctx, node, "team-a-mint0002", appPod("a"))
 	if err != nil {
 		t.Fatal(err)
@@ -528,8 +529,8 @@ func TestMintRefusesAWithdrawnVolume(t *testing.T) {
 // they are minted (the kill switch between Issuing and Issued).
 type killedAsIssued struct{ *inventory }
 
-func (k killedAsIssued) Issued(_ context.Context, e Entry) error {
-	return fmt.Errorf("inventory: lease %s: %w", e.LeaseID, ErrRecordGone)
+func (k killedAsIssued) Issued(_ context.Context, e credential.Record) error {
+	return fmt.Errorf("inventory: lease %s: %w", e.LeaseID, credential.ErrRecordGone)
 }
 
 // TestMintOfARecordKilledMeanwhileIsDropped: a record deleted while its

@@ -5,6 +5,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ephemeral-secrets/csi-driver/pkg/credential"
 	pgengine "github.com/ephemeral-secrets/csi-driver/pkg/issuer/postgres"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider/postgres"
@@ -90,7 +91,7 @@ func TestReapDropsUntrackedRolesAfterTheGrace(t *testing.T) {
 	}
 	defer func() { _ = node.Revoke(ctx, leases[0]) }()
 	for _, l := range leases { // their status written (a record gone before that has its role dropped at once)
-		inv.eventually(t, l.ID, "the record issued", func(_ Entry, state string) bool { return state == "issued" })
+		inv.eventually(t, l.ID, "the record issued", func(_ credential.Record, state string) bool { return state == "issued" })
 	}
 	// The record of the second goes (a node lost, an inventory wiped).
 	v := inv

@@ -8,6 +8,8 @@ import (
 
 	"k8s.io/client-go/util/workqueue"
 	"k8s.io/klog/v2"
+
+	"github.com/ephemeral-secrets/csi-driver/pkg/credential"
 )
 
 // recordWriter tells the Inventory what became of a credential
@@ -28,12 +30,12 @@ import (
 // gone: its revocation may have run before the role existed.
 type recordWriter struct {
 	inv   Inventory
-	gone  func(ctx context.Context, e Entry)
+	gone  func(ctx context.Context, e credential.Record)
 	queue workqueue.TypedRateLimitingInterface[string]
 	busy  func() bool // nil: never
 
 	mu      sync.Mutex
-	pending map[string]Entry // by lease ID
+	pending map[string]credential.Record // by lease ID
 
 	cancel  context.CancelFunc
 	workers sync.WaitGroup
@@ -55,13 +57,13 @@ const (
 // newRecordWriter starts workers writers to inv; rl spaces the retries
 // of a lease whose write failed (nil: 100 ms doubling up to 30 s); busy,
 // when set, tells when the writes should wait (a burst of mints).
-func newRecordWriter(inv Inventory, gone func(context.Context, Entry), workers int, rl workqueue.TypedRateLimiter[string], busy func() bool) *recordWriter {
+func newRecordWriter(inv Inventory, gone func(context.Context, credential.Record), workers int, rl workqueue.TypedRateLimiter[string], busy func() bool) *recordWriter {
 	if rl == nil {
 		rl = workqueue.NewTypedItemExponentialFailureRateLimiter[string](100*time.Millisecond, 30*time.Second)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	w := &recordWriter{
-		inv: inv, gone: gone, busy: busy, pending: map[string]Entry{}, cancel: cancel,
+		inv: inv, gone: gone, busy: busy, pending: map[string]credential.Record{}, cancel: cancel,
 		queue: workqueue.NewTypedRateLimitingQueueWithConfig(rl,
 			workqueue.TypedRateLimitingQueueConfig[string]{Name: "credential-records"}),
 	}
@@ -77,7 +79,7 @@ func newRecordWriter(inv Inventory, gone func(context.Context, Entry), workers i
 }
 
 // issued queues the write of e (replacing any of its lease not yet made).
-func (w *recordWriter) issued(e Entry) {
+func (w *recordWriter) issued(e credential.Record) {
 	w.mu.Lock()
 	w.pending[e.LeaseID] = e
 	w.mu.Unlock()
@@ -111,7 +113,7 @@ func (w *recordWriter) next(ctx context.Context) bool {
 	defer cancel()
 	err := w.inv.Issued(cctx, e)
 	switch {
-	case errors.Is(err, ErrRecordGone):
+	case errors.Is(err, credential.ErrRecordGone):
 		w.gone(cctx, e)
 	case err != nil:
 		if ctx.Err() == nil {

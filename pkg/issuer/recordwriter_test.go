@@ -12,6 +12,7 @@ import (
 
 	"k8s.io/client-go/util/workqueue"
 
+	"github.com/ephemeral-secrets/csi-driver/pkg/credential"
 	"github.com/ephemeral-secrets/csi-driver/test/harness"
 )
 
@@ -28,7 +29,7 @@ type statusLog struct {
 	gone    map[string]bool
 }
 
-func (s *statusLog) Issued(ctx context.Context, e Entry) error {
+func (s *statusLog) Issued(ctx context.Context, e credential.Record) error {
 	s.entered <- e.LeaseID
 	if s.hold != nil {
 		select {
@@ -44,7 +45,7 @@ func (s *statusLog) Issued(ctx context.Context, e Entry) error {
 		return errors.New("the API server is unavailable")
 	}
 	if s.gone[e.LeaseID] {
-		return fmt.Errorf("inventory: lease %s: %w", e.LeaseID, ErrRecordGone)
+		return fmt.Errorf("inventory: lease %s: %w", e.LeaseID, credential.ErrRecordGone)
 	}
 	s.writes = append(s.writes, fmt.Sprintf("%s@%d", e.LeaseID, e.ExpiresAt.Unix()))
 	return nil
@@ -56,7 +57,9 @@ func (s *statusLog) log() []string {
 	return slices.Clone(s.writes)
 }
 
-func at(lease string, exp int64) Entry { return Entry{LeaseID: lease, ExpiresAt: time.Unix(exp, 0)} }
+func at(lease string, exp int64) credential.Record {
+	return credential.Record{LeaseID: lease, ExpiresAt: time.Unix(exp, 0)}
+}
 
 // TestRecordWriterCoalesces: one writer, held on a first write while
 // more is learnt. A lease has one write pending at most, of what was
@@ -68,7 +71,7 @@ func TestRecordWriterCoalesces(t *testing.T) {
 	var goneMu sync.Mutex
 	var ended []string
 	fast := workqueue.NewTypedItemExponentialFailureRateLimiter[string](time.Millisecond, 10*time.Millisecond)
-	w := newRecordWriter(inv, func(_ context.Context, e Entry) {
+	w := newRecordWriter(inv, func(_ context.Context, e credential.Record) {
 		goneMu.Lock()
 		ended = append(ended, e.LeaseID)
 		goneMu.Unlock()
@@ -110,7 +113,7 @@ func TestRecordWriterCoalesces(t *testing.T) {
 // TestCloseWritesWhatIsQueued: Close lets the queued writes out.
 func TestCloseWritesWhatIsQueued(t *testing.T) {
 	inv := &statusLog{entered: make(chan string, 100)}
-	w := newRecordWriter(inv, func(context.Context, Entry) {}, 2, nil, nil)
+	w := newRecordWriter(inv, func(context.Context, credential.Record) {}, 2, nil, nil)
 	for i := range 20 {
 		w.issued(at(fmt.Sprint("l", i), 1))
 	}
@@ -126,7 +129,7 @@ func TestWritesWaitForABurstToPass(t *testing.T) {
 	inv := &statusLog{entered: make(chan string, 100)}
 	var busy atomic.Bool
 	busy.Store(true)
-	w := newRecordWriter(inv, func(context.Context, Entry) {}, 2, nil, busy.Load)
+	w := newRecordWriter(inv, func(context.Context, credential.Record) {}, 2, nil, busy.Load)
 	defer w.close(time.Second)
 	w.issued(at("a", 1))
 	time.Sleep(100 * time.Millisecond) // well within recordDefer

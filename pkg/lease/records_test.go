@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ephemeral-secrets/csi-driver/pkg/credential"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider/postgres"
 	"github.com/ephemeral-secrets/csi-driver/pkg/spc"
@@ -35,12 +36,12 @@ func (r *recordLog) call(s string) error {
 	return nil
 }
 
-func (r *recordLog) Issued(_ context.Context, rec Record) error {
+func (r *recordLog) Issued(_ context.Context, rec credential.Record) error {
 	r.mu.Lock()
 	gone := r.gone[rec.LeaseID]
 	r.mu.Unlock()
 	if gone {
-		return fmt.Errorf("%w: being deleted", ErrRecordGone)
+		return fmt.Errorf("%w: being deleted", credential.ErrRecordGone)
 	}
 	if rec.Pod.UID == "" || rec.VolumeID == "" || rec.Class == "" || rec.Provider == "" || rec.Role == "" {
 		return fmt.Errorf("record %+v lacks what the inventory needs", rec)
@@ -52,7 +53,7 @@ func (r *recordLog) Issued(_ context.Context, rec Record) error {
 	return r.call(s)
 }
 
-func (r *recordLog) Revoked(_ context.Context, rec Record) error {
+func (r *recordLog) Revoked(_ context.Context, rec credential.Record) error {
 	return r.call("revoked " + rec.LeaseID)
 }
 
