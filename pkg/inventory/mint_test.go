@@ -3,6 +3,8 @@ package inventory_test
 import (
 	"context"
 	"errors"
+	"fmt"
+	"io"
 	"net/http"
 	"slices"
 	"strings"
@@ -64,6 +66,37 @@ func countingClient(t *testing.T) (*inventory.Client, *requests) {
 		t.Fatal(err)
 	}
 	return c, rq
+}
+
+// laggingClient is an inventory client with the issuer's identity whose
+// watches deliver each read lag late.
+func laggingClient(t *testing.T, lag time.Duration) *inventory.Client {
+	t.Helper()
+	cfg := rest.CopyConfig(issuerCfg)
+	cfg.Wrap(func(rt http.RoundTripper) http.RoundTripper {
+		return roundTripFunc(func(r *http.Request) (*http.Response, error) {
+			resp, err := rt.RoundTrip(r)
+			if err == nil && r.URL.Query().Get("watch") == "true" {
+				resp.Body = slowBody{resp.Body, lag}
+			}
+			return resp, err
+		})
+	})
+	c, err := inventory.NewClient(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+type slowBody struct {
+	io.ReadCloser
+	lag time.Duration
+}
+
+func (b slowBody) Read(p []byte) (int, error) {
+	time.Sleep(b.lag)
+	return b.ReadCloser.Read(p)
 }
 
 // statusHeld is the Recorder as the Issuer's Inventory, its status
@@ -233,5 +266,70 @@ func TestKillDuringTheMint(t *testing.T) {
 	})
 	if _, err := publish(ctx, p, pod, ns+"-app-killmint2", "csi-vol-a"); !errors.Is(err, issuer.ErrWithdrawn) {
 		t.Errorf("a new credential for the killed volume: %v, want withdrawn", err)
+	}
+}
+
+// TestWithdrawnKnowsATombstoneWrittenJustBefore: a tombstone written an
+// instant before a mint's record (as the kill of another record of the
+// volume writes it) refuses the mint, every time; the Recorder answers
+// from its informer's cache once the cache holds the mint's record,
+// without a request of its own.
+func TestWithdrawnKnowsATombstoneWrittenJustBefore(t *testing.T) {
+	ctx := context.Background()
+	ns := namespace(t)
+	pod := newPod(t, ns, "app")
+	icx, cancel := context.WithCancel(ctx)
+	// The cache lags behind the API server (its watch reads slowly), as a
+	// busy issuer's does: a cache read too early misses the tombstone.
+	inf := inventory.NewInformer(laggingClient(t, 50*time.Millisecond), "", 0)
+	done := make(chan struct{})
+	go func() { inf.Run(icx.Done()); close(done) }()
+	t.Cleanup(func() { cancel(); <-done })
+	harness.Eventually(t, 10*time.Second, "the cache synced", func() (bool, error) { return inf.HasSynced(), nil })
+	c, rq := countingClient(t)
+	rec := inventory.NewRecorder(c, inf)
+	var made []string // records and tombstones, removed at the end: every later test's controller would look at each
+	t.Cleanup(func() {
+		for _, name := range made {
+			if strings.HasPrefix(name, v1alpha1.TombstonePrefix) {
+				_ = issuerInv.Delete(ctx, ns, name, metav1.DeleteOptions{})
+			} else if err := inventory.NewRecorder(issuerInv, nil).Dropped(ctx, name); err != nil {
+				t.Error(err)
+			}
+		}
+	})
+	for i := range 10 {
+		vol, other := fmt.Sprintf("csi-killed-%d", i), fmt.Sprintf("csi-other-%d", i)
+		tomb := &v1alpha1.Credential{
+			ObjectMeta: metav1.ObjectMeta{Name: inventory.TombstoneName(string(pod.UID), vol), Namespace: ns,
+				OwnerReferences: []metav1.OwnerReference{{APIVersion: "v1", Kind: "Pod", Name: pod.Name, UID: pod.UID}}},
+			Spec: v1alpha1.CredentialSpec{Pod: v1alpha1.PodReference{Name: pod.Name, UID: string(pod.UID)}, Node: ns + "-a",
+				Provider: "postgres", LeaseID: fmt.Sprintf("%s-app-killed%03d", ns, i), VolumeID: vol},
+		}
+		if _, err := issuerInv.Create(ctx, tomb); err != nil {
+			t.Fatal(err)
+		}
+		made = append(made, tomb.Name)
+		for _, tc := range []struct {
+			vol  string
+			want bool
+		}{{vol, true}, {other, false}} {
+			e := entryFor(pod, ns+"-a", fmt.Sprintf("%s-%d-%s", ns, i, tc.vol))
+			e.VolumeID = tc.vol
+			if err := rec.Issuing(ctx, e); err != nil {
+				t.Fatal(err)
+			}
+			made = append(made, e.LeaseID)
+			if got, err := rec.Withdrawn(ctx, e); err != nil || got != tc.want {
+				t.Fatalf("round %d, volume %s: withdrawn %v, %v; want %v", i, tc.vol, got, err, tc.want)
+			}
+		}
+	}
+	rq.mu.Lock()
+	defer rq.mu.Unlock()
+	for _, l := range rq.log {
+		if strings.HasPrefix(l, "GET ") {
+			t.Errorf("the Recorder asked the API server: %s", l)
+		}
 	}
 }

@@ -171,33 +171,33 @@ func (c *created) take(key string) *v1alpha1.Credential {
 	return obj
 }
 
-// create records e; a record of the same lease that exists already
-// (a retry) is no error.
-func (s store) create(ctx context.Context, e credential.Record) (*v1alpha1.Credential, error) {
+// create records e; made tells whether this call created it. A record
+// of the same lease that exists already (a retry) is no error.
+func (s store) create(ctx context.Context, e credential.Record) (out *v1alpha1.Credential, made bool, err error) {
 	c, err := newCredential(e, s.finalizer)
 	if err != nil {
-		return nil, err
+		return nil, false, err
 	}
-	out, err := s.client.Create(ctx, c)
+	out, err = s.client.Create(ctx, c)
 	if err == nil {
 		s.created.put(out.DeepCopy())
 	}
 	if apierrors.IsAlreadyExists(err) {
 		if out, err = s.client.Get(ctx, c.Namespace, c.Name); err != nil {
-			return nil, fmt.Errorf("inventory: lease %s: %w", e.LeaseID, err)
+			return nil, false, fmt.Errorf("inventory: lease %s: %w", e.LeaseID, err)
 		}
 		if out.Spec.LeaseID != e.LeaseID || out.Spec.Pod.UID != e.Pod.UID {
-			return nil, fmt.Errorf("inventory: lease %s: the name %s/%s records lease %s", e.LeaseID, c.Namespace, c.Name, out.Spec.LeaseID)
+			return nil, false, fmt.Errorf("inventory: lease %s: the name %s/%s records lease %s", e.LeaseID, c.Namespace, c.Name, out.Spec.LeaseID)
 		}
 		if out.DeletionTimestamp != nil {
-			return nil, fmt.Errorf("inventory: lease %s: %w", e.LeaseID, credential.ErrRecordGone)
+			return nil, false, fmt.Errorf("inventory: lease %s: %w", e.LeaseID, credential.ErrRecordGone)
 		}
-		return out, nil
+		return out, false, nil
 	}
 	if err != nil {
-		return nil, fmt.Errorf("inventory: recording lease %s: %w", e.LeaseID, err)
+		return nil, false, fmt.Errorf("inventory: recording lease %s: %w", e.LeaseID, err)
 	}
-	return out, nil
+	return out, true, nil
 }
 
 // setStatus applies change to the status of e's record (read fresh,

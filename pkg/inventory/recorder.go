@@ -23,13 +23,17 @@ import (
 type Recorder struct {
 	store
 	informer cache.SharedIndexInformer
+	// seen tells when the informer has delivered a record Issuing created
+	// (Withdrawn then reads the cache; nil without an informer).
+	seen *sightings
 }
 
 // NewRecorder records through c. informer (NewInformer, all records; it
 // may be nil) answers Tracked and finds records by lease ID once it has
 // synced; the Recorder asks the API server until then.
 func NewRecorder(c *Client, informer cache.SharedIndexInformer) *Recorder {
-	return &Recorder{store: store{client: c, finalizer: v1alpha1.FinalizerRevoke, cache: informer, created: newCreated()}, informer: informer}
+	return &Recorder{store: store{client: c, finalizer: v1alpha1.FinalizerRevoke, cache: informer, created: newCreated()},
+		informer: informer, seen: newSightings(informer)}
 }
 
 // Issuing creates e's record before its role exists, in one write: the
@@ -39,7 +43,12 @@ func NewRecorder(c *Client, informer cache.SharedIndexInformer) *Recorder {
 // the lease names the role, so a revocation after a crash needs nothing
 // more.
 func (r *Recorder) Issuing(ctx context.Context, e credential.Record) error {
-	_, err := r.create(ctx, e)
+	key := e.Pod.Namespace + "/" + Name(e.LeaseID)
+	r.seen.expect(key) // before the create: its sighting may come before the answer
+	_, made, err := r.create(ctx, e)
+	if !made {
+		r.seen.forget(key) // a record of an earlier try: the cache may hold it already
+	}
 	return err
 }
 

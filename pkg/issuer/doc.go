@@ -77,9 +77,11 @@ type Inventory interface {
 // when it happened. Without it (in-process, no cluster) nothing is
 // refused for that reason.
 type Withdrawals interface {
-	// Withdrawn tells whether the credential of pod's volume volumeID
-	// was withdrawn. It reads fresh data: the mark may be an instant old.
-	Withdrawn(ctx context.Context, pod provider.Pod, volumeID string) (bool, error)
+	// Withdrawn tells whether the credential of e's volume was withdrawn.
+	// e is the record of the mint that asks, written already (Issuing):
+	// the answer must know every mark written before that record (the
+	// mark may be an instant old).
+	Withdrawn(ctx context.Context, e credential.Record) (bool, error)
 }
 
 // ErrWithdrawn is the reason Mint gives (wrapped in

@@ -148,7 +148,7 @@ func (i *Issuer) Mint(ctx context.Context, c Caller, r postgres.MintRequest) (po
 	var refused chan error
 	if w, ok := inv.(Withdrawals); ok {
 		refused = make(chan error, 1)
-		go func() { refused <- withdrawn(ctx, w, r) }()
+		go func() { refused <- withdrawn(ctx, w, e) }()
 	}
 	err = i.admin.Create(ctx, cr)
 	if refused != nil {
@@ -214,13 +214,13 @@ func (i *Issuer) recordGone(ctx context.Context, e credential.Record) {
 // recorded: a tombstone written before that record is seen here, and one
 // written after it comes with the deletion of the record (the inventory
 // deletes a volume's live records with it), so no role outlives a kill.
-func withdrawn(ctx context.Context, w Withdrawals, r postgres.MintRequest) error {
-	gone, err := w.Withdrawn(ctx, r.Pod, r.VolumeID)
+func withdrawn(ctx context.Context, w Withdrawals, e credential.Record) error {
+	gone, err := w.Withdrawn(ctx, e)
 	switch {
 	case err != nil:
 		return fmt.Errorf("%w: checking whether the volume's credential was withdrawn: %w", provider.ErrUnavailable, err)
 	case gone:
-		return fmt.Errorf("%w: %w (pod %s/%s, volume %s)", provider.ErrPermissionDenied, ErrWithdrawn, r.Pod.Namespace, r.Pod.Name, r.VolumeID)
+		return fmt.Errorf("%w: %w (pod %s/%s, volume %s)", provider.ErrPermissionDenied, ErrWithdrawn, e.Pod.Namespace, e.Pod.Name, e.VolumeID)
 	}
 	return nil
 }

@@ -471,8 +471,8 @@ type withdrawing struct {
 	err       error
 }
 
-func (w withdrawing) Withdrawn(_ context.Context, pod provider.Pod, volumeID string) (bool, error) {
-	return w.withdrawn[pod.UID+"/"+volumeID], w.err
+func (w withdrawing) Withdrawn(_ context.Context, e credential.Record) (bool, error) {
+	return w.withdrawn[e.Pod.UID+"/"+e.VolumeID], w.err
 }
 
 // TestMintRefusesAWithdrawnVolume: a volume whose credential was withdrawn
