@@ -46,7 +46,7 @@ const (
 	recordWorkers = 8
 	// recordDefer is how long a write waits at most for a burst of
 	// mints to pass; recordPoll how often it looks.
-	recordDefer = 3 * time.Second
+	recordDefer = 10 * time.Second
 	recordPoll  = 10 * time.Millisecond
 	// recordCallTimeout bounds one write.
 	recordCallTimeout = 30 * time.Second
