@@ -80,8 +80,8 @@ func issuerCmd(version string, args []string) error {
 	fs.DurationVar(&f.leaseDuration, "leader-election-lease-duration", 15*time.Second, "how long a leader's Lease holds without renewal")
 	fs.DurationVar(&f.renewDeadline, "leader-election-renew-deadline", 10*time.Second, "how long a leader tries to renew before it gives up leading")
 	fs.DurationVar(&f.retryPeriod, "leader-election-retry-period", 2*time.Second, "how often replicas try to acquire or renew the Lease")
-	fs.Float64Var(&f.qps, "kube-api-qps", 100, "requests per second to the Kubernetes API (a mint or an extension reads its pod, a new token is reviewed); the API server's priority and fairness protects it")
-	fs.IntVar(&f.burst, "kube-api-burst", 200, "bursts allowed above --kube-api-qps")
+	fs.Float64Var(&f.qps, "kube-api-qps", 500, "requests per second to the Kubernetes API, of each of the issuer's two clients (core: a mint reads its pod, a new token is reviewed; inventory: a mint creates its record and reads its volume's tombstone, its status is written later); the API server's priority and fairness protects it")
+	fs.IntVar(&f.burst, "kube-api-burst", 1000, "bursts allowed above --kube-api-qps")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -108,7 +108,10 @@ func issuerCmd(version string, args []string) error {
 	}
 	rc.UserAgent = "ephemeral-secrets-csi-issuer/" + version
 	// client-go's default (5 per second) would hold a burst of publishes
-	// for minutes: each needs a fresh GET of its pod.
+	// for minutes: each needs a fresh GET of its pod, and its record two
+	// requests more (the inventory's client, made from this configuration,
+	// has a limiter of its own). 500 mints at once over two replicas fit
+	// in the default burst.
 	rc.QPS, rc.Burst = float32(f.qps), f.burst
 	cs, err := kubernetes.NewForConfig(rc)
 	if err != nil {

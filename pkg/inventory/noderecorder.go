@@ -28,7 +28,7 @@ func (r *NodeRecorder) Issued(ctx context.Context, e credential.Record) error {
 		return err
 	}
 	// No record yet, or one being deleted (create says which).
-	if _, err := r.create(ctx, e); err != nil {
+	if _, _, err := r.create(ctx, e); err != nil {
 		return err
 	}
 	return r.setStatus(ctx, e, issued(e))

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"sync"
 	"time"
 
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -107,44 +108,96 @@ type store struct {
 	// cache, when it has synced, gives the first read of a write (a
 	// conflict makes the retries read the API server).
 	cache cache.SharedIndexInformer
+	// created, when set, keeps the records this store created until
+	// their first change, which then needs no read even before the
+	// cache has them.
+	created *created
 }
 
-// read returns a record to change: from the cache on a first attempt,
-// else from the API server.
+// read returns a record to change: on a first attempt from the cache, or
+// as this store created it; else (and on every retry) from the API
+// server. A record read from either but changed since makes the write
+// conflict, and the retry reads it fresh.
 func (s store) read(ctx context.Context, namespace, name string, first bool) (*v1alpha1.Credential, error) {
-	if first && s.cache != nil && s.cache.HasSynced() {
-		obj, ok, err := s.cache.GetIndexer().GetByKey(namespace + "/" + name)
+	if !first {
+		return s.client.Get(ctx, namespace, name)
+	}
+	key := namespace + "/" + name
+	mine := s.created.take(key)
+	if s.cache != nil && s.cache.HasSynced() {
+		obj, ok, err := s.cache.GetIndexer().GetByKey(key)
 		if c, isCred := obj.(*v1alpha1.Credential); err == nil && ok && isCred {
 			return c.DeepCopy(), nil
 		}
 	}
+	if mine != nil {
+		return mine, nil
+	}
 	return s.client.Get(ctx, namespace, name)
 }
 
-// create records e; a record of the same lease that exists already
-// (a retry) is no error.
-func (s store) create(ctx context.Context, e credential.Record) (*v1alpha1.Credential, error) {
+// created is the records a store created and has not changed since, by
+// namespace/name, up to a bound.
+type created struct {
+	mu sync.Mutex
+	m  map[string]*v1alpha1.Credential
+}
+
+// maxCreated bounds created: past it, a first change reads the record.
+const maxCreated = 10000
+
+func newCreated() *created { return &created{m: map[string]*v1alpha1.Credential{}} }
+
+func (c *created) put(obj *v1alpha1.Credential) {
+	if c == nil {
+		return
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if len(c.m) < maxCreated {
+		c.m[obj.Namespace+"/"+obj.Name] = obj
+	}
+}
+
+// take returns and forgets the record of key (nil if none).
+func (c *created) take(key string) *v1alpha1.Credential {
+	if c == nil {
+		return nil
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	obj := c.m[key]
+	delete(c.m, key)
+	return obj
+}
+
+// create records e; made tells whether this call created it. A record
+// of the same lease that exists already (a retry) is no error.
+func (s store) create(ctx context.Context, e credential.Record) (out *v1alpha1.Credential, made bool, err error) {
 	c, err := newCredential(e, s.finalizer)
 	if err != nil {
-		return nil, err
+		return nil, false, err
 	}
-	out, err := s.client.Create(ctx, c)
+	out, err = s.client.Create(ctx, c)
+	if err == nil {
+		s.created.put(out.DeepCopy())
+	}
 	if apierrors.IsAlreadyExists(err) {
 		if out, err = s.client.Get(ctx, c.Namespace, c.Name); err != nil {
-			return nil, fmt.Errorf("inventory: lease %s: %w", e.LeaseID, err)
+			return nil, false, fmt.Errorf("inventory: lease %s: %w", e.LeaseID, err)
 		}
 		if out.Spec.LeaseID != e.LeaseID || out.Spec.Pod.UID != e.Pod.UID {
-			return nil, fmt.Errorf("inventory: lease %s: the name %s/%s records lease %s", e.LeaseID, c.Namespace, c.Name, out.Spec.LeaseID)
+			return nil, false, fmt.Errorf("inventory: lease %s: the name %s/%s records lease %s", e.LeaseID, c.Namespace, c.Name, out.Spec.LeaseID)
 		}
 		if out.DeletionTimestamp != nil {
-			return nil, fmt.Errorf("inventory: lease %s: %w", e.LeaseID, credential.ErrRecordGone)
+			return nil, false, fmt.Errorf("inventory: lease %s: %w", e.LeaseID, credential.ErrRecordGone)
 		}
-		return out, nil
+		return out, false, nil
 	}
 	if err != nil {
-		return nil, fmt.Errorf("inventory: recording lease %s: %w", e.LeaseID, err)
+		return nil, false, fmt.Errorf("inventory: recording lease %s: %w", e.LeaseID, err)
 	}
-	return out, nil
+	return out, true, nil
 }
 
 // setStatus applies change to the status of e's record (read fresh,
