@@ -532,8 +532,3 @@ func ParseGID(s string) (int, error) {
 	}
 	return int(g), nil
 }
-
-// taskOf and backoff serve records.go, until its owner moves them.
-func taskOf(meta Metadata, leaseID string) string { return meta.TaskOf(leaseID) }
-
-func (m *Manager) backoff(n int) time.Duration { return m.timing.Backoff(n) }
