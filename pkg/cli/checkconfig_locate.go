@@ -18,7 +18,7 @@ import (
 // unknown, given twice or of the wrong kind. It quotes keys only when they
 // look like names, and values never. The verdict is the loader's: locate
 // only points at the place.
-func locate(data []byte) []string {
+func locate(data []byte, schema reflect.Type) []string {
 	var doc yaml3.Node
 	if err := yaml3.Unmarshal(data, &doc); err != nil {
 		if m := yamlLine.FindStringSubmatch(err.Error()); m != nil {
@@ -30,7 +30,7 @@ func locate(data []byte) []string {
 		return nil
 	}
 	var out []string
-	walk(doc.Content[0], reflect.TypeFor[backendConfig](), "", &out)
+	walk(doc.Content[0], schema, "", &out)
 	return out
 }
 
@@ -182,4 +182,33 @@ func join(path, key string) string {
 		return key
 	}
 	return path + "." + key
+}
+
+// Keys are the keys a backend file of type schema may hold, as its
+// decoder knows them ("a.b", a map's keys as "*", a list's items as
+// "[]"), sorted: what the generated reference (docs/backends.md) must
+// list.
+func Keys(schema reflect.Type) []string {
+	var keys []string
+	var walk func(prefix string, t reflect.Type)
+	walk = func(prefix string, t reflect.Type) {
+		for t.Kind() == reflect.Pointer {
+			t = t.Elem()
+		}
+		switch {
+		case reflect.PointerTo(t).Implements(jsonUnmarshaler):
+		case t.Kind() == reflect.Struct:
+			for key, ft := range jsonFields(t) {
+				keys = append(keys, join(prefix, key))
+				walk(join(prefix, key), ft)
+			}
+		case t.Kind() == reflect.Map:
+			walk(prefix+".*", t.Elem())
+		case t.Kind() == reflect.Slice:
+			walk(prefix+".[]", t.Elem())
+		}
+	}
+	walk("", schema)
+	slices.Sort(keys)
+	return keys
 }

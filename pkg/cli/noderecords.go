@@ -5,8 +5,7 @@ import (
 	"errors"
 	"fmt"
 
-	"github.com/ephemeral-secrets/csi-driver/pkg/inventory"
-	"github.com/ephemeral-secrets/csi-driver/pkg/issuer"
+	"github.com/ephemeral-secrets/csi-driver/pkg/inventory/record"
 	"github.com/ephemeral-secrets/csi-driver/pkg/lease"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider/postgres"
 )
@@ -21,21 +20,21 @@ import (
 // issuer in this process has no inventory: a node given the admin
 // configuration in a cluster records no postgres credential.)
 type nodeRecords struct {
-	rec  *inventory.NodeRecorder
+	rec  *record.NodeRecorder
 	node string
 }
 
 var _ lease.Records = nodeRecords{}
 
-func newNodeRecords(c *inventory.Client, node string) nodeRecords {
-	return nodeRecords{rec: inventory.NewNodeRecorder(c), node: node}
+func newNodeRecords(c *record.Client, node string) nodeRecords {
+	return nodeRecords{rec: record.NewNodeRecorder(c), node: node}
 }
 
 // recordedHere tells whether the node records a credential of provider p.
 func recordedHere(p string) bool { return p != postgres.Name }
 
-func (n nodeRecords) entry(r lease.Record) issuer.Entry {
-	return issuer.Entry{
+func (n nodeRecords) entry(r lease.Record) record.Entry {
+	return record.Entry{
 		LeaseID: r.LeaseID, VolumeID: r.VolumeID, Pod: r.Pod, Node: n.node, Class: r.Class,
 		Provider: r.Provider, Role: r.Role, IssuedAt: r.IssuedAt, ExpiresAt: r.ExpiresAt,
 	}
@@ -48,7 +47,7 @@ func (n nodeRecords) Issued(ctx context.Context, r lease.Record) error {
 		return nil
 	}
 	err := n.rec.Issued(ctx, n.entry(r))
-	if errors.Is(err, inventory.ErrGone) {
+	if errors.Is(err, record.ErrGone) {
 		return fmt.Errorf("%w: %w", lease.ErrRecordGone, err)
 	}
 	return err

@@ -28,8 +28,8 @@ package issuer
 import (
 	"context"
 	"errors"
-	"time"
 
+	"github.com/ephemeral-secrets/csi-driver/pkg/inventory/record"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
 )
 
@@ -49,20 +49,9 @@ type Caller struct {
 // took the pod's identity from kubelet.
 type PodCheck func(ctx context.Context, c Caller, pod provider.Pod, class, volumeID string) error
 
-// Entry is the non-secret record of one credential.
-type Entry struct {
-	LeaseID  string       `json:"leaseID"`
-	VolumeID string       `json:"volumeID"`
-	Pod      provider.Pod `json:"pod"`
-	Node     string       `json:"node,omitempty"`
-	Class    string       `json:"class"`
-	Provider string       `json:"provider"`
-	// Role is "connection/role"; Name the database role's name.
-	Role      string    `json:"role"`
-	Name      string    `json:"name"`
-	IssuedAt  time.Time `json:"issuedAt,omitzero"`
-	ExpiresAt time.Time `json:"expiresAt,omitzero"`
-}
+// Entry is the non-secret record of one credential (record.Entry: the
+// node plugin records its own credentials with it, without the issuer).
+type Entry = record.Entry
 
 // Inventory is where credentials are recorded outside the node (the
 // cluster's Credential objects). Nil: no record but the database's own.
@@ -100,5 +89,5 @@ type Withdrawals interface {
 var ErrWithdrawn = errors.New("the credential of this volume was withdrawn by deleting its Credential record")
 
 // ErrRecordGone is what an Inventory's Issued wraps when the credential's
-// record was deleted, or is being deleted.
-var ErrRecordGone = errors.New("credential record deleted")
+// record was deleted, or is being deleted (record.ErrRecordGone).
+var ErrRecordGone = record.ErrRecordGone

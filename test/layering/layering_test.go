@@ -38,22 +38,27 @@ var rank = map[string]int{
 	"pkg/provider/vault":    2,
 	"pkg/provider/postgres": 2,
 	"pkg/issuer/postgres":   2, // the issuer's SQL engine: pools, statements, SQLSTATE classes
+	"pkg/inventory/record":  2, // the Credential records as the node plugin writes and watches them
 	// 3: the lease manager's workers and what it renders; the issuer and
 	// the inventory.
-	"pkg/render":           3,
-	"pkg/lease/outbox":     3,
-	"pkg/lease/revocation": 3,
-	"pkg/issuer":           3,
-	"pkg/inventory":        3,
+	"pkg/render":             3,
+	"pkg/lease/outbox":       3,
+	"pkg/lease/revocation":   3,
+	"pkg/issuer":             3,
+	"pkg/issuer/remote/wire": 3, // the issuer's protocol and the node plugin's client
+	"pkg/inventory":          3,
 	// 4: the state machine, the issuer's transport.
 	"pkg/lease":         4,
 	"pkg/issuer/remote": 4,
 	// 5: the node's edges: the CSI server and the lease socket.
 	"pkg/driver":   5,
 	"pkg/leaseapi": 5,
-	// 6: the command line, 7: the binary.
-	"pkg/cli":                   6,
-	"cmd/ephemeral-secrets-csi": 7,
+	// 6: the node plugin's command line, 7: the all-in-one's, 8: the
+	// binaries.
+	"pkg/cli":                       6,
+	"pkg/cli/allinone":              7,
+	"cmd/ephemeral-secrets-csi":     8,
+	"cmd/ephemeral-secrets-csi-all": 8,
 }
 
 // allowed are the imports against the order that are known and meant to

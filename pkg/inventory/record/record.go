@@ -1,0 +1,237 @@
+package record
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"slices"
+	"time"
+
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/api/meta"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/apimachinery/pkg/util/validation"
+	"k8s.io/client-go/tools/cache"
+	"k8s.io/client-go/util/retry"
+
+	v1alpha1 "github.com/ephemeral-secrets/csi-driver/pkg/apis/ephemeralsecrets/v1alpha1"
+)
+
+// ErrGone means a credential's record was deleted, or is being deleted:
+// the credential is being revoked and must not be extended or recorded
+// again.
+var ErrGone = ErrRecordGone
+
+// Name is the name of the Credential of a lease: the lease ID itself
+// when it is a valid object name (the driver's are), else a digest of it.
+func Name(leaseID string) string {
+	if len(validation.IsDNS1123Subdomain(leaseID)) == 0 && len(leaseID) <= 63 {
+		return leaseID
+	}
+	sum := sha256.Sum256([]byte(leaseID))
+	return "lease-" + hex.EncodeToString(sum[:16])
+}
+
+// newCredential is the record of e, held by finalizer.
+func newCredential(e Entry, finalizer string) (*v1alpha1.Credential, error) {
+	switch {
+	case e.LeaseID == "":
+		return nil, errors.New("inventory: entry without a lease ID")
+	case e.Pod.Namespace == "" || e.Pod.Name == "" || e.Pod.UID == "":
+		return nil, fmt.Errorf("inventory: lease %s: entry without the pod's namespace, name and UID", e.LeaseID)
+	case e.Node == "":
+		return nil, fmt.Errorf("inventory: lease %s: entry without a node", e.LeaseID)
+	}
+	return &v1alpha1.Credential{
+		ObjectMeta: metav1.ObjectMeta{
+			Name:      Name(e.LeaseID),
+			Namespace: e.Pod.Namespace,
+			Labels: map[string]string{
+				v1alpha1.LabelNode:     LabelValue(e.Node),
+				v1alpha1.LabelProvider: LabelValue(e.Provider),
+				v1alpha1.LabelPodUID:   LabelValue(e.Pod.UID),
+				v1alpha1.LabelLeaseID:  LabelValue(e.LeaseID),
+			},
+			OwnerReferences: []metav1.OwnerReference{PodOwner(v1alpha1.PodReference{Name: e.Pod.Name, UID: e.Pod.UID})},
+			Finalizers:      []string{finalizer},
+		},
+		Spec: v1alpha1.CredentialSpec{
+			Pod:      v1alpha1.PodReference{Name: e.Pod.Name, UID: e.Pod.UID, ServiceAccount: e.Pod.ServiceAccount},
+			Node:     e.Node,
+			Class:    e.Class,
+			Provider: e.Provider,
+			Role:     e.Role,
+			LeaseID:  e.LeaseID,
+			VolumeID: e.VolumeID,
+		},
+	}, nil
+}
+
+// PodOwner is the owner reference of a record to its Pod. No
+// blockOwnerDeletion: the Pod's deletion must not wait for a revocation
+// (nor need the right to set it).
+func PodOwner(pod v1alpha1.PodReference) metav1.OwnerReference {
+	return metav1.OwnerReference{APIVersion: "v1", Kind: "Pod", Name: pod.Name, UID: types.UID(pod.UID)}
+}
+
+// LabelValue is v where it is a valid label value; else a digest of it,
+// so that a selector on the exact value still finds it.
+func LabelValue(v string) string {
+	if len(validation.IsValidLabelValue(v)) == 0 {
+		return v
+	}
+	sum := sha256.Sum256([]byte(v))
+	return "sha256-" + hex.EncodeToString(sum[:20])
+}
+
+// EntryOf is the issuer's view of a record.
+func EntryOf(c *v1alpha1.Credential) Entry {
+	e := Entry{
+		LeaseID: c.Spec.LeaseID, VolumeID: c.Spec.VolumeID, Node: c.Spec.Node,
+		Class: c.Spec.Class, Provider: c.Spec.Provider, Role: c.Spec.Role, Name: c.Status.BackendName,
+	}
+	e.Pod.Namespace, e.Pod.Name, e.Pod.UID, e.Pod.ServiceAccount = c.Namespace, c.Spec.Pod.Name, c.Spec.Pod.UID, c.Spec.Pod.ServiceAccount
+	if c.Status.IssuedAt != nil {
+		e.IssuedAt = c.Status.IssuedAt.Time
+	}
+	if c.Status.ExpiresAt != nil {
+		e.ExpiresAt = c.Status.ExpiresAt.Time
+	}
+	return e
+}
+
+// Store writes records held by one finalizer.
+type Store struct {
+	Client    *Client
+	Finalizer string
+	// cache, when it has synced, gives the first read of a write (a
+	// conflict makes the retries read the API server).
+	Cache cache.SharedIndexInformer
+}
+
+// Read returns a record to change: from the cache on a first attempt,
+// else from the API server.
+func (s Store) Read(ctx context.Context, namespace, name string, first bool) (*v1alpha1.Credential, error) {
+	if first && s.Cache != nil && s.Cache.HasSynced() {
+		obj, ok, err := s.Cache.GetIndexer().GetByKey(namespace + "/" + name)
+		if c, isCred := obj.(*v1alpha1.Credential); err == nil && ok && isCred {
+			return c.DeepCopy(), nil
+		}
+	}
+	return s.Client.Get(ctx, namespace, name)
+}
+
+// Create records e; a record of the same lease that exists already
+// (a retry) is no error.
+func (s Store) Create(ctx context.Context, e Entry) (*v1alpha1.Credential, error) {
+	c, err := newCredential(e, s.Finalizer)
+	if err != nil {
+		return nil, err
+	}
+	out, err := s.Client.Create(ctx, c)
+	if apierrors.IsAlreadyExists(err) {
+		if out, err = s.Client.Get(ctx, c.Namespace, c.Name); err != nil {
+			return nil, fmt.Errorf("inventory: lease %s: %w", e.LeaseID, err)
+		}
+		if out.Spec.LeaseID != e.LeaseID || out.Spec.Pod.UID != e.Pod.UID {
+			return nil, fmt.Errorf("inventory: lease %s: the name %s/%s records lease %s", e.LeaseID, c.Namespace, c.Name, out.Spec.LeaseID)
+		}
+		if out.DeletionTimestamp != nil {
+			return nil, fmt.Errorf("inventory: lease %s: %w", e.LeaseID, ErrGone)
+		}
+		return out, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("inventory: recording lease %s: %w", e.LeaseID, err)
+	}
+	return out, nil
+}
+
+// SetStatus applies change to the status of e's record (read fresh,
+// retried on conflict). A record that is gone or being deleted is ErrGone.
+func (s Store) SetStatus(ctx context.Context, e Entry, change func(*v1alpha1.CredentialStatus)) error {
+	err := s.UpdateStatus(ctx, e.Pod.Namespace, Name(e.LeaseID), func(c *v1alpha1.Credential) error {
+		if c.DeletionTimestamp != nil || c.Spec.LeaseID != e.LeaseID {
+			return ErrGone
+		}
+		change(&c.Status)
+		return nil
+	})
+	if apierrors.IsNotFound(err) {
+		err = ErrGone
+	}
+	if err != nil {
+		return fmt.Errorf("inventory: lease %s: %w", e.LeaseID, err)
+	}
+	return nil
+}
+
+// UpdateStatus applies change to a record read fresh and writes its
+// status, retried on conflict.
+func (s Store) UpdateStatus(ctx context.Context, namespace, name string, change func(*v1alpha1.Credential) error) error {
+	first := true
+	return retry.RetryOnConflict(retry.DefaultRetry, func() error {
+		c, err := s.Read(ctx, namespace, name, first)
+		first = false
+		if err != nil {
+			return err
+		}
+		if err := change(c); err != nil {
+			return err
+		}
+		_, err = s.Client.UpdateStatus(ctx, c)
+		return err
+	})
+}
+
+// Issued is the status of a credential the backend holds.
+func Issued(e Entry) func(*v1alpha1.CredentialStatus) {
+	return func(st *v1alpha1.CredentialStatus) {
+		st.State = v1alpha1.StateIssued
+		if e.Name != "" {
+			st.BackendName = e.Name
+		}
+		if !e.IssuedAt.IsZero() && st.IssuedAt == nil {
+			st.IssuedAt = &metav1.Time{Time: e.IssuedAt}
+		}
+		msg := "the backend holds the credential"
+		if !e.ExpiresAt.IsZero() {
+			st.ExpiresAt = &metav1.Time{Time: e.ExpiresAt}
+			msg += " until " + e.ExpiresAt.UTC().Format(time.RFC3339)
+		}
+		meta.SetStatusCondition(&st.Conditions, metav1.Condition{
+			Type: v1alpha1.ConditionIssued, Status: metav1.ConditionTrue, Reason: "Issued", Message: msg,
+		})
+	}
+}
+
+// Release removes the store's finalizer from the record and deletes it
+// (one being deleted already goes once its finalizers are gone): the
+// record goes, unless another finalizer holds it. Gone is no error.
+func (s Store) Release(ctx context.Context, namespace, name string) error {
+	deleting, first := false, true
+	err := retry.RetryOnConflict(retry.DefaultRetry, func() error {
+		c, err := s.Read(ctx, namespace, name, first)
+		first = false
+		if err != nil {
+			return err
+		}
+		deleting = c.DeletionTimestamp != nil
+		if !slices.Contains(c.Finalizers, s.Finalizer) {
+			return nil
+		}
+		c.Finalizers = slices.DeleteFunc(c.Finalizers, func(f string) bool { return f == s.Finalizer })
+		_, err = s.Client.Update(ctx, c)
+		return err
+	})
+	if err == nil && !deleting {
+		err = s.Client.Delete(ctx, namespace, name, metav1.DeleteOptions{})
+	}
+	if err != nil && !apierrors.IsNotFound(err) {
+		return fmt.Errorf("inventory: releasing %s/%s: %w", namespace, name, err)
+	}
+	return nil
+}
