@@ -50,6 +50,9 @@ func showKey(k string) string {
 
 var jsonUnmarshaler = reflect.TypeFor[json.Unmarshaler]()
 
+// rawSection is a section kept undecoded (json.RawMessage).
+var rawSection = reflect.TypeFor[json.RawMessage]()
+
 // walk checks n against t (decoded as sigs.k8s.io/yaml does: YAML to
 // JSON, then encoding/json with unknown fields refused) and appends
 // what does not fit to out; path names n.
@@ -62,6 +65,9 @@ func walk(n *yaml3.Node, t reflect.Type, path string, out *[]string) {
 	}
 	for t.Kind() == reflect.Pointer {
 		t = t.Elem()
+	}
+	if t == rawSection {
+		return // a section this binary keeps undecoded: its Section checks it
 	}
 	at := func(format string, a ...any) {
 		p := path

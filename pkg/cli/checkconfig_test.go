@@ -32,6 +32,7 @@ func TestCheckConfigNodePlugin(t *testing.T) {
 		{"vault, all", vault, "all", 0, []string{"providers vault"}},
 		{"postgres beside the issuer", pg + vault, "node", 1, []string{"the admin credential belongs to the issuer", "ephemeral-secrets-csi-all serve"}},
 		{"postgres in process", pg, "all", 1, []string{"ephemeral-secrets-csi-all serve"}},
+		{"a section this binary does not decode is not located", pg, "node", 1, []string{"does not load"}},
 		{"aws", aws, "node", 1, []string{"an aws section", "ephemeral-secrets-csi-all serve", "providers.aws.enabled"}},
 		{"the issuer's side", pg, "issuer", 1, []string{"ephemeral-secrets-csi-all"}},
 		{"unknown section", vault + "postgress: {}\n", "node", 1, []string{"postgress: unknown key; known here: aws, postgres, vault"}},
@@ -56,6 +57,9 @@ func TestCheckConfigNodePlugin(t *testing.T) {
 				if !strings.Contains(got, w) {
 					t.Errorf("output lacks %q:\n%s", w, got)
 				}
+			}
+			if strings.Contains(got, "postgres: ") || strings.Contains(got, "aws: ") {
+				t.Errorf("check-config located a key in a section it does not decode:\n%s", got)
 			}
 			if all := stdout.String() + stderr.String(); strings.Contains(all, secret) {
 				t.Errorf("output quotes the admin password:\n%s", all)

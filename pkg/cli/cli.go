@@ -20,6 +20,7 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"reflect"
 	"slices"
 	"sync/atomic"
@@ -66,12 +67,26 @@ type Options struct {
 	CheckIssuer func(path string) (string, error)
 	// Commands are more subcommands, by name (the issuer's).
 	Commands map[string]func(version string, args []string) error
+	// Sibling, if set, is the binary that runs the commands this build
+	// lacks (the cluster's) and check-config, which knows every section
+	// and side: ephemeral-secrets-csi-all beside the node plugin in the
+	// image. The process becomes it (exec), with the same arguments.
+	Sibling string
 }
 
+// AllBinary is the all-in-one binary's name.
+const AllBinary = "ephemeral-secrets-csi-all"
+
 // Main runs the node plugin's command with args (without the program
-// name) and returns the exit code.
+// name) and returns the exit code. The cluster's commands and
+// check-config are run by ephemeral-secrets-csi-all when it is beside
+// this binary (as in the image).
 func Main(version string, args []string, extra ...Register) int {
-	return Run(version, args, Options{Extra: extra})
+	o := Options{Extra: extra}
+	if self, err := os.Executable(); err == nil {
+		o.Sibling = filepath.Join(filepath.Dir(self), AllBinary)
+	}
+	return Run(version, args, o)
 }
 
 // movedCommands are the commands of ephemeral-secrets-csi-all.
@@ -80,6 +95,13 @@ var movedCommands = []string{"issuer", "housekeeper", "uninstall"}
 // Run runs the command with args (without the program name) as o builds
 // it and returns the exit code.
 func Run(version string, args []string, o Options) int {
+	if len(args) > 0 && (args[0] == "check-config" || slices.Contains(movedCommands, args[0])) && o.Sibling != "" {
+		if _, err := os.Stat(o.Sibling); err == nil {
+			err = syscall.Exec(o.Sibling, append([]string{o.Sibling}, args...), os.Environ())
+			fmt.Fprintf(os.Stderr, "running %s: %v\n", o.Sibling, err)
+			return 1
+		}
+	}
 	if len(args) > 0 && args[0] == "check-config" {
 		return CheckConfig(o, args[1:], os.Stdout, os.Stderr)
 	}
@@ -93,7 +115,7 @@ func Run(version string, args []string, o Options) int {
 	case o.Commands[cmd] != nil:
 		err = o.Commands[cmd](version, args)
 	case slices.Contains(movedCommands, cmd):
-		err = fmt.Errorf("%s is a command of ephemeral-secrets-csi-all (in the same image), not of the node plugin", cmd)
+		err = fmt.Errorf("%s is a command of %s (in the same image), not of the node plugin", cmd, AllBinary)
 	case cmd == "serve":
 		err = serve(version, args, o)
 	case cmd == "leases":
