@@ -304,9 +304,17 @@ clean:
 
 # The benchmark: the driver over its real socket beside the syscall floor;
 # prints a table and writes bench-results.json. Then the hot functions.
+# The node plugin's memory and size are compared, in the same run, with
+# the node plugin of BENCH_BEFORE (the last commit before the node plugin
+# and the cluster's commands became two binaries), built from its source.
+BENCH_BEFORE ?= bd97da6
 bench: postgres kube
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "$(LDFLAGS)" -o bin/bench-driver ./test/bench/driver
-	$(GO) run ./test/bench --driver bin/bench-driver --out bench-results.json
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "$(LDFLAGS)" -o bin/bench-driver-all ./test/bench/driver/all
+	rm -rf bin/bench-before-src && mkdir -p bin/bench-before-src && git archive $(BENCH_BEFORE) | tar -x -C bin/bench-before-src
+	cd bin/bench-before-src && CGO_ENABLED=0 $(GO) build -trimpath -ldflags "$(LDFLAGS)" -o ../bench-driver-before ./test/bench/driver
+	rm -rf bin/bench-before-src
+	$(GO) run ./test/bench --driver bin/bench-driver --driver-all bin/bench-driver-all --before bin/bench-driver-before --out bench-results.json
 	$(GO) run ./test/bench/issuer --out bench-issuer-results.json
 	$(GO) test -run '^$$' -bench . -benchmem -benchtime 2000x ./pkg/storage ./pkg/render
 	$(GO) test -run '^$$' -bench . -benchtime 200x ./pkg/issuer
