@@ -1,6 +1,7 @@
 // Package remote is the cluster transport of the issuer: an HTTPS server
 // the issuer Deployment runs in front of its Authority, and a Client the
-// node plugin's postgres provider uses as its postgres.Minter. Requests
+// node plugin's postgres provider uses as its postgres.Minter (package
+// wire, which the node plugin links without this one). Requests
 // and answers are the JSON of postgres.MintRequest, ExtendRequest,
 // DropRequest and Grant; errors travel as a code that maps back to the
 // provider's sentinels, so the CSI edge answers the same code as with an
