@@ -77,9 +77,10 @@ func Options(extra ...cli.Register) cli.Options {
 	}
 }
 
-// errNotValid is a section that does not decode; it never quotes data.
-func errNotValid(env cli.SectionEnv, section string) error {
-	return fmt.Errorf("backend config %s: the %s section is not valid (check its keys and indentation)", env.Path, section)
+// errNotValid is a section that does not decode, said as of the whole
+// file (check-config locates the key); it never quotes data.
+func errNotValid(env cli.SectionEnv) error {
+	return fmt.Errorf("backend config %s: not valid (check its keys and indentation)", env.Path)
 }
 
 // postgresSection serves the postgres section with an issuer in this
@@ -89,7 +90,7 @@ func errNotValid(env cli.SectionEnv, section string) error {
 func postgresSection(data []byte, env cli.SectionEnv) (cli.Built, error) {
 	var cfg pgengine.Config
 	if err := yaml.UnmarshalStrict(data, &cfg); err != nil {
-		return cli.Built{}, errNotValid(env, "postgres")
+		return cli.Built{}, errNotValid(env)
 	}
 	iss, err := issuer.New(issuer.Options{Config: cfg, ReapInterval: env.Reap, Audit: env.Audit, OnReap: countReaps(env.Metrics)})
 	if err != nil {
@@ -102,7 +103,7 @@ func postgresSection(data []byte, env cli.SectionEnv) (cli.Built, error) {
 func awsSection(data []byte, env cli.SectionEnv) (cli.Built, error) {
 	var cfg aws.Config
 	if err := yaml.UnmarshalStrict(data, &cfg); err != nil {
-		return cli.Built{}, errNotValid(env, "aws")
+		return cli.Built{}, errNotValid(env)
 	}
 	p, err := aws.New(cfg)
 	if err != nil {
