@@ -3,7 +3,8 @@
 // of the backend configuration (config). Records carry
 // who, what, when and how long; never a secret.
 //
-// It imports pkg/provider (the pod and lease it records) only.
+// It imports pkg/provider (the pod it records) and pkg/credential (the
+// record of a credential, which Of renders) only.
 package audit
 
 import (
@@ -12,6 +13,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/ephemeral-secrets/csi-driver/pkg/credential"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
 )
 
@@ -68,6 +70,20 @@ type Record struct {
 	// FirstSeen marks the first request on this node from the pod's
 	// namespace and service account for this class.
 	FirstSeen bool `json:"first_seen,omitempty"`
+}
+
+// Of is the audit record of c, without its stage and outcome: who holds
+// it, what it is and until when (in UTC).
+func Of(c credential.Record) Record {
+	r := Record{
+		VolumeID: c.VolumeID, Pod: c.Pod, Class: c.Class, Provider: c.Provider, Role: c.Role,
+		LeaseID: c.LeaseID, Task: c.Task,
+	}
+	if !c.ExpiresAt.IsZero() {
+		t := c.ExpiresAt.UTC()
+		r.ExpiresAt = &t
+	}
+	return r
 }
 
 // Logger writes records as JSON lines. The zero value discards them.

@@ -2,9 +2,8 @@ package cli
 
 import (
 	"context"
-	"errors"
-	"fmt"
 
+	"github.com/ephemeral-secrets/csi-driver/pkg/credential"
 	"github.com/ephemeral-secrets/csi-driver/pkg/inventory/record"
 	"github.com/ephemeral-secrets/csi-driver/pkg/lease"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider/postgres"
@@ -33,30 +32,25 @@ func newNodeRecords(c *record.Client, node string) nodeRecords {
 // recordedHere tells whether the node records a credential of provider p.
 func recordedHere(p string) bool { return p != postgres.Name }
 
-func (n nodeRecords) entry(r lease.Record) record.Entry {
-	return record.Entry{
-		LeaseID: r.LeaseID, VolumeID: r.VolumeID, Pod: r.Pod, Node: n.node, Class: r.Class,
-		Provider: r.Provider, Role: r.Role, IssuedAt: r.IssuedAt, ExpiresAt: r.ExpiresAt,
-	}
+// mine is r as the node records it: on its own node.
+func (n nodeRecords) mine(r credential.Record) credential.Record {
+	r.Node = n.node
+	return r
 }
 
 // Issued creates or updates the record; a record being deleted is
-// lease.ErrRecordGone.
-func (n nodeRecords) Issued(ctx context.Context, r lease.Record) error {
+// credential.ErrRecordGone.
+func (n nodeRecords) Issued(ctx context.Context, r credential.Record) error {
 	if !recordedHere(r.Provider) {
 		return nil
 	}
-	err := n.rec.Issued(ctx, n.entry(r))
-	if errors.Is(err, record.ErrGone) {
-		return fmt.Errorf("%w: %w", lease.ErrRecordGone, err)
-	}
-	return err
+	return n.rec.Issued(ctx, n.mine(r))
 }
 
 // Revoked releases the node's finalizer and deletes the record.
-func (n nodeRecords) Revoked(ctx context.Context, r lease.Record) error {
+func (n nodeRecords) Revoked(ctx context.Context, r credential.Record) error {
 	if !recordedHere(r.Provider) {
 		return nil
 	}
-	return n.rec.Revoked(ctx, n.entry(r))
+	return n.rec.Revoked(ctx, n.mine(r))
 }

@@ -16,12 +16,12 @@ import (
 	"k8s.io/klog/v2"
 
 	v1alpha1 "github.com/ephemeral-secrets/csi-driver/pkg/apis/ephemeralsecrets/v1alpha1"
-	"github.com/ephemeral-secrets/csi-driver/pkg/issuer"
+	"github.com/ephemeral-secrets/csi-driver/pkg/credential"
 )
 
 // RevokeFunc revokes the credential of a record (the issuer's Drop). It
 // must be idempotent: a credential already gone is no error.
-type RevokeFunc func(ctx context.Context, e issuer.Entry) error
+type RevokeFunc func(ctx context.Context, e credential.Record) error
 
 // Controller is the issuer's side of the inventory:
 //   - a record being deleted that holds the issuer's finalizer (the Pod's

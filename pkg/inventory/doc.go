@@ -4,7 +4,7 @@
 //
 // Who writes what:
 //   - the issuer records the credentials of the engines it hosts through a
-//     Recorder (issuer.Inventory) and holds their finalizer
+//     Recorder (the issuer's Inventory, of pkg/credential records) and holds their finalizer
 //     (FinalizerRevoke); its Controller revokes a credential whose record
 //     is being deleted (the Pod's deletion through the garbage collector,
 //     or an admin's kubectl delete: the kill switch) and then lets the

@@ -17,8 +17,8 @@ import (
 	"k8s.io/client-go/kubernetes"
 
 	v1alpha1 "github.com/ephemeral-secrets/csi-driver/pkg/apis/ephemeralsecrets/v1alpha1"
+	"github.com/ephemeral-secrets/csi-driver/pkg/credential"
 	"github.com/ephemeral-secrets/csi-driver/pkg/inventory"
-	"github.com/ephemeral-secrets/csi-driver/pkg/issuer"
 	"github.com/ephemeral-secrets/csi-driver/test/harness"
 )
 
@@ -185,7 +185,7 @@ func TestHousekeeperHandsOverRecordsWhoseHolderIsGone(t *testing.T) {
 
 // adminNodeRecord writes a node-held record of e as the admin, as its
 // node would (the node policy confines node-a's identity to node-a).
-func adminNodeRecord(ctx context.Context, e issuer.Entry) error {
+func adminNodeRecord(ctx context.Context, e credential.Record) error {
 	return inventory.NewNodeRecorder(adminInv).Issued(ctx, e)
 }
 
@@ -225,7 +225,7 @@ func TestNodeWatcherReleasesWhatTheNodeNoLongerHolds(t *testing.T) {
 	pod := newPod(t, ns, "app")
 	rec := inventory.NewNodeRecorder(nodeAInv)
 	held, done := entryFor(pod, "node-a", ns+"-app-held"), entryFor(pod, "node-a", ns+"-app-done")
-	for _, e := range []issuer.Entry{held, done} {
+	for _, e := range []credential.Record{held, done} {
 		e.Provider = "aws"
 		if err := rec.Issued(ctx, e); err != nil {
 			t.Fatal(err)
@@ -242,7 +242,7 @@ func TestNodeWatcherReleasesWhatTheNodeNoLongerHolds(t *testing.T) {
 	stopped := make(chan struct{})
 	go func() { _ = nw.Run(cctx); close(stopped) }()
 	t.Cleanup(func() { cancel(); <-stopped })
-	for _, e := range []issuer.Entry{held, done} {
+	for _, e := range []credential.Record{held, done} {
 		if err := adminInv.Delete(ctx, ns, inventory.Name(e.LeaseID), metav1.DeleteOptions{}); err != nil {
 			t.Fatal(err)
 		}
@@ -274,7 +274,7 @@ func TestHandOverAllLetsEveryRecordGo(t *testing.T) {
 	if err := inventory.NewNodeRecorder(nodeAInv).Issued(ctx, nodeE); err != nil {
 		t.Fatal(err)
 	}
-	for _, e := range []issuer.Entry{issuerE, nodeE} {
+	for _, e := range []credential.Record{issuerE, nodeE} {
 		if err := adminInv.Delete(ctx, ns, inventory.Name(e.LeaseID), metav1.DeleteOptions{}); err != nil {
 			t.Fatal(err)
 		}

@@ -15,8 +15,8 @@ import (
 	"k8s.io/client-go/util/workqueue"
 
 	v1alpha1 "github.com/ephemeral-secrets/csi-driver/pkg/apis/ephemeralsecrets/v1alpha1"
+	"github.com/ephemeral-secrets/csi-driver/pkg/credential"
 	"github.com/ephemeral-secrets/csi-driver/pkg/inventory"
-	"github.com/ephemeral-secrets/csi-driver/pkg/issuer"
 	"github.com/ephemeral-secrets/csi-driver/test/harness"
 )
 
@@ -100,8 +100,8 @@ func TestRecorderRecordsALifecycle(t *testing.T) {
 	if err := rec.Dropped(ctx, e.LeaseID); err != nil {
 		t.Errorf("Dropped again: %v", err)
 	}
-	if err := rec.Issued(ctx, e); !errors.Is(err, inventory.ErrGone) {
-		t.Errorf("Issued after Dropped: %v, want ErrGone", err)
+	if err := rec.Issued(ctx, e); !errors.Is(err, credential.ErrRecordGone) {
+		t.Errorf("Issued after Dropped: %v, want credential.ErrRecordGone", err)
 	}
 }
 
@@ -109,10 +109,10 @@ func TestRecorderRefusesAnIncompleteEntry(t *testing.T) {
 	ns := namespace(t)
 	pod := newPod(t, ns, "app")
 	rec := inventory.NewRecorder(issuerInv, nil)
-	for name, change := range map[string]func(*issuer.Entry){
-		"no node":    func(e *issuer.Entry) { e.Node = "" },
-		"no pod UID": func(e *issuer.Entry) { e.Pod.UID = "" },
-		"no lease":   func(e *issuer.Entry) { e.LeaseID = "" },
+	for name, change := range map[string]func(*credential.Record){
+		"no node":    func(e *credential.Record) { e.Node = "" },
+		"no pod UID": func(e *credential.Record) { e.Pod.UID = "" },
+		"no lease":   func(e *credential.Record) { e.LeaseID = "" },
 	} {
 		e := entryFor(pod, "node-a", ns+"-app-"+strings.ReplaceAll(name, " ", ""))
 		change(&e)
@@ -153,7 +153,7 @@ func TestKillSwitch(t *testing.T) {
 	pod := newPod(t, ns, "agent")
 	rv := &revoker{}
 	rec := startIssuer(t, rv, fastRetries)
-	rv.setThen(func(ctx context.Context, e issuer.Entry) error { return rec.Dropped(ctx, e.LeaseID) }) // as the issuer's Drop does
+	rv.setThen(func(ctx context.Context, e credential.Record) error { return rec.Dropped(ctx, e.LeaseID) }) // as the issuer's Drop does
 	node := ns + "-a"
 	e := entryFor(pod, node, ns+"-agent-killswit")
 	record(t, rec, e)
@@ -194,7 +194,7 @@ func TestFailedRevocationKeepsTheRecord(t *testing.T) {
 	rv.failures.Store(2)
 	blocked := make(chan struct{})
 	var once sync.Once
-	rv.then = func(context.Context, issuer.Entry) error { once.Do(func() { close(blocked) }); return nil }
+	rv.then = func(context.Context, credential.Record) error { once.Do(func() { close(blocked) }); return nil }
 	slow := inventory.ControllerOptions{
 		RateLimiter: workqueue.NewTypedItemExponentialFailureRateLimiter[string](time.Second, time.Second),
 	}

@@ -20,8 +20,8 @@ import (
 	"k8s.io/client-go/rest"
 
 	v1alpha1 "github.com/ephemeral-secrets/csi-driver/pkg/apis/ephemeralsecrets/v1alpha1"
+	"github.com/ephemeral-secrets/csi-driver/pkg/credential"
 	"github.com/ephemeral-secrets/csi-driver/pkg/inventory"
-	"github.com/ephemeral-secrets/csi-driver/pkg/issuer"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
 	"github.com/ephemeral-secrets/csi-driver/test/harness"
 	"github.com/ephemeral-secrets/csi-driver/test/kube"
@@ -154,8 +154,8 @@ func newPod(t testing.TB, ns, name string) *corev1.Pod {
 }
 
 // entryFor is the entry of a credential of pod on node.
-func entryFor(pod *corev1.Pod, node, leaseID string) issuer.Entry {
-	return issuer.Entry{
+func entryFor(pod *corev1.Pod, node, leaseID string) credential.Record {
+	return credential.Record{
 		LeaseID: leaseID, VolumeID: "csi-" + leaseID, Node: node,
 		Pod:   provider.Pod{Namespace: pod.Namespace, Name: pod.Name, UID: string(pod.UID), ServiceAccount: "default"},
 		Class: pod.Namespace + "/orders-db", Provider: "postgres", Role: "main/orders", Name: "v-" + leaseID,
@@ -164,7 +164,7 @@ func entryFor(pod *corev1.Pod, node, leaseID string) issuer.Entry {
 }
 
 // record makes e's record as the issuer does: Issuing, then Issued.
-func record(t *testing.T, rec *inventory.Recorder, e issuer.Entry) {
+func record(t *testing.T, rec *inventory.Recorder, e credential.Record) {
 	t.Helper()
 	ctx := context.Background()
 	if err := rec.Issuing(ctx, e); err != nil {
@@ -179,13 +179,13 @@ func record(t *testing.T, rec *inventory.Recorder, e issuer.Entry) {
 // first `failures` of them.
 type revoker struct {
 	mu       sync.Mutex
-	calls    []issuer.Entry
+	calls    []credential.Record
 	at       []time.Time
 	failures atomic.Int32
-	then     func(context.Context, issuer.Entry) error // after a success (the issuer's Drop calls Dropped)
+	then     func(context.Context, credential.Record) error // after a success (the issuer's Drop calls Dropped)
 }
 
-func (r *revoker) revoke(ctx context.Context, e issuer.Entry) error {
+func (r *revoker) revoke(ctx context.Context, e credential.Record) error {
 	r.mu.Lock()
 	r.calls = append(r.calls, e)
 	r.at = append(r.at, time.Now())
@@ -202,7 +202,7 @@ func (r *revoker) revoke(ctx context.Context, e issuer.Entry) error {
 
 // setThen sets what follows a successful revocation; the controller may
 // be revoking already (the records other tests left).
-func (r *revoker) setThen(f func(context.Context, issuer.Entry) error) {
+func (r *revoker) setThen(f func(context.Context, credential.Record) error) {
 	r.mu.Lock()
 	r.then = f
 	r.mu.Unlock()
@@ -214,7 +214,7 @@ func (r *revoker) times() []time.Time {
 	return slices.Clone(r.at)
 }
 
-func (r *revoker) entries() []issuer.Entry {
+func (r *revoker) entries() []credential.Record {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	return slices.Clone(r.calls)

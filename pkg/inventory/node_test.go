@@ -12,8 +12,8 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	v1alpha1 "github.com/ephemeral-secrets/csi-driver/pkg/apis/ephemeralsecrets/v1alpha1"
+	"github.com/ephemeral-secrets/csi-driver/pkg/credential"
 	"github.com/ephemeral-secrets/csi-driver/pkg/inventory"
-	"github.com/ephemeral-secrets/csi-driver/pkg/issuer"
 	"github.com/ephemeral-secrets/csi-driver/test/harness"
 )
 
@@ -109,7 +109,7 @@ func TestNodeRecorderAndWatcher(t *testing.T) {
 		revoked <- leaseID
 	}
 	watchNode(t, nodeA, w)
-	for _, e := range []issuer.Entry{theirs, mine} {
+	for _, e := range []credential.Record{theirs, mine} {
 		if err := adminInv.Delete(ctx, ns, inventory.Name(e.LeaseID), metav1.DeleteOptions{}); err != nil {
 			t.Fatal(err)
 		}
@@ -151,7 +151,7 @@ func TestNodeRecorderAndWatcher(t *testing.T) {
 }
 
 // TestNodeRecorderRefusesADeletedRecord: a renewal of a credential whose
-// record is being deleted says ErrGone, so the node revokes it.
+// record is being deleted says credential.ErrRecordGone, so the node revokes it.
 func TestNodeRecorderRefusesADeletedRecord(t *testing.T) {
 	ns := namespace(t)
 	ctx := context.Background()
@@ -164,8 +164,8 @@ func TestNodeRecorderRefusesADeletedRecord(t *testing.T) {
 	if err := adminInv.Delete(ctx, ns, inventory.Name(e.LeaseID), metav1.DeleteOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	if err := nodeRec.Issued(ctx, e); !errors.Is(err, inventory.ErrGone) {
-		t.Errorf("Issued on a record being deleted: %v, want ErrGone", err)
+	if err := nodeRec.Issued(ctx, e); !errors.Is(err, credential.ErrRecordGone) {
+		t.Errorf("Issued on a record being deleted: %v, want credential.ErrRecordGone", err)
 	}
 	if err := nodeRec.Revoked(ctx, e); err != nil {
 		t.Fatal(err)
@@ -216,7 +216,7 @@ func TestNodeRecordOfADeadNodeGoesAtExpiry(t *testing.T) {
 	expired := entryFor(pod, "node-a", ns+"-app-expired01")
 	expired.ExpiresAt = time.Now().Add(-time.Minute).Truncate(time.Second)
 	live := entryFor(pod, "node-a", ns+"-app-notexpired")
-	for _, e := range []issuer.Entry{expired, live} {
+	for _, e := range []credential.Record{expired, live} {
 		if err := nodeRec.Issued(ctx, e); err != nil {
 			t.Fatal(err)
 		}

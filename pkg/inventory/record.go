@@ -6,8 +6,8 @@ import (
 	"k8s.io/client-go/tools/cache"
 
 	v1alpha1 "github.com/ephemeral-secrets/csi-driver/pkg/apis/ephemeralsecrets/v1alpha1"
+	"github.com/ephemeral-secrets/csi-driver/pkg/credential"
 	"github.com/ephemeral-secrets/csi-driver/pkg/inventory/record"
-	"github.com/ephemeral-secrets/csi-driver/pkg/issuer"
 )
 
 // The records themselves (their client, their writes, the node plugin's
@@ -28,9 +28,6 @@ type (
 )
 
 var (
-	// ErrGone means a credential's record was deleted, or is being
-	// deleted.
-	ErrGone = record.ErrGone
 	// NewClient returns a Client of the API server cfg names.
 	NewClient = record.NewClient
 	// NewInformer is a shared informer of the Credentials a selector
@@ -47,7 +44,7 @@ var (
 	// leaseIndex indexes a cache of Credentials by spec.leaseID.
 	leaseIndex = record.LeaseIndex
 	podOwner   = record.PodOwner
-	entry      = record.EntryOf
+	entry      = record.RecordOf
 	issued     = record.Issued
 )
 
@@ -63,11 +60,11 @@ func (s store) record() record.Store {
 	return record.Store{Client: s.client, Finalizer: s.finalizer, Cache: s.cache}
 }
 
-func (s store) create(ctx context.Context, e issuer.Entry) (*v1alpha1.Credential, error) {
+func (s store) create(ctx context.Context, e credential.Record) (*v1alpha1.Credential, error) {
 	return s.record().Create(ctx, e)
 }
 
-func (s store) setStatus(ctx context.Context, e issuer.Entry, change func(*v1alpha1.CredentialStatus)) error {
+func (s store) setStatus(ctx context.Context, e credential.Record, change func(*v1alpha1.CredentialStatus)) error {
 	return s.record().SetStatus(ctx, e, change)
 }
 

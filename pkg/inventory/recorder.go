@@ -14,21 +14,17 @@ import (
 	"k8s.io/client-go/util/retry"
 
 	v1alpha1 "github.com/ephemeral-secrets/csi-driver/pkg/apis/ephemeralsecrets/v1alpha1"
-	"github.com/ephemeral-secrets/csi-driver/pkg/issuer"
+	"github.com/ephemeral-secrets/csi-driver/pkg/credential"
 )
 
-// Recorder is the issuer's Inventory: it records each credential of the
+// Recorder is the issuer's Inventory (and its Withdrawals; pkg/cli,
+// which wires the two, checks both): it records each credential of the
 // engines the issuer hosts as a Credential that the issuer's finalizer
 // (FinalizerRevoke) holds until the credential is dropped.
 type Recorder struct {
 	store
 	informer cache.SharedIndexInformer
 }
-
-var (
-	_ issuer.Inventory   = (*Recorder)(nil)
-	_ issuer.Withdrawals = (*Recorder)(nil)
-)
 
 // NewRecorder records through c. informer (NewInformer, all records; it
 // may be nil) answers Tracked and finds records by lease ID once it has
@@ -38,7 +34,7 @@ func NewRecorder(c *Client, informer cache.SharedIndexInformer) *Recorder {
 }
 
 // Issuing creates e's record, in state Issuing, before its role exists.
-func (r *Recorder) Issuing(ctx context.Context, e issuer.Entry) error {
+func (r *Recorder) Issuing(ctx context.Context, e credential.Record) error {
 	c, err := r.create(ctx, e)
 	if err != nil {
 		return err
@@ -67,9 +63,9 @@ func (r *Recorder) Issuing(ctx context.Context, e issuer.Entry) error {
 }
 
 // Issued records that e's role exists until e.ExpiresAt. It returns
-// ErrGone when the record was deleted (the kill switch, the pod's
+// credential.ErrRecordGone when the record was deleted (the kill switch, the pod's
 // deletion): the issuer must then not extend the role.
-func (r *Recorder) Issued(ctx context.Context, e issuer.Entry) error {
+func (r *Recorder) Issued(ctx context.Context, e credential.Record) error {
 	return r.setStatus(ctx, e, issued(e))
 }
 

@@ -16,6 +16,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	v1alpha1 "github.com/ephemeral-secrets/csi-driver/pkg/apis/ephemeralsecrets/v1alpha1"
+	"github.com/ephemeral-secrets/csi-driver/pkg/credential"
 	"github.com/ephemeral-secrets/csi-driver/pkg/inventory"
 	"github.com/ephemeral-secrets/csi-driver/pkg/issuer"
 	pgengine "github.com/ephemeral-secrets/csi-driver/pkg/issuer/postgres"
@@ -89,7 +90,7 @@ func startRealIssuer(t *testing.T, ns, node string) *postgres.Provider {
 		t.Fatal(err)
 	}
 	t.Cleanup(iss.Close)
-	rv.setThen(func(ctx context.Context, e issuer.Entry) error {
+	rv.setThen(func(ctx context.Context, e credential.Record) error {
 		conn, _, _ := strings.Cut(e.Role, "/")
 		return iss.Drop(ctx, issuer.Caller{}, postgres.DropRequest{LeaseID: e.LeaseID, Name: e.Name,
 			Params: map[string]string{postgres.ConnectionParam: conn}})

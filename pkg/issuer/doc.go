@@ -20,7 +20,8 @@
 // the statements with the decisions it is given.
 //
 // It may import pkg/issuer/postgres (the engine), pkg/provider and
-// pkg/provider/postgres (the node's requests and grants), pkg/audit and
+// pkg/provider/postgres (the node's requests and grants), pkg/credential
+// (the record of a credential, its Inventory's currency), pkg/audit and
 // client-go; never pkg/issuer/remote (its transport imports it) nor
 // anything of the node plugin (pkg/lease, pkg/driver, pkg/storage).
 package issuer
@@ -29,7 +30,7 @@ import (
 	"context"
 	"errors"
 
-	"github.com/ephemeral-secrets/csi-driver/pkg/inventory/record"
+	"github.com/ephemeral-secrets/csi-driver/pkg/credential"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
 )
 
@@ -49,21 +50,17 @@ type Caller struct {
 // took the pod's identity from kubelet.
 type PodCheck func(ctx context.Context, c Caller, pod provider.Pod, class, volumeID string) error
 
-// Entry is the non-secret record of one credential (record.Entry: the
-// node plugin records its own credentials with it, without the issuer).
-type Entry = record.Entry
-
 // Inventory is where credentials are recorded outside the node (the
 // cluster's Credential objects). Nil: no record but the database's own.
 type Inventory interface {
 	// Issuing records e before its role is created: a crash after it
 	// leaves a record the reaper finds.
-	Issuing(ctx context.Context, e Entry) error
+	Issuing(ctx context.Context, e credential.Record) error
 	// Issued records that e's role exists until e.ExpiresAt (after a mint
-	// or an extension). It returns an error wrapping ErrRecordGone when
+	// or an extension). It returns an error wrapping credential.ErrRecordGone when
 	// e's record was deleted meanwhile (the kill switch, the pod's
 	// deletion): a role just minted is then dropped and refused.
-	Issued(ctx context.Context, e Entry) error
+	Issued(ctx context.Context, e credential.Record) error
 	// Dropped records that e's role is gone (its record may then go).
 	Dropped(ctx context.Context, leaseID string) error
 	// Tracked lists the lease IDs that have a record. A role the issuer
@@ -87,7 +84,3 @@ type Withdrawals interface {
 // provider.ErrPermissionDenied) for a volume whose credential was
 // withdrawn.
 var ErrWithdrawn = errors.New("the credential of this volume was withdrawn by deleting its Credential record")
-
-// ErrRecordGone is what an Inventory's Issued wraps when the credential's
-// record was deleted, or is being deleted (record.ErrRecordGone).
-var ErrRecordGone = record.ErrRecordGone

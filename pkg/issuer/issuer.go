@@ -9,6 +9,7 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/ephemeral-secrets/csi-driver/pkg/audit"
+	"github.com/ephemeral-secrets/csi-driver/pkg/credential"
 	pgengine "github.com/ephemeral-secrets/csi-driver/pkg/issuer/postgres"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider/postgres"
@@ -96,7 +97,7 @@ func (i *Issuer) Mint(ctx context.Context, c Caller, r postgres.MintRequest) (po
 			return postgres.Grant{}, err
 		}
 	}
-	e := Entry{
+	e := credential.Record{
 		LeaseID: r.LeaseID, VolumeID: r.VolumeID, Pod: r.Pod, Node: c.Node, Class: r.Class, Provider: postgres.Name,
 		Role: r.Params[postgres.ConnectionParam] + "/" + r.Params[postgres.RoleParam], Name: postgres.RoleName(r.LeaseID),
 	}
@@ -135,7 +136,7 @@ func (i *Issuer) Mint(ctx context.Context, c Caller, r postgres.MintRequest) (po
 		// deleted meanwhile was killed (its revocation may have come
 		// before the role): the role goes now, not at the reaper's pass.
 		err := inv.Issued(ctx, e)
-		if errors.Is(err, ErrRecordGone) {
+		if errors.Is(err, credential.ErrRecordGone) {
 			if _, derr := i.admin.Drop(ctx, t.connName, g.Name, r.LeaseID, nil); derr != nil {
 				klog.ErrorS(derr, "Dropping a role whose record was deleted as it was minted; the reaper drops it", "lease", r.LeaseID)
 			}
@@ -212,7 +213,7 @@ func (i *Issuer) Extend(ctx context.Context, c Caller, r postgres.ExtendRequest)
 	}
 	g := grant(t, name, cur.Tag.Created, cur.ValidUntil)
 	if inv := i.opts.Inventory; inv != nil {
-		e := Entry{
+		e := credential.Record{
 			LeaseID: r.LeaseID, VolumeID: r.VolumeID, Pod: tr.Tag.Pod, Node: c.Node, Class: tr.Tag.Class,
 			Provider: postgres.Name, Role: g.Role, Name: g.Name, IssuedAt: g.IssuedAt, ExpiresAt: g.ExpiresAt,
 		}

@@ -12,6 +12,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
+	"github.com/ephemeral-secrets/csi-driver/pkg/credential"
 	pgengine "github.com/ephemeral-secrets/csi-driver/pkg/issuer/postgres"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider/postgres"
@@ -118,22 +119,22 @@ func exists(t *testing.T, name string) bool {
 // inventory is an Inventory in memory.
 type inventory struct {
 	mu      sync.Mutex
-	entries map[string]Entry
+	entries map[string]credential.Record
 	states  map[string]string
 }
 
 func newInventory() *inventory {
-	return &inventory{entries: map[string]Entry{}, states: map[string]string{}}
+	return &inventory{entries: map[string]credential.Record{}, states: map[string]string{}}
 }
 
-func (v *inventory) Issuing(_ context.Context, e Entry) error {
+func (v *inventory) Issuing(_ context.Context, e credential.Record) error {
 	v.mu.Lock()
 	defer v.mu.Unlock()
 	v.entries[e.LeaseID], v.states[e.LeaseID] = e, "issuing"
 	return nil
 }
 
-func (v *inventory) Issued(_ context.Context, e Entry) error {
+func (v *inventory) Issued(_ context.Context, e credential.Record) error {
 	v.mu.Lock()
 	defer v.mu.Unlock()
 	v.entries[e.LeaseID], v.states[e.LeaseID] = e, "issued"
@@ -158,7 +159,7 @@ func (v *inventory) Tracked(context.Context) (map[string]bool, error) {
 	return out, nil
 }
 
-func (v *inventory) get(id string) (Entry, string) {
+func (v *inventory) get(id string) (credential.Record, string) {
 	v.mu.Lock()
 	defer v.mu.Unlock()
 	return v.entries[id], v.states[id]
@@ -223,7 +224,7 @@ func TestMintExtendDropThroughTheIssuer(t *testing.T) {
 		t.Fatalf("second drop: %v", err)
 	}
 
-	// A kill switch knows the record only: Params from Entry.Role.
+	// A kill switch knows the record only: Params from the record's Role.
 	l2, err := issue(ctx, node, "team-a-mint0002", appPod("a"))
 	if err != nil {
 		t.Fatal(err)
@@ -493,8 +494,8 @@ func TestMintRefusesAWithdrawnVolume(t *testing.T) {
 // they are minted (the kill switch between Issuing and Issued).
 type killedAsIssued struct{ *inventory }
 
-func (k killedAsIssued) Issued(_ context.Context, e Entry) error {
-	return fmt.Errorf("inventory: lease %s: %w", e.LeaseID, ErrRecordGone)
+func (k killedAsIssued) Issued(_ context.Context, e credential.Record) error {
+	return fmt.Errorf("inventory: lease %s: %w", e.LeaseID, credential.ErrRecordGone)
 }
 
 // TestMintOfARecordKilledMeanwhileIsDropped: a record deleted while its

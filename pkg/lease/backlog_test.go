@@ -27,11 +27,13 @@ func (s *listCounter) ListRevocations() ([]revocation.Entry, error) {
 // unpublishes during an outage cost O(N^2) decodes), and a backlog left
 // by an outage drains once the backend answers.
 func TestQueueReadOnceThroughAnOutage(t *testing.T) {
-	needPostgres(t)
+	inTiers(t, time.Hour, testQueueReadOnceThroughAnOutage)
+}
+
+func testQueueReadOnceThroughAnOutage(t *testing.T, n *node) {
 	ctx := context.Background()
-	n := newNode(t, time.Hour)
 	store := &listCounter{Store: n.store}
-	down := &outage{Provider: n.pg}
+	down := &outage{Provider: n.prov}
 	m := n.manager(store, down, Options{})
 	defer m.Close()
 	if err := m.Recover(ctx); err != nil {

@@ -20,7 +20,7 @@ func TestConcurrentPublishesGrantingOnOneTableAllSucceed(t *testing.T) {
 	n := newNode(t, time.Hour,
 		`CREATE ROLE "{{.Name}}" LOGIN PASSWORD '{{.Password}}' VALID UNTIL '{{.Expiration}}'`,
 		`GRANT SELECT ON public.shared_items TO "{{.Name}}"`)
-	m := n.manager(n.store, n.pg, Options{BackendTimeout: 30 * time.Second})
+	m := n.manager(n.store, n.prov, Options{BackendTimeout: 30 * time.Second})
 	defer m.Close()
 	if err := m.Recover(ctx); err != nil {
 		t.Fatal(err)
@@ -47,7 +47,7 @@ func TestConcurrentPublishesGrantingOnOneTableAllSucceed(t *testing.T) {
 		t.Fatalf("%d of %d concurrent publishes failed", failed, pods)
 	}
 	for _, v := range vols {
-		if err := login(ctx, v.TargetPath); err != nil {
+		if err := n.login(ctx, v.TargetPath); err != nil {
 			t.Errorf("%s: %v", v.ID, err)
 		}
 		unpublish(t, m, v)

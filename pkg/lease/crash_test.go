@@ -4,8 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
 	"maps"
-	"os"
 	"path/filepath"
 	"slices"
 	"sync"
@@ -13,7 +13,6 @@ import (
 	"time"
 
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
-	"github.com/ephemeral-secrets/csi-driver/pkg/provider/postgres"
 	"github.com/ephemeral-secrets/csi-driver/pkg/spc"
 	"github.com/ephemeral-secrets/csi-driver/test/crashstore"
 	"github.com/ephemeral-secrets/csi-driver/test/faults"
@@ -108,12 +107,9 @@ var crashScenarios = []crashScenario{
 		setup: func(t *testing.T, c *crashRun) {
 			publish(t, c.m, c.vol)
 			// Half the TTL has gone by, as far as the backend's renewal is concerned.
-			c.m.mu.Lock()
-			v := c.m.vols[c.vol.ID]
-			v.lease.ExpiresAt = v.lease.ExpiresAt.Add(-c.ttl / 2)
-			c.m.mu.Unlock()
+			c.m.ageBy(c.vol.ID, c.ttl/2)
 		},
-		op:    func(t *testing.T, c *crashRun) { c.m.renew(c.vol.ID) },
+		op:    func(t *testing.T, c *crashRun) { c.m.renewNow(c.vol.ID) },
 		retry: func(t *testing.T, c *crashRun, m *Manager) { publish(t, m, c.vol) },
 	},
 	{
@@ -122,7 +118,7 @@ var crashScenarios = []crashScenario{
 		name:    "rotate",
 		running: true,
 		setup:   func(t *testing.T, c *crashRun) { publish(t, c.m, c.vol) },
-		op:      func(t *testing.T, c *crashRun) { c.m.renew(c.vol.ID) },
+		op:      func(t *testing.T, c *crashRun) { c.m.renewNow(c.vol.ID) },
 		retry:   func(t *testing.T, c *crashRun, m *Manager) { publish(t, m, c.vol) },
 	},
 	{
@@ -132,11 +128,9 @@ var crashScenarios = []crashScenario{
 		running: true,
 		setup: func(t *testing.T, c *crashRun) {
 			publish(t, c.m, c.vol)
-			c.m.mu.Lock()
-			c.m.vols[c.vol.ID].lease.ExpiresAt = time.Now().Add(-time.Second)
-			c.m.mu.Unlock()
+			c.m.expireIn(c.vol.ID, -time.Second)
 		},
-		op:    func(t *testing.T, c *crashRun) { c.m.renew(c.vol.ID) },
+		op:    func(t *testing.T, c *crashRun) { c.m.renewNow(c.vol.ID) },
 		retry: func(t *testing.T, c *crashRun, m *Manager) { publish(t, m, c.vol) },
 	},
 	{
@@ -208,7 +202,7 @@ var crashScenarios = []crashScenario{
 				t.Errorf("task revoke after the restart: %v", err)
 			}
 			m.drain(context.Background())
-			if _, err := os.Stat(filepath.Join(c.vol.TargetPath, "tasks", "t1")); !errors.Is(err, os.ErrNotExist) {
+			if _, err := c.files.readDir(filepath.Join(c.vol.TargetPath, "tasks", "t1")); !errors.Is(err, fs.ErrNotExist) {
 				t.Errorf("the revoked task's files are still there (%v)", err)
 			}
 		},
@@ -225,7 +219,7 @@ func checkTask(t *testing.T, c *crashRun, m *Manager, task string) {
 	if len(info.Tasks) != 1 || info.Tasks[0].Task != task {
 		t.Fatalf("tasks after the retry: %+v", info.Tasks)
 	}
-	if err := login(context.Background(), filepath.Join(c.vol.TargetPath, "tasks", task)); err != nil {
+	if err := c.login(context.Background(), filepath.Join(c.vol.TargetPath, "tasks", task)); err != nil {
 		t.Errorf("task %s's credential: %v", task, err)
 	}
 }
@@ -253,33 +247,42 @@ func init() {
 // alive without a record that revokes it, that a running pod keeps its
 // mount and a valid credential, that nothing a pod uses is revoked, and
 // that every lease record is revoked with all it holds.
+//
+// It runs in both tiers: the unprivileged one enumerates every point in
+// memory against the fake backend, the privileged one against real tmpfs
+// and PostgreSQL. Each prints how many points it went through (the guard
+// in test/unprivileged checks the unprivileged tier's).
 func TestCrashAtEveryWrite(t *testing.T) {
-	needPostgres(t)
 	const ttl = time.Hour
-	total := 0
-	for _, sc := range crashScenarios {
-		for k := 1; ; k++ {
-			done := false
-			t.Run(fmt.Sprintf("%s/after-write-%d", sc.name, k), func(t *testing.T) {
-				done = crashAt(t, sc, k, ttl)
-			})
-			if done || k > 40 {
-				total += k - 1
-				t.Logf("%s: %d writes", sc.name, k-1)
-				break
+	for _, tr := range tiers {
+		t.Run(tr.name, func(t *testing.T) {
+			tr.newNode(t, ttl) // skips a tier that cannot run here
+			total := 0
+			for _, sc := range crashScenarios {
+				for k := 1; ; k++ {
+					done := false
+					t.Run(fmt.Sprintf("%s/after-write-%d", sc.name, k), func(t *testing.T) {
+						done = crashAt(t, sc, k, ttl, tr.newNode)
+					})
+					if done || k > 40 {
+						total += k - 1
+						t.Logf("%s: %d writes", sc.name, k-1)
+						break
+					}
+				}
 			}
-		}
+			fmt.Printf("crash points enumerated (%s): %d\n", tr.name, total)
+		})
 	}
-	fmt.Printf("crash points enumerated: %d\n", total)
 }
 
 // crashAt runs sc with a crash after write k and checks recovery. It
 // reports whether the operation finished in fewer than k writes (no crash).
-func crashAt(t *testing.T, sc crashScenario, k int, ttl time.Duration) bool {
+func crashAt(t *testing.T, sc crashScenario, k int, ttl time.Duration, newNode func(testing.TB, time.Duration, ...string) *node) bool {
 	ctx := context.Background()
 	n := newNode(t, ttl)
-	cs := crashstore.New(n.fs)
-	fp := &faults.Provider{Provider: n.pg}
+	cs := crashstore.New(n.raw)
+	fp := &faults.Provider{Provider: n.prov}
 	c := &crashRun{node: n, cs: cs, m: n.manager(NewStore(cs), fp, Options{}), vol: n.volume(fmt.Sprintf("p%d", k)), ttl: ttl,
 		withdrawn: sc.withdrawn}
 	if sc.tasks {
@@ -311,7 +314,7 @@ func crashAt(t *testing.T, sc crashScenario, k int, ttl time.Duration) bool {
 	for _, l := range ls {
 		records[l.ID] = l
 	}
-	rec := &revokeRecorder{Provider: n.pg}
+	rec := &revokeRecorder{Provider: n.prov}
 	m := n.manager(n.store, rec, Options{})
 	defer m.Close()
 	if err := m.Recover(ctx); err != nil {
@@ -323,9 +326,9 @@ func crashAt(t *testing.T, sc crashScenario, k int, ttl time.Duration) bool {
 		t.Errorf("%d revocations still queued with the backend up", len(q))
 	}
 	c.checkRecovered(t, m, sc.running, "after the queue drained")
-	live := m.current()
+	live := c.held(m)
 	for id, l := range records {
-		if live[postgres.RoleName(id)] {
+		if live[n.credential(id)] {
 			continue
 		}
 		got, ok := rec.revoked[id]
@@ -340,7 +343,7 @@ func crashAt(t *testing.T, sc crashScenario, k int, ttl time.Duration) bool {
 	// Kubelet retries what never returned; then the pod goes away.
 	sc.retry(t, c, m)
 	c.checkRecovered(t, m, false, "after kubelet's retry")
-	if m.has(c.vol.ID) {
+	if m.Published(c.vol.ID) {
 		unpublish(t, m, c.vol)
 	}
 	m.drain(ctx)
@@ -356,19 +359,17 @@ func crashAt(t *testing.T, sc crashScenario, k int, ttl time.Duration) bool {
 	return false
 }
 
-// current is the role name of every lease the manager holds for a volume.
-func (m *Manager) current() map[string]bool {
-	m.mu.Lock()
-	defer m.mu.Unlock()
+// held names the credential of every lease manager m holds for the
+// run's volume: its own and its tasks' (none once withdrawn).
+func (c *crashRun) held(m *Manager) map[string]bool {
 	out := map[string]bool{}
-	for _, v := range m.vols {
-		if v.meta.State == StateWithdrawn {
-			continue
-		}
-		out[postgres.RoleName(v.lease.ID)] = true
-		for _, l := range v.tasks {
-			out[postgres.RoleName(l.ID)] = true
-		}
+	info, err := m.Info(c.vol.ID)
+	if err != nil || info.State == string(StateWithdrawn) {
+		return out
+	}
+	out[c.credential(info.LeaseID)] = true
+	for _, task := range info.Tasks {
+		out[c.credential(task.LeaseID)] = true
 	}
 	return out
 }
@@ -377,14 +378,14 @@ func (m *Manager) current() map[string]bool {
 func (c *crashRun) checkRecovered(t *testing.T, m *Manager, running bool, when string) {
 	t.Helper()
 	ctx := context.Background()
-	live := m.current()
+	live := c.held(m)
 	queued := map[string]bool{}
 	q, err := c.store.ListRevocations()
 	if err != nil {
 		t.Fatal(err)
 	}
 	for _, r := range q {
-		queued[postgres.RoleName(r.Lease.ID)] = true
+		queued[c.credential(r.Lease.ID)] = true
 	}
 	for role := range c.alive(ctx) {
 		if !live[role] && !queued[role] {
@@ -392,33 +393,30 @@ func (c *crashRun) checkRecovered(t *testing.T, m *Manager, running bool, when s
 		}
 	}
 	if running {
-		if !m.has(c.vol.ID) {
+		if !m.Published(c.vol.ID) {
 			t.Errorf("%s: the running pod's volume was dropped", when)
 		}
 		if !c.store.IsMounted(c.vol.TargetPath) {
 			t.Errorf("%s: the running pod's target was unmounted", when)
-		} else if err := login(ctx, c.vol.TargetPath); err != nil {
+		} else if err := c.login(ctx, c.vol.TargetPath); err != nil {
 			t.Errorf("%s: the running pod's credential does not work: %v", when, err)
 		}
 	}
-	if c.withdrawn && m.has(c.vol.ID) {
+	if c.withdrawn && m.Published(c.vol.ID) {
 		// Every write of a withdrawal comes after the one that records it.
-		m.mu.Lock()
-		state := m.vols[c.vol.ID].meta.State
-		m.mu.Unlock()
-		if state != StateWithdrawn {
-			t.Errorf("%s: the withdrawn volume is %s", when, state)
+		if info, err := m.Info(c.vol.ID); err != nil || info.State != string(StateWithdrawn) {
+			t.Errorf("%s: the withdrawn volume is %s (%v)", when, info.State, err)
 		}
 		if !c.store.IsMounted(c.vol.TargetPath) {
 			t.Errorf("%s: the withdrawn volume's target was unmounted", when)
-		} else if entries, err := os.ReadDir(c.vol.TargetPath); err != nil || len(entries) > 0 {
+		} else if entries, err := c.files.readDir(c.vol.TargetPath); err != nil || len(entries) > 0 {
 			t.Errorf("%s: the withdrawn volume shows %d entries (%v)", when, len(entries), err)
 		}
 		return
 	}
 	// Whatever is mounted for a live volume holds a working credential.
-	if m.has(c.vol.ID) && c.store.IsMounted(c.vol.TargetPath) {
-		if err := login(ctx, c.vol.TargetPath); err != nil {
+	if m.Published(c.vol.ID) && c.store.IsMounted(c.vol.TargetPath) {
+		if err := c.login(ctx, c.vol.TargetPath); err != nil {
 			t.Errorf("%s: a mounted volume's credential does not work: %v", when, err)
 		}
 	}

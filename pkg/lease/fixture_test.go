@@ -3,6 +3,8 @@ package lease
 import (
 	"context"
 	"fmt"
+	"io/fs"
+	"maps"
 	"os"
 	"path/filepath"
 	"strings"
@@ -12,6 +14,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"golang.org/x/sys/unix"
+	clocktesting "k8s.io/utils/clock/testing"
 
 	"github.com/ephemeral-secrets/csi-driver/pkg/issuer"
 	pgengine "github.com/ephemeral-secrets/csi-driver/pkg/issuer/postgres"
@@ -20,6 +23,8 @@ import (
 	"github.com/ephemeral-secrets/csi-driver/pkg/render"
 	"github.com/ephemeral-secrets/csi-driver/pkg/spc"
 	"github.com/ephemeral-secrets/csi-driver/pkg/storage"
+	"github.com/ephemeral-secrets/csi-driver/pkg/storage/memory"
+	"github.com/ephemeral-secrets/csi-driver/test/fakeprovider"
 	"github.com/ephemeral-secrets/csi-driver/test/pgtest"
 )
 
@@ -61,20 +66,134 @@ func (c classMap) Resolve(_ context.Context, ns, name string) (*spc.Class, error
 	return nil, fmt.Errorf("%w: %s/%s", spc.ErrClassNotFound, ns, name)
 }
 
-// node is one test node: a real tmpfs store, the real postgres provider
-// against the shared server, and kubelet's pod directories.
+// node is one test node of a tier: its volume store, its backend and
+// kubelet's pod directories.
+//
+// The unprivileged tier ("memory", newMemoryNode) keeps the store in
+// memory (pkg/storage/memory) and the backend in a ledger
+// (test/fakeprovider), on a fake clock: it runs as any user, without
+// PostgreSQL, and never sleeps. The privileged tier ("tmpfs", newNode)
+// runs the real tmpfs store and the real PostgreSQL provider against the
+// shared server: it needs root and skips otherwise.
 type node struct {
 	t       testing.TB
+	tier    string
 	root    string
-	fs      *storage.Filesystem // the raw store
-	store   Store               // fs, as the manager reads it
-	pg      *postgres.Provider
+	raw     RawStore // the raw store
+	store   Store    // raw, as the manager reads it
+	prov    provider.Provider
 	classes classMap
-	prefix  string // role-name prefix of this test's pods
+	// clk is the node's fake clock: every manager of the unprivileged
+	// tier runs on it; a test of either tier may give it to its manager
+	// (Options.Clock) and step it.
+	clk     *clocktesting.FakeClock
+	backend backend
+	files   files
+}
+
+// backend is what the tests ask of the backend behind a node's provider.
+type backend interface {
+	// credential names the credential of a lease as alive lists it (a
+	// PostgreSQL role, a ledger's username).
+	credential(leaseID string) string
+	// alive lists the credentials of this node's pods that exist.
+	alive(ctx context.Context) (map[string]bool, error)
+	// login reports whether a username and password log in now.
+	login(ctx context.Context, user, password string) error
+}
+
+// files reads what a pod sees under a target path.
+type files interface {
+	readFile(path string) ([]byte, error)
+	readDir(dir string) ([]string, error)
 }
 
 const testNS = "crash"
 
+// tier is one way of running a node.
+type tier struct {
+	name    string
+	newNode func(t testing.TB, ttl time.Duration, creation ...string) *node
+}
+
+// tiers are the unprivileged tier, then the privileged one.
+var tiers = []tier{{"memory", newMemoryNode}, {"tmpfs", newNode}}
+
+// inTiers runs test as a subtest of each tier, on a node of its own.
+func inTiers(t *testing.T, ttl time.Duration, test func(t *testing.T, n *node)) {
+	for _, tr := range tiers {
+		t.Run(tr.name, func(t *testing.T) { test(t, tr.newNode(t, ttl)) })
+	}
+}
+
+// classes are the node's classes of provider prov: "db", and "db-tasks"
+// with the lease socket.
+func classes(prov string, params map[string]string) classMap {
+	withSocket := maps.Clone(params)
+	withSocket[render.LeaseAPIParam] = "true"
+	return classMap{
+		testNS + "/db":       {Namespace: testNS, Name: "db", Provider: prov, Parameters: params},
+		testNS + "/db-tasks": {Namespace: testNS, Name: "db-tasks", Provider: prov, Parameters: withSocket},
+	}
+}
+
+// newMemoryNode is a node of the unprivileged tier: leases last ttl,
+// renewable up to 4 ttl, as newNode's.
+func newMemoryNode(t testing.TB, ttl time.Duration, _ ...string) *node {
+	t.Helper()
+	clk := clocktesting.NewFakeClock(time.Now())
+	mem := memory.New(storage.Options{})
+	fp := fakeprovider.New(clk, ttl, 4*ttl)
+	return &node{
+		t: t, tier: "memory", root: t.TempDir(), raw: mem, store: NewStore(mem), prov: fp,
+		classes: classes(fakeName, map[string]string{}), clk: clk,
+		backend: ledger{fp}, files: memoryFiles{mem},
+	}
+}
+
+// fakeName is the provider name of the unprivileged tier's backend.
+const fakeName = "fake"
+
+// ledger is the fake backend as the tests ask it.
+type ledger struct{ *fakeprovider.Provider }
+
+func (l ledger) credential(leaseID string) string               { return fakeprovider.Name(leaseID) }
+func (l ledger) alive(context.Context) (map[string]bool, error) { return l.Alive(), nil }
+func (l ledger) login(_ context.Context, u, p string) error     { return l.Login(u, p) }
+
+// memoryFiles reads a path under a target mounted in the memory store.
+type memoryFiles struct{ s *memory.Store }
+
+// split finds the mounted target path is under.
+func (f memoryFiles) split(p string) (target, rel string, err error) {
+	for dir := p; dir != "/" && dir != "."; dir = filepath.Dir(dir) {
+		if f.s.IsMounted(dir) {
+			rel, _ := filepath.Rel(dir, p)
+			return dir, rel, nil
+		}
+	}
+	return "", "", &fs.PathError{Op: "open", Path: p, Err: fs.ErrNotExist}
+}
+
+func (f memoryFiles) readFile(p string) ([]byte, error) {
+	target, rel, err := f.split(p)
+	if err != nil {
+		return nil, err
+	}
+	return f.s.ReadFile(target, rel)
+}
+
+func (f memoryFiles) readDir(p string) ([]string, error) {
+	target, rel, err := f.split(p)
+	if err != nil {
+		return nil, err
+	}
+	return f.s.ReadDir(target, rel)
+}
+
+// newNode is a node of the privileged tier: a real tmpfs store, the real
+// postgres provider against the shared server (whose roles last ttl, up
+// to 4 ttl), and kubelet's pod directories.
 func newNode(t testing.TB, ttl time.Duration, creation ...string) *node {
 	t.Helper()
 	srv := needPostgres(t)
@@ -97,16 +216,12 @@ func newNode(t testing.TB, ttl time.Duration, creation ...string) *node {
 	if err != nil {
 		t.Fatal(err)
 	}
-	p := postgres.NewNode(iss.Local())
+	prefix := "esc_" + testNS + "_"
 	n := &node{
-		t: t, root: root, fs: store, store: NewStore(store), pg: p,
-		classes: classMap{
-			testNS + "/db": {Namespace: testNS, Name: "db", Provider: postgres.Name,
-				Parameters: map[string]string{postgres.ConnectionParam: "main", postgres.RoleParam: "app"}},
-			testNS + "/db-tasks": {Namespace: testNS, Name: "db-tasks", Provider: postgres.Name,
-				Parameters: map[string]string{postgres.ConnectionParam: "main", postgres.RoleParam: "app", render.LeaseAPIParam: "true"}},
-		},
-		prefix: "esc_" + testNS + "_",
+		t: t, tier: "tmpfs", root: root, raw: store, store: NewStore(store), prov: postgres.NewNode(iss.Local()),
+		classes: classes(postgres.Name, map[string]string{postgres.ConnectionParam: "main", postgres.RoleParam: "app"}),
+		clk:     clocktesting.NewFakeClock(time.Now()),
+		backend: roles{srv: srv, prefix: prefix}, files: osFiles{},
 	}
 	t.Cleanup(func() {
 		iss.Close()
@@ -116,9 +231,62 @@ func newNode(t testing.TB, ttl time.Duration, creation ...string) *node {
 			_ = unix.Unmount(filepath.Join(store.Root(), "volumes", e.Name(), "fs"), unix.MNT_DETACH)
 		}
 		_ = unix.Unmount(store.Root(), unix.MNT_DETACH)
-		dropRoles(srv, n.prefix)
+		dropRoles(srv, prefix)
 	})
 	return n
+}
+
+// roles is PostgreSQL as the tests ask it: the roles of this node's pods.
+type roles struct {
+	srv    *pgtest.Server
+	prefix string
+}
+
+func (roles) credential(leaseID string) string { return postgres.RoleName(leaseID) }
+
+func (r roles) alive(ctx context.Context) (map[string]bool, error) {
+	conn, err := pgx.Connect(ctx, r.srv.AdminURL())
+	if err != nil {
+		return nil, err
+	}
+	defer conn.Close(ctx)
+	rows, err := conn.Query(ctx, `SELECT rolname FROM pg_roles WHERE rolname LIKE $1`, r.prefix+"%")
+	if err != nil {
+		return nil, err
+	}
+	names, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	if err != nil {
+		return nil, err
+	}
+	out := map[string]bool{}
+	for _, name := range names {
+		out[name] = true
+	}
+	return out, nil
+}
+
+func (r roles) login(ctx context.Context, user, password string) error {
+	cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	conn, err := pgx.Connect(cctx, r.srv.URL(user, password))
+	if err != nil {
+		return fmt.Errorf("login as %s: %w", user, err)
+	}
+	return conn.Close(ctx)
+}
+
+// osFiles reads a real mount.
+type osFiles struct{}
+
+func (osFiles) readFile(p string) ([]byte, error) { return os.ReadFile(p) }
+
+func (osFiles) readDir(dir string) ([]string, error) {
+	entries, err := os.ReadDir(dir)
+	var out []string
+	for _, e := range entries {
+		out = append(out, e.Name())
+	}
+	return out, err
 }
 
 func unmountUnder(dir string) {
@@ -145,16 +313,19 @@ func dropRoles(srv *pgtest.Server, prefix string) {
 	}
 }
 
-// registry registers p as the postgres provider.
-func registry(p provider.Provider) *provider.Registry {
+// registry registers p as the provider the node's classes name.
+func (n *node) registry(p provider.Provider) *provider.Registry {
 	r := &provider.Registry{}
-	_ = r.Register(postgres.Name, p)
+	_ = r.Register(n.classes[testNS+"/db"].Provider, p)
 	return r
 }
 
 // manager starts a manager on store with the node's classes.
 func (n *node) manager(store Store, p provider.Provider, o Options) *Manager {
-	o.Store, o.Providers, o.Classes = store, registry(p), n.classes
+	o.Store, o.Providers, o.Classes = store, n.registry(p), n.classes
+	if o.Clock == nil && n.tier == "memory" {
+		o.Clock = n.clk // the ledger's clock
+	}
 	if o.Sockets == nil {
 		o.Sockets = &openSockets{}
 	}
@@ -203,50 +374,53 @@ func (n *node) volume(name string) Volume {
 	}
 }
 
-// alive lists the roles of this node's pods that exist in PostgreSQL.
+// alive lists the credentials of this node's pods that exist in the backend.
 func (n *node) alive(ctx context.Context) map[string]bool {
 	n.t.Helper()
-	conn, err := pgx.Connect(ctx, pg.AdminURL())
+	out, err := n.backend.alive(ctx)
 	if err != nil {
-		n.t.Fatal(err)
-	}
-	defer conn.Close(ctx)
-	rows, err := conn.Query(ctx, `SELECT rolname FROM pg_roles WHERE rolname LIKE $1`, n.prefix+"%")
-	if err != nil {
-		n.t.Fatal(err)
-	}
-	names, err := pgx.CollectRows(rows, pgx.RowTo[string])
-	if err != nil {
-		n.t.Fatal(err)
-	}
-	out := map[string]bool{}
-	for _, name := range names {
-		out[name] = true
+		n.t.Fatalf("listing the backend's credentials: %v", err)
 	}
 	return out
 }
 
-// login reports whether the credential in target's files logs in.
-func login(ctx context.Context, target string) error {
-	user, err := os.ReadFile(filepath.Join(target, "username"))
-	if err != nil {
-		return err
+// credential names a lease's credential as alive lists it.
+func (n *node) credential(leaseID string) string { return n.backend.credential(leaseID) }
+
+// podCredentials counts the credentials of pod name alive in the
+// backend: those of its lease IDs (newLeaseID: namespace, pod, a random
+// tail).
+func (n *node) podCredentials(name string) int {
+	prefix := n.credential(testNS + "-" + name + "-")
+	c := 0
+	for cred := range n.alive(context.Background()) {
+		if strings.HasPrefix(cred, prefix) {
+			c++
+		}
 	}
-	pass, err := os.ReadFile(filepath.Join(target, "password"))
-	if err != nil {
-		return err
-	}
-	cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-	defer cancel()
-	conn, err := pgx.Connect(cctx, pg.URL(string(user), string(pass)))
-	if err != nil {
-		return fmt.Errorf("login as %s: %w", user, err)
-	}
-	return conn.Close(ctx)
+	return c
 }
 
-// drain tries every revocation due now once, in the test's goroutine.
-func (m *Manager) drain(ctx context.Context) { m.revocations.RevokeDue(ctx) }
+// login reports whether the credential in dir's files (a target, or a
+// task's directory in it) logs in.
+func (n *node) login(ctx context.Context, dir string) error {
+	user, err := n.files.readFile(filepath.Join(dir, "username"))
+	if err != nil {
+		return err
+	}
+	pass, err := n.files.readFile(filepath.Join(dir, "password"))
+	if err != nil {
+		return err
+	}
+	return n.backend.login(ctx, string(user), string(pass))
+}
 
-// drainRecords makes every due records call once, in the test's goroutine.
-func (m *Manager) drainRecords(ctx context.Context) time.Duration { return m.records.Flush(ctx) }
+// names lists what a pod sees at the root of its volume.
+func (n *node) names(target string) []string {
+	n.t.Helper()
+	out, err := n.files.readDir(target)
+	if err != nil {
+		n.t.Fatal(err)
+	}
+	return out
+}

@@ -5,7 +5,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/ephemeral-secrets/csi-driver/pkg/provider/postgres"
 	"github.com/ephemeral-secrets/csi-driver/pkg/spc"
 )
 
@@ -15,17 +14,18 @@ import (
 // once (found in the real cluster: an uninstall within the grace left the
 // driver's state and the rotated-out role behind).
 func TestUnpublishEndsTheRotationGrace(t *testing.T) {
-	needPostgres(t)
-	n := newNode(t, time.Hour)
+	inTiers(t, time.Hour, testUnpublishEndsTheRotationGrace)
+}
+
+// testUnpublishEndsTheRotationGrace steps the node's clock through the
+// grace and works the queue in the test's goroutine (drain).
+func testUnpublishEndsTheRotationGrace(t *testing.T, n *node) {
 	ctx := context.Background()
-	m := n.manager(n.store, n.pg, Options{RotationGrace: time.Hour, RetryMin: 50 * time.Millisecond})
+	m := n.manager(n.store, n.prov, Options{Clock: n.clk, RotationGrace: time.Hour})
+	defer m.Close()
 	if err := m.Recover(ctx); err != nil {
 		t.Fatal(err)
 	}
-	rctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	go m.Run(rctx)
-	defer m.Close()
 
 	v := n.volume("gr1")
 	v.Attributes[spc.ClassKey], v.Mount.Class = "db-tasks", "db-tasks" // a class with the lease socket, to rotate now
@@ -37,12 +37,19 @@ func TestUnpublishEndsTheRotationGrace(t *testing.T) {
 	if _, err := m.RotateNow(ctx, v.ID); err != nil {
 		t.Fatal(err)
 	}
-	old := postgres.RoleName(before.LeaseID)
-	// Within the grace the old role lives.
-	time.Sleep(300 * time.Millisecond)
+	old := n.credential(before.LeaseID)
+	// Within the grace the old credential lives, though its revocation is queued.
+	n.clk.Step(30 * time.Minute)
+	m.drain(ctx)
 	if !n.alive(ctx)[old] {
-		t.Fatal("the rotated-out role was dropped within its grace while the pod ran")
+		t.Fatal("the rotated-out credential was revoked within its grace while the pod ran")
+	}
+	if m.QueueLength() != 1 {
+		t.Fatalf("%d revocations queued, want the rotated-out lease's", m.QueueLength())
 	}
 	unpublish(t, m, v)
-	eventually(t, 10*time.Second, "every role of the unpublished pod dropped", func() bool { return podRoles(n, "gr1") == 0 })
+	m.drain(ctx)
+	if c := n.podCredentials("gr1"); c != 0 {
+		t.Errorf("%d credentials of the unpublished pod alive after the queue drained", c)
+	}
 }

@@ -5,23 +5,34 @@ import (
 	"slices"
 	"time"
 
+	"github.com/ephemeral-secrets/csi-driver/pkg/credential"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
 )
 
-// Live is a lease alive on the node, as an admin sees it: nothing secret.
+// Live is a lease alive on the node, as an admin sees it (nothing
+// secret): its record, and where the volume is mounted. Its JSON is the
+// record's fields, then targetPath.
 type Live struct {
-	VolumeID  string       `json:"volumeID"`
-	Pod       provider.Pod `json:"pod"`
-	Class     string       `json:"class"`
-	Provider  string       `json:"provider"`
-	Role      string       `json:"role,omitempty"`
-	LeaseID   string       `json:"leaseID"`
-	Task      string       `json:"task,omitempty"` // a task lease of the volume's
-	State     string       `json:"state"`
-	IssuedAt  time.Time    `json:"issuedAt,omitzero"`
-	ExpiresAt time.Time    `json:"expiresAt,omitzero"`
-	RenewedAt time.Time    `json:"renewedAt,omitzero"`
-	Target    string       `json:"targetPath"`
+	credential.Record
+	Target string `json:"targetPath"`
+}
+
+// volumeCredential is the record of the volume's own lease, as its
+// metadata has it (no lease ID while none was issued).
+func volumeCredential(meta Metadata) credential.Record {
+	return credential.Record{
+		VolumeID: meta.VolumeID, Pod: meta.Pod, Class: meta.Class, Provider: meta.Provider, Role: meta.Role,
+		LeaseID: meta.LeaseID, State: string(meta.State), IssuedAt: meta.IssuedAt, ExpiresAt: meta.ExpiresAt,
+		RenewedAt: meta.RenewedAt,
+	}
+}
+
+// taskCredential is the record of the lease of the volume's task id.
+func taskCredential(meta Metadata, id string, t Task) credential.Record {
+	return credential.Record{
+		VolumeID: meta.VolumeID, Pod: meta.Pod, Class: meta.Class, Provider: meta.Provider, Role: t.Role,
+		LeaseID: t.LeaseID, Task: id, State: string(t.State), IssuedAt: t.IssuedAt, ExpiresAt: t.ExpiresAt,
+	}
 }
 
 // Pending is a revocation not yet confirmed by its backend.
@@ -59,22 +70,15 @@ func ReadInventory(s MetadataReader) (Inventory, error) {
 		if err != nil {
 			continue // removed meanwhile
 		}
-		lid := m.LeaseID
-		if lid == "" {
-			lid = m.PendingLeaseID
+		rec := volumeCredential(m)
+		if rec.LeaseID == "" {
+			rec.LeaseID = m.PendingLeaseID
 		}
-		inv.Live = append(inv.Live, Live{
-			VolumeID: m.VolumeID, Pod: m.Pod, Class: m.Class, Provider: m.Provider, Role: m.Role,
-			LeaseID: lid, State: string(m.State), IssuedAt: m.IssuedAt, ExpiresAt: m.ExpiresAt,
-			RenewedAt: m.RenewedAt, Target: m.TargetPath,
-		})
+		inv.Live = append(inv.Live, Live{Record: rec, Target: m.TargetPath})
 		for _, task := range slices.Sorted(maps.Keys(m.Tasks)) {
-			t := m.Tasks[task]
-			inv.Live = append(inv.Live, Live{
-				VolumeID: m.VolumeID, Pod: m.Pod, Class: m.Class, Provider: m.Provider, Role: t.Role,
-				LeaseID: t.LeaseID, Task: task, State: "task " + task + " (" + string(t.State) + ")",
-				IssuedAt: t.IssuedAt, ExpiresAt: t.ExpiresAt, Target: m.TargetPath,
-			})
+			rec := taskCredential(m, task, m.Tasks[task])
+			rec.State = "task " + task + " (" + rec.State + ")"
+			inv.Live = append(inv.Live, Live{Record: rec, Target: m.TargetPath})
 		}
 	}
 	q, err := s.ListRevocations()

@@ -10,8 +10,10 @@
 // Its records (Metadata, Task, State) are defined here and kept by the
 // volume store (pkg/storage) as opaque JSON, through NewStore. It imports
 // pkg/storage, pkg/lease/revocation, pkg/lease/outbox, pkg/lease/keylock,
-// pkg/provider (the contract it calls), pkg/render, pkg/spc, pkg/audit and
-// pkg/metrics; pkg/driver, pkg/leaseapi and pkg/cli import it.
+// pkg/provider (the contract it calls), pkg/credential (the record of a
+// live credential: `inventory`, the records, the audit render from it),
+// pkg/render, pkg/spc, pkg/audit and pkg/metrics; pkg/driver,
+// pkg/leaseapi and pkg/cli import it.
 package lease
 
 import (
@@ -545,11 +547,10 @@ func withExpiry(r audit.Record, t time.Time) audit.Record {
 	return r
 }
 
+// recordFor is the audit record of l, the lease of the volume meta or of
+// one of its tasks: its credential's record, rendered.
 func recordFor(meta Metadata, l provider.Lease) audit.Record {
-	return withExpiry(audit.Record{
-		VolumeID: meta.VolumeID, Pod: meta.Pod, Class: meta.Class, Provider: meta.Provider,
-		Role: l.Role, LeaseID: l.ID,
-	}, l.ExpiresAt)
+	return audit.Of(recordOf(meta, l))
 }
 
 var leaseEncoding = base32.NewEncoding("abcdefghijklmnopqrstuvwxyz234567").WithPadding(base32.NoPadding)

@@ -165,7 +165,7 @@ func TestRenewalSurvivesRestartsAndOutages(t *testing.T) {
 		// often lands as the server comes back, just as checkLogins reads
 		// the files. A reader that read them just before the swap logs in
 		// only because the old role outlives the swap by the grace.
-		m = n.manager(ks, n.pg, Options{Audit: lg, RetryMin: 250 * time.Millisecond, RetryMax: 2 * time.Second,
+		m = n.manager(ks, n.prov, Options{Audit: lg, RetryMin: 250 * time.Millisecond, RetryMax: 2 * time.Second,
 			BackendTimeout: time.Second, RotationGrace: 5 * time.Second})
 		if err := m.Recover(ctx); err != nil {
 			t.Fatal(err)
@@ -181,9 +181,7 @@ func TestRenewalSurvivesRestartsAndOutages(t *testing.T) {
 		// What was in flight ends (its writes fail): a dead process's
 		// calls do not reach the backend after the next one has started.
 		for _, v := range vols {
-			if unlock, err := m.locks.Lock(ctx, v.ID); err == nil {
-				unlock()
-			}
+			m.waitFor(ctx, v.ID)
 		}
 	}
 	vols = []Volume{n.volume("o1"), n.volume("o2"), n.volume("o3")}
@@ -196,7 +194,7 @@ func TestRenewalSurvivesRestartsAndOutages(t *testing.T) {
 	checkLogins := func(when string) {
 		t.Helper()
 		for _, v := range vols {
-			if err := login(ctx, v.TargetPath); err != nil {
+			if err := n.login(ctx, v.TargetPath); err != nil {
 				t.Errorf("%s: pod %s cannot log in with its files: %v", when, v.ID, err)
 			}
 		}
@@ -236,7 +234,7 @@ func TestRenewalSurvivesRestartsAndOutages(t *testing.T) {
 	}
 	eventually(t, 3*ttl, "every pod has a working credential again", func() bool {
 		for _, v := range vols {
-			if login(ctx, v.TargetPath) != nil {
+			if n.login(ctx, v.TargetPath) != nil {
 				return false
 			}
 		}
@@ -260,7 +258,7 @@ func TestRenewalSurvivesRestartsAndOutages(t *testing.T) {
 // eventually polls cond until it holds or timeout passes.
 func eventually(t *testing.T, timeout time.Duration, what string, cond func() bool) {
 	t.Helper()
-	for end := time.Now().Add(timeout); ; time.Sleep(100 * time.Millisecond) {
+	for end := time.Now().Add(timeout); ; time.Sleep(5 * time.Millisecond) {
 		if cond() {
 			return
 		}

@@ -6,6 +6,7 @@ import (
 
 	"k8s.io/klog/v2"
 
+	"github.com/ephemeral-secrets/csi-driver/pkg/credential"
 	"github.com/ephemeral-secrets/csi-driver/pkg/lease/outbox"
 	"github.com/ephemeral-secrets/csi-driver/pkg/lease/revocation"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
@@ -15,23 +16,18 @@ import (
 // the manager notes issues, renewals and confirmed revocations to its
 // outbox (pkg/lease/outbox), which makes the calls from a goroutine of its
 // own, never under a volume's lock, and retries them; a failure never
-// fails a publish or holds a revocation back.
-type (
-	// Records keeps a record of each credential outside the node.
-	Records = outbox.Records
-	// Record describes one lease for Records: nothing secret.
-	Record = outbox.Record
-)
+// fails a publish or holds a revocation back. Each record is a
+// credential.Record, the one the audit trail and `inventory` render too.
 
-// ErrRecordGone is what Records.Issued returns (wrapped) when the record
-// of the lease was deleted, or is being deleted (the kill switch raced
-// the issue or a renewal): the manager then withdraws the volume.
-var ErrRecordGone = outbox.ErrRecordGone
+// Records keeps a record of each credential outside the node.
+type Records = outbox.Records
 
-func recordOf(meta Metadata, l provider.Lease) Record {
-	return Record{
-		LeaseID: l.ID, VolumeID: meta.VolumeID, Pod: meta.Pod, Class: meta.Class, Provider: meta.Provider,
-		Role: l.Role, Task: taskOf(meta, l.ID), IssuedAt: l.IssuedAt, ExpiresAt: l.ExpiresAt,
+// recordOf is the record of l, the lease of the volume meta or of one of
+// its tasks.
+func recordOf(meta Metadata, l provider.Lease) credential.Record {
+	return credential.Record{
+		VolumeID: meta.VolumeID, Pod: meta.Pod, Class: meta.Class, Provider: meta.Provider,
+		Role: l.Role, LeaseID: l.ID, Task: taskOf(meta, l.ID), IssuedAt: l.IssuedAt, ExpiresAt: l.ExpiresAt,
 	}
 }
 
@@ -46,20 +42,16 @@ func (m *Manager) noteIssued(meta Metadata, l provider.Lease) {
 // shows what is alive, and deleting the record then (the kill switch)
 // could stop nothing anyway.
 func (m *Manager) noteRevoked(r revocation.Entry, unrevocable bool) {
-	rec := Record{
-		LeaseID: r.Lease.ID, VolumeID: r.VolumeID, Pod: r.Pod, Class: r.Class, Provider: r.Lease.Provider,
-		Role: r.Lease.Role, Task: r.Task, IssuedAt: r.Lease.IssuedAt, ExpiresAt: r.Lease.ExpiresAt,
-	}
 	var at time.Time
 	if unrevocable {
 		at = r.Lease.ExpiresAt
 	}
-	m.records.Revoked(rec, at)
+	m.records.Revoked(r.Credential(), at)
 }
 
 // withdrawGone withdraws the volume of a lease whose record was deleted,
 // retrying while the manager is not ready or the volume busy.
-func (m *Manager) withdrawGone(rec Record) {
+func (m *Manager) withdrawGone(rec credential.Record) {
 	for attempt := 1; m.ctx.Err() == nil; attempt++ {
 		_, err := m.Withdraw(m.ctx, rec.VolumeID, "killed: credential record of lease "+rec.LeaseID+" deleted")
 		if err == nil || errors.Is(err, ErrUnknownVolume) {

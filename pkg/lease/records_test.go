@@ -9,8 +9,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ephemeral-secrets/csi-driver/pkg/credential"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
-	"github.com/ephemeral-secrets/csi-driver/pkg/provider/postgres"
 	"github.com/ephemeral-secrets/csi-driver/pkg/spc"
 )
 
@@ -35,12 +35,12 @@ func (r *recordLog) call(s string) error {
 	return nil
 }
 
-func (r *recordLog) Issued(_ context.Context, rec Record) error {
+func (r *recordLog) Issued(_ context.Context, rec credential.Record) error {
 	r.mu.Lock()
 	gone := r.gone[rec.LeaseID]
 	r.mu.Unlock()
 	if gone {
-		return fmt.Errorf("%w: being deleted", ErrRecordGone)
+		return fmt.Errorf("%w: being deleted", credential.ErrRecordGone)
 	}
 	if rec.Pod.UID == "" || rec.VolumeID == "" || rec.Class == "" || rec.Provider == "" || rec.Role == "" {
 		return fmt.Errorf("record %+v lacks what the inventory needs", rec)
@@ -52,7 +52,7 @@ func (r *recordLog) Issued(_ context.Context, rec Record) error {
 	return r.call(s)
 }
 
-func (r *recordLog) Revoked(_ context.Context, rec Record) error {
+func (r *recordLog) Revoked(_ context.Context, rec credential.Record) error {
 	return r.call("revoked " + rec.LeaseID)
 }
 
@@ -71,20 +71,19 @@ func (r *recordLog) want(t *testing.T, when string, want ...string) {
 }
 
 func issuedCall(m *Manager, volumeID string) string {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	l := m.vols[volumeID].lease
+	l := m.currentLease(volumeID)
 	return fmt.Sprintf("issued %s %s", l.ID, l.ExpiresAt.UTC().Format(time.RFC3339Nano))
 }
 
 // The record follows the lease: issued at publish, again at each renewal
 // or rotation with its new expiry, released once the backend confirmed
 // the revocation (of a rotated-out lease too).
-func TestRecordsFollowTheLease(t *testing.T) {
+func TestRecordsFollowTheLease(t *testing.T) { inTiers(t, time.Hour, testRecordsFollowTheLease) }
+
+func testRecordsFollowTheLease(t *testing.T, n *node) {
 	ctx := context.Background()
-	n := newNode(t, time.Hour)
 	rl := &recordLog{}
-	m := n.manager(n.store, n.pg, Options{Records: rl})
+	m := n.manager(n.store, n.prov, Options{Records: rl, Clock: n.clk})
 	defer m.Close()
 	if err := m.Recover(ctx); err != nil {
 		t.Fatal(err)
@@ -95,14 +94,13 @@ func TestRecordsFollowTheLease(t *testing.T) {
 	m.drainRecords(ctx)
 	rl.want(t, "after publish", first)
 
-	leaseOf := func() string {
-		m.mu.Lock()
-		defer m.mu.Unlock()
-		return m.vols[v.ID].lease.ID
-	}
+	leaseOf := func() string { return m.currentLease(v.ID).ID }
 	old := leaseOf()
-	time.Sleep(1100 * time.Millisecond) // VALID UNTIL has a second's resolution
-	m.renew(v.ID)
+	// The ledger's expiry has a second's resolution, as VALID UNTIL has:
+	// two seconds on, a renewal moves it. (PostgreSQL's clock did not
+	// move: its role is rotated instead.)
+	n.clk.Step(2 * time.Second)
+	m.renewNow(v.ID)
 	renewed := issuedCall(m, v.ID)
 	if renewed == first {
 		t.Fatalf("the renewal did not move the expiry: %s", renewed)
@@ -120,8 +118,8 @@ func TestRecordsFollowTheLease(t *testing.T) {
 	m.drainRecords(ctx)
 	rl.want(t, "before the backend confirmed", want...)
 	m.drain(ctx)
-	if n.alive(ctx)[postgres.RoleName(id)] {
-		t.Fatal("role alive after the drain")
+	if n.alive(ctx)[n.credential(id)] {
+		t.Fatal("credential alive after the drain")
 	}
 	m.drainRecords(ctx)
 	rl.want(t, "after the revocation", append(want, "revoked "+id)...)
@@ -131,10 +129,13 @@ func TestRecordsFollowTheLease(t *testing.T) {
 // calls are retried until they land, and a lease revoked meanwhile is
 // released, not recorded again.
 func TestRecordsFailureNeverBlocks(t *testing.T) {
+	inTiers(t, time.Hour, testRecordsFailureNeverBlocks)
+}
+
+func testRecordsFailureNeverBlocks(t *testing.T, n *node) {
 	ctx := context.Background()
-	n := newNode(t, time.Hour)
 	rl := &recordLog{fail: 1000}
-	m := n.manager(n.store, n.pg, Options{Records: rl, RetryMin: time.Millisecond, RetryMax: time.Millisecond})
+	m := n.manager(n.store, n.prov, Options{Records: rl, RetryMin: time.Millisecond, RetryMax: time.Millisecond, Clock: n.clk})
 	defer m.Close()
 	if err := m.Recover(ctx); err != nil {
 		t.Fatal(err)
@@ -142,17 +143,15 @@ func TestRecordsFailureNeverBlocks(t *testing.T) {
 	v, w := n.volume("f1"), n.volume("f2")
 	publish(t, m, v)
 	publish(t, m, w)
-	if err := login(ctx, v.TargetPath); err != nil {
+	if err := n.login(ctx, v.TargetPath); err != nil {
 		t.Fatal(err)
 	}
 	m.drainRecords(ctx)
-	m.mu.Lock()
-	vid := m.vols[v.ID].lease.ID
-	m.mu.Unlock()
+	vid := m.currentLease(v.ID).ID
 	wIssued := issuedCall(m, w.ID)
 	unpublish(t, m, v)
 	m.drain(ctx)
-	if n.alive(ctx)[postgres.RoleName(vid)] {
+	if n.alive(ctx)[n.credential(vid)] {
 		t.Fatal("the revocation waited for the inventory")
 	}
 	if m.QueueLength() != 0 {
@@ -163,7 +162,7 @@ func TestRecordsFailureNeverBlocks(t *testing.T) {
 	rl.mu.Lock()
 	rl.fail = 0
 	rl.mu.Unlock()
-	time.Sleep(5 * time.Millisecond) // past the retry's backoff
+	n.clk.Step(5 * time.Millisecond) // past the retry's backoff
 	m.drainRecords(ctx)
 	got := rl.log()
 	want := map[string]bool{wIssued: true, "revoked " + vid: true}
@@ -175,37 +174,27 @@ func TestRecordsFailureNeverBlocks(t *testing.T) {
 // A record deleted as the node writes it (the kill switch raced the
 // publish) withdraws the volume: files gone, credential revoked, record
 // released.
-func TestRecordGoneWithdraws(t *testing.T) {
+func TestRecordGoneWithdraws(t *testing.T) { inTiers(t, time.Hour, testRecordGoneWithdraws) }
+
+func testRecordGoneWithdraws(t *testing.T, n *node) {
 	ctx := context.Background()
-	n := newNode(t, time.Hour)
 	rl := &recordLog{gone: map[string]bool{}}
-	m := n.manager(n.store, n.pg, Options{Records: rl})
+	m := n.manager(n.store, n.prov, Options{Records: rl, Clock: n.clk})
 	defer m.Close()
 	if err := m.Recover(ctx); err != nil {
 		t.Fatal(err)
 	}
 	v := n.volume("g1")
 	publish(t, m, v)
-	m.mu.Lock()
-	id := m.vols[v.ID].lease.ID
-	m.mu.Unlock()
+	id := m.currentLease(v.ID).ID
 	rl.mu.Lock()
 	rl.gone[id] = true
 	rl.mu.Unlock()
-	m.drainRecords(ctx)
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		m.mu.Lock()
-		withdrawn := m.vols[v.ID].meta.LeaseID == ""
-		m.mu.Unlock()
-		if withdrawn {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("the volume was not withdrawn")
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	m.drainRecords(ctx) // the withdrawal runs in a goroutine of its own
+	eventually(t, 10*time.Second, "the volume is withdrawn", func() bool {
+		info, err := m.Info(v.ID)
+		return err == nil && info.State == string(StateWithdrawn)
+	})
 	checkWithdrawn(t, n, m, v, "after the record went")
 	m.drainRecords(ctx)
 	rl.want(t, "after the withdrawal", "revoked "+id)
@@ -215,10 +204,13 @@ func TestRecordGoneWithdraws(t *testing.T) {
 // its revocation is confirmed; a restart records the live leases again
 // (a record a crash kept from being written is created then).
 func TestRecordsOfTasksAndAfterARestart(t *testing.T) {
+	inTiers(t, time.Hour, testRecordsOfTasksAndAfterARestart)
+}
+
+func testRecordsOfTasksAndAfterARestart(t *testing.T, n *node) {
 	ctx := context.Background()
-	n := newNode(t, time.Hour)
 	rl := &recordLog{}
-	m := n.manager(n.store, n.pg, Options{Records: rl})
+	m := n.manager(n.store, n.prov, Options{Records: rl, Clock: n.clk})
 	if err := m.Recover(ctx); err != nil {
 		t.Fatal(err)
 	}
@@ -237,7 +229,7 @@ func TestRecordsOfTasksAndAfterARestart(t *testing.T) {
 	// A restart: a new manager on the same state, its inventory empty.
 	m.Close()
 	rl2 := &recordLog{}
-	m2 := n.manager(n.store, n.pg, Options{Records: rl2})
+	m2 := n.manager(n.store, n.prov, Options{Records: rl2, Clock: n.clk})
 	defer m2.Close()
 	if err := m2.Recover(ctx); err != nil {
 		t.Fatal(err)
@@ -271,10 +263,13 @@ func (unrevocable) Revoke(context.Context, provider.Lease) error {
 // A credential the backend cannot revoke keeps its record until it
 // expires: the inventory shows what is alive.
 func TestRecordOfAnUnrevocableCredentialGoesAtItsExpiry(t *testing.T) {
+	inTiers(t, 5*time.Second, testRecordOfAnUnrevocableCredentialGoesAtItsExpiry)
+}
+
+func testRecordOfAnUnrevocableCredentialGoesAtItsExpiry(t *testing.T, n *node) {
 	ctx := context.Background()
-	n := newNode(t, 5*time.Second)
 	rl := &recordLog{}
-	m := n.manager(n.store, unrevocable{n.pg}, Options{Records: rl})
+	m := n.manager(n.store, unrevocable{n.prov}, Options{Records: rl, Clock: n.clk})
 	defer m.Close()
 	if err := m.Recover(ctx); err != nil {
 		t.Fatal(err)
@@ -283,19 +278,18 @@ func TestRecordOfAnUnrevocableCredentialGoesAtItsExpiry(t *testing.T) {
 	publish(t, m, v)
 	first := issuedCall(m, v.ID)
 	m.drainRecords(ctx)
-	m.mu.Lock()
-	l := m.vols[v.ID].lease
-	m.mu.Unlock()
+	l := m.currentLease(v.ID)
 	unpublish(t, m, v)
 	m.drain(ctx)
 	if m.QueueLength() != 0 {
 		t.Fatal("the unrevocable credential's revocation stays queued")
 	}
-	if wait := m.drainRecords(ctx); wait <= 0 || wait > time.Until(l.ExpiresAt)+time.Second {
-		t.Fatalf("next record call in %v, want at the expiry (%v)", wait, time.Until(l.ExpiresAt))
+	left := l.ExpiresAt.Sub(n.clk.Now())
+	if wait := m.drainRecords(ctx); wait <= 0 || wait > left+time.Second {
+		t.Fatalf("next record call in %v, want at the expiry (%v)", wait, left)
 	}
 	rl.want(t, "before the expiry", first)
-	time.Sleep(time.Until(l.ExpiresAt) + 10*time.Millisecond)
+	n.clk.Step(left + 10*time.Millisecond)
 	m.drainRecords(ctx)
 	rl.want(t, "after the expiry", first, "revoked "+l.ID)
 }

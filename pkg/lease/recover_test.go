@@ -45,7 +45,7 @@ func (s *socketsDuring) Open(id string, gid int) error {
 func TestRecoveryFinishesAVolumeBeforeItsRenewalRuns(t *testing.T) {
 	n := newNode(t, time.Minute)
 	ctx := context.Background()
-	m1 := n.manager(n.store, n.pg, Options{})
+	m1 := n.manager(n.store, n.prov, Options{})
 	if err := m1.Recover(ctx); err != nil {
 		t.Fatal(err)
 	}
@@ -66,7 +66,7 @@ func TestRecoveryFinishesAVolumeBeforeItsRenewalRuns(t *testing.T) {
 		}
 	}}
 	// A renewal point at the very start of the lease: due at once.
-	m2 := n.manager(ws, n.pg, Options{Sockets: sockets, RenewFraction: 1e-6, Jitter: 0})
+	m2 := n.manager(ws, n.prov, Options{Sockets: sockets, RenewFraction: 1e-6, Jitter: 0})
 	defer m2.Close()
 	if err := m2.Recover(ctx); err != nil {
 		t.Fatal(err)

@@ -3,7 +3,6 @@ package lease
 import (
 	"context"
 	"errors"
-	"os"
 	"path/filepath"
 	"sync/atomic"
 	"testing"
@@ -35,10 +34,13 @@ func (s *swapThenFail) WriteFiles(id string, gid int, files []storage.File) erro
 // files go back to the credential it keeps, never stay on the new one,
 // which is revoked.
 func TestRotationUndoneAfterASwappedWriteRestoresTheFiles(t *testing.T) {
-	n := newNode(t, time.Minute)
+	inTiers(t, time.Minute, testRotationUndoneAfterASwappedWriteRestoresTheFiles)
+}
+
+func testRotationUndoneAfterASwappedWriteRestoresTheFiles(t *testing.T, n *node) {
 	ctx := context.Background()
 	st := &swapThenFail{Store: n.store}
-	m := n.manager(st, n.pg, Options{})
+	m := n.manager(st, n.prov, Options{})
 	defer m.Close()
 	if err := m.Recover(ctx); err != nil {
 		t.Fatal(err)
@@ -46,7 +48,7 @@ func TestRotationUndoneAfterASwappedWriteRestoresTheFiles(t *testing.T) {
 	v := n.volume("swap")
 	v.Attributes[spc.ClassKey], v.Mount.Class = "db-tasks", "db-tasks"
 	publish(t, m, v)
-	before, err := os.ReadFile(filepath.Join(v.TargetPath, "username"))
+	before, err := n.files.readFile(filepath.Join(v.TargetPath, "username"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -56,14 +58,14 @@ func TestRotationUndoneAfterASwappedWriteRestoresTheFiles(t *testing.T) {
 		t.Fatal("the rotation succeeded although its file write failed")
 	}
 	m.drain(ctx) // the new lease's revocation
-	after, err := os.ReadFile(filepath.Join(v.TargetPath, "username"))
+	after, err := n.files.readFile(filepath.Join(v.TargetPath, "username"))
 	if err != nil {
 		t.Fatal(err)
 	}
 	if string(after) != string(before) {
 		t.Errorf("the files name %s after the rotation was undone, want %s", after, before)
 	}
-	if err := login(ctx, v.TargetPath); err != nil {
+	if err := n.login(ctx, v.TargetPath); err != nil {
 		t.Errorf("the pod's files do not log in after the rotation was undone: %v", err)
 	}
 	unpublish(t, m, v)

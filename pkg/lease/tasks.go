@@ -13,6 +13,7 @@ import (
 	"k8s.io/utils/clock"
 
 	"github.com/ephemeral-secrets/csi-driver/pkg/audit"
+	"github.com/ephemeral-secrets/csi-driver/pkg/credential"
 	"github.com/ephemeral-secrets/csi-driver/pkg/metrics"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
 )
@@ -75,9 +76,10 @@ type TaskInfo struct {
 	Path string `json:"path"`
 }
 
-func taskInfo(id string, t Task) TaskInfo {
-	return TaskInfo{Task: id, LeaseID: t.LeaseID, Role: t.Role, State: string(t.State),
-		IssuedAt: t.IssuedAt, ExpiresAt: t.ExpiresAt, Path: "tasks/" + id}
+// taskInfo renders the record of a task lease for its pod.
+func taskInfo(r credential.Record) TaskInfo {
+	return TaskInfo{Task: r.Task, LeaseID: r.LeaseID, Role: r.Role, State: r.State,
+		IssuedAt: r.IssuedAt, ExpiresAt: r.ExpiresAt, Path: "tasks/" + r.Task}
 }
 
 // Info returns what the volume's pod may know of its lease and tasks.
@@ -91,17 +93,20 @@ func (m *Manager) Info(volumeID string) (Info, error) {
 	return infoOf(v.meta), nil
 }
 
+// infoOf renders the record of the volume's lease, and its tasks', for
+// its pod.
 func infoOf(meta Metadata) Info {
+	r := volumeCredential(meta)
 	in := Info{
-		VolumeID: meta.VolumeID, Pod: meta.Pod, LeaseID: meta.LeaseID, Provider: meta.Provider, Role: meta.Role,
-		State: string(meta.State), IssuedAt: meta.IssuedAt, ExpiresAt: meta.ExpiresAt, RenewedAt: meta.RenewedAt,
+		VolumeID: r.VolumeID, Pod: r.Pod, LeaseID: r.LeaseID, Provider: r.Provider, Role: r.Role,
+		State: r.State, IssuedAt: r.IssuedAt, ExpiresAt: r.ExpiresAt, RenewedAt: r.RenewedAt,
 		Renewals: meta.Renewals, Withdrawn: meta.WithdrawReason, MaxTasks: meta.MaxTasks, Tasks: []TaskInfo{},
 	}
 	if meta.State == StateWithdrawn {
 		in.LeaseID = meta.WithdrawnLease
 	}
 	for _, id := range slices.Sorted(maps.Keys(meta.Tasks)) {
-		in.Tasks = append(in.Tasks, taskInfo(id, meta.Tasks[id]))
+		in.Tasks = append(in.Tasks, taskInfo(taskCredential(meta, id, meta.Tasks[id])))
 	}
 	return in
 }
@@ -252,7 +257,7 @@ func (m *Manager) IssueTask(ctx context.Context, volumeID, task string, ttl time
 	rec.Role = l.Role
 	m.audit(withExpiry(withStage(rec, audit.Issue), end), audit.Success, nil)
 	m.opts.Metrics.LeaseOp(v.meta.Provider, metrics.OpIssue, metrics.Success)
-	return taskInfo(task, t), nil
+	return taskInfo(taskCredential(v.meta, task, t)), nil
 }
 
 // RevokeTask ends a task's lease: its files removed at once, its

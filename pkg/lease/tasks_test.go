@@ -3,36 +3,25 @@ package lease
 import (
 	"context"
 	"errors"
-	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
-	"github.com/ephemeral-secrets/csi-driver/pkg/provider/postgres"
 	"github.com/ephemeral-secrets/csi-driver/pkg/spc"
 )
 
-// podRoles counts the roles of pod name alive in PostgreSQL.
-func podRoles(n *node, name string) int {
-	c := 0
-	for role := range n.alive(context.Background()) {
-		if strings.HasPrefix(role, n.prefix+name+"_") {
-			c++
-		}
-	}
-	return c
-}
+func TestTaskLeases(t *testing.T) { inTiers(t, time.Hour, testTaskLeases) }
 
-func TestTaskLeases(t *testing.T) {
+// testTaskLeases works the revocation queue in the test's goroutine
+// (drain) and steps the node's clock to a task's end.
+func testTaskLeases(t *testing.T, n *node) {
 	ctx := context.Background()
-	n := newNode(t, time.Hour)
-	m := n.manager(n.store, n.pg, Options{})
+	m := n.manager(n.store, n.prov, Options{Clock: n.clk})
 	defer m.Close()
 	if err := m.Recover(ctx); err != nil {
 		t.Fatal(err)
 	}
-	go m.Run(ctx)
 	v := n.volume("tk1")
 	v.Attributes[spc.ClassKey], v.Mount.Class = "db-tasks", "db-tasks"
 	publish(t, m, v)
@@ -46,13 +35,13 @@ func TestTaskLeases(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ua, _ := os.ReadFile(filepath.Join(taskDir("a"), "username"))
-	ub, _ := os.ReadFile(filepath.Join(taskDir("b"), "username"))
-	if a.LeaseID == b.LeaseID || len(ua) == 0 || string(ua) != postgres.RoleName(a.LeaseID) || string(ub) != postgres.RoleName(b.LeaseID) {
+	ua, _ := n.files.readFile(filepath.Join(taskDir("a"), "username"))
+	ub, _ := n.files.readFile(filepath.Join(taskDir("b"), "username"))
+	if a.LeaseID == b.LeaseID || len(ua) == 0 || string(ua) != n.credential(a.LeaseID) || string(ub) != n.credential(b.LeaseID) {
 		t.Fatalf("two tasks do not hold roles of their own: %+v %+v (users %q %q)", a, b, ua, ub)
 	}
 	for _, dir := range []string{v.TargetPath, taskDir("a"), taskDir("b")} {
-		if err := login(ctx, dir); err != nil {
+		if err := n.login(ctx, dir); err != nil {
 			t.Errorf("%s: %v", dir, err)
 		}
 	}
@@ -71,11 +60,11 @@ func TestTaskLeases(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	before := podRoles(n, "tk1")
+	before := n.podCredentials("tk1")
 	if _, err := m.IssueTask(ctx, v.ID, "e", 0); !errors.Is(err, ErrTaskLimit) {
 		t.Errorf("a fifth task: %v, want ErrTaskLimit", err)
 	}
-	if after := podRoles(n, "tk1"); after != before {
+	if after := n.podCredentials("tk1"); after != before {
 		t.Errorf("the refused task made a role: %d, then %d", before, after)
 	}
 
@@ -102,16 +91,17 @@ func TestTaskLeases(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	m.drain(ctx)
 	if err := <-confirmed; err != nil {
 		t.Fatal(err)
 	}
-	if n.alive(ctx)[postgres.RoleName(a.LeaseID)] {
+	if n.alive(ctx)[n.credential(a.LeaseID)] {
 		t.Error("task a's role alive after its confirmed revocation")
 	}
-	if err := login(ctx, taskDir("a")); err == nil {
+	if err := n.login(ctx, taskDir("a")); err == nil {
 		t.Error("task a's files still log in")
 	}
-	if err := login(ctx, taskDir("b")); err != nil {
+	if err := n.login(ctx, taskDir("b")); err != nil {
 		t.Errorf("task b stopped working: %v", err)
 	}
 	if _, err := m.RevokeTask(ctx, v.ID, "a"); !errors.Is(err, ErrUnknownTask) {
@@ -122,12 +112,19 @@ func TestTaskLeases(t *testing.T) {
 	if _, err := m.RevokeTask(ctx, v.ID, "c"); err != nil {
 		t.Fatal(err)
 	}
-	short, err := m.IssueTask(ctx, v.ID, "short", 500*time.Millisecond)
+	short, err := m.IssueTask(ctx, v.ID, "short", 30*time.Second)
 	if err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 10*time.Second, "the short task's role dropped at its TTL", func() bool {
-		return !n.alive(ctx)[postgres.RoleName(short.LeaseID)]
+	n.clk.Step(29 * time.Second)
+	m.drain(ctx)
+	if !n.alive(ctx)[n.credential(short.LeaseID)] {
+		t.Fatal("the short task's credential ended before its TTL")
+	}
+	n.clk.Step(time.Second) // its end: the timer's goroutine queues its revocation
+	eventually(t, 10*time.Second, "the short task's credential revoked at its TTL", func() bool {
+		m.drain(ctx)
+		return !n.alive(ctx)[n.credential(short.LeaseID)]
 	})
 	if info, _ := m.Info(v.ID); len(info.Tasks) != 2 {
 		t.Errorf("tasks after the short one ended: %+v", info.Tasks)
@@ -137,7 +134,7 @@ func TestTaskLeases(t *testing.T) {
 	if _, err := m.RotateNow(ctx, v.ID); err != nil {
 		t.Fatal(err)
 	}
-	if err := login(ctx, taskDir("b")); err != nil {
+	if err := n.login(ctx, taskDir("b")); err != nil {
 		t.Errorf("task b after a rotation: %v", err)
 	}
 
@@ -146,10 +143,13 @@ func TestTaskLeases(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	m.drain(ctx)
 	if err := <-confirmed; err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 10*time.Second, "every role of the pod dropped", func() bool { return podRoles(n, "tk1") == 0 })
+	if c := n.podCredentials("tk1"); c != 0 {
+		t.Errorf("%d credentials of the pod alive after its withdrawal was confirmed", c)
+	}
 	if _, err := m.IssueTask(ctx, v.ID, "late", 0); !errors.Is(err, ErrWithdrawn) {
 		t.Errorf("a task after the withdrawal: %v", err)
 	}
@@ -163,7 +163,10 @@ func TestTaskLeases(t *testing.T) {
 		t.Fatal(err)
 	}
 	unpublish(t, m, w)
-	eventually(t, 10*time.Second, "the unpublished pod's task role dropped", func() bool { return podRoles(n, "tk2") == 0 })
+	m.drain(ctx)
+	if c := n.podCredentials("tk2"); c != 0 {
+		t.Errorf("%d credentials of the unpublished pod alive after the queue drained", c)
+	}
 
 	// Without the lease socket there are no tasks.
 	u := n.volume("tk3")

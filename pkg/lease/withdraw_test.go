@@ -3,31 +3,13 @@ package lease
 import (
 	"context"
 	"errors"
-	"fmt"
-	"os"
-	"strings"
 	"testing"
 	"time"
 
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
-	"github.com/ephemeral-secrets/csi-driver/pkg/provider/postgres"
 	"github.com/ephemeral-secrets/csi-driver/pkg/storage"
 	"github.com/ephemeral-secrets/csi-driver/test/faults"
 )
-
-// names lists what a pod sees at the root of its volume.
-func names(t *testing.T, target string) []string {
-	t.Helper()
-	entries, err := os.ReadDir(target)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var out []string
-	for _, e := range entries {
-		out = append(out, e.Name())
-	}
-	return out
-}
 
 // checkWithdrawn checks what a withdrawn volume must look like to its pod
 // and the backend once the revocation queue has drained.
@@ -36,7 +18,7 @@ func checkWithdrawn(t *testing.T, n *node, m *Manager, v Volume, when string) {
 	ctx := context.Background()
 	if !n.store.IsMounted(v.TargetPath) {
 		t.Errorf("%s: the withdrawn volume is no longer mounted", when)
-	} else if got := names(t, v.TargetPath); len(got) != 0 {
+	} else if got := n.names(v.TargetPath); len(got) != 0 {
 		t.Errorf("%s: the withdrawn volume still shows %v", when, got)
 	}
 	meta, err := n.store.ReadMetadata(v.ID)
@@ -50,18 +32,18 @@ func checkWithdrawn(t *testing.T, n *node, m *Manager, v Volume, when string) {
 		t.Errorf("%s: %d lease records left", when, len(ls))
 	}
 	m.drain(ctx)
-	prefix := n.prefix + v.Mount.Pod.Name + "_"
-	for role := range n.alive(ctx) {
-		if strings.HasPrefix(role, prefix) {
-			t.Errorf("%s: role %s alive after the withdrawal", when, role)
-		}
+	if c := n.podCredentials(v.Mount.Pod.Name); c > 0 {
+		t.Errorf("%s: %d credentials of the pod alive after the withdrawal", when, c)
 	}
 }
 
 func TestWithdrawRevokesAndKeepsTheVolumeEmpty(t *testing.T) {
+	inTiers(t, time.Hour, testWithdrawRevokesAndKeepsTheVolumeEmpty)
+}
+
+func testWithdrawRevokesAndKeepsTheVolumeEmpty(t *testing.T, n *node) {
 	ctx := context.Background()
-	n := newNode(t, time.Hour)
-	m := n.manager(n.store, n.pg, Options{})
+	m := n.manager(n.store, n.prov, Options{})
 	defer m.Close()
 	if err := m.Recover(ctx); err != nil {
 		t.Fatal(err)
@@ -70,16 +52,18 @@ func TestWithdrawRevokesAndKeepsTheVolumeEmpty(t *testing.T) {
 	publish(t, m, v)
 	other := n.volume("w2")
 	publish(t, m, other)
-	m.mu.Lock()
-	role := postgres.RoleName(m.vols[v.ID].lease.ID)
-	m.mu.Unlock()
+	info, err := m.Info(v.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	role := n.credential(info.LeaseID)
 
 	confirmed, err := m.Withdraw(ctx, v.ID, "given back")
 	if err != nil {
 		t.Fatal(err)
 	}
 	// At once, before the backend is asked: the files are gone.
-	if got := names(t, v.TargetPath); len(got) != 0 {
+	if got := n.names(v.TargetPath); len(got) != 0 {
 		t.Fatalf("files still visible right after Withdraw: %v", got)
 	}
 	select {
@@ -100,18 +84,16 @@ func TestWithdrawRevokesAndKeepsTheVolumeEmpty(t *testing.T) {
 		t.Fatalf("role %s alive after the confirmation", role)
 	}
 	checkWithdrawn(t, n, m, v, "after withdraw")
-	if err := login(ctx, other.TargetPath); err != nil {
+	if err := n.login(ctx, other.TargetPath); err != nil {
 		t.Errorf("another volume's credential stopped working: %v", err)
 	}
 
 	// A republish (kubelet's periodic one) issues nothing; a renewal that
 	// was due does nothing; a second withdrawal is fine.
 	publish(t, m, v)
-	m.mu.Lock()
-	m.vols[v.ID].lease.ExpiresAt = time.Now().Add(-time.Second) // a lapsed lease is replaced, unless withdrawn
-	m.mu.Unlock()
-	m.renew(v.ID)
-	if got := names(t, v.TargetPath); len(got) != 0 {
+	m.expireIn(v.ID, -time.Second) // a lapsed lease is replaced, unless withdrawn
+	m.renewNow(v.ID)
+	if got := n.names(v.TargetPath); len(got) != 0 {
 		t.Errorf("a renewal of the withdrawn volume wrote %v", got)
 	}
 	if ls, _ := n.store.ListLeases(v.ID); len(ls) > 0 {
@@ -137,7 +119,7 @@ func TestWithdrawRevokesAndKeepsTheVolumeEmpty(t *testing.T) {
 
 	// A restart keeps it withdrawn.
 	m.Close()
-	m2 := n.manager(n.store, n.pg, Options{})
+	m2 := n.manager(n.store, n.prov, Options{})
 	defer m2.Close()
 	if err := m2.Recover(ctx); err != nil {
 		t.Fatal(err)
@@ -166,9 +148,12 @@ func TestWithdrawRevokesAndKeepsTheVolumeEmpty(t *testing.T) {
 // The backend refuses the revocation, then the manager stops: the waiter
 // hears ErrClosed, and the next start revokes.
 func TestWithdrawConfirmsClosedWhenTheManagerStops(t *testing.T) {
+	inTiers(t, time.Hour, testWithdrawConfirmsClosedWhenTheManagerStops)
+}
+
+func testWithdrawConfirmsClosedWhenTheManagerStops(t *testing.T, n *node) {
 	ctx := context.Background()
-	n := newNode(t, time.Hour)
-	fp := &faults.Provider{Provider: n.pg}
+	fp := &faults.Provider{Provider: n.prov}
 	m := n.manager(n.store, fp, Options{RetryMin: time.Hour})
 	if err := m.Recover(ctx); err != nil {
 		t.Fatal(err)
@@ -193,7 +178,7 @@ func TestWithdrawConfirmsClosedWhenTheManagerStops(t *testing.T) {
 	case <-time.After(5 * time.Second):
 		t.Fatal("no answer after Close")
 	}
-	m2 := n.manager(n.store, n.pg, Options{})
+	m2 := n.manager(n.store, n.prov, Options{})
 	defer m2.Close()
 	if err := m2.Recover(ctx); err != nil {
 		t.Fatal(err)
@@ -202,18 +187,13 @@ func TestWithdrawConfirmsClosedWhenTheManagerStops(t *testing.T) {
 	unpublish(t, m2, v)
 }
 
-// notRevocable is the real provider whose Revoke answers as a backend
-// that cannot revoke (AWS STS, which cannot run here) does.
-type notRevocable struct{ *postgres.Provider }
-
-func (notRevocable) Revoke(context.Context, provider.Lease) error {
-	return fmt.Errorf("sts: %w", provider.ErrNotRevocable)
+func TestWithdrawOfAnUnrevocableCredentialSaysSo(t *testing.T) {
+	inTiers(t, time.Hour, testWithdrawOfAnUnrevocableCredentialSaysSo)
 }
 
-func TestWithdrawOfAnUnrevocableCredentialSaysSo(t *testing.T) {
+func testWithdrawOfAnUnrevocableCredentialSaysSo(t *testing.T, n *node) {
 	ctx := context.Background()
-	n := newNode(t, time.Hour)
-	m := n.manager(n.store, notRevocable{n.pg}, Options{})
+	m := n.manager(n.store, unrevocable{n.prov}, Options{})
 	defer m.Close()
 	if err := m.Recover(ctx); err != nil {
 		t.Fatal(err)
@@ -236,6 +216,5 @@ func TestWithdrawOfAnUnrevocableCredentialSaysSo(t *testing.T) {
 	if q, _ := n.store.ListRevocations(); len(q) != 0 {
 		t.Errorf("%d revocations queued after the backend said it cannot", len(q))
 	}
-	unpublish(t, m, v)
-	dropRoles(pg, n.prefix+"w4_")
+	unpublish(t, m, v) // the node's clean-up drops the role
 }

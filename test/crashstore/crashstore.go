@@ -12,8 +12,10 @@ import (
 )
 
 // Inner is the store being wrapped: the raw volume store the lease
-// manager's Store is made of (lease.NewStore(crashstore.New(fs))), so
-// every durable write of a record is one write here.
+// manager's Store is made of (lease.NewStore(crashstore.New(raw)), raw a
+// *storage.Filesystem in the privileged test tier, a *memory.Store in the
+// unprivileged one), so every durable write of a record is one write
+// here.
 type Inner interface {
 	storage.RecordStore
 	storage.DataWriter

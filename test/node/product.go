@@ -15,6 +15,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"sigs.k8s.io/yaml"
 
+	"github.com/ephemeral-secrets/csi-driver/pkg/inventory"
 	"github.com/ephemeral-secrets/csi-driver/test/harness"
 	"github.com/ephemeral-secrets/csi-driver/test/image"
 	"github.com/ephemeral-secrets/csi-driver/test/pgtest"
@@ -127,6 +128,50 @@ func (db *Database) Backends(example []byte) ([]byte, error) {
 		conn["host"], conn["port"] = NodeIP, strconv.Itoa(db.Port)
 	}
 	return yaml.Marshal(cfg)
+}
+
+// ExampleBackends is the postgres example's backend configuration
+// (examples/postgres/admin/backends.yaml) rewritten by Backends for this
+// node's database: the configuration the example's class needs.
+func (db *Database) ExampleBackends(repoRoot string) ([]byte, error) {
+	example, err := os.ReadFile(filepath.Join(repoRoot, "examples/postgres/admin/backends.yaml"))
+	if err != nil {
+		return nil, err
+	}
+	return db.Backends(example)
+}
+
+// ExampleRolePrefix begins the name of every role minted for the postgres
+// example's service account (esc_<namespace>_<service account>_).
+const ExampleRolePrefix = "esc_ai_agents_research_agent_"
+
+// PostgresProfile are the helm arguments of the install that serves
+// PostgreSQL through the issuer, the profile examples/postgres needs.
+func PostgresProfile() []string { return []string{"--set", "providers.postgres.enabled=true"} }
+
+// WaitNoCredentials waits (up to timeout) until namespace holds no
+// Credential object and the database no role whose name begins with
+// rolePrefix: every credential minted there was revoked and its record
+// removed. Its error says what is left.
+func (n *Node) WaitNoCredentials(ctx context.Context, db *Database, namespace, rolePrefix string, timeout time.Duration) error {
+	inv, err := inventory.NewClient(n.Config())
+	if err != nil {
+		return err
+	}
+	return poll(ctx, timeout, func() error {
+		creds, err := inv.List(ctx, namespace, metav1.ListOptions{})
+		if err != nil {
+			return err
+		}
+		roles, err := db.CountRoles(ctx, rolePrefix)
+		if err != nil {
+			return err
+		}
+		if len(creds.Items) != 0 || roles != 0 {
+			return fmt.Errorf("%d Credential objects left in namespace %s, %d roles %s* left in the database", len(creds.Items), namespace, roles, rolePrefix)
+		}
+		return nil
+	})
 }
 
 // SplitBackends splits a backend configuration as the chart's defaults

@@ -63,11 +63,7 @@ const (
 
 func backends(t *testing.T) []byte {
 	t.Helper()
-	example, err := os.ReadFile(filepath.Join(repoRoot, "examples/postgres/admin/backends.yaml"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	cfg, err := db.Backends(example)
+	cfg, err := db.ExampleBackends(repoRoot)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -15,7 +15,8 @@
 // (the issuer and its transport), pkg/inventory (the issuer's recorder,
 // the controller, the housekeeper), pkg/provider/aws, pkg/provider/vault
 // and pkg/provider/postgres (the sections it serves), pkg/driver (the
-// driver's name), pkg/audit and pkg/metrics.
+// driver's name), pkg/credential (the record the inventory's controller
+// revokes), pkg/audit and pkg/metrics.
 package allinone
 
 import (

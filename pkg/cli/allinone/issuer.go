@@ -27,6 +27,7 @@ import (
 
 	"github.com/ephemeral-secrets/csi-driver/pkg/audit"
 	"github.com/ephemeral-secrets/csi-driver/pkg/cli"
+	"github.com/ephemeral-secrets/csi-driver/pkg/credential"
 	"github.com/ephemeral-secrets/csi-driver/pkg/inventory"
 	"github.com/ephemeral-secrets/csi-driver/pkg/issuer"
 	pgengine "github.com/ephemeral-secrets/csi-driver/pkg/issuer/postgres"
@@ -237,10 +238,13 @@ func issuerPlugins(ctx context.Context, rc *rest.Config, pods corev1client.PodsG
 	if !cache.WaitForCacheSync(sctx.Done(), inf.HasSynced) {
 		return plugins{}, errors.New("the inventory's Credentials did not sync (is the CRD installed?)")
 	}
+	// The Recorder is the issuer's Inventory, and tells its Withdrawals
+	// (an optional interface the issuer looks for).
+	var _ issuer.Withdrawals = (*inventory.Recorder)(nil)
 	return plugins{
 		Inventory: inventory.NewRecorder(c, inf),
 		RunController: func(ctx context.Context, iss *issuer.Issuer, revoked func(error)) error {
-			revoke := func(ctx context.Context, e issuer.Entry) error {
+			revoke := func(ctx context.Context, e credential.Record) error {
 				conn, role, _ := strings.Cut(e.Role, "/")
 				err := iss.Drop(ctx, issuer.Caller{}, postgres.DropRequest{LeaseID: e.LeaseID, Name: e.Name,
 					Params: map[string]string{postgres.ConnectionParam: conn, postgres.RoleParam: role}})

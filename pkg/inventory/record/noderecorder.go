@@ -5,6 +5,7 @@ import (
 	"errors"
 
 	v1alpha1 "github.com/ephemeral-secrets/csi-driver/pkg/apis/ephemeralsecrets/v1alpha1"
+	"github.com/ephemeral-secrets/csi-driver/pkg/credential"
 )
 
 // NodeRecorder records the credentials a node plugin revokes itself
@@ -21,9 +22,9 @@ func NewNodeRecorder(c *Client) *NodeRecorder {
 
 // Issued records that the backend holds e until e.ExpiresAt: it creates
 // the record the first time, updates it after a renewal. It returns
-// ErrGone when the record was deleted: the node must then revoke e.
-func (r *NodeRecorder) Issued(ctx context.Context, e Entry) error {
-	if err := r.s.SetStatus(ctx, e, Issued(e)); !errors.Is(err, ErrGone) {
+// credential.ErrRecordGone when the record was deleted: the node must then revoke e.
+func (r *NodeRecorder) Issued(ctx context.Context, e credential.Record) error {
+	if err := r.s.SetStatus(ctx, e, Issued(e)); !errors.Is(err, credential.ErrRecordGone) {
 		return err
 	}
 	// No record yet, or one being deleted (create says which).
@@ -35,6 +36,6 @@ func (r *NodeRecorder) Issued(ctx context.Context, e Entry) error {
 
 // Revoked records that e is revoked: the node's finalizer is removed and
 // the record deleted. A record already gone is no error.
-func (r *NodeRecorder) Revoked(ctx context.Context, e Entry) error {
+func (r *NodeRecorder) Revoked(ctx context.Context, e credential.Record) error {
 	return r.s.Release(ctx, e.Pod.Namespace, Name(e.LeaseID))
 }

@@ -18,12 +18,8 @@ import (
 	"k8s.io/client-go/util/retry"
 
 	v1alpha1 "github.com/ephemeral-secrets/csi-driver/pkg/apis/ephemeralsecrets/v1alpha1"
+	"github.com/ephemeral-secrets/csi-driver/pkg/credential"
 )
-
-// ErrGone means a credential's record was deleted, or is being deleted:
-// the credential is being revoked and must not be extended or recorded
-// again.
-var ErrGone = ErrRecordGone
 
 // Name is the name of the Credential of a lease: the lease ID itself
 // when it is a valid object name (the driver's are), else a digest of it.
@@ -35,8 +31,8 @@ func Name(leaseID string) string {
 	return "lease-" + hex.EncodeToString(sum[:16])
 }
 
-// newCredential is the record of e, held by finalizer.
-func newCredential(e Entry, finalizer string) (*v1alpha1.Credential, error) {
+// newCredential is the Credential object of e, held by finalizer.
+func newCredential(e credential.Record, finalizer string) (*v1alpha1.Credential, error) {
 	switch {
 	case e.LeaseID == "":
 		return nil, errors.New("inventory: entry without a lease ID")
@@ -87,9 +83,10 @@ func LabelValue(v string) string {
 	return "sha256-" + hex.EncodeToString(sum[:20])
 }
 
-// EntryOf is the issuer's view of a record.
-func EntryOf(c *v1alpha1.Credential) Entry {
-	e := Entry{
+// RecordOf is the credential record c holds: the one conversion from the
+// Kubernetes shape (newCredential and Issued are the ones to it).
+func RecordOf(c *v1alpha1.Credential) credential.Record {
+	e := credential.Record{
 		LeaseID: c.Spec.LeaseID, VolumeID: c.Spec.VolumeID, Node: c.Spec.Node,
 		Class: c.Spec.Class, Provider: c.Spec.Provider, Role: c.Spec.Role, Name: c.Status.BackendName,
 	}
@@ -126,7 +123,7 @@ func (s Store) Read(ctx context.Context, namespace, name string, first bool) (*v
 
 // Create records e; a record of the same lease that exists already
 // (a retry) is no error.
-func (s Store) Create(ctx context.Context, e Entry) (*v1alpha1.Credential, error) {
+func (s Store) Create(ctx context.Context, e credential.Record) (*v1alpha1.Credential, error) {
 	c, err := newCredential(e, s.Finalizer)
 	if err != nil {
 		return nil, err
@@ -140,7 +137,7 @@ func (s Store) Create(ctx context.Context, e Entry) (*v1alpha1.Credential, error
 			return nil, fmt.Errorf("inventory: lease %s: the name %s/%s records lease %s", e.LeaseID, c.Namespace, c.Name, out.Spec.LeaseID)
 		}
 		if out.DeletionTimestamp != nil {
-			return nil, fmt.Errorf("inventory: lease %s: %w", e.LeaseID, ErrGone)
+			return nil, fmt.Errorf("inventory: lease %s: %w", e.LeaseID, credential.ErrRecordGone)
 		}
 		return out, nil
 	}
@@ -151,17 +148,17 @@ func (s Store) Create(ctx context.Context, e Entry) (*v1alpha1.Credential, error
 }
 
 // SetStatus applies change to the status of e's record (read fresh,
-// retried on conflict). A record that is gone or being deleted is ErrGone.
-func (s Store) SetStatus(ctx context.Context, e Entry, change func(*v1alpha1.CredentialStatus)) error {
+// retried on conflict). A record that is gone or being deleted is credential.ErrRecordGone.
+func (s Store) SetStatus(ctx context.Context, e credential.Record, change func(*v1alpha1.CredentialStatus)) error {
 	err := s.UpdateStatus(ctx, e.Pod.Namespace, Name(e.LeaseID), func(c *v1alpha1.Credential) error {
 		if c.DeletionTimestamp != nil || c.Spec.LeaseID != e.LeaseID {
-			return ErrGone
+			return credential.ErrRecordGone
 		}
 		change(&c.Status)
 		return nil
 	})
 	if apierrors.IsNotFound(err) {
-		err = ErrGone
+		err = credential.ErrRecordGone
 	}
 	if err != nil {
 		return fmt.Errorf("inventory: lease %s: %w", e.LeaseID, err)
@@ -188,7 +185,7 @@ func (s Store) UpdateStatus(ctx context.Context, namespace, name string, change 
 }
 
 // Issued is the status of a credential the backend holds.
-func Issued(e Entry) func(*v1alpha1.CredentialStatus) {
+func Issued(e credential.Record) func(*v1alpha1.CredentialStatus) {
 	return func(st *v1alpha1.CredentialStatus) {
 		st.State = v1alpha1.StateIssued
 		if e.Name != "" {

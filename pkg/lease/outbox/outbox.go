@@ -1,9 +1,10 @@
 // Package outbox is the lease manager's records outbox: the calls that
-// record each lease outside the node (the cluster's inventory), made from
-// one goroutine of their own, never under a volume's lock, and retried
-// with a backoff until they succeed. A failure never fails a publish or
-// holds a revocation back. It imports pkg/provider and pkg/metrics,
-// nothing of the lease manager's (pkg/lease names its types).
+// record each lease outside the node (the cluster's inventory), made by a
+// bounded pool of workers of their own (one volume's calls in order, other
+// volumes' in parallel), never under a volume's lock, and retried with a
+// backoff until they succeed. A failure never fails a publish or
+// holds a revocation back. It imports pkg/credential (the record it
+// sends) and pkg/metrics, nothing of the lease manager's.
 package outbox
 
 import (
@@ -18,38 +19,20 @@ import (
 	"k8s.io/klog/v2"
 	"k8s.io/utils/clock"
 
+	"github.com/ephemeral-secrets/csi-driver/pkg/credential"
 	"github.com/ephemeral-secrets/csi-driver/pkg/metrics"
-	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
 )
-
-// ErrRecordGone is what Records.Issued returns (wrapped) when the record
-// of the lease was deleted, or is being deleted (the kill switch raced
-// the issue or a renewal): the manager then withdraws the volume.
-var ErrRecordGone = errors.New("the credential's record was deleted")
 
 // Records keeps a record of each credential outside the node (the
 // cluster's inventory).
 type Records interface {
 	// Issued records that the backend holds r until r.ExpiresAt (after an
 	// issue, a rotation, a task's issue or a renewal). An error wrapping
-	// ErrRecordGone withdraws the volume.
-	Issued(ctx context.Context, r Record) error
+	// credential.ErrRecordGone withdraws the volume.
+	Issued(ctx context.Context, r credential.Record) error
 	// Revoked records that r is revoked (or, where the backend cannot
 	// revoke it, expired): its record may go. A record gone is no error.
-	Revoked(ctx context.Context, r Record) error
-}
-
-// Record describes one lease for Records: nothing secret.
-type Record struct {
-	LeaseID   string
-	VolumeID  string
-	Pod       provider.Pod
-	Class     string
-	Provider  string
-	Role      string
-	Task      string // a task lease of the volume's
-	IssuedAt  time.Time
-	ExpiresAt time.Time
+	Revoked(ctx context.Context, r credential.Record) error
 }
 
 // Options configure an Outbox. Zero values take the defaults.
@@ -61,9 +44,12 @@ type Options struct {
 	RetryMin, RetryMax, Timeout time.Duration
 	// Gone is told, in a goroutine of its own, of a lease whose record was
 	// deleted as it was recorded.
-	Gone func(Record)
+	Gone func(credential.Record)
 	// Clock times the retries (default: the system's).
 	Clock clock.WithTicker
+	// Workers is how many calls are made at once, each of another volume
+	// (default 8): a burst of publishes is recorded in parallel.
+	Workers int
 }
 
 // Outbox holds the Records calls not yet made, one per lease: the latest
@@ -79,7 +65,7 @@ type Outbox struct {
 }
 
 type call struct {
-	rec     Record
+	rec     credential.Record
 	revoked bool
 	at      time.Time // not before
 	seq     uint64    // calls are made in the order they were noted
@@ -99,6 +85,9 @@ func New(opts Options) *Outbox {
 	if opts.Clock == nil {
 		opts.Clock = clock.RealClock{}
 	}
+	if opts.Workers <= 0 {
+		opts.Workers = 8
+	}
 	return &Outbox{
 		opts: opts, wake: make(chan struct{}, 1), pending: map[string]*call{},
 		backoff: workqueue.NewTypedItemExponentialFailureRateLimiter[string](opts.RetryMin, opts.RetryMax),
@@ -106,13 +95,13 @@ func New(opts Options) *Outbox {
 }
 
 // Issued queues the record of a lease issued, rotated in or renewed.
-func (o *Outbox) Issued(rec Record) { o.note(rec, false, time.Time{}) }
+func (o *Outbox) Issued(rec credential.Record) { o.note(rec, false, time.Time{}) }
 
 // Revoked queues the release of the record of a lease whose revocation
 // the backend confirmed, not before at (zero: at once).
-func (o *Outbox) Revoked(rec Record, at time.Time) { o.note(rec, true, at) }
+func (o *Outbox) Revoked(rec credential.Record, at time.Time) { o.note(rec, true, at) }
 
-func (o *Outbox) note(rec Record, revoked bool, at time.Time) {
+func (o *Outbox) note(rec credential.Record, revoked bool, at time.Time) {
 	if o.opts.Records == nil || rec.LeaseID == "" {
 		return
 	}
@@ -155,9 +144,10 @@ func (o *Outbox) Run(ctx context.Context) {
 	}
 }
 
-// Flush makes every due call once, in the order they were noted (a
-// rotation's new lease is recorded before the old one is released), and
-// returns how long until the next one is due.
+// Flush makes every due call once and returns how long until the next one
+// is due. The calls of one volume are made one after another in the order
+// they were noted (a rotation's new lease is recorded before the old one
+// is released); those of up to Workers volumes at once.
 func (o *Outbox) Flush(ctx context.Context) time.Duration {
 	now := o.opts.Clock.Now()
 	var due []*call
@@ -172,13 +162,48 @@ func (o *Outbox) Flush(ctx context.Context) time.Duration {
 	}
 	o.mu.Unlock()
 	slices.SortFunc(due, func(a, b *call) int { return cmp.Compare(a.seq, b.seq) })
+	var order []string // volumes, by their first due call
+	byVolume := map[string][]*call{}
 	for _, c := range due {
+		k := c.rec.VolumeID
+		if k == "" {
+			k = "lease/" + c.rec.LeaseID
+		}
+		if byVolume[k] == nil {
+			order = append(order, k)
+		}
+		byVolume[k] = append(byVolume[k], c)
+	}
+	var (
+		wg   sync.WaitGroup
+		wmu  sync.Mutex
+		slot = make(chan struct{}, o.opts.Workers)
+	)
+	for _, k := range order {
+		select {
+		case slot <- struct{}{}:
+		case <-ctx.Done():
+		}
 		if ctx.Err() != nil {
-			return 0
+			break
 		}
-		if d, retry := o.make(ctx, c); retry {
-			wait = min(wait, d)
-		}
+		wg.Go(func() {
+			defer func() { <-slot }()
+			for _, c := range byVolume[k] {
+				if ctx.Err() != nil {
+					return
+				}
+				if d, retry := o.make(ctx, c); retry {
+					wmu.Lock()
+					wait = min(wait, d)
+					wmu.Unlock()
+				}
+			}
+		})
+	}
+	wg.Wait()
+	if ctx.Err() != nil {
+		return 0
 	}
 	return wait
 }
@@ -194,7 +219,7 @@ func (o *Outbox) make(ctx context.Context, c *call) (time.Duration, bool) {
 		err = o.opts.Records.Issued(cctx, c.rec)
 	}
 	cancel()
-	gone := errors.Is(err, ErrRecordGone)
+	gone := errors.Is(err, credential.ErrRecordGone)
 	var d time.Duration
 	o.mu.Lock()
 	current := o.pending[c.rec.LeaseID] == c // not replaced meanwhile

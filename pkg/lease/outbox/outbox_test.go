@@ -10,6 +10,8 @@ import (
 	"time"
 
 	clocktesting "k8s.io/utils/clock/testing"
+
+	"github.com/ephemeral-secrets/csi-driver/pkg/credential"
 )
 
 // inventory is the cluster's inventory as the outbox sees it: it records
@@ -23,15 +25,19 @@ type inventory struct {
 	err   error
 }
 
-func (inv *inventory) call(name string, r Record) error {
+func (inv *inventory) call(name string, r credential.Record) error {
 	inv.mu.Lock()
 	defer inv.mu.Unlock()
 	inv.calls = append(inv.calls, name+" "+r.LeaseID)
 	return inv.err
 }
 
-func (inv *inventory) Issued(_ context.Context, r Record) error  { return inv.call("issued", r) }
-func (inv *inventory) Revoked(_ context.Context, r Record) error { return inv.call("revoked", r) }
+func (inv *inventory) Issued(_ context.Context, r credential.Record) error {
+	return inv.call("issued", r)
+}
+func (inv *inventory) Revoked(_ context.Context, r credential.Record) error {
+	return inv.call("revoked", r)
+}
 
 func (inv *inventory) take() []string {
 	inv.mu.Lock()
@@ -41,31 +47,117 @@ func (inv *inventory) take() []string {
 	return c
 }
 
-func newOutbox(inv *inventory, gone func(Record)) (*Outbox, *clocktesting.FakeClock) {
+func newOutbox(inv *inventory, gone func(credential.Record)) (*Outbox, *clocktesting.FakeClock) {
 	clk := clocktesting.NewFakeClock(time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC))
 	return New(Options{Records: inv, Clock: clk, RetryMin: time.Second, RetryMax: 4 * time.Second, Gone: gone}), clk
 }
 
-// Calls are made in the order noted, the latest state of a lease wins,
-// and a revocation is final.
+// A volume's calls are made in the order noted, the latest state of a
+// lease wins, and a revocation is final.
 func TestOrderLatestWinsRevocationFinal(t *testing.T) {
 	ctx := context.Background()
 	inv := &inventory{}
 	o, _ := newOutbox(inv, nil)
-	o.Issued(Record{LeaseID: "new"}) // a rotation: the new lease first,
-	o.Revoked(Record{LeaseID: "old"}, time.Time{})
-	o.Issued(Record{LeaseID: "l1"})
-	o.Issued(Record{LeaseID: "l1"}) // renewed before the first call: one call
-	o.Revoked(Record{LeaseID: "l2"}, time.Time{})
-	o.Issued(Record{LeaseID: "l2"}) // a renewal noted late: the revocation stands
+	o.Issued(credential.Record{VolumeID: "v1", LeaseID: "new"}) // a rotation: the new lease first,
+	o.Revoked(credential.Record{VolumeID: "v1", LeaseID: "old"}, time.Time{})
+	o.Issued(credential.Record{VolumeID: "v2", LeaseID: "l1"})
+	o.Issued(credential.Record{VolumeID: "v2", LeaseID: "l1"}) // renewed before the first call: one call
+	o.Revoked(credential.Record{VolumeID: "v3", LeaseID: "l2"}, time.Time{})
+	o.Issued(credential.Record{VolumeID: "v3", LeaseID: "l2"}) // a renewal noted late: the revocation stands
 	o.Flush(ctx)
-	want := []string{"issued new", "revoked old", "issued l1", "revoked l2"}
-	if got := inv.take(); !slices.Equal(got, want) {
+	got := inv.take()
+	// Volumes are recorded in parallel: the order holds within each.
+	var v1 []string
+	for _, c := range got {
+		if c == "issued new" || c == "revoked old" {
+			v1 = append(v1, c)
+		}
+	}
+	if want := []string{"issued new", "revoked old"}; !slices.Equal(v1, want) {
+		t.Errorf("the rotation's calls %v, want %v", v1, want)
+	}
+	slices.Sort(got)
+	if want := []string{"issued l1", "issued new", "revoked l2", "revoked old"}; !slices.Equal(got, want) {
 		t.Errorf("calls %v, want %v", got, want)
 	}
 	o.Flush(ctx)
 	if got := inv.take(); len(got) != 0 {
 		t.Errorf("calls made twice: %v", got)
+	}
+}
+
+// slowInventory holds every call until release is closed, and counts the
+// calls in flight, overall and per volume.
+type slowInventory struct {
+	inventory
+	release  chan struct{}
+	mu       sync.Mutex
+	inFlight map[string]int
+	most     int // calls in flight at once, overall
+	overlap  bool
+}
+
+func (s *slowInventory) hold(r credential.Record, name string) error {
+	s.mu.Lock()
+	s.inFlight[r.VolumeID]++
+	n := 0
+	for _, v := range s.inFlight {
+		n += v
+	}
+	s.most = max(s.most, n)
+	s.overlap = s.overlap || s.inFlight[r.VolumeID] > 1
+	s.mu.Unlock()
+	<-s.release
+	s.mu.Lock()
+	s.inFlight[r.VolumeID]--
+	s.mu.Unlock()
+	return s.call(name, r)
+}
+
+func (s *slowInventory) Issued(_ context.Context, r credential.Record) error {
+	return s.hold(r, "issued")
+}
+func (s *slowInventory) Revoked(_ context.Context, r credential.Record) error {
+	return s.hold(r, "revoked")
+}
+
+// A burst of publishes is recorded in parallel, Workers volumes at once,
+// and never two calls of one volume at once.
+func TestVolumesRecordedInParallel(t *testing.T) {
+	inv := &slowInventory{release: make(chan struct{}), inFlight: map[string]int{}}
+	clk := clocktesting.NewFakeClock(time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC))
+	o := New(Options{Records: inv, Clock: clk, Workers: 4})
+	for i := range 12 {
+		v := fmt.Sprintf("v%d", i)
+		o.Issued(credential.Record{VolumeID: v, LeaseID: v + "-new"})
+		o.Revoked(credential.Record{VolumeID: v, LeaseID: v + "-old"}, time.Time{})
+	}
+	done := make(chan struct{})
+	go func() { o.Flush(context.Background()); close(done) }()
+	inFlight := func() int {
+		inv.mu.Lock()
+		defer inv.mu.Unlock()
+		return inv.most
+	}
+	for deadline := time.Now().Add(30 * time.Second); inFlight() < 4; time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d calls in flight at most, want 4 (Workers)", inFlight())
+		}
+	}
+	close(inv.release)
+	<-done
+	if inv.most != 4 || inv.overlap {
+		t.Errorf("%d calls at once (want 4), two of one volume at once: %v", inv.most, inv.overlap)
+	}
+	calls := inv.take()
+	if len(calls) != 24 {
+		t.Fatalf("%d calls made, want 24", len(calls))
+	}
+	for i := range 12 {
+		v := fmt.Sprintf("v%d", i)
+		if a, b := slices.Index(calls, "issued "+v+"-new"), slices.Index(calls, "revoked "+v+"-old"); a < 0 || b < a {
+			t.Errorf("volume %s: the new lease recorded at %d, the old released at %d", v, a, b)
+		}
 	}
 }
 
@@ -76,8 +168,8 @@ func TestRetriesAndNotBefore(t *testing.T) {
 	inv := &inventory{err: errors.New("the API server is down")}
 	o, clk := newOutbox(inv, nil)
 	expiry := clk.Now().Add(time.Hour)
-	o.Issued(Record{LeaseID: "l1"})
-	o.Revoked(Record{LeaseID: "sts"}, expiry)
+	o.Issued(credential.Record{LeaseID: "l1"})
+	o.Revoked(credential.Record{LeaseID: "sts"}, expiry)
 	for i, s := range []struct {
 		step time.Duration
 		want []string
@@ -92,7 +184,9 @@ func TestRetriesAndNotBefore(t *testing.T) {
 	} {
 		clk.Step(s.step)
 		wait := o.Flush(ctx)
-		if got := inv.take(); !slices.Equal(got, s.want) {
+		got := inv.take()
+		slices.Sort(got) // two volumes: no order between them
+		if !slices.Equal(got, s.want) {
 			t.Fatalf("step %d: calls %v, want %v", i, got, s.want)
 		}
 		if i == 0 && wait != time.Second {
@@ -105,7 +199,9 @@ func TestRetriesAndNotBefore(t *testing.T) {
 	clk.Step(4 * time.Second)
 	o.Flush(ctx)
 	o.Flush(ctx)
-	if got := inv.take(); !slices.Equal(got, []string{"issued l1", "revoked sts"}) {
+	got := inv.take()
+	slices.Sort(got)
+	if !slices.Equal(got, []string{"issued l1", "revoked sts"}) {
 		t.Errorf("calls once the inventory answers: %v", got)
 	}
 }
@@ -114,10 +210,10 @@ func TestRetriesAndNotBefore(t *testing.T) {
 // Gone is told, once.
 func TestRecordGone(t *testing.T) {
 	ctx := context.Background()
-	inv := &inventory{err: fmt.Errorf("%w: deleted", ErrRecordGone)}
-	gone := make(chan Record, 2)
-	o, clk := newOutbox(inv, func(r Record) { gone <- r })
-	o.Issued(Record{LeaseID: "l1", VolumeID: "v1"})
+	inv := &inventory{err: fmt.Errorf("%w: deleted", credential.ErrRecordGone)}
+	gone := make(chan credential.Record, 2)
+	o, clk := newOutbox(inv, func(r credential.Record) { gone <- r })
+	o.Issued(credential.Record{LeaseID: "l1", VolumeID: "v1"})
 	o.Flush(ctx)
 	if r := <-gone; r.VolumeID != "v1" {
 		t.Errorf("Gone told of %+v", r)
@@ -138,7 +234,7 @@ func TestRun(t *testing.T) {
 	done := make(chan struct{})
 	go func() { o.Run(ctx); close(done) }()
 	defer func() { cancel(); <-done }()
-	o.Issued(Record{LeaseID: "l1"})
+	o.Issued(credential.Record{LeaseID: "l1"})
 	calls := func() int {
 		inv.mu.Lock()
 		defer inv.mu.Unlock()

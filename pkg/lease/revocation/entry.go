@@ -3,6 +3,7 @@ package revocation
 import (
 	"time"
 
+	"github.com/ephemeral-secrets/csi-driver/pkg/credential"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
 )
 
@@ -20,4 +21,13 @@ type Entry struct {
 	NotBefore time.Time `json:"notBefore,omitzero"`
 	Attempts  int       `json:"attempts"`
 	LastError string    `json:"lastError,omitempty"`
+}
+
+// Credential is the record of the credential e revokes: what the audit
+// trail and the cluster's inventory say of it.
+func (e Entry) Credential() credential.Record {
+	return credential.Record{
+		VolumeID: e.VolumeID, Pod: e.Pod, Class: e.Class, Provider: e.Lease.Provider, Role: e.Lease.Role,
+		LeaseID: e.Lease.ID, Task: e.Task, IssuedAt: e.Lease.IssuedAt, ExpiresAt: e.Lease.ExpiresAt,
+	}
 }

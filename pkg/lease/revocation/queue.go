@@ -3,7 +3,8 @@
 // backend confirmed (or said it cannot revoke it), across failures and
 // restarts. The lease manager (pkg/lease) adds to it and waits on it; the
 // queue calls the providers. It owns the shape of its entries (Entry);
-// the store keeps them opaque. It imports pkg/provider, pkg/audit,
+// the store keeps them opaque. It imports pkg/provider, pkg/credential
+// (the record of what an entry revokes), pkg/audit,
 // pkg/metrics and pkg/lease/keylock, nothing of the lease manager's and
 // not pkg/storage.
 //
@@ -485,14 +486,8 @@ func (q *Queue) fail(r Entry, gen uint64, err error) {
 // audit writes the record of an attempt at r: its stage, outcome and
 // error (nil: none).
 func (q *Queue) audit(r Entry, stage audit.Stage, outcome string, err error) {
-	rec := audit.Record{
-		Stage: stage, VolumeID: r.VolumeID, Pod: r.Pod, Class: r.Class, Outcome: outcome,
-		Provider: r.Lease.Provider, Role: r.Lease.Role, LeaseID: r.Lease.ID, Task: r.Task, Detail: r.Reason,
-	}
-	if t := r.Lease.ExpiresAt; !t.IsZero() {
-		t = t.UTC()
-		rec.ExpiresAt = &t
-	}
+	rec := audit.Of(r.Credential())
+	rec.Stage, rec.Outcome, rec.Detail = stage, outcome, r.Reason
 	if !r.Lease.IssuedAt.IsZero() {
 		rec.Lifetime = q.clock.Since(r.Lease.IssuedAt).Round(time.Millisecond).String()
 	}

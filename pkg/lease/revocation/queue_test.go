@@ -200,7 +200,8 @@ func TestBacklogDrainsInParallel(t *testing.T) {
 	}
 	close(hold)
 	f.waitCalls(t, backlog-workers)
-	for deadline := time.Now().Add(30 * time.Second); f.q.Len() > 0 && time.Now().Before(deadline); {
+	// Revoked is told after the entry leaves the index: wait for both.
+	for deadline := time.Now().Add(30 * time.Second); (f.q.Len() > 0 || len(f.revoked()) < backlog) && time.Now().Before(deadline); {
 		time.Sleep(time.Millisecond)
 	}
 	if f.q.Len() != 0 || f.store.len() != 0 {

@@ -1,16 +1,30 @@
 // Command cluster measures what our volume adds to a pod's start-up in a
 // real cluster (make bench-cluster): the single-node cluster of package
-// node, the driver installed from the chart with helm, built with the
+// node, the driver installed from the chart with helm (PostgreSQL through
+// the issuer, providers.postgres.enabled), built with the
 // benchmark's extra provider "static" (test/bench/driver), and PostgreSQL
 // with the postgres example's database. It creates pods one at a time,
 // each once the one before is Running, interleaving three kinds: our
 // volume with the static provider, our volume with the example's postgres
 // class (db-check logs in with it), and an emptyDir. It times the Create
 // call to the Running phase seen on a watch, then deletes the pods in the
-// same order, timing the Delete call to the pod gone. It prints a table and
-// writes the samples and their summary as JSON.
+// same order, timing the Delete call to the pod gone.
 //
-//	go run ./test/bench/cluster [--pods 20] [--out bench-cluster-results.json]
+// Then the burst row: --burst pods created at once (concurrent Create
+// calls, no client-side rate limit), half with our volume and the
+// postgres example's class, its role minted by the issuer (the chart's
+// Deployment, providers.postgres.enabled), half with an in-memory
+// emptyDir, interleaved, all running the pause container. It times the
+// burst's start to each pod Running and to the last, checks each
+// postgres pod's credential logs in and has its Credential, deletes the
+// pods at once and waits until no Credential object and no role of them
+// is left (a leak fails the run). --burst-rounds repeats it.
+//
+// It prints the tables and writes the samples and their summaries as JSON.
+//
+//	go run ./test/bench/cluster [--pods 20] [--burst 100] [--burst-rounds 3] [--out bench-cluster-results.json]
+//
+// The burst alone: --pods 0 (after make postgres node).
 package main
 
 import (
@@ -66,9 +80,10 @@ var (
 		{"postgres", csiVolume("orders-db"), corev1.Container{Name: "app", Image: node.DBCheckImage, Args: []string{
 			"--env-file=/run/secrets/db/pg.env", "--allowed=SELECT count(*) FROM orders",
 			"--forbidden=SELECT count(*) FROM customers", "--hold=30s"}}},
-		// medium Memory: kubelet mounts a tmpfs, as the driver does
-		{"emptyDir", corev1.VolumeSource{EmptyDir: &corev1.EmptyDirVolumeSource{Medium: corev1.StorageMediumMemory}}, pause},
+		{"emptyDir", emptyDir, pause},
 	}
+	// medium Memory: kubelet mounts a tmpfs, as the driver does
+	emptyDir = corev1.VolumeSource{EmptyDir: &corev1.EmptyDirVolumeSource{Medium: corev1.StorageMediumMemory}}
 )
 
 // pod is a pod of kind k, with the example workload's security settings.
@@ -108,16 +123,18 @@ func main() {
 	if !node.Inside() {
 		os.Exit(node.RunInside())
 	}
-	perKind := flag.Int("pods", 20, "pods of each kind")
+	perKind := flag.Int("pods", 20, "pods of each kind, one at a time (0: none)")
+	burstSize := flag.Int("burst", 100, "pods of a burst, half of each kind (0: no burst)")
+	rounds := flag.Int("burst-rounds", 3, "bursts, one after the other")
 	out := flag.String("out", "bench-cluster-results.json", "JSON results")
 	flag.Parse()
-	if err := run(context.Background(), *perKind, *out); err != nil {
+	if err := run(context.Background(), *perKind, *burstSize, *rounds, *out); err != nil {
 		fmt.Fprintln(os.Stderr, "bench-cluster:", err)
 		os.Exit(1)
 	}
 }
 
-func run(ctx context.Context, perKind int, out string) error {
+func run(ctx context.Context, perKind, burstSize, rounds int, out string) error {
 	logf := func(format string, args ...any) { fmt.Printf(time.Now().Format("15:04:05 ")+format+"\n", args...) }
 	root, err := os.Getwd()
 	if err != nil {
@@ -146,16 +163,12 @@ func run(ctx context.Context, perKind int, out string) error {
 		return err
 	}
 	defer db.Close()
-	example, err := os.ReadFile(filepath.Join(root, "examples/postgres/admin/backends.yaml"))
+	backends, err := db.ExampleBackends(root)
 	if err != nil {
 		return err
 	}
-	backends, err := db.Backends(example)
-	if err != nil {
-		return err
-	}
-	logf("installing the driver with helm")
-	if err := n.InstallDriver(ctx, root, backends); err != nil {
+	logf("installing the driver with helm, PostgreSQL through the issuer")
+	if err := n.InstallDriver(ctx, root, backends, node.PostgresProfile()...); err != nil {
 		return err
 	}
 	for _, f := range []string{"namespace.yaml", "secretproviderclass.yaml"} {
@@ -171,12 +184,24 @@ func run(ctx context.Context, perKind int, out string) error {
 		return err
 	}
 
-	samples, err := measure(ctx, n, perKind, logf)
-	if err != nil {
-		logf("%s", n.Describe(ctx))
-		return err
+	var samples []Sample
+	if perKind > 0 {
+		if samples, err = measure(ctx, n, perKind, logf); err != nil {
+			logf("%s", n.Describe(ctx))
+			return err
+		}
+		if err := n.WaitNoCredentials(ctx, db, namespace, node.ExampleRolePrefix, cleanBound); err != nil {
+			return fmt.Errorf("after the pods one at a time: %w", err)
+		}
 	}
-	return report(samples, out)
+	var bursts []BurstRound
+	if burstSize > 0 {
+		if bursts, err = burst(ctx, n, db, burstSize, rounds, logf); err != nil {
+			logf("%s", n.Describe(ctx))
+			return err
+		}
+	}
+	return report(samples, bursts, out)
 }
 
 // measure starts a warm-up pod of each kind (not counted), then perKind
@@ -350,7 +375,28 @@ type Summary struct {
 	Scheduled, Container, Running, Gone Stats
 }
 
-func report(samples []Sample, out string) error {
+// report prints the tables and writes the JSON: the pods one at a time
+// (if any), and the bursts (if any).
+func report(samples []Sample, bursts []BurstRound, out string) error {
+	results := map[string]any{}
+	if len(samples) > 0 {
+		sum, ratio := reportOneAtATime(samples)
+		results["summary"], results["medianRatioToEmptyDir"], results["samples"] = sum, ratio, samples
+	}
+	if len(bursts) > 0 {
+		printBurst(bursts)
+		results["burst"] = map[string]any{"median": mediansOf(bursts), "rounds": bursts}
+	}
+	b, err := json.MarshalIndent(results, "", "  ")
+	if err != nil {
+		return err
+	}
+	return os.WriteFile(out, append(b, '\n'), 0o644)
+}
+
+// reportOneAtATime prints the table of the pods started one at a time
+// and returns its summary and its ratios to emptyDir.
+func reportOneAtATime(samples []Sample) (map[string]*Summary, map[string]map[string]float64) {
 	sum := map[string]*Summary{}
 	for _, k := range kinds {
 		var sched, container, running, gone []float64
@@ -393,9 +439,5 @@ func report(samples []Sample, out string) error {
 			fmt.Printf("warning, pod %s: %s\n", s.Pod, w)
 		}
 	}
-	b, err := json.MarshalIndent(map[string]any{"summary": sum, "medianRatioToEmptyDir": ratio, "samples": samples}, "", "  ")
-	if err != nil {
-		return err
-	}
-	return os.WriteFile(out, append(b, '\n'), 0o644)
+	return sum, ratio
 }
