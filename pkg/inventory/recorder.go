@@ -14,6 +14,7 @@ import (
 
 	v1alpha1 "github.com/ephemeral-secrets/csi-driver/pkg/apis/ephemeralsecrets/v1alpha1"
 	"github.com/ephemeral-secrets/csi-driver/pkg/credential"
+	"github.com/ephemeral-secrets/csi-driver/pkg/inventory/record"
 )
 
 // Recorder is the issuer's Inventory (and its Withdrawals; pkg/cli,
@@ -32,7 +33,7 @@ type Recorder struct {
 // may be nil) answers Tracked and finds records by lease ID once it has
 // synced; the Recorder asks the API server until then.
 func NewRecorder(c *Client, informer cache.SharedIndexInformer) *Recorder {
-	return &Recorder{store: store{client: c, finalizer: v1alpha1.FinalizerRevoke, cache: informer, created: newCreated()},
+	return &Recorder{store: store{client: c, finalizer: v1alpha1.FinalizerRevoke, cache: informer, created: record.NewCreated()},
 		informer: informer, seen: newSightings(informer)}
 }
 
@@ -83,7 +84,7 @@ func (r *Recorder) Dropped(ctx context.Context, leaseID string) error {
 func (r *Recorder) releaseLive(ctx context.Context, namespace, name string) error {
 	deleting, first := false, true
 	err := retry.RetryOnConflict(retry.DefaultRetry, func() error {
-		c, err := r.read(ctx, namespace, name, first)
+		c, err := r.record().Read(ctx, namespace, name, first)
 		first = false
 		if err != nil {
 			return err

@@ -5,7 +5,6 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
-	"strings"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
@@ -17,6 +16,7 @@ import (
 
 	v1alpha1 "github.com/ephemeral-secrets/csi-driver/pkg/apis/ephemeralsecrets/v1alpha1"
 	"github.com/ephemeral-secrets/csi-driver/pkg/credential"
+	"github.com/ephemeral-secrets/csi-driver/pkg/inventory/record"
 )
 
 // A tombstone is the record that a pod's volume had its credential
@@ -36,12 +36,8 @@ func TombstoneName(podUID, volumeID string) string {
 }
 
 // IsTombstone tells whether c is a tombstone rather than the record of a
-// credential: by its name too, so that a tombstone just created, whose
-// status is not written yet, is never taken for the record it copies (a
-// drop of that lease deleted it; found by the real-cluster suite).
-func IsTombstone(c *v1alpha1.Credential) bool {
-	return c.Status.State == v1alpha1.StateWithdrawn || strings.HasPrefix(c.Name, v1alpha1.TombstonePrefix)
-}
+// credential (record.IsTombstone).
+var IsTombstone = record.IsTombstone
 
 // tombstoneOf reports whether c is the tombstone of pod UID's volume.
 func tombstoneOf(c *v1alpha1.Credential, podUID, volumeID string) bool {
