@@ -20,6 +20,7 @@ import (
 	"github.com/ephemeral-secrets/csi-driver/pkg/metrics"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider/aws"
+	"github.com/ephemeral-secrets/csi-driver/pkg/provider/gcp"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider/postgres"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider/vault"
 )
@@ -43,6 +44,10 @@ type backendConfig struct {
 	// AWS configures the aws provider (STS sessions, Secrets Manager and
 	// SSM values). Read by the node plugins.
 	AWS *aws.Config `json:"aws,omitempty"`
+	// GCP configures the gcp provider (a Google access token per pod
+	// through Workload Identity Federation, Secret Manager values). Read
+	// by the node plugins.
+	GCP *gcp.Config `json:"gcp,omitempty"`
 }
 
 // decodeBackends decodes the backend file (read from path) strictly: an
@@ -103,6 +108,12 @@ func (b *backends) providers(data []byte) (*provider.Registry, *issuer.Issuer, e
 	if cfg.AWS != nil {
 		p, err := aws.New(*cfg.AWS)
 		if err := add(aws.Name, p, err); err != nil {
+			return fail(err)
+		}
+	}
+	if cfg.GCP != nil {
+		p, err := gcp.New(*cfg.GCP)
+		if err := add(gcp.Name, p, err); err != nil {
 			return fail(err)
 		}
 	}

@@ -140,6 +140,9 @@ func checkIssuerFile(path string) (string, error) {
 			if all.AWS != nil {
 				unread = append(unread, "aws")
 			}
+			if all.GCP != nil {
+				unread = append(unread, "gcp")
+			}
 			if len(unread) > 0 {
 				summary += "; not read by the issuer: " + strings.Join(unread, ", ") + " (the node plugins' Secret)"
 			}
