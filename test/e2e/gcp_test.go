@@ -276,3 +276,81 @@ func TestGCPTokenIsRenewedBeforeExpiryAndNotAfterUnpublish(t *testing.T) {
 		t.Errorf("calls after unpublish: %v, at unpublish %v: renewal did not stop", got, after)
 	}
 }
+
+// TestGCPBackendCallsFail makes each call to Google (STS, IAM
+// Credentials, Secret Manager) fail at publish and at renewal in each way
+// a call fails: refused (UNAVAILABLE), timed out (no answer until the
+// driver's backend timeout), and done but unanswered (the stand-in mints
+// or reads, then drops the connection). A publish fails Unavailable
+// (kubelet retries) leaving nothing; a renewal fails, the pod keeps its
+// token meanwhile, and the retry replaces it. Revocation makes no call
+// (Google revokes nothing), so there is nothing to fail there.
+func TestGCPBackendCallsFail(t *testing.T) {
+	ctx := context.Background()
+	e := setupGCP(t, 60, "--renew-fraction", "0.05", "--backend-timeout", "1s")
+	e.put("api-key", "gcp-api-key-v1")
+	e.put("db", `{"password":"gcp-db-password"}`)
+	kinds := []struct {
+		name   string
+		inject func(service string)
+	}{
+		{"refused", func(s string) { e.google.Fail(s, 1, http.StatusServiceUnavailable, 0) }},
+		{"timed-out", func(s string) { e.google.Fail(s, 1, http.StatusServiceUnavailable, time.Minute) }},
+		// A read (Secret Manager's GET) is idempotent: net/http sends it
+		// again when a reused connection drops it unanswered, on each idle
+		// connection (at most 2) and then a new one; its reply is lost on
+		// all of them.
+		{"lost-reply", func(s string) { e.google.Lose(s, 3) }},
+	}
+	disarm := func(s string) { e.google.Lose(s, 0) }
+	renewErrors := func() int {
+		n := 0
+		for _, r := range auditRecords(t, e.audit) {
+			if r == "renew/error" {
+				n++
+			}
+		}
+		return n
+	}
+	i := 0
+	for _, service := range []string{gcptest.STS, gcptest.IAM, gcptest.Access} {
+		for _, k := range kinds {
+			t.Run(service+"/"+k.name, func(t *testing.T) {
+				i++
+				pod := e.pod(t, fmt.Sprintf("gcp-fault-%d", i), "app")
+				k.inject(service)
+				if _, err := e.kube.Publish(ctx, pod, dbVolume("gcp-agent")); status.Code(err) != codes.Unavailable {
+					t.Fatalf("publish: %v, want Unavailable", err)
+				}
+				disarm(service)
+				if _, err := os.Stat(e.kube.TargetPath(pod, "db")); !os.IsNotExist(err) {
+					t.Errorf("a failed publish left its target: %v", err)
+				}
+				// kubelet retries.
+				target, err := e.kube.Publish(ctx, pod, dbVolume("gcp-agent"))
+				if err != nil {
+					t.Fatalf("the retried publish: %v", err)
+				}
+				tok := readSecret(t, target, "access-token")
+				if got := readSecret(t, target, "api-key"); got != "gcp-api-key-v1" {
+					t.Errorf("api-key = %q", got)
+				}
+				// The next renewal's call fails; the pod keeps a token that
+				// works until the retry replaces it.
+				errs := renewErrors()
+				k.inject(service)
+				harness.Eventually(t, 30*time.Second, "a renewal failed", func() (bool, error) { return renewErrors() > errs, nil })
+				disarm(service)
+				if _, code := e.tokenInfo(t, readSecret(t, target, "access-token")); code != http.StatusOK {
+					t.Errorf("after the failed renewal the pod's token gets HTTP %d", code)
+				}
+				harness.Eventually(t, 30*time.Second, "the retry replaced the token", func() (bool, error) {
+					return readSecret(t, target, "access-token") != tok && renewErrors() > errs, nil
+				})
+				if err := e.kube.Unpublish(ctx, pod, "db"); err != nil {
+					t.Fatal(err)
+				}
+			})
+		}
+	}
+}
