@@ -62,8 +62,13 @@ func vaultParams(n *node, extra map[string]string) map[string]string {
 }
 
 func awsParams(n *node, extra map[string]string) map[string]string {
-	p := map[string]string{"region": "us-east-1", "roleArn": "arn:aws:iam::111122223333:role/app", "stsEndpoint": n.sts.URL,
-		"objects": "- {objectName: session, objectType: sts}\n- {objectName: db, objectType: secretsmanager}"}
+	return with(map[string]string{"region": "us-east-1", "roleArn": "arn:aws:iam::111122223333:role/app", "stsEndpoint": n.sts.URL,
+		"objects": "- {objectName: session, objectType: sts}\n- {objectName: db, objectType: secretsmanager}"}, extra)
+}
+
+// with is p with the parameters of extra set, those of an empty value
+// removed.
+func with(p, extra map[string]string) map[string]string {
 	for k, v := range extra {
 		if v == "" {
 			delete(p, k)
@@ -82,15 +87,7 @@ const (
 // gcpParams is a class the admin's gcp section allows; an empty value
 // in extra removes the parameter.
 func gcpParams(extra map[string]string) map[string]string {
-	p := map[string]string{"secrets": "- {resourceName: projects/proj-a/secrets/db/versions/latest, path: db}"}
-	for k, v := range extra {
-		if v == "" {
-			delete(p, k)
-			continue
-		}
-		p[k] = v
-	}
-	return p
+	return with(map[string]string{"secrets": "- {resourceName: projects/proj-a/secrets/db/versions/latest, path: db}"}, extra)
 }
 
 // withGCPToken gives the pod a service-account token the Google
