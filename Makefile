@@ -2,7 +2,11 @@
 # mount tmpfs. `make demo` and `make test` install what they need.
 
 GO        ?= go
+# The image's two binaries: the node plugin (the DaemonSet), and the
+# all-in-one (the issuer, the housekeeper, the uninstall hook, and the node
+# plugin with every provider and the issuer in process).
 BIN       := bin/ephemeral-secrets-csi
+BIN_ALL   := bin/ephemeral-secrets-csi-all
 VERSION   ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS   := -s -w -X main.version=$(VERSION)
 GOBIN     := $(shell $(GO) env GOPATH)/bin
@@ -21,6 +25,7 @@ all: build
 
 build:
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "$(LDFLAGS)" -o $(BIN) ./cmd/ephemeral-secrets-csi
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "$(LDFLAGS)" -o $(BIN_ALL) ./cmd/ephemeral-secrets-csi-all
 
 # The images, without Docker (test/image/cmd/mkimage): archives for
 # `ctr -n k8s.io images import`, `kind load image-archive` or `docker load`.
@@ -119,8 +124,9 @@ MINIO_VERSION ?= v0.0.0-20260212201848-7aac2a2c5b7c
 aws:
 	@test -x $(TOOLS)/minio || GOBIN=$(TOOLS) $(GO) install github.com/minio/minio@$(MINIO_VERSION)
 
+# The demo's node plugin is its own issuer: the all-in-one binary.
 demo: postgres build
-	$(GO) run ./test/demo --driver $(BIN)
+	$(GO) run ./test/demo --driver $(BIN_ALL)
 
 test: postgres kube kubectl node vault aws promtool
 	$(GO) test $(TESTFLAGS) ./...
@@ -222,20 +228,21 @@ $(CYCLONEDX):
 	GOBIN=$(dir $@) $(GO) install github.com/CycloneDX/cyclonedx-gomod/cmd/cyclonedx-gomod@$(CYCLONEDX_VERSION)
 sbom: $(CYCLONEDX)
 	@mkdir -p bin
-	for arch in amd64 arm64; do \
-		CGO_ENABLED=0 GOOS=linux GOARCH=$$arch $(CYCLONEDX) app -main cmd/ephemeral-secrets-csi -json -licenses \
-			-notimestamp -noserial -output bin/ephemeral-secrets-csi-$(RELEASE)-linux-$$arch.cdx.json . || exit 1; \
-	done
+	for arch in amd64 arm64; do for b in ephemeral-secrets-csi ephemeral-secrets-csi-all; do \
+		CGO_ENABLED=0 GOOS=linux GOARCH=$$arch $(CYCLONEDX) app -main cmd/$$b -json -licenses \
+			-notimestamp -noserial -output bin/$$b-$(RELEASE)-linux-$$arch.cdx.json . || exit 1; \
+	done; done
 
 # The image's SBOM for each platform (test/image/cmd/imagesbom): the
 # image's manifest digest, every file of its layers with its SHA-256 (the
-# CA bundle, /etc/passwd, /etc/group) and the binary with the Go modules of
-# its own SBOM (make sbom).
+# CA bundle, /etc/passwd, /etc/group) and each binary with the Go modules
+# of its own SBOM (make sbom).
 image-sbom: sbom
 	rm -rf bin/image-layout && mkdir -p bin/image-layout && tar -xf $(IMAGE_ARCHIVE) -C bin/image-layout
 	for arch in amd64 arm64; do \
 		$(GO) run ./test/image/cmd/imagesbom --layout bin/image-layout --platform linux/$$arch --name $(IMAGE_REPOSITORY) \
 			--binary /ephemeral-secrets-csi --binary-sbom bin/ephemeral-secrets-csi-$(RELEASE)-linux-$$arch.cdx.json \
+			--binary /ephemeral-secrets-csi-all --binary-sbom bin/ephemeral-secrets-csi-all-$(RELEASE)-linux-$$arch.cdx.json \
 			--out bin/ephemeral-secrets-csi-image-$(RELEASE)-linux-$$arch.cdx.json || exit 1; \
 	done
 
@@ -297,9 +304,17 @@ clean:
 
 # The benchmark: the driver over its real socket beside the syscall floor;
 # prints a table and writes bench-results.json. Then the hot functions.
+# The node plugin's memory and size are compared, in the same run, with
+# the node plugin of BENCH_BEFORE (the last commit before the node plugin
+# and the cluster's commands became two binaries), built from its source.
+BENCH_BEFORE ?= bd97da6
 bench: postgres kube
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "$(LDFLAGS)" -o bin/bench-driver ./test/bench/driver
-	$(GO) run ./test/bench --driver bin/bench-driver --out bench-results.json
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "$(LDFLAGS)" -o bin/bench-driver-all ./test/bench/driver/all
+	rm -rf bin/bench-before-src && mkdir -p bin/bench-before-src && git archive $(BENCH_BEFORE) | tar -x -C bin/bench-before-src
+	cd bin/bench-before-src && CGO_ENABLED=0 $(GO) build -trimpath -ldflags "$(LDFLAGS)" -o ../bench-driver-before ./test/bench/driver
+	rm -rf bin/bench-before-src
+	$(GO) run ./test/bench --driver bin/bench-driver --driver-all bin/bench-driver-all --before bin/bench-driver-before --out bench-results.json
 	$(GO) run ./test/bench/issuer --out bench-issuer-results.json
 	$(GO) test -run '^$$' -bench . -benchmem -benchtime 2000x ./pkg/storage ./pkg/render
 	$(GO) test -run '^$$' -bench . -benchtime 200x ./pkg/issuer

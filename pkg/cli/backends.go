@@ -3,6 +3,7 @@ package cli
 import (
 	"context"
 	"crypto/sha256"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -15,13 +16,9 @@ import (
 	"sigs.k8s.io/yaml"
 
 	"github.com/ephemeral-secrets/csi-driver/pkg/audit"
-	"github.com/ephemeral-secrets/csi-driver/pkg/issuer"
-	pgengine "github.com/ephemeral-secrets/csi-driver/pkg/issuer/postgres"
 	"github.com/ephemeral-secrets/csi-driver/pkg/metrics"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
-	"github.com/ephemeral-secrets/csi-driver/pkg/provider/aws"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider/gcp"
-	"github.com/ephemeral-secrets/csi-driver/pkg/provider/postgres"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider/vault"
 )
 
@@ -34,16 +31,20 @@ import (
 // postgres section; without an issuer (issuer.enabled=false, the demo)
 // the node plugin reads every section. The node plugins re-read their
 // file when it changes; the issuer reads its file at start only.
+//
+// This binary serves the vault and gcp sections itself; the others are
+// Sections of the build (ephemeral-secrets-csi-all: postgres with the issuer in
+// process, and aws), whose types pkg/cli/allinone documents. Here they
+// are kept undecoded, so that the node plugin links neither the issuer
+// nor the AWS SDK.
 type backendConfig struct {
-	// Postgres configures the postgres provider: the databases roles are
-	// made in, and the roles classes may ask for. Read by the issuer.
-	Postgres *pgengine.Config `json:"postgres,omitempty"`
+	// Postgres configures the postgres provider (a Section).
+	Postgres json.RawMessage `json:"postgres,omitempty"`
 	// Vault configures the vault provider (Vault and OpenBao): the servers
 	// classes may name and how each is trusted. Read by the node plugins.
 	Vault *vault.Config `json:"vault,omitempty"`
-	// AWS configures the aws provider (STS sessions, Secrets Manager and
-	// SSM values). Read by the node plugins.
-	AWS *aws.Config `json:"aws,omitempty"`
+	// AWS configures the aws provider (a Section).
+	AWS json.RawMessage `json:"aws,omitempty"`
 	// GCP configures the gcp provider (a Google access token per pod
 	// through Workload Identity Federation, Secret Manager values). Read
 	// by the node plugins.
@@ -57,28 +58,69 @@ type backendConfig struct {
 func decodeBackends(path string, data []byte) (backendConfig, error) {
 	var cfg backendConfig
 	if err := yaml.UnmarshalStrict(data, &cfg); err != nil {
-		return backendConfig{}, fmt.Errorf("backend config %s: not valid (check its keys and indentation)", path)
+		return backendConfig{}, errNotValid(path)
 	}
 	return cfg, nil
 }
 
+func errNotValid(path string) error {
+	return fmt.Errorf("backend config %s: not valid (check its keys and indentation)", path)
+}
+
+// Section serves one section of the backend file that the node plugin
+// does not carry itself (ephemeral-secrets-csi-all's postgres, with the
+// issuer in process, and aws).
+type Section struct {
+	// Build decodes data (the section as JSON) strictly and builds its
+	// provider, connecting to nothing yet. Its errors never quote data.
+	Build func(data []byte, env SectionEnv) (Built, error)
+}
+
+// SectionEnv is what a Section's provider may use.
+type SectionEnv struct {
+	// Path is the backend file's (for errors, which never quote data).
+	Path string
+	// Reap is how often an in-process issuer reaps expired roles.
+	Reap    time.Duration
+	Audit   *audit.Logger
+	Metrics *metrics.Metrics
+}
+
+// Built is a Section's provider, and what it runs.
+type Built struct {
+	Provider provider.Provider
+	// Run, if set, runs until ctx is done (an in-process issuer's reaper)
+	// in a serving driver; check-config never calls it.
+	Run func(ctx context.Context)
+	// Close, if set, releases what Build opened.
+	Close func()
+}
+
+// notServed says why a section this binary has no Section for does not
+// load, and where it does.
+var notServed = map[string]string{
+	"postgres": "a postgres section, which this node plugin does not serve: the admin credential belongs to the issuer " +
+		"(--issuer-address); remove the section from the node's backend configuration, or run " +
+		"\"ephemeral-secrets-csi-all serve\" (the node plugin with the issuer in process, when there is no cluster issuer)",
+	"aws": "an aws section, which this node plugin does not serve: run \"ephemeral-secrets-csi-all serve\" " +
+		"(the chart does with providers.aws.enabled)",
+}
+
 // providers builds the providers data (the content of the backend file)
-// configures, and those of extra, and connects to nothing: the postgres
-// section's issuer is returned unstarted (nil without the section), for
-// the caller to run its reaper and to close it. Its errors never quote
-// data: the file holds admin credentials. check-config loads a file
-// through it, so what it accepts is what a serving driver accepts.
-func (b *backends) providers(data []byte) (*provider.Registry, *issuer.Issuer, error) {
+// configures, and those of extra, and connects to nothing: what the
+// sections run is returned unstarted, for the caller to run and to
+// close. Its errors never quote data: the file holds admin credentials.
+// check-config loads a file through it, so what it accepts is what a
+// serving driver accepts.
+func (b *backends) providers(data []byte) (*provider.Registry, []Built, error) {
 	cfg, err := decodeBackends(b.path, data)
 	if err != nil {
 		return nil, nil, err
 	}
 	reg := &provider.Registry{}
-	var iss *issuer.Issuer
-	fail := func(err error) (*provider.Registry, *issuer.Issuer, error) {
-		if iss != nil {
-			iss.Close()
-		}
+	var built []Built
+	fail := func(err error) (*provider.Registry, []Built, error) {
+		closeBuilt(built)
 		return nil, nil, err
 	}
 	add := func(name string, p provider.Provider, err error) error {
@@ -87,17 +129,26 @@ func (b *backends) providers(data []byte) (*provider.Registry, *issuer.Issuer, e
 		}
 		return reg.Register(name, p)
 	}
-	if cfg.Postgres != nil {
-		// The postgres section is served by an issuer in this process (the
-		// cluster's issuer Deployment is the other transport of the same
-		// code): the node side mints through iss.Local().
-		if iss, err = issuer.New(issuer.Options{Config: *cfg.Postgres, ReapInterval: b.reap, Audit: b.audit,
-			OnReap: countReaps(b.metrics)}); err != nil {
-			return fail(err)
+	section := func(name string, raw json.RawMessage) error {
+		if len(raw) == 0 || string(raw) == "null" {
+			return nil
 		}
-		if err := reg.Register(postgres.Name, postgres.NewNode(iss.Local())); err != nil {
-			return fail(err)
+		s, ok := b.sections[name]
+		if !ok {
+			return fmt.Errorf("backend config %s: %s", b.path, notServed[name])
 		}
+		bt, err := s.Build(raw, SectionEnv{Path: b.path, Reap: b.reap, Audit: b.audit, Metrics: b.metrics})
+		if err != nil {
+			return err
+		}
+		built = append(built, bt)
+		return reg.Register(name, bt.Provider)
+	}
+	// The postgres section is served by an issuer in this process (the
+	// cluster's issuer Deployment is the other transport of the same
+	// code): its provider mints through it.
+	if err := section("postgres", cfg.Postgres); err != nil {
+		return fail(err)
 	}
 	if cfg.Vault != nil {
 		p, err := vault.New(*cfg.Vault)
@@ -105,11 +156,8 @@ func (b *backends) providers(data []byte) (*provider.Registry, *issuer.Issuer, e
 			return fail(err)
 		}
 	}
-	if cfg.AWS != nil {
-		p, err := aws.New(*cfg.AWS)
-		if err := add(aws.Name, p, err); err != nil {
-			return fail(err)
-		}
+	if err := section("aws", cfg.AWS); err != nil {
+		return fail(err)
 	}
 	if cfg.GCP != nil {
 		p, err := gcp.New(*cfg.GCP)
@@ -122,24 +170,32 @@ func (b *backends) providers(data []byte) (*provider.Registry, *issuer.Issuer, e
 			return fail(err)
 		}
 	}
-	return reg, iss, nil
+	return reg, built, nil
+}
+
+func closeBuilt(built []Built) {
+	for _, bt := range built {
+		if bt.Close != nil {
+			bt.Close()
+		}
+	}
 }
 
 // build builds the providers of data and extra (providers) and starts
-// the in-process issuer's reaper, which runs every reap until the
-// returned closer is called.
+// what the sections run, until the returned closer is called.
 func (b *backends) build(data []byte) (*provider.Registry, func(), error) {
-	reg, iss, err := b.providers(data)
+	reg, built, err := b.providers(data)
 	if err != nil {
 		return nil, nil, err
 	}
-	if iss == nil {
-		return reg, func() {}, nil
-	}
 	ctx, cancel := context.WithCancel(context.Background())
-	reaped := make(chan struct{})
-	go func() { defer close(reaped); iss.Run(ctx) }()
-	return reg, func() { cancel(); <-reaped; iss.Close() }, nil
+	var running sync.WaitGroup
+	for _, bt := range built {
+		if bt.Run != nil {
+			running.Go(func() { bt.Run(ctx) })
+		}
+	}
+	return reg, func() { cancel(); running.Wait(); closeBuilt(built) }, nil
 }
 
 // backends is the serving driver's backend configuration: the registry
@@ -158,7 +214,10 @@ type backends struct {
 	// grace is how long replaced providers stay open: every call with
 	// them is bounded by the backend timeout, so after it none is left.
 	grace time.Duration
-	reap  time.Duration // the in-process issuer's reap interval
+	reap  time.Duration // an in-process issuer's reap interval
+	// sections serve the sections beyond vault and gcp (none in the node
+	// plugin).
+	sections map[string]Section
 	// optional: a missing file is an empty configuration (the node
 	// plugin of a cluster whose issuer serves PostgreSQL needs none; the
 	// chart mounts its Secret optional), loaded when it appears.
@@ -178,8 +237,10 @@ type backends struct {
 
 // loadBackends loads generation 1 of the backend file (none with an empty
 // path) and the providers of extra.
-func loadBackends(path string, optional bool, extra []Register, grace, reap time.Duration, al *audit.Logger, m *metrics.Metrics) (*backends, error) {
-	b := &backends{path: path, optional: optional, extra: extra, grace: grace, reap: reap, audit: al, metrics: m, reg: &provider.Registry{}}
+func loadBackends(path string, optional bool, extra []Register, grace, reap time.Duration, al *audit.Logger, m *metrics.Metrics,
+	sections map[string]Section) (*backends, error) {
+	b := &backends{path: path, optional: optional, extra: extra, grace: grace, reap: reap, audit: al, metrics: m, reg: &provider.Registry{},
+		sections: sections}
 	var data []byte
 	var version [sha256.Size]byte
 	if path != "" {

@@ -3,6 +3,7 @@ package cli
 import (
 	"bytes"
 	"context"
+	"errors"
 	"io"
 	"net/http/httptest"
 	"os"
@@ -11,8 +12,11 @@ import (
 	"testing"
 	"time"
 
+	"sigs.k8s.io/yaml"
+
 	"github.com/ephemeral-secrets/csi-driver/pkg/audit"
 	"github.com/ephemeral-secrets/csi-driver/pkg/metrics"
+	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
 	"github.com/ephemeral-secrets/csi-driver/test/harness"
 )
 
@@ -25,6 +29,22 @@ const pgConfig = `postgres:
           creationStatements: ['CREATE ROLE "{{.Name}}"']
           allowed: [{namespace: a, serviceAccount: b}]
 `
+
+// testSections serve the postgres section in these tests as
+// ephemeral-secrets-csi-all does, decoding it strictly, with a provider
+// that connects to nothing in place of the issuer.
+var testSections = map[string]Section{"postgres": {Build: func(data []byte, _ SectionEnv) (Built, error) {
+	var cfg struct {
+		Connections map[string]any `json:"connections"`
+	}
+	if err := yaml.UnmarshalStrict(data, &cfg); err != nil {
+		return Built{}, errors.New("postgres: not valid")
+	}
+	return Built{Provider: &idleProvider{}}, nil
+}}}
+
+// idleProvider is a provider that is never called.
+type idleProvider struct{ provider.Provider }
 
 // kubeletWrite writes the backend file as kubelet updates a Secret.
 func kubeletWrite(t *testing.T, dir, content string) string {
@@ -61,7 +81,7 @@ func TestReloadCountsEachBadVersionOnce(t *testing.T) {
 	path := kubeletWrite(t, dir, good)
 	m := metrics.New(func() metrics.State { return metrics.State{} })
 	var auditOut bytes.Buffer
-	b, err := loadBackends(path, false, nil, time.Millisecond, time.Hour, audit.New(&auditOut), m)
+	b, err := loadBackends(path, false, nil, time.Millisecond, time.Hour, audit.New(&auditOut), m, testSections)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -122,10 +142,10 @@ func TestOptionalBackendFileMayBeMissing(t *testing.T) {
 	dir := t.TempDir()
 	path := filepath.Join(dir, "backends.yaml")
 	m := metrics.New(func() metrics.State { return metrics.State{} })
-	if _, err := loadBackends(path, false, nil, time.Millisecond, time.Hour, audit.New(io.Discard), m); err == nil {
+	if _, err := loadBackends(path, false, nil, time.Millisecond, time.Hour, audit.New(io.Discard), m, testSections); err == nil {
 		t.Fatal("a missing required backend file loaded")
 	}
-	b, err := loadBackends(path, true, nil, time.Millisecond, time.Hour, audit.New(io.Discard), m)
+	b, err := loadBackends(path, true, nil, time.Millisecond, time.Hour, audit.New(io.Discard), m, testSections)
 	if err != nil {
 		t.Fatalf("a missing optional backend file: %v", err)
 	}

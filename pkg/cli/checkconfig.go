@@ -6,10 +6,8 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"slices"
+	"reflect"
 	"strings"
-
-	"github.com/ephemeral-secrets/csi-driver/pkg/issuer"
 )
 
 // Sides of check-config: which process's loading a backend file goes
@@ -32,20 +30,20 @@ var sideNames = map[string]string{
 	sideAll:    "a node plugin without a cluster issuer (serve without --issuer-address)",
 }
 
-// checkConfig is "ephemeral-secrets-csi check-config [--side S] FILE...":
-// it loads each backend file through the code the chosen side loads it
-// with at start (decoding, the providers' constructors and their checks,
-// the trust files they read), connecting to no backend, and says what is
-// wrong with each. It returns the exit code: 0 every file loads, 1 one
-// does not, 2 bad usage. Nothing it prints quotes a value of a file:
-// those hold admin credentials.
-func checkConfig(args []string, stdout, stderr io.Writer) int {
+// CheckConfig is "check-config [--side S] FILE...", as o builds the
+// command line: it loads each backend file through the code the chosen
+// side loads it with at start (decoding, the providers' constructors and
+// their checks, the trust files they read), connecting to no backend,
+// and says what is wrong with each. It returns the exit code: 0 every
+// file loads, 1 one does not, 2 bad usage. Nothing it prints quotes a
+// value of a file: those hold admin credentials.
+func CheckConfig(o Options, args []string, stdout, stderr io.Writer) int {
 	fs := flag.NewFlagSet("check-config", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	side := fs.String("side", sideNode, "whose loading to check: node (serve --issuer-address, the chart's default), "+
 		"issuer (issuer --backend-config), all (serve without --issuer-address: the node is its own issuer)")
 	fs.Usage = func() {
-		fmt.Fprintln(stderr, "usage: ephemeral-secrets-csi check-config [--side node|issuer|all] FILE...")
+		fmt.Fprintln(stderr, "usage: check-config [--side node|issuer|all] FILE...")
 		fs.PrintDefaults()
 	}
 	if err := fs.Parse(args); err != nil {
@@ -58,14 +56,18 @@ func checkConfig(args []string, stdout, stderr io.Writer) int {
 		fs.Usage()
 		return 2
 	}
+	schema := o.Schema
+	if schema == nil {
+		schema = reflect.TypeFor[backendConfig]()
+	}
 	code := 0
 	for _, path := range fs.Args() {
-		summary, err := checkFile(*side, path)
+		summary, err := checkFile(o, *side, path)
 		if err != nil {
 			code = 1
 			fmt.Fprintf(stderr, "%s: does not load in %s:\n  %v\n", path, sideNames[*side], err)
 			if data, rerr := os.ReadFile(path); rerr == nil {
-				for _, where := range locate(data) {
+				for _, where := range locate(data, schema) {
 					fmt.Fprintf(stderr, "  %s\n", where)
 				}
 			}
@@ -78,75 +80,29 @@ func checkConfig(args []string, stdout, stderr io.Writer) int {
 
 // checkFile loads the backend file at path as side does and returns what
 // it configures.
-func checkFile(side, path string) (string, error) {
+func checkFile(o Options, side, path string) (string, error) {
 	if side == sideIssuer {
-		return checkIssuerFile(path)
+		if o.CheckIssuer == nil {
+			return "", errors.New("the issuer is a command of ephemeral-secrets-csi-all: run its check-config --side issuer")
+		}
+		return o.CheckIssuer(path)
 	}
 	data, err := os.ReadFile(path)
 	if err != nil {
 		return "", fmt.Errorf("backend config: %w", err)
 	}
-	b := &backends{path: path}
+	b := &backends{path: path, sections: o.Sections}
 	if side == sideNode {
-		b.extra = []Register{refuseAdminOnNode}
+		b.extra = []Register{RefuseAdminOnNode}
 	}
-	reg, iss, err := b.providers(data)
+	reg, built, err := b.providers(data)
 	if err != nil {
 		return "", err
 	}
-	if iss != nil {
-		iss.Close() // never started: it connected to nothing
-	}
+	closeBuilt(built) // never started: they connected to nothing
 	names := reg.Names()
 	if len(names) == 0 {
 		return "no provider configured", nil
 	}
 	return "providers " + strings.Join(names, ", "), nil
-}
-
-// checkIssuerFile loads path as the issuer command does: its postgres
-// section, then the issuer built from it (which checks it and connects
-// lazily).
-func checkIssuerFile(path string) (string, error) {
-	cfg, err := readIssuerConfig(path)
-	if err != nil {
-		return "", err
-	}
-	iss, err := issuer.New(issuer.Options{Config: cfg})
-	if err != nil {
-		return "", err
-	}
-	defer iss.Close()
-	var conns []string
-	for name, c := range cfg.Connections {
-		roles := make([]string, 0, len(c.Roles))
-		for r := range c.Roles {
-			roles = append(roles, r)
-		}
-		slices.Sort(roles)
-		conns = append(conns, fmt.Sprintf("%s (roles %s)", name, strings.Join(roles, ", ")))
-	}
-	slices.Sort(conns)
-	summary := "postgres connections " + strings.Join(conns, ", ")
-	// readIssuerConfig decoded the whole file; say which sections it leaves
-	// to the node plugins.
-	data, err := os.ReadFile(path)
-	if err == nil {
-		if all, err := decodeBackends(path, data); err == nil {
-			var unread []string
-			if all.Vault != nil {
-				unread = append(unread, "vault")
-			}
-			if all.AWS != nil {
-				unread = append(unread, "aws")
-			}
-			if all.GCP != nil {
-				unread = append(unread, "gcp")
-			}
-			if len(unread) > 0 {
-				summary += "; not read by the issuer: " + strings.Join(unread, ", ") + " (the node plugins' Secret)"
-			}
-		}
-	}
-	return summary, nil
 }

@@ -18,7 +18,7 @@ import (
 // unknown, given twice or of the wrong kind. It quotes keys only when they
 // look like names, and values never. The verdict is the loader's: locate
 // only points at the place.
-func locate(data []byte) []string {
+func locate(data []byte, schema reflect.Type) []string {
 	var doc yaml3.Node
 	if err := yaml3.Unmarshal(data, &doc); err != nil {
 		if m := yamlLine.FindStringSubmatch(err.Error()); m != nil {
@@ -30,7 +30,7 @@ func locate(data []byte) []string {
 		return nil
 	}
 	var out []string
-	walk(doc.Content[0], reflect.TypeFor[backendConfig](), "", &out)
+	walk(doc.Content[0], schema, "", &out)
 	return out
 }
 
@@ -50,6 +50,9 @@ func showKey(k string) string {
 
 var jsonUnmarshaler = reflect.TypeFor[json.Unmarshaler]()
 
+// rawSection is a section kept undecoded (json.RawMessage).
+var rawSection = reflect.TypeFor[json.RawMessage]()
+
 // walk checks n against t (decoded as sigs.k8s.io/yaml does: YAML to
 // JSON, then encoding/json with unknown fields refused) and appends
 // what does not fit to out; path names n.
@@ -62,6 +65,9 @@ func walk(n *yaml3.Node, t reflect.Type, path string, out *[]string) {
 	}
 	for t.Kind() == reflect.Pointer {
 		t = t.Elem()
+	}
+	if t == rawSection {
+		return // a section this binary keeps undecoded: its Section checks it
 	}
 	at := func(format string, a ...any) {
 		p := path
@@ -182,4 +188,33 @@ func join(path, key string) string {
 		return key
 	}
 	return path + "." + key
+}
+
+// Keys are the keys a backend file of type schema may hold, as its
+// decoder knows them ("a.b", a map's keys as "*", a list's items as
+// "[]"), sorted: what the generated reference (docs/backends.md) must
+// list.
+func Keys(schema reflect.Type) []string {
+	var keys []string
+	var walk func(prefix string, t reflect.Type)
+	walk = func(prefix string, t reflect.Type) {
+		for t.Kind() == reflect.Pointer {
+			t = t.Elem()
+		}
+		switch {
+		case reflect.PointerTo(t).Implements(jsonUnmarshaler):
+		case t.Kind() == reflect.Struct:
+			for key, ft := range jsonFields(t) {
+				keys = append(keys, join(prefix, key))
+				walk(join(prefix, key), ft)
+			}
+		case t.Kind() == reflect.Map:
+			walk(prefix+".*", t.Elem())
+		case t.Kind() == reflect.Slice:
+			walk(prefix+".[]", t.Elem())
+		}
+	}
+	walk("", schema)
+	slices.Sort(keys)
+	return keys
 }

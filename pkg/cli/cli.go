@@ -1,10 +1,14 @@
-// Package cli is the ephemeral-secrets-csi command line: "serve" runs the
-// node plugin (CSI Identity and Node services), "issuer" the cluster
-// issuer, "housekeeper" the inventory's always-on controller, "uninstall"
-// helm's pre-delete hook, "leases" lists the node's live credentials,
-// "check-config" checks a backend file as the driver or the issuer would
-// load it. The binary's main only calls Main; a build with extra
-// providers (the benchmark's) passes them in.
+// Package cli is the node plugin's command line (ephemeral-secrets-csi):
+// "serve" runs the node plugin (CSI Identity and Node services),
+// "leases" lists the node's live credentials, "check-config" checks a
+// backend file as the driver would load it. It links no typed Kubernetes
+// client, no informer factory, no leader election, no issuer and no AWS
+// SDK: a DaemonSet pays for every page of them on every node. The
+// cluster's commands (the issuer, the housekeeper, the uninstall hook)
+// and the node plugin with every provider and the issuer in process are
+// ephemeral-secrets-csi-all (pkg/cli/allinone), which runs this command
+// line with Options. The binary's main only calls Main; a build with
+// extra providers (the benchmark's) passes them in.
 package cli
 
 import (
@@ -16,6 +20,9 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"path/filepath"
+	"reflect"
+	"slices"
 	"sync/atomic"
 	"syscall"
 	"text/tabwriter"
@@ -29,8 +36,7 @@ import (
 	"github.com/ephemeral-secrets/csi-driver/pkg/audit"
 	"github.com/ephemeral-secrets/csi-driver/pkg/driver"
 	"github.com/ephemeral-secrets/csi-driver/pkg/events"
-	"github.com/ephemeral-secrets/csi-driver/pkg/inventory"
-	"github.com/ephemeral-secrets/csi-driver/pkg/issuer"
+	"github.com/ephemeral-secrets/csi-driver/pkg/inventory/record"
 	"github.com/ephemeral-secrets/csi-driver/pkg/lease"
 	"github.com/ephemeral-secrets/csi-driver/pkg/leaseapi"
 	"github.com/ephemeral-secrets/csi-driver/pkg/limits"
@@ -45,30 +51,76 @@ import (
 // those the backend configuration sets up.
 type Register func(*provider.Registry) error
 
-// Main runs the command with args (without the program name) and returns
-// the exit code.
+// Options are what a build adds to the node plugin's command line.
+type Options struct {
+	// Extra are providers a serving driver registers beside those of the
+	// backend file (the benchmark's).
+	Extra []Register
+	// Sections serve the backend file's sections beyond vault and gcp,
+	// by key ("postgres", "aws"); a section without one is refused.
+	Sections map[string]Section
+	// Schema is the backend file's type with every section's, for
+	// check-config's locations of a bad key (default: this binary's).
+	Schema reflect.Type
+	// CheckIssuer loads a file as the issuer does (check-config --side
+	// issuer), returning what it configures; nil: that side is refused.
+	CheckIssuer func(path string) (string, error)
+	// Commands are more subcommands, by name (the issuer's).
+	Commands map[string]func(version string, args []string) error
+	// Sibling, if set, is the binary that runs the commands this build
+	// lacks (the cluster's) and check-config, which knows every section
+	// and side: ephemeral-secrets-csi-all beside the node plugin in the
+	// image. The process becomes it (exec), with the same arguments.
+	Sibling string
+}
+
+// AllBinary is the all-in-one binary's name.
+const AllBinary = "ephemeral-secrets-csi-all"
+
+// Main runs the node plugin's command with args (without the program
+// name) and returns the exit code. The cluster's commands and
+// check-config are run by ephemeral-secrets-csi-all when it is beside
+// this binary (as in the image).
 func Main(version string, args []string, extra ...Register) int {
+	o := Options{Extra: extra}
+	if self, err := os.Executable(); err == nil {
+		o.Sibling = filepath.Join(filepath.Dir(self), AllBinary)
+	}
+	return Run(version, args, o)
+}
+
+// movedCommands are the commands of ephemeral-secrets-csi-all.
+var movedCommands = []string{"issuer", "housekeeper", "uninstall"}
+
+// Run runs the command with args (without the program name) as o builds
+// it and returns the exit code.
+func Run(version string, args []string, o Options) int {
+	if len(args) > 0 && (args[0] == "check-config" || slices.Contains(movedCommands, args[0])) && o.Sibling != "" {
+		if _, err := os.Stat(o.Sibling); err == nil {
+			err = syscall.Exec(o.Sibling, append([]string{o.Sibling}, args...), os.Environ())
+			fmt.Fprintf(os.Stderr, "running %s: %v\n", o.Sibling, err)
+			return 1
+		}
+	}
 	if len(args) > 0 && args[0] == "check-config" {
-		return checkConfig(args[1:], os.Stdout, os.Stderr)
+		return CheckConfig(o, args[1:], os.Stdout, os.Stderr)
 	}
 	cmd := "serve"
-	if len(args) > 0 && (args[0] == "serve" || args[0] == "leases" || args[0] == "issuer" || args[0] == "housekeeper" ||
-		args[0] == "uninstall" || args[0] == "version") {
+	if len(args) > 0 && (args[0] == "serve" || args[0] == "leases" || args[0] == "version" ||
+		o.Commands[args[0]] != nil || slices.Contains(movedCommands, args[0])) {
 		cmd, args = args[0], args[1:]
 	}
 	var err error
-	switch cmd {
-	case "serve":
-		err = serve(version, args, extra)
-	case "leases":
+	switch {
+	case o.Commands[cmd] != nil:
+		err = o.Commands[cmd](version, args)
+	case slices.Contains(movedCommands, cmd):
+		err = fmt.Errorf("%s is a command of %s (in the same image), not of the node plugin", cmd, AllBinary)
+	case cmd == "serve":
+		err = serve(version, args, o)
+	case cmd == "leases":
 		err = leases(args, os.Stdout)
-	case "issuer":
-		err = issuerCmd(version, args)
-	case "housekeeper":
-		err = housekeeperCmd(version, args)
-	case "uninstall":
-		err = uninstallCmd(version, args)
-	case "version":
+	case cmd == "version":
 		fmt.Println(version)
 	}
 	if err != nil {
@@ -94,7 +146,8 @@ type serveFlags struct {
 	issuer                                                              issuerClientFlags
 }
 
-func serve(version string, args []string, extra []Register) error {
+func serve(version string, args []string, o Options) error {
+	extra := o.Extra
 	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
 	klog.InitFlags(fs)
 	host, _ := os.Hostname()
@@ -109,7 +162,7 @@ func serve(version string, args []string, extra []Register) error {
 	fs.StringVar(&f.kubeconfig, "kubeconfig", "", "kubeconfig for the Kubernetes API; empty: the in-cluster service account")
 	fs.StringVar(&f.backends, "backend-config", "", "YAML file configuring the backends (admin credentials; mount it from a Secret)")
 	fs.DurationVar(&f.backendReload, "backend-reload-interval", 10*time.Second, "how often the backend file is checked for a change (a new Secret from kubelet); 0: never, read at start only")
-	fs.DurationVar(&f.reapInterval, "reap-interval", issuer.DefaultReapInterval, "how often the in-process issuer drops the postgres roles it tagged whose VALID UNTIL passed, ending their sessions")
+	fs.DurationVar(&f.reapInterval, "reap-interval", 30*time.Second, "how often the in-process issuer (ephemeral-secrets-csi-all) drops the postgres roles it tagged whose VALID UNTIL passed, ending their sessions")
 	fs.StringVar(&f.auditLog, "audit-log", "-", "where audit records go: - for stdout, or a file path")
 	fs.Int64Var(&f.maxVolumeBytes, "max-volume-bytes", 1<<20, "size cap of one volume's files")
 	fs.DurationVar(&f.sweep, "sweep-interval", time.Minute, "how often volumes whose target vanished are looked for")
@@ -136,7 +189,7 @@ func serve(version string, args []string, extra []Register) error {
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	if r, err := f.issuer.registerIssuer(f.kubeconfig); err != nil {
+	if r, err := f.issuer.registerIssuer(f.kubeconfig, version); err != nil {
 		return err
 	} else if r != nil {
 		extra = append(extra, r)
@@ -149,7 +202,7 @@ func serve(version string, args []string, extra []Register) error {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 
-	auditOut, closeAudit, err := openAudit(f.auditLog)
+	auditOut, closeAudit, err := OpenAudit(f.auditLog)
 	if err != nil {
 		return err
 	}
@@ -180,7 +233,7 @@ func serve(version string, args []string, extra []Register) error {
 	if grace <= 0 {
 		grace = time.Minute // the lease manager's default timeout, twice
 	}
-	providers, err := loadBackends(f.backends, f.issuer.address != "", extra, grace, f.reapInterval, auditLog, m)
+	providers, err := loadBackends(f.backends, f.issuer.address != "", extra, grace, f.reapInterval, auditLog, m, o.Sections)
 	if err != nil {
 		return err
 	}
@@ -225,11 +278,11 @@ func serve(version string, args []string, extra []Register) error {
 	}
 	var records lease.Records
 	if apiConfig != nil && f.recordCredentials {
-		ic, err := inventory.NewClient(apiConfig)
+		rc, err := record.NewClient(apiConfig)
 		if err != nil {
 			return err
 		}
-		records = newNodeRecords(ic, f.nodeID)
+		records = newNodeRecords(rc, f.nodeID)
 	}
 	f.leaseAPI.Dir, f.leaseAPI.Audit, f.leaseAPI.Metric = store.DataDir, auditLog, m
 	sockets := leaseapi.New(f.leaseAPI)
@@ -302,7 +355,9 @@ func serve(version string, args []string, extra []Register) error {
 	}
 }
 
-func openAudit(path string) (io.Writer, func(), error) {
+// OpenAudit opens where audit records go: - (or empty) for stdout, else a
+// file appended to; the func closes it.
+func OpenAudit(path string) (io.Writer, func(), error) {
 	if path == "-" || path == "" {
 		return os.Stdout, func() {}, nil
 	}

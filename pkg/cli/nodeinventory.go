@@ -9,7 +9,7 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/ephemeral-secrets/csi-driver/pkg/events"
-	"github.com/ephemeral-secrets/csi-driver/pkg/inventory"
+	"github.com/ephemeral-secrets/csi-driver/pkg/inventory/record"
 	"github.com/ephemeral-secrets/csi-driver/pkg/lease"
 )
 
@@ -30,11 +30,11 @@ const ReasonCredentialWithdrawn = "CredentialWithdrawn"
 // unrevocable one (STS) does not hold its namespace's deletion until it
 // expires.
 func watchInventory(ctx context.Context, cfg *rest.Config, node string, mgr *lease.Manager, store lease.MetadataReader, sink events.Sink) error {
-	c, err := inventory.NewClient(cfg)
+	c, err := record.NewClient(cfg)
 	if err != nil {
 		return err
 	}
-	w := inventory.NewNodeWatcher(c, node, func(ctx context.Context, volumeID, leaseID, reason string) error {
+	w := record.NewNodeWatcher(c, node, func(ctx context.Context, volumeID, leaseID, reason string) error {
 		if volumeID == "" {
 			return nil // a record of an issuer that did not know the volume
 		}

@@ -4,7 +4,7 @@ import (
 	"context"
 
 	"github.com/ephemeral-secrets/csi-driver/pkg/credential"
-	"github.com/ephemeral-secrets/csi-driver/pkg/inventory"
+	"github.com/ephemeral-secrets/csi-driver/pkg/inventory/record"
 	"github.com/ephemeral-secrets/csi-driver/pkg/lease"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider/postgres"
 )
@@ -19,14 +19,14 @@ import (
 // issuer in this process has no inventory: a node given the admin
 // configuration in a cluster records no postgres credential.)
 type nodeRecords struct {
-	rec  *inventory.NodeRecorder
+	rec  *record.NodeRecorder
 	node string
 }
 
 var _ lease.Records = nodeRecords{}
 
-func newNodeRecords(c *inventory.Client, node string) nodeRecords {
-	return nodeRecords{rec: inventory.NewNodeRecorder(c), node: node}
+func newNodeRecords(c *record.Client, node string) nodeRecords {
+	return nodeRecords{rec: record.NewNodeRecorder(c), node: node}
 }
 
 // recordedHere tells whether the node records a credential of provider p.

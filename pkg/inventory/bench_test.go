@@ -51,7 +51,7 @@ func benchmarkLifecycle(b *testing.B, c *inventory.Client) {
 				b.Error(err)
 				return
 			}
-			if _, err := rec.Withdrawn(ctx, e.Pod, e.VolumeID); err != nil { // Mint asks it after Issuing
+			if _, err := rec.Withdrawn(ctx, e); err != nil { // Mint asks it after Issuing
 				b.Error(err)
 				return
 			}

@@ -2,233 +2,80 @@ package inventory
 
 import (
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
-	"errors"
-	"fmt"
-	"slices"
-	"time"
 
-	apierrors "k8s.io/apimachinery/pkg/api/errors"
-	"k8s.io/apimachinery/pkg/api/meta"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/types"
-	"k8s.io/apimachinery/pkg/util/validation"
 	"k8s.io/client-go/tools/cache"
-	"k8s.io/client-go/util/retry"
 
 	v1alpha1 "github.com/ephemeral-secrets/csi-driver/pkg/apis/ephemeralsecrets/v1alpha1"
 	"github.com/ephemeral-secrets/csi-driver/pkg/credential"
+	"github.com/ephemeral-secrets/csi-driver/pkg/inventory/record"
 )
 
-// Name is the name of the Credential of a lease: the lease ID itself
-// when it is a valid object name (the driver's are), else a digest of it.
-func Name(leaseID string) string {
-	if len(validation.IsDNS1123Subdomain(leaseID)) == 0 && len(leaseID) <= 63 {
-		return leaseID
-	}
-	sum := sha256.Sum256([]byte(leaseID))
-	return "lease-" + hex.EncodeToString(sum[:16])
-}
+// The records themselves (their client, their writes, the node plugin's
+// recorder and watcher) live in package record, which the node plugin
+// links without the issuer and the typed clients this package needs;
+// these are their names here.
+type (
+	// Client reads and writes Credentials (record.Client).
+	Client = record.Client
+	// NodeRecorder records the credentials a node plugin revokes itself.
+	NodeRecorder = record.NodeRecorder
+	// NodeWatcher withdraws the volumes of the node's deleted records.
+	NodeWatcher = record.NodeWatcher
+	// WithdrawFunc withdraws a volume whose record is deleted.
+	WithdrawFunc = record.WithdrawFunc
+	// HoldsFunc tells whether the node still holds a lease.
+	HoldsFunc = record.HoldsFunc
+)
 
-// newCredential is the Credential object of e, held by finalizer.
-func newCredential(e credential.Record, finalizer string) (*v1alpha1.Credential, error) {
-	switch {
-	case e.LeaseID == "":
-		return nil, errors.New("inventory: entry without a lease ID")
-	case e.Pod.Namespace == "" || e.Pod.Name == "" || e.Pod.UID == "":
-		return nil, fmt.Errorf("inventory: lease %s: entry without the pod's namespace, name and UID", e.LeaseID)
-	case e.Node == "":
-		return nil, fmt.Errorf("inventory: lease %s: entry without a node", e.LeaseID)
-	}
-	return &v1alpha1.Credential{
-		ObjectMeta: metav1.ObjectMeta{
-			Name:      Name(e.LeaseID),
-			Namespace: e.Pod.Namespace,
-			Labels: map[string]string{
-				v1alpha1.LabelNode:     labelValue(e.Node),
-				v1alpha1.LabelProvider: labelValue(e.Provider),
-				v1alpha1.LabelPodUID:   labelValue(e.Pod.UID),
-				v1alpha1.LabelLeaseID:  labelValue(e.LeaseID),
-			},
-			OwnerReferences: []metav1.OwnerReference{podOwner(v1alpha1.PodReference{Name: e.Pod.Name, UID: e.Pod.UID})},
-			Finalizers:      []string{finalizer},
-		},
-		Spec: v1alpha1.CredentialSpec{
-			Pod:      v1alpha1.PodReference{Name: e.Pod.Name, UID: e.Pod.UID, ServiceAccount: e.Pod.ServiceAccount},
-			Node:     e.Node,
-			Class:    e.Class,
-			Provider: e.Provider,
-			Role:     e.Role,
-			LeaseID:  e.LeaseID,
-			VolumeID: e.VolumeID,
-		},
-	}, nil
-}
+var (
+	// NewClient returns a Client of the API server cfg names.
+	NewClient = record.NewClient
+	// NewInformer is a shared informer of the Credentials a selector
+	// matches.
+	NewInformer = record.NewInformer
+	// NewNodeRecorder records through a Client.
+	NewNodeRecorder = record.NewNodeRecorder
+	// NewNodeWatcher watches a node's records.
+	NewNodeWatcher = record.NewNodeWatcher
+	// Name is the name of the Credential of a lease.
+	Name = record.Name
 
-// podOwner is the owner reference of a record to its Pod. No
-// blockOwnerDeletion: the Pod's deletion must not wait for a revocation
-// (nor need the right to set it).
-func podOwner(pod v1alpha1.PodReference) metav1.OwnerReference {
-	return metav1.OwnerReference{APIVersion: "v1", Kind: "Pod", Name: pod.Name, UID: types.UID(pod.UID)}
-}
+	labelValue = record.LabelValue
+	// leaseIndex indexes a cache of Credentials by spec.leaseID.
+	leaseIndex = record.LeaseIndex
+	podOwner   = record.PodOwner
+	entry      = record.RecordOf
+	issued     = record.Issued
+)
 
-// labelValue is v where it is a valid label value; else a digest of it,
-// so that a selector on the exact value still finds it.
-func labelValue(v string) string {
-	if len(validation.IsValidLabelValue(v)) == 0 {
-		return v
-	}
-	sum := sha256.Sum256([]byte(v))
-	return "sha256-" + hex.EncodeToString(sum[:20])
-}
-
-// entry is the credential record c holds: the one conversion from the
-// Kubernetes shape (newCredential and issued are the ones to it).
-func entry(c *v1alpha1.Credential) credential.Record {
-	e := credential.Record{
-		LeaseID: c.Spec.LeaseID, VolumeID: c.Spec.VolumeID, Node: c.Spec.Node,
-		Class: c.Spec.Class, Provider: c.Spec.Provider, Role: c.Spec.Role, Name: c.Status.BackendName,
-	}
-	e.Pod.Namespace, e.Pod.Name, e.Pod.UID, e.Pod.ServiceAccount = c.Namespace, c.Spec.Pod.Name, c.Spec.Pod.UID, c.Spec.Pod.ServiceAccount
-	if c.Status.IssuedAt != nil {
-		e.IssuedAt = c.Status.IssuedAt.Time
-	}
-	if c.Status.ExpiresAt != nil {
-		e.ExpiresAt = c.Status.ExpiresAt.Time
-	}
-	return e
-}
-
-// store writes records held by one finalizer.
+// store writes records held by one finalizer (record.Store).
 type store struct {
 	client    *Client
 	finalizer string
-	// cache, when it has synced, gives the first read of a write (a
-	// conflict makes the retries read the API server).
+	// cache, when it has synced, gives the first read of a write.
 	cache cache.SharedIndexInformer
+	// created, when set, keeps the records this store created until
+	// their first change, which then needs no read even before the
+	// cache has them.
+	created *record.Created
 }
 
-// read returns a record to change: from the cache on a first attempt,
-// else from the API server.
-func (s store) read(ctx context.Context, namespace, name string, first bool) (*v1alpha1.Credential, error) {
-	if first && s.cache != nil && s.cache.HasSynced() {
-		obj, ok, err := s.cache.GetIndexer().GetByKey(namespace + "/" + name)
-		if c, isCred := obj.(*v1alpha1.Credential); err == nil && ok && isCred {
-			return c.DeepCopy(), nil
-		}
-	}
-	return s.client.Get(ctx, namespace, name)
+func (s store) record() record.Store {
+	return record.Store{Client: s.client, Finalizer: s.finalizer, Cache: s.cache, Created: s.created}
 }
 
-// create records e; a record of the same lease that exists already
-// (a retry) is no error.
-func (s store) create(ctx context.Context, e credential.Record) (*v1alpha1.Credential, error) {
-	c, err := newCredential(e, s.finalizer)
-	if err != nil {
-		return nil, err
-	}
-	out, err := s.client.Create(ctx, c)
-	if apierrors.IsAlreadyExists(err) {
-		if out, err = s.client.Get(ctx, c.Namespace, c.Name); err != nil {
-			return nil, fmt.Errorf("inventory: lease %s: %w", e.LeaseID, err)
-		}
-		if out.Spec.LeaseID != e.LeaseID || out.Spec.Pod.UID != e.Pod.UID {
-			return nil, fmt.Errorf("inventory: lease %s: the name %s/%s records lease %s", e.LeaseID, c.Namespace, c.Name, out.Spec.LeaseID)
-		}
-		if out.DeletionTimestamp != nil {
-			return nil, fmt.Errorf("inventory: lease %s: %w", e.LeaseID, credential.ErrRecordGone)
-		}
-		return out, nil
-	}
-	if err != nil {
-		return nil, fmt.Errorf("inventory: recording lease %s: %w", e.LeaseID, err)
-	}
-	return out, nil
+func (s store) create(ctx context.Context, e credential.Record) (*v1alpha1.Credential, bool, error) {
+	return s.record().Create(ctx, e)
 }
 
-// setStatus applies change to the status of e's record (read fresh,
-// retried on conflict). A record that is gone or being deleted is credential.ErrRecordGone.
 func (s store) setStatus(ctx context.Context, e credential.Record, change func(*v1alpha1.CredentialStatus)) error {
-	err := s.updateStatus(ctx, e.Pod.Namespace, Name(e.LeaseID), func(c *v1alpha1.Credential) error {
-		if c.DeletionTimestamp != nil || c.Spec.LeaseID != e.LeaseID {
-			return credential.ErrRecordGone
-		}
-		change(&c.Status)
-		return nil
-	})
-	if apierrors.IsNotFound(err) {
-		err = credential.ErrRecordGone
-	}
-	if err != nil {
-		return fmt.Errorf("inventory: lease %s: %w", e.LeaseID, err)
-	}
-	return nil
+	return s.record().SetStatus(ctx, e, change)
 }
 
-// updateStatus applies change to a record read fresh and writes its
-// status, retried on conflict.
 func (s store) updateStatus(ctx context.Context, namespace, name string, change func(*v1alpha1.Credential) error) error {
-	first := true
-	return retry.RetryOnConflict(retry.DefaultRetry, func() error {
-		c, err := s.read(ctx, namespace, name, first)
-		first = false
-		if err != nil {
-			return err
-		}
-		if err := change(c); err != nil {
-			return err
-		}
-		_, err = s.client.UpdateStatus(ctx, c)
-		return err
-	})
+	return s.record().UpdateStatus(ctx, namespace, name, change)
 }
 
-// issued is the status of a credential the backend holds.
-func issued(e credential.Record) func(*v1alpha1.CredentialStatus) {
-	return func(st *v1alpha1.CredentialStatus) {
-		st.State = v1alpha1.StateIssued
-		if e.Name != "" {
-			st.BackendName = e.Name
-		}
-		if !e.IssuedAt.IsZero() && st.IssuedAt == nil {
-			st.IssuedAt = &metav1.Time{Time: e.IssuedAt}
-		}
-		msg := "the backend holds the credential"
-		if !e.ExpiresAt.IsZero() {
-			st.ExpiresAt = &metav1.Time{Time: e.ExpiresAt}
-			msg += " until " + e.ExpiresAt.UTC().Format(time.RFC3339)
-		}
-		meta.SetStatusCondition(&st.Conditions, metav1.Condition{
-			Type: v1alpha1.ConditionIssued, Status: metav1.ConditionTrue, Reason: "Issued", Message: msg,
-		})
-	}
-}
-
-// release removes the store's finalizer from the record and deletes it
-// (one being deleted already goes once its finalizers are gone): the
-// record goes, unless another finalizer holds it. Gone is no error.
 func (s store) release(ctx context.Context, namespace, name string) error {
-	deleting, first := false, true
-	err := retry.RetryOnConflict(retry.DefaultRetry, func() error {
-		c, err := s.read(ctx, namespace, name, first)
-		first = false
-		if err != nil {
-			return err
-		}
-		deleting = c.DeletionTimestamp != nil
-		if !slices.Contains(c.Finalizers, s.finalizer) {
-			return nil
-		}
-		c.Finalizers = slices.DeleteFunc(c.Finalizers, func(f string) bool { return f == s.finalizer })
-		_, err = s.client.Update(ctx, c)
-		return err
-	})
-	if err == nil && !deleting {
-		err = s.client.Delete(ctx, namespace, name, metav1.DeleteOptions{})
-	}
-	if err != nil && !apierrors.IsNotFound(err) {
-		return fmt.Errorf("inventory: releasing %s/%s: %w", namespace, name, err)
-	}
-	return nil
+	return s.record().Release(ctx, namespace, name)
 }

@@ -7,7 +7,6 @@ import (
 	"slices"
 
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
-	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/client-go/tools/cache"
@@ -15,6 +14,7 @@ import (
 
 	v1alpha1 "github.com/ephemeral-secrets/csi-driver/pkg/apis/ephemeralsecrets/v1alpha1"
 	"github.com/ephemeral-secrets/csi-driver/pkg/credential"
+	"github.com/ephemeral-secrets/csi-driver/pkg/inventory/record"
 )
 
 // Recorder is the issuer's Inventory (and its Withdrawals; pkg/cli,
@@ -24,42 +24,33 @@ import (
 type Recorder struct {
 	store
 	informer cache.SharedIndexInformer
+	// seen tells when the informer has delivered a record Issuing created
+	// (Withdrawn then reads the cache; nil without an informer).
+	seen *sightings
 }
 
 // NewRecorder records through c. informer (NewInformer, all records; it
 // may be nil) answers Tracked and finds records by lease ID once it has
 // synced; the Recorder asks the API server until then.
 func NewRecorder(c *Client, informer cache.SharedIndexInformer) *Recorder {
-	return &Recorder{store: store{client: c, finalizer: v1alpha1.FinalizerRevoke, cache: informer}, informer: informer}
+	return &Recorder{store: store{client: c, finalizer: v1alpha1.FinalizerRevoke, cache: informer, created: record.NewCreated()},
+		informer: informer, seen: newSightings(informer)}
 }
 
-// Issuing creates e's record, in state Issuing, before its role exists.
+// Issuing creates e's record before its role exists, in one write: the
+// object as created is the whole record of a credential being issued
+// (the API server drops a status given at creation; the status is
+// written by Issued, off the mint's path). Its spec names the lease, and
+// the lease names the role, so a revocation after a crash needs nothing
+// more.
 func (r *Recorder) Issuing(ctx context.Context, e credential.Record) error {
-	c, err := r.create(ctx, e)
-	if err != nil {
-		return err
+	key := e.Pod.Namespace + "/" + Name(e.LeaseID)
+	r.seen.expect(key) // before the create: its sighting may come before the answer
+	_, made, err := r.create(ctx, e)
+	if !made {
+		r.seen.forget(key) // a record of an earlier try: the cache may hold it already
 	}
-	if c.Status.State != "" {
-		return nil // a retry: the record is further along
-	}
-	issuing := func(st *v1alpha1.CredentialStatus) {
-		st.State = v1alpha1.StateIssuing
-		st.BackendName = e.Name // known before the role exists: a revocation after a crash needs it
-		meta.SetStatusCondition(&st.Conditions, metav1.Condition{
-			Type: v1alpha1.ConditionIssued, Status: metav1.ConditionFalse, Reason: "Issuing",
-			Message: "recorded before the backend was asked",
-		})
-	}
-	// The object just created, without reading it again; on a conflict
-	// (someone wrote it since), read fresh.
-	issuing(&c.Status)
-	if _, err := r.client.UpdateStatus(ctx, c); !apierrors.IsConflict(err) {
-		if err != nil {
-			return fmt.Errorf("inventory: lease %s: %w", e.LeaseID, err)
-		}
-		return nil
-	}
-	return r.setStatus(ctx, e, issuing)
+	return err
 }
 
 // Issued records that e's role exists until e.ExpiresAt. It returns
@@ -87,13 +78,14 @@ func (r *Recorder) Dropped(ctx context.Context, leaseID string) error {
 	return errors.Join(errs...)
 }
 
-// releaseLive releases a record that nobody asked to delete, read fresh
-// from the API server at every try: a deletion that lands meanwhile makes
-// the update conflict, and the next read sees it.
+// releaseLive releases a record that nobody asked to delete. Its first
+// read may be the cache's (read): a deletion that landed since makes the
+// update conflict, and every retry reads the API server.
 func (r *Recorder) releaseLive(ctx context.Context, namespace, name string) error {
-	deleting := false
+	deleting, first := false, true
 	err := retry.RetryOnConflict(retry.DefaultRetry, func() error {
-		c, err := r.client.Get(ctx, namespace, name)
+		c, err := r.record().Read(ctx, namespace, name, first)
+		first = false
 		if err != nil {
 			return err
 		}

@@ -5,7 +5,6 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
-	"strings"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
@@ -16,7 +15,8 @@ import (
 	"k8s.io/klog/v2"
 
 	v1alpha1 "github.com/ephemeral-secrets/csi-driver/pkg/apis/ephemeralsecrets/v1alpha1"
-	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
+	"github.com/ephemeral-secrets/csi-driver/pkg/credential"
+	"github.com/ephemeral-secrets/csi-driver/pkg/inventory/record"
 )
 
 // A tombstone is the record that a pod's volume had its credential
@@ -36,33 +36,42 @@ func TombstoneName(podUID, volumeID string) string {
 }
 
 // IsTombstone tells whether c is a tombstone rather than the record of a
-// credential: by its name too, so that a tombstone just created, whose
-// status is not written yet, is never taken for the record it copies (a
-// drop of that lease deleted it; found by the real-cluster suite).
-func IsTombstone(c *v1alpha1.Credential) bool {
-	return c.Status.State == v1alpha1.StateWithdrawn || strings.HasPrefix(c.Name, v1alpha1.TombstonePrefix)
-}
+// credential (record.IsTombstone).
+var IsTombstone = record.IsTombstone
 
 // tombstoneOf reports whether c is the tombstone of pod UID's volume.
 func tombstoneOf(c *v1alpha1.Credential, podUID, volumeID string) bool {
 	return IsTombstone(c) && c.Spec.Pod.UID == podUID && c.Spec.VolumeID == volumeID
 }
 
-// Withdrawn tells whether the credential of pod's volume volumeID was
-// withdrawn (it has a tombstone). It asks the API server, never a cache:
-// the tombstone may be an instant old. The issuer's Mint asks it.
-func (r *Recorder) Withdrawn(ctx context.Context, pod provider.Pod, volumeID string) (bool, error) {
-	if volumeID == "" || pod.UID == "" {
+// Withdrawn tells whether the credential of e's volume was withdrawn (it
+// has a tombstone). e is the record of a mint this Recorder has just
+// written (Issuing): a tombstone written before it is what refuses the
+// mint (one written after it deletes it, leaveTombstone). Once the
+// informer has delivered that record, its cache holds every tombstone
+// written before it, and answers; else (no informer, a record of an
+// earlier try, the cache more than seeWithin behind) the API server does.
+func (r *Recorder) Withdrawn(ctx context.Context, e credential.Record) (bool, error) {
+	seen := r.seen.seen(ctx, e.Pod.Namespace+"/"+Name(e.LeaseID))
+	if e.VolumeID == "" || e.Pod.UID == "" {
 		return false, nil
 	}
-	c, err := r.client.Get(ctx, pod.Namespace, TombstoneName(pod.UID, volumeID))
+	name := TombstoneName(e.Pod.UID, e.VolumeID)
+	if seen {
+		obj, ok, err := r.informer.GetIndexer().GetByKey(e.Pod.Namespace + "/" + name)
+		if err == nil {
+			c, isCred := obj.(*v1alpha1.Credential)
+			return ok && isCred && tombstoneOf(c, e.Pod.UID, e.VolumeID), nil
+		}
+	}
+	c, err := r.client.Get(ctx, e.Pod.Namespace, name)
 	if apierrors.IsNotFound(err) {
 		return false, nil
 	}
 	if err != nil {
-		return false, fmt.Errorf("inventory: reading the tombstone of volume %s: %w", volumeID, err)
+		return false, fmt.Errorf("inventory: reading the tombstone of volume %s: %w", e.VolumeID, err)
 	}
-	return tombstoneOf(c, pod.UID, volumeID), nil
+	return tombstoneOf(c, e.Pod.UID, e.VolumeID), nil
 }
 
 // leaveTombstone writes the tombstone of the volume of cred, a record

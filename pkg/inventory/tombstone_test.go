@@ -76,13 +76,44 @@ func (m nodeMinter) Drop(ctx context.Context, r postgres.DropRequest) error {
 // issuer).
 func startRealIssuer(t *testing.T, ns, node string) *postgres.Provider {
 	t.Helper()
+	p, _, _ := startRealIssuerWith(t, ns, node, realIssuer{})
+	return p
+}
+
+// realIssuer shapes startRealIssuerWith; the zero value is the issuer
+// command's.
+type realIssuer struct {
+	// recorder, when set, is the Issuer's Inventory's Recorder (else one
+	// on the issuer's client and the controller's informer).
+	recorder *inventory.Recorder
+	// wrap, when set, makes the Issuer's Inventory of the Recorder.
+	wrap func(*inventory.Recorder) issuer.Inventory
+	// creation is the role's creation statements (default: one CREATE
+	// ROLE).
+	creation []string
+}
+
+// startRealIssuerWith is startRealIssuer shaped by o; it returns the
+// Issuer and its Recorder too.
+func startRealIssuerWith(t *testing.T, ns, node string, o realIssuer) (*postgres.Provider, *issuer.Issuer, *inventory.Recorder) {
+	t.Helper()
 	srv := postgresServer(t)
 	rv := &revoker{}
 	rec := startIssuer(t, rv, fastRetries)
-	iss, err := issuer.New(issuer.Options{Inventory: rec, Config: pgengine.Config{Connections: map[string]*pgengine.Connection{
+	if o.recorder != nil {
+		rec = o.recorder
+	}
+	var inv issuer.Inventory = rec
+	if o.wrap != nil {
+		inv = o.wrap(rec)
+	}
+	if o.creation == nil {
+		o.creation = []string{`CREATE ROLE "{{.Name}}" LOGIN PASSWORD '{{.Password}}' VALID UNTIL '{{.Expiration}}'`}
+	}
+	iss, err := issuer.New(issuer.Options{Inventory: inv, Config: pgengine.Config{Connections: map[string]*pgengine.Connection{
 		"main": {URL: srv.AdminURL(), Roles: map[string]*pgengine.Role{"app": {
 			DefaultTTL: pgengine.Duration{Duration: time.Minute}, MaxTTL: pgengine.Duration{Duration: time.Hour},
-			CreationStatements: []string{`CREATE ROLE "{{.Name}}" LOGIN PASSWORD '{{.Password}}' VALID UNTIL '{{.Expiration}}'`},
+			CreationStatements: o.creation,
 			Allowed:            []pgengine.Subject{{Namespace: ns, ServiceAccount: "default"}},
 		}}},
 	}}})
@@ -95,7 +126,7 @@ func startRealIssuer(t *testing.T, ns, node string) *postgres.Provider {
 		return iss.Drop(ctx, issuer.Caller{}, postgres.DropRequest{LeaseID: e.LeaseID, Name: e.Name,
 			Params: map[string]string{postgres.ConnectionParam: conn}})
 	})
-	return postgres.NewNode(nodeMinter{iss, issuer.Caller{Node: node}})
+	return postgres.NewNode(nodeMinter{iss, issuer.Caller{Node: node}}), iss, rec
 }
 
 // killScene is a pod with two volumes on a node of its own, and the

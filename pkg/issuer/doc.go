@@ -53,13 +53,15 @@ type PodCheck func(ctx context.Context, c Caller, pod provider.Pod, class, volum
 // Inventory is where credentials are recorded outside the node (the
 // cluster's Credential objects). Nil: no record but the database's own.
 type Inventory interface {
-	// Issuing records e before its role is created: a crash after it
-	// leaves a record the reaper finds.
+	// Issuing records e before its role is created, in one write: a
+	// crash after it leaves a record the reaper finds, and whose
+	// deletion revokes (e.Name is the role's name already).
 	Issuing(ctx context.Context, e credential.Record) error
 	// Issued records that e's role exists until e.ExpiresAt (after a mint
-	// or an extension). It returns an error wrapping credential.ErrRecordGone when
-	// e's record was deleted meanwhile (the kill switch, the pod's
-	// deletion): a role just minted is then dropped and refused.
+	// or an extension). The Issuer calls it after its answer, from its
+	// own writers (coalesced per lease, retried). It returns an error
+	// wrapping credential.ErrRecordGone when e's record was deleted meanwhile (the
+	// kill switch, the pod's deletion): the role is then dropped.
 	Issued(ctx context.Context, e credential.Record) error
 	// Dropped records that e's role is gone (its record may then go).
 	Dropped(ctx context.Context, leaseID string) error
@@ -75,9 +77,11 @@ type Inventory interface {
 // when it happened. Without it (in-process, no cluster) nothing is
 // refused for that reason.
 type Withdrawals interface {
-	// Withdrawn tells whether the credential of pod's volume volumeID
-	// was withdrawn. It reads fresh data: the mark may be an instant old.
-	Withdrawn(ctx context.Context, pod provider.Pod, volumeID string) (bool, error)
+	// Withdrawn tells whether the credential of e's volume was withdrawn.
+	// e is the record of the mint that asks, written already (Issuing):
+	// the answer must know every mark written before that record (the
+	// mark may be an instant old).
+	Withdrawn(ctx context.Context, e credential.Record) (bool, error)
 }
 
 // ErrWithdrawn is the reason Mint gives (wrapped in

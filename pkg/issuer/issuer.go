@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
+	"sync/atomic"
 	"time"
 
 	"k8s.io/klog/v2"
@@ -45,7 +47,17 @@ type Options struct {
 type Issuer struct {
 	admin *pgengine.Admin
 	opts  Options
+	// records writes the Inventory's status of each credential off the
+	// requests' path (nil without an Inventory).
+	records *recordWriter
+	// minting counts the mints under way: at burstMints or more, the
+	// status writes wait.
+	minting atomic.Int64
 }
+
+// burstMints is how many mints under way make a burst, whose requests
+// to the API server go before the records' status writes.
+const burstMints = 8
 
 // Defaults.
 const (
@@ -55,7 +67,9 @@ const (
 	reapCallTimeout = 30 * time.Second
 )
 
-// New checks o.Config and returns an Issuer. It connects lazily.
+// New checks o.Config and returns an Issuer. It connects lazily; with an
+// Inventory, it starts the writers of the records' status (Close stops
+// them).
 func New(o Options) (*Issuer, error) {
 	if o.Now == nil {
 		o.Now = time.Now
@@ -70,19 +84,32 @@ func New(o Options) (*Issuer, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Issuer{admin: a, opts: o}, nil
+	i := &Issuer{admin: a, opts: o}
+	if o.Inventory != nil {
+		i.records = newRecordWriter(o.Inventory, i.recordGone, recordWorkers, nil, func() bool { return i.minting.Load() >= burstMints })
+	}
+	return i, nil
 }
 
-// Close closes the admin connections.
-func (i *Issuer) Close() { i.admin.Close() }
+// Close writes the records' status still queued (for a few seconds at
+// most), then closes the admin connections.
+func (i *Issuer) Close() {
+	if i.records != nil {
+		i.records.close(recordDrain)
+	}
+	i.admin.Close()
+}
 
 // Mint decides whether r's pod may have the role it asks for (the
 // configuration's allowed list and TTL bounds, then PodCheck), records
-// the credential as issuing, refuses a volume whose credential was
-// withdrawn (Withdrawals: the kill switch), creates the role (counting
-// maxLive under a lock) and records it as issued. A refusal leaves
-// nothing behind.
+// the credential (Inventory.Issuing: the one write of the API server on
+// a mint's path), creates the role (counting maxLive under a lock) while
+// it asks whether the volume's credential was withdrawn (Withdrawals: the
+// kill switch), and answers; the record's status (issued, until when)
+// is written after the answer. A refusal leaves nothing behind.
 func (i *Issuer) Mint(ctx context.Context, c Caller, r postgres.MintRequest) (postgres.Grant, error) {
+	i.minting.Add(1)
+	defer i.minting.Add(-1)
 	t, err := i.lookup(r.Params)
 	if err != nil {
 		return postgres.Grant{}, err
@@ -103,15 +130,11 @@ func (i *Issuer) Mint(ctx context.Context, c Caller, r postgres.MintRequest) (po
 	}
 	inv := i.opts.Inventory
 	if inv != nil {
+		// Before the role: a crash after it leaves a record that holds a
+		// role or none, never a role without one.
 		if err := inv.Issuing(ctx, e); err != nil {
 			return postgres.Grant{}, fmt.Errorf("%w: recording the credential: %w", provider.ErrUnavailable, err)
 		}
-	}
-	if err := i.withdrawn(ctx, r); err != nil {
-		if derr := inv.Dropped(ctx, r.LeaseID); derr != nil {
-			klog.ErrorS(derr, "Removing the record of a refused credential; the reaper finds no role for it", "lease", r.LeaseID)
-		}
-		return postgres.Grant{}, err
 	}
 	now := i.opts.Now().UTC().Truncate(time.Second)
 	tag.Created = now
@@ -120,51 +143,84 @@ func (i *Issuer) Mint(ctx context.Context, c Caller, r postgres.MintRequest) (po
 		ExpiresAt: now.Add(ttl), Tag: tag,
 	}
 	cr.Quota, cr.Admit = i.quota(t, r.Pod)
-	if err := i.admin.Create(ctx, cr); err != nil {
-		if inv != nil && nothingMade(err) {
-			if derr := inv.Dropped(ctx, r.LeaseID); derr != nil {
-				klog.ErrorS(derr, "Removing the record of a refused credential; the reaper finds no role for it", "lease", r.LeaseID)
-			}
+	// The tombstone is read while the role is made: both after the record,
+	// which is what the kill's ordering needs (withdrawn).
+	var refused chan error
+	if w, ok := inv.(Withdrawals); ok {
+		refused = make(chan error, 1)
+		go func() { refused <- withdrawn(ctx, w, e) }()
+	}
+	err = i.admin.Create(ctx, cr)
+	if refused != nil {
+		if werr := <-refused; werr != nil {
+			i.undo(ctx, t.connName, e, err == nil || !nothingMade(err))
+			return postgres.Grant{}, werr
+		}
+	}
+	if err != nil {
+		if nothingMade(err) {
+			i.undo(ctx, t.connName, e, false)
 		}
 		return postgres.Grant{}, err
 	}
 	g := grant(t, e.Name, now, cr.ExpiresAt)
-	if inv != nil {
+	if i.records != nil {
+		// The record holds the role already: its status says more, soon.
+		// A record deleted meanwhile was killed (its revocation may have
+		// come before the role): the writer finds it gone and drops the
+		// role then.
 		e.IssuedAt, e.ExpiresAt = g.IssuedAt, g.ExpiresAt
-		// The role is recorded (issuing) already: a failure here leaves
-		// a record that says less, never a role without one. A record
-		// deleted meanwhile was killed (its revocation may have come
-		// before the role): the role goes now, not at the reaper's pass.
-		err := inv.Issued(ctx, e)
-		if errors.Is(err, credential.ErrRecordGone) {
-			if _, derr := i.admin.Drop(ctx, t.connName, g.Name, r.LeaseID, nil); derr != nil {
-				klog.ErrorS(derr, "Dropping a role whose record was deleted as it was minted; the reaper drops it", "lease", r.LeaseID)
-			}
-			return postgres.Grant{}, fmt.Errorf("%w: the credential's record was deleted as it was issued (the kill switch or the pod's deletion)", provider.ErrPermissionDenied)
-		}
-		if err != nil {
-			klog.ErrorS(err, "Recording an issued credential", "lease", r.LeaseID)
-		}
+		i.records.issued(e)
 	}
 	return g, nil
 }
 
-// withdrawn refuses a mint for a volume whose credential was withdrawn
-// (the Inventory's Withdrawals). It is asked after the mint is recorded:
-// a tombstone written before that record is seen here, and one written
-// after it comes with the deletion of the record (the inventory deletes a
-// volume's live records with it), so no role outlives a kill.
-func (i *Issuer) withdrawn(ctx context.Context, r postgres.MintRequest) error {
-	w, ok := i.opts.Inventory.(Withdrawals)
-	if !ok {
-		return nil
+// undo takes back a mint that is refused after its record was written:
+// the role, when one may have been made, then the record, once no role
+// is left for it to hold (a role that cannot be dropped keeps its record:
+// the reaper drops it at its expiry, the controller at the pod's end).
+func (i *Issuer) undo(ctx context.Context, conn string, e credential.Record, roleMade bool) {
+	if roleMade {
+		if _, err := i.admin.Drop(ctx, conn, e.Name, e.LeaseID, nil); err != nil {
+			klog.ErrorS(err, "Dropping the role of a refused credential; its record holds it", "lease", e.LeaseID)
+			return
+		}
 	}
-	gone, err := w.Withdrawn(ctx, r.Pod, r.VolumeID)
+	if inv := i.opts.Inventory; inv != nil {
+		if err := inv.Dropped(ctx, e.LeaseID); err != nil {
+			klog.ErrorS(err, "Removing the record of a refused credential; the reaper finds no role for it", "lease", e.LeaseID)
+		}
+	}
+}
+
+// recordGone ends the role of e, whose record the writer found deleted
+// after the role was made (the kill switch or the pod's deletion while it
+// was being minted, or extended): the record's revocation may have run
+// before the role existed.
+func (i *Issuer) recordGone(ctx context.Context, e credential.Record) {
+	conn, _, _ := strings.Cut(e.Role, "/")
+	dropped, err := i.admin.Drop(ctx, conn, e.Name, e.LeaseID, nil)
+	if err != nil {
+		klog.ErrorS(err, "Dropping a role whose record was deleted as it was issued; the reaper drops it", "lease", e.LeaseID)
+		return
+	}
+	if dropped {
+		klog.InfoS("Dropped a role whose record was deleted as it was issued (the kill switch or the pod's deletion)", "lease", e.LeaseID)
+	}
+}
+
+// withdrawn refuses a mint for a volume whose credential was withdrawn
+// (w, the Inventory's Withdrawals). It is asked after the mint is
+// recorded: a tombstone written before that record is seen here, and one
+// written after it comes with the deletion of the record (the inventory
+// deletes a volume's live records with it), so no role outlives a kill.
+func withdrawn(ctx context.Context, w Withdrawals, e credential.Record) error {
+	gone, err := w.Withdrawn(ctx, e)
 	switch {
 	case err != nil:
 		return fmt.Errorf("%w: checking whether the volume's credential was withdrawn: %w", provider.ErrUnavailable, err)
 	case gone:
-		return fmt.Errorf("%w: %w (pod %s/%s, volume %s)", provider.ErrPermissionDenied, ErrWithdrawn, r.Pod.Namespace, r.Pod.Name, r.VolumeID)
+		return fmt.Errorf("%w: %w (pod %s/%s, volume %s)", provider.ErrPermissionDenied, ErrWithdrawn, e.Pod.Namespace, e.Pod.Name, e.VolumeID)
 	}
 	return nil
 }
@@ -212,14 +268,13 @@ func (i *Issuer) Extend(ctx context.Context, c Caller, r postgres.ExtendRequest)
 		return postgres.Grant{}, err
 	}
 	g := grant(t, name, cur.Tag.Created, cur.ValidUntil)
-	if inv := i.opts.Inventory; inv != nil {
-		e := credential.Record{
+	if i.records != nil {
+		// Off the path, as a mint's: the role is extended whatever the
+		// record says; a record found deleted has the role dropped.
+		i.records.issued(credential.Record{
 			LeaseID: r.LeaseID, VolumeID: r.VolumeID, Pod: tr.Tag.Pod, Node: c.Node, Class: tr.Tag.Class,
 			Provider: postgres.Name, Role: g.Role, Name: g.Name, IssuedAt: g.IssuedAt, ExpiresAt: g.ExpiresAt,
-		}
-		if err := inv.Issued(ctx, e); err != nil {
-			klog.ErrorS(err, "Recording an extended credential", "lease", r.LeaseID)
-		}
+		})
 	}
 	return g, nil
 }
@@ -245,6 +300,9 @@ func (i *Issuer) Drop(ctx context.Context, c Caller, r postgres.DropRequest) err
 				return err
 			}
 		}
+	}
+	if i.records != nil {
+		i.records.forget(r.LeaseID) // nothing more to say of it but that it is gone
 	}
 	if _, err := i.admin.Drop(ctx, conn, name, r.LeaseID, nil); err != nil {
 		return err

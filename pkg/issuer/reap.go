@@ -109,6 +109,7 @@ func (i *Issuer) reapOne(ctx context.Context, conn string, r pgengine.TaggedRole
 		return false, nil
 	}
 	if err == nil && i.opts.Inventory != nil {
+		i.records.forget(r.Tag.LeaseID)
 		err = i.opts.Inventory.Dropped(ctx, r.Tag.LeaseID)
 	}
 	rec := audit.Record{

@@ -5,6 +5,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ephemeral-secrets/csi-driver/pkg/credential"
 	pgengine "github.com/ephemeral-secrets/csi-driver/pkg/issuer/postgres"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider/postgres"
@@ -89,6 +90,9 @@ func TestReapDropsUntrackedRolesAfterTheGrace(t *testing.T) {
 		leases = append(leases, l)
 	}
 	defer func() { _ = node.Revoke(ctx, leases[0]) }()
+	for _, l := range leases { // their status written (a record gone before that has its role dropped at once)
+		inv.eventually(t, l.ID, "the record issued", func(_ credential.Record, state string) bool { return state == "issued" })
+	}
 	// The record of the second goes (a node lost, an inventory wiped).
 	v := inv
 	v.mu.Lock()

@@ -6,6 +6,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ephemeral-secrets/csi-driver/pkg/lease/state"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
 )
 
@@ -34,7 +35,7 @@ func testBackendContract(t *testing.T, n *node) {
 	}
 	logsIn := func(l provider.Lease) error { return n.backend.login(ctx, l.Values["username"], l.Values["password"]) }
 
-	id := newLeaseID(pod)
+	id := state.NewLeaseID(pod)
 	l := issue(id)
 	if l.Values["username"] != n.credential(id) || l.Values["password"] == "" {
 		t.Fatalf("issued username %q (want %q) and a password of %d bytes", l.Values["username"], n.credential(id), len(l.Values["password"]))
@@ -76,7 +77,7 @@ func testBackendContract(t *testing.T, n *node) {
 	if err := logsIn(again); err == nil {
 		t.Error("the revoked credential logs in")
 	}
-	never := newLeaseID(pod) // an issue interrupted before its answer was recorded
+	never := state.NewLeaseID(pod) // an issue interrupted before its answer was recorded
 	if err := n.prov.Revoke(ctx, provider.Lease{ID: never, Provider: class.Provider, Params: class.Parameters}); err != nil {
 		t.Errorf("revoking a lease by its ID alone: %v", err)
 	}

@@ -1,26 +1,30 @@
 package lease
 
+import "github.com/ephemeral-secrets/csi-driver/pkg/provider"
+
 // Published reports whether the volume is published on the node: a
 // publish of it is a republish.
-func (m *Manager) Published(volumeID string) bool {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	_, ok := m.vols[volumeID]
-	return ok
+func (m *Manager) Published(volumeID string) bool { return m.vols.Get(volumeID) != nil }
+
+// PodOf returns the pod a volume published on the node belongs to.
+func (m *Manager) PodOf(volumeID string) (provider.Pod, bool) {
+	if v := m.vols.Get(volumeID); v != nil {
+		return v.Meta().Pod, true
+	}
+	return provider.Pod{}, false
 }
 
 // Live counts the live credentials of namespace, and of the whole node:
 // one per published volume not withdrawn, and one per task lease.
 func (m *Manager) Live(namespace string) (inNamespace, onNode int) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	for _, v := range m.vols {
-		if v.meta.State == StateWithdrawn {
+	for _, v := range m.vols.All() {
+		meta := v.Meta()
+		if meta.State == StateWithdrawn {
 			continue // holds no credential any more
 		}
-		n := 1 + len(v.meta.Tasks)
+		n := 1 + len(meta.Tasks)
 		onNode += n
-		if v.meta.Pod.Namespace == namespace {
+		if meta.Pod.Namespace == namespace {
 			inNamespace += n
 		}
 	}

@@ -388,7 +388,7 @@ func (n *node) alive(ctx context.Context) map[string]bool {
 func (n *node) credential(leaseID string) string { return n.backend.credential(leaseID) }
 
 // podCredentials counts the credentials of pod name alive in the
-// backend: those of its lease IDs (newLeaseID: namespace, pod, a random
+// backend: those of its lease IDs (state.NewLeaseID: namespace, pod, a random
 // tail).
 func (n *node) podCredentials(name string) int {
 	prefix := n.credential(testNS + "-" + name + "-")

@@ -28,44 +28,51 @@ func (m *Manager) renewNow(id string) { m.renew(id) }
 // it, to d from the manager's now (negative: lapsed); it returns the
 // lease's ID and the expiry it had.
 func (m *Manager) expireIn(id string, d time.Duration) (leaseID string, was time.Time) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	v := m.vols[id]
-	was = v.lease.ExpiresAt
-	v.lease.ExpiresAt = m.clock.Now().Add(d)
-	return v.lease.ID, was
+	m.changeLease(id, func(l *provider.Lease) {
+		leaseID, was = l.ID, l.ExpiresAt
+		l.ExpiresAt = m.clock.Now().Add(d)
+	})
+	return leaseID, was
 }
 
 // ageBy moves the expiry of the volume's lease, as the manager knows it,
 // d earlier: d of its TTL has gone by as far as a renewal is concerned.
 func (m *Manager) ageBy(id string, d time.Duration) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	v := m.vols[id]
-	v.lease.ExpiresAt = v.lease.ExpiresAt.Add(-d)
+	m.changeLease(id, func(l *provider.Lease) { l.ExpiresAt = l.ExpiresAt.Add(-d) })
+}
+
+// changeLease changes the volume's lease as the manager holds it, under
+// the volume's lock, as only its holder may; the rest of its state stays.
+func (m *Manager) changeLease(id string, change func(*provider.Lease)) {
+	h, err := m.vols.Lock(context.Background(), id)
+	if err != nil {
+		panic(err)
+	}
+	defer h.Unlock()
+	v := h.Volume()
+	l, failures := v.Lease(), v.Failures()
+	change(&l)
+	v.Install(h, v.Meta(), l, v.Granted())
+	for range failures {
+		v.Failed(h)
+	}
 }
 
 // renewalState is the volume's count of failed renewals in a row and
 // when its next renewal is due.
 func (m *Manager) renewalState(id string) (failures int, renewAt time.Time) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	v := m.vols[id]
-	return v.failures, v.renewAt
+	v := m.vols.Get(id)
+	return v.Failures(), v.RenewAt()
 }
 
 // currentLease is the volume's lease as the manager holds it (its
 // expiry to the nanosecond, which the records calls carry).
-func (m *Manager) currentLease(id string) provider.Lease {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	return m.vols[id].lease
-}
+func (m *Manager) currentLease(id string) provider.Lease { return m.vols.Get(id).Lease() }
 
 // waitFor returns once no operation holds the volume: what was in flight
 // has ended.
 func (m *Manager) waitFor(ctx context.Context, id string) {
-	if unlock, err := m.locks.Lock(ctx, id); err == nil {
-		unlock()
+	if h, err := m.vols.Lock(ctx, id); err == nil {
+		h.Unlock()
 	}
 }

@@ -1,40 +1,60 @@
 // Package lease manages the life of every credential on the node: issue
 // at publish, renewal on its own timer, rotation where renewal is
 // impossible, withdrawal, task leases, and recovery of all of it after a
-// driver restart. Its two workers are types of their own beneath it: the
-// durable revocation queue, retried until the backend confirms
+// driver restart. Beneath it, each a package of its own that does not
+// import it: its records and their codec (pkg/lease/state), the in-memory
+// state of each volume and its lock (pkg/lease/volume), the durable
+// revocation queue, retried until the backend confirms
 // (pkg/lease/revocation), and the outbox of the calls that record each
-// lease in the cluster's inventory (pkg/lease/outbox); neither imports
-// this package.
+// lease in the cluster's inventory (pkg/lease/outbox).
 //
-// Its records (Metadata, Task, State) are defined here and kept by the
-// volume store (pkg/storage) as opaque JSON, through NewStore. It imports
-// pkg/storage, pkg/lease/revocation, pkg/lease/outbox, pkg/lease/keylock,
-// pkg/provider (the contract it calls), pkg/credential (the record of a
-// live credential: `inventory`, the records, the audit render from it),
+// One lock discipline, enforced by pkg/lease/volume's types. Locks, in
+// the order they are taken, never the other way round:
+//
+//  1. A volume's lock (volume.Table.Lock hands out a *volume.Held): held
+//     for a whole operation on the volume (publish, unpublish, a renewal, a
+//     rotation, a withdrawal, a task verb, its recovery or sweep); its
+//     backend calls and file writes are made under it. Only its holder
+//     changes the volume or arms its timers: each mutator of volume.Volume
+//     takes the *volume.Held, and panics on a nil, released or other
+//     volume's one. A timer's function takes the lock again. Never two
+//     volumes' locks at once.
+//  2. Locks of their own: the first-seen record's (state.Seen: held to
+//     check and write that one record, so that its writes land in order),
+//     the revocation queue's and the outbox's; taken with a volume's lock or
+//     without. Nothing of the manager is called under them.
+//  3. Leaves: the mutex of the table of volumes and each volume's, taken
+//     inside pkg/lease/volume for a few instructions, with no file write,
+//     backend call, wait or other lock under them. There is no other
+//     manager-wide mutex: a reader (State, Info, Live, PodOf) takes only
+//     leaves, and never waits for a backend or an operation on a volume.
+//
+// It imports pkg/storage, pkg/lease/state, pkg/lease/volume,
+// pkg/lease/revocation, pkg/lease/outbox, pkg/provider (the contract it
+// calls), pkg/credential (the record of a live credential: `inventory`,
+// the records, the audit and the lease socket render from it),
 // pkg/render, pkg/spc, pkg/audit and pkg/metrics; pkg/driver,
 // pkg/leaseapi and pkg/cli import it.
 package lease
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/base32"
 	"errors"
 	"fmt"
 	"maps"
 	"strconv"
 	"strings"
-	"sync"
+	"sync/atomic"
 	"time"
 
 	"k8s.io/klog/v2"
 	"k8s.io/utils/clock"
 
 	"github.com/ephemeral-secrets/csi-driver/pkg/audit"
-	"github.com/ephemeral-secrets/csi-driver/pkg/lease/keylock"
 	"github.com/ephemeral-secrets/csi-driver/pkg/lease/outbox"
 	"github.com/ephemeral-secrets/csi-driver/pkg/lease/revocation"
+	"github.com/ephemeral-secrets/csi-driver/pkg/lease/state"
+	"github.com/ephemeral-secrets/csi-driver/pkg/lease/volume"
 	"github.com/ephemeral-secrets/csi-driver/pkg/metrics"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
 	"github.com/ephemeral-secrets/csi-driver/pkg/render"
@@ -118,40 +138,18 @@ type Volume struct {
 
 // Manager runs the lifecycle of the node's leases.
 type Manager struct {
-	opts  Options
-	clock clock.WithTickerAndDelayedExecution
-	locks keylock.Keyed
+	opts   Options
+	clock  clock.WithTickerAndDelayedExecution
+	timing volume.Timing
+	vols   volume.Table // the published volumes, each with its lock
+	ready  atomic.Bool  // recovery has finished
+	seen   state.Seen   // who asked first for what
 
 	ctx    context.Context // cancelled by Close; bounds background work
 	cancel context.CancelFunc
 
-	mu    sync.Mutex
-	vols  map[string]*volume
-	ready bool
-
-	seen map[string]time.Time // "namespace/serviceaccount/class" -> first request; under mu
-
 	revocations *revocation.Queue
 	records     *outbox.Outbox // calls of opts.Records not yet made
-}
-
-// volume is the in-memory state of one published volume. Its fields
-// change only under the volume's lock and m.mu together, so either one is
-// enough to read them (State reads under m.mu alone).
-type volume struct {
-	meta     Metadata
-	lease    provider.Lease
-	spec     *render.Spec
-	tokens   map[string]provider.Token
-	gid      int
-	timer    clock.Timer
-	renewAt  time.Time
-	granted  time.Time // when the lease's current grant began: its issue or last renewal
-	failures int
-	digest   [32]byte // of the files last written; zero after a restart
-
-	tasks      map[string]provider.Lease // task ID -> its lease
-	taskTimers map[string]clock.Timer    // task ID -> its end
 }
 
 // New returns a Manager. Call Recover, then Run.
@@ -186,7 +184,8 @@ func New(opts Options) *Manager {
 	ctx, cancel := context.WithCancel(context.Background())
 	m := &Manager{
 		opts: opts, clock: opts.Clock, ctx: ctx, cancel: cancel,
-		vols: map[string]*volume{}, seen: map[string]time.Time{},
+		timing: volume.Timing{RenewFraction: opts.RenewFraction, Jitter: opts.Jitter, RotationGrace: opts.RotationGrace,
+			RetryMin: opts.RetryMin, RetryMax: opts.RetryMax},
 	}
 	m.records = outbox.New(outbox.Options{
 		Records: opts.Records, Metrics: opts.Metrics, RetryMin: opts.RetryMin, RetryMax: opts.RetryMax,
@@ -200,90 +199,77 @@ func New(opts Options) *Manager {
 	return m
 }
 
-// after calls f in a goroutine of its own d from now: a fake clock calls
-// its functions as it is stepped, under its own lock.
-func (m *Manager) after(d time.Duration, f func()) clock.Timer {
-	return m.clock.AfterFunc(d, func() { go f() })
-}
-
 // Ready reports whether recovery has finished.
-func (m *Manager) Ready() bool {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	return m.ready
-}
+func (m *Manager) Ready() bool { return m.ready.Load() }
 
 // Close stops renewals and background work. Leases stay alive and are
 // picked up again by the next Recover.
 func (m *Manager) Close() {
 	m.cancel()
 	m.revocations.Close()
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	for _, v := range m.vols {
-		if v.timer != nil {
-			v.timer.Stop()
-		}
-		v.stopTaskTimers()
+	m.vols.Close()
+}
+
+// lock waits for a volume's lock, once recovery has finished.
+func (m *Manager) lock(ctx context.Context, id string) (*volume.Held, error) {
+	if !m.Ready() {
+		// Until recovery has loaded every volume, "unknown" cannot be told
+		// from "not loaded yet"; kubelet retries.
+		return nil, fmt.Errorf("%w: %w", provider.ErrUnavailable, ErrNotReady)
 	}
+	h, err := m.vols.Lock(ctx, id)
+	if err != nil {
+		return nil, fmt.Errorf("%w: waiting for another operation on the volume: %w", provider.ErrUnavailable, err)
+	}
+	return h, nil
 }
 
 // Publish issues a lease for v and mounts its files on v.TargetPath, or,
 // when v is already published, checks it is the same request and that it
 // is still mounted (a republish: no backend call unless a renewal is due).
 func (m *Manager) Publish(ctx context.Context, v Volume) error {
-	if !m.Ready() {
-		return fmt.Errorf("%w: %w", provider.ErrUnavailable, ErrNotReady)
-	}
-	unlock, err := m.locks.Lock(ctx, v.ID)
+	h, err := m.lock(ctx, v.ID)
 	if err != nil {
-		return fmt.Errorf("%w: waiting for another operation on the volume: %w", provider.ErrUnavailable, err)
+		return err
 	}
-	defer unlock()
-
-	cur, err := m.loaded(ctx, v.ID)
+	defer h.Unlock()
+	cur, err := m.loaded(ctx, h)
 	if err != nil {
 		return fmt.Errorf("%w: recovering the volume's earlier record: %w", provider.ErrUnavailable, err)
 	}
 	if cur != nil {
-		return m.republish(cur, v)
+		return m.republish(h, cur, v)
 	}
-	return m.publishNew(ctx, v)
+	return m.publishNew(ctx, h, v)
 }
 
-// loaded returns the volume in memory, recovering it first if the store
-// has it and memory does not (its recovery failed, or a clean-up did): a
-// new publish would otherwise write over its record.
-func (m *Manager) loaded(ctx context.Context, id string) (*volume, error) {
-	m.mu.Lock()
-	cur := m.vols[id]
-	m.mu.Unlock()
-	if cur != nil {
+// loaded returns the locked volume, recovering it first if the store has
+// it and memory does not (its recovery failed, or a clean-up did): a new
+// publish would otherwise write over its record.
+func (m *Manager) loaded(ctx context.Context, h *volume.Held) (*volume.Volume, error) {
+	if cur := h.Volume(); cur != nil {
 		return cur, nil
 	}
-	if _, err := m.opts.Store.ReadMetadata(id); errors.Is(err, storage.ErrVolumeNotFound) {
+	if _, err := m.opts.Store.ReadMetadata(h.ID()); errors.Is(err, storage.ErrVolumeNotFound) {
 		return nil, nil
 	}
-	if _, err := m.recoverVolume(ctx, id); err != nil {
+	if _, err := m.recoverVolume(ctx, h); err != nil {
 		return nil, err
 	}
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	return m.vols[id], nil
+	return h.Volume(), nil
 }
 
-func (m *Manager) republish(cur *volume, v Volume) error {
-	if cur.meta.TargetPath != v.TargetPath || cur.meta.ReadOnly != v.ReadOnly ||
-		cur.meta.MountGroup != v.MountGroup || !maps.Equal(cur.meta.Attributes, v.Attributes) {
+func (m *Manager) republish(h *volume.Held, cur *volume.Volume, v Volume) error {
+	meta := cur.Meta()
+	if meta.TargetPath != v.TargetPath || meta.ReadOnly != v.ReadOnly ||
+		meta.MountGroup != v.MountGroup || !maps.Equal(meta.Attributes, v.Attributes) {
 		return ErrIncompatible
 	}
-	m.mu.Lock()
 	if len(v.Mount.Tokens) > 0 {
-		cur.tokens = v.Mount.Tokens
+		cur.SetTokens(h, v.Mount.Tokens)
 	}
-	overdue := !cur.renewAt.IsZero() && m.clock.Now().After(cur.renewAt) && cur.failures == 0 &&
-		cur.meta.State != StateWithdrawn
-	m.mu.Unlock()
+	renewAt := cur.RenewAt()
+	overdue := !renewAt.IsZero() && m.clock.Now().After(renewAt) && cur.Failures() == 0 && meta.State != StateWithdrawn
 	if !m.opts.Store.IsMounted(v.TargetPath) {
 		if err := m.mount(v.ID, v.TargetPath); err != nil {
 			// Never a final code on republish: kubelet would tear the pod's mount down.
@@ -292,12 +278,12 @@ func (m *Manager) republish(cur *volume, v Volume) error {
 		klog.InfoS("Restored missing mount on republish", "volumeID", v.ID)
 	}
 	if overdue {
-		m.schedule(v.ID, 0) // our timer is late (a suspended node?); kubelet's call is the hint
+		m.schedule(h, cur, 0) // our timer is late (a suspended node?); kubelet's call is the hint
 	}
 	return nil
 }
 
-func (m *Manager) publishNew(ctx context.Context, v Volume) error {
+func (m *Manager) publishNew(ctx context.Context, h *volume.Held, v Volume) error {
 	pod := v.Mount.Pod
 	rec := audit.Record{Stage: audit.Request, VolumeID: v.ID, Pod: pod, Class: pod.Namespace + "/" + v.Mount.Class}
 	rec.FirstSeen = m.firstSeen(pod, v.Mount.Class)
@@ -342,7 +328,7 @@ func (m *Manager) publishNew(ctx context.Context, v Volume) error {
 			params[k] = val
 		}
 	}
-	leaseID := newLeaseID(pod)
+	leaseID := state.NewLeaseID(pod)
 	now := m.clock.Now().UTC()
 	meta := Metadata{
 		VolumeID: v.ID, TargetPath: v.TargetPath, ReadOnly: v.ReadOnly, MountGroup: v.MountGroup,
@@ -376,20 +362,10 @@ func (m *Manager) publishNew(ctx context.Context, v Volume) error {
 		return undo(provider.Lease{}, fmt.Errorf("recording the volume: %w", err))
 	}
 
-	ictx, cancel := context.WithTimeout(ctx, m.opts.BackendTimeout)
 	asked := m.clock.Now()
-	l, err := prov.Issue(ictx, provider.Request{
-		LeaseID: leaseID, VolumeID: v.ID, Class: class.Ref(), Params: params, Pod: pod, Tokens: v.Mount.Tokens,
-	})
-	cancel()
-	l.ID, l.Provider, l.Params = leaseID, class.Provider, params
+	l, err := m.issue(ctx, prov, meta, leaseID, v.Mount.Tokens, v.ID)
 	if err != nil {
-		if mayHaveIssued(err) {
-			// The backend may have acted before the call failed (a timeout):
-			// revoke by ID, which is idempotent, rather than risk a leak.
-			return undo(provider.Lease{ID: leaseID, Provider: class.Provider, Params: params}, err)
-		}
-		return undo(provider.Lease{}, err)
+		return undo(l, err)
 	}
 	rec.LeaseID, rec.Role = l.ID, l.Role
 	if err := m.opts.Store.WriteLease(v.ID, l); err != nil {
@@ -411,7 +387,7 @@ func (m *Manager) publishNew(ctx context.Context, v Volume) error {
 		return undo(l, err)
 	}
 	meta.State, meta.LeaseID, meta.PendingLeaseID = StatePublished, l.ID, ""
-	meta.Role, meta.IssuedAt, meta.ExpiresAt, meta.GrantTTL = l.Role, l.IssuedAt, l.ExpiresAt, grantTTL(l, asked)
+	meta.Role, meta.IssuedAt, meta.ExpiresAt, meta.GrantTTL = l.Role, l.IssuedAt, l.ExpiresAt, state.GrantTTL(l, asked)
 	if err := m.opts.Store.WriteMetadata(meta); err != nil {
 		_ = m.opts.Store.UnmountTarget(v.TargetPath)
 		return undo(l, fmt.Errorf("recording the volume: %w", err))
@@ -420,36 +396,14 @@ func (m *Manager) publishNew(ctx context.Context, v Volume) error {
 	if granted.IsZero() {
 		granted = asked
 	}
-	vol := &volume{meta: meta, lease: l, spec: spec, tokens: v.Mount.Tokens, gid: v.GID, digest: digest(files), granted: granted,
-		tasks: map[string]provider.Lease{}}
-	m.mu.Lock()
-	m.vols[v.ID] = vol
-	m.mu.Unlock()
-	m.scheduleRenewal(vol)
+	vol := volume.New(m.clock, volume.Initial{Meta: meta, Lease: l, Spec: spec, GID: v.GID, Tokens: v.Mount.Tokens,
+		Granted: granted, Digest: volume.Digest(files)})
+	h.Put(vol)
+	m.scheduleRenewal(h, vol)
 	m.noteIssued(meta, l)
 	m.audit(withExpiry(withStage(rec, audit.Issue), l.ExpiresAt), audit.Success, nil)
 	m.opts.Metrics.LeaseOp(class.Provider, metrics.OpIssue, metrics.Success)
 	return nil
-}
-
-// seenRecord names the node's record of which identities asked for what.
-const seenRecord = "seen"
-
-// firstSeen reports whether this is the first request on the node from
-// the pod's namespace and service account for class, and remembers it.
-func (m *Manager) firstSeen(pod provider.Pod, class string) bool {
-	key := pod.Namespace + "/" + pod.ServiceAccount + "/" + class
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if _, ok := m.seen[key]; ok {
-		return false
-	}
-	m.seen[key] = m.clock.Now().UTC()
-	if err := m.opts.Store.WriteRecord(seenRecord, m.seen); err != nil {
-		klog.ErrorS(err, "Recording a first-seen request")
-	}
-	m.opts.Metrics.FirstSeen(pod.Namespace)
-	return true
 }
 
 // mount verifies target, then binds the volume onto it.
@@ -462,67 +416,81 @@ func (m *Manager) mount(id, target string) error {
 	return m.opts.Store.Mount(id, target)
 }
 
-// mayHaveIssued reports whether a failed Issue might still have created
-// something in the backend.
-func mayHaveIssued(err error) bool {
-	for _, definite := range []error{provider.ErrPermissionDenied, provider.ErrInvalidParameters, provider.ErrNotFound, provider.ErrMisconfigured} {
-		if errors.Is(err, definite) {
-			return false
+// issue asks prov for lease id, for the volume (or, volumeID empty, a
+// task of the volume) meta describes, and names the lease as the manager
+// records it. A failed call returns the lease by ID alone where the
+// backend may have acted before it failed (a timeout): revoking by ID,
+// which is idempotent, rather than risk a leak.
+func (m *Manager) issue(ctx context.Context, prov provider.Provider, meta Metadata, id string,
+	tokens map[string]provider.Token, volumeID string) (provider.Lease, error) {
+	ictx, cancel := context.WithTimeout(ctx, m.opts.BackendTimeout)
+	defer cancel()
+	l, err := prov.Issue(ictx, provider.Request{
+		LeaseID: id, VolumeID: volumeID, Class: meta.Class, Params: meta.Params, Pod: meta.Pod, Tokens: tokens,
+	})
+	if err != nil {
+		for _, definite := range []error{provider.ErrPermissionDenied, provider.ErrInvalidParameters, provider.ErrNotFound, provider.ErrMisconfigured} {
+			if errors.Is(err, definite) {
+				return provider.Lease{}, err
+			}
 		}
+		return meta.Named(id), err
 	}
-	return true
+	l.ID, l.Provider, l.Params = id, meta.Provider, meta.Params
+	return l, nil
+}
+
+// firstSeen reports whether this is the first request on the node from
+// the pod's namespace and service account for class, and remembers it.
+func (m *Manager) firstSeen(pod provider.Pod, class string) bool {
+	first, err := m.seen.First(m.opts.Store, pod, class, m.clock.Now().UTC())
+	if err != nil {
+		klog.ErrorS(err, "Recording a first-seen request")
+	}
+	if first {
+		m.opts.Metrics.FirstSeen(pod.Namespace)
+	}
+	return first
 }
 
 // Unpublish unmounts target, queues the revocation of the volume's lease
 // durably, deletes the files and returns without waiting for the backend.
 // An unknown volume is fine.
 func (m *Manager) Unpublish(ctx context.Context, volumeID, target string) error {
-	if !m.Ready() {
-		// Until recovery has loaded every volume, "unknown" cannot be told
-		// from "not loaded yet"; kubelet retries.
-		return fmt.Errorf("%w: %w", provider.ErrUnavailable, ErrNotReady)
-	}
-	unlock, err := m.locks.Lock(ctx, volumeID)
+	h, err := m.lock(ctx, volumeID)
 	if err != nil {
-		return fmt.Errorf("%w: waiting for another operation on the volume: %w", provider.ErrUnavailable, err)
+		return err
 	}
-	defer unlock()
-	m.mu.Lock()
-	v := m.vols[volumeID]
-	m.mu.Unlock()
+	defer h.Unlock()
+	v := h.Volume()
 	if v == nil {
 		return nil
 	}
-	if v.meta.TargetPath != target {
+	if v.Meta().TargetPath != target {
 		klog.InfoS("Unpublish of a target the volume is not published at; nothing to do", "volumeID", volumeID)
 		return nil
 	}
 	if err := m.opts.Store.UnmountTarget(target); err != nil {
 		return err
 	}
-	return m.retire(v, "unpublished")
+	return m.retire(h, v, "unpublished")
 }
 
 // retire queues the revocation of every lease the volume holds, stops its
 // renewals and deletes its files and metadata.
-func (m *Manager) retire(v *volume, reason string) error {
-	if err := m.enqueueHeld(v.meta, v.lease, reason); err != nil {
+func (m *Manager) retire(h *volume.Held, v *volume.Volume, reason string) error {
+	meta := v.Meta()
+	if err := m.enqueueHeld(meta, v.Lease(), reason); err != nil {
 		return err
 	}
-	m.revocations.Expedite(v.meta.VolumeID)
-	m.mu.Lock()
-	if v.timer != nil {
-		v.timer.Stop()
+	m.revocations.Expedite(meta.VolumeID)
+	h.Remove(v)
+	if meta.LeaseAPI && m.opts.Sockets != nil {
+		m.opts.Sockets.Close(meta.VolumeID)
 	}
-	v.stopTaskTimers()
-	delete(m.vols, v.meta.VolumeID)
-	m.mu.Unlock()
-	if v.meta.LeaseAPI && m.opts.Sockets != nil {
-		m.opts.Sockets.Close(v.meta.VolumeID)
-	}
-	if err := m.opts.Store.DeleteVolume(v.meta.VolumeID); err != nil {
+	if err := m.opts.Store.DeleteVolume(meta.VolumeID); err != nil {
 		// The revocation is queued; the sweep removes the leftovers.
-		klog.ErrorS(err, "Deleting volume files", "volumeID", v.meta.VolumeID)
+		klog.ErrorS(err, "Deleting volume files", "volumeID", meta.VolumeID)
 	}
 	return nil
 }
@@ -551,29 +519,6 @@ func withExpiry(r audit.Record, t time.Time) audit.Record {
 // one of its tasks: its credential's record, rendered.
 func recordFor(meta Metadata, l provider.Lease) audit.Record {
 	return audit.Of(recordOf(meta, l))
-}
-
-var leaseEncoding = base32.NewEncoding("abcdefghijklmnopqrstuvwxyz234567").WithPadding(base32.NoPadding)
-
-// newLeaseID makes a unique, non-secret ID of [a-z0-9-] that says which pod
-// the lease is for: "<namespace>-<pod>-<random>", at most 48 bytes.
-func newLeaseID(pod provider.Pod) string {
-	var b [5]byte
-	_, _ = rand.Read(b[:])
-	suffix := leaseEncoding.EncodeToString(b[:]) // 8 characters
-	clean := func(s string, n int) string {
-		s = strings.Map(func(r rune) rune {
-			if r >= 'a' && r <= 'z' || r >= '0' && r <= '9' {
-				return r
-			}
-			return '-'
-		}, strings.ToLower(s))
-		if len(s) > n {
-			s = s[:n]
-		}
-		return strings.Trim(s, "-")
-	}
-	return clean(pod.Namespace, 16) + "-" + clean(pod.Name, 21) + "-" + suffix
 }
 
 // ParseGID parses a volume_mount_group: empty is "none" (-1).

@@ -27,7 +27,7 @@ type Records = outbox.Records
 func recordOf(meta Metadata, l provider.Lease) credential.Record {
 	return credential.Record{
 		VolumeID: meta.VolumeID, Pod: meta.Pod, Class: meta.Class, Provider: meta.Provider,
-		Role: l.Role, LeaseID: l.ID, Task: taskOf(meta, l.ID), IssuedAt: l.IssuedAt, ExpiresAt: l.ExpiresAt,
+		Role: l.Role, LeaseID: l.ID, Task: meta.TaskOf(l.ID), IssuedAt: l.IssuedAt, ExpiresAt: l.ExpiresAt,
 	}
 }
 
@@ -59,7 +59,7 @@ func (m *Manager) withdrawGone(rec credential.Record) {
 		}
 		klog.ErrorS(err, "Withdrawing a volume whose credential record was deleted; will retry", "volumeID", rec.VolumeID)
 		select {
-		case <-m.clock.After(m.backoff(attempt)):
+		case <-m.clock.After(m.timing.Backoff(attempt)):
 		case <-m.ctx.Done():
 		}
 	}

@@ -195,6 +195,9 @@ func testRecordGoneWithdraws(t *testing.T, n *node) {
 		info, err := m.Info(v.ID)
 		return err == nil && info.State == string(StateWithdrawn)
 	})
+	// Info says withdrawn from the withdrawal's first write on; the rest
+	// of it is done once its volume's lock is free.
+	m.waitFor(ctx, v.ID)
 	checkWithdrawn(t, n, m, v, "after the record went")
 	m.drainRecords(ctx)
 	rl.want(t, "after the withdrawal", "revoked "+id)

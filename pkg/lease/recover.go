@@ -10,6 +10,7 @@ import (
 
 	"k8s.io/klog/v2"
 
+	"github.com/ephemeral-secrets/csi-driver/pkg/lease/volume"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
 	"github.com/ephemeral-secrets/csi-driver/pkg/render"
 	"github.com/ephemeral-secrets/csi-driver/pkg/spc"
@@ -34,12 +35,7 @@ func (m *Manager) Recover(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("listing volumes: %w", err)
 	}
-	seen := map[string]time.Time{}
-	if err := m.opts.Store.ReadRecord(seenRecord, &seen); err == nil {
-		m.mu.Lock()
-		m.seen = seen
-		m.mu.Unlock()
-	}
+	m.seen.Load(m.opts.Store)
 	resumed, revoked, failed := 0, 0, 0
 	for _, id := range ids {
 		// One bad volume must not keep the node's other pods from mounting:
@@ -55,21 +51,19 @@ func (m *Manager) Recover(ctx context.Context) error {
 			revoked++
 		}
 	}
-	m.mu.Lock()
-	m.ready = true
-	m.mu.Unlock()
+	m.ready.Store(true)
 	klog.InfoS("Recovery finished", "resumed", resumed, "retired", revoked, "failed", failed, "pendingRevocations", m.QueueLength())
 	return nil
 }
 
 // recoverLocked is recoverVolume under the volume's lock.
 func (m *Manager) recoverLocked(ctx context.Context, id string) (bool, error) {
-	unlock, err := m.locks.Lock(ctx, id)
+	h, err := m.vols.Lock(ctx, id)
 	if err != nil {
 		return false, err
 	}
-	defer unlock()
-	return m.recoverVolume(ctx, id)
+	defer h.Unlock()
+	return m.recoverVolume(ctx, h)
 }
 
 // recoverVolume returns true if the volume is live again. It never
@@ -77,7 +71,8 @@ func (m *Manager) recoverLocked(ctx context.Context, id string) (bool, error) {
 // everything the record holds (a Vault token included). The caller holds
 // the volume's lock: the renewal it arms may be due at once, and must not
 // change the volume while its recovery still reads it.
-func (m *Manager) recoverVolume(ctx context.Context, id string) (bool, error) {
+func (m *Manager) recoverVolume(ctx context.Context, h *volume.Held) (bool, error) {
+	id := h.ID()
 	meta, err := m.opts.Store.ReadMetadata(id)
 	if err != nil {
 		return false, err
@@ -92,7 +87,7 @@ func (m *Manager) recoverVolume(ctx context.Context, id string) (bool, error) {
 	}
 	cur, published := byID[meta.LeaseID]
 	if meta.State == StateWithdrawn {
-		return m.recoverWithdrawn(meta, cur)
+		return m.recoverWithdrawn(h, meta, cur)
 	}
 	if meta.State != StatePublished || !published {
 		// The publish never finished, so kubelet got an error and will
@@ -106,19 +101,18 @@ func (m *Manager) recoverVolume(ctx context.Context, id string) (bool, error) {
 		return false, m.opts.Store.DeleteVolume(id)
 	}
 	if !m.opts.Store.IsMounted(meta.TargetPath) {
-		v := &volume{meta: meta, lease: cur}
-		return false, m.retire(v, "target gone while the driver was down")
+		return false, m.retire(h, volume.New(m.clock, volume.Initial{Meta: meta, Lease: cur}), "target gone while the driver was down")
 	}
 	spec, err := m.specFor(ctx, meta)
 	if err != nil {
 		return false, err
 	}
 	gid, _ := ParseGID(meta.MountGroup)
-	v := &volume{meta: meta, lease: cur, spec: spec, gid: gid, granted: grantedAt(meta, cur), tasks: map[string]provider.Lease{}}
-	if err := m.finishRotation(v, byID); err != nil {
+	v := volume.New(m.clock, volume.Initial{Meta: meta, Lease: cur, Spec: spec, GID: gid, Granted: meta.GrantedAt(cur)})
+	if err := m.finishRotation(h, v, byID); err != nil {
 		return false, err
 	}
-	if err := m.recoverTasks(v, byID); err != nil {
+	if err := m.recoverTasks(h, v, byID); err != nil {
 		return false, err
 	}
 	// Records of leases the volume no longer uses (a rotation stopped
@@ -126,34 +120,34 @@ func (m *Manager) recoverVolume(ctx context.Context, id string) (bool, error) {
 	if records, err = m.opts.Store.ListLeases(id); err != nil {
 		return false, err
 	}
+	meta, cur = v.Meta(), v.Lease()
 	for _, l := range records {
-		if l.ID != v.lease.ID && taskOf(v.meta, l.ID) == "" {
-			m.dropRecord(l, v.meta, "rotated (finished after a restart)", m.graceEnd(l))
+		if l.ID != cur.ID && meta.TaskOf(l.ID) == "" {
+			m.dropRecord(l, meta, "rotated (finished after a restart)", m.timing.GraceEnd(l, m.clock.Now()))
 		}
 	}
-	if v.meta.LeaseAPI {
+	if meta.LeaseAPI {
 		// A task a restart ended (its record said so before its files went)
 		// leaves files behind: the files again, of the leases held.
-		if err := m.writeFiles(v, v.lease); err != nil {
+		if err := m.writeFiles(h, v, cur); err != nil {
 			return false, fmt.Errorf("rewriting the files of the tasks held: %w", err)
 		}
 	}
-	m.mu.Lock()
-	m.vols[id] = v
-	m.mu.Unlock()
-	m.scheduleRenewal(v)
+	h.Put(v)
+	m.scheduleRenewal(h, v)
 	// Recorded again: a record written before the restart is updated, one
 	// a crash kept from being written is created.
-	m.noteIssued(v.meta, v.lease)
-	for task, t := range v.meta.Tasks {
-		m.armTask(v, task, t.ExpiresAt) // one past its end ends at once
-		if l, ok := v.tasks[task]; ok {
+	m.noteIssued(meta, cur)
+	tasks := v.Tasks()
+	for task, t := range meta.Tasks {
+		m.armTask(h, v, task, t.ExpiresAt) // one past its end ends at once
+		if l, ok := tasks[task]; ok {
 			l.ExpiresAt = t.ExpiresAt
-			m.noteIssued(v.meta, l)
+			m.noteIssued(meta, l)
 		}
 	}
 	m.openSocket(v)
-	klog.V(2).InfoS("Resumed volume", "volumeID", id, "leaseID", v.lease.ID, "expiresAt", v.lease.ExpiresAt)
+	klog.V(2).InfoS("Resumed volume", "volumeID", id, "leaseID", cur.ID, "expiresAt", cur.ExpiresAt)
 	return true, nil
 }
 
@@ -162,32 +156,29 @@ func (m *Manager) recoverVolume(ctx context.Context, id string) (bool, error) {
 // revocation), it goes forward: the new lease's files, then the switch.
 // Otherwise it goes back: the volume's own files, and the revocation of
 // whatever Issue may have made.
-func (m *Manager) finishRotation(v *volume, records map[string]provider.Lease) error {
-	pending := v.meta.PendingLeaseID
+func (m *Manager) finishRotation(h *volume.Held, v *volume.Volume, records map[string]provider.Lease) error {
+	pending := v.Meta().PendingLeaseID
 	if pending == "" {
 		return nil
 	}
 	nl, recorded := records[pending]
-	if recorded && !m.queued(pending) {
-		err := m.switchTo(v, nl, time.Time{})
+	if recorded && !m.revocations.Queued(pending) {
+		err := m.switchTo(h, v, nl, time.Time{})
 		if err == nil {
-			klog.InfoS("Finished a rotation a restart interrupted", "volumeID", v.meta.VolumeID, "leaseID", nl.ID)
+			klog.InfoS("Finished a rotation a restart interrupted", "volumeID", v.ID(), "leaseID", nl.ID)
 			return nil
 		}
-		klog.ErrorS(err, "Finishing a rotation a restart interrupted; undoing it", "volumeID", v.meta.VolumeID)
+		klog.ErrorS(err, "Finishing a rotation a restart interrupted; undoing it", "volumeID", v.ID())
 	}
 	if !recorded {
-		nl = provider.Lease{ID: pending, Provider: v.meta.Provider, Params: v.meta.Params}
+		nl = v.Meta().Named(pending)
 	}
-	m.abandon(v, nl, true)
-	if v.meta.PendingLeaseID != "" {
-		return fmt.Errorf("undoing an interrupted rotation of volume %s failed", v.meta.VolumeID)
+	m.abandon(h, v, nl, true)
+	if v.Meta().PendingLeaseID != "" {
+		return fmt.Errorf("undoing an interrupted rotation of volume %s failed", v.ID())
 	}
 	return nil
 }
-
-// queued reports whether the revocation of lease id is queued.
-func (m *Manager) queued(id string) bool { return m.revocations.Queued(id) }
 
 // enqueueHeld queues the revocation of every lease the volume holds (see
 // heldLeases), with all each record holds.
@@ -207,22 +198,20 @@ func (m *Manager) enqueueHeld(meta Metadata, cur provider.Lease, reason string) 
 // recoverWithdrawn finishes the withdrawal of a volume a restart found:
 // retired if its target is gone, else kept, empty, with every lease it
 // still holds queued for revocation. It reports false: nothing is live.
-func (m *Manager) recoverWithdrawn(meta Metadata, cur provider.Lease) (bool, error) {
+func (m *Manager) recoverWithdrawn(h *volume.Held, meta Metadata, cur provider.Lease) (bool, error) {
 	gid, _ := ParseGID(meta.MountGroup)
-	v := &volume{meta: meta, lease: cur, gid: gid, tasks: map[string]provider.Lease{}}
+	v := volume.New(m.clock, volume.Initial{Meta: meta, Lease: cur, GID: gid})
 	if !m.opts.Store.IsMounted(meta.TargetPath) {
-		return false, m.retire(v, "target gone while the driver was down")
+		return false, m.retire(h, v, "target gone while the driver was down")
 	}
 	reason := meta.WithdrawReason
 	if reason == "" {
 		reason = "withdrawn"
 	}
-	if _, err := m.settleWithdrawn(v, reason+" (finished after a restart)"); err != nil {
+	if _, err := m.settleWithdrawn(h, v, reason+" (finished after a restart)"); err != nil {
 		return false, err
 	}
-	m.mu.Lock()
-	m.vols[meta.VolumeID] = v
-	m.mu.Unlock()
+	h.Put(v)
 	m.openSocket(v)
 	return false, nil
 }
@@ -251,62 +240,52 @@ func (m *Manager) Sweep(ctx context.Context) {
 	if err != nil {
 		klog.ErrorS(err, "Sweep: listing volumes")
 	}
-	m.mu.Lock()
-	ids := make([]string, 0, len(m.vols))
-	for id := range m.vols {
-		ids = append(ids, id)
+	var ids []string
+	for _, v := range m.vols.All() {
+		ids = append(ids, v.ID())
 	}
-	m.mu.Unlock()
 	for _, id := range stored {
-		if !m.has(id) {
+		if !m.Published(id) {
 			ids = append(ids, id)
 		}
 	}
 	for _, id := range ids {
 		lctx, cancel := context.WithTimeout(ctx, time.Second)
-		unlock, err := m.locks.Lock(lctx, id)
+		h, err := m.vols.Lock(lctx, id)
 		cancel()
 		if err != nil {
 			continue // busy: next sweep
 		}
-		m.mu.Lock()
-		v := m.vols[id]
-		m.mu.Unlock()
-		if v == nil {
+		if v := h.Volume(); v == nil {
 			// Under the lock no publish is half done: stored but not in
 			// memory means left behind.
-			if _, err := m.recoverVolume(ctx, id); err != nil && !errors.Is(err, storage.ErrVolumeNotFound) {
+			if _, err := m.recoverVolume(ctx, h); err != nil && !errors.Is(err, storage.ErrVolumeNotFound) {
 				klog.ErrorS(err, "Sweep: recovering volume", "volumeID", id)
 			}
-		} else if !m.opts.Store.IsMounted(v.meta.TargetPath) {
-			klog.InfoS("Target vanished without an unpublish; revoking", "volumeID", id, "leaseID", v.lease.ID)
-			_ = m.opts.Store.UnmountTarget(v.meta.TargetPath)
-			if err := m.retire(v, "target gone"); err != nil {
+		} else if target := v.Meta().TargetPath; !m.opts.Store.IsMounted(target) {
+			klog.InfoS("Target vanished without an unpublish; revoking", "volumeID", id, "leaseID", v.Lease().ID)
+			_ = m.opts.Store.UnmountTarget(target)
+			if err := m.retire(h, v, "target gone"); err != nil {
 				klog.ErrorS(err, "Retiring volume", "volumeID", id)
 			}
 		}
-		unlock()
+		h.Unlock()
 	}
-}
-
-func (m *Manager) has(id string) bool {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	return m.vols[id] != nil
 }
 
 // recoverTasks keeps the task leases of a recovered volume whose issue
 // finished, and ends those a restart interrupted.
-func (m *Manager) recoverTasks(v *volume, records map[string]provider.Lease) error {
-	for _, task := range slices.Sorted(maps.Keys(v.meta.Tasks)) {
-		t := v.meta.Tasks[task]
+func (m *Manager) recoverTasks(h *volume.Held, v *volume.Volume, records map[string]provider.Lease) error {
+	tasks := v.Meta().Tasks
+	for _, task := range slices.Sorted(maps.Keys(tasks)) {
+		t := tasks[task]
 		if l, ok := records[t.LeaseID]; ok {
-			v.tasks[task] = l
+			v.SetTask(h, task, l)
 			if t.State == StatePublished {
 				continue
 			}
 		}
-		if err := m.endTask(v, task, "task issue interrupted by a restart"); err != nil {
+		if err := m.endTask(h, v, task, "task issue interrupted by a restart"); err != nil {
 			return err
 		}
 	}
@@ -314,11 +293,11 @@ func (m *Manager) recoverTasks(v *volume, records map[string]provider.Lease) err
 }
 
 // openSocket listens on v's lease socket again after a restart.
-func (m *Manager) openSocket(v *volume) {
-	if !v.meta.LeaseAPI || m.opts.Sockets == nil {
+func (m *Manager) openSocket(v *volume.Volume) {
+	if !v.Meta().LeaseAPI || m.opts.Sockets == nil {
 		return
 	}
-	if err := m.opts.Sockets.Open(v.meta.VolumeID, v.gid); err != nil {
-		klog.ErrorS(err, "Opening a recovered volume's lease socket", "volumeID", v.meta.VolumeID)
+	if err := m.opts.Sockets.Open(v.ID(), v.GID()); err != nil {
+		klog.ErrorS(err, "Opening a recovered volume's lease socket", "volumeID", v.ID())
 	}
 }

@@ -23,7 +23,7 @@ func (m *Manager) enqueueAfter(l provider.Lease, meta Metadata, reason string, n
 	}
 	r := revocation.Entry{
 		Lease: l, VolumeID: meta.VolumeID, Class: meta.Class, Pod: meta.Pod,
-		Reason: reason, Task: taskOf(meta, l.ID), EnqueuedAt: m.clock.Now().UTC(), NotBefore: notBefore,
+		Reason: reason, Task: meta.TaskOf(l.ID), EnqueuedAt: m.clock.Now().UTC(), NotBefore: notBefore,
 	}
 	if err := m.revocations.Add(r); err != nil {
 		return err
@@ -63,23 +63,22 @@ func (m *Manager) Run(ctx context.Context) {
 func (m *Manager) State() metrics.State {
 	s := metrics.State{LiveLeases: map[string]int{}}
 	now := m.clock.Now()
-	m.mu.Lock()
-	for _, v := range m.vols {
-		if v.meta.State == StateWithdrawn {
+	for _, v := range m.vols.All() {
+		meta, exp := v.Meta(), v.Lease().ExpiresAt
+		if meta.State == StateWithdrawn {
 			continue
 		}
-		s.LiveLeases[v.meta.Provider] += 1 + len(v.meta.Tasks)
-		if v.failures > 0 {
+		s.LiveLeases[meta.Provider] += 1 + len(meta.Tasks)
+		if v.Failures() > 0 {
 			s.RenewalFailing++
 		}
-		if !v.lease.ExpiresAt.IsZero() {
-			left := max(v.lease.ExpiresAt.Sub(now), 0)
+		if !exp.IsZero() {
+			left := max(exp.Sub(now), 0)
 			if s.SoonestExpiry == 0 || left < s.SoonestExpiry {
 				s.SoonestExpiry = left
 			}
 		}
 	}
-	m.mu.Unlock()
 	s.RevocationQueue = m.revocations.Len()
 	if oldest := m.revocations.Oldest(); !oldest.IsZero() {
 		s.OldestRevocation = now.Sub(oldest)
@@ -89,17 +88,3 @@ func (m *Manager) State() metrics.State {
 
 // QueueLength is the number of revocations not yet confirmed.
 func (m *Manager) QueueLength() int { return m.revocations.Len() }
-
-// graceEnd is when a lease a rotation just replaced may be revoked:
-// RotationGrace from now, never past its own expiry (zero: at once). A
-// reader that read the old files just before the swap still logs in.
-func (m *Manager) graceEnd(l provider.Lease) time.Time {
-	if m.opts.RotationGrace <= 0 {
-		return time.Time{}
-	}
-	end := m.clock.Now().Add(m.opts.RotationGrace).UTC()
-	if !l.ExpiresAt.IsZero() && l.ExpiresAt.Before(end) {
-		end = l.ExpiresAt.UTC()
-	}
-	return end
-}

@@ -2,12 +2,11 @@ package lease
 
 import (
 	"encoding/json"
-	"errors"
 	"fmt"
 	"slices"
-	"strings"
 
 	"github.com/ephemeral-secrets/csi-driver/pkg/lease/revocation"
+	"github.com/ephemeral-secrets/csi-driver/pkg/lease/state"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
 	"github.com/ephemeral-secrets/csi-driver/pkg/storage"
 )
@@ -61,7 +60,7 @@ type RawStore interface {
 // *storage.Filesystem, or a test's wrapper of one): this package encodes
 // and decodes its records, the raw store keeps them.
 func NewStore(raw RawStore) Store {
-	return &store{StateRecords: StateRecords{raw: raw}, DataWriter: raw, orphans: raw}
+	return &store{StateRecords: NewStateRecords(raw), DataWriter: raw, orphans: raw}
 }
 
 type store struct {
@@ -72,8 +71,12 @@ type store struct {
 
 func (s *store) RemoveOrphans() (int, error) { return s.orphans.RemoveOrphans() }
 
-// StateRecords reads and writes the lease records in a raw record store.
-type StateRecords struct{ raw storage.RecordStore }
+// StateRecords reads and writes the lease records (pkg/lease/state's
+// codec) and the revocation queue's entries in a raw record store.
+type StateRecords struct {
+	state.Records
+	raw storage.RecordStore
+}
 
 var (
 	_ MetadataReader = StateRecords{}
@@ -83,97 +86,8 @@ var (
 
 // NewStateRecords reads and writes the records of raw: what ReadInventory
 // needs of a state directory opened with storage.OpenExisting.
-func NewStateRecords(raw storage.RecordStore) StateRecords { return StateRecords{raw: raw} }
-
-// WriteRecord implements MetadataWriter.
-func (r StateRecords) WriteRecord(name string, v any) error { return r.raw.WriteRecord(name, v) }
-
-// ReadRecord implements MetadataWriter.
-func (r StateRecords) ReadRecord(name string, v any) error { return r.raw.ReadRecord(name, v) }
-
-// WriteMetadata records m, replacing what was there atomically.
-func (r StateRecords) WriteMetadata(m Metadata) error { return r.raw.WriteMetadata(m.VolumeID, m) }
-
-// ReadMetadata returns the volume's metadata or storage.ErrVolumeNotFound.
-func (r StateRecords) ReadMetadata(volumeID string) (Metadata, error) {
-	var m Metadata
-	err := r.raw.ReadMetadata(volumeID, &m)
-	return m, err
-}
-
-// ListVolumes returns the IDs of every volume with metadata, sorted.
-func (r StateRecords) ListVolumes() ([]string, error) {
-	raw, err := r.raw.ListMetadata()
-	if err != nil {
-		return nil, err
-	}
-	var ids []string
-	for _, data := range raw {
-		var m Metadata
-		if err := json.Unmarshal(data, &m); err != nil {
-			continue // as a record that was never written
-		}
-		ids = append(ids, m.VolumeID)
-	}
-	slices.Sort(ids)
-	return ids, nil
-}
-
-// WriteLease records a lease of the volume (secret: tmpfs, mode 0600).
-func (r StateRecords) WriteLease(volumeID string, l provider.Lease) error {
-	return r.raw.WriteLease(volumeID, l.ID, l)
-}
-
-// ReadLease returns the lease the volume's metadata names, from its keyed
-// record or, if a driver before keyed records wrote it, the legacy one;
-// storage.ErrVolumeNotFound if there is none.
-func (r StateRecords) ReadLease(volumeID string) (provider.Lease, error) {
-	m, err := r.ReadMetadata(volumeID)
-	if err != nil {
-		return provider.Lease{}, err
-	}
-	if m.LeaseID == "" {
-		return provider.Lease{}, storage.ErrVolumeNotFound
-	}
-	var l provider.Lease
-	err = r.raw.ReadLease(volumeID, m.LeaseID, &l)
-	if errors.Is(err, storage.ErrVolumeNotFound) {
-		if err = r.raw.ReadLegacyLease(volumeID, &l); err == nil && l.ID != m.LeaseID {
-			err = storage.ErrVolumeNotFound
-		}
-	}
-	return l, err
-}
-
-// ListLeases returns every lease record of the volume, sorted by ID.
-func (r StateRecords) ListLeases(volumeID string) ([]provider.Lease, error) {
-	raw, err := r.raw.ListLeases(volumeID)
-	if err != nil {
-		return nil, err
-	}
-	var out []provider.Lease
-	for _, data := range raw {
-		var l provider.Lease
-		if err := json.Unmarshal(data, &l); err != nil {
-			return nil, fmt.Errorf("lease record of volume %s: %w", volumeID, err)
-		}
-		out = append(out, l)
-	}
-	slices.SortFunc(out, func(a, b provider.Lease) int { return strings.Compare(a.ID, b.ID) })
-	return out, nil
-}
-
-// DeleteLease removes the record of a lease, the legacy one too if it is
-// that lease's; removing an absent one is fine.
-func (r StateRecords) DeleteLease(volumeID, leaseID string) error {
-	if err := r.raw.DeleteLease(volumeID, leaseID); err != nil {
-		return err
-	}
-	var l provider.Lease
-	if r.raw.ReadLegacyLease(volumeID, &l) == nil && l.ID == leaseID {
-		return r.raw.DeleteLegacyLease(volumeID)
-	}
-	return nil
+func NewStateRecords(raw storage.RecordStore) StateRecords {
+	return StateRecords{Records: state.NewRecords(raw), raw: raw}
 }
 
 // PutRevocation adds or updates an entry of the revocation queue.

@@ -5,15 +5,15 @@ import (
 	"errors"
 	"fmt"
 	"maps"
-	"regexp"
 	"slices"
 	"time"
 
 	"k8s.io/klog/v2"
-	"k8s.io/utils/clock"
 
 	"github.com/ephemeral-secrets/csi-driver/pkg/audit"
 	"github.com/ephemeral-secrets/csi-driver/pkg/credential"
+	"github.com/ephemeral-secrets/csi-driver/pkg/lease/state"
+	"github.com/ephemeral-secrets/csi-driver/pkg/lease/volume"
 	"github.com/ephemeral-secrets/csi-driver/pkg/metrics"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
 )
@@ -25,7 +25,7 @@ var (
 	ErrTaskExists  = errors.New("the task already has a lease")
 	ErrUnknownTask = errors.New("no such task")
 	ErrTaskLimit   = errors.New("the volume holds as many task leases as its class allows")
-	ErrInvalidTask = errors.New("a task ID is 1 to 63 characters of a-z, 0-9 and -, starting and ending with a letter or digit")
+	ErrInvalidTask = state.ErrInvalidTask
 )
 
 // Sockets opens and closes the lease sockets of volumes whose class asks
@@ -37,15 +37,8 @@ type Sockets interface {
 	Close(volumeID string)
 }
 
-var taskID = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$`)
-
 // ValidTask reports whether id is a valid task ID.
-func ValidTask(id string) error {
-	if !taskID.MatchString(id) {
-		return fmt.Errorf("%w: %q", ErrInvalidTask, id)
-	}
-	return nil
-}
+func ValidTask(id string) error { return state.ValidTask(id) }
 
 // Info is what a pod may know of its volume's lease: nothing secret.
 type Info struct {
@@ -84,13 +77,11 @@ func taskInfo(r credential.Record) TaskInfo {
 
 // Info returns what the volume's pod may know of its lease and tasks.
 func (m *Manager) Info(volumeID string) (Info, error) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	v := m.vols[volumeID]
+	v := m.vols.Get(volumeID)
 	if v == nil {
 		return Info{}, fmt.Errorf("%w: %s", ErrUnknownVolume, volumeID)
 	}
-	return infoOf(v.meta), nil
+	return infoOf(v.Meta()), nil
 }
 
 // infoOf renders the record of the volume's lease, and its tasks', for
@@ -113,53 +104,56 @@ func infoOf(meta Metadata) Info {
 
 // usable locks the volume for a verb of its lease socket and returns it,
 // published, with a lease socket, not withdrawn.
-func (m *Manager) usable(ctx context.Context, volumeID string) (*volume, func(), error) {
-	if !m.Ready() {
-		return nil, nil, fmt.Errorf("%w: %w", provider.ErrUnavailable, ErrNotReady)
-	}
-	unlock, err := m.locks.Lock(ctx, volumeID)
+func (m *Manager) usable(ctx context.Context, volumeID string) (*volume.Volume, *volume.Held, error) {
+	h, err := m.lock(ctx, volumeID)
 	if err != nil {
-		return nil, nil, fmt.Errorf("%w: waiting for another operation on the volume: %w", provider.ErrUnavailable, err)
+		return nil, nil, err
 	}
-	m.mu.Lock()
-	v := m.vols[volumeID]
-	m.mu.Unlock()
+	v := h.Volume()
 	switch {
 	case v == nil:
 		err = fmt.Errorf("%w: %s", ErrUnknownVolume, volumeID)
-	case !v.meta.LeaseAPI:
+	case !v.Meta().LeaseAPI:
 		err = ErrNoLeaseAPI
-	case v.meta.State == StateWithdrawn:
+	case v.Meta().State == StateWithdrawn:
 		err = ErrWithdrawn
 	}
 	if err != nil {
-		unlock()
+		h.Unlock()
 		return nil, nil, err
 	}
-	return v, unlock, nil
+	return v, h, nil
+}
+
+// providerOf returns the provider of the volume meta describes, for a verb
+// of its lease socket.
+func (m *Manager) providerOf(meta Metadata) (provider.Provider, error) {
+	prov, ok := m.opts.Providers.Get(meta.Provider)
+	if !ok {
+		return nil, fmt.Errorf("%w: provider %q is not configured", provider.ErrUnavailable, meta.Provider)
+	}
+	return prov, nil
 }
 
 // RotateNow replaces the volume's credential with a fresh one at once:
 // issued, swapped in atomically, the old one revoked after the rotation
 // grace.
 func (m *Manager) RotateNow(ctx context.Context, volumeID string) (Info, error) {
-	v, unlock, err := m.usable(ctx, volumeID)
+	v, h, err := m.usable(ctx, volumeID)
 	if err != nil {
 		return Info{}, err
 	}
-	defer unlock()
-	prov, ok := m.opts.Providers.Get(v.meta.Provider)
-	if !ok {
-		return Info{}, fmt.Errorf("%w: provider %q is not configured", provider.ErrUnavailable, v.meta.Provider)
+	defer h.Unlock()
+	prov, err := m.providerOf(v.Meta())
+	if err != nil {
+		return Info{}, err
 	}
 	cctx, cancel := context.WithTimeout(ctx, m.opts.BackendTimeout)
 	defer cancel()
-	if err := m.rotate(cctx, prov, v); err != nil {
+	if err := m.rotate(cctx, h, prov, v); err != nil {
 		return Info{}, err
 	}
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	return infoOf(v.meta), nil
+	return infoOf(v.Meta()), nil
 }
 
 // IssueTask issues a separate lease for one task of the volume's pod,
@@ -171,60 +165,50 @@ func (m *Manager) IssueTask(ctx context.Context, volumeID, task string, ttl time
 	if err := ValidTask(task); err != nil {
 		return TaskInfo{}, err
 	}
-	v, unlock, err := m.usable(ctx, volumeID)
+	v, h, err := m.usable(ctx, volumeID)
 	if err != nil {
 		return TaskInfo{}, err
 	}
-	defer unlock()
-	m.endExpiredTasks(v)
-	if _, ok := v.meta.Tasks[task]; ok {
+	defer h.Unlock()
+	m.endExpiredTasks(h, v)
+	meta := v.Meta()
+	if _, ok := meta.Tasks[task]; ok {
 		return TaskInfo{}, fmt.Errorf("%w: %s", ErrTaskExists, task)
 	}
-	if len(v.meta.Tasks) >= v.meta.MaxTasks {
-		return TaskInfo{}, fmt.Errorf("%w (%d)", ErrTaskLimit, v.meta.MaxTasks)
+	if len(meta.Tasks) >= meta.MaxTasks {
+		return TaskInfo{}, fmt.Errorf("%w (%d)", ErrTaskLimit, meta.MaxTasks)
 	}
-	prov, ok := m.opts.Providers.Get(v.meta.Provider)
-	if !ok {
-		return TaskInfo{}, fmt.Errorf("%w: provider %q is not configured", provider.ErrUnavailable, v.meta.Provider)
+	prov, err := m.providerOf(meta)
+	if err != nil {
+		return TaskInfo{}, err
 	}
-	leaseID := newLeaseID(v.meta.Pod)
-	rec := recordFor(v.meta, provider.Lease{ID: leaseID})
+	leaseID := state.NewLeaseID(meta.Pod)
+	rec := recordFor(meta, provider.Lease{ID: leaseID})
 	rec.Task = task
 	fail := func(err error) (TaskInfo, error) {
 		m.audit(withStage(rec, audit.Failure), audit.Error, err)
-		m.opts.Metrics.LeaseOp(v.meta.Provider, metrics.OpIssue, metrics.Error)
+		m.opts.Metrics.LeaseOp(meta.Provider, metrics.OpIssue, metrics.Error)
 		return TaskInfo{}, err
 	}
 	// The intent first.
-	if err := m.setTask(v, task, &Task{LeaseID: leaseID, State: StateIssuing}); err != nil {
+	if err := m.setTask(h, v, task, &Task{LeaseID: leaseID, State: StateIssuing}); err != nil {
 		return fail(fmt.Errorf("recording the task: %w", err))
 	}
-	m.mu.Lock()
-	tokens := v.tokens
-	m.mu.Unlock()
-	ictx, cancel := context.WithTimeout(ctx, m.opts.BackendTimeout)
-	l, err := prov.Issue(ictx, provider.Request{
-		LeaseID: leaseID, Class: v.meta.Class, Params: v.meta.Params, Pod: v.meta.Pod, Tokens: tokens,
-	})
-	cancel()
-	l.ID, l.Provider, l.Params = leaseID, v.meta.Provider, v.meta.Params
+	l, err := m.issue(ctx, prov, meta, leaseID, v.Tokens(), "")
 	undo := func(l provider.Lease, cause error) (TaskInfo, error) {
 		if l.ID != "" {
-			m.enqueueOrLog(l, v.meta, "task issue failed")
+			m.enqueueOrLog(l, v.Meta(), "task issue failed")
 		}
 		if err := m.opts.Store.DeleteLease(volumeID, leaseID); err != nil {
 			klog.ErrorS(err, "Removing the record of a failed task lease", "leaseID", leaseID)
 		}
-		if err := m.setTask(v, task, nil); err != nil {
+		if err := m.setTask(h, v, task, nil); err != nil {
 			klog.ErrorS(err, "Clearing a failed task's record; recovery revokes it", "volumeID", volumeID)
 		}
 		return fail(cause)
 	}
 	if err != nil {
-		if mayHaveIssued(err) {
-			return undo(provider.Lease{ID: leaseID, Provider: v.meta.Provider, Params: v.meta.Params}, err)
-		}
-		return undo(provider.Lease{}, err)
+		return undo(l, err)
 	}
 	end := l.ExpiresAt
 	if ttl > 0 && (end.IsZero() || m.clock.Now().Add(ttl).Before(end)) {
@@ -233,31 +217,25 @@ func (m *Manager) IssueTask(ctx context.Context, volumeID, task string, ttl time
 	if err := m.opts.Store.WriteLease(volumeID, l); err != nil {
 		return undo(l, fmt.Errorf("recording the task lease: %w", err))
 	}
-	m.mu.Lock()
-	v.tasks[task] = l
-	m.mu.Unlock()
-	if err := m.writeFiles(v, v.lease); err != nil {
-		m.mu.Lock()
-		delete(v.tasks, task)
-		m.mu.Unlock()
+	v.SetTask(h, task, l)
+	if err := m.writeFiles(h, v, v.Lease()); err != nil {
+		v.EndTask(h, task)
 		return undo(l, err)
 	}
 	t := Task{LeaseID: leaseID, State: StatePublished, Role: l.Role, IssuedAt: l.IssuedAt, ExpiresAt: end}
-	if err := m.setTask(v, task, &t); err != nil {
-		m.mu.Lock()
-		delete(v.tasks, task)
-		m.mu.Unlock()
-		_ = m.writeFiles(v, v.lease)
+	if err := m.setTask(h, v, task, &t); err != nil {
+		v.EndTask(h, task)
+		_ = m.writeFiles(h, v, v.Lease())
 		return undo(l, fmt.Errorf("recording the task: %w", err))
 	}
-	m.armTask(v, task, end)
+	m.armTask(h, v, task, end)
 	tl := l
 	tl.ExpiresAt = end
-	m.noteIssued(v.meta, tl)
+	m.noteIssued(v.Meta(), tl)
 	rec.Role = l.Role
 	m.audit(withExpiry(withStage(rec, audit.Issue), end), audit.Success, nil)
-	m.opts.Metrics.LeaseOp(v.meta.Provider, metrics.OpIssue, metrics.Success)
-	return taskInfo(taskCredential(v.meta, task, t)), nil
+	m.opts.Metrics.LeaseOp(meta.Provider, metrics.OpIssue, metrics.Success)
+	return taskInfo(taskCredential(v.Meta(), task, t)), nil
 }
 
 // RevokeTask ends a task's lease: its files removed at once, its
@@ -267,18 +245,18 @@ func (m *Manager) RevokeTask(ctx context.Context, volumeID, task string) (confir
 	if err := ValidTask(task); err != nil {
 		return nil, err
 	}
-	v, unlock, err := m.usable(ctx, volumeID)
+	v, h, err := m.usable(ctx, volumeID)
 	if err != nil {
 		return nil, err
 	}
-	defer unlock()
-	t, ok := v.meta.Tasks[task]
+	defer h.Unlock()
+	t, ok := v.Meta().Tasks[task]
 	if !ok {
 		return nil, fmt.Errorf("%w: %s", ErrUnknownTask, task)
 	}
 	ids := []string{t.LeaseID}
 	m.revocations.Watch(ids)
-	if err := m.endTask(v, task, "task done"); err != nil {
+	if err := m.endTask(h, v, task, "task done"); err != nil {
 		m.revocations.Unwatch(ids)
 		return nil, err
 	}
@@ -288,30 +266,23 @@ func (m *Manager) RevokeTask(ctx context.Context, volumeID, task string) (confir
 // endTask ends one task lease of v: the record says it ended first (a
 // lease record no task names is revoked by recovery), then its files go,
 // then its revocation is queued and its record dropped.
-func (m *Manager) endTask(v *volume, task, reason string) error {
-	before := v.meta // names the task, for the audit of its revocation
+func (m *Manager) endTask(h *volume.Held, v *volume.Volume, task, reason string) error {
+	before := v.Meta() // names the task, for the audit of its revocation
 	t, ok := before.Tasks[task]
 	if !ok {
 		return nil
 	}
-	if err := m.setTask(v, task, nil); err != nil {
+	if err := m.setTask(h, v, task, nil); err != nil {
 		return fmt.Errorf("recording the task's end: %w", err)
 	}
-	m.mu.Lock()
-	l, had := v.tasks[task]
-	delete(v.tasks, task)
-	if tm := v.taskTimers[task]; tm != nil {
-		tm.Stop()
-		delete(v.taskTimers, task)
-	}
-	m.mu.Unlock()
-	if v.meta.State != StateWithdrawn {
-		if err := m.writeFiles(v, v.lease); err != nil {
-			klog.ErrorS(err, "Removing an ended task's files", "volumeID", v.meta.VolumeID, "task", task)
+	l, had := v.EndTask(h, task)
+	if before.State != StateWithdrawn {
+		if err := m.writeFiles(h, v, v.Lease()); err != nil {
+			klog.ErrorS(err, "Removing an ended task's files", "volumeID", before.VolumeID, "task", task)
 		}
 	}
 	if !had {
-		l = provider.Lease{ID: t.LeaseID, Provider: v.meta.Provider, Params: v.meta.Params}
+		l = before.Named(t.LeaseID)
 	}
 	if !m.dropRecord(l, before, reason, time.Time{}) {
 		return fmt.Errorf("queueing the revocation of task %s failed; recovery retries", task)
@@ -320,89 +291,43 @@ func (m *Manager) endTask(v *volume, task, reason string) error {
 }
 
 // setTask records t as task's record in v's metadata (nil: none).
-func (m *Manager) setTask(v *volume, task string, t *Task) error {
-	meta := v.meta
-	meta.Tasks = maps.Clone(meta.Tasks)
-	if t == nil {
-		delete(meta.Tasks, task)
-	} else {
-		if meta.Tasks == nil {
-			meta.Tasks = map[string]Task{}
-		}
-		meta.Tasks[task] = *t
-	}
-	if len(meta.Tasks) == 0 {
-		meta.Tasks = nil
-	}
+func (m *Manager) setTask(h *volume.Held, v *volume.Volume, task string, t *Task) error {
+	meta := v.Meta().WithTask(task, t)
 	if err := m.opts.Store.WriteMetadata(meta); err != nil {
 		return err
 	}
-	m.mu.Lock()
-	v.meta = meta
-	m.mu.Unlock()
+	v.SetMeta(h, meta)
 	return nil
 }
 
 // armTask ends task at end.
-func (m *Manager) armTask(v *volume, task string, end time.Time) {
-	if end.IsZero() {
+func (m *Manager) armTask(h *volume.Held, v *volume.Volume, task string, end time.Time) {
+	if end.IsZero() || m.ctx.Err() != nil {
 		return
 	}
-	id := v.meta.VolumeID
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if m.ctx.Err() != nil {
-		return
-	}
-	if v.taskTimers == nil {
-		v.taskTimers = map[string]clock.Timer{}
-	}
-	if tm := v.taskTimers[task]; tm != nil {
-		tm.Stop()
-	}
-	v.taskTimers[task] = m.after(end.Sub(m.clock.Now()), func() {
-		unlock, err := m.locks.Lock(m.ctx, id)
+	id := v.ID()
+	v.ArmTask(h, task, end.Sub(m.clock.Now()), func() {
+		h, err := m.vols.Lock(m.ctx, id)
 		if err != nil {
 			return
 		}
-		defer unlock()
-		m.mu.Lock()
-		cur := m.vols[id]
-		m.mu.Unlock()
-		if cur == nil {
-			return
+		defer h.Unlock()
+		if cur := h.Volume(); cur != nil {
+			m.endExpiredTasks(h, cur)
 		}
-		m.endExpiredTasks(cur)
 	})
 }
 
 // endExpiredTasks ends the tasks of v whose time is up.
-func (m *Manager) endExpiredTasks(v *volume) {
+func (m *Manager) endExpiredTasks(h *volume.Held, v *volume.Volume) {
 	now := m.clock.Now()
-	for _, id := range slices.Sorted(maps.Keys(v.meta.Tasks)) {
-		t := v.meta.Tasks[id]
+	tasks := v.Meta().Tasks
+	for _, id := range slices.Sorted(maps.Keys(tasks)) {
+		t := tasks[id]
 		if t.State == StatePublished && !t.ExpiresAt.IsZero() && !now.Before(t.ExpiresAt) {
-			if err := m.endTask(v, id, "task TTL reached"); err != nil {
-				klog.ErrorS(err, "Ending an expired task", "volumeID", v.meta.VolumeID, "task", id)
+			if err := m.endTask(h, v, id, "task TTL reached"); err != nil {
+				klog.ErrorS(err, "Ending an expired task", "volumeID", v.ID(), "task", id)
 			}
 		}
 	}
-}
-
-// stopTaskTimers stops v's task timers; under m.mu.
-func (v *volume) stopTaskTimers() {
-	for _, tm := range v.taskTimers {
-		tm.Stop()
-	}
-	v.taskTimers = nil
-}
-
-// taskOf names the task whose lease leaseID is, or "".
-func taskOf(meta Metadata, leaseID string) string {
-	for id, t := range meta.Tasks {
-		if t.LeaseID == leaseID {
-			return id
-		}
-	}
-	return ""
 }

@@ -4,13 +4,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"maps"
-	"slices"
-	"time"
 
 	"k8s.io/klog/v2"
 
 	"github.com/ephemeral-secrets/csi-driver/pkg/lease/revocation"
+	"github.com/ephemeral-secrets/csi-driver/pkg/lease/volume"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
 )
 
@@ -43,36 +41,27 @@ var (
 // the manager stopped first (the revocation stays queued). Withdrawing a withdrawn volume is fine:
 // confirmed then reports on whatever of it is still queued.
 func (m *Manager) Withdraw(ctx context.Context, volumeID, reason string) (confirmed <-chan error, err error) {
-	if !m.Ready() {
-		return nil, fmt.Errorf("%w: %w", provider.ErrUnavailable, ErrNotReady)
-	}
-	unlock, err := m.locks.Lock(ctx, volumeID)
+	h, err := m.lock(ctx, volumeID)
 	if err != nil {
-		return nil, fmt.Errorf("%w: waiting for another operation on the volume: %w", provider.ErrUnavailable, err)
+		return nil, err
 	}
-	defer unlock()
-	v, err := m.loaded(ctx, volumeID)
+	defer h.Unlock()
+	v, err := m.loaded(ctx, h)
 	if err != nil {
 		return nil, fmt.Errorf("%w: recovering the volume's earlier record: %w", provider.ErrUnavailable, err)
 	}
 	if v == nil {
 		return nil, fmt.Errorf("%w: %s", ErrUnknownVolume, volumeID)
 	}
-	if v.meta.State != StateWithdrawn {
-		meta := v.meta
+	if meta := v.Meta(); meta.State != StateWithdrawn {
 		meta.State, meta.WithdrawnAt, meta.WithdrawReason = StateWithdrawn, m.clock.Now().UTC(), reason
 		if err := m.opts.Store.WriteMetadata(meta); err != nil {
 			return nil, fmt.Errorf("recording the withdrawal: %w", err)
 		}
-		m.mu.Lock()
-		v.meta = meta
-		if v.timer != nil {
-			v.timer.Stop()
-		}
-		v.renewAt = time.Time{}
-		m.mu.Unlock()
+		v.SetMeta(h, meta)
+		v.Disarm(h)
 	}
-	ids, err := m.settleWithdrawn(v, reason)
+	ids, err := m.settleWithdrawn(h, v, reason)
 	if err != nil {
 		return nil, err
 	}
@@ -82,17 +71,15 @@ func (m *Manager) Withdraw(ctx context.Context, volumeID, reason string) (confir
 // settleWithdrawn does steps 2 to 4 of Withdraw on v, already recorded as
 // withdrawn; recovery calls it too. It returns the IDs of the leases whose
 // revocation is queued, and keeps v in memory (its pod still runs).
-func (m *Manager) settleWithdrawn(v *volume, reason string) ([]string, error) {
-	id := v.meta.VolumeID
-	if err := m.opts.Store.WriteFiles(id, v.gid, nil); err != nil {
+func (m *Manager) settleWithdrawn(h *volume.Held, v *volume.Volume, reason string) ([]string, error) {
+	id := v.ID()
+	if err := m.opts.Store.WriteFiles(id, v.GID(), nil); err != nil {
 		return nil, fmt.Errorf("removing the withdrawn volume's files: %w", err)
 	}
-	m.mu.Lock()
-	v.digest = digest(nil)
-	v.tasks = map[string]provider.Lease{}
-	v.stopTaskTimers()
-	m.mu.Unlock()
-	leases, err := m.heldLeases(v.meta, v.lease)
+	v.SetDigest(h, volume.Digest(nil))
+	v.ClearTasks(h)
+	meta := v.Meta()
+	leases, err := m.heldLeases(meta, v.Lease())
 	if err != nil {
 		return nil, err
 	}
@@ -103,7 +90,7 @@ func (m *Manager) settleWithdrawn(v *volume, reason string) ([]string, error) {
 	// Waiters before the queue: a worker may confirm at once.
 	m.revocations.Watch(ids)
 	for _, l := range leases {
-		if err := m.enqueue(l, v.meta, reason); err != nil {
+		if err := m.enqueue(l, meta, reason); err != nil {
 			m.revocations.Unwatch(ids)
 			return nil, fmt.Errorf("queueing the revocation: %w", err)
 		}
@@ -113,7 +100,6 @@ func (m *Manager) settleWithdrawn(v *volume, reason string) ([]string, error) {
 			klog.ErrorS(err, "Removing the record of a queued lease", "leaseID", l.ID)
 		}
 	}
-	meta := v.meta
 	if meta.LeaseID != "" {
 		meta.WithdrawnLease = meta.LeaseID
 	}
@@ -123,9 +109,7 @@ func (m *Manager) settleWithdrawn(v *volume, reason string) ([]string, error) {
 		// twice is harmless).
 		klog.ErrorS(err, "Recording a withdrawn volume's leases as queued", "volumeID", id)
 	} else {
-		m.mu.Lock()
-		v.meta = meta
-		m.mu.Unlock()
+		v.SetMeta(h, meta)
 	}
 	if len(ids) == 0 {
 		// Withdrawn before: report on whatever of it is still queued.
@@ -134,33 +118,12 @@ func (m *Manager) settleWithdrawn(v *volume, reason string) ([]string, error) {
 	return ids, nil
 }
 
-// heldLeases is every lease the volume holds: cur first, then every lease
-// record, then (by ID alone) what its metadata names without a record.
+// heldLeases is every lease the volume holds (state.Metadata.Held), with
+// what each record holds.
 func (m *Manager) heldLeases(meta Metadata, cur provider.Lease) ([]provider.Lease, error) {
 	records, err := m.opts.Store.ListLeases(meta.VolumeID)
 	if err != nil {
 		return nil, err
 	}
-	var out []provider.Lease
-	seen := map[string]bool{}
-	add := func(l provider.Lease) {
-		if l.ID != "" && !seen[l.ID] {
-			seen[l.ID] = true
-			out = append(out, l)
-		}
-	}
-	if meta.LeaseID != "" && cur.ID == meta.LeaseID {
-		add(cur)
-	}
-	for _, l := range records {
-		add(l)
-	}
-	named := []string{meta.PendingLeaseID, meta.LeaseID}
-	for _, task := range slices.Sorted(maps.Keys(meta.Tasks)) {
-		named = append(named, meta.Tasks[task].LeaseID)
-	}
-	for _, lid := range named {
-		add(provider.Lease{ID: lid, Provider: meta.Provider, Params: meta.Params})
-	}
-	return out, nil
+	return meta.Held(cur, records), nil
 }

@@ -191,7 +191,7 @@ func startDriver(t *testing.T, is *issuertest.Issuer) (*harness.Driver, *kubelet
 	if err := os.WriteFile(classFile, []byte(classes), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	drv := &harness.Driver{Bin: bin, Env: env, LogFile: harness.LogPath("node"), Args: []string{
+	drv := &harness.Driver{Bin: nodeBin, Env: env, LogFile: harness.LogPath("node"), Args: []string{
 		"--classes-file", classFile, "--kubeconfig", driverKubeconfig, "--audit-log", harness.LogPath("node-audit"),
 		"--issuer-address", is.URL(), "--issuer-token-file", tokenFile,
 		"--issuer-ca-configmap", issuertest.IssuerNamespace + "/ephemeral-secrets-csi-issuer-ca",

@@ -3,6 +3,13 @@
 // side by side with the floor, the bare system calls a publish and
 // unpublish cannot avoid, timed in this same process and run. It prints a
 // table and writes bench-results.json. Run it as root through "make bench".
+//
+// The node plugin's own binary (--driver) gives the static and memory
+// rows; the all-in-one (--driver-all: the issuer in process) the
+// postgres, give-back and backlog rows, and the cluster issuer's memory
+// (on test/kube's API server); the previous binary (--before, built from
+// an earlier commit in the same run) the memory rows' baseline. Every
+// binary's size is reported.
 package main
 
 import (
@@ -31,7 +38,9 @@ import (
 )
 
 func main() {
-	bin := flag.String("driver", "bin/bench-driver", "benchmark build of the driver (test/bench/driver)")
+	bin := flag.String("driver", "bin/bench-driver", "benchmark build of the node plugin (test/bench/driver)")
+	binAll := flag.String("driver-all", "bin/bench-driver-all", "benchmark build of the all-in-one (test/bench/driver/all): the postgres rows, the issuer's memory")
+	before := flag.String("before", "", "the node plugin's benchmark build of an earlier commit: the memory rows' baseline (empty: none)")
 	out := flag.String("out", "bench-results.json", "where the JSON results go")
 	n1 := flag.Int("n", 500, "volumes for the concurrency-1 rows")
 	n16 := flag.Int("n16", 1000, "volumes for the concurrency-16 rows and the memory row")
@@ -45,10 +54,24 @@ func main() {
 		return nil
 	})
 	flag.Parse()
-	if err := run(*bin, *out, *n1, *n16, *npg, *ngb, *nbl, *only == "backlog", driverArgs); err != nil {
+	if err := run(binaries{node: *bin, all: *binAll, before: *before}, *out, *n1, *n16, *npg, *ngb, *nbl, *only == "backlog", driverArgs); err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)
 		os.Exit(1)
 	}
+}
+
+// binaries are the benchmark's builds: the node plugin's, the
+// all-in-one's, and an earlier commit's node plugin (optional).
+type binaries struct{ node, all, before string }
+
+// memory is a process's resident memory, all of it and the anonymous
+// part (heap, stacks): the rest is the binary's own clean, file-backed
+// pages.
+type memory struct {
+	Idle        float64 `json:"idle"`
+	Volumes     float64 `json:"volumes_1000,omitempty"`
+	IdleAnon    float64 `json:"idle_anon"`
+	VolumesAnon float64 `json:"volumes_1000_anon,omitempty"`
 }
 
 type latency struct {
@@ -70,14 +93,21 @@ type results struct {
 	Publish   map[string]latency `json:"publish"`
 	Republish map[string]latency `json:"republish"`
 	Unpublish map[string]latency `json:"unpublish"`
-	RSS       struct {
-		Idle    float64 `json:"idle"`
-		Volumes float64 `json:"volumes_1000"`
-		// The anonymous part (heap, stacks): the rest is the binary's own
-		// clean, file-backed pages.
-		IdleAnon    float64 `json:"idle_anon"`
-		VolumesAnon float64 `json:"volumes_1000_anon"`
-	} `json:"rss_mib"`
+	// RSS is the node plugin's own binary, serving the static provider.
+	RSS memory `json:"rss_mib"`
+	// RSSBefore is the earlier commit's node plugin, measured alike.
+	RSSBefore *memory `json:"rss_before_mib,omitempty"`
+	// RSSAll is the all-in-one serving as a node plugin with the issuer in
+	// process, idle; RSSIssuer the cluster issuer (the all-in-one's
+	// "issuer", leading, no request), idle.
+	RSSAll    memory `json:"rss_all_in_one_node_mib"`
+	RSSIssuer memory `json:"rss_issuer_mib"`
+	// BinaryMB are the stripped binaries' sizes (MB, 10^6 bytes).
+	BinaryMB struct {
+		Node   float64 `json:"node"`
+		All    float64 `json:"all_in_one"`
+		Before float64 `json:"before,omitempty"`
+	} `json:"binary_mb"`
 	Postgres struct {
 		PublishP50 float64 `json:"publish_p50_ms"`
 		PublishP99 float64 `json:"publish_p99_ms"`
@@ -118,7 +148,7 @@ func summarize(ds []time.Duration, elapsed time.Duration, failures int) latency 
 	return l
 }
 
-func run(bin, out string, n1, n16, npg, ngb, nbl int, onlyBacklog bool, driverArgs []string) error {
+func run(bins binaries, out string, n1, n16, npg, ngb, nbl int, onlyBacklog bool, driverArgs []string) error {
 	if os.Geteuid() != 0 {
 		return errors.New("run as root: the driver mounts tmpfs")
 	}
@@ -126,6 +156,18 @@ func run(bin, out string, n1, n16, npg, ngb, nbl int, onlyBacklog bool, driverAr
 	r.Publish, r.Republish, r.Unpublish = map[string]latency{}, map[string]latency{}, map[string]latency{}
 	r.Machine.CPUs, r.Machine.Go, r.Machine.Date = runtime.NumCPU(), runtime.Version(), time.Now().UTC().Format(time.RFC3339)
 	ctx := context.Background()
+	var err error
+	if r.BinaryMB.Node, err = sizeMB(bins.node); err != nil {
+		return err
+	}
+	if r.BinaryMB.All, err = sizeMB(bins.all); err != nil {
+		return err
+	}
+	if bins.before != "" {
+		if r.BinaryMB.Before, err = sizeMB(bins.before); err != nil {
+			return err
+		}
+	}
 
 	env, err := harness.NewEnv()
 	if err != nil {
@@ -164,22 +206,64 @@ func run(bin, out string, n1, n16, npg, ngb, nbl int, onlyBacklog bool, driverAr
 	if err := os.WriteFile(backends, []byte(fmt.Sprintf(backendsYAML, pg.AdminURL())), 0o600); err != nil {
 		return err
 	}
-	drv := &harness.Driver{Bin: bin, Env: env, LogFile: filepath.Join(env.Base, "driver.log"), Args: []string{
-		"--classes-file", classes, "--backend-config", backends, "--audit-log", filepath.Join(env.Base, "audit.log"), "-v", "0",
-	}}
-	drv.Args = append(drv.Args, driverArgs...)
-	if err := drv.Start(ctx); err != nil {
-		return err
+	// start runs bin as the node plugin on the environment; backends: with
+	// the postgres section (the issuer in process).
+	start := func(bin, name string, withBackends bool) (*harness.Driver, *kubelet.Kubelet, error) {
+		args := []string{"--classes-file", classes, "--audit-log", filepath.Join(env.Base, "audit.log"), "-v", "0"}
+		if withBackends {
+			args = append(args, "--backend-config", backends)
+		}
+		drv := &harness.Driver{Bin: bin, Env: env, LogFile: filepath.Join(env.Base, name+".log"), Args: append(args, driverArgs...)}
+		if err := drv.Start(ctx); err != nil {
+			return nil, nil, err
+		}
+		kube, err := kubelet.Dial(env.Endpoint(), env.KubeletDir)
+		if err != nil {
+			drv.Stop()
+			return nil, nil, err
+		}
+		time.Sleep(time.Second)
+		return drv, kube, nil
 	}
-	defer drv.Stop()
-	kube, err := kubelet.Dial(env.Endpoint(), env.KubeletDir)
+
+	if !onlyBacklog {
+		drv, kube, err := start(bins.node, "driver", false)
+		if err != nil {
+			return err
+		}
+		err = measureStatic(ctx, kube, drv, n1, n16, &r)
+		kube.Close()
+		drv.Stop()
+		if err != nil {
+			return err
+		}
+		if bins.before != "" {
+			fmt.Printf("before (%s): memory idle and with %d volumes ...\n", filepath.Base(bins.before), n16)
+			drv, kube, err := start(bins.before, "before", false)
+			if err != nil {
+				return err
+			}
+			r.RSSBefore = &memory{}
+			err = measureMemory(ctx, kube, drv, n16, r.RSSBefore)
+			kube.Close()
+			drv.Stop()
+			if err != nil {
+				return fmt.Errorf("before: %w", err)
+			}
+		}
+	}
+
+	drv, kube, err := start(bins.all, "driver-all", true)
 	if err != nil {
 		return err
 	}
+	defer drv.Stop()
 	defer kube.Close()
-	time.Sleep(time.Second)
+	if r.RSSAll.Idle, r.RSSAll.IdleAnon, err = rssMiB(drv.Pid()); err != nil {
+		return err
+	}
 	if !onlyBacklog {
-		if err := measureRows(ctx, kube, pg, drv, n1, n16, npg, ngb, &r); err != nil {
+		if err := measurePostgresRows(ctx, kube, pg, npg, ngb, &r); err != nil {
 			return err
 		}
 	}
@@ -189,6 +273,12 @@ func run(bin, out string, n1, n16, npg, ngb, nbl int, onlyBacklog bool, driverAr
 			return fmt.Errorf("backlog: %w", err)
 		}
 	}
+	if !onlyBacklog {
+		fmt.Println("issuer: memory of a leading replica, idle ...")
+		if r.RSSIssuer, err = issuerMemory(ctx, bins.all, pg); err != nil {
+			return fmt.Errorf("issuer: %w", err)
+		}
+	}
 
 	if onlyBacklog {
 		r.Targets = backlogTargets(r.Backlog)
@@ -196,7 +286,7 @@ func run(bin, out string, n1, n16, npg, ngb, nbl int, onlyBacklog bool, driverAr
 		printTargets(r.Targets)
 	} else {
 		r.Targets = targets(&r)
-		printTable(&r, bin)
+		printTable(&r, bins.node)
 	}
 	data, err := json.MarshalIndent(r, "", "  ")
 	if err != nil {
@@ -209,8 +299,44 @@ func run(bin, out string, n1, n16, npg, ngb, nbl int, onlyBacklog bool, driverAr
 	return nil
 }
 
-// measureRows measures every row but the floor and the backlog.
-func measureRows(ctx context.Context, kube *kubelet.Kubelet, pg *pgtest.Server, drv *harness.Driver, n1, n16, npg, ngb int, r *results) error {
+func sizeMB(path string) (float64, error) {
+	st, err := os.Stat(path)
+	if err != nil {
+		return 0, err
+	}
+	return float64(st.Size()) / 1e6, nil
+}
+
+// measureMemory reads the driver's memory idle, then with n static
+// volumes published (at concurrency 16), which it unpublishes.
+func measureMemory(ctx context.Context, kube *kubelet.Kubelet, drv *harness.Driver, n int, m *memory) error {
+	var err error
+	if m.Idle, m.IdleAnon, err = rssMiB(drv.Pid()); err != nil {
+		return err
+	}
+	reqs, err := requests(kube, "mem", "static", n)
+	if err != nil {
+		return err
+	}
+	if _, _, fails := timeAll(reqs, 16, func(req *csi.NodePublishVolumeRequest) error {
+		_, err := kube.Node.NodePublishVolume(ctx, req)
+		return err
+	}); fails > 0 {
+		return fmt.Errorf("%d of %d publishes failed", fails, n)
+	}
+	time.Sleep(500 * time.Millisecond)
+	if m.Volumes, m.VolumesAnon, err = rssMiB(drv.Pid()); err != nil {
+		return err
+	}
+	if _, _, fails := timeAll(reqs, 16, unpublisher(ctx, kube)); fails > 0 {
+		return fmt.Errorf("%d of %d unpublishes failed", fails, n)
+	}
+	return nil
+}
+
+// measureStatic measures the static provider's rows and the node
+// plugin's memory.
+func measureStatic(ctx context.Context, kube *kubelet.Kubelet, drv *harness.Driver, n1, n16 int, r *results) error {
 	var err error
 	if r.RSS.Idle, r.RSS.IdleAnon, err = rssMiB(drv.Pid()); err != nil {
 		return err
@@ -270,7 +396,12 @@ func measureRows(ctx context.Context, kube *kubelet.Kubelet, pg *pgtest.Server, 
 	}
 	unpub, el, fails = timeAll(reqs, 16, unpublisher(ctx, kube))
 	r.Unpublish["c16"] = summarize(unpub, el, fails)
+	return nil
+}
 
+// measurePostgresRows measures the postgres and give-back rows (the
+// issuer in process).
+func measurePostgresRows(ctx context.Context, kube *kubelet.Kubelet, pg *pgtest.Server, npg, ngb int, r *results) error {
 	fmt.Printf("postgres: %d publishes, and the time from unpublish to the role refusing logins ...\n", npg)
 	if err := measurePostgres(ctx, kube, pg, npg, r); err != nil {
 		return err
@@ -508,7 +639,7 @@ func targets(r *results) []target {
 		t("republish p50 c1", r.Republish["c1"].P50, 0.1, "ms", false),
 		t("unpublish p50 c1", r.Unpublish["c1"].P50, 0.5, "ms", false),
 		t("RSS idle", r.RSS.Idle, 20, "MiB", false),
-		t("RSS with 1000 volumes", r.RSS.Volumes, 40, "MiB", false),
+		t("RSS with 1000 volumes", r.RSS.Volumes, 32, "MiB", false),
 		t("postgres publish p50", r.Postgres.PublishP50, 10, "ms", false),
 		t("postgres revoke after unpublish p99", r.Postgres.RevokeP99, 1000, "ms", false),
 		t("give-back answer to refused p99 (no wait)", r.GiveBack.NoWaitRefusedP99, 50, "ms", false),
@@ -552,8 +683,31 @@ func printTable(r *results, bin string) {
 	row("a refused login itself (floor)", latency{P50: g.FloorP50, P99: g.FloorP99, Samples: g.Samples})
 	fmt.Printf("\ngive-backs whose first login after the answer was refused: %d of %d", g.FirstAttempt, g.Samples)
 	fmt.Printf("\ndriver work in a republish (republish p50 - no-op call p50): %.3f ms\n", r.Republish["c1"].P50-r.RPC.P50)
-	fmt.Printf("resident memory: %.1f MiB idle, %.1f MiB with 1000 live volumes (anonymous: %.1f and %.1f MiB; the rest is the binary's own pages)\n\n",
-		r.RSS.Idle, r.RSS.Volumes, r.RSS.IdleAnon, r.RSS.VolumesAnon)
+	fmt.Printf("\n%-44s %10s %10s %12s %12s %8s\n", "resident memory (MiB)", "idle", "anon", "1000 vols", "anon", "binary")
+	mem := func(name string, m memory, mb float64) {
+		vols, volsAnon := "-", "-"
+		if m.Volumes > 0 {
+			vols, volsAnon = fmt.Sprintf("%.1f", m.Volumes), fmt.Sprintf("%.1f", m.VolumesAnon)
+		}
+		size := "-"
+		if mb > 0 {
+			size = fmt.Sprintf("%.1f MB", mb)
+		}
+		fmt.Printf("%-44s %10.1f %10.1f %12s %12s %8s\n", name, m.Idle, m.IdleAnon, vols, volsAnon, size)
+	}
+	mem("node plugin ("+filepath.Base(bin)+")", r.RSS, r.BinaryMB.Node)
+	if r.RSSBefore != nil {
+		mem("  before (the earlier commit's, same run)", *r.RSSBefore, r.BinaryMB.Before)
+	}
+	mem("all-in-one as node plugin, issuer in process", r.RSSAll, r.BinaryMB.All)
+	mem("issuer (all-in-one issuer, leading)", r.RSSIssuer, 0)
+	fmt.Println("(anon: heap and stacks; the rest is the binary's own file-backed pages)")
+	if b := r.RSSBefore; b != nil && b.Idle > 0 && b.Volumes > 0 && r.BinaryMB.Before > 0 {
+		fmt.Printf("node plugin / before: RSS idle %.2fx, with 1000 volumes %.2fx, binary %.2fx\n\n",
+			r.RSS.Idle/b.Idle, r.RSS.Volumes/b.Volumes, r.BinaryMB.Node/r.BinaryMB.Before)
+	} else {
+		fmt.Println()
+	}
 	if b := r.Backlog; b.Volumes > 0 {
 		printBacklog(b)
 	}

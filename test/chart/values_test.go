@@ -393,22 +393,28 @@ func TestTokensInSecretsIsAnExplicitValue(t *testing.T) {
 
 // Install profiles: the issuer runs only with providers.postgres.enabled
 // (and issuer.enabled); a Vault-only or AWS-only install has no issuer,
-// no way to it, and a backend Secret the node plugins need.
+// no way to it, and a backend Secret the node plugins need. The node
+// plugin runs the image's lean binary unless it needs what only the
+// all-in-one links (aws; the issuer in process); the cluster's pods run
+// the all-in-one.
 func TestProfiles(t *testing.T) {
+	const node, all = "/ephemeral-secrets-csi", "/ephemeral-secrets-csi-all"
 	for _, tc := range []struct {
 		name     string
 		set      string
 		issuer   bool
-		optional bool // the node plugins' backend Secret
+		optional bool   // the node plugins' backend Secret
+		binary   string // the node plugin's
 	}{
-		{"default", "", false, false},
-		{"vault only", "providers.vault.enabled=true", false, false},
-		{"aws only", "providers.aws.enabled=true", false, false},
-		{"gcp only", "providers.gcp.enabled=true,providers.gcp.tokenAudience=https://iam.googleapis.com/x", false, false},
-		{"postgres through the issuer", "providers.postgres.enabled=true", true, true},
-		{"postgres and vault", "providers.postgres.enabled=true,providers.vault.enabled=true", true, true},
-		{"postgres held by the nodes", "providers.postgres.enabled=true,issuer.enabled=false", false, false},
-		{"issuer without postgres", "issuer.enabled=true", false, false},
+		{"default", "", false, false, node},
+		{"vault only", "providers.vault.enabled=true", false, false, node},
+		{"aws only", "providers.aws.enabled=true", false, false, all},
+		{"gcp only", "providers.gcp.enabled=true,providers.gcp.tokenAudience=https://iam.googleapis.com/x", false, false, node},
+		{"postgres through the issuer", "providers.postgres.enabled=true", true, true, node},
+		{"postgres and vault", "providers.postgres.enabled=true,providers.vault.enabled=true", true, true, node},
+		{"postgres and aws", "providers.postgres.enabled=true,providers.aws.enabled=true", true, true, all},
+		{"postgres held by the nodes", "providers.postgres.enabled=true,issuer.enabled=false", false, false, all},
+		{"issuer without postgres", "issuer.enabled=true", false, false, node},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			var args []string
@@ -426,6 +432,28 @@ func TestProfiles(t *testing.T) {
 				t.Errorf("issuer objects %v: want the issuer %v", issuerObjs, tc.issuer)
 			}
 			ds := into[appsv1.DaemonSet](t, objs, "DaemonSet/ephemeral-secrets-csi")
+			if got := container(t, ds, "driver").Command; !slices.Equal(got, []string{tc.binary}) {
+				t.Errorf("the node plugin runs %q, want %s", got, tc.binary)
+			}
+			var cluster []corev1.Container
+			for _, k := range []string{"Deployment/ephemeral-secrets-csi-housekeeper", "Deployment/ephemeral-secrets-csi-issuer"} {
+				if objs[k] != nil {
+					cluster = append(cluster, into[appsv1.Deployment](t, objs, k).Spec.Template.Spec.Containers...)
+				}
+			}
+			for k := range objs {
+				if strings.HasPrefix(k, "Job/") {
+					cluster = append(cluster, into[batchv1.Job](t, objs, k).Spec.Template.Spec.Containers...)
+				}
+			}
+			if len(cluster) < 2 {
+				t.Errorf("%d containers of the housekeeper and the uninstall hook", len(cluster))
+			}
+			for _, c := range cluster {
+				if !slices.Equal(c.Command, []string{all}) {
+					t.Errorf("container %s runs %q, want %s", c.Name, c.Command, all)
+				}
+			}
 			if got := slices.ContainsFunc(container(t, ds, "driver").Args, func(a string) bool { return strings.HasPrefix(a, "--issuer-") }); got != tc.issuer {
 				t.Errorf("driver args %v: --issuer-* %v, want %v", container(t, ds, "driver").Args, got, tc.issuer)
 			}

@@ -116,15 +116,19 @@ func markedBlocks(t *testing.T, file string) []block {
 }
 
 // tools is a directory of the commands blocks may call, put first on
-// their PATH: the driver's binary built from this tree, helm and kubectl
+// their PATH: the driver's binaries built from this tree, helm and kubectl
 // as make kube and make kubectl install them.
 func tools(t *testing.T, kubectl bool) string {
 	t.Helper()
 	dir := t.TempDir()
-	build := exec.Command("go", "build", "-o", filepath.Join(dir, "ephemeral-secrets-csi"), "./cmd/ephemeral-secrets-csi")
-	build.Dir = root
-	if out, err := build.CombinedOutput(); err != nil {
-		t.Fatalf("building ephemeral-secrets-csi: %v\n%s", err, out)
+	// Both binaries of the image, side by side as there: the node
+	// plugin's runs the cluster's commands and check-config by the other.
+	for _, bin := range []string{"ephemeral-secrets-csi", "ephemeral-secrets-csi-all"} {
+		build := exec.Command("go", "build", "-o", filepath.Join(dir, bin), "./cmd/"+bin)
+		build.Dir = root
+		if out, err := build.CombinedOutput(); err != nil {
+			t.Fatalf("building %s: %v\n%s", bin, err, out)
+		}
 	}
 	names := []string{"helm"}
 	if kubectl {

@@ -27,8 +27,16 @@ import (
 	"github.com/ephemeral-secrets/csi-driver/test/kubelet"
 )
 
-// Build compiles the driver into dir and returns the binary's path.
+// Build compiles ephemeral-secrets-csi-all into dir and returns the
+// binary's path: every command (the issuer's too) and the node plugin
+// with every provider and the issuer in process.
 func Build(dir string) (string, error) {
+	return BuildPackage(dir, "./cmd/ephemeral-secrets-csi-all")
+}
+
+// BuildNode compiles the node plugin's own binary, ephemeral-secrets-csi
+// (vault, and postgres through a cluster issuer), into dir.
+func BuildNode(dir string) (string, error) {
 	return BuildPackage(dir, "./cmd/ephemeral-secrets-csi")
 }
 

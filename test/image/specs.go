@@ -47,17 +47,24 @@ func baseFiles() []File {
 	}
 }
 
-// DriverSpec is the driver's image: the static binary at
-// /ephemeral-secrets-csi run as `ephemeral-secrets-csi serve` by root (it
-// mounts tmpfs), the build machine's CA certificates, /etc/passwd and
-// /etc/group, and the OCI labels.
+// DriverSpec is the driver's image: its two static binaries, the node
+// plugin at /ephemeral-secrets-csi, run as `ephemeral-secrets-csi serve`
+// by root (it mounts tmpfs; the image's default command), and the
+// all-in-one at /ephemeral-secrets-csi-all (the issuer, the housekeeper,
+// the uninstall hook, and the node plugin with every provider and the
+// issuer in process: the chart names it as the command where it runs
+// it); the build machine's CA certificates, /etc/passwd and /etc/group,
+// and the OCI labels.
 func DriverSpec(ctx context.Context, repoRoot, platform, name, version string) (Spec, error) {
 	return DriverSpecOf(ctx, repoRoot, "./cmd/ephemeral-secrets-csi", platform, name, version)
 }
 
-// DriverSpecOf is DriverSpec with the binary built from another main
-// package of the module, such as the benchmark's build of the driver
-// (./test/bench/driver): the same image around a different binary.
+// AllPackage is the all-in-one binary's main package.
+const AllPackage = "./cmd/ephemeral-secrets-csi-all"
+
+// DriverSpecOf is DriverSpec with the node plugin built from another
+// main package of the module, such as the benchmark's build of the driver
+// (./test/bench/driver): the same image around a different node plugin.
 func DriverSpecOf(ctx context.Context, repoRoot, pkg, platform, name, version string) (Spec, error) {
 	ca, err := os.ReadFile(CABundle)
 	if errors.Is(err, fs.ErrNotExist) {
@@ -70,6 +77,10 @@ func DriverSpecOf(ctx context.Context, repoRoot, pkg, platform, name, version st
 	if err != nil {
 		return Spec{}, err
 	}
+	all, err := BuildGo(ctx, repoRoot, AllPackage, platform, "-X main.version="+version)
+	if err != nil {
+		return Spec{}, err
+	}
 	labels := labels(ctx, repoRoot)
 	labels["org.opencontainers.image.title"] = "ephemeral-secrets-csi"
 	labels["org.opencontainers.image.version"] = version
@@ -78,6 +89,7 @@ func DriverSpecOf(ctx context.Context, repoRoot, pkg, platform, name, version st
 		Platform: platform,
 		Files: append(baseFiles(),
 			File{Path: "/ephemeral-secrets-csi", Mode: 0o755, Data: bin},
+			File{Path: "/ephemeral-secrets-csi-all", Mode: 0o755, Data: all},
 			File{Path: CABundle, Mode: 0o644, Data: ca}),
 		Entrypoint: []string{"/ephemeral-secrets-csi"},
 		Cmd:        []string{"serve"},

@@ -156,7 +156,7 @@ func TestIssuerKilledMidRequest(t *testing.T) {
 		t.Fatal(err)
 	}
 	auditLog := harness.LogPath("faults-node-audit")
-	drv := &harness.Driver{Bin: bin, Env: env, LogFile: harness.LogPath("faults-node"), Args: []string{
+	drv := &harness.Driver{Bin: nodeBin, Env: env, LogFile: harness.LogPath("faults-node"), Args: []string{
 		"--classes-file", classes, "--kubeconfig", driverKubeconfig, "--audit-log", auditLog,
 		"--issuer-address", front.URL(), "--issuer-token-file", tokenFile,
 		"--issuer-ca-configmap", issuertest.IssuerNamespace + "/ephemeral-secrets-csi-issuer-ca",

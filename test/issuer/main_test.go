@@ -27,6 +27,7 @@ var (
 	objs             issuertest.Cluster
 	pg               *pgtest.Server
 	bin, dir         string
+	nodeBin          string // the node plugin's own binary
 	issuerKubeconfig string
 	driverKubeconfig string
 	driverClients    *kubernetes.Clientset // the node plugin's own RBAC
@@ -43,6 +44,9 @@ func run(m *testing.M) int {
 	}
 	defer os.RemoveAll(dir)
 	if bin, err = harness.Build(dir); err != nil {
+		return fail(err)
+	}
+	if nodeBin, err = harness.BuildNode(dir); err != nil {
 		return fail(err)
 	}
 	if pg, err = pgtest.Start(); err != nil {

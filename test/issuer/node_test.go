@@ -61,13 +61,13 @@ func TestServeThroughTheIssuer(t *testing.T) {
 		"--issuer-ca-configmap", issuertest.IssuerNamespace + "/ephemeral-secrets-csi-issuer-ca"}
 
 	// Beside an admin credential on the node, it does not start.
-	bad := &harness.Driver{Bin: bin, Env: env, LogFile: harness.LogPath("node-refused"), Args: append(args, "--backend-config", backends)}
+	bad := &harness.Driver{Bin: nodeBin, Env: env, LogFile: harness.LogPath("node-refused"), Args: append(args, "--backend-config", backends)}
 	if err := bad.Start(ctx); err == nil || !strings.Contains(err.Error(), "admin credential belongs to the issuer") {
 		bad.Stop()
 		t.Fatalf("a node plugin with the admin configuration and an issuer: %v", err)
 	}
 
-	drv := &harness.Driver{Bin: bin, Env: env, LogFile: harness.LogPath("node"), Args: args}
+	drv := &harness.Driver{Bin: nodeBin, Env: env, LogFile: harness.LogPath("node"), Args: args}
 	k := startNode(t, drv)
 	p := tenant(t, "orders-csi", node)
 	pod := kubelet.Pod{Namespace: p.Namespace, Name: p.Name, UID: p.UID, ServiceAccount: p.ServiceAccount}

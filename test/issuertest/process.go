@@ -168,6 +168,9 @@ func (is *Issuer) URL() string {
 	return "https://localhost:" + port
 }
 
+// Pid is the process's ID.
+func (is *Issuer) Pid() int { return is.cmd.Process.Pid }
+
 // Kill ends the process at once (a node lost, an OOM kill).
 func (is *Issuer) Kill() { _ = is.cmd.Process.Kill(); <-is.done }
 

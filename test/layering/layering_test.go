@@ -36,6 +36,7 @@ var rank = map[string]int{
 	"pkg/audit":             2,
 	"pkg/events":            2,
 	"pkg/spc":               2,
+	"pkg/lease/state":       2, // the state machine's records and their codec
 	"pkg/limits":            2,
 	"pkg/provider/aws":      2,
 	"pkg/provider/gcp":      2,
@@ -43,22 +44,29 @@ var rank = map[string]int{
 	"pkg/provider/postgres": 2,
 	"pkg/storage/memory":    2, // the volume store in memory, for the unprivileged tests
 	"pkg/issuer/postgres":   2, // the issuer's SQL engine: pools, statements, SQLSTATE classes
+	"pkg/inventory/record":  2, // the Credential records as the node plugin writes and watches them
 	// 3: the lease manager's workers and what it renders; the issuer and
 	// the inventory.
-	"pkg/render":           3,
-	"pkg/lease/outbox":     3,
-	"pkg/lease/revocation": 3,
-	"pkg/issuer":           3,
-	"pkg/inventory":        3,
-	// 4: the state machine, the issuer's transport.
-	"pkg/lease":         4,
+	"pkg/render":             3,
+	"pkg/lease/outbox":       3,
+	"pkg/lease/revocation":   3,
+	"pkg/issuer":             3,
+	"pkg/issuer/remote/wire": 3, // the issuer's protocol and the node plugin's client
+	"pkg/inventory":          3,
+	// 4: each volume's in-memory state and its lock; the issuer's transport.
+	"pkg/lease/volume":  4,
 	"pkg/issuer/remote": 4,
-	// 5: the node's edges: the CSI server and the lease socket.
-	"pkg/driver":   5,
-	"pkg/leaseapi": 5,
-	// 6: the command line, 7: the binary.
-	"pkg/cli":                   6,
-	"cmd/ephemeral-secrets-csi": 7,
+	// 5: the state machine.
+	"pkg/lease": 5,
+	// 6: the node's edges: the CSI server and the lease socket.
+	"pkg/driver":   6,
+	"pkg/leaseapi": 6,
+	// 7: the node plugin's command line, 8: the all-in-one's, 9: the
+	// binaries.
+	"pkg/cli":                       7,
+	"pkg/cli/allinone":              8,
+	"cmd/ephemeral-secrets-csi":     9,
+	"cmd/ephemeral-secrets-csi-all": 9,
 }
 
 // allowed are the imports against the order that are known and meant to
@@ -193,20 +201,76 @@ func TestPackageCommentsNameTheirImports(t *testing.T) {
 // link them.
 var testOnly = []string{"pkg/storage/memory"}
 
-func TestTheBinaryLinksNoTestOnlyPackage(t *testing.T) {
-	cmd := exec.Command("go", "list", "-deps", "./cmd/ephemeral-secrets-csi")
+// deps are the packages main package pkg links.
+func deps(t *testing.T, pkg string) []string {
+	t.Helper()
+	cmd := exec.Command("go", "list", "-deps", pkg)
 	cmd.Dir = "../.."
 	out, err := cmd.Output()
 	if err != nil {
 		t.Fatalf("go list: %v", err)
 	}
-	deps := strings.Fields(string(out))
-	if len(deps) < 10 {
-		t.Fatalf("go list -deps found %d packages", len(deps))
+	d := strings.Fields(string(out))
+	if len(d) < 10 {
+		t.Fatalf("go list -deps %s found %d packages", pkg, len(d))
 	}
-	for _, p := range testOnly {
-		if slices.Contains(deps, module+p) {
-			t.Errorf("the binary links %s, which is for tests only", p)
+	return d
+}
+
+func TestTheBinaryLinksNoTestOnlyPackage(t *testing.T) {
+	for _, bin := range []string{"./cmd/ephemeral-secrets-csi", "./cmd/ephemeral-secrets-csi-all"} {
+		d := deps(t, bin)
+		for _, p := range testOnly {
+			if slices.Contains(d, module+p) {
+				t.Errorf("%s links %s, which is for tests only", bin, p)
+			}
+		}
+	}
+}
+
+// nodeNeverLinks are what the node plugin's binary must not link: a
+// DaemonSet pays for every page of a binary on every node, and any typed
+// client-go client runs kubernetes/scheme's init (every API group: 10 MiB
+// resident here), the AWS SDK's inits 6 MiB more. Prefixes of import
+// paths; the cluster's commands and those providers are
+// ephemeral-secrets-csi-all's.
+var nodeNeverLinks = []string{
+	"k8s.io/client-go/kubernetes",
+	"k8s.io/client-go/informers",
+	"k8s.io/client-go/tools/leaderelection",
+	"k8s.io/api/",
+	"github.com/aws/",
+	"github.com/jackc/",
+	module + "pkg/issuer/postgres",
+}
+
+// nodeNeverLinksExactly are packages the node plugin must not link whose
+// sub-packages it may (pkg/issuer/remote/wire, pkg/inventory/record).
+var nodeNeverLinksExactly = []string{
+	module + "pkg/issuer",
+	module + "pkg/issuer/remote",
+	module + "pkg/inventory",
+	module + "pkg/cli/allinone",
+}
+
+func TestTheNodePluginLinksOnlyWhatANodeNeeds(t *testing.T) {
+	d := deps(t, "./cmd/ephemeral-secrets-csi")
+	for _, p := range d {
+		if slices.Contains(nodeNeverLinksExactly, p) {
+			t.Errorf("the node plugin links %s", p)
+			continue
+		}
+		for _, prefix := range nodeNeverLinks {
+			if strings.HasPrefix(p, prefix) {
+				t.Errorf("the node plugin links %s", p)
+			}
+		}
+	}
+	// The check can fail: the all-in-one links what the node plugin must not.
+	all := deps(t, "./cmd/ephemeral-secrets-csi-all")
+	for _, p := range []string{"k8s.io/client-go/kubernetes", "k8s.io/client-go/tools/leaderelection", module + "pkg/issuer"} {
+		if !slices.Contains(all, p) {
+			t.Errorf("the all-in-one does not link %s: the list above may be stale", p)
 		}
 	}
 }

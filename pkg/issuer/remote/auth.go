@@ -12,13 +12,13 @@ import (
 	authenticationclient "k8s.io/client-go/kubernetes/typed/authentication/v1"
 
 	"github.com/ephemeral-secrets/csi-driver/pkg/issuer"
+	"github.com/ephemeral-secrets/csi-driver/pkg/issuer/remote/wire"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
 )
 
 // Audience is the audience of the tokens node plugins present to the
-// issuer by default (the CSIDriver's tokenRequests do not carry it: the
-// driver pod's projected token does).
-const Audience = "ephemeral-secrets.csi.dev/issuer"
+// issuer by default (wire.Audience).
+const Audience = wire.Audience
 
 // NodeNameExtra is the extra of a TokenReview that names the node of the
 // pod a token is bound to (Kubernetes 1.30 and later: a beta feature on by default before 1.32,

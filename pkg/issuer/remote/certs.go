@@ -22,11 +22,13 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/klog/v2"
+
+	"github.com/ephemeral-secrets/csi-driver/pkg/issuer/remote/wire"
 )
 
 // Keys of the serving Secret and of the roots ConfigMap.
 const (
-	CAKey      = "ca.crt"
+	CAKey      = wire.CAKey
 	caKeyKey   = "ca.key"
 	CertKey    = corev1.TLSCertKey
 	PrivateKey = corev1.TLSPrivateKeyKey
@@ -255,18 +257,15 @@ func (c *Certs) publish(ctx context.Context, caPEM []byte) error {
 }
 
 // RootsConfigMap reads the issuer's signer from its ConfigMap at each
-// call (the node plugin's Roots).
+// call (wire.RootsConfigMap reading with cs).
 func RootsConfigMap(cs kubernetes.Interface, namespace, name string) Roots {
-	return func(ctx context.Context) ([]byte, error) {
+	return wire.RootsConfigMap(func(ctx context.Context) (map[string]string, error) {
 		cm, err := cs.CoreV1().ConfigMaps(namespace).Get(ctx, name, metav1.GetOptions{})
 		if err != nil {
 			return nil, err
 		}
-		if cm.Data[CAKey] == "" {
-			return nil, fmt.Errorf("ConfigMap %s/%s has no %s", namespace, name, CAKey)
-		}
-		return []byte(cm.Data[CAKey]), nil
-	}
+		return cm.Data, nil
+	}, namespace, name)
 }
 
 // signer is the signer of data, unless it lives less than two serving

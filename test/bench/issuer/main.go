@@ -25,10 +25,13 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/clientcmd"
 	"sigs.k8s.io/yaml"
 
+	v1alpha1 "github.com/ephemeral-secrets/csi-driver/pkg/apis/ephemeralsecrets/v1alpha1"
+	"github.com/ephemeral-secrets/csi-driver/pkg/inventory"
 	"github.com/ephemeral-secrets/csi-driver/pkg/issuer"
 	pgengine "github.com/ephemeral-secrets/csi-driver/pkg/issuer/postgres"
 	"github.com/ephemeral-secrets/csi-driver/pkg/issuer/remote"
@@ -46,8 +49,9 @@ func main() {
 	nodes := flag.Int("nodes", 50, "simulated nodes the burst comes from")
 	seq := flag.Int("seq", 100, "mints one at a time, in-process and through the issuer")
 	qps := flag.String("kube-api-qps", "", "the issuers' --kube-api-qps (burst: twice it); empty: their default")
+	rounds := flag.Int("rounds", 3, "rounds of every row; the table gives each figure's median over them")
 	flag.Parse()
-	if err := run(*out, *burst, *nodes, *seq, *qps); err != nil {
+	if err := run(*out, *burst, *nodes, *seq, *rounds, *qps); err != nil {
 		fmt.Fprintln(os.Stderr, "bench issuer:", err)
 		os.Exit(1)
 	}
@@ -64,14 +68,41 @@ type latency struct {
 	AdminConns int `json:"max_admin_connections"`
 }
 
+// round is one round's figures (or their medians over the rounds).
+type round struct {
+	Mint map[string]latency `json:"mint"`
+	Drop map[string]latency `json:"drop"`
+	// C1Ratio is the issuer's p50 at concurrency 1 over the in-process one.
+	C1Ratio float64 `json:"c1_p50_ratio"`
+	// Records is how many Credentials of the issuer burst were there when
+	// its last mint answered; Recorded that it was all of them (else the
+	// burst row is void).
+	Records  int  `json:"burst_records_at_last_answer"`
+	Recorded bool `json:"burst_all_recorded"`
+	// StatusLagS is how long after the last answer every Credential of
+	// the burst said Issued (its status is written off the mint's path).
+	StatusLagS float64 `json:"burst_status_issued_after_s"`
+	API        apiCost `json:"burst_api_requests_per_mint"`
+}
+
+// apiCost is the API server's requests per mint of the issuer burst
+// (apiserver_request_total): until the last answer, and once every
+// status is written.
+type apiCost struct {
+	CredWritesPath float64 `json:"credential_writes_until_answered"`
+	CredReadsPath  float64 `json:"credential_reads_until_answered"`
+	PodReadsPath   float64 `json:"pod_reads_until_answered"`
+	CredWritesAll  float64 `json:"credential_writes_with_status"`
+}
+
 type results struct {
-	Burst      int                `json:"burst"`
-	KubeAPIQPS string             `json:"issuer_kube_api_qps,omitempty"`
-	Nodes      int                `json:"nodes"`
-	Replicas   int                `json:"issuer_replicas"`
-	MaxConns   int                `json:"max_conns_per_replica"`
-	Mint       map[string]latency `json:"mint"`
-	Drop       map[string]latency `json:"drop"`
+	Burst      int     `json:"burst"`
+	KubeAPIQPS string  `json:"issuer_kube_api_qps,omitempty"`
+	Nodes      int     `json:"nodes"`
+	Replicas   int     `json:"issuer_replicas"`
+	MaxConns   int     `json:"max_conns_per_replica"`
+	Median     round   `json:"median"`
+	Rounds     []round `json:"rounds"`
 	Machine    struct {
 		CPUs int    `json:"cpus"`
 		Go   string `json:"go"`
@@ -110,11 +141,10 @@ const (
 
 var params = map[string]string{"connection": "main", "role": "app"}
 
-func run(out string, burst, nodes, seq int, qps string) error {
+func run(out string, burst, nodes, seq, rounds int, qps string) error {
 	ctx := context.Background()
 	var r results
 	r.Burst, r.Nodes, r.Replicas, r.MaxConns, r.KubeAPIQPS = burst, nodes, replicas, maxConns, qps
-	r.Mint, r.Drop = map[string]latency{}, map[string]latency{}
 	r.Machine.CPUs, r.Machine.Go, r.Machine.Date = runtime.NumCPU(), runtime.Version(), time.Now().UTC().Format(time.RFC3339)
 
 	dir, err := os.MkdirTemp("", "esc-bench-issuer-")
@@ -182,10 +212,6 @@ func run(out string, burst, nodes, seq int, qps string) error {
 	}
 
 	fmt.Printf("%d nodes, %d pods ...\n", nodes, burst+seq)
-	type pod struct {
-		p    provider.Pod
-		node int
-	}
 	pods := make([]pod, burst+seq)
 	errc := make(chan error, len(pods))
 	var wg sync.WaitGroup
@@ -197,8 +223,10 @@ func run(out string, burst, nodes, seq int, qps string) error {
 			sem <- struct{}{}
 			defer func() { <-sem }()
 			node := i % nodes
-			p, _, err := objs.TenantPod(ctx, "shop", fmt.Sprintf("orders-%d", i), "orders", fmt.Sprintf("node-%d", node), "orders-db")
-			pods[i] = pod{p, node}
+			// The volume ID kubelet gives it, as a node plugin sends it: the
+			// pod check matches it, the issuer reads its tombstone.
+			p, volume, err := objs.TenantPod(ctx, "shop", fmt.Sprintf("orders-%d", i), "orders", fmt.Sprintf("node-%d", node), "orders-db")
+			pods[i] = pod{p, volume, node}
 			errc <- err
 		}()
 	}
@@ -266,34 +294,115 @@ func run(out string, burst, nodes, seq int, qps string) error {
 		return err
 	}
 	defer sampler.Close(ctx)
-	// watch samples the admin connections of app until the function it
-	// returns is called, which returns the most seen at once.
-	watch := func(app string) func() int {
-		var peak atomic.Int64
-		stop := make(chan struct{})
-		done := make(chan struct{})
-		go func() {
-			defer close(done)
-			for {
-				var n int64
-				if err := sampler.QueryRow(ctx, `SELECT count(*) FROM pg_stat_activity
-					WHERE application_name = $1 AND backend_type = 'client backend'`, app).Scan(&n); err == nil && n > peak.Load() {
-					peak.Store(n)
-				}
-				select {
-				case <-stop:
-					return
-				case <-time.After(10 * time.Millisecond):
-				}
-			}
-		}()
-		return func() int { close(stop); <-done; return int(peak.Load()) }
+	inv, err := inventory.NewClient(acfg)
+	if err != nil {
+		return err
 	}
+	b := &bench{ctx: ctx, sampler: sampler, api: admin, inv: inv, pods: pods, plugins: plugins, inProcess: inProcess}
+	for round := range rounds {
+		fmt.Printf("round %d of %d\n", round+1, rounds)
+		rr, err := b.round(fmt.Sprintf("r%d", round), burst, seq)
+		if err != nil {
+			return err
+		}
+		r.Rounds = append(r.Rounds, rr)
+		if n, err := pg.CountRoles(ctx, "esc_"); err != nil || n != 0 {
+			return fmt.Errorf("%d roles left after round %d (%v)", n, round+1, err)
+		}
+	}
+	r.Median = median(r.Rounds)
 
-	type job struct {
-		lease string
-		pod   pod
+	fmt.Printf("\nmedians of %d rounds (each row's figure from each round, then their median):\n", rounds)
+	fmt.Printf("%-18s %-6s %9s %9s %8s %9s %7s %s\n", "", "", "p50 ms", "p99 ms", "wall s", "per s", "fails", "max admin conns")
+	for _, row := range []struct{ verb, name string }{
+		{"mint", "in-process c1"}, {"mint", "issuer c1"}, {"mint", "issuer burst"}, {"drop", "issuer burst"},
+		{"mint", "in-process burst"}, {"drop", "in-process burst"},
+	} {
+		l := r.Median.Mint[row.name]
+		if row.verb == "drop" {
+			l = r.Median.Drop[row.name]
+		}
+		rate := ""
+		if strings.HasSuffix(row.name, "burst") && l.WallS > 0 {
+			rate = fmt.Sprintf("%.0f", float64(burst)/l.WallS)
+		}
+		fmt.Printf("%-18s %-6s %9.2f %9.2f %8.2f %9s %7d %d\n", row.name, row.verb, l.P50, l.P99, l.WallS, rate, l.Failures, l.AdminConns)
 	}
+	m := r.Median
+	fmt.Printf("issuer c1 / in-process c1 p50: %.2fx (each round: %s)\n", m.C1Ratio, roundsOf(r.Rounds, func(x round) float64 { return x.C1Ratio }))
+	fmt.Printf("issuer burst wall: %.2f s, in-process burst wall: %.2f s (each round: %s)\n", m.Mint["issuer burst"].WallS,
+		m.Mint["in-process burst"].WallS, roundsOf(r.Rounds, func(x round) float64 { return x.Mint["issuer burst"].WallS }))
+	fmt.Printf("issuer burst: all %d Credentials there when the last mint answered in every round: %v; their status all Issued %.2f s after it\n",
+		burst, allRecorded(r.Rounds), m.StatusLagS)
+	fmt.Printf("issuer burst, API requests per mint until the last answer: %.2f Credential writes, %.2f Credential reads, %.2f pod reads; %.2f Credential writes once every status is written\n",
+		m.API.CredWritesPath, m.API.CredReadsPath, m.API.PodReadsPath, m.API.CredWritesAll)
+	fmt.Printf("(admin connections: the issuer's %d replicas x maxConns %d = %d at most; in-process, one pool of %d)\n",
+		replicas, maxConns, replicas*maxConns, maxConns)
+	for _, rr := range r.Rounds {
+		if !rr.Recorded {
+			return fmt.Errorf("the issuer burst row is void: not every Credential was there when the last mint answered (%d of %d)", rr.Records, burst)
+		}
+	}
+	data, err := json.MarshalIndent(r, "", "  ")
+	if err != nil {
+		return err
+	}
+	return os.WriteFile(out, append(data, '\n'), 0o644)
+}
+
+// bench is what a round measures with.
+type bench struct {
+	ctx       context.Context
+	sampler   *pgx.Conn
+	api       kubernetes.Interface
+	inv       *inventory.Client
+	pods      []pod
+	plugins   []*postgres.Provider
+	inProcess *postgres.Provider
+}
+
+type pod struct {
+	p      provider.Pod
+	volume string
+	node   int
+}
+
+type job struct {
+	lease string
+	pod   pod
+}
+
+// watch samples the admin connections of app until the function it
+// returns is called, which returns the most seen at once.
+func (b *bench) watch(app string) func() int {
+	var peak atomic.Int64
+	stop := make(chan struct{})
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			var n int64
+			if err := b.sampler.QueryRow(b.ctx, `SELECT count(*) FROM pg_stat_activity
+				WHERE application_name = $1 AND backend_type = 'client backend'`, app).Scan(&n); err == nil && n > peak.Load() {
+				peak.Store(n)
+			}
+			select {
+			case <-stop:
+				return
+			case <-time.After(10 * time.Millisecond):
+			}
+		}
+	}()
+	return func() int { close(stop); <-done; return int(peak.Load()) }
+}
+
+// round measures every row once: mints one at a time on both paths in
+// alternating blocks, then a burst through the issuer (its Credentials
+// checked, the API requests it cost counted), its drops, and a burst in
+// process with its drops. Leases are named after the round (tag).
+func (b *bench) round(tag string, burst, seq int) (round, error) {
+	ctx := b.ctx
+	rr := round{Mint: map[string]latency{}, Drop: map[string]latency{}}
 	var live []provider.Lease
 	var liveMu sync.Mutex
 	// raw keeps each row's samples, so that a row measured in blocks has
@@ -307,34 +416,35 @@ func run(out string, burst, nodes, seq int, qps string) error {
 		return issuerApp
 	}
 	mintAll := func(name string, jobs []job, concurrency int, via func(pod) *postgres.Provider) error {
-		stop := watch(appOf(name))
+		stop := b.watch(appOf(name))
 		ds, fails, wall := timeAll(len(jobs), concurrency, func(i int) error {
-			l, err := via(jobs[i].pod).Issue(ctx, provider.Request{LeaseID: jobs[i].lease, Class: "shop/orders-db", Params: params, Pod: jobs[i].pod.p})
+			j := jobs[i]
+			l, err := via(j.pod).Issue(ctx, provider.Request{LeaseID: j.lease, VolumeID: j.pod.volume, Class: "shop/orders-db", Params: params, Pod: j.pod.p})
 			if err == nil {
-				l.ID, l.Params = jobs[i].lease, params
+				l.ID, l.Params = j.lease, params
 				liveMu.Lock()
 				live = append(live, l)
 				liveMu.Unlock()
 			}
 			return err
 		})
-		prev := r.Mint[name]
+		prev := rr.Mint[name]
 		raw[name] = append(raw[name], ds...)
 		rawFails[name] += fails
 		l := summarize(raw[name], rawFails[name])
 		l.WallS, l.AdminConns = prev.WallS+wall.Seconds(), max(prev.AdminConns, stop())
-		r.Mint[name] = l
+		rr.Mint[name] = l
 		if fails > 0 {
 			return fmt.Errorf("%s: %d mints failed", name, fails)
 		}
 		return nil
 	}
 	dropAll := func(name string, concurrency int, via func(i int) *postgres.Provider) error {
-		stop := watch(appOf(name))
+		stop := b.watch(appOf(name))
 		ds, fails, wall := timeAll(len(live), concurrency, func(i int) error { return via(i).Revoke(ctx, live[i]) })
 		l := summarize(ds, fails)
 		l.WallS, l.AdminConns = wall.Seconds(), stop()
-		r.Drop[name] = l
+		rr.Drop[name] = l
 		live = nil
 		if fails > 0 {
 			return fmt.Errorf("%s: %d drops failed", name, fails)
@@ -344,81 +454,225 @@ func run(out string, burst, nodes, seq int, qps string) error {
 	jobs := func(prefix string, from, n int) []job {
 		js := make([]job, n)
 		for i := range js {
-			js[i] = job{fmt.Sprintf("%s-%d", prefix, i), pods[from+i]}
+			js[i] = job{fmt.Sprintf("%s-%s-%d", prefix, tag, i), b.pods[from+i]}
 		}
 		return js
 	}
-	viaIssuer := func(p pod) *postgres.Provider { return plugins[p.node] }
-	viaLocal := func(pod) *postgres.Provider { return inProcess }
+	viaIssuer := func(p pod) *postgres.Provider { return b.plugins[p.node] }
+	viaLocal := func(pod) *postgres.Provider { return b.inProcess }
 
-	fmt.Println("warm-up ...")
+	fmt.Println("  warm-up ...")
 	if err := mintAll("warm-up", jobs("warm", burst, min(seq, 20)), 4, viaIssuer); err != nil {
-		return err
+		return rr, err
 	}
-	if err := dropAll("warm-up", 4, func(int) *postgres.Provider { return inProcess }); err != nil {
-		return err
+	if err := dropAll("warm-up", 4, func(int) *postgres.Provider { return b.inProcess }); err != nil {
+		return rr, err
 	}
-	delete(r.Mint, "warm-up")
-	delete(r.Drop, "warm-up")
+	delete(rr.Mint, "warm-up")
+	delete(rr.Drop, "warm-up")
 	// One at a time, alternating paths in blocks, so both see the same machine.
-	fmt.Printf("%d mints one at a time, in-process and through the issuer ...\n", seq)
-	for b := 0; b < seq; b += 10 {
-		n := min(10, seq-b)
+	fmt.Printf("  %d mints one at a time, in-process and through the issuer ...\n", seq)
+	for blk := 0; blk < seq; blk += 10 {
+		n := min(10, seq-blk)
 		for _, p := range []struct {
 			name string
 			via  func(pod) *postgres.Provider
 		}{{"in-process c1", viaLocal}, {"issuer c1", viaIssuer}} {
-			if err := mintAll(p.name, jobs(fmt.Sprintf("%s-%d", p.name[:5], b), burst+b, n), 1, p.via); err != nil {
-				return err
+			if err := mintAll(p.name, jobs(fmt.Sprintf("%s-%d", p.name[:5], blk), burst+blk, n), 1, p.via); err != nil {
+				return rr, err
 			}
 		}
 	}
-	if err := dropAll("in-process c1 cleanup", 4, func(int) *postgres.Provider { return inProcess }); err != nil {
-		return err
+	if err := dropAll("in-process c1 cleanup", 4, func(int) *postgres.Provider { return b.inProcess }); err != nil {
+		return rr, err
 	}
-	delete(r.Drop, "in-process c1 cleanup")
-
-	fmt.Printf("burst: %d mints at once from %d nodes through the issuer ...\n", burst, nodes)
-	if err := mintAll("issuer burst", jobs("burst", 0, burst), burst, viaIssuer); err != nil {
-		return err
-	}
-	fmt.Printf("burst: %d drops at once through the issuer ...\n", burst)
-	byLease := map[string]int{}
-	for i := range burst {
-		byLease[fmt.Sprintf("burst-%d", i)] = pods[i].node
-	}
-	if err := dropAll("issuer burst", burst, func(i int) *postgres.Provider { return plugins[byLease[live[i].ID]] }); err != nil {
-		return err
-	}
-	fmt.Printf("burst: %d mints at once in-process ...\n", burst)
-	if err := mintAll("in-process burst", jobs("local-burst", 0, burst), burst, viaLocal); err != nil {
-		return err
-	}
-	if err := dropAll("in-process burst", burst, func(int) *postgres.Provider { return inProcess }); err != nil {
-		return err
-	}
-	if n, err := pg.CountRoles(ctx, "esc_"); err != nil || n != 0 {
-		return fmt.Errorf("%d roles left after the run (%v)", n, err)
+	delete(rr.Drop, "in-process c1 cleanup")
+	if l := rr.Mint["in-process c1"]; l.P50 > 0 {
+		rr.C1Ratio = rr.Mint["issuer c1"].P50 / l.P50
 	}
 
-	fmt.Printf("\n%-18s %-6s %9s %9s %8s %7s %s\n", "", "", "p50 ms", "p99 ms", "wall s", "fails", "max admin conns")
-	for _, row := range []struct{ verb, name string }{
-		{"mint", "in-process c1"}, {"mint", "issuer c1"}, {"mint", "issuer burst"}, {"drop", "issuer burst"},
-		{"mint", "in-process burst"}, {"drop", "in-process burst"},
-	} {
-		l := r.Mint[row.name]
-		if row.verb == "drop" {
-			l = r.Drop[row.name]
-		}
-		fmt.Printf("%-18s %-6s %9.2f %9.2f %8.2f %7d %d\n", row.name, row.verb, l.P50, l.P99, l.WallS, l.Failures, l.AdminConns)
-	}
-	fmt.Printf("(admin connections: the issuer's %d replicas x maxConns %d = %d at most; in-process, one pool of %d)\n",
-		replicas, maxConns, replicas*maxConns, maxConns)
-	data, err := json.MarshalIndent(r, "", "  ")
+	fmt.Printf("  burst: %d mints at once from %d nodes through the issuer ...\n", burst, len(b.plugins))
+	before, err := b.requests()
 	if err != nil {
-		return err
+		return rr, err
 	}
-	return os.WriteFile(out, append(data, '\n'), 0o644)
+	if err := mintAll("issuer burst", jobs("burst", 0, burst), burst, viaIssuer); err != nil {
+		return rr, err
+	}
+	answered := time.Now()
+	atAnswer, err := b.requests()
+	if err != nil {
+		return rr, err
+	}
+	// The inventory, as the last mint answered: every record must be
+	// there (else the row is void); then how long until every status
+	// says Issued (written off the mints' path).
+	prefix := "burst-" + tag + "-"
+	records, issued, err := b.records(prefix)
+	if err != nil {
+		return rr, err
+	}
+	rr.Records, rr.Recorded = records, records == burst
+	for issued < burst && time.Since(answered) < time.Minute {
+		time.Sleep(50 * time.Millisecond)
+		if _, issued, err = b.records(prefix); err != nil {
+			return rr, err
+		}
+	}
+	rr.StatusLagS = time.Since(answered).Seconds()
+	if issued < burst {
+		return rr, fmt.Errorf("%d of %d Credentials of the burst say Issued a minute after the last answer", issued, burst)
+	}
+	settled, err := b.requests()
+	if err != nil {
+		return rr, err
+	}
+	n := float64(burst)
+	rr.API = apiCost{
+		CredWritesPath: float64(atAnswer.credWrites-before.credWrites) / n,
+		CredReadsPath:  float64(atAnswer.credReads-before.credReads) / n,
+		PodReadsPath:   float64(atAnswer.podReads-before.podReads) / n,
+		CredWritesAll:  float64(settled.credWrites-before.credWrites) / n,
+	}
+	fmt.Printf("  burst: %d drops at once through the issuer ...\n", burst)
+	byLease := map[string]int{}
+	for _, j := range jobs("burst", 0, burst) {
+		byLease[j.lease] = j.pod.node
+	}
+	if err := dropAll("issuer burst", burst, func(i int) *postgres.Provider { return b.plugins[byLease[live[i].ID]] }); err != nil {
+		return rr, err
+	}
+	fmt.Printf("  burst: %d mints at once in-process ...\n", burst)
+	if err := mintAll("in-process burst", jobs("local-burst", 0, burst), burst, viaLocal); err != nil {
+		return rr, err
+	}
+	if err := dropAll("in-process burst", burst, func(int) *postgres.Provider { return b.inProcess }); err != nil {
+		return rr, err
+	}
+	return rr, nil
+}
+
+// records counts the Credentials in the tenant's namespace whose lease
+// begins with prefix, and those of them whose status says Issued.
+func (b *bench) records(prefix string) (all, issued int, err error) {
+	l, err := b.inv.List(b.ctx, "shop", metav1.ListOptions{})
+	if err != nil {
+		return 0, 0, err
+	}
+	for _, c := range l.Items {
+		if !strings.HasPrefix(c.Spec.LeaseID, prefix) || c.DeletionTimestamp != nil {
+			continue
+		}
+		all++
+		if c.Status.State == v1alpha1.StateIssued {
+			issued++
+		}
+	}
+	return all, issued, nil
+}
+
+// requestCounts are counters of the API server's requests so far.
+type requestCounts struct{ credWrites, credReads, podReads int64 }
+
+// requests reads the API server's apiserver_request_total: the writes
+// and reads of Credentials, and the reads of pods (one GET, by any
+// client: the issuers' pod checks here).
+func (b *bench) requests() (requestCounts, error) {
+	var c requestCounts
+	data, err := b.api.CoreV1().RESTClient().Get().AbsPath("/metrics").DoRaw(b.ctx)
+	if err != nil {
+		return c, fmt.Errorf("the API server's metrics: %w", err)
+	}
+	for line := range strings.SplitSeq(string(data), "\n") {
+		rest, ok := strings.CutPrefix(line, "apiserver_request_total{")
+		if !ok {
+			continue
+		}
+		labels, value, ok := strings.Cut(rest, "} ")
+		if !ok {
+			continue
+		}
+		v, err := strconv.ParseFloat(strings.TrimSpace(value), 64)
+		if err != nil {
+			continue
+		}
+		has := func(k, val string) bool { return strings.Contains(labels, k+`="`+val+`"`) }
+		switch {
+		case has("resource", "credentials") && (has("verb", "POST") || has("verb", "PUT") || has("verb", "PATCH") || has("verb", "DELETE")):
+			c.credWrites += int64(v)
+		case has("resource", "credentials") && has("verb", "GET"):
+			c.credReads += int64(v)
+		case has("resource", "pods") && has("verb", "GET") && has("subresource", ""):
+			c.podReads += int64(v)
+		}
+	}
+	return c, nil
+}
+
+// roundsOf lists f of each round.
+func roundsOf(rs []round, f func(round) float64) string {
+	var out []string
+	for _, r := range rs {
+		out = append(out, fmt.Sprintf("%.2f", f(r)))
+	}
+	return strings.Join(out, ", ")
+}
+
+func allRecorded(rs []round) bool {
+	for _, r := range rs {
+		if !r.Recorded {
+			return false
+		}
+	}
+	return true
+}
+
+// median is each figure's median over the rounds.
+func median(rs []round) round {
+	med := func(f func(round) float64) float64 {
+		v := make([]float64, len(rs))
+		for i, r := range rs {
+			v[i] = f(r)
+		}
+		sort.Float64s(v)
+		if len(v) == 0 {
+			return 0
+		}
+		if len(v)%2 == 1 {
+			return v[len(v)/2]
+		}
+		return (v[len(v)/2-1] + v[len(v)/2]) / 2
+	}
+	medLatency := func(get func(round) latency) latency {
+		return latency{
+			P50:        med(func(r round) float64 { return get(r).P50 }),
+			P99:        med(func(r round) float64 { return get(r).P99 }),
+			WallS:      med(func(r round) float64 { return get(r).WallS }),
+			Samples:    int(med(func(r round) float64 { return float64(get(r).Samples) })),
+			Failures:   int(med(func(r round) float64 { return float64(get(r).Failures) })),
+			AdminConns: int(med(func(r round) float64 { return float64(get(r).AdminConns) })),
+		}
+	}
+	m := round{Mint: map[string]latency{}, Drop: map[string]latency{}, Recorded: allRecorded(rs)}
+	if len(rs) == 0 {
+		return m
+	}
+	for name := range rs[0].Mint {
+		m.Mint[name] = medLatency(func(r round) latency { return r.Mint[name] })
+	}
+	for name := range rs[0].Drop {
+		m.Drop[name] = medLatency(func(r round) latency { return r.Drop[name] })
+	}
+	m.C1Ratio = med(func(r round) float64 { return r.C1Ratio })
+	m.StatusLagS = med(func(r round) float64 { return r.StatusLagS })
+	m.Records = int(med(func(r round) float64 { return float64(r.Records) }))
+	m.API = apiCost{
+		CredWritesPath: med(func(r round) float64 { return r.API.CredWritesPath }),
+		CredReadsPath:  med(func(r round) float64 { return r.API.CredReadsPath }),
+		PodReadsPath:   med(func(r round) float64 { return r.API.PodReadsPath }),
+		CredWritesAll:  med(func(r round) float64 { return r.API.CredWritesAll }),
+	}
+	return m
 }
 
 func timeAll(n, concurrency int, f func(i int) error) ([]time.Duration, int, time.Duration) {

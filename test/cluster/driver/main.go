@@ -1,8 +1,10 @@
 // Command driver is the cluster tests' build of the node plugin: the real
-// command with one more provider, "whoami", which proves that the pod's
-// own service-account token reaches providers intact. Its Issue presents
-// the token to the API server (a SelfSubjectReview) and returns the
-// identity the server saw. Never part of the shipped binary.
+// all-in-one command (ephemeral-secrets-csi-all: the suites use the aws
+// provider and the issuer in process) with one more provider, "whoami",
+// which proves that the pod's own service-account token reaches providers
+// intact. Its Issue presents the token to the API server (a
+// SelfSubjectReview) and returns the identity the server saw. Never part
+// of the shipped binary.
 package main
 
 import (
@@ -17,7 +19,7 @@ import (
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 
-	"github.com/ephemeral-secrets/csi-driver/pkg/cli"
+	"github.com/ephemeral-secrets/csi-driver/pkg/cli/allinone"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
 )
 
@@ -60,7 +62,7 @@ func main() {
 		os.Exit(1)
 	}
 	w := whoami{host: os.Getenv("WHOAMI_API_SERVER"), ca: ca}
-	os.Exit(cli.Main("cluster-test", os.Args[1:], func(r *provider.Registry) error {
+	os.Exit(allinone.Main("cluster-test", os.Args[1:], func(r *provider.Registry) error {
 		return r.Register("whoami", w)
 	}))
 }

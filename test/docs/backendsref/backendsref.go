@@ -1,6 +1,6 @@
 // Package backendsref generates the reference of the backend file
 // (backends.yaml, --backend-config) from the Go types the driver and the
-// issuer decode it into, starting at pkg/cli's backendConfig: every key
+// issuer decode it into, starting at pkg/cli/allinone's backendConfig: every key
 // is a field's JSON name, every description the field's doc comment.
 // It reads the source with go/parser (no type checking, no build): the
 // configuration's types are plain structs, maps, lists, pointers,
@@ -31,7 +31,7 @@ import (
 // Entry is where the reference starts: the package (relative to the
 // module root) and the type the backend file decodes into.
 const (
-	EntryDir  = "pkg/cli"
+	EntryDir  = "pkg/cli/allinone"
 	EntryType = "backendConfig"
 	// Output is the generated file, relative to the module root.
 	Output = "docs/backends.md"

@@ -143,3 +143,20 @@ run with), as YAML: a map from each ClusterRole's name to its rules.
 {{- end -}}
 {{- toYaml $rbac -}}
 {{- end -}}
+
+{{/*
+The image holds two binaries. The node plugin's own, ephemeral-secrets-csi
+(vault, and postgres through the issuer), links no typed Kubernetes client,
+issuer or AWS SDK: a DaemonSet pays for its pages on every node. The
+all-in-one, ephemeral-secrets-csi-all, runs the issuer, the housekeeper and
+the uninstall hook, and is the node plugin where a node needs what only it
+links: the aws provider, or the issuer in process (postgres without the
+issuer Deployment).
+*/}}
+{{- define "esc.nodeBinary" -}}
+{{- if or .Values.providers.aws.enabled (and .Values.providers.postgres.enabled (not .Values.issuer.enabled)) -}}
+/ephemeral-secrets-csi-all
+{{- else -}}
+/ephemeral-secrets-csi
+{{- end -}}
+{{- end -}}

@@ -1,12 +1,13 @@
 // Command imagesbom writes a CycloneDX SBOM of one platform's image in an
 // OCI image layout (the one `make image` writes, extracted): the image
 // itself (its manifest digest), every regular file of its layers with its
-// SHA-256, and for the driver's binary the Go modules its own SBOM lists
+// SHA-256, and for each of the driver's binaries the Go modules its own SBOM lists
 // (cyclonedx-gomod's, `make sbom`), so that what the image holds beside
 // the binary (the CA bundle, /etc/passwd, /etc/group) is in it too.
 //
 //	imagesbom --layout bin/image-layout --platform linux/amd64 \
 //	    --binary /ephemeral-secrets-csi --binary-sbom bin/x-linux-amd64.cdx.json \
+//	    --binary /ephemeral-secrets-csi-all --binary-sbom bin/x-all-linux-amd64.cdx.json \
 //	    --name ghcr.io/ephemeral-secrets/csi-driver --out bin/image-linux-amd64.cdx.json
 //
 // The same layout and binary SBOM give the same bytes.
@@ -43,14 +44,15 @@ func run(args []string) error {
 	dir := fs.String("layout", "", "an OCI image layout directory")
 	platform := fs.String("platform", "linux/amd64", "the image's platform")
 	name := fs.String("name", "", "the image's repository, e.g. ghcr.io/ephemeral-secrets/csi-driver")
-	binary := fs.String("binary", "", "the path in the image of the binary the binary SBOM describes")
-	binarySBOM := fs.String("binary-sbom", "", "the binary's CycloneDX JSON SBOM")
+	var binaries, binarySBOMs repeated
+	fs.Var(&binaries, "binary", "the path in the image of a binary its --binary-sbom describes (repeatable, in the same order)")
+	fs.Var(&binarySBOMs, "binary-sbom", "a binary's CycloneDX JSON SBOM (repeatable)")
 	out := fs.String("out", "", "where to write the image's SBOM")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	if *dir == "" || *name == "" || *out == "" || (*binary == "") != (*binarySBOM == "") || fs.NArg() > 0 {
-		return errors.New("usage: imagesbom --layout DIR --name REPO --out FILE [--platform OS/ARCH] [--binary PATH --binary-sbom FILE]")
+	if *dir == "" || *name == "" || *out == "" || len(binaries) != len(binarySBOMs) || fs.NArg() > 0 {
+		return errors.New("usage: imagesbom --layout DIR --name REPO --out FILE [--platform OS/ARCH] [--binary PATH --binary-sbom FILE]...")
 	}
 	img, digest, err := platformImage(*dir, *platform)
 	if err != nil {
@@ -60,21 +62,22 @@ func run(args []string) error {
 	if err != nil {
 		return err
 	}
-	var bin *binaryBOM
-	if *binarySBOM != "" {
-		b, err := os.ReadFile(*binarySBOM)
+	bins := map[string]*binaryBOM{}
+	for i, binary := range binaries {
+		b, err := os.ReadFile(binarySBOMs[i])
 		if err != nil {
 			return err
 		}
-		bin = &binaryBOM{}
+		bin := &binaryBOM{}
 		if err := json.Unmarshal(b, bin); err != nil {
-			return fmt.Errorf("%s: %w", *binarySBOM, err)
+			return fmt.Errorf("%s: %w", binarySBOMs[i], err)
 		}
-		if _, ok := files[*binary]; !ok {
-			return fmt.Errorf("the image has no %s", *binary)
+		if _, ok := files[binary]; !ok {
+			return fmt.Errorf("the image has no %s", binary)
 		}
+		bins[binary] = bin
 	}
-	doc, err := imageBOM(*name, *platform, digest, files, *binary, bin)
+	doc, err := imageBOM(*name, *platform, digest, files, bins)
 	if err != nil {
 		return err
 	}
@@ -216,17 +219,28 @@ type dependency struct {
 	DependsOn []string `json:"dependsOn,omitempty"`
 }
 
+// repeated is a flag given more than once.
+type repeated []string
+
+func (r *repeated) String() string     { return strings.Join(*r, ",") }
+func (r *repeated) Set(v string) error { *r = append(*r, v); return nil }
+
 // imageBOM is the image's SBOM: the image as the described component; its
-// files; the binary as the application its own SBOM describes (with the
-// file's hash and path added), and that SBOM's modules and dependencies.
-func imageBOM(repo, platform string, digest v1.Hash, files map[string]string, binary string, bin *binaryBOM) (bom, error) {
+// files; each binary of bins (by path) as the application its own SBOM
+// describes (with the file's hash and path added), and those SBOMs'
+// modules and dependencies, each once. Two binaries of one module share
+// their application's bom-ref: with more than one, each is told apart
+// by its path (ref#path).
+func imageBOM(repo, platform string, digest v1.Hash, files map[string]string, bins map[string]*binaryBOM) (bom, error) {
 	arch := platform[strings.Index(platform, "/")+1:]
 	purl := fmt.Sprintf("pkg:oci/%s@%s?arch=%s&repository_url=%s", path.Base(repo), url.QueryEscape(digest.String()),
 		url.QueryEscape(arch), url.QueryEscape(repo))
 	var doc bom
 	doc.BOMFormat, doc.SpecVersion, doc.Version = "CycloneDX", "1.5", 1
-	if bin != nil && bin.SpecVersion != "" {
-		doc.SpecVersion = bin.SpecVersion // the modules' fields are of that version
+	for _, bin := range bins {
+		if bin.SpecVersion != "" {
+			doc.SpecVersion = bin.SpecVersion // the modules' fields are of that version
+		}
 	}
 	doc.Metadata.Component = component{
 		Type: "container", BOMRef: purl, Name: repo, Version: digest.String(), PURL: purl,
@@ -238,19 +252,48 @@ func imageBOM(repo, platform string, digest v1.Hash, files map[string]string, bi
 	}
 	sort.Strings(paths)
 	top := dependency{Ref: purl}
+	seen := map[string]bool{} // bom-refs of the binaries' modules and dependencies written
+	var modules, deps []any
 	for _, p := range paths {
-		if p == binary && bin != nil {
+		if bin := bins[p]; bin != nil {
 			app := bin.Metadata.Component
 			ref, _ := app["bom-ref"].(string)
 			if app == nil || ref == "" {
 				return bom{}, errors.New("the binary's SBOM describes no component with a bom-ref")
+			}
+			appRef := ref
+			if len(bins) > 1 {
+				appRef = ref + "#" + p
+				app["bom-ref"] = appRef
+			}
+			for _, c := range bin.Components {
+				var m struct {
+					Ref string `json:"bom-ref"`
+				}
+				if json.Unmarshal(c, &m) == nil && !seen["c:"+m.Ref] {
+					seen["c:"+m.Ref] = true
+					modules = append(modules, c)
+				}
+			}
+			for _, d := range bin.Dependencies {
+				var m dependency
+				if err := json.Unmarshal(d, &m); err != nil {
+					return bom{}, err
+				}
+				if m.Ref == ref {
+					m.Ref = appRef
+					deps = append(deps, m)
+				} else if !seen["d:"+m.Ref] {
+					seen["d:"+m.Ref] = true
+					deps = append(deps, d)
+				}
 			}
 			hashes, _ := app["hashes"].([]any)
 			app["hashes"] = append(hashes, hash{Alg: "SHA-256", Content: files[p]})
 			props, _ := app["properties"].([]any)
 			app["properties"] = append(props, property{Name: "oci:path", Value: p})
 			doc.Components = append(doc.Components, app)
-			top.DependsOn = append(top.DependsOn, ref)
+			top.DependsOn = append(top.DependsOn, appRef)
 			continue
 		}
 		doc.Components = append(doc.Components, component{Type: "file", BOMRef: "file:" + p, Name: p,
@@ -258,13 +301,7 @@ func imageBOM(repo, platform string, digest v1.Hash, files map[string]string, bi
 		top.DependsOn = append(top.DependsOn, "file:"+p)
 	}
 	doc.Dependencies = append(doc.Dependencies, top)
-	if bin != nil {
-		for _, c := range bin.Components {
-			doc.Components = append(doc.Components, c)
-		}
-		for _, d := range bin.Dependencies {
-			doc.Dependencies = append(doc.Dependencies, d)
-		}
-	}
+	doc.Components = append(doc.Components, modules...)
+	doc.Dependencies = append(doc.Dependencies, deps...)
 	return doc, nil
 }

@@ -159,3 +159,63 @@ func TestImageSBOM(t *testing.T) {
 		}
 	}
 }
+
+// TestImageSBOMTwoBinaries: an image with two binaries of one module (the
+// node plugin and the all-in-one) lists each as its own application,
+// told apart by its path, and their shared modules and dependencies once.
+func TestImageSBOMTwoBinaries(t *testing.T) {
+	files := []image.File{
+		{Path: "/app", Mode: 0o755, Data: []byte("node")},
+		{Path: "/app-all", Mode: 0o755, Data: []byte("all")},
+	}
+	dir := layoutOf(t, image.Spec{Name: "example.com/app:v1", Platform: "linux/amd64", Files: files, Entrypoint: []string{"/app"}})
+	sbomFile := filepath.Join(t.TempDir(), "bin.cdx.json")
+	if err := os.WriteFile(sbomFile, []byte(binarySBOM), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	out := filepath.Join(t.TempDir(), "image.cdx.json")
+	if err := run([]string{"--layout", dir, "--platform", "linux/amd64", "--name", "example.com/app",
+		"--binary", "/app", "--binary-sbom", sbomFile, "--binary", "/app-all", "--binary-sbom", sbomFile, "--out", out}); err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var doc struct {
+		Components []struct {
+			Name   string
+			BOMRef string `json:"bom-ref"`
+			Hashes []struct{ Content string }
+		}
+		Dependencies []struct {
+			Ref       string
+			DependsOn []string
+		}
+	}
+	if err := json.Unmarshal(b, &doc); err != nil {
+		t.Fatal(err)
+	}
+	const app = "pkg:golang/example.com/app@v1.0.0?type=module"
+	refs := map[string]int{}
+	for _, c := range doc.Components {
+		refs[c.BOMRef]++
+	}
+	for _, want := range []string{app + "#/app", app + "#/app-all", "pkg:golang/golang.org/x/sys@v0.1.0?type=module"} {
+		if refs[want] != 1 {
+			t.Errorf("component %s listed %d times, want once: %v", want, refs[want], refs)
+		}
+	}
+	deps := map[string][]string{}
+	for _, d := range doc.Dependencies {
+		deps[d.Ref] = d.DependsOn
+	}
+	for _, ref := range []string{app + "#/app", app + "#/app-all"} {
+		if len(deps[ref]) != 1 {
+			t.Errorf("dependencies of %s: %v", ref, deps[ref])
+		}
+	}
+	if len(doc.Dependencies) != 3 {
+		t.Errorf("dependencies %+v, want the image's and each binary's", doc.Dependencies)
+	}
+}

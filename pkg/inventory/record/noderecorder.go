@@ -1,4 +1,4 @@
-package inventory
+package record
 
 import (
 	"context"
@@ -12,30 +12,30 @@ import (
 // (Vault, AWS), so that the inventory covers every provider. Its records
 // are held by the node's finalizer (FinalizerNodeRevoke) until Revoked.
 type NodeRecorder struct {
-	store
+	s Store
 }
 
 // NewNodeRecorder records through c (with the node plugin's identity).
 func NewNodeRecorder(c *Client) *NodeRecorder {
-	return &NodeRecorder{store{client: c, finalizer: v1alpha1.FinalizerNodeRevoke}}
+	return &NodeRecorder{s: Store{Client: c, Finalizer: v1alpha1.FinalizerNodeRevoke}}
 }
 
 // Issued records that the backend holds e until e.ExpiresAt: it creates
 // the record the first time, updates it after a renewal. It returns
 // credential.ErrRecordGone when the record was deleted: the node must then revoke e.
 func (r *NodeRecorder) Issued(ctx context.Context, e credential.Record) error {
-	if err := r.setStatus(ctx, e, issued(e)); !errors.Is(err, credential.ErrRecordGone) {
+	if err := r.s.SetStatus(ctx, e, Issued(e)); !errors.Is(err, credential.ErrRecordGone) {
 		return err
 	}
 	// No record yet, or one being deleted (create says which).
-	if _, err := r.create(ctx, e); err != nil {
+	if _, _, err := r.s.Create(ctx, e); err != nil {
 		return err
 	}
-	return r.setStatus(ctx, e, issued(e))
+	return r.s.SetStatus(ctx, e, Issued(e))
 }
 
 // Revoked records that e is revoked: the node's finalizer is removed and
 // the record deleted. A record already gone is no error.
 func (r *NodeRecorder) Revoked(ctx context.Context, e credential.Record) error {
-	return r.release(ctx, e.Pod.Namespace, Name(e.LeaseID))
+	return r.s.Release(ctx, e.Pod.Namespace, Name(e.LeaseID))
 }

@@ -1,4 +1,4 @@
-package remote
+package wire
 
 import (
 	"bytes"
@@ -130,20 +130,20 @@ func (c *Client) call(ctx context.Context, path string, in, out any, secrets ...
 			_, _ = c.client(ctx, true) // the next call uses the roots as they are now
 		}
 		// The URL is ours, not secret; the request's body never appears.
-		return fmt.Errorf("%w: issuer: %v", provider.ErrUnavailable, redact(err.Error(), secrets...))
+		return fmt.Errorf("%w: issuer: %v", provider.ErrUnavailable, Redact(err.Error(), secrets...))
 	}
 	defer resp.Body.Close()
-	data, err := io.ReadAll(io.LimitReader(resp.Body, maxBody))
+	data, err := io.ReadAll(io.LimitReader(resp.Body, MaxBody))
 	if err != nil {
 		return fmt.Errorf("%w: issuer: reading the answer: %v", provider.ErrUnavailable, err)
 	}
 	if resp.StatusCode != http.StatusOK {
-		var eb errorBody
+		var eb ErrorBody
 		if json.Unmarshal(data, &eb) != nil || eb.Error.Message == "" {
 			eb.Error.Message = http.StatusText(resp.StatusCode)
 		}
-		eb.Error.Message = redact(eb.Error.Message, secrets...)
-		return decodeError(resp.StatusCode, eb.Error)
+		eb.Error.Message = Redact(eb.Error.Message, secrets...)
+		return DecodeError(resp.StatusCode, eb.Error)
 	}
 	if err := json.Unmarshal(data, out); err != nil {
 		return fmt.Errorf("%w: issuer: the answer is not JSON of the expected shape", provider.ErrUnavailable)

@@ -1,4 +1,4 @@
-package inventory
+package record
 
 import (
 	"context"
@@ -32,8 +32,9 @@ func NewClient(cfg *rest.Config) (*Client, error) {
 	c.APIPath = "/apis"
 	c.NegotiatedSerializer = serializer.NewCodecFactory(scheme).WithoutConversion()
 	// client-go's default (5 per second, bursts of 10) would hold the
-	// issuer to about one credential a second (each takes seven to nine
-	// requests from Issuing to Dropped).
+	// issuer to about one credential a second (each takes five requests
+	// from Issuing to Dropped: create, tombstone read, status, release,
+	// delete).
 	if c.QPS == 0 && c.RateLimiter == nil {
 		c.QPS, c.Burst = 100, 200
 	}

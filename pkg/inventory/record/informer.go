@@ -1,4 +1,4 @@
-package inventory
+package record
 
 import (
 	"context"
@@ -12,8 +12,8 @@ import (
 	v1alpha1 "github.com/ephemeral-secrets/csi-driver/pkg/apis/ephemeralsecrets/v1alpha1"
 )
 
-// leaseIndex indexes a cache of Credentials by spec.leaseID.
-const leaseIndex = "leaseID"
+// LeaseIndex indexes a cache of Credentials by spec.leaseID.
+const LeaseIndex = "leaseID"
 
 // NewInformer is a shared informer of the Credentials whose labels match
 // selector ("": all of them), in every namespace, indexed by lease ID.
@@ -32,7 +32,7 @@ func NewInformer(c *Client, selector string, resync time.Duration) cache.SharedI
 	}
 	inf := cache.NewSharedIndexInformer(lw, &v1alpha1.Credential{}, resync, cache.Indexers{
 		cache.NamespaceIndex: cache.MetaNamespaceIndexFunc,
-		leaseIndex: func(obj any) ([]string, error) {
+		LeaseIndex: func(obj any) ([]string, error) {
 			if c, ok := obj.(*v1alpha1.Credential); ok {
 				return []string{c.Spec.LeaseID}, nil
 			}

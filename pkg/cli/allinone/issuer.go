@@ -1,4 +1,4 @@
-package cli
+package allinone
 
 import (
 	"context"
@@ -26,13 +26,13 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/ephemeral-secrets/csi-driver/pkg/audit"
+	"github.com/ephemeral-secrets/csi-driver/pkg/cli"
 	"github.com/ephemeral-secrets/csi-driver/pkg/credential"
 	"github.com/ephemeral-secrets/csi-driver/pkg/inventory"
 	"github.com/ephemeral-secrets/csi-driver/pkg/issuer"
 	pgengine "github.com/ephemeral-secrets/csi-driver/pkg/issuer/postgres"
 	"github.com/ephemeral-secrets/csi-driver/pkg/issuer/remote"
 	"github.com/ephemeral-secrets/csi-driver/pkg/metrics"
-	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider/postgres"
 )
 
@@ -80,8 +80,8 @@ func issuerCmd(version string, args []string) error {
 	fs.DurationVar(&f.leaseDuration, "leader-election-lease-duration", 15*time.Second, "how long a leader's Lease holds without renewal")
 	fs.DurationVar(&f.renewDeadline, "leader-election-renew-deadline", 10*time.Second, "how long a leader tries to renew before it gives up leading")
 	fs.DurationVar(&f.retryPeriod, "leader-election-retry-period", 2*time.Second, "how often replicas try to acquire or renew the Lease")
-	fs.Float64Var(&f.qps, "kube-api-qps", 100, "requests per second to the Kubernetes API (a mint or an extension reads its pod, a new token is reviewed); the API server's priority and fairness protects it")
-	fs.IntVar(&f.burst, "kube-api-burst", 200, "bursts allowed above --kube-api-qps")
+	fs.Float64Var(&f.qps, "kube-api-qps", 500, "requests per second to the Kubernetes API, of each of the issuer's two clients (core: a mint reads its pod, a new token is reviewed; inventory: a mint creates its record and reads its volume's tombstone, its status is written later); the API server's priority and fairness protects it")
+	fs.IntVar(&f.burst, "kube-api-burst", 1000, "bursts allowed above --kube-api-qps")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -108,13 +108,16 @@ func issuerCmd(version string, args []string) error {
 	}
 	rc.UserAgent = "ephemeral-secrets-csi-issuer/" + version
 	// client-go's default (5 per second) would hold a burst of publishes
-	// for minutes: each needs a fresh GET of its pod.
+	// for minutes: each needs a fresh GET of its pod, and its record two
+	// requests more (the inventory's client, made from this configuration,
+	// has a limiter of its own). 500 mints at once over two replicas fit
+	// in the default burst.
 	rc.QPS, rc.Burst = float32(f.qps), f.burst
 	cs, err := kubernetes.NewForConfig(rc)
 	if err != nil {
 		return err
 	}
-	auditOut, closeAudit, err := openAudit(f.auditLog)
+	auditOut, closeAudit, err := cli.OpenAudit(f.auditLog)
 	if err != nil {
 		return err
 	}
@@ -307,82 +310,4 @@ type reapCounter interface {
 // countReaps is the reaper's OnReap that counts each pass in m.
 func countReaps(m reapCounter) func(issuer.ReapReport, error) {
 	return func(r issuer.ReapReport, _ error) { m.Reaped(r.Expired, r.Untracked, r.Failed+r.Unlisted) }
-}
-
-// issuerClientFlags are the node plugin's flags for a cluster issuer.
-type issuerClientFlags struct {
-	address, tokenFile, caConfigMap, caFile string
-}
-
-func (f *issuerClientFlags) register(fs *flag.FlagSet) {
-	fs.StringVar(&f.address, "issuer-address", "", "the cluster issuer's https://host:port; set, the postgres provider asks it and the node holds no admin credential")
-	fs.StringVar(&f.tokenFile, "issuer-token-file", "/var/run/secrets/ephemeral-secrets.csi.dev/issuer/token",
-		"the driver pod's projected service-account token for the issuer (audience "+remote.Audience+")")
-	fs.StringVar(&f.caConfigMap, "issuer-ca-configmap", "", "namespace/name of the ConfigMap whose ca.crt signs the issuer's certificate")
-	fs.StringVar(&f.caFile, "issuer-ca-file", "", "file holding the issuer's signer certificate (instead of --issuer-ca-configmap)")
-}
-
-// registerIssuer is the Register that makes the postgres provider ask the
-// cluster issuer; nil without --issuer-address. A backend file with a
-// postgres section beside it does not load: the node must not hold the
-// admin credential.
-func (f *issuerClientFlags) registerIssuer(kubeconfig string) (Register, error) {
-	if f.address == "" {
-		return nil, nil
-	}
-	// The API, where there is one: the issuer's ConfigMap, its Service.
-	var cs kubernetes.Interface
-	if kubeconfig != "" || os.Getenv("KUBERNETES_SERVICE_HOST") != "" {
-		rc, err := clientcmd.BuildConfigFromFlags("", kubeconfig)
-		if err != nil {
-			return nil, fmt.Errorf("kubernetes client: %w", err)
-		}
-		if cs, err = kubernetes.NewForConfig(rc); err != nil {
-			return nil, err
-		}
-	}
-	var roots remote.Roots
-	switch {
-	case f.caFile != "" && f.caConfigMap != "":
-		return nil, errors.New("give one of --issuer-ca-file and --issuer-ca-configmap")
-	case f.caFile != "":
-		roots = remote.RootsFile(f.caFile)
-	case f.caConfigMap != "" && cs == nil:
-		return nil, errors.New("--issuer-ca-configmap needs the Kubernetes API (in a cluster, or --kubeconfig)")
-	case f.caConfigMap != "":
-		ns, name, ok := strings.Cut(f.caConfigMap, "/")
-		if !ok || ns == "" || name == "" {
-			return nil, fmt.Errorf("--issuer-ca-configmap %q: namespace/name expected", f.caConfigMap)
-		}
-		roots = remote.RootsConfigMap(cs, ns, name)
-	default:
-		return nil, errors.New("--issuer-address needs --issuer-ca-configmap or --issuer-ca-file")
-	}
-	// A Service's name is dialed at its cluster IP, read through the API:
-	// no cluster DNS needed on the node.
-	dial := remote.Dial((&net.Dialer{Timeout: 10 * time.Second}).DialContext)
-	if cs != nil {
-		dial = remote.ServiceDial(cs, dial)
-	}
-	c, err := remote.NewClient(remote.ClientOptions{URL: f.address, TokenFile: f.tokenFile, Roots: roots, Dial: dial})
-	if err != nil {
-		return nil, err
-	}
-	return func(reg *provider.Registry) error {
-		if err := refuseAdminOnNode(reg); err != nil {
-			return err
-		}
-		return reg.Register(postgres.Name, postgres.NewNode(c))
-	}, nil
-}
-
-// refuseAdminOnNode refuses a node plugin's backend configuration with a
-// postgres section when a cluster issuer serves PostgreSQL: the node must
-// not hold the admin credential.
-func refuseAdminOnNode(reg *provider.Registry) error {
-	if _, ok := reg.Get(postgres.Name); ok {
-		return errors.New("--issuer-address is set and the backend configuration has a postgres section: " +
-			"the admin credential belongs to the issuer; remove the section from the node's backend configuration")
-	}
-	return nil
 }

@@ -1,4 +1,4 @@
-package inventory
+package record
 
 import (
 	"context"
@@ -32,7 +32,7 @@ type NodeWatcher struct {
 	informer cache.SharedIndexInformer
 	withdraw WithdrawFunc
 	limiter  workqueue.TypedRateLimiter[withdrawal]
-	release  store
+	release  Store
 	holds    HoldsFunc
 }
 
@@ -51,10 +51,10 @@ func (w *NodeWatcher) ReleaseWhenDone(holds HoldsFunc) { w.holds = holds }
 // NewNodeWatcher watches node's records through c. A failed withdrawal
 // is retried after a backoff from 100 ms to 30 s.
 func NewNodeWatcher(c *Client, node string, withdraw WithdrawFunc, resync time.Duration) *NodeWatcher {
-	sel := labels.Set{v1alpha1.LabelNode: labelValue(node)}.String()
+	sel := labels.Set{v1alpha1.LabelNode: LabelValue(node)}.String()
 	return &NodeWatcher{
 		node: node, informer: NewInformer(c, sel, resync), withdraw: withdraw,
-		release: store{client: c, finalizer: v1alpha1.FinalizerNodeRevoke},
+		release: Store{Client: c, Finalizer: v1alpha1.FinalizerNodeRevoke},
 		limiter: workqueue.NewTypedItemExponentialFailureRateLimiter[withdrawal](100*time.Millisecond, 30*time.Second),
 	}
 }
@@ -143,7 +143,7 @@ func (w *NodeWatcher) releaseDone(ctx context.Context, item withdrawal) (again b
 	if err != nil || held {
 		return held, err
 	}
-	if err := w.release.release(ctx, item.namespace, item.name); err != nil {
+	if err := w.release.Release(ctx, item.namespace, item.name); err != nil {
 		return false, err
 	}
 	klog.V(2).InfoS("Released a deleted credential record the node no longer holds", "credential", item.namespace+"/"+item.name, "leaseID", item.leaseID)

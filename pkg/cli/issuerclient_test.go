@@ -13,38 +13,6 @@ import (
 	"github.com/ephemeral-secrets/csi-driver/pkg/metrics"
 )
 
-// The issuer's configuration: the postgres section is required, and no
-// error quotes the file (it holds the admin credential).
-func TestReadIssuerConfig(t *testing.T) {
-	const secret = "s3cret-admin-pw"
-	dir := t.TempDir()
-	write := func(name, content string) string {
-		p := filepath.Join(dir, name)
-		if err := os.WriteFile(p, []byte(content), 0o600); err != nil {
-			t.Fatal(err)
-		}
-		return p
-	}
-	if _, err := readIssuerConfig(write("ok.yaml", fmt.Sprintf(pgConfig, secret))); err != nil {
-		t.Fatalf("a postgres section: %v", err)
-	}
-	for name, content := range map[string]string{
-		"no-postgres.yaml": "vault:\n  addresses: [https://vault:8200]\n",
-		"bad.yaml":         "postgres:\n  connections:\n    main:\n      url: postgres://admin:" + secret + "@db/postgres\n      rolez: {}\n",
-		"not-yaml.yaml":    "postgres: [" + secret,
-	} {
-		_, err := readIssuerConfig(write(name, content))
-		if err == nil {
-			t.Errorf("%s: accepted", name)
-		} else if strings.Contains(err.Error(), secret) {
-			t.Errorf("%s: the error quotes the file: %v", name, err)
-		}
-	}
-	if _, err := readIssuerConfig(""); err == nil {
-		t.Error("no file: accepted")
-	}
-}
-
 // A node plugin with --issuer-address needs the issuer's signer from
 // somewhere, and refuses a postgres section of its own.
 func TestIssuerClientFlags(t *testing.T) {
@@ -55,12 +23,12 @@ func TestIssuerClientFlags(t *testing.T) {
 		{address: "http://issuer.esc.svc:443", caFile: "/ca.crt"},
 	} {
 		t.Setenv("KUBERNETES_SERVICE_HOST", "")
-		if r, err := f.registerIssuer(""); err == nil || r != nil {
+		if r, err := f.registerIssuer("", "test"); err == nil || r != nil {
 			t.Errorf("%+v: accepted", f)
 		}
 	}
 	f := issuerClientFlags{address: "https://issuer.esc.svc:443", caFile: "/ca.crt", tokenFile: "/token"}
-	r, err := f.registerIssuer("")
+	r, err := f.registerIssuer("", "test")
 	if err != nil || r == nil {
 		t.Fatalf("valid flags: %v", err)
 	}
@@ -70,7 +38,7 @@ func TestIssuerClientFlags(t *testing.T) {
 			t.Fatal(err)
 		}
 		m := metrics.New(func() metrics.State { return metrics.State{} })
-		return loadBackends(path, false, []Register{r}, time.Millisecond, time.Hour, audit.New(io.Discard), m)
+		return loadBackends(path, false, []Register{r}, time.Millisecond, time.Hour, audit.New(io.Discard), m, nil)
 	}
 	if _, err := load(fmt.Sprintf(pgConfig, "pw")); err == nil || !strings.Contains(err.Error(), "admin credential belongs to the issuer") {
 		t.Errorf("a postgres section beside the issuer: %v", err)

@@ -1,0 +1,166 @@
+package issuer
+
+import (
+	"context"
+	"errors"
+	"sync"
+	"time"
+
+	"k8s.io/client-go/util/workqueue"
+	"k8s.io/klog/v2"
+
+	"github.com/ephemeral-secrets/csi-driver/pkg/credential"
+)
+
+// recordWriter tells the Inventory what became of a credential
+// (Inventory.Issued: issued, or extended until when) off the path of the
+// request that did it. A mint writes its record once, before its role is
+// made (Inventory.Issuing); the record's status follows here, so a mint
+// waits for one write of the API server and an extension for none.
+//
+// Writes are coalesced: a lease has at most one write pending, of what
+// was learnt last (an extension queued behind its mint's status replaces
+// it), and a lease dropped before its write is not written at all
+// (forget). A failed write is retried with backoff until it succeeds or
+// the lease is dropped. Under a burst of mints (busy), a write waits for
+// it to pass (recordDefer at most): the mints' own requests to the API
+// server go first, and the status writes follow, coalescing meanwhile. A
+// record found deleted (the kill switch, or the
+// pod's deletion, while the role was being made) has its role ended by
+// gone: its revocation may have run before the role existed.
+type recordWriter struct {
+	inv   Inventory
+	gone  func(ctx context.Context, e credential.Record)
+	queue workqueue.TypedRateLimitingInterface[string]
+	busy  func() bool // nil: never
+
+	mu      sync.Mutex
+	pending map[string]credential.Record // by lease ID
+
+	cancel  context.CancelFunc
+	workers sync.WaitGroup
+}
+
+// Record writer defaults.
+const (
+	recordWorkers = 8
+	// recordDefer is how long a write waits at most for a burst of
+	// mints to pass; recordPoll how often it looks.
+	recordDefer = 10 * time.Second
+	recordPoll  = 10 * time.Millisecond
+	// recordCallTimeout bounds one write.
+	recordCallTimeout = 30 * time.Second
+	// recordDrain is how long close lets the writes queued go out.
+	recordDrain = 5 * time.Second
+)
+
+// newRecordWriter starts workers writers to inv; rl spaces the retries
+// of a lease whose write failed (nil: 100 ms doubling up to 30 s); busy,
+// when set, tells when the writes should wait (a burst of mints).
+func newRecordWriter(inv Inventory, gone func(context.Context, credential.Record), workers int, rl workqueue.TypedRateLimiter[string], busy func() bool) *recordWriter {
+	if rl == nil {
+		rl = workqueue.NewTypedItemExponentialFailureRateLimiter[string](100*time.Millisecond, 30*time.Second)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	w := &recordWriter{
+		inv: inv, gone: gone, busy: busy, pending: map[string]credential.Record{}, cancel: cancel,
+		queue: workqueue.NewTypedRateLimitingQueueWithConfig(rl,
+			workqueue.TypedRateLimitingQueueConfig[string]{Name: "credential-records"}),
+	}
+	for range max(workers, 1) {
+		w.workers.Add(1)
+		go func() {
+			defer w.workers.Done()
+			for w.next(ctx) {
+			}
+		}()
+	}
+	return w
+}
+
+// issued queues the write of e (replacing any of its lease not yet made).
+func (w *recordWriter) issued(e credential.Record) {
+	w.mu.Lock()
+	w.pending[e.LeaseID] = e
+	w.mu.Unlock()
+	w.queue.Add(e.LeaseID)
+}
+
+// forget drops the write pending for leaseID, if any: its credential is
+// gone, and so is (or goes) its record.
+func (w *recordWriter) forget(leaseID string) {
+	w.mu.Lock()
+	delete(w.pending, leaseID)
+	w.mu.Unlock()
+}
+
+// next writes one lease's record; false once the writer is closed.
+func (w *recordWriter) next(ctx context.Context) bool {
+	leaseID, shutdown := w.queue.Get()
+	if shutdown {
+		return false
+	}
+	defer w.queue.Done(leaseID)
+	w.yield(ctx)
+	w.mu.Lock()
+	e, ok := w.pending[leaseID]
+	w.mu.Unlock()
+	if !ok {
+		w.queue.Forget(leaseID)
+		return true
+	}
+	cctx, cancel := context.WithTimeout(ctx, recordCallTimeout)
+	defer cancel()
+	err := w.inv.Issued(cctx, e)
+	switch {
+	case errors.Is(err, credential.ErrRecordGone):
+		w.gone(cctx, e)
+	case err != nil:
+		if ctx.Err() == nil {
+			klog.ErrorS(err, "Recording an issued credential; retrying", "lease", leaseID)
+			w.queue.AddRateLimited(leaseID)
+		}
+		return true
+	}
+	w.queue.Forget(leaseID)
+	w.mu.Lock()
+	if cur, ok := w.pending[leaseID]; ok && cur == e {
+		delete(w.pending, leaseID) // else a newer one came meanwhile: the queue has the key again
+	}
+	w.mu.Unlock()
+	return true
+}
+
+// yield waits while the issuer is busy minting, recordDefer at most.
+func (w *recordWriter) yield(ctx context.Context) {
+	if w.busy == nil {
+		return
+	}
+	deadline := time.Now().Add(recordDefer)
+	for w.busy() && time.Now().Before(deadline) {
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(recordPoll):
+		}
+	}
+}
+
+// close lets the writes queued go out for up to drain, then stops the
+// writers (a retry waiting for its backoff is not made: the record keeps
+// the status it had, and the role its expiry).
+func (w *recordWriter) close(drain time.Duration) {
+	w.queue.ShutDown() // the workers take what is queued, then stop
+	stopped := make(chan struct{})
+	go func() {
+		w.workers.Wait()
+		close(stopped)
+	}()
+	select {
+	case <-stopped:
+	case <-time.After(drain):
+		w.cancel()
+		<-stopped
+	}
+	w.cancel()
+}
