@@ -18,6 +18,7 @@ import (
 	"github.com/ephemeral-secrets/csi-driver/pkg/audit"
 	"github.com/ephemeral-secrets/csi-driver/pkg/metrics"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
+	"github.com/ephemeral-secrets/csi-driver/pkg/provider/gcp"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider/vault"
 )
 
@@ -31,8 +32,8 @@ import (
 // the node plugin reads every section. The node plugins re-read their
 // file when it changes; the issuer reads its file at start only.
 //
-// This binary serves the vault section itself; the others are Sections
-// of the build (ephemeral-secrets-csi-all: postgres with the issuer in
+// This binary serves the vault and gcp sections itself; the others are
+// Sections of the build (ephemeral-secrets-csi-all: postgres with the issuer in
 // process, and aws), whose types pkg/cli/allinone documents. Here they
 // are kept undecoded, so that the node plugin links neither the issuer
 // nor the AWS SDK.
@@ -44,6 +45,10 @@ type backendConfig struct {
 	Vault *vault.Config `json:"vault,omitempty"`
 	// AWS configures the aws provider (a Section).
 	AWS json.RawMessage `json:"aws,omitempty"`
+	// GCP configures the gcp provider (a Google access token per pod
+	// through Workload Identity Federation, Secret Manager values). Read
+	// by the node plugins.
+	GCP *gcp.Config `json:"gcp,omitempty"`
 }
 
 // decodeBackends decodes the backend file (read from path) strictly: an
@@ -154,6 +159,12 @@ func (b *backends) providers(data []byte) (*provider.Registry, []Built, error) {
 	if err := section("aws", cfg.AWS); err != nil {
 		return fail(err)
 	}
+	if cfg.GCP != nil {
+		p, err := gcp.New(*cfg.GCP)
+		if err := add(gcp.Name, p, err); err != nil {
+			return fail(err)
+		}
+	}
 	for _, r := range b.extra {
 		if err := r(reg); err != nil {
 			return fail(err)
@@ -204,7 +215,8 @@ type backends struct {
 	// them is bounded by the backend timeout, so after it none is left.
 	grace time.Duration
 	reap  time.Duration // an in-process issuer's reap interval
-	// sections serve the sections beyond vault (none in the node plugin).
+	// sections serve the sections beyond vault and gcp (none in the node
+	// plugin).
 	sections map[string]Section
 	// optional: a missing file is an empty configuration (the node
 	// plugin of a cluster whose issuer serves PostgreSQL needs none; the

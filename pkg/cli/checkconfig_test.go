@@ -23,19 +23,22 @@ func TestCheckConfigNodePlugin(t *testing.T) {
 	vault := "vault:\n  addresses: [https://vault.example:8200]\n"
 	pg := "postgres:\n  connections:\n    shop:\n      url: postgres://csi_admin:" + secret + "@127.0.0.1:1/shop\n"
 	aws := "aws:\n  region: eu-west-1\n"
+	gcp := "gcp:\n  audience: //iam.googleapis.com/projects/1/locations/global/workloadIdentityPools/p/providers/k\n  projects: [proj-a]\n"
 	for _, tc := range []struct {
 		name, file, side string
 		code             int
 		want             []string
 	}{
 		{"vault", vault, "node", 0, []string{"providers vault"}},
+		{"vault and gcp", vault + gcp, "node", 0, []string{"providers gcp, vault"}},
+		{"gcp's own checks", strings.Replace(gcp, "//iam.googleapis.com/", "//iam.example/", 1), "node", 1, []string{"gcp: tokenAudience is required"}},
 		{"vault, all", vault, "all", 0, []string{"providers vault"}},
 		{"postgres beside the issuer", pg + vault, "node", 1, []string{"the admin credential belongs to the issuer", "ephemeral-secrets-csi-all serve"}},
 		{"postgres in process", pg, "all", 1, []string{"ephemeral-secrets-csi-all serve"}},
 		{"a section this binary does not decode is not located", pg, "node", 1, []string{"does not load"}},
 		{"aws", aws, "node", 1, []string{"an aws section", "ephemeral-secrets-csi-all serve", "providers.aws.enabled"}},
 		{"the issuer's side", pg, "issuer", 1, []string{"ephemeral-secrets-csi-all"}},
-		{"unknown section", vault + "postgress: {}\n", "node", 1, []string{"postgress: unknown key; known here: aws, postgres, vault"}},
+		{"unknown section", vault + "postgress: {}\n", "node", 1, []string{"postgress: unknown key; known here: aws, gcp, postgres, vault"}},
 		{"a trust file the driver cannot read", vault + "  tls:\n    https://vault.example:8200:\n      caCert: " + filepath.Join(dir, "missing.pem") + "\n", "node", 1,
 			[]string{"vault: tls of https://vault.example:8200: caCert"}},
 	} {
@@ -76,6 +79,8 @@ func TestCheckConfigAgreesWithTheLoaders(t *testing.T) {
 		"empty":     "",
 		"vault":     "vault:\n  addresses: [https://vault.example:8200]\n",
 		"vault bad": "vault:\n  addresses: []\n",
+		"gcp":       "gcp:\n  audience: //iam.googleapis.com/projects/1/locations/global/workloadIdentityPools/p/providers/k\n",
+		"gcp bad":   "gcp:\n  tokenLifetimeSeconds: 5\n",
 		"not yaml":  "vault: [",
 		"aws":       "aws:\n  region: eu-west-1\n",
 		"postgres":  "postgres:\n  connections: {}\n",

@@ -56,8 +56,8 @@ type Options struct {
 	// Extra are providers a serving driver registers beside those of the
 	// backend file (the benchmark's).
 	Extra []Register
-	// Sections serve the backend file's sections beyond vault, by key
-	// ("postgres", "aws"); a section without one is refused.
+	// Sections serve the backend file's sections beyond vault and gcp,
+	// by key ("postgres", "aws"); a section without one is refused.
 	Sections map[string]Section
 	// Schema is the backend file's type with every section's, for
 	// check-config's locations of a bad key (default: this binary's).

@@ -119,7 +119,7 @@ func TestEveryValueReachesTheObjects(t *testing.T) {
 		auds = append(auds, r.Audience)
 		errorf("token lifetime", *r.ExpirationSeconds, 1200)
 	}
-	errorf("audiences", auds, []string{"vault-prod", "sts.example.com", "custom-audience"})
+	errorf("audiences", auds, []string{"vault-prod", "sts.example.com", "https://iam.googleapis.com/projects/1/locations/global/workloadIdentityPools/p/providers/k", "custom-audience"})
 	if p := csi.Spec.ServiceAccountTokenInSecrets; p == nil || !*p {
 		t.Error("serviceAccountTokenInSecrets not set")
 	}
@@ -340,6 +340,8 @@ func TestTokensInSecretsIsAnExplicitValue(t *testing.T) {
 		{"default on 1.30", []string{"--kube-version", "1.30.0", "--set", "providers.vault.enabled=true"}, []string{"vault"}, false, false},
 		{"default on 1.37", []string{"--kube-version", "1.37.2", "--set", "providers.vault.enabled=true"}, []string{"vault"}, false, false},
 		{"set on 1.35", []string{"--kube-version", "1.35.0", "--set", "providers.aws.enabled=true,csiDriver.tokensInSecrets=true"}, []string{"sts.amazonaws.com"}, true, true},
+		{"gcp", []string{"--kube-version", "1.37.2", "--set", "providers.gcp.enabled=true,providers.gcp.tokenAudience=https://iam.googleapis.com/x"}, []string{"https://iam.googleapis.com/x"}, false, false},
+		{"gcp's audience without gcp", []string{"--kube-version", "1.37.2", "--set", "providers.gcp.tokenAudience=https://iam.googleapis.com/x"}, nil, false, true},
 		{"no token", []string{"--kube-version", "1.37.2"}, nil, false, true},
 		{"no token, set", []string{"--kube-version", "1.37.2", "--set", "csiDriver.tokensInSecrets=true"}, nil, false, true},
 	} {
@@ -374,6 +376,11 @@ func TestTokensInSecretsIsAnExplicitValue(t *testing.T) {
 		!strings.Contains(out, "csiDriver.tokensInSecrets=true needs Kubernetes 1.35") {
 		t.Errorf("tokensInSecrets=true rendered for 1.34 (err %v):\n%.300s", err, out)
 	}
+	// gcp has no audience of its own: enabled without one, nothing renders.
+	if out, err := helm(t, "template", "esc", chartDir, "--set", "providers.gcp.enabled=true"); err == nil ||
+		!strings.Contains(out, "providers.gcp.tokenAudience is required") {
+		t.Errorf("providers.gcp.enabled without tokenAudience rendered (err %v):\n%.300s", err, out)
+	}
 	// The value it replaced is refused, not ignored.
 	if out, err := helm(t, "template", "esc", chartDir, "--set", "csiDriver.serviceAccountTokenInSecrets=auto"); err == nil {
 		t.Errorf("csiDriver.serviceAccountTokenInSecrets accepted:\n%.300s", out)
@@ -402,6 +409,7 @@ func TestProfiles(t *testing.T) {
 		{"default", "", false, false, node},
 		{"vault only", "providers.vault.enabled=true", false, false, node},
 		{"aws only", "providers.aws.enabled=true", false, false, all},
+		{"gcp only", "providers.gcp.enabled=true,providers.gcp.tokenAudience=https://iam.googleapis.com/x", false, false, node},
 		{"postgres through the issuer", "providers.postgres.enabled=true", true, true, node},
 		{"postgres and vault", "providers.postgres.enabled=true,providers.vault.enabled=true", true, true, node},
 		{"postgres and aws", "providers.postgres.enabled=true,providers.aws.enabled=true", true, true, all},

@@ -206,6 +206,13 @@ const Namespace = "ephemeral-secrets"
 // InstallDriver installs the chart with helm, only the images overridden,
 // after the backend configuration's Secret. extra are more helm arguments.
 func (n *Node) InstallDriver(ctx context.Context, repoRoot string, backends []byte, extra ...string) error {
+	return n.InstallDriverWithFiles(ctx, repoRoot, backends, nil, extra...)
+}
+
+// InstallDriverWithFiles is InstallDriver with more keys in the node
+// plugins' backend Secret: files the configuration names (a CA
+// certificate), which the driver reads in /etc/ephemeral-secrets/backends.
+func (n *Node) InstallDriverWithFiles(ctx context.Context, repoRoot string, backends []byte, files map[string][]byte, extra ...string) error {
 	if _, err := n.Clients.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{
 		Name:   Namespace,
 		Labels: map[string]string{"pod-security.kubernetes.io/enforce": "privileged"},
@@ -216,10 +223,14 @@ func (n *Node) InstallDriver(ctx context.Context, repoRoot string, backends []by
 	if err != nil {
 		return err
 	}
-	for name, data := range map[string][]byte{"ephemeral-secrets-issuer": issuerPart, "ephemeral-secrets-backends": nodePart} {
+	nodeFiles := map[string][]byte{"backends.yaml": nodePart}
+	for k, v := range files {
+		nodeFiles[k] = v
+	}
+	for name, data := range map[string]map[string][]byte{"ephemeral-secrets-issuer": {"backends.yaml": issuerPart}, "ephemeral-secrets-backends": nodeFiles} {
 		if _, err := n.Clients.CoreV1().Secrets(Namespace).Create(ctx, &corev1.Secret{
 			ObjectMeta: metav1.ObjectMeta{Name: name},
-			Data:       map[string][]byte{"backends.yaml": data},
+			Data:       data,
 		}, metav1.CreateOptions{}); err != nil {
 			return err
 		}

@@ -38,8 +38,8 @@ import (
 )
 
 // TestProfiles installs each profile of the chart on the real node, from
-// an empty namespace: Vault only, AWS only (MinIO's STS as the AWS), and
-// PostgreSQL through the issuer. Each comes up clean and serves its
+// an empty namespace: Vault only, AWS only (MinIO's STS as the AWS), GCP
+// only (the Google stand-in), and PostgreSQL through the issuer. Each comes up clean and serves its
 // example pod; a tenant namespace with a live pod and its Credential is
 // deleted in a bounded time with the driver running, during the driver's
 // uninstall, and with the issuer down (each time reported); an uninstall
@@ -63,6 +63,7 @@ func TestProfiles(t *testing.T) {
 		{"AWSOnly", p.awsOnly},
 		{"STSNamespaceDeletionWithTheDriver", p.stsNamespaceDeletion},
 		{"UninstallRefusedWhileAPodMounts", p.uninstallRefused},
+		{"GCPOnly", p.gcpOnly},
 		{"PostgresIssuerDown", p.issuerDown},
 	} {
 		if !t.Run(step.name, step.run) {

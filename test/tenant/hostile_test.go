@@ -3,6 +3,7 @@ package tenant
 import (
 	"context"
 	"fmt"
+	"net/http"
 	"os"
 	"slices"
 	"strings"
@@ -12,6 +13,10 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/ephemeral-secrets/csi-driver/pkg/provider/gcp"
+	"github.com/ephemeral-secrets/csi-driver/test/awstest"
+	"github.com/ephemeral-secrets/csi-driver/test/gcptest"
+	"github.com/ephemeral-secrets/csi-driver/test/harness"
 	"github.com/ephemeral-secrets/csi-driver/test/kubelet"
 	"github.com/ephemeral-secrets/csi-driver/test/standin"
 )
@@ -29,7 +34,8 @@ type hostile struct {
 	req  func(r *csi.NodePublishVolumeRequest)
 	code codes.Code
 	// reaches names the one listener that may see a request: "vault" (the
-	// admin's Vault, trusted), "sts" (the admin's STS endpoint); "" none.
+	// admin's Vault, trusted), "sts" (the admin's STS endpoint), "gcp"
+	// (the admin's Google stand-in); "" none.
 	reaches string
 }
 
@@ -40,6 +46,8 @@ type node struct {
 	vault    *standin.Server // the admin's Vault address, verified with the admin's CA
 	rogue    *standin.Server // an address the admin lists but whose certificate nobody vouches for
 	sts      *standin.Server // the admin's STS endpoint
+	google   *gcptest.Server // the admin's Google endpoints (STS, IAM Credentials, Secret Manager)
+	oidc     *awstest.OIDC   // the service-account issuer Google's workload identity provider trusts
 	offList  *standin.TCP
 	f        *fixture
 }
@@ -54,8 +62,13 @@ func vaultParams(n *node, extra map[string]string) map[string]string {
 }
 
 func awsParams(n *node, extra map[string]string) map[string]string {
-	p := map[string]string{"region": "us-east-1", "roleArn": "arn:aws:iam::111122223333:role/app", "stsEndpoint": n.sts.URL,
-		"objects": "- {objectName: session, objectType: sts}\n- {objectName: db, objectType: secretsmanager}"}
+	return with(map[string]string{"region": "us-east-1", "roleArn": "arn:aws:iam::111122223333:role/app", "stsEndpoint": n.sts.URL,
+		"objects": "- {objectName: session, objectType: sts}\n- {objectName: db, objectType: secretsmanager}"}, extra)
+}
+
+// with is p with the parameters of extra set, those of an empty value
+// removed.
+func with(p, extra map[string]string) map[string]string {
 	for k, v := range extra {
 		if v == "" {
 			delete(p, k)
@@ -64,6 +77,30 @@ func awsParams(n *node, extra map[string]string) map[string]string {
 		p[k] = v
 	}
 	return p
+}
+
+const (
+	gcpAudience = "//iam.googleapis.com/projects/123456789012/locations/global/workloadIdentityPools/esc/providers/kube"
+	gcpSA       = "app-reader@proj-a.iam.gserviceaccount.com"
+)
+
+// gcpParams is a class the admin's gcp section allows; an empty value
+// in extra removes the parameter.
+func gcpParams(extra map[string]string) map[string]string {
+	return with(map[string]string{"secrets": "- {resourceName: projects/proj-a/secrets/db/versions/latest, path: db}"}, extra)
+}
+
+// withGCPToken gives the pod a service-account token the Google
+// stand-in accepts (signed by the issuer it trusts).
+func withGCPToken(n *node) func(*kubelet.Pod, *kubelet.Volume) {
+	return func(p *kubelet.Pod, _ *kubelet.Volume) {
+		tok, err := n.oidc.Token(p.Namespace, p.ServiceAccount, "https:"+gcpAudience)
+		if err != nil {
+			panic(err)
+		}
+		harness.RememberSecret(tok)
+		p.Tokens["https:"+gcpAudience] = tok
+	}
 }
 
 func pgParams(extra map[string]string) map[string]string {
@@ -171,6 +208,24 @@ func cases(n *node) []hostile {
 		{name: "aws rotation poll too fast", provider: "aws", params: awsParams(n, map[string]string{"rotationPollInterval": "1ms"}), code: codes.InvalidArgument},
 		{name: "aws access key as a parameter", provider: "aws", params: awsParams(n, map[string]string{"accessKey": "AKIA"}), code: codes.InvalidArgument},
 		{name: "aws secrets without roleArn", provider: "aws", params: awsParams(n, map[string]string{"roleArn": "", "objects": "- {objectName: db, objectType: secretsmanager}"}), code: codes.InvalidArgument},
+		{name: "gcp sts endpoint off the list", provider: "gcp", params: gcpParams(map[string]string{"stsEndpoint": n.offList.URL("https")}), code: codes.InvalidArgument},
+		{name: "gcp iam credentials endpoint off the list", provider: "gcp", params: gcpParams(map[string]string{"iamCredentialsEndpoint": n.offList.URL("https")}), code: codes.InvalidArgument},
+		{name: "gcp secret manager endpoint off the list", provider: "gcp", params: gcpParams(map[string]string{"secretManagerEndpoint": n.offList.URL("https")}), code: codes.InvalidArgument},
+		{name: "gcp audience of another provider", provider: "gcp", params: gcpParams(map[string]string{"audience": "//iam.googleapis.com/projects/1/locations/global/workloadIdentityPools/other/providers/x"}), code: codes.InvalidArgument},
+		{name: "gcp service account not mapped", provider: "gcp", params: gcpParams(map[string]string{"serviceAccount": "owner@proj-a.iam.gserviceaccount.com"}), code: codes.InvalidArgument},
+		{name: "gcp service account mapped to another pod identity", provider: "gcp", params: gcpParams(map[string]string{"serviceAccount": gcpSA}),
+			pod: func(p *kubelet.Pod, _ *kubelet.Volume) { p.ServiceAccount = "intruder" }, code: codes.InvalidArgument},
+		{name: "gcp project not allowed", provider: "gcp", params: gcpParams(map[string]string{"secrets": "- {resourceName: projects/proj-b/secrets/db/versions/1, path: db}"}), code: codes.InvalidArgument},
+		{name: "gcp node's identity (provider-adc)", provider: "gcp", params: gcpParams(map[string]string{"auth": "provider-adc"}), code: codes.InvalidArgument},
+		{name: "gcp path escapes", provider: "gcp", params: gcpParams(map[string]string{"secrets": "- {resourceName: projects/proj-a/secrets/db/versions/1, path: ../../etc/x}"}), code: codes.InvalidArgument},
+		{name: "gcp fileName escapes", provider: "gcp", params: gcpParams(map[string]string{"secrets": "- {resourceName: projects/proj-a/secrets/db/versions/1, fileName: ../x}"}), code: codes.InvalidArgument},
+		{name: "gcp fileName ..data", provider: "gcp", params: gcpParams(map[string]string{"secrets": "- {resourceName: projects/proj-a/secrets/db/versions/1, fileName: ..data}"}), code: codes.InvalidArgument},
+		{name: "gcp accessTokenFile escapes", provider: "gcp", params: gcpParams(map[string]string{"accessTokenFile": "../../etc/token"}), code: codes.InvalidArgument},
+		{name: "gcp accessTokenJSONFile absolute", provider: "gcp", params: gcpParams(map[string]string{"accessTokenJSONFile": "/etc/token.json"}), code: codes.InvalidArgument},
+		{name: "gcp resource name with dot-dot", provider: "gcp", params: gcpParams(map[string]string{"secrets": "- {resourceName: projects/proj-a/secrets/../versions/1, path: db}"}), code: codes.InvalidArgument},
+		{name: "gcp credentials as a parameter", provider: "gcp", params: gcpParams(map[string]string{"credentials": "{}"}), code: codes.InvalidArgument},
+		{name: "gcp value over 64 KiB", provider: "gcp", params: gcpParams(map[string]string{"secrets": "- {resourceName: projects/proj-a/secrets/big/versions/latest, path: big}"}),
+			pod: withGCPToken(n), code: codes.InvalidArgument, reaches: "gcp"},
 		{name: "postgres unknown connection", provider: "postgres", params: pgParams(map[string]string{"connection": "admin"}), code: codes.InvalidArgument},
 		{name: "postgres unknown role", provider: "postgres", params: pgParams(map[string]string{"role": "superuser"}), code: codes.InvalidArgument},
 		{name: "postgres ttl beyond maxTTL", provider: "postgres", params: pgParams(map[string]string{"ttl": "1000h"}), code: codes.InvalidArgument},
@@ -194,6 +249,23 @@ func TestHostileClassesAndPods(t *testing.T) {
 	env := newEnv(t)
 	n := &node{canaries: plantCanaries(t, env.Base, env.KubeletDir), offList: standin.NewTCP(t),
 		vault: standin.New(t, true), rogue: standin.New(t, true), sts: standin.New(t, false)}
+	var err error
+	if n.oidc, err = awstest.StartOIDC(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(n.oidc.Close)
+	n.google = gcptest.Start(t, gcptest.Options{Issuer: n.oidc.Issuer(), OIDCClient: http.DefaultClient, Audience: gcpAudience})
+	n.google.AllowImpersonation(gcpSA, n.google.Principal("team-a", "app"))
+	// A value one byte over Secret Manager's limit, which the real one
+	// would never hold: the driver refuses it, whoever serves it.
+	big := "projects/proj-a/secrets/big"
+	n.google.GrantAccess(big, gcptest.ServiceAccountPrincipal(gcpSA))
+	n.google.AddVersion(big, []byte(strings.Repeat("B", gcp.MaxValueBytes+1)))
+	t.Cleanup(func() {
+		for _, tok := range n.google.Issued() {
+			harness.RememberSecret(tok)
+		}
+	})
 
 	// The watch can see an open: a check that cannot fail is no check.
 	if f, err := os.Open(n.canaries.KubeletCert); err == nil {
@@ -212,7 +284,17 @@ func TestHostileClassesAndPods(t *testing.T) {
 aws:
   region: us-east-1
   endpoints: [%[4]q]
-`, n.vault.URL, n.rogue.URL, n.vault.CAFile, n.sts.URL)
+gcp:
+  audience: %[5]q
+  stsEndpoint: %[6]q
+  iamCredentialsEndpoint: %[6]q
+  secretManagerEndpoint: %[6]q
+  projects: [proj-a]
+  serviceAccounts:
+    team-a/app: [%[7]q]
+  tls:
+    %[6]q: {caCert: %[8]q}
+`, n.vault.URL, n.rogue.URL, n.vault.CAFile, n.sts.URL, gcpAudience, n.google.URL, gcpSA, n.google.CAFile)
 	all := cases(n)
 	var docs []string
 	for i, c := range all {
@@ -233,6 +315,7 @@ aws:
 			_, vaultReqs, _ := n.vault.Seen()
 			_, rogueReqs, _ := n.rogue.Seen()
 			_, stsReqs, _ := n.sts.Seen()
+			googleCalls := n.google.Calls("")
 			off := n.offList.Seen()
 
 			req, err := n.f.kube.PublishRequest(p, v)
@@ -269,6 +352,9 @@ aws:
 			_, r, _ = n.sts.Seen()
 			if (r != stsReqs) != (c.reaches == "sts") {
 				t.Errorf("STS saw %d requests (reaches %q)", r-stsReqs, c.reaches)
+			}
+			if d := n.google.Calls("") - googleCalls; (d != 0) != (c.reaches == "gcp") {
+				t.Errorf("the Google stand-in had %d calls (reaches %q)", d, c.reaches)
 			}
 			assertNothingLeft(t, n.f, p)
 		})

@@ -13,8 +13,8 @@
 // It imports pkg/cli (the node plugin's command line, which it extends
 // with Options), pkg/issuer, pkg/issuer/postgres and pkg/issuer/remote
 // (the issuer and its transport), pkg/inventory (the issuer's recorder,
-// the controller, the housekeeper), pkg/provider/aws, pkg/provider/vault
-// and pkg/provider/postgres (the sections it serves), pkg/driver (the
+// the controller, the housekeeper), pkg/provider/aws, pkg/provider/vault,
+// pkg/provider/gcp and pkg/provider/postgres (the sections it serves), pkg/driver (the
 // driver's name), pkg/credential (the record the inventory's controller
 // revokes), pkg/audit and pkg/metrics.
 package allinone
@@ -32,6 +32,7 @@ import (
 	"github.com/ephemeral-secrets/csi-driver/pkg/issuer"
 	pgengine "github.com/ephemeral-secrets/csi-driver/pkg/issuer/postgres"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider/aws"
+	"github.com/ephemeral-secrets/csi-driver/pkg/provider/gcp"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider/postgres"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider/vault"
 )
@@ -55,6 +56,10 @@ type backendConfig struct {
 	// AWS configures the aws provider (STS sessions, Secrets Manager and
 	// SSM values). Read by the node plugins.
 	AWS *aws.Config `json:"aws,omitempty"`
+	// GCP configures the gcp provider (a Google access token per pod
+	// through Workload Identity Federation, Secret Manager values). Read
+	// by the node plugins.
+	GCP *gcp.Config `json:"gcp,omitempty"`
 }
 
 // Main runs the command with args (without the program name) and returns
@@ -159,6 +164,9 @@ func checkIssuerFile(path string) (string, error) {
 			}
 			if all.AWS != nil {
 				unread = append(unread, "aws")
+			}
+			if all.GCP != nil {
+				unread = append(unread, "gcp")
 			}
 			if len(unread) > 0 {
 				summary += "; not read by the issuer: " + strings.Join(unread, ", ") + " (the node plugins' Secret)"

@@ -66,6 +66,7 @@ func TestCheckConfig(t *testing.T) {
 	ca := testCA(t, dir)
 	vault := "vault:\n  addresses: [https://vault.example:8200]\n  tls:\n    https://vault.example:8200:\n      caCert: " + ca + "\n"
 	aws := "aws:\n  region: eu-west-1\n  endpoints: [https://sts.example]\n"
+	gcp := "gcp:\n  audience: //iam.googleapis.com/projects/1/locations/global/workloadIdentityPools/p/providers/k\n  projects: [proj-a]\n"
 	pgWith := func(old, new string) string {
 		if !strings.Contains(checkPG, old) {
 			t.Fatalf("no %q in the postgres section", old)
@@ -79,15 +80,15 @@ func TestCheckConfig(t *testing.T) {
 		want []string
 	}{
 		{"issuer: postgres", checkPG, "issuer", 0, []string{"loads in the issuer", "postgres connections shop (roles reader)"}},
-		{"issuer: other sections not read", checkPG + vault + aws, "issuer", 0, []string{"not read by the issuer: vault, aws"}},
+		{"issuer: other sections not read", checkPG + vault + aws + gcp, "issuer", 0, []string{"not read by the issuer: vault, aws, gcp"}},
 		{"issuer: no postgres section", vault, "issuer", 1, []string{"no postgres section"}},
-		{"node: vault and aws", vault + aws, "node", 0, []string{"providers aws, vault"}},
+		{"node: vault, aws and gcp", vault + aws + gcp, "node", 0, []string{"providers aws, gcp, vault"}},
 		{"node: postgres refused beside the issuer", checkPG + aws, "node", 1, []string{"the admin credential belongs to the issuer"}},
 		{"all: postgres in process", checkPG + vault, "all", 0, []string{"providers postgres, vault"}},
 		{"node: an empty file configures nothing", "", "node", 0, []string{"no provider configured"}},
 		{"unknown key", pgWith("maxTTL: 24h", "maxTL: 24h"), "issuer", 1,
 			[]string{"not valid", "line 8: postgres.connections[shop].roles[reader].maxTL: unknown key; known here:", "maxTTL"}},
-		{"unknown section", checkPG + "postgress: {}\n", "all", 1, []string{"line 12: postgress: unknown key; known here: aws, postgres, vault"}},
+		{"unknown section", checkPG + "postgress: {}\n", "all", 1, []string{"line 12: postgress: unknown key; known here: aws, gcp, postgres, vault"}},
 		{"key given twice", pgWith("maxTTL: 24h", "maxTTL: 24h\n          maxTTL: 2h"), "all", 1,
 			[]string{"line 9: postgres.connections[shop].roles[reader].maxTTL: given twice"}},
 		{"wrong kind", pgWith("      roles:", "      maxConns: four\n      roles:"), "issuer", 1,
@@ -145,6 +146,7 @@ func TestCheckConfigAgreesWithTheLoaders(t *testing.T) {
 		"unknown key":      strings.Replace(checkPG, "maxTTL:", "maxTL:", 1),
 		"no postgres":      "aws:\n  region: eu-west-1\n",
 		"vault bad":        "vault:\n  addresses: []\n",
+		"gcp bad":          "gcp:\n  tokenLifetimeSeconds: 5\n",
 		"not yaml":         "postgres: [",
 		"no roles":         "postgres:\n  connections:\n    shop:\n      url: postgres://a:" + checkSecret + "@127.0.0.1:1/x\n",
 		"role not allowed": strings.Replace(checkPG, "allowed: [{namespace: team-a, serviceAccount: app}]", "allowed: []", 1),
@@ -176,6 +178,7 @@ func TestCheckConfigExamples(t *testing.T) {
 		{"issuer", "../../../examples/postgres/admin/backends.yaml"},
 		{"all", "../../../examples/postgres/admin/backends.yaml"},
 		{"node", "../../../examples/aws/admin/backends.yaml"},
+		{"node", "../../../examples/gcp/admin/backends.yaml"},
 	} {
 		var stderr bytes.Buffer
 		if code := cli.CheckConfig(Options(), []string{"--side", tc.side, tc.file}, io.Discard, &stderr); code != 0 {

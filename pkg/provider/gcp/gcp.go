@@ -66,12 +66,16 @@ type Config struct {
 	// followed by Audience, the audience Google's providers allow unless
 	// told otherwise.
 	TokenAudience string `json:"tokenAudience,omitempty"`
-	// STSEndpoint, IAMCredentialsEndpoint and SecretManagerEndpoint
-	// default to Google's public ones; a private endpoint (VPC Service
-	// Controls) goes here.
-	STSEndpoint            string `json:"stsEndpoint,omitempty"`
+	// STSEndpoint is the Security Token Service's base URL; default
+	// Google's public one; a private endpoint (VPC Service Controls) goes
+	// here.
+	STSEndpoint string `json:"stsEndpoint,omitempty"`
+	// IAMCredentialsEndpoint is IAM Credentials' base URL (impersonation);
+	// default Google's public one.
 	IAMCredentialsEndpoint string `json:"iamCredentialsEndpoint,omitempty"`
-	SecretManagerEndpoint  string `json:"secretManagerEndpoint,omitempty"`
+	// SecretManagerEndpoint is Secret Manager's base URL; default Google's
+	// public one (and its regional twins for regional secrets).
+	SecretManagerEndpoint string `json:"secretManagerEndpoint,omitempty"`
 	// Endpoints are more endpoints classes may name in stsEndpoint,
 	// iamCredentialsEndpoint and secretManagerEndpoint. Pods' tokens go to
 	// no other place.

@@ -419,7 +419,7 @@ func (g *gen) render(top string) []byte {
 		"Check a file before you install it: `ephemeral-secrets-csi check-config --side node|issuer|all FILE` "+
 		"([configuration](configuration.md#checking-a-backend-file)). Examples: "+
 		"[postgres](../examples/postgres/admin/backends.yaml), [vault](../examples/vault/admin/backends.yaml), "+
-		"[aws](../examples/aws/admin/backends.yaml).\n")
+		"[aws](../examples/aws/admin/backends.yaml), [gcp](../examples/gcp/admin/backends.yaml).\n")
 	for _, s := range g.sections {
 		if s.Title == top {
 			fmt.Fprintf(w, "\n## The file's sections\n\n")

@@ -75,6 +75,9 @@ Call with (dict "image" .Values.x.image "root" .).
 {{- $p := index $.Values.providers $name -}}
 {{- if $p.enabled }}{{ $a = append $a $p.audience }}{{ end -}}
 {{- end -}}
+{{- with .Values.providers.gcp -}}
+{{- if .enabled }}{{ $a = append $a (required "providers.gcp.tokenAudience is required with providers.gcp.enabled: the audience the backend file's gcp.tokenAudience names (default https: followed by gcp.audience, the workload identity provider)" .tokenAudience) }}{{ end -}}
+{{- end -}}
 {{- range .Values.extraTokenAudiences }}{{ $a = append $a . }}{{ end -}}
 {{- $a | uniq | toJson -}}
 {{- end -}}
