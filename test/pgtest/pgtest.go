@@ -267,3 +267,17 @@ func (s *Server) CountRoles(ctx context.Context, prefix string) (int, error) {
 	err = conn.QueryRow(ctx, `SELECT count(*) FROM pg_roles WHERE starts_with(rolname, $1)`, prefix).Scan(&n)
 	return n, err
 }
+
+// Main is the TestMain of a package whose tests share one server: it
+// starts it into *s, runs the tests (m is the package's *testing.M),
+// stops it and exits with their code.
+func Main(m interface{ Run() int }, s **Server) {
+	var err error
+	if *s, err = Start(); err != nil {
+		fmt.Println(err)
+		os.Exit(1)
+	}
+	code := m.Run()
+	(*s).Close()
+	os.Exit(code)
+}
