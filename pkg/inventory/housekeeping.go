@@ -11,9 +11,11 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/client-go/kubernetes"
 	corev1client "k8s.io/client-go/kubernetes/typed/core/v1"
 	"k8s.io/client-go/tools/cache"
+	"k8s.io/client-go/tools/pager"
 	"k8s.io/client-go/util/retry"
 	"k8s.io/klog/v2"
 
@@ -163,20 +165,17 @@ func handOverOne(ctx context.Context, c *Client, namespace, name, why string) er
 
 // list pages through the records of every namespace that match selector.
 func list(ctx context.Context, c *Client, selector string, each func(*v1alpha1.Credential)) error {
-	opts := metav1.ListOptions{LabelSelector: selector, Limit: 500}
-	for {
-		l, err := c.List(ctx, metav1.NamespaceAll, opts)
-		if err != nil {
-			return fmt.Errorf("inventory: listing credentials: %w", err)
-		}
-		for i := range l.Items {
-			each(&l.Items[i])
-		}
-		if l.Continue == "" {
-			return nil
-		}
-		opts.Continue = l.Continue
+	p := pager.New(func(ctx context.Context, opts metav1.ListOptions) (runtime.Object, error) {
+		return c.List(ctx, metav1.NamespaceAll, opts)
+	})
+	err := p.EachListItem(ctx, metav1.ListOptions{LabelSelector: selector}, func(o runtime.Object) error {
+		each(o.(*v1alpha1.Credential))
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("inventory: listing credentials: %w", err)
 	}
+	return nil
 }
 
 // Held counts the records that a finalizer of the driver still holds.

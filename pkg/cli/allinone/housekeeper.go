@@ -15,8 +15,10 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/clientcmd"
+	"k8s.io/client-go/tools/pager"
 	"k8s.io/klog/v2"
 
 	"github.com/ephemeral-secrets/csi-driver/pkg/driver"
@@ -213,18 +215,15 @@ func podsUsingDriver(ctx context.Context, cs kubernetes.Interface) ([]string, er
 
 // listPods pages through every pod of the cluster.
 func listPods(ctx context.Context, cs kubernetes.Interface, each func(*corev1.Pod)) error {
-	opts := metav1.ListOptions{Limit: 500}
-	for {
-		l, err := cs.CoreV1().Pods("").List(ctx, opts)
-		if err != nil {
-			return fmt.Errorf("listing pods: %w", err)
-		}
-		for i := range l.Items {
-			each(&l.Items[i])
-		}
-		if l.Continue == "" {
-			return nil
-		}
-		opts.Continue = l.Continue
+	p := pager.New(func(ctx context.Context, opts metav1.ListOptions) (runtime.Object, error) {
+		return cs.CoreV1().Pods("").List(ctx, opts)
+	})
+	err := p.EachListItem(ctx, metav1.ListOptions{}, func(o runtime.Object) error {
+		each(o.(*corev1.Pod))
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("listing pods: %w", err)
 	}
+	return nil
 }
