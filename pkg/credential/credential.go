@@ -49,3 +49,40 @@ type Record struct {
 // deletion, racing an issue or a renewal): the credential is being
 // revoked and must not be extended or recorded again.
 var ErrRecordGone = errors.New("the credential's record was deleted")
+
+// Usage is what the issuer saw of a credential's use: the sessions its
+// role opened in the backend (pkg/issuer/use samples them). Nothing in it
+// is secret: addresses, times and counts.
+type Usage struct {
+	// FirstUsedAt is when a session of the credential was first seen;
+	// zero: never used (so far).
+	FirstUsedAt time.Time `json:"firstUsedAt,omitzero"`
+	// LastUsedAt is when a session of it was last seen.
+	LastUsedAt time.Time `json:"lastUsedAt,omitzero"`
+	// Sources are the distinct client addresses its sessions came from,
+	// in the order first seen, at most MaxSources (Dropped counts the
+	// ones left out).
+	Sources []Source `json:"sources,omitempty"`
+	Dropped int      `json:"droppedSources,omitempty"`
+	// Sessions is the most sessions of it seen open at once.
+	Sessions int `json:"sessions,omitempty"`
+	// Sampled is false when the issuer could not see sessions (its admin
+	// lacks the privilege, or sampling failed): "never used" then means
+	// "not known".
+	Sampled bool `json:"sampled"`
+}
+
+// Source is one client address a credential was used from.
+type Source struct {
+	// Address is the client's IP address (no port).
+	Address string `json:"address"`
+	// FirstSeen is when a session from it was first seen.
+	FirstSeen time.Time `json:"firstSeen"`
+	// Foreign is true when the address is none the admin expects for the
+	// credential (its pod's IPs, its node's addresses, the connection's
+	// listed networks).
+	Foreign bool `json:"foreign,omitempty"`
+}
+
+// MaxSources bounds Usage.Sources.
+const MaxSources = 8
