@@ -92,6 +92,7 @@ func (s *Server) handler(volumeID string, sk *socket) http.Handler {
 	route(epTask, s.issueTask)
 	route(epEnd, s.endTask)
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		served(r.Context())
 		c := &call{volumeID: volumeID, endpoint: epOther}
 		if clean(r.URL.Path) {
 			// The endpoints are named by their patterns.
@@ -117,6 +118,20 @@ func (s *Server) handler(volumeID string, sk *socket) http.Handler {
 		}
 		s.answer(w, c)
 	})
+}
+
+// rejected accounts for a request the HTTP server refused before the
+// handler (its answer, 400 or 431, was the server's): counted and limited
+// like any call, audited like a refusal (summarised in a flood).
+func (s *Server) rejected(volumeID string, sk *socket) {
+	c := &call{volumeID: volumeID, endpoint: epOther,
+		err: refuse(http.StatusBadRequest, "refused by the HTTP server before any handler: a malformed or unfinished request, or headers over 8 KiB")}
+	if info, err := s.Leases.Info(volumeID); err == nil {
+		c.pod, c.leaseID = info.Pod, info.LeaseID
+	}
+	sk.limiter.AllowN(s.clock.Now(), 1)
+	s.refused(sk, c)
+	s.account(c, http.StatusBadRequest, audit.Refused, c.err)
 }
 
 // discard is the ResponseWriter the mux gets: the routes answer through
@@ -146,6 +161,12 @@ func (s *Server) answer(w http.ResponseWriter, c *call) {
 	w.Header().Set("Cache-Control", "no-store")
 	w.WriteHeader(code)
 	_ = json.NewEncoder(w).Encode(body)
+	s.account(c, code, outcome, err)
+}
+
+// account counts c, answered with code, and audits it unless it is held
+// back (c.quiet).
+func (s *Server) account(c *call, code int, outcome string, err error) {
 	s.opts.Metric.LeaseAPI(c.pod.Namespace, c.endpoint, code)
 	if c.quiet {
 		return
@@ -163,7 +184,7 @@ func (s *Server) answer(w http.ResponseWriter, c *call) {
 
 // heldDetail says how many refusals a record stands for beside its own call.
 func heldDetail(n int) string {
-	return fmt.Sprintf("%d more refused by the rate limit since the last record", n)
+	return fmt.Sprintf("%d more refused since the last record (by the rate limit, or malformed)", n)
 }
 
 // statusOf maps the manager's errors to HTTP statuses.

@@ -21,6 +21,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/net/netutil"
@@ -96,6 +97,65 @@ type socket struct {
 	heldOf  call
 	flusher bool // a flush of held is scheduled
 	closed  bool // the socket closed: nothing more is held
+
+	conns conns
+}
+
+// conns follows the socket's connections, to find the requests the HTTP
+// server answered without calling the handler. The server marks a
+// connection active once it read a byte of a request, idle once a request
+// was served in full, and closes it after refusing a request itself; the
+// handler marks the connection served. A connection closed while active
+// and unserved ended with a request no handler saw.
+type conns struct {
+	mu sync.Mutex
+	m  map[net.Conn]*conn
+}
+
+type conn struct{ active, served atomic.Bool }
+
+// connKey carries a connection's *conn to the handler.
+type connKey struct{}
+
+// track is the server's ConnContext: it starts following c.
+func (cs *conns) track(ctx context.Context, c net.Conn) context.Context {
+	st := &conn{}
+	cs.mu.Lock()
+	if cs.m == nil {
+		cs.m = map[net.Conn]*conn{}
+	}
+	cs.m[c] = st
+	cs.mu.Unlock()
+	return context.WithValue(ctx, connKey{}, st)
+}
+
+// served marks the connection of the request ctx belongs to as served.
+func served(ctx context.Context) {
+	if st, ok := ctx.Value(connKey{}).(*conn); ok {
+		st.served.Store(true)
+	}
+}
+
+// unserved is the server's ConnState: it tells whether c, reaching st,
+// ended with a request that no handler saw.
+func (cs *conns) unserved(c net.Conn, st http.ConnState) bool {
+	cs.mu.Lock()
+	defer cs.mu.Unlock()
+	s := cs.m[c]
+	if s == nil {
+		return false
+	}
+	switch st {
+	case http.StateActive:
+		s.active.Store(true)
+	case http.StateIdle:
+		s.active.Store(false)
+		s.served.Store(false)
+	case http.StateClosed, http.StateHijacked:
+		delete(cs.m, c)
+		return s.active.Load() && !s.served.Load()
+	}
+	return false
 }
 
 // HeldFlush is how long a refusal held back from the audit trail waits at
@@ -148,6 +208,16 @@ func (s *Server) Open(volumeID string, gid int) error {
 		IdleTimeout:       30 * time.Second,
 		MaxHeaderBytes:    8 << 10,
 		ErrorLog:          nil,
+		// A request the HTTP server refuses itself (a malformed request
+		// line or header, headers over MaxHeaderBytes, one left
+		// unfinished past the timeouts) never reaches the handler: the
+		// connection's states tell it, and it is accounted as a call.
+		ConnContext: sk.conns.track,
+		ConnState: func(c net.Conn, st http.ConnState) {
+			if sk.conns.unserved(c, st) {
+				s.rejected(volumeID, sk)
+			}
+		},
 	}
 	s.socks[volumeID] = sk
 	go func() {

@@ -83,9 +83,9 @@ func (t *trail) records(tb testing.TB) []audit.Record {
 }
 
 // heldCount matches the count of refusals a record stands for beside its
-// own call ("(and 3 more refused by the rate limit ...)"), or instead of
-// one: a summary of held refusals ("3 more refused by the rate limit ...").
-var heldCount = regexp.MustCompile(`^(.*?)(\d+) more refused by the rate limit`)
+// own call ("(and 3 more refused since the last record ...)"), or instead
+// of one: a summary of held refusals ("3 more refused since ...").
+var heldCount = regexp.MustCompile(`^(.*?)(\d+) more refused since the last record`)
 
 // calls is how many socket calls the API records account for.
 func calls(tb testing.TB, recs []audit.Record) int {
@@ -285,5 +285,67 @@ func TestHeldRefusalsWrittenWithinHeldFlush(t *testing.T) {
 	clk.Step(HeldFlush)
 	if n := calls(t, f.trail.records(t)); n != flood+3 {
 		t.Errorf("the audit trail accounts for %d of %d calls after a second flood", n, flood+3)
+	}
+}
+
+// Requests the HTTP server answers itself, before any handler (a malformed
+// request line, headers over the limit, a request left unfinished), are
+// counted, limited and audited like every other call; a connection closed
+// before its first byte is no call, and a served keep-alive connection is
+// not counted twice.
+func TestRequestsRefusedBeforeTheHandlerAreAccounted(t *testing.T) {
+	f := newSocketFixture(t, Options{Rate: 0.001, Burst: 10})
+	send := func(raw string, read bool) {
+		t.Helper()
+		c, err := net.Dial("unix", f.path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		if _, err := io.WriteString(c, raw); err != nil {
+			t.Fatal(err)
+		}
+		if read {
+			_, _ = io.ReadAll(c) // the server's own 400/431, then its close
+		}
+	}
+	send("GARBAGE\r\n\r\n", true)
+	send("GET /v1/lease HTTP/1.1\r\nHost: volume\r\nX-Big: "+strings.Repeat("a", 16<<10)+"\r\n\r\n", true)
+	send("GET /v1/lease HTTP/1.1\r\nHo", false) // unfinished, then closed
+	send("", false)                                // no byte: no call
+	// Two calls on one connection, both served: two calls, not three.
+	send("GET /v1/lease HTTP/1.1\r\nHost: volume\r\n\r\nGET /v1/lease HTTP/1.1\r\nHost: volume\r\nConnection: close\r\n\r\n", true)
+	const want = 5
+	var n int
+	for range 100 { // the server accounts for a connection as it closes it
+		if _, n = f.counted(t); n >= want {
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	by, n := f.counted(t)
+	if n != want || by[`{code="400",endpoint="other",namespace="team-a"}`] != 3 {
+		t.Errorf("lease_api_requests_total: %d calls %v, want %d of which 3 refused before the handler", n, by, want)
+	}
+	// They spent the volume's rate limit like any call: 10 - 5 left.
+	for i := range 6 {
+		code := f.do(t, "GET", "/v1/lease")
+		if i < 5 && code != http.StatusOK || i == 5 && code != http.StatusTooManyRequests {
+			t.Fatalf("call %d after the rejected ones: %d", i, code)
+		}
+	}
+	f.srv.Close(f.id)
+	recs := f.trail.records(t)
+	if got := calls(t, recs); got != want+6 {
+		t.Errorf("the audit trail accounts for %d of %d calls: %+v", got, want+6, recs)
+	}
+	refused := 0
+	for _, r := range recs {
+		if r.Outcome == audit.Refused && strings.Contains(r.Error, "before any handler") && r.Pod.Name == "agent" {
+			refused++
+		}
+	}
+	if refused == 0 {
+		t.Errorf("no refused record names the HTTP server's refusal and the pod: %+v", recs)
 	}
 }
