@@ -312,7 +312,7 @@ func TestRequestsRefusedBeforeTheHandlerAreAccounted(t *testing.T) {
 	send("GARBAGE\r\n\r\n", true)
 	send("GET /v1/lease HTTP/1.1\r\nHost: volume\r\nX-Big: "+strings.Repeat("a", 16<<10)+"\r\n\r\n", true)
 	send("GET /v1/lease HTTP/1.1\r\nHo", false) // unfinished, then closed
-	send("", false)                                // no byte: no call
+	send("", false)                             // no byte: no call
 	// Two calls on one connection, both served: two calls, not three.
 	send("GET /v1/lease HTTP/1.1\r\nHost: volume\r\n\r\nGET /v1/lease HTTP/1.1\r\nHost: volume\r\nConnection: close\r\n\r\n", true)
 	const want = 5
