@@ -75,6 +75,16 @@ type Request struct {
 	Pod    Pod
 	// Tokens are the pod's service-account tokens keyed by audience.
 	Tokens map[string]Token
+	// Prior is the lease this one replaces, set only when the manager
+	// re-issues a volume's credential in place of a live one: a renewal
+	// the provider answered ErrNotRenewable, a lapsed lease, a rotation
+	// the pod asked for. It is nil at a publish (kubelet's republish asks
+	// no provider anything) and for a task lease. A provider may carry
+	// over from it what cannot have changed, such as the value of a pinned
+	// secret version, instead of reading it again; it must never trust it
+	// for anything the class or the admin's configuration decides, and
+	// must not modify it. Its values are secret.
+	Prior *Lease
 }
 
 // Lease is one credential a backend issued.
