@@ -10,6 +10,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
 	"sort"
 	"sync"
 	"time"
@@ -104,6 +105,11 @@ type Lease struct {
 	Values map[string]string `json:"values,omitempty"`
 	// Info holds non-secret details templates may use (host, port, database).
 	Info map[string]string `json:"info,omitempty"`
+	// Modes are the file modes the class asks the provider for, by value
+	// name (a GCP class's per-secret mode): render gives them to the files
+	// of those values that the class's own file layout sets no mode for.
+	// Read bits only (within 0444): the volume is read-only and noexec.
+	Modes map[string]os.FileMode `json:"modes,omitempty"`
 	// Role is a non-secret description of what the lease grants (a role
 	// name), for audit.
 	Role      string    `json:"role,omitempty"`
