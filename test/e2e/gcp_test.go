@@ -87,9 +87,11 @@ spec:
     secrets: |
       - resourceName: projects/proj-a/secrets/api-key/versions/latest
         path: api-key
+        mode: 0644
       - resourceName: projects/proj-a/secrets/db/versions/1
         fileName: db-password
         extractJSONKey: password
+        mode: 0400
 ---
 apiVersion: secrets-store.csi.x-k8s.io/v1
 kind: SecretProviderClass
@@ -199,6 +201,16 @@ func TestGCPTokenAndSecretsReachThePodAndRepublishReadsNothing(t *testing.T) {
 	for name, want := range map[string]string{"api-key": "gcp-api-key-v1", "db-password": "gcp-db-password"} {
 		if got := readSecret(t, target, name); got != want {
 			t.Errorf("%s = %q, want %q", name, got, want)
+		}
+	}
+	// The class's modes, write bits dropped; the default for the rest.
+	for name, want := range map[string]os.FileMode{"api-key": 0o444, "db-password": 0o400, "access-token": 0o440} {
+		st, err := os.Stat(filepath.Join(target, name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if st.Mode().Perm() != want {
+			t.Errorf("%s: mode %v, want %v", name, st.Mode().Perm(), want)
 		}
 	}
 	tok := readSecret(t, target, "access-token")

@@ -224,6 +224,8 @@ func cases(n *node) []hostile {
 		{name: "gcp accessTokenFile escapes", provider: "gcp", params: gcpParams(map[string]string{"accessTokenFile": "../../etc/token"}), code: codes.InvalidArgument},
 		{name: "gcp accessTokenJSONFile absolute", provider: "gcp", params: gcpParams(map[string]string{"accessTokenJSONFile": "/etc/token.json"}), code: codes.InvalidArgument},
 		{name: "gcp resource name with dot-dot", provider: "gcp", params: gcpParams(map[string]string{"secrets": "- {resourceName: projects/proj-a/secrets/../versions/1, path: db}"}), code: codes.InvalidArgument},
+		{name: "gcp mode executable", provider: "gcp", params: gcpParams(map[string]string{"secrets": "- {resourceName: projects/proj-a/secrets/db/versions/1, path: db, mode: 0755}"}), code: codes.InvalidArgument},
+		{name: "gcp mode setuid", provider: "gcp", params: gcpParams(map[string]string{"secrets": "- {resourceName: projects/proj-a/secrets/db/versions/1, path: db, mode: 04444}"}), code: codes.InvalidArgument},
 		{name: "gcp credentials as a parameter", provider: "gcp", params: gcpParams(map[string]string{"credentials": "{}"}), code: codes.InvalidArgument},
 		{name: "gcp value over 64 KiB", provider: "gcp", params: gcpParams(map[string]string{"secrets": "- {resourceName: projects/proj-a/secrets/big/versions/latest, path: big}"}),
 			pod: withGCPToken(n), code: codes.InvalidArgument, reaches: "gcp"},

@@ -114,8 +114,8 @@ func TestIssueImpersonatedTokenAndSecrets(t *testing.T) {
 		"secrets": `
 - {resourceName: projects/proj-a/secrets/db/versions/latest, path: db.json}
 - {resourceName: projects/proj-a/secrets/db/versions/1, path: user, extractJSONKey: user}
-- {resourceName: projects/proj-a/secrets/api/versions/1, fileName: api}
-- {resourceName: projects/proj-a/locations/europe-west1/secrets/eu/versions/latest, path: eu}
+- {resourceName: projects/proj-a/secrets/api/versions/1, fileName: api, mode: 0400}
+- {resourceName: projects/proj-a/locations/europe-west1/secrets/eu/versions/latest, path: eu, mode: 0644}
 `,
 		"accessTokenJSONFile": "token.json",
 	})
@@ -128,6 +128,9 @@ func TestIssueImpersonatedTokenAndSecrets(t *testing.T) {
 		if l.Values[f] != v {
 			t.Errorf("file %s = %q, want %q", f, l.Values[f], v)
 		}
+	}
+	if len(l.Modes) != 2 || l.Modes["api"] != 0o400 || l.Modes["eu"] != 0o444 {
+		t.Errorf("modes %v, want api 0400 and eu 0444 (write bits dropped)", l.Modes)
 	}
 	tok := l.Values["access-token"]
 	var doc struct {
