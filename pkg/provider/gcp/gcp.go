@@ -27,7 +27,6 @@ import (
 	"fmt"
 	"net/http"
 	"net/url"
-	"os"
 	"regexp"
 	"slices"
 	"strconv"
@@ -297,14 +296,7 @@ func (p *Provider) Issue(ctx context.Context, req provider.Request) (provider.Le
 	// A pinned version's value never changes: a re-issue keeps the one
 	// the lease it replaces read, and reads aliases only.
 	versions, read := carryPinned(c.secrets, req.Prior, l.Values)
-	for _, s := range c.secrets {
-		if m, ok := s.fileMode(); ok {
-			if l.Modes == nil {
-				l.Modes = map[string]os.FileMode{}
-			}
-			l.Modes[s.file()] = m
-		}
-	}
+	l.Modes = c.modes()
 	if len(read) == 0 && !c.givesToken() {
 		l.Handle["versions"] = versions.String()
 		return l, nil // nothing to read and no token to give: no call

@@ -164,6 +164,21 @@ func (c classParams) hasAlias() bool {
 	return false
 }
 
+// modes are the modes the class asks for its secrets' files, by file
+// (provider.Lease.Modes); nil where it asks for none.
+func (c classParams) modes() map[string]os.FileMode {
+	var m map[string]os.FileMode
+	for _, s := range c.secrets {
+		if mode, ok := s.fileMode(); ok {
+			if m == nil {
+				m = map[string]os.FileMode{}
+			}
+			m[s.file()] = mode
+		}
+	}
+	return m
+}
+
 // givesToken reports whether the pod gets the access token in a file.
 func (c classParams) givesToken() bool { return c.tokenFile != "" || c.tokenJSONFile != "" }
 
