@@ -1,7 +1,8 @@
 #!/bin/sh
 # Renders deploy/kustomize from the Helm chart with its default values and
 # the PostgreSQL profile (providers.postgres.enabled: the issuer), without
-# the uninstall hook (a helm hook; kustomize has none):
+# the uninstall hook (a helm hook; kustomize has none), and the gcp
+# component (what providers.gcp.enabled changes, as patches on the base):
 # the chart is the one source of the manifests. `make manifests` runs it;
 # test/cluster checks that deploy/kustomize is what it renders.
 #
