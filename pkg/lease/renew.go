@@ -135,7 +135,8 @@ func (m *Manager) rotate(ctx context.Context, h *volume.Held, prov provider.Prov
 	}
 	v.SetMeta(h, meta)
 	asked := m.clock.Now()
-	nl, err := m.issue(ctx, prov, meta, newID, v.Tokens(), meta.VolumeID)
+	prior := v.Lease()
+	nl, err := m.issue(ctx, prov, meta, newID, v.Tokens(), meta.VolumeID, &prior)
 	if err != nil {
 		m.abandon(h, v, nl, false)
 		return fmt.Errorf("re-issuing: %w", err)

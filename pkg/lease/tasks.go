@@ -194,7 +194,7 @@ func (m *Manager) IssueTask(ctx context.Context, volumeID, task string, ttl time
 	if err := m.setTask(h, v, task, &Task{LeaseID: leaseID, State: StateIssuing}); err != nil {
 		return fail(fmt.Errorf("recording the task: %w", err))
 	}
-	l, err := m.issue(ctx, prov, meta, leaseID, v.Tokens(), "")
+	l, err := m.issue(ctx, prov, meta, leaseID, v.Tokens(), "", nil)
 	undo := func(l provider.Lease, cause error) (TaskInfo, error) {
 		if l.ID != "" {
 			m.enqueueOrLog(l, v.Meta(), "task issue failed")

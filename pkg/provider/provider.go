@@ -10,6 +10,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
 	"sort"
 	"sync"
 	"time"
@@ -75,6 +76,16 @@ type Request struct {
 	Pod    Pod
 	// Tokens are the pod's service-account tokens keyed by audience.
 	Tokens map[string]Token
+	// Prior is the lease this one replaces, set only when the manager
+	// re-issues a volume's credential in place of a live one: a renewal
+	// the provider answered ErrNotRenewable, a lapsed lease, a rotation
+	// the pod asked for. It is nil at a publish (kubelet's republish asks
+	// no provider anything) and for a task lease. A provider may carry
+	// over from it what cannot have changed, such as the value of a pinned
+	// secret version, instead of reading it again; it must never trust it
+	// for anything the class or the admin's configuration decides, and
+	// must not modify it. Its values are secret.
+	Prior *Lease
 }
 
 // Lease is one credential a backend issued.
@@ -94,6 +105,11 @@ type Lease struct {
 	Values map[string]string `json:"values,omitempty"`
 	// Info holds non-secret details templates may use (host, port, database).
 	Info map[string]string `json:"info,omitempty"`
+	// Modes are the file modes the class asks the provider for, by value
+	// name (a GCP class's per-secret mode): render gives them to the files
+	// of those values that the class's own file layout sets no mode for.
+	// Read bits only (within 0444): the volume is read-only and noexec.
+	Modes map[string]os.FileMode `json:"modes,omitempty"`
 	// Role is a non-secret description of what the lease grants (a role
 	// name), for audit.
 	Role      string    `json:"role,omitempty"`

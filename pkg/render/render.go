@@ -191,6 +191,20 @@ func parseMode(s string) (os.FileMode, error) {
 	return os.FileMode(v), nil
 }
 
+// valueMode is the mode of a file holding value name of l: the one the
+// provider was asked for (Lease.Modes), else def. A provider's mode
+// grants reading only: a write or execute bit is refused.
+func valueMode(l provider.Lease, name string, def os.FileMode) (os.FileMode, error) {
+	m, ok := l.Modes[name]
+	if !ok {
+		return def, nil
+	}
+	if m&^0o444 != 0 {
+		return 0, fmt.Errorf("%w: %s: mode %#o grants more than reading", ErrInvalidSpec, name, m)
+	}
+	return m, nil
+}
+
 // Render makes the files for lease l within the spec's Limits: past the
 // byte cap (all files together) storage.ErrTooLarge, past the steps or
 // time ErrInvalidSpec, both before anything larger than the cap is built.
@@ -217,13 +231,24 @@ func (s *Spec) Render(l provider.Lease) ([]storage.File, error) {
 			if err := r.wrote(len(l.Values[k])); err != nil {
 				return nil, sizeError(k, s.limits)
 			}
-			files = append(files, storage.File{Path: k, Mode: s.DefaultMode, Data: []byte(l.Values[k])})
+			mode, err := valueMode(l, k, s.DefaultMode)
+			if err != nil {
+				return nil, err
+			}
+			files = append(files, storage.File{Path: k, Mode: mode, Data: []byte(l.Values[k])})
 		}
 		return files, nil
 	}
 	files := make([]storage.File, 0, len(s.Files))
 	for _, f := range s.Files {
 		var out []byte
+		mode := f.mode
+		if f.Value != "" && f.Mode == "" {
+			var err error
+			if mode, err = valueMode(l, f.Value, f.mode); err != nil {
+				return nil, err
+			}
+		}
 		switch {
 		case f.Value != "":
 			v, ok := data[f.Value]
@@ -258,7 +283,7 @@ func (s *Spec) Render(l provider.Lease) ([]storage.File, error) {
 				return nil, sizeError(f.Path, s.limits)
 			}
 		}
-		files = append(files, storage.File{Path: f.Path, Mode: f.mode, Data: out})
+		files = append(files, storage.File{Path: f.Path, Mode: mode, Data: out})
 	}
 	return files, nil
 }

@@ -3,6 +3,7 @@ package render
 import (
 	"encoding/json"
 	"errors"
+	"os"
 	"strings"
 	"testing"
 	"time"
@@ -172,6 +173,46 @@ func BenchmarkRender(b *testing.B) {
 	for b.Loop() {
 		if _, err := s.Render(lease); err != nil {
 			b.Fatal(err)
+		}
+	}
+}
+
+// A provider's mode for a value (a GCP secret's mode) names the mode of
+// its file, in the default layout and for a files entry of that value
+// that sets none; the class's own mode wins; a write or execute bit from
+// a provider is refused.
+func TestProviderModes(t *testing.T) {
+	l := lease
+	l.Modes = map[string]os.FileMode{"password": 0o400}
+	for _, c := range []struct {
+		name   string
+		params map[string]string
+		want   map[string]os.FileMode
+	}{
+		{"default layout", nil, map[string]os.FileMode{"password": 0o400, "username": 0o440}},
+		{"default layout, fileMode", map[string]string{FileModeParam: "0444"}, map[string]os.FileMode{"password": 0o400, "username": 0o444}},
+		{"files", map[string]string{FilesParam: "- {path: p, value: password}\n- {path: q, value: password, mode: '0440'}\n- {path: t, template: '{{ .password }}'}"},
+			map[string]os.FileMode{"p": 0o400, "q": 0o440, "t": 0o440}},
+	} {
+		s, err := ParseSpec(c.params)
+		if err != nil {
+			t.Fatal(err)
+		}
+		out, err := s.Render(l)
+		if err != nil {
+			t.Fatalf("%s: %v", c.name, err)
+		}
+		for _, f := range out {
+			if f.Mode != c.want[f.Path] {
+				t.Errorf("%s: %s mode %#o, want %#o", c.name, f.Path, f.Mode, c.want[f.Path])
+			}
+		}
+	}
+	s, _ := ParseSpec(nil)
+	for _, m := range []os.FileMode{0o600, 0o500, 0o4400, 0o441} {
+		l.Modes = map[string]os.FileMode{"password": m}
+		if _, err := s.Render(l); !errors.Is(err, ErrInvalidSpec) {
+			t.Errorf("provider mode %#o: %v, want refused", m, err)
 		}
 	}
 }

@@ -123,6 +123,7 @@ func TestRenderedObjectsAreAccepted(t *testing.T) {
 			[]string{"CustomResourceDefinition", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "CSIDriver", "DaemonSet"}},
 		{"kustomize monitoring", render(t, "kustomize", "build", "deploy/kustomize/monitoring"),
 			[]string{"DaemonSet", "Service", "ServiceMonitor", "PrometheusRule", "ConfigMap"}},
+		{"kustomize base with the gcp component", gcpOverlay(t), []string{"DaemonSet", "CSIDriver"}},
 		{"helm defaults", render(t, "helm", helmArgs...), []string{"DaemonSet", "CSIDriver"}},
 		{"helm every value", render(t, "helm", append(helmArgs, "-f", "test/chart/testdata/every-value.yaml")...),
 			[]string{"DaemonSet", "CSIDriver", "ServiceMonitor", "PrometheusRule"}},

@@ -126,6 +126,29 @@ spec:
 apiVersion: secrets-store.csi.x-k8s.io/v1
 kind: SecretProviderClass
 metadata:
+  name: aws-pinned
+  namespace: team-a
+spec:
+  provider: aws
+  parameters:
+    region: us-east-1
+    roleArn: "%[2]s"
+    stsEndpoint: "%[1]s"
+    secretsManagerEndpoint: "%[3]s"
+    ssmEndpoint: "%[3]s"
+    rotationPollInterval: 1s
+    objects: |
+      - objectName: "prod/polled-beside-pinned"
+        objectType: secretsmanager
+        objectAlias: token
+      - objectName: "/agents/pinned-key"
+        objectType: ssmparameter
+        objectAlias: pinned-key
+        objectVersion: "1"
+---
+apiVersion: secrets-store.csi.x-k8s.io/v1
+kind: SecretProviderClass
+metadata:
   name: aws-denied
   namespace: team-a
 spec:
@@ -319,6 +342,37 @@ func TestAWSSecretsAreReReadAndSwappedOnlyWhenChanged(t *testing.T) {
 	harness.Eventually(t, 10*time.Second, "the new version reaches the pod", func() (bool, error) {
 		return readSecret(t, target, "token") == "rotating-secret-v2", nil
 	})
+	if err := f.kube.Unpublish(ctx, pod, "db"); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// A re-issue (each rotation poll) reads a pinned version (objectVersion)
+// no more: its value is carried over from the lease it replaces. Reading
+// it is then refused, and the poll still brings the other object's new
+// value; were the pinned one read again, every poll would fail.
+func TestAWSPinnedVersionsAreNotReReadAtEachPoll(t *testing.T) {
+	ctx := context.Background()
+	f := setupAWS(t)
+	awsSecrets.PutParameter("/agents/pinned-key", "pinned-key-v1")
+	awsSecrets.PutParameter("/agents/pinned-key", "pinned-key-v2")
+	awsSecrets.PutSecret("prod/polled-beside-pinned", "polled-v1")
+	pod := awsPod(t, "aws-pinned")
+	target, err := f.kube.Publish(ctx, pod, dbVolume("aws-pinned"))
+	if err != nil {
+		t.Fatalf("publish: %v", err)
+	}
+	if got := readSecret(t, target, "pinned-key"); got != "pinned-key-v1" {
+		t.Fatalf("pinned-key = %q, want version 1", got)
+	}
+	awsSecrets.Deny("/agents/pinned-key")
+	awsSecrets.PutSecret("prod/polled-beside-pinned", "polled-v2")
+	harness.Eventually(t, 10*time.Second, "the polled object's new version reaches the pod", func() (bool, error) {
+		return readSecret(t, target, "token") == "polled-v2", nil
+	})
+	if got := readSecret(t, target, "pinned-key"); got != "pinned-key-v1" {
+		t.Errorf("pinned-key = %q after polls, want version 1", got)
+	}
 	if err := f.kube.Unpublish(ctx, pod, "db"); err != nil {
 		t.Fatal(err)
 	}

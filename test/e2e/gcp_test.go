@@ -8,15 +8,16 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
-	"github.com/ephemeral-secrets/csi-driver/test/awstest"
 	"github.com/ephemeral-secrets/csi-driver/test/gcptest"
 	"github.com/ephemeral-secrets/csi-driver/test/harness"
+	"github.com/ephemeral-secrets/csi-driver/test/kube"
 	"github.com/ephemeral-secrets/csi-driver/test/kubelet"
 )
 
@@ -25,25 +26,47 @@ const (
 	gcpSA       = "app-reader@proj-a.iam.gserviceaccount.com"
 )
 
-// gcpEnv is one test's Google stand-in, the OIDC issuer whose tokens its
-// workload identity provider trusts, and a driver configured for it.
+// gcpEnv is one test's Google stand-in, the kube-apiserver whose
+// service-account tokens its workload identity provider trusts, and a
+// driver configured for it.
 type gcpEnv struct {
 	*fixture
 	google *gcptest.Server
-	oidc   *awstest.OIDC
+	api    *kube.Cluster
 }
 
-// setupGCP starts an OIDC issuer (the cluster's service-account issuer),
-// the Google stand-in trusting it, and a driver whose gcp section lets
-// team-a/app impersonate gcpSA for lifetime seconds; extra flags follow.
+var (
+	apiServerOnce sync.Once
+	apiServer     *kube.Cluster
+	apiServerErr  error
+)
+
+// startAPIServer starts etcd and kube-apiserver once for the suite: the
+// service-account issuer whose tokens pods hand the driver, and whose
+// discovery document and JWKS the Google stand-in validates them with.
+func startAPIServer(t *testing.T) *kube.Cluster {
+	t.Helper()
+	apiServerOnce.Do(func() {
+		if apiServer, apiServerErr = kube.Start(); apiServerErr != nil {
+			return
+		}
+		for _, l := range apiServer.LogFiles {
+			harness.RegisterLog(l)
+		}
+	})
+	if apiServerErr != nil {
+		t.Fatal(apiServerErr)
+	}
+	return apiServer
+}
+
+// setupGCP starts the Google stand-in trusting the suite's
+// kube-apiserver, and a driver whose gcp section lets team-a/app
+// impersonate gcpSA for lifetime seconds; extra flags follow.
 func setupGCP(t *testing.T, lifetime int, extra ...string) *gcpEnv {
 	t.Helper()
-	o, err := awstest.StartOIDC()
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(o.Close)
-	g := gcptest.Start(t, gcptest.Options{Issuer: o.Issuer(), OIDCClient: http.DefaultClient, Audience: gcpAudience})
+	c := startAPIServer(t)
+	g := gcptest.Start(t, gcptest.Options{Issuer: c.Issuer, OIDCClient: gcptest.OIDCClient(c.CAPEM, kube.AdminToken), Audience: gcpAudience})
 	// Every token the stand-in issued, renewals included, is looked for
 	// in the suite's logs.
 	t.Cleanup(func() {
@@ -64,9 +87,11 @@ spec:
     secrets: |
       - resourceName: projects/proj-a/secrets/api-key/versions/latest
         path: api-key
+        mode: 0644
       - resourceName: projects/proj-a/secrets/db/versions/1
         fileName: db-password
         extractJSONKey: password
+        mode: 0400
 ---
 apiVersion: secrets-store.csi.x-k8s.io/v1
 kind: SecretProviderClass
@@ -105,7 +130,7 @@ spec:
   tls:
     %[2]s: {caCert: %[5]s}
 `, gcpAudience, g.URL, gcpSA, lifetime, g.CAFile)
-	return &gcpEnv{fixture: startFixture(t, classes, backends, extra...), google: g, oidc: o}
+	return &gcpEnv{fixture: startFixture(t, classes, backends, extra...), google: g, api: c}
 }
 
 // put adds a version of a secret of proj-a that gcpSA may read.
@@ -116,16 +141,24 @@ func (e *gcpEnv) put(name, value string) {
 	e.google.AddVersion(full, []byte(value))
 }
 
-// pod is a pod of team-a/sa with its service-account token for the
-// workload identity provider.
+// pod is pod name of team-a/sa, made in the kube-apiserver, with the
+// service-account token kubelet would ask it for: bound to the pod, for
+// the workload identity provider.
 func (e *gcpEnv) pod(t *testing.T, name, sa string) kubelet.Pod {
 	t.Helper()
+	return e.podFor(t, name, sa, "https:"+gcpAudience)
+}
+
+// podFor is pod with a token for audience instead.
+func (e *gcpEnv) podFor(t *testing.T, name, sa, audience string) kubelet.Pod {
+	t.Helper()
 	p := kubelet.NewPod("team-a", name, sa)
-	tok, err := e.oidc.Token("team-a", sa, "https:"+gcpAudience)
+	tok, uid, err := gcptest.PodToken(context.Background(), e.api.Config(), "team-a", sa, name, audience)
 	if err != nil {
 		t.Fatal(err)
 	}
 	harness.RememberSecret(tok)
+	p.UID = uid
 	p.Tokens = map[string]string{"https:" + gcpAudience: tok}
 	return p
 }
@@ -168,6 +201,16 @@ func TestGCPTokenAndSecretsReachThePodAndRepublishReadsNothing(t *testing.T) {
 	for name, want := range map[string]string{"api-key": "gcp-api-key-v1", "db-password": "gcp-db-password"} {
 		if got := readSecret(t, target, name); got != want {
 			t.Errorf("%s = %q, want %q", name, got, want)
+		}
+	}
+	// The class's modes, write bits dropped; the default for the rest.
+	for name, want := range map[string]os.FileMode{"api-key": 0o444, "db-password": 0o400, "access-token": 0o440} {
+		st, err := os.Stat(filepath.Join(target, name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if st.Mode().Perm() != want {
+			t.Errorf("%s: mode %v, want %v", name, st.Mode().Perm(), want)
 		}
 	}
 	tok := readSecret(t, target, "access-token")
@@ -228,13 +271,7 @@ func TestGCPTokenAndSecretsReachThePodAndRepublishReadsNothing(t *testing.T) {
 		t.Errorf("unmapped service account: %v, want PermissionDenied", err)
 	}
 	// A token for another audience is refused by STS.
-	other := kubelet.NewPod("team-a", "gcp-wrong-aud", "app")
-	wrong, err := e.oidc.Token("team-a", "app", "vault")
-	if err != nil {
-		t.Fatal(err)
-	}
-	harness.RememberSecret(wrong)
-	other.Tokens = map[string]string{"https:" + gcpAudience: wrong}
+	other := e.podFor(t, "gcp-wrong-aud", "app", "vault")
 	if _, err := e.kube.Publish(ctx, other, dbVolume("gcp-agent")); status.Code(err) != codes.PermissionDenied {
 		t.Errorf("a token for another audience: %v, want PermissionDenied", err)
 	}
@@ -267,10 +304,25 @@ func TestGCPTokenIsRenewedBeforeExpiryAndNotAfterUnpublish(t *testing.T) {
 	if info, code := e.tokenInfo(t, next); code != http.StatusOK || info["email"] != gcpSA {
 		t.Errorf("the renewed token at tokeninfo: HTTP %d %v", code, info)
 	}
+	// Each renewal reads the alias (latest) again, which finds a new
+	// version; the pinned version (db, versions/1) is read once only.
+	e.put("api-key", "gcp-api-key-v2")
+	harness.Eventually(t, 30*time.Second, "three more renewals, the alias's new value in place", func() (bool, error) {
+		return e.google.Calls(gcptest.STS) >= 5 && readSecret(t, target, "api-key") == "gcp-api-key-v2", nil
+	})
+	if got := readSecret(t, target, "db-password"); got != "gcp-db-password" {
+		t.Errorf("db-password after renewals = %q", got)
+	}
 	if err := e.kube.Unpublish(ctx, pod, "db"); err != nil {
 		t.Fatal(err)
 	}
 	after := e.calls()
+	// One exchange per issue; per issue one read of the alias, and one of
+	// the pinned version in all.
+	if after[2] != after[0]+1 {
+		t.Errorf("calls (STS, IAM, Secret Manager) over %d issues: %v; want %d versions.access (the alias at each, the pinned version once)",
+			after[0], after, after[0]+1)
+	}
 	time.Sleep(10 * time.Second) // three renewal periods
 	if got := e.calls(); got != after {
 		t.Errorf("calls after unpublish: %v, at unpublish %v: renewal did not stop", got, after)

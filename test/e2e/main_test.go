@@ -59,6 +59,9 @@ func run(m *testing.M) int {
 		if awsSecrets != nil {
 			awsSecrets.Close()
 		}
+		if apiServer != nil {
+			apiServer.Stop()
+		}
 	}()
 	ctx := context.Background()
 	if err := pg.Exec(ctx,

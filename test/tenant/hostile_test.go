@@ -3,7 +3,6 @@ package tenant
 import (
 	"context"
 	"fmt"
-	"net/http"
 	"os"
 	"slices"
 	"strings"
@@ -14,9 +13,9 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider/gcp"
-	"github.com/ephemeral-secrets/csi-driver/test/awstest"
 	"github.com/ephemeral-secrets/csi-driver/test/gcptest"
 	"github.com/ephemeral-secrets/csi-driver/test/harness"
+	"github.com/ephemeral-secrets/csi-driver/test/kube"
 	"github.com/ephemeral-secrets/csi-driver/test/kubelet"
 	"github.com/ephemeral-secrets/csi-driver/test/standin"
 )
@@ -47,7 +46,7 @@ type node struct {
 	rogue    *standin.Server // an address the admin lists but whose certificate nobody vouches for
 	sts      *standin.Server // the admin's STS endpoint
 	google   *gcptest.Server // the admin's Google endpoints (STS, IAM Credentials, Secret Manager)
-	oidc     *awstest.OIDC   // the service-account issuer Google's workload identity provider trusts
+	api      *kube.Cluster   // the service-account issuer Google's workload identity provider trusts
 	offList  *standin.TCP
 	f        *fixture
 }
@@ -90,15 +89,17 @@ func gcpParams(extra map[string]string) map[string]string {
 	return with(map[string]string{"secrets": "- {resourceName: projects/proj-a/secrets/db/versions/latest, path: db}"}, extra)
 }
 
-// withGCPToken gives the pod a service-account token the Google
-// stand-in accepts (signed by the issuer it trusts).
+// withGCPToken makes the pod in the kube-apiserver and gives it the
+// service-account token kubelet would ask for, which the Google stand-in
+// validates against that API server's JWKS.
 func withGCPToken(n *node) func(*kubelet.Pod, *kubelet.Volume) {
 	return func(p *kubelet.Pod, _ *kubelet.Volume) {
-		tok, err := n.oidc.Token(p.Namespace, p.ServiceAccount, "https:"+gcpAudience)
+		tok, uid, err := gcptest.PodToken(context.Background(), n.api.Config(), p.Namespace, p.ServiceAccount, p.Name, "https:"+gcpAudience)
 		if err != nil {
 			panic(err)
 		}
 		harness.RememberSecret(tok)
+		p.UID = uid
 		p.Tokens["https:"+gcpAudience] = tok
 	}
 }
@@ -223,6 +224,8 @@ func cases(n *node) []hostile {
 		{name: "gcp accessTokenFile escapes", provider: "gcp", params: gcpParams(map[string]string{"accessTokenFile": "../../etc/token"}), code: codes.InvalidArgument},
 		{name: "gcp accessTokenJSONFile absolute", provider: "gcp", params: gcpParams(map[string]string{"accessTokenJSONFile": "/etc/token.json"}), code: codes.InvalidArgument},
 		{name: "gcp resource name with dot-dot", provider: "gcp", params: gcpParams(map[string]string{"secrets": "- {resourceName: projects/proj-a/secrets/../versions/1, path: db}"}), code: codes.InvalidArgument},
+		{name: "gcp mode executable", provider: "gcp", params: gcpParams(map[string]string{"secrets": "- {resourceName: projects/proj-a/secrets/db/versions/1, path: db, mode: 0755}"}), code: codes.InvalidArgument},
+		{name: "gcp mode setuid", provider: "gcp", params: gcpParams(map[string]string{"secrets": "- {resourceName: projects/proj-a/secrets/db/versions/1, path: db, mode: 04444}"}), code: codes.InvalidArgument},
 		{name: "gcp credentials as a parameter", provider: "gcp", params: gcpParams(map[string]string{"credentials": "{}"}), code: codes.InvalidArgument},
 		{name: "gcp value over 64 KiB", provider: "gcp", params: gcpParams(map[string]string{"secrets": "- {resourceName: projects/proj-a/secrets/big/versions/latest, path: big}"}),
 			pod: withGCPToken(n), code: codes.InvalidArgument, reaches: "gcp"},
@@ -249,12 +252,8 @@ func TestHostileClassesAndPods(t *testing.T) {
 	env := newEnv(t)
 	n := &node{canaries: plantCanaries(t, env.Base, env.KubeletDir), offList: standin.NewTCP(t),
 		vault: standin.New(t, true), rogue: standin.New(t, true), sts: standin.New(t, false)}
-	var err error
-	if n.oidc, err = awstest.StartOIDC(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(n.oidc.Close)
-	n.google = gcptest.Start(t, gcptest.Options{Issuer: n.oidc.Issuer(), OIDCClient: http.DefaultClient, Audience: gcpAudience})
+	n.api = realCluster(t)
+	n.google = gcptest.Start(t, gcptest.Options{Issuer: n.api.Issuer, OIDCClient: gcptest.OIDCClient(n.api.CAPEM, kube.AdminToken), Audience: gcpAudience})
 	n.google.AllowImpersonation(gcpSA, n.google.Principal("team-a", "app"))
 	// A value one byte over Secret Manager's limit, which the real one
 	// would never hold: the driver refuses it, whoever serves it.

@@ -226,7 +226,14 @@ func (p *Provider) Issue(ctx context.Context, req provider.Request) (provider.Le
 		l.Role = o.RoleArn
 	}
 
-	if c.hasSecrets() {
+	if c.hasSecrets() && l.Role == "" {
+		l.Role = c.roleArn
+	}
+	// A pinned version's value never changes: a re-issue keeps the one the
+	// lease it replaces read, and reads the others only.
+	toRead := c
+	toRead.objects = carryPinned(c.objects, req.Prior, l.Values, versions)
+	if toRead.hasSecrets() {
 		// Secrets are read as the role the pod's token assumes.
 		out, err := stsAnon.AssumeRoleWithWebIdentity(ctx, &sts.AssumeRoleWithWebIdentityInput{
 			RoleArn: aws.String(c.roleArn), RoleSessionName: aws.String(sessionName(req)), WebIdentityToken: aws.String(jwt),
@@ -235,13 +242,10 @@ func (p *Provider) Issue(ctx context.Context, req provider.Request) (provider.Le
 		if err != nil {
 			return provider.Lease{}, classifyLogin(err)
 		}
-		if l.Role == "" {
-			l.Role = c.roleArn
-		}
 		secretCfg := base
 		secretCfg.Credentials = credentials.NewStaticCredentialsProvider(
 			aws.ToString(out.Credentials.AccessKeyId), aws.ToString(out.Credentials.SecretAccessKey), aws.ToString(out.Credentials.SessionToken))
-		if err := p.readSecrets(ctx, c, ep, secretCfg, l.Values, versions); err != nil {
+		if err := p.readSecrets(ctx, toRead, ep, secretCfg, l.Values, versions); err != nil {
 			return provider.Lease{}, err
 		}
 	}
@@ -251,6 +255,43 @@ func (p *Provider) Issue(ctx context.Context, req provider.Request) (provider.Le
 		l.RenewAt = l.IssuedAt.Add(c.rotationPoll)
 	}
 	return l, nil
+}
+
+// carryPinned copies into values the files of each Secrets Manager or
+// SSM object of objects that names a version (objectVersion) and that
+// prior (the lease a re-issue replaces; nil at a publish) read: the same
+// version recorded, every file of the object present. It records the
+// version in versions and returns the objects left: sts sessions, labels
+// and the current version (which may have moved), and whatever prior
+// lacks.
+func carryPinned(objects []Object, prior *provider.Lease, values, versions map[string]string) []Object {
+	var had, old map[string]string
+	if prior != nil {
+		_ = json.Unmarshal([]byte(prior.Handle["versions"]), &had) // none carried if unreadable
+		old = prior.Values
+	}
+	var rest []Object
+	for _, o := range objects {
+		files := []string{o.fileName()}
+		for _, j := range o.JMESPath {
+			files = append(files, j.ObjectAlias)
+		}
+		carried := o.ObjectType != TypeSTS && o.ObjectVersion != "" && had[o.ObjectName] == o.ObjectVersion
+		for _, f := range files {
+			if _, ok := old[f]; !ok {
+				carried = false
+			}
+		}
+		if !carried {
+			rest = append(rest, o)
+			continue
+		}
+		for _, f := range files {
+			values[f] = old[f]
+		}
+		versions[o.ObjectName] = o.ObjectVersion
+	}
+	return rest
 }
 
 func optional(s string) *string {
@@ -386,8 +427,9 @@ func getParameter(ctx context.Context, cl *ssm.Client, o Object) (string, string
 }
 
 // Renew: STS sessions cannot be extended, and a rotation poll is a fresh
-// read; the manager re-issues (a new session, the secrets read again) and
-// swaps the files only where a value changed.
+// read; the manager re-issues (a new session, the secrets read again but
+// for pinned versions, carried over from the lease replaced) and swaps
+// the files only where a value changed.
 func (p *Provider) Renew(_ context.Context, l provider.Lease) (provider.Lease, error) {
 	return l, provider.ErrNotRenewable
 }

@@ -288,17 +288,24 @@ func (p *Provider) Issue(ctx context.Context, req provider.Request) (provider.Le
 		return provider.Lease{}, err
 	}
 	l := provider.Lease{Values: map[string]string{}, Handle: map[string]string{}, Info: map[string]string{}, IssuedAt: p.now()}
-	tok, err := p.accessToken(ctx, ep, gsa, jwt)
-	if err != nil {
-		return provider.Lease{}, err
-	}
 	l.Role = "federated:" + req.Pod.Namespace + "/" + req.Pod.ServiceAccount
 	if gsa != "" {
 		l.Role = gsa
 		l.Info["serviceAccount"] = gsa
 	}
-	versions := map[string]string{}
-	for _, s := range c.secrets {
+	// A pinned version's value never changes: a re-issue keeps the one
+	// the lease it replaces read, and reads aliases only.
+	versions, read := carryPinned(c.secrets, req.Prior, l.Values)
+	l.Modes = c.modes()
+	if len(read) == 0 && !c.givesToken() {
+		l.Handle["versions"] = versions.String()
+		return l, nil // nothing to read and no token to give: no call
+	}
+	tok, err := p.accessToken(ctx, ep, gsa, jwt)
+	if err != nil {
+		return provider.Lease{}, err
+	}
+	for _, s := range read {
 		v, name, err := p.access(ctx, ep.sm, s, tok.AccessToken)
 		if err != nil {
 			return provider.Lease{}, err
@@ -323,8 +330,7 @@ func (p *Provider) Issue(ctx context.Context, req provider.Request) (provider.Le
 			l.Values[c.tokenJSONFile] = string(doc) + "\n"
 		}
 	}
-	vj, _ := json.Marshal(versions)
-	l.Handle["versions"] = string(vj)
+	l.Handle["versions"] = versions.String()
 	if c.rotationPoll > 0 && c.hasAlias() {
 		l.RenewAt = l.IssuedAt.Add(c.rotationPoll)
 	}
@@ -373,8 +379,9 @@ func (p *Provider) accessToken(ctx context.Context, ep endpoints, gsa, jwt strin
 
 // Renew: a Google access token cannot be extended, and a new one needs
 // the pod's current service-account token, which the manager passes to
-// Issue: the manager re-issues (a new token, the secrets read again) and
-// swaps the files only where a value changed.
+// Issue: the manager re-issues (a new token; the secrets that name a
+// version alias read again, the pinned ones carried over from the lease
+// replaced) and swaps the files only where a value changed.
 func (p *Provider) Renew(_ context.Context, l provider.Lease) (provider.Lease, error) {
 	return l, provider.ErrNotRenewable
 }

@@ -114,8 +114,8 @@ func TestIssueImpersonatedTokenAndSecrets(t *testing.T) {
 		"secrets": `
 - {resourceName: projects/proj-a/secrets/db/versions/latest, path: db.json}
 - {resourceName: projects/proj-a/secrets/db/versions/1, path: user, extractJSONKey: user}
-- {resourceName: projects/proj-a/secrets/api/versions/1, fileName: api}
-- {resourceName: projects/proj-a/locations/europe-west1/secrets/eu/versions/latest, path: eu}
+- {resourceName: projects/proj-a/secrets/api/versions/1, fileName: api, mode: 0400}
+- {resourceName: projects/proj-a/locations/europe-west1/secrets/eu/versions/latest, path: eu, mode: 0644}
 `,
 		"accessTokenJSONFile": "token.json",
 	})
@@ -128,6 +128,9 @@ func TestIssueImpersonatedTokenAndSecrets(t *testing.T) {
 		if l.Values[f] != v {
 			t.Errorf("file %s = %q, want %q", f, l.Values[f], v)
 		}
+	}
+	if len(l.Modes) != 2 || l.Modes["api"] != 0o400 || l.Modes["eu"] != 0o444 {
+		t.Errorf("modes %v, want api 0400 and eu 0444 (write bits dropped)", l.Modes)
 	}
 	tok := l.Values["access-token"]
 	var doc struct {
@@ -374,6 +377,92 @@ func TestBackendRefusals(t *testing.T) {
 			t.Errorf("%s hangs: %v", svc, err)
 		}
 		e.s.Fail(svc, 0, 0, 0)
+	}
+	e.noSecretsIn(t, req)
+}
+
+// A re-issue (the manager's renewal of the token) reads a pinned version
+// once, from the lease it replaces thereafter, and an alias every time;
+// a prior that did not read the same version, or holds no value for the
+// file, is no source.
+func TestReissueReadsAliasesOnlyAndKeepsPinnedValues(t *testing.T) {
+	e := newEnv(t, nil)
+	ctx := context.Background()
+	reader := gcptest.ServiceAccountPrincipal(gsa)
+	e.put("pinned", "pinned-v1", reader)
+	e.put("pinned", "pinned-v2")
+	e.put("moving", "moving-v1", reader)
+	e.s.SetAlias("projects/proj-a/secrets/moving", "current", 1)
+	req := e.request(t, "team-a", "app", map[string]string{"secrets": `
+- {resourceName: projects/proj-a/secrets/pinned/versions/1, path: pinned}
+- {resourceName: projects/proj-a/secrets/pinned/versions/1, path: pinned-copy}
+- {resourceName: projects/proj-a/secrets/moving/versions/latest, path: latest}
+- {resourceName: projects/proj-a/secrets/moving/versions/current, path: current}
+`})
+	l, err := e.issue(ctx, req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := e.s.Calls(gcptest.Access); n != 4 {
+		t.Fatalf("publish: %d versions.access calls, want 4", n)
+	}
+	e.put("moving", "moving-v2")
+	e.s.SetAlias("projects/proj-a/secrets/moving", "current", 2)
+	for i := range 3 {
+		before, tokens := e.s.Calls(gcptest.Access), e.s.Calls(gcptest.STS)
+		prior := l
+		req.Prior = &prior
+		if l, err = e.issue(ctx, req); err != nil {
+			t.Fatal(err)
+		}
+		if got := e.s.Calls(gcptest.Access) - before; got != 2 {
+			t.Errorf("re-issue %d: %d versions.access calls, want 2 (the aliases only)", i, got)
+		}
+		if e.s.Calls(gcptest.STS) == tokens || l.Values["access-token"] == prior.Values["access-token"] {
+			t.Errorf("re-issue %d did not mint a new token", i)
+		}
+		want := map[string]string{"pinned": "pinned-v1", "pinned-copy": "pinned-v1", "latest": "moving-v2", "current": "moving-v2"}
+		for f, v := range want {
+			if l.Values[f] != v {
+				t.Errorf("re-issue %d: %s = %q, want %q", i, f, l.Values[f], v)
+			}
+		}
+		if l.Handle["versions"] != prior.Handle["versions"] && i > 0 {
+			t.Errorf("re-issue %d: versions %s, before %s", i, l.Handle["versions"], prior.Handle["versions"])
+		}
+	}
+	// A prior that recorded another version of the resource, or lacks the
+	// file's value, is read past.
+	for name, mutate := range map[string]func(*provider.Lease){
+		"another version": func(p *provider.Lease) {
+			p.Handle = map[string]string{"versions": strings.ReplaceAll(p.Handle["versions"], "/pinned/versions/1", "/pinned/versions/2")}
+		},
+		"no value": func(p *provider.Lease) { p.Values = map[string]string{} },
+	} {
+		prior := l
+		mutate(&prior)
+		req.Prior = &prior
+		before := e.s.Calls(gcptest.Access)
+		if _, err := e.issue(ctx, req); err != nil {
+			t.Fatal(err)
+		}
+		if got := e.s.Calls(gcptest.Access) - before; got != 4 {
+			t.Errorf("%s: %d versions.access calls, want 4", name, got)
+		}
+	}
+	// Pinned secrets and no token file: a re-issue has nothing to call.
+	pinnedOnly := map[string]string{"accessTokenFile": "", "secrets": "- {resourceName: projects/proj-a/secrets/pinned/versions/1, path: pinned}"}
+	req = e.request(t, "team-a", "app", pinnedOnly)
+	if l, err = e.issue(ctx, req); err != nil {
+		t.Fatal(err)
+	}
+	before := e.s.Calls("")
+	req.Prior = &l
+	if l2, err := e.issue(ctx, req); err != nil || l2.Values["pinned"] != "pinned-v1" || l2.Handle["versions"] != l.Handle["versions"] {
+		t.Errorf("pinned only: %v, value kept %v", err, l2.Values["pinned"] == "pinned-v1")
+	}
+	if n := e.s.Calls("") - before; n != 0 {
+		t.Errorf("pinned only: a re-issue made %d calls", n)
 	}
 	e.noSecretsIn(t, req)
 }

@@ -2,6 +2,7 @@ package gcp
 
 import (
 	"fmt"
+	"os"
 	"strconv"
 	"strings"
 	"time"
@@ -58,8 +59,11 @@ type Secret struct {
 	// or YAML secret instead of the whole value.
 	ExtractJSONKey string `json:"extractJSONKey,omitempty"`
 	ExtractYAMLKey string `json:"extractYAMLKey,omitempty"`
-	// Mode is accepted for compatibility (0 to 0777); modes belong to the
-	// class's files/fileMode parameters here.
+	// Mode is the file's mode (default: the class's fileMode, else
+	// 0440). Files here are read-only and never executable: write bits are
+	// dropped (the volume is mounted read-only; Google's own secret
+	// volumes drop them too), an execute bit or a mode that reads nothing
+	// is refused.
 	Mode *int32 `json:"mode,omitempty"`
 
 	project, location, secret, version string
@@ -71,6 +75,15 @@ func (s Secret) file() string {
 		return s.Path
 	}
 	return s.FileName
+}
+
+// fileMode is the mode the class asks for the secret's file, write bits
+// dropped, and whether it asks for one.
+func (s Secret) fileMode() (os.FileMode, bool) {
+	if s.Mode == nil {
+		return 0, false
+	}
+	return os.FileMode(*s.Mode) &^ 0o222, true
 }
 
 // alias reports whether the version is an alias ("latest" or a name)
@@ -149,6 +162,21 @@ func (c classParams) hasAlias() bool {
 		}
 	}
 	return false
+}
+
+// modes are the modes the class asks for its secrets' files, by file
+// (provider.Lease.Modes); nil where it asks for none.
+func (c classParams) modes() map[string]os.FileMode {
+	var m map[string]os.FileMode
+	for _, s := range c.secrets {
+		if mode, ok := s.fileMode(); ok {
+			if m == nil {
+				m = map[string]os.FileMode{}
+			}
+			m[s.file()] = mode
+		}
+	}
+	return m
 }
 
 // givesToken reports whether the pod gets the access token in a file.
@@ -230,8 +258,15 @@ func parseParams(p map[string]string) (classParams, error) {
 		if s.ExtractJSONKey != "" && s.ExtractYAMLKey != "" {
 			return c, fmt.Errorf("%w: secrets[%d]: extractJSONKey and extractYAMLKey exclude each other", provider.ErrInvalidParameters, i)
 		}
-		if s.Mode != nil && (*s.Mode < 0 || *s.Mode > 0o777) {
-			return c, fmt.Errorf("%w: secrets[%d]: mode must be 0 to 0777", provider.ErrInvalidParameters, i)
+		if m := s.Mode; m != nil {
+			switch {
+			case *m < 0 || *m > 0o777:
+				return c, fmt.Errorf("%w: secrets[%d]: mode must be 0 to 0777", provider.ErrInvalidParameters, i)
+			case *m&0o111 != 0:
+				return c, fmt.Errorf("%w: secrets[%d]: mode %#o has an execute bit: files are never executable here", provider.ErrInvalidParameters, i, *m)
+			case *m&0o444 == 0:
+				return c, fmt.Errorf("%w: secrets[%d]: mode %#o lets nobody read the file", provider.ErrInvalidParameters, i, *m)
+			}
 		}
 		if err := claim(s.file()); err != nil {
 			return c, err

@@ -2,6 +2,7 @@ package gcp
 
 import (
 	"errors"
+	"os"
 	"strings"
 	"testing"
 
@@ -67,6 +68,12 @@ func TestParseParamsRejects(t *testing.T) {
 		"clash with token":   {"secrets": "- {resourceName: projects/my-project/secrets/s/versions/1, path: access-token}"},
 		"both extract keys":  {"secrets": "- {resourceName: projects/my-project/secrets/s/versions/1, path: a, extractJSONKey: k, extractYAMLKey: k}"},
 		"mode too high":      {"secrets": "- {resourceName: projects/my-project/secrets/s/versions/1, path: a, mode: 4095}"},
+		"mode setuid":        {"secrets": "- {resourceName: projects/my-project/secrets/s/versions/1, path: a, mode: 04444}"},
+		"mode executable":    {"secrets": "- {resourceName: projects/my-project/secrets/s/versions/1, path: a, mode: 0500}"},
+		"mode other exec":    {"secrets": "- {resourceName: projects/my-project/secrets/s/versions/1, path: a, mode: 0441}"},
+		"mode reads nothing": {"secrets": "- {resourceName: projects/my-project/secrets/s/versions/1, path: a, mode: 0200}"},
+		"mode zero":          {"secrets": "- {resourceName: projects/my-project/secrets/s/versions/1, path: a, mode: 0}"},
+		"mode negative":      {"secrets": "- {resourceName: projects/my-project/secrets/s/versions/1, path: a, mode: -1}"},
 		"poll not duration":  {"secrets": one, "rotationPollInterval": "often"},
 		"poll too short":     {"secrets": one, "rotationPollInterval": "10ms"},
 		"too many secrets":   {"secrets": strings.Repeat("- {resourceName: projects/my-project/secrets/s/versions/1, path: a}\n", 65)},
@@ -172,6 +179,34 @@ func TestParseResource(t *testing.T) {
 	} {
 		if got := validServiceAccount(email); got != ok {
 			t.Errorf("validServiceAccount(%q) = %v, want %v", email, got, ok)
+		}
+	}
+}
+
+// A secret's mode, as the GCP provider's classes write it (YAML octal or
+// decimal), keeps its read bits and loses its write bits: the files are
+// read-only.
+func TestSecretFileMode(t *testing.T) {
+	for _, c := range []struct {
+		yaml string
+		want os.FileMode
+		set  bool
+	}{
+		{"", 0, false},
+		{", mode: 0400", 0o400, true},
+		{", mode: 0440", 0o440, true},
+		{", mode: 292", 0o444, true}, // decimal 292 is 0444
+		{", mode: 0644", 0o444, true},
+		{", mode: 0600", 0o400, true},
+		{", mode: 0040", 0o040, true},
+	} {
+		p, err := parseParams(map[string]string{"secrets": "- {resourceName: projects/my-project/secrets/s/versions/1, path: a" + c.yaml + "}"})
+		if err != nil {
+			t.Errorf("%q: %v", c.yaml, err)
+			continue
+		}
+		if m, ok := p.secrets[0].fileMode(); m != c.want || ok != c.set {
+			t.Errorf("%q: mode %#o (set %v), want %#o (%v)", c.yaml, m, ok, c.want, c.set)
 		}
 	}
 }

@@ -9,6 +9,7 @@ import (
 	"io"
 	"net/http"
 	"strconv"
+	"strings"
 
 	"sigs.k8s.io/yaml"
 
@@ -121,4 +122,43 @@ func extract(data []byte, s Secret) (string, error) {
 		return str, nil
 	}
 	return string(raw), nil
+}
+
+// versionNames maps each secret's resourceName to the full name of the
+// version read for it, as Secret Manager answered (its project as a
+// number): the lease's Handle["versions"], in JSON.
+type versionNames map[string]string
+
+func (v versionNames) String() string {
+	b, _ := json.Marshal(map[string]string(v))
+	return string(b)
+}
+
+// carryPinned copies into values the value of each of secrets that names
+// a version by number and that prior (the lease a re-issue replaces; nil
+// at a publish) read: the same resource, the same version as Secret
+// Manager named it, under the same file. A version's payload cannot
+// change, so reading it again would only cost a call per renewal. It
+// returns the versions carried and the secrets left to read: aliases,
+// which may have moved, and whatever prior lacks.
+func carryPinned(secrets []Secret, prior *provider.Lease, values map[string]string) (versionNames, []Secret) {
+	versions := versionNames{}
+	var had versionNames
+	var old map[string]string
+	if prior != nil {
+		_ = json.Unmarshal([]byte(prior.Handle["versions"]), &had) // none carried if unreadable
+		old = prior.Values
+	}
+	var read []Secret
+	for _, s := range secrets {
+		name, ok := had[s.ResourceName]
+		v, ok2 := old[s.file()]
+		if s.alias() || !ok || !ok2 || !strings.HasSuffix(name, "/secrets/"+s.secret+"/versions/"+s.version) {
+			read = append(read, s)
+			continue
+		}
+		values[s.file()] = v
+		versions[s.ResourceName] = name
+	}
+	return versions, read
 }
