@@ -9,7 +9,9 @@
 // postgres, give-back and backlog rows, and the cluster issuer's memory
 // (on test/kube's API server); the previous binary (--before, built from
 // an earlier commit in the same run) the memory rows' baseline. Every
-// binary's size is reported.
+// binary's size is reported. --only memory runs the memory rows alone,
+// the node plugin's and --before's in turn, several rounds (make
+// bench-memory).
 package main
 
 import (
@@ -47,13 +49,21 @@ func main() {
 	npg := flag.Int("npg", 100, "volumes for the postgres rows")
 	ngb := flag.Int("ngb", 200, "volumes for the give-back rows (half wait for the backend, half not)")
 	nbl := flag.Int("nbacklog", 2000, "volumes for the revocation backlog row (0: skip it)")
-	only := flag.String("only", "", `"backlog": only the revocation backlog row`)
+	only := flag.String("only", "", `"backlog": only the revocation backlog row; "memory": only the memory rows, of --driver and --before alternately, --rounds times (medians)`)
+	rounds := flag.Int("rounds", 5, "rounds of the memory rows with --only memory")
 	var driverArgs []string
 	flag.Func("driver-arg", "a flag for the driver, as --name=value (repeatable)", func(v string) error {
 		driverArgs = append(driverArgs, v)
 		return nil
 	})
 	flag.Parse()
+	if *only == "memory" {
+		if err := runMemory(binaries{node: *bin, before: *before}, *out, *n16, *rounds, driverArgs); err != nil {
+			fmt.Fprintln(os.Stderr, "bench:", err)
+			os.Exit(1)
+		}
+		return
+	}
 	if err := run(binaries{node: *bin, all: *binAll, before: *before}, *out, *n1, *n16, *npg, *ngb, *nbl, *only == "backlog", driverArgs); err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)
 		os.Exit(1)
