@@ -179,20 +179,11 @@ func run(bins binaries, out string, n1, n16, npg, ngb, nbl int, onlyBacklog bool
 		}
 	}
 
-	env, err := harness.NewEnv()
+	env, err := newEnv()
 	if err != nil {
 		return err
 	}
 	defer env.Close()
-
-	// The kubelet directory gets a tmpfs of its own. With it on this
-	// machine's ext4, a profile of the driver during this benchmark showed
-	// the target's mkdir at a median 0.2-0.3 ms inside ext4's inode
-	// allocator (recently_deleted, after the run's own deletions): the
-	// host disk's cost, not the driver's, and it would swamp the rest.
-	if err := unix.Mount("tmpfs", env.KubeletDir, "tmpfs", unix.MS_NOSUID|unix.MS_NODEV, "mode=0750"); err != nil {
-		return err
-	}
 
 	if !onlyBacklog {
 		fmt.Println("floor: bare system calls of a publish + unpublish ...")
@@ -307,6 +298,24 @@ func run(bins binaries, out string, n1, n16, npg, ngb, nbl int, onlyBacklog bool
 	}
 	fmt.Println("\nwrote", out)
 	return nil
+}
+
+// newEnv is the driver's environment (test/harness), its kubelet
+// directory a tmpfs of its own. With it on this machine's ext4, a profile
+// of the driver during this benchmark showed the target's mkdir at a
+// median 0.2-0.3 ms inside ext4's inode allocator (recently_deleted, after
+// the run's own deletions): the host disk's cost, not the driver's, and it
+// would swamp the rest.
+func newEnv() (*harness.Env, error) {
+	env, err := harness.NewEnv()
+	if err != nil {
+		return nil, err
+	}
+	if err := unix.Mount("tmpfs", env.KubeletDir, "tmpfs", unix.MS_NOSUID|unix.MS_NODEV, "mode=0750"); err != nil {
+		env.Close()
+		return nil, err
+	}
+	return env, nil
 }
 
 func sizeMB(path string) (float64, error) {

@@ -10,8 +10,6 @@ import (
 	"slices"
 	"time"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/ephemeral-secrets/csi-driver/test/harness"
 	"github.com/ephemeral-secrets/csi-driver/test/kubelet"
 )
@@ -53,14 +51,11 @@ func runMemory(bins binaries, out string, n, rounds int, driverArgs []string) er
 			return err
 		}
 	}
-	env, err := harness.NewEnv()
+	env, err := newEnv()
 	if err != nil {
 		return err
 	}
 	defer env.Close()
-	if err := unix.Mount("tmpfs", env.KubeletDir, "tmpfs", unix.MS_NOSUID|unix.MS_NODEV, "mode=0750"); err != nil {
-		return err
-	}
 	classes := filepath.Join(env.Base, "classes.yaml")
 	if err := os.WriteFile(classes, []byte(classesYAML), 0o600); err != nil {
 		return err
