@@ -14,9 +14,9 @@ RUN go mod download
 COPY cmd ./cmd
 COPY pkg ./pkg
 ARG VERSION=dev
-RUN CGO_ENABLED=0 go build -trimpath -buildvcs=false -ldflags "-s -w -buildid= -X main.version=${VERSION}" \
+RUN CGO_ENABLED=0 go build -trimpath -buildvcs=false -tags grpcnotrace -ldflags "-s -w -buildid= -X main.version=${VERSION}" \
     -o /out/ephemeral-secrets-csi ./cmd/ephemeral-secrets-csi
-RUN CGO_ENABLED=0 go build -trimpath -buildvcs=false -ldflags "-s -w -buildid= -X main.version=${VERSION}" \
+RUN CGO_ENABLED=0 go build -trimpath -buildvcs=false -tags grpcnotrace -ldflags "-s -w -buildid= -X main.version=${VERSION}" \
     -o /out/ephemeral-secrets-csi-all ./cmd/ephemeral-secrets-csi-all
 
 FROM scratch

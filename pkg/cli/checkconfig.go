@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"reflect"
 	"strings"
 )
 
@@ -56,18 +55,14 @@ func CheckConfig(o Options, args []string, stdout, stderr io.Writer) int {
 		fs.Usage()
 		return 2
 	}
-	schema := o.Schema
-	if schema == nil {
-		schema = reflect.TypeFor[backendConfig]()
-	}
 	code := 0
 	for _, path := range fs.Args() {
 		summary, err := checkFile(o, *side, path)
 		if err != nil {
 			code = 1
 			fmt.Fprintf(stderr, "%s: does not load in %s:\n  %v\n", path, sideNames[*side], err)
-			if data, rerr := os.ReadFile(path); rerr == nil {
-				for _, where := range locate(data, schema) {
+			if data, rerr := os.ReadFile(path); rerr == nil && o.Locate != nil {
+				for _, where := range o.Locate(data) {
 					fmt.Fprintf(stderr, "  %s\n", where)
 				}
 			}

@@ -1,7 +1,8 @@
 // Package cli is the node plugin's command line (ephemeral-secrets-csi):
 // "serve" runs the node plugin (CSI Identity and Node services),
 // "leases" lists the node's live credentials, "check-config" checks a
-// backend file as the driver would load it. It links no typed Kubernetes
+// backend file as the driver would load it (through the all-in-one's,
+// which also points at a bad key's line, when that is beside it). It links no typed Kubernetes
 // client, no informer factory, no leader election, no issuer and no AWS
 // SDK: a DaemonSet pays for every page of them on every node. The
 // cluster's commands (the issuer, the housekeeper, the uninstall hook)
@@ -21,7 +22,6 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
-	"reflect"
 	"slices"
 	"sync/atomic"
 	"syscall"
@@ -59,9 +59,12 @@ type Options struct {
 	// Sections serve the backend file's sections beyond vault and gcp,
 	// by key ("postgres", "aws"); a section without one is refused.
 	Sections map[string]Section
-	// Schema is the backend file's type with every section's, for
-	// check-config's locations of a bad key (default: this binary's).
-	Schema reflect.Type
+	// Locate says where in a backend file that does not load the bad keys
+	// are (check-config), quoting no value; nil: check-config gives the
+	// verdict only. It walks the YAML with a second parser, which the node
+	// plugin does not link: its check-config runs the all-in-one's when
+	// that is beside it (Sibling), as in the image.
+	Locate func(data []byte) []string
 	// CheckIssuer loads a file as the issuer does (check-config --side
 	// issuer), returning what it configures; nil: that side is refused.
 	CheckIssuer func(path string) (string, error)

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
-	"text/template"
 	"text/template/parse"
 	"time"
 
@@ -15,8 +14,9 @@ import (
 // templates are the tenant's code running in the privileged driver; these
 // bounds hold while they run, not after.
 //
-// text/template cannot be cancelled, so the bounds are built into what a
-// template can do: every range body starts with a call to a step counter
+// A template (parsed by text/template, run by this package's evaluator,
+// exec.go) cannot be cancelled, so the bounds are built into what it can
+// do: every range body starts with a call to a step counter
 // (inserted into the parse tree), every function that makes a string
 // (print, printf, println, html, js, urlquery) is replaced by one that
 // counts a step, refuses a printf width or precision larger than the
@@ -135,38 +135,6 @@ func (w *writer) Write(p []byte) (int, error) {
 
 // stepFunc is the name of the step counter inserted into range bodies.
 const stepFunc = "esc_step"
-
-// funcs are the functions a template runs with under budget r: the
-// string-making builtins replaced by counted ones, and the step counter.
-func (r *run) funcs() template.FuncMap {
-	counted := func(f func(...any) string) func(...any) (string, error) {
-		return func(args ...any) (string, error) {
-			if err := r.step(); err != nil {
-				return "", err
-			}
-			s := f(args...)
-			return s, r.made(len(s))
-		}
-	}
-	return template.FuncMap{
-		stepFunc:   func() (string, error) { return "", r.step() },
-		"print":    counted(fmt.Sprint),
-		"println":  counted(fmt.Sprintln),
-		"html":     counted(template.HTMLEscaper),
-		"js":       counted(template.JSEscaper),
-		"urlquery": counted(template.URLQueryEscaper),
-		"printf": func(format string, args ...any) (string, error) {
-			if err := r.step(); err != nil {
-				return "", err
-			}
-			if err := checkFormat(format, r.left()); err != nil {
-				return "", err
-			}
-			s := fmt.Sprintf(format, args...)
-			return s, r.made(len(s))
-		},
-	}
-}
 
 // checkFormat refuses a printf format whose width or precision could make
 // fmt build more than max bytes before anyone sees them, and "*" widths,

@@ -290,12 +290,8 @@ func (s *Spec) Render(l provider.Lease) ([]storage.File, error) {
 
 // execute runs one file's template under budget r.
 func execute(f FileSpec, data map[string]string, r *run) ([]byte, error) {
-	t, err := f.tmpl.Clone()
-	if err != nil {
-		return nil, err
-	}
 	w := &writer{r: r}
-	if err := t.Funcs(r.funcs()).Execute(w, data); err != nil {
+	if err := executeTree(f.tmpl.Tree, w, data, r); err != nil {
 		return nil, err
 	}
 	return w.Bytes(), nil
@@ -310,13 +306,13 @@ func templateError(err error) error {
 			return u
 		}
 	}
-	var ee template.ExecError
+	var ee *execError
 	if errors.As(err, &ee) {
-		msg := ee.Err.Error()
+		msg := ee.Error()
 		if i := strings.Index(msg, ": "); i > 0 && strings.Contains(msg, "map has no entry for key") {
 			return errors.New(msg[i+2:])
 		}
-		return errors.New("execution failed at " + ee.Name)
+		return errors.New("execution failed at " + ee.name)
 	}
 	return errors.New("execution failed")
 }

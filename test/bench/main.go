@@ -9,7 +9,9 @@
 // postgres, give-back and backlog rows, and the cluster issuer's memory
 // (on test/kube's API server); the previous binary (--before, built from
 // an earlier commit in the same run) the memory rows' baseline. Every
-// binary's size is reported.
+// binary's size is reported. --only memory runs the memory rows alone,
+// the node plugin's and --before's in turn, several rounds (make
+// bench-memory).
 package main
 
 import (
@@ -47,13 +49,21 @@ func main() {
 	npg := flag.Int("npg", 100, "volumes for the postgres rows")
 	ngb := flag.Int("ngb", 200, "volumes for the give-back rows (half wait for the backend, half not)")
 	nbl := flag.Int("nbacklog", 2000, "volumes for the revocation backlog row (0: skip it)")
-	only := flag.String("only", "", `"backlog": only the revocation backlog row`)
+	only := flag.String("only", "", `"backlog": only the revocation backlog row; "memory": only the memory rows, of --driver and --before alternately, --rounds times (medians)`)
+	rounds := flag.Int("rounds", 5, "rounds of the memory rows with --only memory")
 	var driverArgs []string
 	flag.Func("driver-arg", "a flag for the driver, as --name=value (repeatable)", func(v string) error {
 		driverArgs = append(driverArgs, v)
 		return nil
 	})
 	flag.Parse()
+	if *only == "memory" {
+		if err := runMemory(binaries{node: *bin, before: *before}, *out, *n16, *rounds, driverArgs); err != nil {
+			fmt.Fprintln(os.Stderr, "bench:", err)
+			os.Exit(1)
+		}
+		return
+	}
 	if err := run(binaries{node: *bin, all: *binAll, before: *before}, *out, *n1, *n16, *npg, *ngb, *nbl, *only == "backlog", driverArgs); err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)
 		os.Exit(1)
@@ -169,20 +179,11 @@ func run(bins binaries, out string, n1, n16, npg, ngb, nbl int, onlyBacklog bool
 		}
 	}
 
-	env, err := harness.NewEnv()
+	env, err := newEnv()
 	if err != nil {
 		return err
 	}
 	defer env.Close()
-
-	// The kubelet directory gets a tmpfs of its own. With it on this
-	// machine's ext4, a profile of the driver during this benchmark showed
-	// the target's mkdir at a median 0.2-0.3 ms inside ext4's inode
-	// allocator (recently_deleted, after the run's own deletions): the
-	// host disk's cost, not the driver's, and it would swamp the rest.
-	if err := unix.Mount("tmpfs", env.KubeletDir, "tmpfs", unix.MS_NOSUID|unix.MS_NODEV, "mode=0750"); err != nil {
-		return err
-	}
 
 	if !onlyBacklog {
 		fmt.Println("floor: bare system calls of a publish + unpublish ...")
@@ -297,6 +298,24 @@ func run(bins binaries, out string, n1, n16, npg, ngb, nbl int, onlyBacklog bool
 	}
 	fmt.Println("\nwrote", out)
 	return nil
+}
+
+// newEnv is the driver's environment (test/harness), its kubelet
+// directory a tmpfs of its own. With it on this machine's ext4, a profile
+// of the driver during this benchmark showed the target's mkdir at a
+// median 0.2-0.3 ms inside ext4's inode allocator (recently_deleted, after
+// the run's own deletions): the host disk's cost, not the driver's, and it
+// would swamp the rest.
+func newEnv() (*harness.Env, error) {
+	env, err := harness.NewEnv()
+	if err != nil {
+		return nil, err
+	}
+	if err := unix.Mount("tmpfs", env.KubeletDir, "tmpfs", unix.MS_NOSUID|unix.MS_NODEV, "mode=0750"); err != nil {
+		env.Close()
+		return nil, err
+	}
+	return env, nil
 }
 
 func sizeMB(path string) (float64, error) {

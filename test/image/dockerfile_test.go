@@ -130,7 +130,7 @@ func TestDockerfileDescribesTheSameImage(t *testing.T) {
 
 	// The binary is built the way BuildGo builds it.
 	b, _ := os.ReadFile("../../Dockerfile")
-	for _, want := range []string{"CGO_ENABLED=0 go build -trimpath -buildvcs=false", `-ldflags "-s -w -buildid= -X main.version=${VERSION}"`} {
+	for _, want := range []string{"CGO_ENABLED=0 go build -trimpath -buildvcs=false -tags " + BuildTags, `-ldflags "-s -w -buildid= -X main.version=${VERSION}"`} {
 		if !strings.Contains(string(b), want) {
 			t.Errorf("the Dockerfile does not build with %s", want)
 		}

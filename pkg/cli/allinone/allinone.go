@@ -75,7 +75,7 @@ func Options(extra ...cli.Register) cli.Options {
 	return cli.Options{
 		Extra:       extra,
 		Sections:    map[string]cli.Section{"postgres": {Build: postgresSection}, "aws": {Build: awsSection}},
-		Schema:      reflect.TypeFor[backendConfig](),
+		Locate:      func(data []byte) []string { return locate(data, reflect.TypeFor[backendConfig]()) },
 		CheckIssuer: checkIssuerFile,
 		Commands: map[string]func(string, []string) error{
 			"issuer": issuerCmd, "housekeeper": housekeeperCmd, "uninstall": uninstallCmd,

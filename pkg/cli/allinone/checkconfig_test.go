@@ -190,13 +190,13 @@ func TestCheckConfigExamples(t *testing.T) {
 // TestReferenceHasEveryKey: the generated reference of the backend file
 // (docs/backends.md, read from the source by test/docs/backendsref) lists
 // exactly the keys the decoder knows (check-config's walk of the same
-// types by reflection, as encoding/json reads them: cli.Keys).
+// types by reflection, as encoding/json reads them: Keys).
 func TestReferenceHasEveryKey(t *testing.T) {
 	documented, err := backendsref.Keys("../../..")
 	if err != nil {
 		t.Fatal(err)
 	}
-	decoded := cli.Keys(reflect.TypeFor[backendConfig]())
+	decoded := Keys(reflect.TypeFor[backendConfig]())
 	if !slices.Equal(documented, decoded) {
 		t.Errorf("the reference's keys differ from the decoder's:\nreference: %q\ndecoder:   %q", documented, decoded)
 	}

@@ -28,3 +28,14 @@ func TestNewLeaseID(t *testing.T) {
 		t.Errorf("%q does not say which pod it is for", id)
 	}
 }
+
+func TestValidTask(t *testing.T) {
+	for id, ok := range map[string]bool{
+		"a": true, "a-1": true, strings.Repeat("a", 63): true, "0": true,
+		"": false, strings.Repeat("a", 64): false, "-a": false, "a-": false, "A": false, "a_b": false, "../x": false, "a\n": false,
+	} {
+		if err := ValidTask(id); (err == nil) != ok {
+			t.Errorf("ValidTask(%q) = %v, want valid %v", id, err, ok)
+		}
+	}
+}
