@@ -1,5 +1,5 @@
 // Package audit writes one JSON record per lifecycle stage of a credential:
-// request, issue, renew, rotate, revoke, expire, failure; and one per load
+// request, issue, use, renew, rotate, revoke, expire, failure; and one per load
 // of the backend configuration (config). Records carry
 // who, what, when and how long; never a secret.
 //
@@ -35,6 +35,11 @@ const (
 	// API is a call of a volume's lease socket; Detail names the endpoint
 	// and the answer's HTTP status.
 	API Stage = "api"
+	// Use is what the issuer saw of a credential's use (its sessions in
+	// the backend): the first use, a new source address, a foreign use,
+	// no use within the role's unusedAfter, and at revocation a summary.
+	// Detail says which; never the credential.
+	Use Stage = "use"
 )
 
 // Outcomes.
