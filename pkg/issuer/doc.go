@@ -19,7 +19,8 @@
 // pkg/issuer/postgres, the engine, holds the admin connections and runs
 // the statements with the decisions it is given.
 //
-// It may import pkg/issuer/postgres (the engine), pkg/provider and
+// It may import pkg/issuer/postgres (the engine), pkg/issuer/use (the
+// observation of use, which Run runs), pkg/provider and
 // pkg/provider/postgres (the node's requests and grants), pkg/credential
 // (the record of a credential, its Inventory's currency), pkg/audit and
 // client-go; never pkg/issuer/remote (its transport imports it) nor
