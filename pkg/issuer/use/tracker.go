@@ -357,6 +357,7 @@ func (t *Tracker) observe(ctx context.Context, conn string, cs *connState, c *cr
 	u := c.snapshot(cs)
 	t.mu.Unlock()
 
+	others := sources // the new addresses but the first use's
 	if first {
 		t.o.Meter.FirstUse(conn)
 		d := &audit.UseDetail{Event: audit.UseFirst, Usage: &u}
@@ -364,13 +365,13 @@ func (t *Tracker) observe(ctx context.Context, conn string, cs *connState, c *cr
 		if len(sources) > 0 && sources[0].started.Equal(sessions[0].Started) {
 			d.Source, d.Foreign = sources[0].addr, sources[0].foreign
 			detail += " from " + describe(sources[0].addr, sources[0].foreign)
-			sources = sources[1:]
+			others = sources[1:]
 		} else if sessions[0].Hidden() {
 			detail += " (its address is not visible to the admin)"
 		}
 		t.audit(c, detail, audit.Success, "", d)
 	}
-	for _, n := range sources {
+	for _, n := range others {
 		t.audit(c, "used from a new address: "+describe(n.addr, n.foreign), audit.Success, "",
 			&audit.UseDetail{Event: audit.UseSource, Source: n.addr, Foreign: n.foreign, Usage: &u})
 	}
