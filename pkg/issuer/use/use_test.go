@@ -68,8 +68,8 @@ type world struct {
 }
 
 type setup struct {
-	admin           string   // the admin's URL (default the superuser)
-	onForeignUse    string   // the role's
+	admin           string // the admin's URL (default the superuser)
+	onForeignUse    string // the role's
 	unusedAfter     time.Duration
 	expected        []string // the connection's expectedSources (default 127.0.0.1/32)
 	recorder        bool     // a Recorder (the cluster's inventory); else files are withdrawn in-process
