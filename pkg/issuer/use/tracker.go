@@ -103,8 +103,9 @@ type cred struct {
 	late       bool
 	failuresAt int
 	// expected are its pod's and node's addresses (resolved, once).
-	expected []netip.Addr
-	resolved bool
+	expected    []netip.Addr
+	resolved    bool
+	resolveSaid bool
 	// written is the LastUsedAt last written to the record.
 	written    time.Time
 	unusedSaid bool
@@ -326,10 +327,13 @@ func (t *Tracker) observe(ctx context.Context, conn string, cs *connState, c *cr
 		}
 		foreign, err := t.foreign(ctx, conn, c, addr)
 		if err != nil {
-			// Classed at the next sample: the session is still open, or
-			// was too short to matter more than once.
-			klog.ErrorS(err, "Reading the addresses a credential is expected to be used from", "lease", c.rec.LeaseID,
-				"pod", c.rec.Pod.Namespace+"/"+c.rec.Pod.Name)
+			// Classed at a later sample, while the session is open; said
+			// once per credential.
+			if !c.resolveSaid {
+				c.resolveSaid = true
+				klog.ErrorS(err, "Reading the addresses a credential is expected to be used from; its new sources wait",
+					"lease", c.rec.LeaseID, "pod", c.rec.Pod.Namespace+"/"+c.rec.Pod.Name)
+			}
 			break
 		}
 		sources = append(sources, newSource{addr, s.Started, foreign})
