@@ -75,6 +75,7 @@ type setup struct {
 	recorder        bool     // a Recorder (the cluster's inventory); else files are withdrawn in-process
 	resolver        use.Resolver
 	noExpectedCIDRs bool
+	revocation      []string // the role's revocationStatements (default the driver's)
 }
 
 func newWorld(t *testing.T, s setup) *world {
@@ -89,7 +90,7 @@ func newWorld(t *testing.T, s setup) *world {
 		return pgengine.Config{Connections: map[string]*pgengine.Connection{"main": {
 			URL: s.admin, ExpectedSources: s.expected,
 			Roles: map[string]*pgengine.Role{"app": {
-				CreationStatements: []string{create}, OnForeignUse: s.onForeignUse,
+				CreationStatements: []string{create}, OnForeignUse: s.onForeignUse, RevocationStatements: s.revocation,
 				UnusedAfter: pgengine.Duration{Duration: s.unusedAfter},
 				Allowed:     []pgengine.Subject{{Namespace: "team", ServiceAccount: "app"}},
 			}},
@@ -263,23 +264,25 @@ func leaseOf(l provider.Lease, id string) provider.Lease {
 // role, withdraws the credential and drops the role, record only records.
 func TestForeignUse(t *testing.T) {
 	for _, tc := range []struct {
-		action   string
-		recorder bool
-		warned   bool
-		killed   bool
+		name, action string
+		recorder     bool
+		warned       bool
+		killed       bool
+		revocation   []string
 	}{
-		{action: "alert", recorder: true, warned: true},
-		{action: "revoke", recorder: true, warned: true, killed: true},
-		{action: "revoke", recorder: false, killed: true}, // in-process: the files are withdrawn
-		{action: "record", recorder: true},
+		{name: "alert", action: "alert", recorder: true, warned: true},
+		{name: "revoke", action: "revoke", recorder: true, warned: true, killed: true},
+		{name: "revoke-inprocess", action: "revoke", killed: true}, // the files are withdrawn
+		// The admin's revocation statements leave sessions be: the kill
+		// ends them itself.
+		{name: "revoke-custom", action: "revoke", recorder: true, warned: true, killed: true,
+			revocation: []string{`DROP ROLE IF EXISTS "{{.Name}}"`}},
+		{name: "record", action: "record", recorder: true},
 	} {
-		name := tc.action
-		if !tc.recorder {
-			name += "-inprocess"
-		}
+		name := tc.name
 		t.Run(name, func(t *testing.T) {
 			ctx := context.Background()
-			w := newWorld(t, setup{onForeignUse: tc.action, recorder: tc.recorder})
+			w := newWorld(t, setup{onForeignUse: tc.action, recorder: tc.recorder, revocation: tc.revocation})
 			id := "team-f-" + name
 			l := w.issue(id, "f")
 			own := w.login(l, "127.0.0.1")
