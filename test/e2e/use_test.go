@@ -217,6 +217,9 @@ func TestForeignUseInProcess(t *testing.T) {
 			if _, err := own.Exec(ctx, `SELECT 1`); err == nil {
 				t.Error("the pod's own session outlives the kill")
 			}
+			if ev, details := useEvents(t, f, pod.Name); !has(ev, "kill:revoke") {
+				t.Errorf("no kill record: %v %q", ev, details)
+			}
 			_, body, err := f.driver.Scrape("/metrics")
 			if err != nil {
 				t.Fatal(err)

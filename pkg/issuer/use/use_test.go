@@ -297,7 +297,7 @@ func TestForeignUse(t *testing.T) {
 			rs := w.records(id)
 			want := []string{"first", "source", "foreign:" + tc.action}
 			if tc.killed {
-				want = append(want, "foreign:revoke") // the kill's own record
+				want = append(want, "kill:revoke")
 			}
 			if got := events(rs); !slices.Equal(got, want) {
 				t.Fatalf("use records %v, want %v", got, want)
