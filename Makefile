@@ -323,6 +323,7 @@ bench: postgres kube
 	$(GO) run ./test/bench/issuer --out bench-issuer-results.json
 	$(GO) test -run '^$$' -bench . -benchmem -benchtime 2000x ./pkg/storage ./pkg/render
 	$(GO) test -run '^$$' -bench . -benchtime 200x ./pkg/issuer
+	$(GO) test -run '^$$' -bench SampleSessions -benchtime 200x ./pkg/issuer/postgres
 
 # The memory rows alone (no PostgreSQL, no API server): the node plugin
 # and BENCH_BEFORE's, idle and with 1,000 volumes, in turn for

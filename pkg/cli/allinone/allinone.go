@@ -11,8 +11,9 @@
 // node.
 //
 // It imports pkg/cli (the node plugin's command line, which it extends
-// with Options), pkg/issuer, pkg/issuer/postgres and pkg/issuer/remote
-// (the issuer and its transport), pkg/inventory (the issuer's recorder,
+// with Options), pkg/issuer, pkg/issuer/postgres, pkg/issuer/remote and pkg/issuer/use
+// (the issuer, its transport, the pod and node resolver of its use
+// observation), pkg/inventory (the issuer's recorder,
 // the controller, the housekeeper), pkg/provider/aws, pkg/provider/vault,
 // pkg/provider/gcp and pkg/provider/postgres (the sections it serves), pkg/driver (the
 // driver's name), pkg/credential (the record the inventory's controller
@@ -92,13 +93,16 @@ func errNotValid(env cli.SectionEnv) error {
 // postgresSection serves the postgres section with an issuer in this
 // process (the cluster's issuer Deployment is the other transport of the
 // same code): the node side mints through iss.Local(). An issuer in this
-// process has no inventory.
+// process has no inventory; it observes its credentials' use, and kills
+// one used from elsewhere by withdrawing its volume (env.WithdrawFiles).
 func postgresSection(data []byte, env cli.SectionEnv) (cli.Built, error) {
 	var cfg pgengine.Config
 	if err := yaml.UnmarshalStrict(data, &cfg); err != nil {
 		return cli.Built{}, errNotValid(env)
 	}
-	iss, err := issuer.New(issuer.Options{Config: cfg, ReapInterval: env.Reap, Audit: env.Audit, OnReap: countReaps(env.Metrics)})
+	iss, err := issuer.New(issuer.Options{Config: cfg, ReapInterval: env.Reap, Audit: env.Audit, OnReap: countReaps(env.Metrics),
+		// No pods to resolve: the connections' expectedSources only.
+		Use: issuer.UseOptions{Interval: env.UseInterval, WithdrawFiles: env.WithdrawFiles, Meter: env.Metrics.Use()}})
 	if err != nil {
 		return cli.Built{}, err
 	}
