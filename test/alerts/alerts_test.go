@@ -121,6 +121,12 @@ func issuerTarget(is *issuertest.Issuer, job string) Target {
 // and is ready.
 func startIssuer(t *testing.T, id string, flags ...string) *issuertest.Issuer {
 	t.Helper()
+	return startIssuerWith(t, id, backends, flags...)
+}
+
+// startIssuerWith is startIssuer with the backend file given.
+func startIssuerWith(t *testing.T, id, backends string, flags ...string) *issuertest.Issuer {
+	t.Helper()
 	is, err := issuertest.StartIssuer(bin, id, "", issuerKubeconfig, backends, flags...)
 	if err != nil {
 		t.Fatal(err)
