@@ -1,5 +1,5 @@
 // Package audit writes one JSON record per lifecycle stage of a credential:
-// request, issue, renew, rotate, revoke, expire, failure; and one per load
+// request, issue, use, renew, rotate, revoke, expire, failure; and one per load
 // of the backend configuration (config). Records carry
 // who, what, when and how long; never a secret.
 //
@@ -35,6 +35,11 @@ const (
 	// API is a call of a volume's lease socket; Detail names the endpoint
 	// and the answer's HTTP status.
 	API Stage = "api"
+	// Use is what the issuer saw of a credential's use (its sessions in
+	// the backend): the first use, a new source address, a foreign use,
+	// no use within the role's unusedAfter, and at revocation a summary.
+	// Detail says which; never the credential.
+	Use Stage = "use"
 )
 
 // Outcomes.
@@ -70,7 +75,39 @@ type Record struct {
 	// FirstSeen marks the first request on this node from the pod's
 	// namespace and service account for this class.
 	FirstSeen bool `json:"first_seen,omitempty"`
+	// Use is what a record of stage use says; nil on every other stage.
+	Use *UseDetail `json:"use,omitempty"`
 }
+
+// UseDetail is what the issuer saw of a credential's use (stage use). Nothing
+// in it is secret: addresses, times, counts and the action taken.
+type UseDetail struct {
+	// Event is which use: first (its first use), source (a session from
+	// an address not seen before), foreign (a use from an address none
+	// expected, and what was done), unused (the role's unusedAfter passed
+	// without a use) or summary (at its revocation).
+	Event string `json:"event"`
+	// Source is the client address of the session (first, source,
+	// foreign); "local" for a Unix socket.
+	Source string `json:"source,omitempty"`
+	// Foreign is true when Source is none the admin expects.
+	Foreign bool `json:"foreign,omitempty"`
+	// Action is the role's onForeignUse (foreign): alert, revoke or
+	// record.
+	Action string `json:"action,omitempty"`
+	// Usage is the credential's use as seen so far (summary: its whole
+	// life).
+	Usage *credential.Usage `json:"usage,omitempty"`
+}
+
+// The events of stage use.
+const (
+	UseFirst   = "first"
+	UseSource  = "source"
+	UseForeign = "foreign"
+	UseUnused  = "unused"
+	UseSummary = "summary"
+)
 
 // Of is the audit record of c, without its stage and outcome: who holds
 // it, what it is and until when (in UTC).

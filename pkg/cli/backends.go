@@ -16,6 +16,7 @@ import (
 	"sigs.k8s.io/yaml"
 
 	"github.com/ephemeral-secrets/csi-driver/pkg/audit"
+	"github.com/ephemeral-secrets/csi-driver/pkg/credential"
 	"github.com/ephemeral-secrets/csi-driver/pkg/metrics"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider/gcp"
@@ -80,10 +81,22 @@ type Section struct {
 type SectionEnv struct {
 	// Path is the backend file's (for errors, which never quote data).
 	Path string
-	// Reap is how often an in-process issuer reaps expired roles.
-	Reap    time.Duration
+	InProcess
 	Audit   *audit.Logger
 	Metrics *metrics.Metrics
+}
+
+// InProcess is what an issuer in the driver's process is given beside
+// its section (ephemeral-secrets-csi-all serve, without a cluster issuer).
+type InProcess struct {
+	// Reap is how often it reaps expired roles.
+	Reap time.Duration
+	// UseInterval is how often it samples the sessions of the roles it
+	// made (their use); 0: not observed.
+	UseInterval time.Duration
+	// WithdrawFiles withdraws the files of a credential it killed for a
+	// foreign use (the node's lease manager, once it runs).
+	WithdrawFiles func(ctx context.Context, e credential.Record, reason string) error
 }
 
 // Built is a Section's provider, and what it runs.
@@ -137,7 +150,7 @@ func (b *backends) providers(data []byte) (*provider.Registry, []Built, error) {
 		if !ok {
 			return fmt.Errorf("backend config %s: %s", b.path, notServed[name])
 		}
-		bt, err := s.Build(raw, SectionEnv{Path: b.path, Reap: b.reap, Audit: b.audit, Metrics: b.metrics})
+		bt, err := s.Build(raw, SectionEnv{Path: b.path, InProcess: b.inProc, Audit: b.audit, Metrics: b.metrics})
 		if err != nil {
 			return err
 		}
@@ -213,8 +226,8 @@ type backends struct {
 	extra []Register
 	// grace is how long replaced providers stay open: every call with
 	// them is bounded by the backend timeout, so after it none is left.
-	grace time.Duration
-	reap  time.Duration // an in-process issuer's reap interval
+	grace  time.Duration
+	inProc InProcess // what an in-process issuer is given
 	// sections serve the sections beyond vault and gcp (none in the node
 	// plugin).
 	sections map[string]Section
@@ -237,9 +250,9 @@ type backends struct {
 
 // loadBackends loads generation 1 of the backend file (none with an empty
 // path) and the providers of extra.
-func loadBackends(path string, optional bool, extra []Register, grace, reap time.Duration, al *audit.Logger, m *metrics.Metrics,
+func loadBackends(path string, optional bool, extra []Register, grace time.Duration, inProc InProcess, al *audit.Logger, m *metrics.Metrics,
 	sections map[string]Section) (*backends, error) {
-	b := &backends{path: path, optional: optional, extra: extra, grace: grace, reap: reap, audit: al, metrics: m, reg: &provider.Registry{},
+	b := &backends{path: path, optional: optional, extra: extra, grace: grace, inProc: inProc, audit: al, metrics: m, reg: &provider.Registry{},
 		sections: sections}
 	var data []byte
 	var version [sha256.Size]byte

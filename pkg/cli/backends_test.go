@@ -81,7 +81,7 @@ func TestReloadCountsEachBadVersionOnce(t *testing.T) {
 	path := kubeletWrite(t, dir, good)
 	m := metrics.New(func() metrics.State { return metrics.State{} })
 	var auditOut bytes.Buffer
-	b, err := loadBackends(path, false, nil, time.Millisecond, time.Hour, audit.New(&auditOut), m, testSections)
+	b, err := loadBackends(path, false, nil, time.Millisecond, InProcess{Reap: time.Hour}, audit.New(&auditOut), m, testSections)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -142,10 +142,10 @@ func TestOptionalBackendFileMayBeMissing(t *testing.T) {
 	dir := t.TempDir()
 	path := filepath.Join(dir, "backends.yaml")
 	m := metrics.New(func() metrics.State { return metrics.State{} })
-	if _, err := loadBackends(path, false, nil, time.Millisecond, time.Hour, audit.New(io.Discard), m, testSections); err == nil {
+	if _, err := loadBackends(path, false, nil, time.Millisecond, InProcess{Reap: time.Hour}, audit.New(io.Discard), m, testSections); err == nil {
 		t.Fatal("a missing required backend file loaded")
 	}
-	b, err := loadBackends(path, true, nil, time.Millisecond, time.Hour, audit.New(io.Discard), m, testSections)
+	b, err := loadBackends(path, true, nil, time.Millisecond, InProcess{Reap: time.Hour}, audit.New(io.Discard), m, testSections)
 	if err != nil {
 		t.Fatalf("a missing optional backend file: %v", err)
 	}

@@ -92,7 +92,7 @@ func TestCheckConfigAgreesWithTheLoaders(t *testing.T) {
 		if err := os.WriteFile(path, []byte(content), 0o600); err != nil {
 			t.Fatal(err)
 		}
-		b, err := loadBackends(path, false, nil, time.Millisecond, time.Hour, audit.New(io.Discard), m, nil)
+		b, err := loadBackends(path, false, nil, time.Millisecond, InProcess{Reap: time.Hour}, audit.New(io.Discard), m, nil)
 		if err == nil {
 			b.Close()
 		}

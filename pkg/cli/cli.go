@@ -34,6 +34,7 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/ephemeral-secrets/csi-driver/pkg/audit"
+	"github.com/ephemeral-secrets/csi-driver/pkg/credential"
 	"github.com/ephemeral-secrets/csi-driver/pkg/driver"
 	"github.com/ephemeral-secrets/csi-driver/pkg/events"
 	"github.com/ephemeral-secrets/csi-driver/pkg/inventory/record"
@@ -137,7 +138,7 @@ type serveFlags struct {
 	lockFile                                                            string
 	maxVolumeBytes                                                      int64
 	sweep, retryMin, retryMax, backendTimeout, rotationGrace            time.Duration
-	backendReload, reapInterval                                         time.Duration
+	backendReload, reapInterval, useInterval                            time.Duration
 	renewFraction                                                       float64
 	tokensInSecrets, watchInventory, recordCredentials                  bool
 	limits                                                              limits.Options
@@ -163,6 +164,7 @@ func serve(version string, args []string, o Options) error {
 	fs.StringVar(&f.backends, "backend-config", "", "YAML file configuring the backends (admin credentials; mount it from a Secret)")
 	fs.DurationVar(&f.backendReload, "backend-reload-interval", 10*time.Second, "how often the backend file is checked for a change (a new Secret from kubelet); 0: never, read at start only")
 	fs.DurationVar(&f.reapInterval, "reap-interval", 30*time.Second, "how often the in-process issuer (ephemeral-secrets-csi-all) drops the postgres roles it tagged whose VALID UNTIL passed, ending their sessions")
+	fs.DurationVar(&f.useInterval, "use-interval", time.Second, "how often the in-process issuer (ephemeral-secrets-csi-all) samples the sessions of the postgres roles it made: each credential's use, and a use from an address the connection's expectedSources do not list; at least 100ms; 0: use is not observed")
 	fs.StringVar(&f.auditLog, "audit-log", "-", "where audit records go: - for stdout, or a file path")
 	fs.Int64Var(&f.maxVolumeBytes, "max-volume-bytes", 1<<20, "size cap of one volume's files")
 	fs.DurationVar(&f.sweep, "sweep-interval", time.Minute, "how often volumes whose target vanished are looked for")
@@ -233,7 +235,18 @@ func serve(version string, args []string, o Options) error {
 	if grace <= 0 {
 		grace = time.Minute // the lease manager's default timeout, twice
 	}
-	providers, err := loadBackends(f.backends, f.issuer.address != "", extra, grace, f.reapInterval, auditLog, m, o.Sections)
+	if f.useInterval != 0 && f.useInterval < 100*time.Millisecond {
+		return errors.New("--use-interval is at least 100ms (0: use is not observed)")
+	}
+	inProc := InProcess{Reap: f.reapInterval, UseInterval: f.useInterval,
+		WithdrawFiles: func(ctx context.Context, e credential.Record, reason string) error {
+			mg := running.Load()
+			if mg == nil {
+				return errors.New("the lease manager is not running yet")
+			}
+			return withdrawLease(ctx, mg, lease.NewStateRecords(store), e.LeaseID, "killed: "+reason)
+		}}
+	providers, err := loadBackends(f.backends, f.issuer.address != "", extra, grace, inProc, auditLog, m, o.Sections)
 	if err != nil {
 		return err
 	}

@@ -38,7 +38,7 @@ func TestIssuerClientFlags(t *testing.T) {
 			t.Fatal(err)
 		}
 		m := metrics.New(func() metrics.State { return metrics.State{} })
-		return loadBackends(path, false, []Register{r}, time.Millisecond, time.Hour, audit.New(io.Discard), m, nil)
+		return loadBackends(path, false, []Register{r}, time.Millisecond, InProcess{Reap: time.Hour}, audit.New(io.Discard), m, nil)
 	}
 	if _, err := load(fmt.Sprintf(pgConfig, "pw")); err == nil || !strings.Contains(err.Error(), "admin credential belongs to the issuer") {
 		t.Errorf("a postgres section beside the issuer: %v", err)

@@ -84,3 +84,28 @@ func holdsLease(store lease.MetadataReader, leaseID string) (bool, error) {
 	}
 	return false, nil
 }
+
+// withdrawLease withdraws the volume that holds leaseID (its own lease, a
+// rotation's or a task's): the in-process issuer's kill of a credential
+// used from an address none expected. A lease no volume holds any more
+// was given back or unpublished meanwhile: its revocation is queued.
+func withdrawLease(ctx context.Context, mgr *lease.Manager, store lease.MetadataReader, leaseID, reason string) error {
+	inv, err := lease.ReadInventory(store)
+	if err != nil {
+		return err
+	}
+	for _, l := range inv.Live {
+		if l.LeaseID != leaseID || l.VolumeID == "" {
+			continue
+		}
+		_, err := mgr.Withdraw(ctx, l.VolumeID, reason)
+		if errors.Is(err, lease.ErrUnknownVolume) {
+			return nil
+		}
+		if err == nil {
+			klog.InfoS("Withdrew a volume whose credential was used from an address none expected", "volumeID", l.VolumeID, "leaseID", leaseID)
+		}
+		return err
+	}
+	return nil
+}

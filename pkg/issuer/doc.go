@@ -19,7 +19,8 @@
 // pkg/issuer/postgres, the engine, holds the admin connections and runs
 // the statements with the decisions it is given.
 //
-// It may import pkg/issuer/postgres (the engine), pkg/provider and
+// It may import pkg/issuer/postgres (the engine), pkg/issuer/use (the
+// observation of use, which Run runs), pkg/provider and
 // pkg/provider/postgres (the node's requests and grants), pkg/credential
 // (the record of a credential, its Inventory's currency), pkg/audit and
 // client-go; never pkg/issuer/remote (its transport imports it) nor
@@ -88,3 +89,21 @@ type Withdrawals interface {
 // provider.ErrPermissionDenied) for a volume whose credential was
 // withdrawn.
 var ErrWithdrawn = errors.New("the credential of this volume was withdrawn by deleting its Credential record")
+
+// UseRecorder is what an Inventory may also do (an optional interface):
+// record what the issuer saw of a credential's use.
+type UseRecorder interface {
+	// Used writes u into e's record (the Credential's status). The issuer
+	// calls it only on a change that matters: the first use, a new source,
+	// LastUsedAt at most once a minute, and once at revocation.
+	Used(ctx context.Context, e credential.Record, u credential.Usage) error
+	// UsedElsewhere tells the people of e's pod that e was used from addr,
+	// an address none expected: a Warning event CredentialUsedElsewhere on
+	// the pod naming addr and action ("alert", "revoke" or "record"), never
+	// the credential.
+	UsedElsewhere(ctx context.Context, e credential.Record, addr, action string) error
+	// Withdraw deletes e's record while its pod lives: the kill switch
+	// (its tombstone refuses the volume a new credential, the node's
+	// watcher withdraws the files).
+	Withdraw(ctx context.Context, e credential.Record) error
+}

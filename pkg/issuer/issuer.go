@@ -13,6 +13,7 @@ import (
 	"github.com/ephemeral-secrets/csi-driver/pkg/audit"
 	"github.com/ephemeral-secrets/csi-driver/pkg/credential"
 	pgengine "github.com/ephemeral-secrets/csi-driver/pkg/issuer/postgres"
+	"github.com/ephemeral-secrets/csi-driver/pkg/issuer/use"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider/postgres"
 )
@@ -40,6 +41,8 @@ type Options struct {
 	Audit *audit.Logger
 	// OnReap, when set, hears the outcome of every pass of Run (metrics).
 	OnReap func(ReapReport, error)
+	// Use, when its Interval is set, has Run observe the credentials' use.
+	Use UseOptions
 }
 
 // Issuer is the authority over the postgres engine's roles. It is safe
@@ -53,6 +56,8 @@ type Issuer struct {
 	// minting counts the mints under way: at burstMints or more, the
 	// status writes wait.
 	minting atomic.Int64
+	// use observes the credentials' use while Run runs (nil: not asked).
+	use *use.Tracker
 }
 
 // burstMints is how many mints under way make a burst, whose requests
@@ -88,6 +93,7 @@ func New(o Options) (*Issuer, error) {
 	if o.Inventory != nil {
 		i.records = newRecordWriter(o.Inventory, i.recordGone, recordWorkers, nil, func() bool { return i.minting.Load() >= burstMints })
 	}
+	i.use = i.newTracker(o.Use)
 	return i, nil
 }
 
@@ -96,6 +102,9 @@ func New(o Options) (*Issuer, error) {
 func (i *Issuer) Close() {
 	if i.records != nil {
 		i.records.close(recordDrain)
+	}
+	if i.use != nil {
+		i.use.Close()
 	}
 	i.admin.Close()
 }

@@ -130,8 +130,15 @@ func (i *Issuer) reapOne(ctx context.Context, conn string, r pgengine.TaggedRole
 	return err == nil, err
 }
 
-// Run reaps every ReapInterval, the first time at once, until ctx is done.
+// Run reaps every ReapInterval, the first time at once, until ctx is done;
+// with Options.Use, it observes the credentials' use meanwhile (the
+// leader's work, as reaping is).
 func (i *Issuer) Run(ctx context.Context) {
+	if i.use != nil {
+		done := make(chan struct{})
+		go func() { defer close(done); i.use.Run(ctx) }()
+		defer func() { <-done }()
+	}
 	t := time.NewTicker(i.opts.ReapInterval)
 	defer t.Stop()
 	for {

@@ -40,6 +40,7 @@ type Issuer struct {
 	leader      prometheus.Gauge
 	revocations *prometheus.CounterVec
 	reaper      *reaper
+	use         *Use
 }
 
 // NewIssuer returns the issuer's metrics.
@@ -59,6 +60,7 @@ func NewIssuer(o IssuerOptions) *Issuer {
 	m.revocations.WithLabelValues(Success)
 	m.revocations.WithLabelValues(Error)
 	m.reaper = newReaper(m.reg)
+	m.use = newUse(m.reg)
 	m.reg.MustRegister(m.requests, m.duration, m.leader, m.revocations,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	if o.Revoking != nil {

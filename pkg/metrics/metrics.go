@@ -61,6 +61,7 @@ type Metrics struct {
 	configGen    prometheus.Gauge
 	configErrors prometheus.Counter
 	reaper       *reaper
+	use          *Use
 	leaseAPI     *prometheus.CounterVec
 	lockHeld     prometheus.Gauge // health.go
 }
@@ -109,6 +110,7 @@ func New(state func() State) *Metrics {
 	}, []string{"namespace", "endpoint", "code"})
 	m.reg.MustRegister(m.leaseAPI)
 	m.reaper = newReaper(m.reg)
+	m.use = newUse(m.reg)
 	m.registerHealth()
 	m.reg.MustRegister(m.rpc, m.leaseOps, m.authFailures, m.kubeRequests, m.firstSeen, m.refusals, m.configGen, m.configErrors,
 		&stateCollector{state: state},

@@ -45,17 +45,19 @@ var rank = map[string]int{
 	"pkg/storage/memory":    2, // the volume store in memory, for the unprivileged tests
 	"pkg/issuer/postgres":   2, // the issuer's SQL engine: pools, statements, SQLSTATE classes
 	"pkg/inventory/record":  2, // the Credential records as the node plugin writes and watches them
-	// 3: the lease manager's workers and what it renders; the issuer and
-	// the inventory.
+	// 3: the lease manager's workers and what it renders; the issuer's
+	// use observation; the inventory.
 	"pkg/render":             3,
 	"pkg/lease/outbox":       3,
 	"pkg/lease/revocation":   3,
-	"pkg/issuer":             3,
+	"pkg/issuer/use":         3, // the sessions of the issuer's credentials, sampled (issue 21)
 	"pkg/issuer/remote/wire": 3, // the issuer's protocol and the node plugin's client
 	"pkg/inventory":          3,
-	// 4: each volume's in-memory state and its lock; the issuer's transport.
+	// 4: each volume's in-memory state and its lock; the issuer, which
+	// runs its use observation; 5: the issuer's transport.
 	"pkg/lease/volume":  4,
-	"pkg/issuer/remote": 4,
+	"pkg/issuer":        4,
+	"pkg/issuer/remote": 5,
 	// 5: the state machine.
 	"pkg/lease": 5,
 	// 6: the node's edges: the CSI server and the lease socket.

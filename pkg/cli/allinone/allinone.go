@@ -92,13 +92,16 @@ func errNotValid(env cli.SectionEnv) error {
 // postgresSection serves the postgres section with an issuer in this
 // process (the cluster's issuer Deployment is the other transport of the
 // same code): the node side mints through iss.Local(). An issuer in this
-// process has no inventory.
+// process has no inventory; it observes its credentials' use, and kills
+// one used from elsewhere by withdrawing its volume (env.WithdrawFiles).
 func postgresSection(data []byte, env cli.SectionEnv) (cli.Built, error) {
 	var cfg pgengine.Config
 	if err := yaml.UnmarshalStrict(data, &cfg); err != nil {
 		return cli.Built{}, errNotValid(env)
 	}
-	iss, err := issuer.New(issuer.Options{Config: cfg, ReapInterval: env.Reap, Audit: env.Audit, OnReap: countReaps(env.Metrics)})
+	iss, err := issuer.New(issuer.Options{Config: cfg, ReapInterval: env.Reap, Audit: env.Audit, OnReap: countReaps(env.Metrics),
+		// No pods to resolve: the connections' expectedSources only.
+		Use: issuer.UseOptions{Interval: env.UseInterval, WithdrawFiles: env.WithdrawFiles, Meter: env.Metrics.Use()}})
 	if err != nil {
 		return cli.Built{}, err
 	}

@@ -34,6 +34,7 @@ import (
 	"github.com/ephemeral-secrets/csi-driver/pkg/issuer"
 	pgengine "github.com/ephemeral-secrets/csi-driver/pkg/issuer/postgres"
 	"github.com/ephemeral-secrets/csi-driver/pkg/issuer/remote"
+	"github.com/ephemeral-secrets/csi-driver/pkg/issuer/use"
 	"github.com/ephemeral-secrets/csi-driver/pkg/metrics"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider/postgres"
 )
@@ -43,6 +44,7 @@ type issuerFlags struct {
 	tlsSecret, caConfigMap, service, clusterDomain, dnsNames        string
 	audience, driverNamespace, driverServiceAccount, leaseName, id  string
 	reap, requestTimeout, reviewCache, leaseDuration, renewDeadline time.Duration
+	useInterval                                                     time.Duration
 	retryPeriod, certValidity, retryMax                             time.Duration
 	qps                                                             float64
 	burst                                                           int
@@ -51,8 +53,8 @@ type issuerFlags struct {
 // issuerCmd runs the cluster issuer: the only holder of the database's
 // admin credential. Every replica serves node plugins over HTTPS (each
 // decision reads the database and the API afresh, so replicas need not
-// agree on anything); the leader alone reaps expired roles and runs the
-// inventory's controller.
+// agree on anything); the leader alone reaps expired roles, observes the
+// credentials' use and runs the inventory's controller.
 func issuerCmd(version string, args []string) error {
 	fs := flag.NewFlagSet("issuer", flag.ContinueOnError)
 	klog.InitFlags(fs)
@@ -75,6 +77,7 @@ func issuerCmd(version string, args []string) error {
 	fs.StringVar(&f.driverServiceAccount, "driver-service-account", "ephemeral-secrets-csi", "service account of the driver's DaemonSet: the only caller allowed")
 	fs.DurationVar(&f.reviewCache, "token-review-cache", 10*time.Second, "how long a TokenReview's answer is reused")
 	fs.DurationVar(&f.reap, "reap-interval", issuer.DefaultReapInterval, "how often the leader drops expired and unrecorded roles")
+	fs.DurationVar(&f.useInterval, "use-interval", use.DefaultInterval, "how often the leader samples the sessions of the postgres roles it made (one query per connection): each credential's use, and a use from an address not its pod's, its node's or the connection's expectedSources; at least 100ms; 0: use is not observed")
 	fs.DurationVar(&f.requestTimeout, "request-timeout", 30*time.Second, "bound on one request's work")
 	fs.DurationVar(&f.retryMax, "retry-max", time.Minute, "longest wait between two attempts of a failed revocation of a deleted Credential's credential (the leader's inventory controller)")
 	fs.StringVar(&f.leaseName, "leader-election-lease", "ephemeral-secrets-csi-issuer", "coordination.k8s.io Lease the replicas elect a leader with")
@@ -86,6 +89,9 @@ func issuerCmd(version string, args []string) error {
 	fs.IntVar(&f.burst, "kube-api-burst", 1000, "bursts allowed above --kube-api-qps")
 	if err := fs.Parse(args); err != nil {
 		return err
+	}
+	if f.useInterval != 0 && f.useInterval < use.MinInterval {
+		return fmt.Errorf("--use-interval is at least %s (0: use is not observed)", use.MinInterval)
 	}
 	cfg, err := readIssuerConfig(f.backends)
 	if err != nil {
@@ -133,6 +139,8 @@ func issuerCmd(version string, args []string) error {
 	iss, err := issuer.New(issuer.Options{
 		Config: cfg, PodCheck: issuer.APIPodCheck(cs.CoreV1()), Inventory: plugins.Inventory,
 		ReapInterval: f.reap, Audit: audit.New(auditOut), OnReap: countReaps(m),
+		Use: issuer.UseOptions{Interval: f.useInterval, Meter: m.Use(),
+			Resolver: use.KubeResolver{Pods: cs.CoreV1(), Nodes: cs.CoreV1()}},
 	})
 	if err != nil {
 		return err

@@ -3,6 +3,7 @@ package postgres
 import (
 	"encoding/json"
 	"fmt"
+	"net/netip"
 	"strings"
 	"text/template"
 	"time"
@@ -42,9 +43,20 @@ type Connection struct {
 	// name classes give as their role parameter (letters, digits, '.', '_'
 	// and '-'); at least one.
 	Roles map[string]*Role `json:"roles"`
+	// ExpectedSources are the networks (CIDR, such as 10.0.3.0/24 or
+	// 127.0.0.0/8) sessions of the roles made here may also come from,
+	// beside their pod's IPs and its node's addresses: a PgBouncer or
+	// proxy in between, or loopback with no cluster. A session from any
+	// other address is a foreign use of the credential (see the role's
+	// onForeignUse).
+	ExpectedSources []string `json:"expectedSources,omitempty"`
 
 	defaultRevoke []*template.Template
+	expected      []netip.Prefix
 }
+
+// Expected is ExpectedSources, parsed.
+func (c *Connection) Expected() []netip.Prefix { return c.expected }
 
 // Role is a template for the roles the driver creates.
 type Role struct {
@@ -72,9 +84,28 @@ type Role struct {
 	// MaxLive caps the live roles one service account holds of this role,
 	// across the cluster (0: no cap).
 	MaxLive int `json:"maxLive,omitempty"`
+	// OnForeignUse is what the issuer does when a credential of this
+	// role is used from an address none expected (not its pod's, not its
+	// node's, not in the connection's expectedSources): alert (the
+	// default: a Warning event on the pod, an audit record, a metric),
+	// revoke (all of that, and the kill switch: every session of the role
+	// ended, the role dropped, the pod's files withdrawn) or record (an
+	// audit record and the Credential's status only).
+	OnForeignUse string `json:"onForeignUse,omitempty"`
+	// UnusedAfter, when set, is how long a credential of this role may go
+	// without a session before the issuer says so (an audit record and a
+	// metric: the pod may not need this access).
+	UnusedAfter Duration `json:"unusedAfter,omitzero"`
 
 	creation, renew, revoke []*template.Template
 }
+
+// What a role's onForeignUse may say.
+const (
+	ForeignAlert  = "alert"
+	ForeignRevoke = "revoke"
+	ForeignRecord = "record"
+)
 
 // Subject is a namespace and service account.
 type Subject struct {
@@ -155,6 +186,14 @@ func (c *Config) validate() error {
 			conn.MaxConns = 4
 		}
 		conn.defaultRevoke = compiledRevoke
+		conn.expected = conn.expected[:0]
+		for _, cidr := range conn.ExpectedSources {
+			p, err := netip.ParsePrefix(strings.TrimSpace(cidr))
+			if err != nil {
+				return fmt.Errorf("postgres: connection %q: expectedSources: %q is not a network such as 10.0.3.0/24", cname, cidr)
+			}
+			conn.expected = append(conn.expected, p.Masked())
+		}
 		if len(conn.Roles) == 0 {
 			return fmt.Errorf("postgres: connection %q: no roles configured", cname)
 		}
@@ -168,6 +207,16 @@ func (c *Config) validate() error {
 			}
 			if r.MaxLive < 0 {
 				return fmt.Errorf("%s: maxLive is negative", where)
+			}
+			switch r.OnForeignUse {
+			case "":
+				r.OnForeignUse = ForeignAlert
+			case ForeignAlert, ForeignRevoke, ForeignRecord:
+			default:
+				return fmt.Errorf("%s: onForeignUse is alert, revoke or record", where)
+			}
+			if r.UnusedAfter.Duration < 0 {
+				return fmt.Errorf("%s: unusedAfter is negative", where)
 			}
 			if r.DefaultTTL.Duration <= 0 {
 				r.DefaultTTL.Duration = time.Hour
