@@ -15,8 +15,9 @@ import (
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
 )
 
-// What the issuer saw of a credential's use, in the cluster: the
-// Recorder writes it into the credential's record (Used), warns its pod's
+// What the issuer saw of a credential's use, in the cluster (the
+// issuer's optional issuer.UseRecorder; pkg/cli/allinone, which wires
+// the two, checks it): the Recorder writes it into the credential's record (Used), warns its pod's
 // people of a use from an address none expected (UsedElsewhere), and
 // pulls the kill switch on such a use when the admin chose so (Withdraw).
 

@@ -28,6 +28,9 @@ import (
 	"github.com/ephemeral-secrets/csi-driver/test/kube"
 )
 
+// The Recorder is what the issuer looks for to record use.
+var _ issuer.UseRecorder = (*inventory.Recorder)(nil)
+
 // useOf is a use of a credential from its pod's address and, when
 // thief is set, from a foreign one too.
 func useOf(at time.Time, thief string) credential.Usage {

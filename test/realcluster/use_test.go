@@ -285,7 +285,7 @@ func foreignUseRecords(t *testing.T, podName, addr string) []audit.Record {
 		sc.Buffer(make([]byte, 1<<20), 1<<20)
 		for sc.Scan() {
 			var r audit.Record
-			if json.Unmarshal(sc.Bytes(), &r) == nil && r.Stage == audit.Stage("use") && r.Pod.Name == podName && strings.Contains(r.Detail, addr) {
+			if json.Unmarshal(sc.Bytes(), &r) == nil && r.Stage == audit.Use && r.Pod.Name == podName && strings.Contains(r.Detail, addr) {
 				out = append(out, r)
 			}
 		}

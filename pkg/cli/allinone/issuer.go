@@ -258,6 +258,8 @@ func issuerPlugins(ctx context.Context, rc *rest.Config, pods corev1client.PodsG
 	// The Recorder is the issuer's Inventory, and tells its Withdrawals
 	// (an optional interface the issuer looks for).
 	var _ issuer.Withdrawals = (*inventory.Recorder)(nil)
+	// It records what the issuer sees of each credential's use too.
+	var _ issuer.UseRecorder = (*inventory.Recorder)(nil)
 	return plugins{
 		// A credential used elsewhere is a Warning event on its pod.
 		Inventory: inventory.NewRecorder(c, inf, inventory.WithWarnings(events.NewRecorder(dyn, "ephemeral-secrets-csi-issuer", id))),
