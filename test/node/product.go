@@ -92,6 +92,9 @@ func StartDatabase(ctx context.Context) (*Database, error) {
 		// Least privilege, as README's admin role: CREATEROLE and the grants
 		// it hands on, nothing else (no superuser, no pg_signal_backend).
 		fmt.Sprintf(`CREATE ROLE csi_admin LOGIN CREATEROLE PASSWORD '%s'`, db.AdminPassword),
+		// The issuer sees the sessions of the roles it made (their use, and
+		// a use from elsewhere): the admin SQL's one grant for it.
+		`GRANT pg_read_all_stats TO csi_admin`,
 	); err != nil {
 		pg.Close()
 		return nil, err
