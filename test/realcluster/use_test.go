@@ -120,6 +120,7 @@ func testCredentialUseAndTheft(t *testing.T) {
 	})
 	report(t, "thief's login -> Warning event on the pod (alert)", warned.Sub(stolen.start))
 	ev := usedElsewhere(t, pod, thief.Status.PodIP, "alert")
+	t.Logf("event %s: %s", ev.Reason, ev.Message)
 	if !strings.Contains(ev.Message, cred.Name) || strings.Contains(ev.Message, envValue(t, env, "PGPASSWORD")) {
 		t.Errorf("event message %q: want the Credential's name, never the password", ev.Message)
 	}
@@ -139,6 +140,13 @@ func testCredentialUseAndTheft(t *testing.T) {
 		t.Fatal("with onForeignUse alert the thief's session was ended")
 	}
 	deletePod(t, thiefNS, thief.Name)
+	// Its session outlives it (the server notices a client gone only when
+	// it next writes, and pg_sleep writes nothing): ended here, so that
+	// the next thief's session is the one the revocation meets first.
+	if _, err := pgAdmin.Exec(ctx, `SELECT pg_terminate_backend($1)`, stolen.pid); err != nil {
+		t.Fatal(err)
+	}
+	waitUntil(t, 30*time.Second, "the first thief's session ended", func() bool { return !sessionAlive(t, pgAdmin, stolen.pid) })
 
 	// The admin chooses revoke for the role; the issuer reads it at start.
 	setOnForeignUse(t, "revoke")
@@ -154,11 +162,16 @@ func testCredentialUseAndTheft(t *testing.T) {
 		return errors.Is(err, os.ErrNotExist)
 	})
 	report(t, "thief's login -> the pod's files withdrawn (revoke)", files.Sub(stolen.start))
-	if usedElsewhere(t, pod, thief.Status.PodIP, "revoke") == nil {
+	if ev := usedElsewhere(t, pod, thief.Status.PodIP, "revoke"); ev == nil {
 		t.Error("no CredentialUsedElsewhere event naming the thief's address and the revocation")
+	} else {
+		t.Logf("event %s: %s", ev.Reason, ev.Message)
 	}
-	if len(foreignUseRecords(t, pod.Name, thief.Status.PodIP)) == 0 {
+	if rs := foreignUseRecords(t, pod.Name, thief.Status.PodIP); len(rs) == 0 {
 		t.Error("no audit record of the second foreign use")
+	} else {
+		b, _ := json.Marshal(rs[0])
+		t.Logf("audit: %s", b)
 	}
 	if _, err := inventoryClient(t).Get(ctx, pod.Namespace, inventory.TombstoneName(string(pod.UID), volumeIDOf(t, cred))); err != nil {
 		t.Errorf("no tombstone of the example pod's volume: %v", err)
