@@ -51,6 +51,10 @@ func Used(u credential.Usage) func(*v1alpha1.CredentialStatus) {
 	}
 }
 
+// notSeen says why a use is not known whole (credential.Usage.Sampled
+// false).
+const notSeen = "the issuer did not see the sessions of the credential's whole life (it cannot see sessions: its admin lacks pg_read_all_stats, or sampling fails; or it started after the credential)"
+
 // usedCondition is the Used condition of a credential used as u.
 func usedCondition(u credential.Usage, sources []v1alpha1.Source) metav1.Condition {
 	c := metav1.Condition{Type: v1alpha1.ConditionUsed, Status: metav1.ConditionFalse}
@@ -65,13 +69,13 @@ func usedCondition(u credential.Usage, sources []v1alpha1.Source) metav1.Conditi
 			c.Message += fmt.Sprintf("; used from %d address(es) none expected (sources marked foreign): see the pod's CredentialUsedElsewhere events and the audit records with stage=use", n)
 		}
 		if !u.Sampled {
-			c.Message += "; the issuer cannot see sessions now: its admin role lacks the privilege, or sampling fails"
+			c.Message += "; " + notSeen + ": the sources may be incomplete"
 		}
 	case u.Sampled:
 		c.Reason, c.Message = v1alpha1.ReasonNeverUsed, "no session of the credential seen so far"
 	default:
 		c.Reason = v1alpha1.ReasonNotObserved
-		c.Message = "the issuer cannot see sessions (its admin role lacks the privilege, or sampling fails): whether the credential was used is not known"
+		c.Message = notSeen + ": whether the credential was used is not known"
 	}
 	return c
 }

@@ -56,7 +56,7 @@ func TestUsedStatus(t *testing.T) {
 		{name: "beyond the bound", u: credential.Usage{FirstUsedAt: first, Sources: sources(credential.MaxSources + 3), Dropped: 1, Sampled: true},
 			status: metav1.ConditionTrue, reason: v1alpha1.ReasonUsed, summary: "10.0.0.1,10.0.0.2,10.0.0.3,+9", sources: credential.MaxSources, dropped: 4},
 		{name: "used, blind now", u: credential.Usage{FirstUsedAt: first, Sources: sources(1)},
-			status: metav1.ConditionTrue, reason: v1alpha1.ReasonUsed, summary: "10.0.0.1", sources: 1, msgContains: "cannot see sessions now"},
+			status: metav1.ConditionTrue, reason: v1alpha1.ReasonUsed, summary: "10.0.0.1", sources: 1, msgContains: "sources may be incomplete"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			var st v1alpha1.CredentialStatus

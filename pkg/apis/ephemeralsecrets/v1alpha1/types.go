@@ -64,8 +64,9 @@ const (
 	ConditionWithdrawn = "Withdrawn"
 	// ConditionUsed is True once the issuer saw a session of the
 	// credential; False while it saw none, with the reason NeverUsed, or
-	// NotObserved when the issuer cannot see sessions (never used then
-	// means not known).
+	// NotObserved when the issuer did not see all of its life (it cannot
+	// see sessions, or started after the credential): never used then
+	// means not known.
 	ConditionUsed = "Used"
 )
 
