@@ -318,6 +318,7 @@ bench: postgres kube
 	$(GO) run ./test/bench/issuer --out bench-issuer-results.json
 	$(GO) test -run '^$$' -bench . -benchmem -benchtime 2000x ./pkg/storage ./pkg/render
 	$(GO) test -run '^$$' -bench . -benchtime 200x ./pkg/issuer
+	$(GO) test -run '^$$' -bench SampleSessions -benchtime 200x ./pkg/issuer/postgres
 
 # Pod start-up in a real cluster (the node of `make cluster`, the driver
 # built with the static provider): pods with our volume against pods with

@@ -84,8 +84,11 @@ type Record struct {
 type UseDetail struct {
 	// Event is which use: first (its first use), source (a session from
 	// an address not seen before), foreign (a use from an address none
-	// expected, and what was done), unused (the role's unusedAfter passed
-	// without a use) or summary (at its revocation).
+	// expected, and the action the role says), kill (what onForeignUse
+	// revoke did: sessions ended, record or files withdrawn, role
+	// dropped; its outcome error when some step failed, tried again),
+	// unused (the role's unusedAfter passed without a use) or summary (at
+	// its revocation).
 	Event string `json:"event"`
 	// Source is the client address of the session (first, source,
 	// foreign); "local" for a Unix socket.
@@ -105,6 +108,7 @@ const (
 	UseFirst   = "first"
 	UseSource  = "source"
 	UseForeign = "foreign"
+	UseKill    = "kill"
 	UseUnused  = "unused"
 	UseSummary = "summary"
 )

@@ -143,6 +143,12 @@ func run(bin string) (err error) {
 		return fmt.Errorf("the query outside the grant was not refused: %v", err)
 	}
 	fmt.Printf("    SELECT * FROM salaries                  -> refused: %s\n", pgErr.Message)
+	step("The issuer sees the agent's session (it samples the sessions of the roles it made every --use-interval, 1s)")
+	detail, err := waitUse(auditLog, pod.Name, "first", 10*time.Second)
+	if err != nil {
+		return err
+	}
+	fmt.Printf("    audit, stage use: %s (the backend file expects 127.0.0.0/8; any other address is a foreign use)\n", detail)
 	conn.Close(ctx)
 
 	step("An admin asks: what credentials are alive on this node? (ephemeral-secrets-csi leases)")
@@ -179,6 +185,9 @@ func run(bin string) (err error) {
 		fmt.Printf("    login with the old credentials -> refused: %s\n", shortErr(err))
 	}
 
+	if _, err := waitUse(auditLog, pod.Name, "summary", 10*time.Second); err != nil {
+		return err
+	}
 	step("The audit trail (%s)", auditLog)
 	if err := showAudit(auditLog, pod.Name); err != nil {
 		return err
@@ -290,6 +299,32 @@ func showAudit(path, name string) error {
 	return sc.Err()
 }
 
+// waitUse waits for the audit record of stage use and event of pod name,
+// and returns its detail.
+func waitUse(path, name, event string, timeout time.Duration) (string, error) {
+	deadline := time.Now().Add(timeout)
+	for {
+		data, err := os.ReadFile(path)
+		if err != nil {
+			return "", err
+		}
+		for line := range strings.SplitSeq(strings.TrimSpace(string(data)), "\n") {
+			var r struct {
+				Stage, Detail string
+				Pod           struct{ Name string }
+				Use           struct{ Event string }
+			}
+			if json.Unmarshal([]byte(line), &r) == nil && r.Stage == "use" && r.Pod.Name == name && r.Use.Event == event {
+				return r.Detail, nil
+			}
+		}
+		if time.Now().After(deadline) {
+			return "", fmt.Errorf("no use record %q of pod %s in the audit trail within %s", event, name, timeout)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
 func shortErr(err error) string {
 	var pgErr *pgconn.PgError
 	if errors.As(err, &pgErr) {
@@ -330,6 +365,7 @@ const backendsYAML = `postgres:
   connections:
     shop:
       url: %s
+      expectedSources: [127.0.0.0/8]
       roles:
         orders-reader:
           defaultTTL: 1h

@@ -40,7 +40,8 @@ func run(m *testing.M) int {
 		fmt.Println(err)
 		return 1
 	}
-	if pg, err = pgtest.Start(); err != nil {
+	// 127.0.0.2 may log in too: a stolen credential's thief (use_test.go).
+	if pg, err = pgtest.StartWith(pgtest.Options{ClientNets: []string{thiefAddr + "/32"}}); err != nil {
 		fmt.Println(err)
 		return 1
 	}
@@ -204,6 +205,7 @@ func backends(ttl, maxTTL string) string {
   connections:
     main:
       url: %s
+      expectedSources: [127.0.0.1/32]
       roles:
         reader:
           defaultTTL: %s

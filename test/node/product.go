@@ -90,10 +90,10 @@ func StartDatabase(ctx context.Context) (*Database, error) {
 	if err := pg.Exec(ctx,
 		`CREATE DATABASE shop`,
 		// Least privilege, as README's admin role: CREATEROLE and the grants
-		// it hands on, nothing else (no superuser, no pg_signal_backend).
+		// it hands on, and pg_read_all_stats (the issuer sees the sessions
+		// of the roles it made: their use), nothing else (no superuser, no
+		// pg_signal_backend).
 		fmt.Sprintf(`CREATE ROLE csi_admin LOGIN CREATEROLE PASSWORD '%s'`, db.AdminPassword),
-		// The issuer sees the sessions of the roles it made (their use, and
-		// a use from elsewhere): the admin SQL's one grant for it.
 		`GRANT pg_read_all_stats TO csi_admin`,
 	); err != nil {
 		pg.Close()

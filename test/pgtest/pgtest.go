@@ -5,6 +5,7 @@
 package pgtest
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -33,6 +34,8 @@ type Options struct {
 	Listen []string
 	// ClientNets are more networks (CIDR) that may log in with a password.
 	ClientNets []string
+	// MaxConnections is the server's max_connections (default 200).
+	MaxConnections int
 }
 
 // Server is a running (or stopped) PostgreSQL.
@@ -134,7 +137,7 @@ func (s *Server) Restart() error {
 	defer log.Close()
 	s.cmd = s.command(filepath.Join(s.bin, "postgres"), "-D", filepath.Join(s.dir, "data"),
 		"-p", strconv.Itoa(s.Port), "-k", s.dir, "-c", "listen_addresses="+strings.Join(append([]string{"127.0.0.1"}, s.opts.Listen...), ","),
-		"-c", "fsync=off", "-c", "full_page_writes=off", "-c", "max_connections=200")
+		"-c", "fsync=off", "-c", "full_page_writes=off", "-c", "max_connections="+strconv.Itoa(cmp.Or(s.opts.MaxConnections, 200)))
 	s.cmd.Stdout, s.cmd.Stderr = log, log
 	if err := s.cmd.Start(); err != nil {
 		return err

@@ -9,6 +9,7 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	corev1client "k8s.io/client-go/kubernetes/typed/core/v1"
+	"k8s.io/klog/v2"
 
 	"github.com/ephemeral-secrets/csi-driver/pkg/credential"
 )
@@ -54,6 +55,13 @@ func (k KubeResolver) Expected(ctx context.Context, e credential.Record) ([]neti
 	}
 	node, err := k.Nodes.Nodes().Get(ctx, nodeName, metav1.GetOptions{})
 	if apierrors.IsNotFound(err) {
+		return out, nil
+	}
+	if apierrors.IsForbidden(err) {
+		// An issuer not allowed to read nodes (its RBAC older than this
+		// code) expects the pod's IPs only: a cluster that SNATs pod
+		// traffic then sees its pods' uses as foreign.
+		klog.V(2).InfoS("Not allowed to read the node: only the pod's IPs are expected", "node", nodeName)
 		return out, nil
 	}
 	if err != nil {

@@ -526,7 +526,7 @@ func (t *Tracker) kill(ctx context.Context, conn string, c *cred, addr string) {
 			"pod", c.rec.Pod.Namespace+"/"+c.rec.Pod.Name, "address", addr, "sessionsEnded", ended)
 	}
 	t.audit(c, "killed ("+reason+"): "+strings.Join(steps, ", "), outcome, msg,
-		&audit.UseDetail{Event: audit.UseForeign, Source: addr, Foreign: true, Action: pgengine.ForeignRevoke})
+		&audit.UseDetail{Event: audit.UseKill, Source: addr, Foreign: true, Action: pgengine.ForeignRevoke})
 }
 
 // checkUnused says, once, that c went unused past its role's

@@ -75,6 +75,7 @@ type setup struct {
 	recorder        bool     // a Recorder (the cluster's inventory); else files are withdrawn in-process
 	resolver        use.Resolver
 	noExpectedCIDRs bool
+	revocation      []string // the role's revocationStatements (default the driver's)
 }
 
 func newWorld(t *testing.T, s setup) *world {
@@ -89,7 +90,7 @@ func newWorld(t *testing.T, s setup) *world {
 		return pgengine.Config{Connections: map[string]*pgengine.Connection{"main": {
 			URL: s.admin, ExpectedSources: s.expected,
 			Roles: map[string]*pgengine.Role{"app": {
-				CreationStatements: []string{create}, OnForeignUse: s.onForeignUse,
+				CreationStatements: []string{create}, OnForeignUse: s.onForeignUse, RevocationStatements: s.revocation,
 				UnusedAfter: pgengine.Duration{Duration: s.unusedAfter},
 				Allowed:     []pgengine.Subject{{Namespace: "team", ServiceAccount: "app"}},
 			}},
@@ -226,6 +227,10 @@ func TestExpectedUse(t *testing.T) {
 	}
 	c2 := w.login(l, "127.0.0.1")
 	w.sample(time.Second)
+	// LastUsedAt alone is written at most once a minute.
+	for range 60 {
+		w.sample(time.Second)
+	}
 	_ = c2.Close(ctx)
 	_ = c.Close(ctx)
 	if got := events(w.records("team-u-expected1")); !slices.Equal(got, []string{"first"}) {
@@ -244,7 +249,7 @@ func TestExpectedUse(t *testing.T) {
 		t.Errorf("summary: %s %+v", sum.Detail, sum.Use.Usage)
 	}
 	w.tracker.Close()
-	if got := w.rec.calls(); !slices.Equal(got, []string{"used team-u-expected1", "used team-u-expected1"}) {
+	if got := w.rec.calls(); !slices.Equal(got, []string{"used team-u-expected1", "used team-u-expected1", "used team-u-expected1"}) {
 		t.Errorf("recorder heard %v", got)
 	}
 	if w.meter.get("first") != 1 || w.meter.get("sessions") != 2 || w.meter.get("foreign") != 0 || w.meter.get("never") != 0 {
@@ -263,23 +268,25 @@ func leaseOf(l provider.Lease, id string) provider.Lease {
 // role, withdraws the credential and drops the role, record only records.
 func TestForeignUse(t *testing.T) {
 	for _, tc := range []struct {
-		action   string
-		recorder bool
-		warned   bool
-		killed   bool
+		name, action string
+		recorder     bool
+		warned       bool
+		killed       bool
+		revocation   []string
 	}{
-		{action: "alert", recorder: true, warned: true},
-		{action: "revoke", recorder: true, warned: true, killed: true},
-		{action: "revoke", recorder: false, killed: true}, // in-process: the files are withdrawn
-		{action: "record", recorder: true},
+		{name: "alert", action: "alert", recorder: true, warned: true},
+		{name: "revoke", action: "revoke", recorder: true, warned: true, killed: true},
+		{name: "revoke-inprocess", action: "revoke", killed: true}, // the files are withdrawn
+		// The admin's revocation statements leave sessions be: the kill
+		// ends them itself.
+		{name: "revoke-custom", action: "revoke", recorder: true, warned: true, killed: true,
+			revocation: []string{`DROP ROLE IF EXISTS "{{.Name}}"`}},
+		{name: "record", action: "record", recorder: true},
 	} {
-		name := tc.action
-		if !tc.recorder {
-			name += "-inprocess"
-		}
+		name := tc.name
 		t.Run(name, func(t *testing.T) {
 			ctx := context.Background()
-			w := newWorld(t, setup{onForeignUse: tc.action, recorder: tc.recorder})
+			w := newWorld(t, setup{onForeignUse: tc.action, recorder: tc.recorder, revocation: tc.revocation})
 			id := "team-f-" + name
 			l := w.issue(id, "f")
 			own := w.login(l, "127.0.0.1")
@@ -290,7 +297,7 @@ func TestForeignUse(t *testing.T) {
 			rs := w.records(id)
 			want := []string{"first", "source", "foreign:" + tc.action}
 			if tc.killed {
-				want = append(want, "foreign:revoke") // the kill's own record
+				want = append(want, "kill:revoke")
 			}
 			if got := events(rs); !slices.Equal(got, want) {
 				t.Fatalf("use records %v, want %v", got, want)
@@ -420,6 +427,33 @@ func TestBlindAdminNeverSaysUnused(t *testing.T) {
 		t.Errorf("after the grant: %+v", u)
 	}
 	_ = w.node.Revoke(ctx, leaseOf(l, "team-b-granted01"))
+}
+
+// README's least-privilege admin (CREATEROLE, no superuser) with the one
+// grant use observation needs (pg_read_all_stats) sees a foreign use and
+// kills it: it ends the sessions itself (the admin's revocation
+// statements here leave them be) and drops the role.
+func TestLeastPrivilegeAdminKills(t *testing.T) {
+	ctx := context.Background()
+	if err := pg.Exec(ctx, `CREATE ROLE csi_least_use LOGIN CREATEROLE PASSWORD 'least-use-admin'`,
+		`GRANT pg_read_all_stats TO csi_least_use`); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = pg.Exec(ctx, `DROP ROLE IF EXISTS csi_least_use`) })
+	w := newWorld(t, setup{admin: pg.URL("csi_least_use", "least-use-admin"), onForeignUse: "revoke", recorder: true,
+		revocation: []string{`GRANT "{{.Name}}" TO CURRENT_USER`, `DROP ROLE IF EXISTS "{{.Name}}"`}})
+	l := w.issue("team-l-leastkill", "l")
+	stolen := w.login(l, thief)
+	w.sample(time.Second)
+	if w.meter.blind["main"] {
+		t.Fatal("blind with pg_read_all_stats")
+	}
+	if _, err := stolen.Exec(ctx, `SELECT 1`); err == nil {
+		t.Error("the thief's session outlives the kill")
+	}
+	if exists, err := pg.RoleExists(ctx, l.Values["username"]); err != nil || exists {
+		t.Errorf("the role survives the kill: %v %v", exists, err)
+	}
 }
 
 // The pod's and node's addresses (the Resolver's) are expected; the
