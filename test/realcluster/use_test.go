@@ -243,8 +243,9 @@ func apply(t *testing.T, doc string) {
 }
 
 // startThief starts a thief pod and hands it env (the stolen pg.env) in
-// its emptyDir, as soon as kubelet made it: db-check reads it at start
-// (missing, it exits and kubelet starts it again).
+// its emptyDir (memory: never on the node's disk) as soon as kubelet
+// mounted it: db-check reads it at start (missing, it exits and kubelet
+// starts it again).
 func startThief(t *testing.T, name, env string) *corev1.Pod {
 	t.Helper()
 	ctx := context.Background()
@@ -256,9 +257,10 @@ func startThief(t *testing.T, name, env string) *corev1.Pod {
 		return err == nil
 	})
 	dir := filepath.Join("/var/lib/kubelet/pods", string(pod.UID), "volumes/kubernetes.io~empty-dir/stolen")
+	// Its tmpfs mounted (a file written before would be under it).
 	waitUntil(t, time.Minute, "the thief's emptyDir", func() bool {
-		_, err := os.Stat(dir)
-		return err == nil
+		_, fstype, _, ok := harness.MountOptions(dir)
+		return ok && fstype == "tmpfs"
 	})
 	if err := os.WriteFile(filepath.Join(dir, "pg.env"), []byte(env), 0o644); err != nil {
 		t.Fatal(err)
