@@ -99,7 +99,8 @@ func TestUseAndIssueRateAlerts(t *testing.T) {
 	// new: fires); orders' counter, at zero since start, counted one 3
 	// minutes ago (fires); reports' at zero all along and batch's first
 	// foreign use 20 minutes ago (quiet); the replica connection blind for
-	// its last 8 minutes (fires), main never.
+	// its last 8 minutes (fires), main never (but on a replica that led
+	// no more: quiet).
 	const useSteps = 30
 	foreign := func(role, action string) string {
 		return `ephemeral_secrets_use_foreign_total{action="` + action + `",connection="main",instance="10.0.0.9:9811",job="` + jobs["issuer"] + `",pod="issuer-1",role="` + role + `"}`
@@ -107,6 +108,8 @@ func TestUseAndIssueRateAlerts(t *testing.T) {
 	blind := func(conn string) string {
 		return `ephemeral_secrets_use_sampling_blind{connection="` + conn + `",instance="10.0.0.9:9811",job="` + jobs["issuer"] + `",pod="issuer-1"}`
 	}
+	// issuer-2 led, blind on main, and leads no more: its gauge is stale.
+	replica := `{instance="10.0.0.10:9811",job="` + jobs["issuer"] + `",pod="issuer-2"}`
 	use := append(up(jobs, useSteps, "n1"),
 		Series{Series: foreign("app", "revoke"), Values: constant(1, useSteps-5, useSteps)},
 		Series{Series: foreign("orders", "alert"), Values: strings.Repeat("0 ", useSteps-4) + "1 1 1 1"},
@@ -114,6 +117,10 @@ func TestUseAndIssueRateAlerts(t *testing.T) {
 		Series{Series: foreign("batch", "record"), Values: constant(1, 9, useSteps)},
 		Series{Series: blind("main"), Values: constant(0, 0, useSteps)},
 		Series{Series: blind("replica"), Values: strings.Repeat("0 ", useSteps-9) + constant(1, 0, 9)},
+		Series{Series: `ephemeral_secrets_issuer_leader{instance="10.0.0.9:9811",job="` + jobs["issuer"] + `",pod="issuer-1"}`, Values: constant(1, 0, useSteps)},
+		Series{Series: `up` + replica, Values: constant(1, 0, useSteps)},
+		Series{Series: `ephemeral_secrets_issuer_leader` + replica, Values: constant(0, 0, useSteps)},
+		Series{Series: `ephemeral_secrets_use_sampling_blind` + strings.Replace(replica, "{", `{connection="main",`, 1), Values: constant(1, 0, useSteps)},
 	)
 
 	cases := []Case{
