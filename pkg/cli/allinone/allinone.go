@@ -11,8 +11,9 @@
 // node.
 //
 // It imports pkg/cli (the node plugin's command line, which it extends
-// with Options), pkg/issuer, pkg/issuer/postgres and pkg/issuer/remote
-// (the issuer and its transport), pkg/inventory (the issuer's recorder,
+// with Options), pkg/issuer, pkg/issuer/postgres, pkg/issuer/remote and pkg/issuer/use
+// (the issuer, its transport, the pod and node resolver of its use
+// observation), pkg/inventory (the issuer's recorder,
 // the controller, the housekeeper), pkg/provider/aws, pkg/provider/vault,
 // pkg/provider/gcp and pkg/provider/postgres (the sections it serves), pkg/driver (the
 // driver's name), pkg/credential (the record the inventory's controller

@@ -328,6 +328,10 @@ func TestForeignUse(t *testing.T) {
 				t.Fatal(err)
 			}
 			if tc.killed {
+				w.sample(time.Second) // the role is gone: its summary
+				if got := events(w.records(id)); got[len(got)-1] != "summary" {
+					t.Errorf("no summary after the kill: %v", got)
+				}
 				if stolenErr == nil || ownErr == nil {
 					t.Errorf("sessions survive the kill: thief's error %v, pod's %v", stolenErr, ownErr)
 				}
@@ -345,6 +349,36 @@ func TestForeignUse(t *testing.T) {
 			}
 		})
 	}
+}
+
+// Run samples at once, then at each tick of its clock, until its context
+// ends.
+func TestRunSamplesEveryInterval(t *testing.T) {
+	w := newWorld(t, setup{})
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); w.tracker.Run(ctx) }()
+	waitFor := func(n int) {
+		t.Helper()
+		deadline := time.Now().Add(10 * time.Second)
+		for w.meter.get("samples") < n {
+			if time.Now().After(deadline) {
+				t.Fatalf("%d samples, want %d", w.meter.get("samples"), n)
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+	waitFor(1)
+	for !w.clock.HasWaiters() {
+		time.Sleep(time.Millisecond)
+	}
+	w.clock.Step(use.DefaultInterval)
+	waitFor(2)
+	if n := w.meter.get("samples"); n != 2 {
+		t.Errorf("%d samples after one interval, want 2", n)
+	}
+	cancel()
+	<-done
 }
 
 // A credential never used is revoked with a "never used" summary; one
@@ -617,7 +651,7 @@ func (m *meter) FirstUse(conn string)              { m.add("first", 1) }
 func (m *meter) Foreign(conn, role, action string) { m.add("foreign "+action, 1) }
 func (m *meter) NeverUsed(conn, role string)       { m.add("never "+role, 1) }
 func (m *meter) Unused(conn, role string)          { m.add("unused "+role, 1) }
-func (m *meter) Sampled(string, time.Duration)     {}
+func (m *meter) Sampled(string, time.Duration)     { m.add("samples", 1) }
 func (m *meter) Blind(conn string, blind bool) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
