@@ -113,8 +113,9 @@ func testCredentialUseAndTheft(t *testing.T) {
 	// The thief, with onForeignUse alert.
 	apply(t, thiefNamespace)
 	defer func() { _ = cluster.Clients.CoreV1().Namespaces().Delete(ctx, thiefNS, metav1.DeleteOptions{}) }()
-	thief := startThief(t, "thief-alert", env)
-	stolen := sessionOf(t, pgAdmin, role, thief.Status.PodIP)
+	startThief(t, "thief-alert", env)
+	stolen := sessionFromElsewhere(t, pgAdmin, role, pod.Status.PodIP)
+	thief := thiefWith(t, "thief-alert", stolen.addr)
 	warned := waitUntil(t, 30*time.Second, "a CredentialUsedElsewhere event on the example pod", func() bool {
 		return usedElsewhere(t, pod, thief.Status.PodIP, "alert") != nil
 	})
@@ -151,8 +152,10 @@ func testCredentialUseAndTheft(t *testing.T) {
 	// The admin chooses revoke for the role; the issuer reads it at start.
 	setOnForeignUse(t, "revoke")
 	defer setOnForeignUse(t, "")
-	thief = startThief(t, "thief-revoke", env)
-	stolen = sessionOf(t, pgAdmin, role, thief.Status.PodIP)
+	defer issuerLogsOnFailure(t) // before the restore's restart loses them
+	startThief(t, "thief-revoke", env)
+	stolen = sessionFromElsewhere(t, pgAdmin, role, pod.Status.PodIP)
+	thief = thiefWith(t, "thief-revoke", stolen.addr)
 	ended := waitUntil(t, time.Minute, "the thief's session ended", func() bool { return !sessionAlive(t, pgAdmin, stolen.pid) })
 	report(t, "thief's login -> its session ended (revoke)", ended.Sub(stolen.start))
 	roleGone(t, role, time.Minute)
@@ -182,6 +185,7 @@ func testCredentialUseAndTheft(t *testing.T) {
 type session struct {
 	pid   int32
 	start time.Time
+	addr  string
 }
 
 // sessionOf waits for a session of role from addr and returns it.
@@ -242,11 +246,42 @@ func apply(t *testing.T, doc string) {
 	}
 }
 
+// sessionFromElsewhere waits for a session of role from an address other
+// than ours (the example pod's), watching the database itself: a revoked
+// thief's session may be born and ended before kubelet says its pod
+// runs.
+func sessionFromElsewhere(t *testing.T, pgAdmin *pgx.Conn, role, ours string) session {
+	t.Helper()
+	var s session
+	waitUntil(t, 2*time.Minute, "a session of "+role+" from elsewhere than "+ours, func() bool {
+		err := pgAdmin.QueryRow(context.Background(),
+			`SELECT pid, backend_start, host(client_addr) FROM pg_stat_activity WHERE usename = $1 AND host(client_addr) <> $2 ORDER BY backend_start LIMIT 1`,
+			role, ours).Scan(&s.pid, &s.start, &s.addr)
+		return err == nil
+	})
+	return s
+}
+
+// thiefWith is the thief's pod, which must have the address addr.
+func thiefWith(t *testing.T, name, addr string) *corev1.Pod {
+	t.Helper()
+	var p *corev1.Pod
+	waitUntil(t, time.Minute, "the thief's pod's address", func() bool {
+		var err error
+		p, err = cluster.Clients.CoreV1().Pods(thiefNS).Get(context.Background(), name, metav1.GetOptions{})
+		return err == nil && p.Status.PodIP != ""
+	})
+	if p.Status.PodIP != addr {
+		t.Fatalf("the session from elsewhere came from %s, not the thief's pod (%q)", addr, p.Status.PodIP)
+	}
+	return p
+}
+
 // startThief starts a thief pod and hands it env (the stolen pg.env) in
 // its emptyDir (memory: never on the node's disk) as soon as kubelet
 // mounted it: db-check reads it at start (missing, it exits and kubelet
 // starts it again).
-func startThief(t *testing.T, name, env string) *corev1.Pod {
+func startThief(t *testing.T, name, env string) {
 	t.Helper()
 	ctx := context.Background()
 	apply(t, fmt.Sprintf(thiefPod, name, node.DBCheckImage))
@@ -265,7 +300,6 @@ func startThief(t *testing.T, name, env string) *corev1.Pod {
 	if err := os.WriteFile(filepath.Join(dir, "pg.env"), []byte(env), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	return waitPod(t, thiefNS, name, 2*time.Minute, corev1.PodRunning)
 }
 
 // usedElsewhere is the CredentialUsedElsewhere event of pod naming addr
@@ -385,4 +419,32 @@ func kubectlGet(t *testing.T, args ...string) string {
 		t.Fatalf("kubectl get %v: %v\n%s", args, err, out)
 	}
 	return string(out)
+}
+
+// issuerLogsOnFailure prints what the issuer replicas logged of use (and
+// keeps their logs for the secret search) when the test failed.
+func issuerLogsOnFailure(t *testing.T) {
+	t.Helper()
+	if !t.Failed() {
+		return
+	}
+	pods, err := cluster.Clients.CoreV1().Pods(node.Namespace).List(context.Background(), metav1.ListOptions{LabelSelector: "app.kubernetes.io/component=issuer"})
+	if err != nil {
+		t.Log(err)
+		return
+	}
+	for _, p := range pods.Items {
+		b, err := cluster.Clients.CoreV1().Pods(p.Namespace).GetLogs(p.Name, &corev1.PodLogOptions{Container: "issuer"}).DoRaw(context.Background())
+		if err != nil {
+			continue
+		}
+		keepLog(p.Name, string(b))
+		var lines []string
+		for _, l := range strings.Split(string(b), "\n") {
+			if strings.Contains(l, `"stage":"use"`) || strings.Contains(l, "tracker.go") || strings.Contains(l, "Leading") || strings.Contains(l, "kube.go") {
+				lines = append(lines, l)
+			}
+		}
+		t.Logf("issuer %s, its use lines:\n%s", p.Name, strings.Join(lines, "\n"))
+	}
 }
