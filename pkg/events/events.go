@@ -95,12 +95,25 @@ func (r *Recorder) Run(ctx context.Context) {
 			return
 		case e := <-r.queue:
 			sctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-			if _, err := r.client.Resource(eventsGVR).Namespace(e.pod.Namespace).Create(sctx, r.object(e), metav1.CreateOptions{}); err != nil {
+			if err := r.send(sctx, e); err != nil {
 				klog.ErrorS(err, "Sending an event", "pod", e.pod.Namespace+"/"+e.pod.Name, "reason", e.reason)
 			}
 			cancel()
 		}
 	}
+}
+
+// Send sends a Warning event about pod now, neither queued nor
+// deduplicated, and tells whether the API server took it: for a warning
+// its caller must know was given (a credential used elsewhere), which
+// the caller sends once.
+func (r *Recorder) Send(ctx context.Context, pod provider.Pod, reason, message string) error {
+	return r.send(ctx, event{pod: pod, reason: reason, message: message, at: time.Now()})
+}
+
+func (r *Recorder) send(ctx context.Context, e event) error {
+	_, err := r.client.Resource(eventsGVR).Namespace(e.pod.Namespace).Create(ctx, r.object(e), metav1.CreateOptions{})
+	return err
 }
 
 func (r *Recorder) object(e event) *unstructured.Unstructured {

@@ -27,14 +27,20 @@ type Recorder struct {
 	// seen tells when the informer has delivered a record Issuing created
 	// (Withdrawn then reads the cache; nil without an informer).
 	seen *sightings
+	// warner sends the Warning events of UsedElsewhere (use.go).
+	warner PodWarner
 }
 
 // NewRecorder records through c. informer (NewInformer, all records; it
 // may be nil) answers Tracked and finds records by lease ID once it has
 // synced; the Recorder asks the API server until then.
-func NewRecorder(c *Client, informer cache.SharedIndexInformer) *Recorder {
-	return &Recorder{store: store{client: c, finalizer: v1alpha1.FinalizerRevoke, cache: informer, created: record.NewCreated()},
+func NewRecorder(c *Client, informer cache.SharedIndexInformer, opts ...RecorderOption) *Recorder {
+	r := &Recorder{store: store{client: c, finalizer: v1alpha1.FinalizerRevoke, cache: informer, created: record.NewCreated()},
 		informer: informer, seen: newSightings(informer)}
+	for _, o := range opts {
+		o(r)
+	}
+	return r
 }
 
 // Issuing creates e's record before its role exists, in one write: the

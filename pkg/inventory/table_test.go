@@ -49,7 +49,7 @@ func TestKubectlGetIsTheInventory(t *testing.T) {
 			names = append(names, c.Name)
 		}
 	}
-	if want := []string{"Name", "Pod", "Node", "Provider", "Role", "State", "Expires", "Age"}; !slices.Equal(names, want) {
+	if want := []string{"Name", "Pod", "Node", "Provider", "Role", "State", "Expires", "Last-Used", "Sources", "Age"}; !slices.Equal(names, want) {
 		t.Errorf("columns %v, want %v", names, want)
 	}
 	if len(table.Rows) != 1 {

@@ -121,6 +121,12 @@ func issuerTarget(is *issuertest.Issuer, job string) Target {
 // and is ready.
 func startIssuer(t *testing.T, id string, flags ...string) *issuertest.Issuer {
 	t.Helper()
+	return startIssuerWith(t, id, backends, flags...)
+}
+
+// startIssuerWith is startIssuer with the backend file given.
+func startIssuerWith(t *testing.T, id, backends string, flags ...string) *issuertest.Issuer {
+	t.Helper()
 	is, err := issuertest.StartIssuer(bin, id, "", issuerKubeconfig, backends, flags...)
 	if err != nil {
 		t.Fatal(err)
@@ -265,9 +271,10 @@ func roleGone(t *testing.T, role string) {
 // and issuer (against a real PostgreSQL and kube-apiserver): none fires
 // while all is well; each fires, with its labels, when its condition is
 // made real: PostgreSQL down (issue and revoke errors on the node and in
-// the issuer, a Credential held in Revoking, the reaper failing), tenants
-// refused (first requests, authorization failures, a namespace's cap; no
-// error alert), the processes down, no leader, no node plugin at all.
+// the issuer, a Credential held in Revoking, the reaper failing, sessions
+// unseen), tenants refused (first requests, authorization failures, a
+// namespace's cap; no error alert), the processes down, no leader, no
+// node plugin at all.
 func TestAlertsOnRealMetrics(t *testing.T) {
 	promtool, err := harness.Tool("promtool")
 	if err != nil {
@@ -394,6 +401,8 @@ func TestAlertsOnRealMetrics(t *testing.T) {
 			"EphemeralSecretsIssuerIssueFailing":      {{}},
 			"EphemeralSecretsIssuerRevocationFailing": {{}},
 			"EphemeralSecretsCredentialStuckRevoking": {{}},
+			// Sampling fails too: no use is seen while it is down.
+			"EphemeralSecretsIssuerCannotSeeSessions": {{"connection": "main"}},
 		}},
 		{Name: "tenants refused", Recording: tenants, Firing: map[string][]map[string]string{
 			"EphemeralSecretsFirstSeenRequest":          {{"node": node, "namespace": "shop"}, {"node": node, "namespace": "lab"}},

@@ -25,9 +25,10 @@ type Group struct {
 	Rules []Rule `json:"rules"`
 }
 
-// Rule is one alerting rule.
+// Rule is one alerting or recording rule.
 type Rule struct {
-	Alert       string            `json:"alert"`
+	Alert       string            `json:"alert,omitempty"`
+	Record      string            `json:"record,omitempty"`
 	Expr        string            `json:"expr"`
 	For         string            `json:"for,omitempty"`
 	Labels      map[string]string `json:"labels,omitempty"`
@@ -39,19 +40,42 @@ func (r Rules) Alerts() map[string]Rule {
 	m := map[string]Rule{}
 	for _, g := range r.Groups {
 		for _, rule := range g.Rules {
-			m[rule.Alert] = rule
+			if rule.Alert != "" {
+				m[rule.Alert] = rule
+			}
 		}
 	}
 	return m
 }
 
-// Case is one test group of promtool: a recording, and the alerts that
-// must fire at its last step with their labels (the expression's; the
-// rule's own are added). Every other alert must not fire.
+// Case is one test group of promtool: a recording (or series written
+// out: Series, a value every Interval for Steps steps), and the alerts
+// that must fire at its last step with their labels (the expression's;
+// the rule's own are added). Every other alert must not fire. Exprs are
+// the values expressions (a recording rule's series) must have then.
 type Case struct {
 	Name      string
 	Recording *Recording
+	Series    []Series
+	Interval  time.Duration
+	Steps     int
 	Firing    map[string][]map[string]string
+	Exprs     []Expr
+}
+
+// Expr is an expression and the samples it must give at a case's last
+// step (promtool's promql_expr_test).
+type Expr struct {
+	Expr    string   `json:"expr"`
+	At      string   `json:"eval_time"`
+	Samples []Sample `json:"exp_samples"`
+}
+
+// Sample is one sample an Expr must give: its labels (the series in
+// PromQL's notation) and value.
+type Sample struct {
+	Labels string  `json:"labels"`
+	Value  float64 `json:"value"`
 }
 
 // promtool's unit-test file.
@@ -66,6 +90,7 @@ type testGroup struct {
 	Interval      string      `json:"interval"`
 	InputSeries   []Series    `json:"input_series"`
 	AlertRuleTest []alertTest `json:"alert_rule_test"`
+	PromQLTest    []Expr      `json:"promql_expr_test,omitempty"`
 }
 
 type alertTest struct {
@@ -107,8 +132,11 @@ func TestRules(promtool, dir string, rules Rules, cases []Case) (string, error) 
 	alerts := rules.Alerts()
 	tf := testFile{RuleFiles: []string{"bare-rules.yaml"}, EvaluationInterval: "1m"}
 	for _, c := range cases {
-		rec := c.Recording
-		if rec.Steps() == 0 {
+		series, interval, steps := c.Series, c.Interval, c.Steps
+		if rec := c.Recording; rec != nil {
+			series, interval, steps = rec.InputSeries(), rec.Interval, rec.Steps()
+		}
+		if steps == 0 || len(series) == 0 {
 			return "", fmt.Errorf("case %s: no scrape", c.Name)
 		}
 		for name := range c.Firing {
@@ -116,8 +144,12 @@ func TestRules(promtool, dir string, rules Rules, cases []Case) (string, error) 
 				return "", fmt.Errorf("case %s: no alert %s in the rules", c.Name, name)
 			}
 		}
-		tg := testGroup{Name: c.Name, Interval: duration(rec.Interval), InputSeries: rec.InputSeries()}
-		at := duration(time.Duration(rec.Steps()-1) * rec.Interval)
+		at := duration(time.Duration(steps-1) * interval)
+		tg := testGroup{Name: c.Name, Interval: duration(interval), InputSeries: series}
+		for _, e := range c.Exprs {
+			e.At = at
+			tg.PromQLTest = append(tg.PromQLTest, e)
+		}
 		for _, name := range slices.Sorted(maps.Keys(alerts)) {
 			exp := []expAlert{}
 			for _, labels := range c.Firing[name] {

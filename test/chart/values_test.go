@@ -224,7 +224,7 @@ func checkIssuerValues(t *testing.T, objs objects, driver *corev1.Container) {
 	errorf("replicas", *dep.Spec.Replicas, 3)
 	errorf("image (the driver's)", c.Image, driver.Image)
 	for _, a := range []string{
-		"--backend-config=/etc/ephemeral-secrets/issuer/pg.yaml", "--reap-interval=10s", "--cluster-domain=example.internal",
+		"--backend-config=/etc/ephemeral-secrets/issuer/pg.yaml", "--reap-interval=10s", "--use-interval=250ms", "--cluster-domain=example.internal",
 		"--listen-address=:9443", "--metrics-address=:9912", "-v=3", "--token-review-cache=5s",
 		"--service-name=secrets-csi-issuer", "--driver-service-account=secrets-csi",
 	} {

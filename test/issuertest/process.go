@@ -37,6 +37,8 @@ kind: ClusterRole
 metadata: {name: ephemeral-secrets-csi-issuer}
 rules:
 - {apiGroups: [""], resources: [pods], verbs: [get]}
+- {apiGroups: [""], resources: [nodes], verbs: [get]}
+- {apiGroups: [""], resources: [events], verbs: [create]}
 - {apiGroups: [authentication.k8s.io], resources: [tokenreviews], verbs: [create]}
 ---
 apiVersion: rbac.authorization.k8s.io/v1

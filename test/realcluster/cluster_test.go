@@ -44,6 +44,7 @@ func TestRealCluster(t *testing.T) {
 		{"AdminCredentialOnlyInTheIssuer", testAdminCredentialOnlyInTheIssuer},
 		{"InventoryAndKillSwitch", testInventoryAndKillSwitch},
 		{"NodeLoss", testNodeLoss},
+		{"CredentialUseAndTheft", testCredentialUseAndTheft},
 		{"VaultExample", testVaultExample},
 		{"UninstallLeavesNothing", testUninstallLeavesNothing},
 		{"KustomizeInstall", testKustomizeInstall},

@@ -17,7 +17,8 @@
 // the controller, the housekeeper), pkg/provider/aws, pkg/provider/vault,
 // pkg/provider/gcp and pkg/provider/postgres (the sections it serves), pkg/driver (the
 // driver's name), pkg/credential (the record the inventory's controller
-// revokes), pkg/audit and pkg/metrics.
+// revokes), pkg/audit and pkg/metrics; pkg/events sends the cluster
+// issuer's Warning of a credential used elsewhere.
 package allinone
 
 import (

@@ -15,6 +15,7 @@ import (
 
 	"golang.org/x/time/rate"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
 	corev1client "k8s.io/client-go/kubernetes/typed/core/v1"
 	"k8s.io/client-go/rest"
@@ -28,6 +29,7 @@ import (
 	"github.com/ephemeral-secrets/csi-driver/pkg/audit"
 	"github.com/ephemeral-secrets/csi-driver/pkg/cli"
 	"github.com/ephemeral-secrets/csi-driver/pkg/credential"
+	"github.com/ephemeral-secrets/csi-driver/pkg/events"
 	"github.com/ephemeral-secrets/csi-driver/pkg/inventory"
 	"github.com/ephemeral-secrets/csi-driver/pkg/issuer"
 	pgengine "github.com/ephemeral-secrets/csi-driver/pkg/issuer/postgres"
@@ -129,7 +131,7 @@ func issuerCmd(version string, args []string) error {
 	}
 	defer closeAudit()
 
-	plugins, err := issuerPlugins(ctx, rc, cs.CoreV1(), f.retryMax)
+	plugins, err := issuerPlugins(ctx, rc, cs.CoreV1(), f.retryMax, f.id)
 	if err != nil {
 		return err
 	}
@@ -237,8 +239,12 @@ type plugins struct {
 // Controller, run by the leader, that revokes through the issuer the
 // credential of a record being deleted (the Pod gone, the kill switch),
 // retrying a failure after at most retryMax.
-func issuerPlugins(ctx context.Context, rc *rest.Config, pods corev1client.PodsGetter, retryMax time.Duration) (plugins, error) {
+func issuerPlugins(ctx context.Context, rc *rest.Config, pods corev1client.PodsGetter, retryMax time.Duration, id string) (plugins, error) {
 	c, err := inventory.NewClient(rc)
+	if err != nil {
+		return plugins{}, err
+	}
+	dyn, err := dynamic.NewForConfig(rc)
 	if err != nil {
 		return plugins{}, err
 	}
@@ -252,8 +258,11 @@ func issuerPlugins(ctx context.Context, rc *rest.Config, pods corev1client.PodsG
 	// The Recorder is the issuer's Inventory, and tells its Withdrawals
 	// (an optional interface the issuer looks for).
 	var _ issuer.Withdrawals = (*inventory.Recorder)(nil)
+	// It records what the issuer sees of each credential's use too.
+	var _ issuer.UseRecorder = (*inventory.Recorder)(nil)
 	return plugins{
-		Inventory: inventory.NewRecorder(c, inf),
+		// A credential used elsewhere is a Warning event on its pod.
+		Inventory: inventory.NewRecorder(c, inf, inventory.WithWarnings(events.NewRecorder(dyn, "ephemeral-secrets-csi-issuer", id))),
 		RunController: func(ctx context.Context, iss *issuer.Issuer, revoked func(error)) error {
 			revoke := func(ctx context.Context, e credential.Record) error {
 				conn, role, _ := strings.Cut(e.Role, "/")

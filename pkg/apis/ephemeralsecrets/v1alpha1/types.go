@@ -23,15 +23,15 @@ const (
 	LabelLeaseID  = "ephemeral-secrets.csi.dev/lease-id"
 )
 
-// State is where a credential is in its life.
-// +kubebuilder:validation:Enum=Issuing;Issued;Revoking;Revoked;Withdrawn
+// State is where a credential is in its life; none on a record created
+// before its backend was asked, until its status is written.
+// +kubebuilder:validation:Enum=Issued;Revoking;Revoked;Withdrawn
 type State string
 
-// The states of a credential.
+// The states of a credential. (Issuing, the state of a record written
+// before its backend was asked, went with the issuer's one-write mint: no
+// release wrote it, so no stored object has it and the enum could narrow.)
 const (
-	// StateIssuing: recorded before the backend was asked; the credential
-	// may or may not exist yet.
-	StateIssuing State = "Issuing"
 	// StateIssued: the backend holds it until status.expiresAt.
 	StateIssued State = "Issued"
 	// StateRevoking: the record is being deleted and the credential is
@@ -62,6 +62,19 @@ const (
 	// ConditionWithdrawn is True on a tombstone; its message says which
 	// record's deletion withdrew the volume's credential, and when.
 	ConditionWithdrawn = "Withdrawn"
+	// ConditionUsed is True once the issuer saw a session of the
+	// credential; False while it saw none, with the reason NeverUsed, or
+	// NotObserved when the issuer did not see all of its life (it cannot
+	// see sessions, or started after the credential): never used then
+	// means not known.
+	ConditionUsed = "Used"
+)
+
+// Reasons of the Used condition.
+const (
+	ReasonUsed        = "Used"
+	ReasonNeverUsed   = "NeverUsed"
+	ReasonNotObserved = "NotObserved"
 )
 
 // Credential is the record of one live credential: which pod on which
@@ -78,6 +91,8 @@ const (
 // +kubebuilder:printcolumn:name="Role",type=string,JSONPath=`.spec.role`
 // +kubebuilder:printcolumn:name="State",type=string,JSONPath=`.status.state`
 // +kubebuilder:printcolumn:name="Expires",type=string,format=date-time,JSONPath=`.status.expiresAt`
+// +kubebuilder:printcolumn:name="Last-Used",type=date,JSONPath=`.status.lastUsedAt`
+// +kubebuilder:printcolumn:name="Sources",type=string,JSONPath=`.status.sourcesSummary`
 // +kubebuilder:printcolumn:name="Age",type=date,JSONPath=`.metadata.creationTimestamp`
 // +kubebuilder:printcolumn:name="Class",type=string,JSONPath=`.spec.class`,priority=1
 // +kubebuilder:printcolumn:name="Lease",type=string,JSONPath=`.spec.leaseID`,priority=1
@@ -165,6 +180,56 @@ type CredentialStatus struct {
 	// +listMapKey=type
 	// +optional
 	Conditions []metav1.Condition `json:"conditions,omitempty"`
+
+	// The credential's use, as the issuer saw it in the backend (the
+	// sessions its PostgreSQL role opened): written on its first use, on a
+	// new source, at most once a minute for lastUsedAt, and at its
+	// revocation. The Used condition says whether it was used, or that the
+	// issuer could not see.
+
+	// FirstUsedAt is when a session of the credential was first seen.
+	// +optional
+	FirstUsedAt *metav1.Time `json:"firstUsedAt,omitempty"`
+	// LastUsedAt is when a session of it was last seen (to the minute).
+	// +optional
+	LastUsedAt *metav1.Time `json:"lastUsedAt,omitempty"`
+	// Sources are the client addresses its sessions came from, in the
+	// order first seen (the first ones only: droppedSources counts the
+	// rest).
+	// +kubebuilder:validation:MaxItems=8
+	// +listType=atomic
+	// +optional
+	Sources []Source `json:"sources,omitempty"`
+	// SourcesSummary is sources in one line, for kubectl get: the first
+	// addresses, each foreign one marked "(foreign)", and how many more.
+	// +kubebuilder:validation:MaxLength=256
+	// +optional
+	SourcesSummary string `json:"sourcesSummary,omitempty"`
+	// DroppedSources counts the source addresses left out of sources.
+	// +kubebuilder:validation:Minimum=0
+	// +optional
+	DroppedSources int32 `json:"droppedSources,omitempty"`
+	// Sessions is the most sessions of the credential seen open at once.
+	// +kubebuilder:validation:Minimum=0
+	// +optional
+	Sessions int32 `json:"sessions,omitempty"`
+}
+
+// Source is one client address a credential was used from.
+type Source struct {
+	// Address is the client's IP address (no port).
+	// +kubebuilder:validation:MinLength=1
+	// +kubebuilder:validation:MaxLength=64
+	// +required
+	Address string `json:"address"`
+	// FirstSeen is when a session from it was first seen.
+	// +required
+	FirstSeen metav1.Time `json:"firstSeen"`
+	// Foreign is true when the address is none the issuer expected for the
+	// credential (its pod's IPs, its node's addresses, the networks the
+	// admin listed for the connection): the credential was used elsewhere.
+	// +optional
+	Foreign bool `json:"foreign,omitempty"`
 }
 
 // CredentialList is a list of Credentials.
