@@ -14,7 +14,7 @@ import (
 
 // recordWriter tells the Inventory what became of a credential
 // (Inventory.Issued: issued, or extended until when) off the path of the
-// request that did it. A mint writes its record once, before its role is
+// request that did it. A mint writes its record once, as its role is
 // made (Inventory.Issuing); the record's status follows here, so a mint
 // waits for one write of the API server and an extension for none.
 //
