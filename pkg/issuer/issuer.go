@@ -88,7 +88,8 @@ func New(o Options) (*Issuer, error) {
 	}
 	i := &Issuer{admin: a, opts: o}
 	if o.Inventory != nil {
-		i.records = newRecordWriter(o.Inventory, i.recordGone, recordWorkers, nil, func() bool { return i.minting.Load() >= burstMints })
+		i.records = newRecordWriter(o.Inventory, i.recordGone, recordWorkers, nil, deferral{
+			busy: func() bool { return i.minting.Load() >= burstMints }, max: recordDefer, now: o.Now})
 	}
 	return i, nil
 }
