@@ -74,6 +74,8 @@ type round struct {
 	Drop map[string]latency `json:"drop"`
 	// C1Ratio is the issuer's p50 at concurrency 1 over the in-process one.
 	C1Ratio float64 `json:"c1_p50_ratio"`
+	// C1API is the API server's requests per mint of the issuer's c1 row.
+	C1API c1Cost `json:"c1_api_requests_per_mint"`
 	// Records is how many Credentials of the issuer burst were there when
 	// its last mint answered; Recorded that it was all of them (else the
 	// burst row is void).
@@ -83,6 +85,15 @@ type round struct {
 	// the burst said Issued (its status is written off the mint's path).
 	StatusLagS float64 `json:"burst_status_issued_after_s"`
 	API        apiCost `json:"burst_api_requests_per_mint"`
+}
+
+// c1Cost is the API server's requests per mint one at a time: the
+// TokenReviews (a node's first call after its cached review expired),
+// the pod reads (a pod its cache did not hold) and the Credential writes.
+type c1Cost struct {
+	Reviews    float64 `json:"token_reviews"`
+	PodReads   float64 `json:"pod_reads"`
+	CredWrites float64 `json:"credential_writes"`
 }
 
 // apiCost is the API server's requests per mint of the issuer burst
@@ -330,6 +341,8 @@ func run(out string, burst, nodes, seq, rounds int, qps string) error {
 	}
 	m := r.Median
 	fmt.Printf("issuer c1 / in-process c1 p50: %.2fx (each round: %s)\n", m.C1Ratio, roundsOf(r.Rounds, func(x round) float64 { return x.C1Ratio }))
+	fmt.Printf("issuer c1, API requests per mint: %.2f TokenReviews, %.2f pod reads, %.2f Credential writes (status included)\n",
+		m.C1API.Reviews, m.C1API.PodReads, m.C1API.CredWrites)
 	fmt.Printf("issuer burst wall: %.2f s, in-process burst wall: %.2f s (each round: %s)\n", m.Mint["issuer burst"].WallS,
 		m.Mint["in-process burst"].WallS, roundsOf(r.Rounds, func(x round) float64 { return x.Mint["issuer burst"].WallS }))
 	fmt.Printf("issuer burst: all %d Credentials there when the last mint answered in every round: %v; their status all Issued %.2f s after it\n",
@@ -472,17 +485,33 @@ func (b *bench) round(tag string, burst, seq int) (round, error) {
 	delete(rr.Drop, "warm-up")
 	// One at a time, alternating paths in blocks, so both see the same machine.
 	fmt.Printf("  %d mints one at a time, in-process and through the issuer ...\n", seq)
+	var c1 requestCounts
 	for blk := 0; blk < seq; blk += 10 {
 		n := min(10, seq-blk)
 		for _, p := range []struct {
 			name string
 			via  func(pod) *postgres.Provider
 		}{{"in-process c1", viaLocal}, {"issuer c1", viaIssuer}} {
+			before, err := b.requests()
+			if err != nil {
+				return rr, err
+			}
 			if err := mintAll(p.name, jobs(fmt.Sprintf("%s-%d", p.name[:5], blk), burst+blk, n), 1, p.via); err != nil {
 				return rr, err
 			}
+			after, err := b.requests()
+			if err != nil {
+				return rr, err
+			}
+			if p.name == "issuer c1" {
+				c1.reviews += after.reviews - before.reviews
+				c1.podReads += after.podReads - before.podReads
+				c1.credWrites += after.credWrites - before.credWrites
+			}
 		}
 	}
+	rr.C1API = c1Cost{Reviews: float64(c1.reviews) / float64(seq), PodReads: float64(c1.podReads) / float64(seq),
+		CredWrites: float64(c1.credWrites) / float64(seq)}
 	if err := dropAll("in-process c1 cleanup", 4, func(int) *postgres.Provider { return b.inProcess }); err != nil {
 		return rr, err
 	}
@@ -572,7 +601,7 @@ func (b *bench) records(prefix string) (all, issued int, err error) {
 }
 
 // requestCounts are counters of the API server's requests so far.
-type requestCounts struct{ credWrites, credReads, podReads int64 }
+type requestCounts struct{ credWrites, credReads, podReads, reviews int64 }
 
 // requests reads the API server's apiserver_request_total: the writes
 // and reads of Credentials, and the reads of pods (one GET, by any
@@ -604,6 +633,8 @@ func (b *bench) requests() (requestCounts, error) {
 			c.credReads += int64(v)
 		case has("resource", "pods") && has("verb", "GET") && has("subresource", ""):
 			c.podReads += int64(v)
+		case has("resource", "tokenreviews") && has("verb", "POST"):
+			c.reviews += int64(v)
 		}
 	}
 	return c, nil
@@ -664,6 +695,11 @@ func median(rs []round) round {
 		m.Drop[name] = medLatency(func(r round) latency { return r.Drop[name] })
 	}
 	m.C1Ratio = med(func(r round) float64 { return r.C1Ratio })
+	m.C1API = c1Cost{
+		Reviews:    med(func(r round) float64 { return r.C1API.Reviews }),
+		PodReads:   med(func(r round) float64 { return r.C1API.PodReads }),
+		CredWrites: med(func(r round) float64 { return r.C1API.CredWrites }),
+	}
 	m.StatusLagS = med(func(r round) float64 { return r.StatusLagS })
 	m.Records = int(med(func(r round) float64 { return float64(r.Records) }))
 	m.API = apiCost{
