@@ -50,8 +50,9 @@ func main() {
 	seq := flag.Int("seq", 100, "mints one at a time, in-process and through the issuer")
 	qps := flag.String("kube-api-qps", "", "the issuers' --kube-api-qps (burst: twice it); empty: their default")
 	rounds := flag.Int("rounds", 3, "rounds of every row; the table gives each figure's median over them")
+	gap := flag.Duration("c1-gap", 0, "pause after each mint of the c1 rows, both paths (0: back to back, so a mint's status write through the issuer overlaps the next mint)")
 	flag.Parse()
-	if err := run(*out, *burst, *nodes, *seq, *rounds, *qps); err != nil {
+	if err := run(*out, *burst, *nodes, *seq, *rounds, *qps, *gap); err != nil {
 		fmt.Fprintln(os.Stderr, "bench issuer:", err)
 		os.Exit(1)
 	}
@@ -108,6 +109,7 @@ type apiCost struct {
 
 type results struct {
 	Burst      int     `json:"burst"`
+	C1GapMS    float64 `json:"c1_gap_ms,omitempty"`
 	KubeAPIQPS string  `json:"issuer_kube_api_qps,omitempty"`
 	Nodes      int     `json:"nodes"`
 	Replicas   int     `json:"issuer_replicas"`
@@ -152,10 +154,11 @@ const (
 
 var params = map[string]string{"connection": "main", "role": "app"}
 
-func run(out string, burst, nodes, seq, rounds int, qps string) error {
+func run(out string, burst, nodes, seq, rounds int, qps string, gap time.Duration) error {
 	ctx := context.Background()
 	var r results
 	r.Burst, r.Nodes, r.Replicas, r.MaxConns, r.KubeAPIQPS = burst, nodes, replicas, maxConns, qps
+	r.C1GapMS = float64(gap.Microseconds()) / 1000
 	r.Machine.CPUs, r.Machine.Go, r.Machine.Date = runtime.NumCPU(), runtime.Version(), time.Now().UTC().Format(time.RFC3339)
 
 	dir, err := os.MkdirTemp("", "esc-bench-issuer-")
@@ -309,7 +312,7 @@ func run(out string, burst, nodes, seq, rounds int, qps string) error {
 	if err != nil {
 		return err
 	}
-	b := &bench{ctx: ctx, sampler: sampler, api: admin, inv: inv, pods: pods, plugins: plugins, inProcess: inProcess}
+	b := &bench{ctx: ctx, sampler: sampler, api: admin, inv: inv, pods: pods, plugins: plugins, inProcess: inProcess, gap: gap}
 	for round := range rounds {
 		fmt.Printf("round %d of %d\n", round+1, rounds)
 		rr, err := b.round(fmt.Sprintf("r%d", round), burst, seq)
@@ -341,6 +344,9 @@ func run(out string, burst, nodes, seq, rounds int, qps string) error {
 	}
 	m := r.Median
 	fmt.Printf("issuer c1 / in-process c1 p50: %.2fx (each round: %s)\n", m.C1Ratio, roundsOf(r.Rounds, func(x round) float64 { return x.C1Ratio }))
+	if gap > 0 {
+		fmt.Printf("(c1 rows: a pause of %v after each mint, both paths)\n", gap)
+	}
 	fmt.Printf("issuer c1, API requests per mint: %.2f TokenReviews, %.2f pod reads, %.2f Credential writes (status included)\n",
 		m.C1API.Reviews, m.C1API.PodReads, m.C1API.CredWrites)
 	fmt.Printf("issuer burst wall: %.2f s, in-process burst wall: %.2f s (each round: %s)\n", m.Mint["issuer burst"].WallS,
@@ -372,6 +378,8 @@ type bench struct {
 	pods      []pod
 	plugins   []*postgres.Provider
 	inProcess *postgres.Provider
+	// gap is the pause after each mint of the c1 rows.
+	gap time.Duration
 }
 
 type pod struct {
@@ -430,7 +438,11 @@ func (b *bench) round(tag string, burst, seq int) (round, error) {
 	}
 	mintAll := func(name string, jobs []job, concurrency int, via func(pod) *postgres.Provider) error {
 		stop := b.watch(appOf(name))
-		ds, fails, wall := timeAll(len(jobs), concurrency, func(i int) error {
+		gap := time.Duration(0)
+		if concurrency == 1 {
+			gap = b.gap
+		}
+		ds, fails, wall := timeAll(len(jobs), concurrency, gap, func(i int) error {
 			j := jobs[i]
 			l, err := via(j.pod).Issue(ctx, provider.Request{LeaseID: j.lease, VolumeID: j.pod.volume, Class: "shop/orders-db", Params: params, Pod: j.pod.p})
 			if err == nil {
@@ -454,7 +466,7 @@ func (b *bench) round(tag string, burst, seq int) (round, error) {
 	}
 	dropAll := func(name string, concurrency int, via func(i int) *postgres.Provider) error {
 		stop := b.watch(appOf(name))
-		ds, fails, wall := timeAll(len(live), concurrency, func(i int) error { return via(i).Revoke(ctx, live[i]) })
+		ds, fails, wall := timeAll(len(live), concurrency, 0, func(i int) error { return via(i).Revoke(ctx, live[i]) })
 		l := summarize(ds, fails)
 		l.WallS, l.AdminConns = wall.Seconds(), stop()
 		rr.Drop[name] = l
@@ -711,7 +723,9 @@ func median(rs []round) round {
 	return m
 }
 
-func timeAll(n, concurrency int, f func(i int) error) ([]time.Duration, int, time.Duration) {
+// timeAll runs f for 0..n-1, concurrency at once, and times each; gap is
+// a pause after each (not timed, in the wall time).
+func timeAll(n, concurrency int, gap time.Duration, f func(i int) error) ([]time.Duration, int, time.Duration) {
 	ds := make([]time.Duration, n)
 	var fails atomic.Int64
 	var firstErr error
@@ -725,6 +739,7 @@ func timeAll(n, concurrency int, f func(i int) error) ([]time.Duration, int, tim
 		go func() {
 			defer wg.Done()
 			defer func() { <-sem }()
+			defer time.Sleep(gap)
 			t := time.Now()
 			if err := f(i); err != nil {
 				fails.Add(1)
