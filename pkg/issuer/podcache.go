@@ -19,9 +19,9 @@ type PodLister interface {
 
 // PodCache is an informer of the pods a pod check may accept: scheduled
 // on a node and not finished (a field selector: a pod that finishes
-// leaves the cache), each kept trimmed to what the check reads (name,
-// namespace, UID, node, service account, phase, and of its volumes only
-// this driver's, with their class). It is a PodLister.
+// leaves the cache), each kept as what the check reads (name, namespace,
+// UID, node, service account, phase, and of its volumes only this
+// driver's, with their class). It is a PodLister.
 type PodCache struct {
 	inf cache.SharedIndexInformer
 }
@@ -45,6 +45,8 @@ func NewPodCache(pods corev1client.PodsGetter) *PodCache {
 		},
 	}
 	inf := cache.NewSharedIndexInformer(lw, &corev1.Pod{}, 0, cache.Indexers{})
+	// The store keeps podFacts: the informer needs of what it stores only
+	// its metadata (the key, the resource version).
 	_ = inf.SetTransform(trimPod)
 	return &PodCache{inf: inf}
 }
@@ -55,8 +57,8 @@ func (c *PodCache) Run(ctx context.Context) { c.inf.RunWithContext(ctx) }
 // HasSynced tells whether the cache has been filled once.
 func (c *PodCache) HasSynced() bool { return c.inf.HasSynced() }
 
-// Pod is the pod namespace/name as the cache holds it (trimmed: read
-// only what checkPod reads; never change it).
+// Pod is the pod namespace/name as the cache holds it: a Pod with only
+// what checkPod reads.
 func (c *PodCache) Pod(namespace, name string) (*corev1.Pod, bool) {
 	if !c.inf.HasSynced() {
 		return nil, false
@@ -65,32 +67,64 @@ func (c *PodCache) Pod(namespace, name string) (*corev1.Pod, bool) {
 	if err != nil || !ok {
 		return nil, false
 	}
-	p, ok := obj.(*corev1.Pod)
-	return p, ok
+	f, ok := obj.(*podFacts)
+	if !ok {
+		return nil, false
+	}
+	return f.pod(), true
 }
 
-// trimPod keeps of a pod what checkPod reads, and what the informer
-// needs (its resource version): a few hundred bytes a pod instead of
-// kilobytes.
+// podFacts is what the cache keeps of a pod (a quarter of a trimmed
+// corev1.Pod, whose zero value alone is over a kilobyte): the object's
+// name, namespace, UID and resource version (which the informer reads),
+// and what checkPod reads.
+type podFacts struct {
+	metav1.ObjectMeta
+	node, serviceAccount string
+	phase                corev1.PodPhase
+	volumes              []podVolume // this driver's
+}
+
+// podVolume is a volume of this driver: its name and class (hasClass:
+// the volume has the class attribute, maybe empty).
+type podVolume struct {
+	name, class string
+	hasClass    bool
+}
+
+// trimPod keeps of a pod its podFacts.
 func trimPod(obj any) (any, error) {
 	p, ok := obj.(*corev1.Pod)
 	if !ok {
 		return obj, nil // a deletion's last state unknown: the informer handles it
 	}
-	t := &corev1.Pod{
+	f := &podFacts{
 		ObjectMeta: metav1.ObjectMeta{Name: p.Name, Namespace: p.Namespace, UID: p.UID, ResourceVersion: p.ResourceVersion},
-		Spec:       corev1.PodSpec{NodeName: p.Spec.NodeName, ServiceAccountName: p.Spec.ServiceAccountName},
-		Status:     corev1.PodStatus{Phase: p.Status.Phase},
+		node:       p.Spec.NodeName, serviceAccount: p.Spec.ServiceAccountName, phase: p.Status.Phase,
 	}
 	for _, v := range p.Spec.Volumes {
 		if v.CSI == nil || v.CSI.Driver != DriverName {
 			continue
 		}
-		csi := &corev1.CSIVolumeSource{Driver: DriverName}
-		if class, ok := v.CSI.VolumeAttributes[classAttribute]; ok {
-			csi.VolumeAttributes = map[string]string{classAttribute: class}
-		}
-		t.Spec.Volumes = append(t.Spec.Volumes, corev1.Volume{Name: v.Name, VolumeSource: corev1.VolumeSource{CSI: csi}})
+		class, has := v.CSI.VolumeAttributes[classAttribute]
+		f.volumes = append(f.volumes, podVolume{name: v.Name, class: class, hasClass: has})
 	}
-	return t, nil
+	return f, nil
+}
+
+// pod is f as a Pod (checkPod's input).
+func (f *podFacts) pod() *corev1.Pod {
+	p := &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: f.Name, Namespace: f.Namespace, UID: f.UID, ResourceVersion: f.ResourceVersion},
+		Spec:       corev1.PodSpec{NodeName: f.node, ServiceAccountName: f.serviceAccount},
+		Status:     corev1.PodStatus{Phase: f.phase},
+	}
+	for _, v := range f.volumes {
+		csi := &corev1.CSIVolumeSource{Driver: DriverName}
+		if v.hasClass {
+			csi.VolumeAttributes = map[string]string{classAttribute: v.class}
+		}
+		p.Spec.Volumes = append(p.Spec.Volumes, corev1.Volume{Name: v.name, VolumeSource: corev1.VolumeSource{CSI: csi}})
+	}
+	return p
 }
