@@ -37,6 +37,7 @@ import (
 	"github.com/ephemeral-secrets/csi-driver/pkg/issuer/remote"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider/postgres"
+	"github.com/ephemeral-secrets/csi-driver/test/bench/resident"
 	"github.com/ephemeral-secrets/csi-driver/test/harness"
 	"github.com/ephemeral-secrets/csi-driver/test/issuertest"
 	"github.com/ephemeral-secrets/csi-driver/test/kube"
@@ -115,8 +116,12 @@ type results struct {
 	Replicas   int     `json:"issuer_replicas"`
 	MaxConns   int     `json:"max_conns_per_replica"`
 	Median     round   `json:"median"`
-	Rounds     []round `json:"rounds"`
-	Machine    struct {
+	// IssuerMemory is each replica's resident memory at the end (its pod
+	// cache holding the run's pods, its Credential informer the run's
+	// records).
+	IssuerMemory []memory `json:"issuer_memory_at_end"`
+	Rounds       []round  `json:"rounds"`
+	Machine      struct {
 		CPUs int    `json:"cpus"`
 		Go   string `json:"go"`
 		Date string `json:"date"`
@@ -325,6 +330,13 @@ func run(out string, burst, nodes, seq, rounds int, qps string, gap time.Duratio
 		}
 	}
 	r.Median = median(r.Rounds)
+	for _, is := range issuers {
+		m, err := memoryOf(is.Pid())
+		if err != nil {
+			return err
+		}
+		r.IssuerMemory = append(r.IssuerMemory, m)
+	}
 
 	fmt.Printf("\nmedians of %d rounds (each row's figure from each round, then their median):\n", rounds)
 	fmt.Printf("%-18s %-6s %9s %9s %8s %9s %7s %s\n", "", "", "p50 ms", "p99 ms", "wall s", "per s", "fails", "max admin conns")
@@ -355,6 +367,9 @@ func run(out string, burst, nodes, seq, rounds int, qps string, gap time.Duratio
 		burst, allRecorded(r.Rounds), m.StatusLagS)
 	fmt.Printf("issuer burst, API requests per mint until the last answer: %.2f Credential writes, %.2f Credential reads, %.2f pod reads; %.2f Credential writes once every status is written\n",
 		m.API.CredWritesPath, m.API.CredReadsPath, m.API.PodReadsPath, m.API.CredWritesAll)
+	for i, m := range r.IssuerMemory {
+		fmt.Printf("issuer replica %d at the end (%d pods in the cluster): %.1f MiB resident, %.1f MiB anonymous\n", i+1, len(pods)+nodes, m.RSS, m.Anon)
+	}
 	fmt.Printf("(admin connections: the issuer's %d replicas x maxConns %d = %d at most; in-process, one pool of %d)\n",
 		replicas, maxConns, replicas*maxConns, maxConns)
 	for _, rr := range r.Rounds {
@@ -659,6 +674,18 @@ func (b *bench) requests() (requestCounts, error) {
 		}
 	}
 	return c, nil
+}
+
+// memory is a process's resident memory, MiB.
+type memory struct {
+	RSS  float64 `json:"rss_mib"`
+	Anon float64 `json:"anon_mib"`
+}
+
+// memoryOf reads the resident memory of process pid.
+func memoryOf(pid int) (memory, error) {
+	total, anon, err := resident.MiB(pid)
+	return memory{RSS: total, Anon: anon}, err
 }
 
 // roundsOf lists f of each round.
