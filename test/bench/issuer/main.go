@@ -125,6 +125,9 @@ type results struct {
 		CPUs int    `json:"cpus"`
 		Go   string `json:"go"`
 		Date string `json:"date"`
+		// LoadAvg is the 1-minute load average at the start and at the
+		// end: the machine is shared, and every figure moves with it.
+		LoadAvg [2]float64 `json:"load_average_start_end"`
 	} `json:"machine"`
 }
 
@@ -165,6 +168,7 @@ func run(out string, burst, nodes, seq, rounds int, qps string, gap time.Duratio
 	r.Burst, r.Nodes, r.Replicas, r.MaxConns, r.KubeAPIQPS = burst, nodes, replicas, maxConns, qps
 	r.C1GapMS = float64(gap.Microseconds()) / 1000
 	r.Machine.CPUs, r.Machine.Go, r.Machine.Date = runtime.NumCPU(), runtime.Version(), time.Now().UTC().Format(time.RFC3339)
+	r.Machine.LoadAvg[0] = loadAverage()
 
 	dir, err := os.MkdirTemp("", "esc-bench-issuer-")
 	if err != nil {
@@ -330,6 +334,7 @@ func run(out string, burst, nodes, seq, rounds int, qps string, gap time.Duratio
 		}
 	}
 	r.Median = median(r.Rounds)
+	r.Machine.LoadAvg[1] = loadAverage()
 	for _, is := range issuers {
 		m, err := memoryOf(is.Pid())
 		if err != nil {
@@ -356,6 +361,7 @@ func run(out string, burst, nodes, seq, rounds int, qps string, gap time.Duratio
 	}
 	m := r.Median
 	fmt.Printf("issuer c1 / in-process c1 p50: %.2fx (each round: %s)\n", m.C1Ratio, roundsOf(r.Rounds, func(x round) float64 { return x.C1Ratio }))
+	fmt.Printf("(load average: %.2f at the start, %.2f at the end, on %d CPUs)\n", r.Machine.LoadAvg[0], r.Machine.LoadAvg[1], r.Machine.CPUs)
 	if gap > 0 {
 		fmt.Printf("(c1 rows: a pause of %v after each mint, both paths)\n", gap)
 	}
@@ -686,6 +692,20 @@ type memory struct {
 func memoryOf(pid int) (memory, error) {
 	total, anon, err := resident.MiB(pid)
 	return memory{RSS: total, Anon: anon}, err
+}
+
+// loadAverage is the 1-minute load average (0 if unknown).
+func loadAverage() float64 {
+	data, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return 0
+	}
+	f := strings.Fields(string(data))
+	if len(f) == 0 {
+		return 0
+	}
+	v, _ := strconv.ParseFloat(f[0], 64)
+	return v
 }
 
 // roundsOf lists f of each round.
