@@ -1,11 +1,12 @@
 // Command issuer measures the cluster issuer under a burst: N publishes
 // (mints) at once from simulated nodes, each node plugin with its own
 // bound token and HTTPS connections, through two replicas of the real
-// "ephemeral-secrets-csi issuer" (real kube-apiserver: TokenReview and
-// a fresh GET of each pod; real PostgreSQL). It samples pg_stat_activity
-// for the admin connections in use, and times mints in the driver's own
-// process (the issuer without a cluster) against mints through the
-// issuer in the same run. It prints a table and writes JSON. Run it
+// "ephemeral-secrets-csi issuer" (real kube-apiserver: TokenReview, the
+// issuers' pod caches, each mint's Credential; real PostgreSQL). It
+// samples pg_stat_activity for the admin connections in use, and times
+// mints in the driver's own process (the issuer without a cluster)
+// against mints through the issuer in the same run, counting the API
+// server's requests per mint. It prints a table and writes JSON. Run it
 // through "make bench".
 package main
 
