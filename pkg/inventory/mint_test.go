@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/rest"
 
@@ -192,6 +193,55 @@ func TestCrashBetweenTheRecordAndTheRole(t *testing.T) {
 	}
 	if roleExists(t, postgres.RoleName(lease)) || roleExists(t, postgres.RoleName(ns+"-app-crashrec2")) {
 		t.Error("a role was made")
+	}
+}
+
+// recordHangs is the Recorder as the Issuer's Inventory whose record
+// writes never end (until the mint's context does): the issuer died as
+// it wrote the record, after its role was made.
+type recordHangs struct{ *inventory.Recorder }
+
+func (r recordHangs) Issuing(ctx context.Context, _ credential.Record) error {
+	<-ctx.Done()
+	return ctx.Err()
+}
+
+// TestCrashBetweenTheRoleAndTheRecord: a mint makes its record and its
+// role at once; the issuer made the role and died before the record was
+// written. The role has no record: the reaper leaves it while it is
+// younger than UntrackedGrace (its record may be on its way) and drops it
+// after, its sessions with it.
+func TestCrashBetweenTheRoleAndTheRecord(t *testing.T) {
+	ctx := context.Background()
+	ns := namespace(t)
+	pod := newPod(t, ns, "app")
+	var mu sync.Mutex
+	offset := time.Duration(0)
+	now := func() time.Time { mu.Lock(); defer mu.Unlock(); return time.Now().Add(offset) }
+	p, iss, _ := startRealIssuerWith(t, ns, ns+"-a", realIssuer{now: now, grace: 10 * time.Second,
+		wrap: func(r *inventory.Recorder) issuer.Inventory { return recordHangs{r} }})
+	lease := ns + "-app-crashrole1"
+	mctx, cancel := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() {
+		_, err := publish(mctx, p, pod, lease, "csi-vol-a")
+		done <- err
+	}()
+	t.Cleanup(func() { cancel(); <-done })
+	harness.Eventually(t, 10*time.Second, "the role, made as its record is written", func() (bool, error) {
+		return roleExists(t, postgres.RoleName(lease)), nil
+	})
+	if _, err := adminInv.Get(ctx, ns, inventory.Name(lease)); !apierrors.IsNotFound(err) {
+		t.Fatalf("the record: %v, want none", err)
+	}
+	if rep, err := iss.Reap(ctx); err != nil || rep.Dropped() != 0 || !roleExists(t, postgres.RoleName(lease)) {
+		t.Fatalf("reap within the grace: %+v, %v: the role's record may be on its way", rep, err)
+	}
+	mu.Lock()
+	offset = 20 * time.Second
+	mu.Unlock()
+	if rep, err := iss.Reap(ctx); err != nil || rep.Untracked != 1 || roleExists(t, postgres.RoleName(lease)) {
+		t.Fatalf("reap after the grace: %+v, %v: want the untracked role dropped", rep, err)
 	}
 }
 

@@ -43,7 +43,7 @@ func NewRecorder(c *Client, informer cache.SharedIndexInformer, opts ...Recorder
 	return r
 }
 
-// Issuing creates e's record before its role exists, in one write: the
+// Issuing creates e's record as its role is made, in one write: the
 // object as created is the whole record of a credential being issued
 // (the API server drops a status given at creation; the status is
 // written by Issued, off the mint's path). Its spec names the lease, and

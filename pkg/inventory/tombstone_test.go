@@ -91,6 +91,10 @@ type realIssuer struct {
 	// creation is the role's creation statements (default: one CREATE
 	// ROLE).
 	creation []string
+	// now and grace are the Issuer's clock and UntrackedGrace (default:
+	// the Issuer's).
+	now   func() time.Time
+	grace time.Duration
 }
 
 // startRealIssuerWith is startRealIssuer shaped by o; it returns the
@@ -110,7 +114,7 @@ func startRealIssuerWith(t *testing.T, ns, node string, o realIssuer) (*postgres
 	if o.creation == nil {
 		o.creation = []string{`CREATE ROLE "{{.Name}}" LOGIN PASSWORD '{{.Password}}' VALID UNTIL '{{.Expiration}}'`}
 	}
-	iss, err := issuer.New(issuer.Options{Inventory: inv, Config: pgengine.Config{Connections: map[string]*pgengine.Connection{
+	iss, err := issuer.New(issuer.Options{Inventory: inv, Now: o.now, UntrackedGrace: o.grace, Config: pgengine.Config{Connections: map[string]*pgengine.Connection{
 		"main": {URL: srv.AdminURL(), Roles: map[string]*pgengine.Role{"app": {
 			DefaultTTL: pgengine.Duration{Duration: time.Minute}, MaxTTL: pgengine.Duration{Duration: time.Hour},
 			CreationStatements: o.creation,

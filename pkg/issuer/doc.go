@@ -54,9 +54,11 @@ type PodCheck func(ctx context.Context, c Caller, pod provider.Pod, class, volum
 // Inventory is where credentials are recorded outside the node (the
 // cluster's Credential objects). Nil: no record but the database's own.
 type Inventory interface {
-	// Issuing records e before its role is created, in one write: a
-	// crash after it leaves a record the reaper finds, and whose
-	// deletion revokes (e.Name is the role's name already).
+	// Issuing records e as its role is created (the two at once), in
+	// one write: a crash after it leaves a record whose deletion revokes
+	// (e.Name is the role's name already); a role whose record failed is
+	// dropped, and one left by a crash before its record is the
+	// reaper's (it has no record: UntrackedGrace).
 	Issuing(ctx context.Context, e credential.Record) error
 	// Issued records that e's role exists until e.ExpiresAt (after a mint
 	// or an extension). The Issuer calls it after its answer, from its

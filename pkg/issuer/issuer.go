@@ -70,6 +70,8 @@ const (
 	DefaultUntrackedGrace = time.Minute
 	// reapCallTimeout bounds the reaper's work on one role or listing.
 	reapCallTimeout = 30 * time.Second
+	// undoTimeout bounds the taking back of a refused mint.
+	undoTimeout = 10 * time.Second
 )
 
 // New checks o.Config and returns an Issuer. It connects lazily; with an
@@ -91,7 +93,8 @@ func New(o Options) (*Issuer, error) {
 	}
 	i := &Issuer{admin: a, opts: o}
 	if o.Inventory != nil {
-		i.records = newRecordWriter(o.Inventory, i.recordGone, recordWorkers, nil, func() bool { return i.minting.Load() >= burstMints })
+		i.records = newRecordWriter(o.Inventory, i.recordGone, recordWorkers, nil, deferral{
+			busy: func() bool { return i.minting.Load() >= burstMints }, max: recordDefer, now: o.Now})
 	}
 	i.use = i.newTracker(o.Use)
 	return i, nil
@@ -110,12 +113,21 @@ func (i *Issuer) Close() {
 }
 
 // Mint decides whether r's pod may have the role it asks for (the
-// configuration's allowed list and TTL bounds, then PodCheck), records
-// the credential (Inventory.Issuing: the one write of the API server on
-// a mint's path), creates the role (counting maxLive under a lock) while
-// it asks whether the volume's credential was withdrawn (Withdrawals: the
-// kill switch), and answers; the record's status (issued, until when)
-// is written after the answer. A refusal leaves nothing behind.
+// configuration's allowed list and TTL bounds, then PodCheck), and then,
+// at once, records the credential (Inventory.Issuing: the one write of
+// the API server on a mint's path, then Withdrawals: whether the volume's
+// credential was withdrawn, the kill switch) and creates the role
+// (counting maxLive under a lock); it answers once both are done. The
+// record's status (issued, until when) is written after the answer.
+//
+// The record and the role are made side by side, so a mint waits for the
+// longer of the two, not their sum. A role may thus exist an instant
+// before its record: the role is tagged with its lease, a record that
+// fails has the role dropped before Mint answers, and a role left by a
+// crash in between has no record, so the reaper drops it once it is
+// older than UntrackedGrace. The pod is checked before either: nothing
+// is made for a pod that is not the caller's. A refusal leaves nothing
+// behind.
 func (i *Issuer) Mint(ctx context.Context, c Caller, r postgres.MintRequest) (postgres.Grant, error) {
 	i.minting.Add(1)
 	defer i.minting.Add(-1)
@@ -137,14 +149,6 @@ func (i *Issuer) Mint(ctx context.Context, c Caller, r postgres.MintRequest) (po
 		LeaseID: r.LeaseID, VolumeID: r.VolumeID, Pod: r.Pod, Node: c.Node, Class: r.Class, Provider: postgres.Name,
 		Role: r.Params[postgres.ConnectionParam] + "/" + r.Params[postgres.RoleParam], Name: postgres.RoleName(r.LeaseID),
 	}
-	inv := i.opts.Inventory
-	if inv != nil {
-		// Before the role: a crash after it leaves a record that holds a
-		// role or none, never a role without one.
-		if err := inv.Issuing(ctx, e); err != nil {
-			return postgres.Grant{}, fmt.Errorf("%w: recording the credential: %w", provider.ErrUnavailable, err)
-		}
-	}
 	now := i.opts.Now().UTC().Truncate(time.Second)
 	tag.Created = now
 	cr := pgengine.Creation{
@@ -152,18 +156,16 @@ func (i *Issuer) Mint(ctx context.Context, c Caller, r postgres.MintRequest) (po
 		ExpiresAt: now.Add(ttl), Tag: tag,
 	}
 	cr.Quota, cr.Admit = i.quota(t, r.Pod)
-	// The tombstone is read while the role is made: both after the record,
-	// which is what the kill's ordering needs (withdrawn).
-	var refused chan error
-	if w, ok := inv.(Withdrawals); ok {
-		refused = make(chan error, 1)
-		go func() { refused <- withdrawn(ctx, w, e) }()
+	var recorded chan error
+	if i.opts.Inventory != nil {
+		recorded = make(chan error, 1)
+		go func() { recorded <- i.record(ctx, e) }()
 	}
 	err = i.admin.Create(ctx, cr)
-	if refused != nil {
-		if werr := <-refused; werr != nil {
+	if recorded != nil {
+		if rerr := <-recorded; rerr != nil {
 			i.undo(ctx, t.connName, e, err == nil || !nothingMade(err))
-			return postgres.Grant{}, werr
+			return postgres.Grant{}, rerr
 		}
 	}
 	if err != nil {
@@ -184,14 +186,34 @@ func (i *Issuer) Mint(ctx context.Context, c Caller, r postgres.MintRequest) (po
 	return g, nil
 }
 
-// undo takes back a mint that is refused after its record was written:
-// the role, when one may have been made, then the record, once no role
-// is left for it to hold (a role that cannot be dropped keeps its record:
-// the reaper drops it at its expiry, the controller at the pod's end).
+// record writes the record of a mint (Inventory.Issuing) and then asks
+// whether its volume's credential was withdrawn (Withdrawals, when the
+// Inventory tells): after the record, which is what the kill's ordering
+// needs (withdrawn). Its error refuses the mint.
+func (i *Issuer) record(ctx context.Context, e credential.Record) error {
+	inv := i.opts.Inventory
+	if err := inv.Issuing(ctx, e); err != nil {
+		return fmt.Errorf("%w: recording the credential: %w", provider.ErrUnavailable, err)
+	}
+	if w, ok := inv.(Withdrawals); ok {
+		return withdrawn(ctx, w, e)
+	}
+	return nil
+}
+
+// undo takes back a mint that is refused after its record or its role
+// may have been made: the role, when one may have been made, then the
+// record, once no role is left for it to hold (a role that cannot be
+// dropped keeps its record, if it has one: the reaper drops it at its
+// expiry, the controller at the pod's end; without one, the reaper drops
+// it after UntrackedGrace). It outlives the mint's context (a mint whose
+// caller went must not leave its role), for undoTimeout at most.
 func (i *Issuer) undo(ctx context.Context, conn string, e credential.Record, roleMade bool) {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), undoTimeout)
+	defer cancel()
 	if roleMade {
 		if _, err := i.admin.Drop(ctx, conn, e.Name, e.LeaseID, nil); err != nil {
-			klog.ErrorS(err, "Dropping the role of a refused credential; its record holds it", "lease", e.LeaseID)
+			klog.ErrorS(err, "Dropping the role of a refused credential; its record, or the reaper, holds it", "lease", e.LeaseID)
 			return
 		}
 	}

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -108,14 +107,15 @@ func exists(t *testing.T, name string) bool {
 	return ok
 }
 
-// inventory is an Inventory in memory. It notes every lease whose role
-// existed already when its record was written (none may).
+// inventory is an Inventory in memory. Its records are written as they
+// are asked for, unless before (when set) says otherwise: it runs first
+// in Issuing, and its error fails the write.
 type inventory struct {
-	mu        sync.Mutex
-	entries   map[string]credential.Record
-	states    map[string]string
-	roleFirst []string
-	issued    int // calls of Issued
+	mu      sync.Mutex
+	entries map[string]credential.Record
+	states  map[string]string
+	issued  int // calls of Issued
+	before  func(ctx context.Context, e credential.Record) error
 }
 
 func newInventory() *inventory {
@@ -123,15 +123,13 @@ func newInventory() *inventory {
 }
 
 func (v *inventory) Issuing(ctx context.Context, e credential.Record) error {
-	made, err := pg.RoleExists(ctx, e.Name)
-	if err != nil {
-		return err
+	if v.before != nil {
+		if err := v.before(ctx, e); err != nil {
+			return err
+		}
 	}
 	v.mu.Lock()
 	defer v.mu.Unlock()
-	if made {
-		v.roleFirst = append(v.roleFirst, e.LeaseID)
-	}
 	v.entries[e.LeaseID], v.states[e.LeaseID] = e, "issuing"
 	return nil
 }
@@ -171,13 +169,6 @@ func (v *inventory) get(id string) (credential.Record, string) {
 	return v.entries[id], v.states[id]
 }
 
-// rolesFirst is the leases whose role existed before their record.
-func (v *inventory) rolesFirst() []string {
-	v.mu.Lock()
-	defer v.mu.Unlock()
-	return slices.Clone(v.roleFirst)
-}
-
 // eventually waits until cond holds of the record of id (the status is
 // written after the answer).
 func (v *inventory) eventually(t *testing.T, id, what string, cond func(e credential.Record, state string) bool) {
@@ -198,6 +189,9 @@ func TestMintExtendDropThroughTheIssuer(t *testing.T) {
 	l, err := issue(ctx, node, "team-a-mint0001", appPod("a"))
 	if err != nil {
 		t.Fatal(err)
+	}
+	if _, state := inv.get(l.ID); state == "" {
+		t.Fatal("the mint answered before its record was written")
 	}
 	name := l.Values["username"]
 	if name != postgres.RoleName(l.ID) || l.Info["port"] != fmt.Sprint(pg.Port) || l.Role != "main/app" {
@@ -270,9 +264,6 @@ func TestMintExtendDropThroughTheIssuer(t *testing.T) {
 		if exists(t, l.Values["username"]) {
 			t.Errorf("role %s survives", l.Values["username"])
 		}
-	}
-	if rf := inv.rolesFirst(); len(rf) != 0 {
-		t.Errorf("roles made before their record: %v", rf)
 	}
 }
 
@@ -538,4 +529,72 @@ func TestMintOfARecordKilledMeanwhileIsDropped(t *testing.T) {
 		ok, err := pg.RoleExists(ctx, l.Values["username"])
 		return !ok, err
 	})
+}
+
+// roleExistsBefore is an Inventory.Issuing hook that writes a record only
+// once its role exists (at most 5 s), then fails with err (nil: writes).
+func roleExistsBefore(err error) func(ctx context.Context, e credential.Record) error {
+	return func(ctx context.Context, e credential.Record) error {
+		deadline := time.Now().Add(5 * time.Second)
+		for {
+			made, rerr := pg.RoleExists(ctx, e.Name)
+			switch {
+			case rerr != nil:
+				return rerr
+			case made:
+				return err
+			case time.Now().After(deadline):
+				return errors.New("the role was not made while its record was being written")
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	}
+}
+
+// TestTheRecordAndTheRoleAreMadeAtOnce: a mint writes its record while
+// its role is made (its answer waits for the longer of the two, not
+// their sum); here each record's write waits until its role exists. A
+// record that fails after its role was made has the role dropped before
+// the answer (Unavailable), and no record is left; so does one that fails
+// at once, whether its role was made yet or not.
+func TestTheRecordAndTheRoleAreMadeAtOnce(t *testing.T) {
+	ctx := context.Background()
+	failure := errors.New("API server unreachable")
+	for _, tc := range []struct {
+		name   string
+		before func(ctx context.Context, e credential.Record) error
+		ok     bool
+	}{
+		{"recorded while the role is made", roleExistsBefore(nil), true},
+		{"the record fails after the role was made", roleExistsBefore(failure), false},
+		{"the record fails at once", func(context.Context, credential.Record) error { return failure }, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			inv := newInventory()
+			inv.before = tc.before
+			iss, _ := newIssuer(t, Options{Inventory: inv})
+			node := postgres.NewNode(as{iss, Caller{Node: "n1"}})
+			id := "team-c-" + strings.ReplaceAll(tc.name[:12], " ", "")
+			l, err := issue(ctx, node, id, appPod("c"))
+			if !tc.ok {
+				if !errors.Is(err, provider.ErrUnavailable) || !strings.Contains(err.Error(), "recording the credential") {
+					t.Fatalf("Mint: %v, want unavailable, recording", err)
+				}
+				if exists(t, postgres.RoleName(id)) {
+					t.Error("the role of a record that failed lives")
+				}
+				if _, state := inv.get(id); state != "" {
+					t.Errorf("a record is left (%s)", state)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatalf("Mint: %v", err)
+			}
+			defer func() { _ = node.Revoke(ctx, l) }()
+			if _, state := inv.get(id); state == "" || !exists(t, l.Values["username"]) {
+				t.Fatalf("record %q, role made %v: want both", state, exists(t, l.Values["username"]))
+			}
+		})
+	}
 }

@@ -21,14 +21,28 @@ const DriverName = "ephemeral-secrets.csi.dev"
 // classAttribute is the volume attribute that names a volume's class.
 const classAttribute = "secretProviderClass"
 
-// APIPodCheck is the PodCheck of the issuer Deployment: a fresh GET of
-// the pod (no cache: a deleted pod must not get a credential) that must
-// exist with the UID given, be scheduled on the caller's node, run as the
-// service account given, not have finished, and mount a volume of this
-// driver naming the class (which is in the pod's namespace). With a
-// volume ID, that volume must be the one kubelet gave the ID: a node
-// cannot ask for more credentials than the pod has volumes.
-func APIPodCheck(pods corev1client.PodsGetter) PodCheck {
+// APIPodCheck is the PodCheck of the issuer Deployment without a cache:
+// a fresh GET of the pod, that must exist with the UID given, be
+// scheduled on the caller's node, run as the service account given, not
+// have finished, and mount a volume of this driver naming the class
+// (which is in the pod's namespace). With a volume ID, that volume must
+// be the one kubelet gave the ID: a node cannot ask for more credentials
+// than the pod has volumes.
+func APIPodCheck(pods corev1client.PodsGetter) PodCheck { return CachedPodCheck(nil, pods) }
+
+// CachedPodCheck is APIPodCheck that looks in cached (a PodCache; nil:
+// nowhere) first: a pod the cache holds that passes every check is
+// accepted without a request. Anything else (a pod not in the cache yet,
+// or one the cache refuses: it may be behind) is asked of the API server
+// with a GET, whose answer is final. So the cache never refuses, and
+// what it accepts it has seen: the pod's UID, node, service account and
+// volumes, which never change for a UID. Only that the pod still exists
+// and has not finished may be a watch's delay old (milliseconds, or
+// while the informer reconnects): a node may then be given a credential
+// for a pod of its own that has just gone, which it held already; the
+// record is owned by the pod, so the garbage collector's deletion of it
+// revokes the credential, and the next extension checks the pod again.
+func CachedPodCheck(cached PodLister, pods corev1client.PodsGetter) PodCheck {
 	return func(ctx context.Context, c Caller, want provider.Pod, class, volumeID string) error {
 		ns, name, ok := strings.Cut(class, "/")
 		if !ok || ns != want.Namespace || name == "" {
@@ -36,6 +50,11 @@ func APIPodCheck(pods corev1client.PodsGetter) PodCheck {
 		}
 		if c.Node == "" {
 			return fmt.Errorf("%w: the caller has no node", provider.ErrPermissionDenied)
+		}
+		if cached != nil {
+			if pod, ok := cached.Pod(want.Namespace, want.Name); ok && checkPod(pod, c, want, name, volumeID) == nil {
+				return nil
+			}
 		}
 		pod, err := pods.Pods(want.Namespace).Get(ctx, want.Name, metav1.GetOptions{})
 		if apierrors.IsNotFound(err) {

@@ -14,7 +14,7 @@ import (
 
 // recordWriter tells the Inventory what became of a credential
 // (Inventory.Issued: issued, or extended until when) off the path of the
-// request that did it. A mint writes its record once, before its role is
+// request that did it. A mint writes its record once, as its role is
 // made (Inventory.Issuing); the record's status follows here, so a mint
 // waits for one write of the API server and an extension for none.
 //
@@ -23,8 +23,10 @@ import (
 // it), and a lease dropped before its write is not written at all
 // (forget). A failed write is retried with backoff until it succeeds or
 // the lease is dropped. Under a burst of mints (busy), a write waits for
-// it to pass (recordDefer at most): the mints' own requests to the API
-// server go first, and the status writes follow, coalescing meanwhile. A
+// it to pass, recordDefer at most after it was queued (so that under a
+// sustained burst the writes still flow, that long behind): the mints'
+// own requests to the API server go first, and the status writes follow,
+// coalescing meanwhile. A
 // record found deleted (the kill switch, or the
 // pod's deletion, while the role was being made) has its role ended by
 // gone: its revocation may have run before the role existed.
@@ -32,10 +34,10 @@ type recordWriter struct {
 	inv   Inventory
 	gone  func(ctx context.Context, e credential.Record)
 	queue workqueue.TypedRateLimitingInterface[string]
-	busy  func() bool // nil: never
+	hold  deferral
 
 	mu      sync.Mutex
-	pending map[string]credential.Record // by lease ID
+	pending map[string]pendingWrite // by lease ID
 
 	cancel  context.CancelFunc
 	workers sync.WaitGroup
@@ -54,16 +56,34 @@ const (
 	recordDrain = 5 * time.Second
 )
 
+// pendingWrite is the write a lease waits for: what was learnt last, and
+// when its first write still pending was queued.
+type pendingWrite struct {
+	e      credential.Record
+	queued time.Time
+}
+
+// deferral tells when writes wait: while busy says so (nil: never), for
+// max at most after they were queued, by the clock now (nil: time.Now).
+type deferral struct {
+	busy func() bool
+	max  time.Duration
+	now  func() time.Time
+}
+
 // newRecordWriter starts workers writers to inv; rl spaces the retries
-// of a lease whose write failed (nil: 100 ms doubling up to 30 s); busy,
-// when set, tells when the writes should wait (a burst of mints).
-func newRecordWriter(inv Inventory, gone func(context.Context, credential.Record), workers int, rl workqueue.TypedRateLimiter[string], busy func() bool) *recordWriter {
+// of a lease whose write failed (nil: 100 ms doubling up to 30 s); d
+// tells when the writes should wait (a burst of mints).
+func newRecordWriter(inv Inventory, gone func(context.Context, credential.Record), workers int, rl workqueue.TypedRateLimiter[string], d deferral) *recordWriter {
 	if rl == nil {
 		rl = workqueue.NewTypedItemExponentialFailureRateLimiter[string](100*time.Millisecond, 30*time.Second)
 	}
+	if d.now == nil {
+		d.now = time.Now
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	w := &recordWriter{
-		inv: inv, gone: gone, busy: busy, pending: map[string]credential.Record{}, cancel: cancel,
+		inv: inv, gone: gone, hold: d, pending: map[string]pendingWrite{}, cancel: cancel,
 		queue: workqueue.NewTypedRateLimitingQueueWithConfig(rl,
 			workqueue.TypedRateLimitingQueueConfig[string]{Name: "credential-records"}),
 	}
@@ -81,7 +101,12 @@ func newRecordWriter(inv Inventory, gone func(context.Context, credential.Record
 // issued queues the write of e (replacing any of its lease not yet made).
 func (w *recordWriter) issued(e credential.Record) {
 	w.mu.Lock()
-	w.pending[e.LeaseID] = e
+	p, ok := w.pending[e.LeaseID]
+	if !ok {
+		p.queued = w.hold.now()
+	}
+	p.e = e
+	w.pending[e.LeaseID] = p
 	w.mu.Unlock()
 	w.queue.Add(e.LeaseID)
 }
@@ -101,14 +126,20 @@ func (w *recordWriter) next(ctx context.Context) bool {
 		return false
 	}
 	defer w.queue.Done(leaseID)
-	w.yield(ctx)
 	w.mu.Lock()
-	e, ok := w.pending[leaseID]
+	p, ok := w.pending[leaseID]
 	w.mu.Unlock()
+	if ok {
+		w.yield(ctx, p.queued)
+		w.mu.Lock()
+		p, ok = w.pending[leaseID] // what was learnt meanwhile, or dropped
+		w.mu.Unlock()
+	}
 	if !ok {
 		w.queue.Forget(leaseID)
 		return true
 	}
+	e := p.e
 	cctx, cancel := context.WithTimeout(ctx, recordCallTimeout)
 	defer cancel()
 	err := w.inv.Issued(cctx, e)
@@ -124,20 +155,22 @@ func (w *recordWriter) next(ctx context.Context) bool {
 	}
 	w.queue.Forget(leaseID)
 	w.mu.Lock()
-	if cur, ok := w.pending[leaseID]; ok && cur == e {
+	if cur, ok := w.pending[leaseID]; ok && cur.e == e {
 		delete(w.pending, leaseID) // else a newer one came meanwhile: the queue has the key again
 	}
 	w.mu.Unlock()
 	return true
 }
 
-// yield waits while the issuer is busy minting, recordDefer at most.
-func (w *recordWriter) yield(ctx context.Context) {
-	if w.busy == nil {
+// yield waits while the issuer is busy minting, until the deferral's
+// max after queued at most.
+func (w *recordWriter) yield(ctx context.Context, queued time.Time) {
+	d := w.hold
+	if d.busy == nil {
 		return
 	}
-	deadline := time.Now().Add(recordDefer)
-	for w.busy() && time.Now().Before(deadline) {
+	deadline := queued.Add(d.max)
+	for d.busy() && d.now().Before(deadline) {
 		select {
 		case <-ctx.Done():
 			return

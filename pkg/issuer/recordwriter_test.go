@@ -75,7 +75,7 @@ func TestRecordWriterCoalesces(t *testing.T) {
 		goneMu.Lock()
 		ended = append(ended, e.LeaseID)
 		goneMu.Unlock()
-	}, 1, fast, nil)
+	}, 1, fast, deferral{})
 	defer w.close(time.Second)
 
 	w.issued(at("a", 1))
@@ -113,7 +113,7 @@ func TestRecordWriterCoalesces(t *testing.T) {
 // TestCloseWritesWhatIsQueued: Close lets the queued writes out.
 func TestCloseWritesWhatIsQueued(t *testing.T) {
 	inv := &statusLog{entered: make(chan string, 100)}
-	w := newRecordWriter(inv, func(context.Context, credential.Record) {}, 2, nil, nil)
+	w := newRecordWriter(inv, func(context.Context, credential.Record) {}, 2, nil, deferral{})
 	for i := range 20 {
 		w.issued(at(fmt.Sprint("l", i), 1))
 	}
@@ -129,7 +129,7 @@ func TestWritesWaitForABurstToPass(t *testing.T) {
 	inv := &statusLog{entered: make(chan string, 100)}
 	var busy atomic.Bool
 	busy.Store(true)
-	w := newRecordWriter(inv, func(context.Context, credential.Record) {}, 2, nil, busy.Load)
+	w := newRecordWriter(inv, func(context.Context, credential.Record) {}, 2, nil, deferral{busy: busy.Load, max: recordDefer})
 	defer w.close(time.Second)
 	w.issued(at("a", 1))
 	time.Sleep(100 * time.Millisecond) // well within recordDefer
@@ -139,5 +139,32 @@ func TestWritesWaitForABurstToPass(t *testing.T) {
 	busy.Store(false)
 	harness.Eventually(t, 10*time.Second, "the write made once the burst passed", func() (bool, error) {
 		return slices.Equal(inv.log(), []string{"a@1"}), nil
+	})
+}
+
+// TestABurstDefersAWriteFromWhenItWasQueued: under a burst that does not
+// pass, each write waits for recordDefer after it was queued, not after a
+// writer took it: the writes queued together go together, however few
+// the writers (else they would go one recordDefer apart each).
+func TestABurstDefersAWriteFromWhenItWasQueued(t *testing.T) {
+	inv := &statusLog{entered: make(chan string, 100)}
+	var mu sync.Mutex
+	now := time.Unix(1000, 0)
+	clock := func() time.Time { mu.Lock(); defer mu.Unlock(); return now }
+	w := newRecordWriter(inv, func(context.Context, credential.Record) {}, 1, nil,
+		deferral{busy: func() bool { return true }, max: time.Minute, now: clock})
+	defer w.close(time.Second)
+	for i := range 5 {
+		w.issued(at(fmt.Sprint("l", i), 1))
+	}
+	time.Sleep(50 * time.Millisecond)
+	if n := len(inv.log()); n != 0 {
+		t.Fatalf("%d writes made within the deferral", n)
+	}
+	mu.Lock()
+	now = now.Add(time.Minute + time.Second) // the clock stops there
+	mu.Unlock()
+	harness.Eventually(t, 10*time.Second, "every write queued a deferral ago made", func() (bool, error) {
+		return len(inv.log()) == 5, nil
 	})
 }

@@ -25,8 +25,6 @@ import (
 	"path/filepath"
 	"runtime"
 	"sort"
-	"strconv"
-	"strings"
 	"sync"
 	"time"
 
@@ -34,6 +32,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"golang.org/x/sys/unix"
 
+	"github.com/ephemeral-secrets/csi-driver/test/bench/resident"
 	"github.com/ephemeral-secrets/csi-driver/test/harness"
 	"github.com/ephemeral-secrets/csi-driver/test/kubelet"
 	"github.com/ephemeral-secrets/csi-driver/test/pgtest"
@@ -610,33 +609,7 @@ func measurePostgres(ctx context.Context, k *kubelet.Kubelet, pg *pgtest.Server,
 
 // rssMiB reads a process's resident memory, all of it and the anonymous
 // part, from /proc/<pid>/status.
-func rssMiB(pid int) (total, anon float64, err error) {
-	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-	if err != nil {
-		return 0, 0, err
-	}
-	found := 0
-	for _, line := range strings.Split(string(data), "\n") {
-		f := strings.Fields(line)
-		if len(f) < 2 || (f[0] != "VmRSS:" && f[0] != "RssAnon:") {
-			continue
-		}
-		kb, err := strconv.ParseFloat(f[1], 64)
-		if err != nil {
-			return 0, 0, err
-		}
-		if f[0] == "VmRSS:" {
-			total = kb / 1024
-		} else {
-			anon = kb / 1024
-		}
-		found++
-	}
-	if found != 2 {
-		return 0, 0, errors.New("no VmRSS or RssAnon")
-	}
-	return total, anon, nil
-}
+func rssMiB(pid int) (total, anon float64, err error) { return resident.MiB(pid) }
 
 func targets(r *results) []target {
 	t := func(what string, v, limit float64, unit string, atLeast bool) target {

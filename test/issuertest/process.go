@@ -36,7 +36,7 @@ apiVersion: rbac.authorization.k8s.io/v1
 kind: ClusterRole
 metadata: {name: ephemeral-secrets-csi-issuer}
 rules:
-- {apiGroups: [""], resources: [pods], verbs: [get]}
+- {apiGroups: [""], resources: [pods], verbs: [get, list, watch]}
 - {apiGroups: [""], resources: [nodes], verbs: [get]}
 - {apiGroups: [""], resources: [events], verbs: [create]}
 - {apiGroups: [authentication.k8s.io], resources: [tokenreviews], verbs: [create]}

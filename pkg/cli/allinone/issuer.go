@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"runtime/debug"
 	"strings"
 	"syscall"
 	"time"
@@ -48,6 +49,7 @@ type issuerFlags struct {
 	retryPeriod, certValidity, retryMax                             time.Duration
 	qps                                                             float64
 	burst                                                           int
+	podCache                                                        bool
 }
 
 // issuerCmd runs the cluster issuer: the only holder of the database's
@@ -85,8 +87,9 @@ func issuerCmd(version string, args []string) error {
 	fs.DurationVar(&f.leaseDuration, "leader-election-lease-duration", 15*time.Second, "how long a leader's Lease holds without renewal")
 	fs.DurationVar(&f.renewDeadline, "leader-election-renew-deadline", 10*time.Second, "how long a leader tries to renew before it gives up leading")
 	fs.DurationVar(&f.retryPeriod, "leader-election-retry-period", 2*time.Second, "how often replicas try to acquire or renew the Lease")
-	fs.Float64Var(&f.qps, "kube-api-qps", 500, "requests per second to the Kubernetes API, of each of the issuer's two clients (core: a mint reads its pod, a new token is reviewed; inventory: a mint creates its record and reads its volume's tombstone, its status is written later); the API server's priority and fairness protects it")
+	fs.Float64Var(&f.qps, "kube-api-qps", 500, "requests per second to the Kubernetes API, of each of the issuer's two clients (core: a mint reads a pod its cache does not hold, a new token is reviewed, the pod cache watches; inventory: a mint creates its record, its status is written later); the API server's priority and fairness protects it")
 	fs.IntVar(&f.burst, "kube-api-burst", 1000, "bursts allowed above --kube-api-qps")
+	fs.BoolVar(&f.podCache, "pod-cache", true, "check a mint's pod in a cache of the cluster's running pods (a watch; each pod trimmed to what the check reads) before asking the API server, which answers whatever the cache does not accept; false: a GET of the pod on every mint and extension (needs no list or watch of pods)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -116,10 +119,10 @@ func issuerCmd(version string, args []string) error {
 	}
 	rc.UserAgent = "ephemeral-secrets-csi-issuer/" + version
 	// client-go's default (5 per second) would hold a burst of publishes
-	// for minutes: each needs a fresh GET of its pod, and its record two
-	// requests more (the inventory's client, made from this configuration,
-	// has a limiter of its own). 500 mints at once over two replicas fit
-	// in the default burst.
+	// for minutes: each may need a GET of its pod (a pod the cache does
+	// not hold yet), and its record two requests more (the inventory's
+	// client, made from this configuration, has a limiter of its own).
+	// 500 mints at once over two replicas fit in the default burst.
 	rc.QPS, rc.Burst = float32(f.qps), f.burst
 	cs, err := kubernetes.NewForConfig(rc)
 	if err != nil {
@@ -136,8 +139,33 @@ func issuerCmd(version string, args []string) error {
 		return err
 	}
 	m := metrics.NewIssuer(metrics.IssuerOptions{Revoking: plugins.Revoking})
+	podCheck := issuer.APIPodCheck(cs.CoreV1())
+	if f.podCache {
+		// Not waited for: until it has synced, every check asks the API
+		// server.
+		// Protobuf: the first list of every running pod is the cache's
+		// peak of memory, and protobuf is a third of the JSON.
+		pc := rest.CopyConfig(rc)
+		pc.ContentType = "application/vnd.kubernetes.protobuf"
+		pcs, err := kubernetes.NewForConfig(pc)
+		if err != nil {
+			return err
+		}
+		pods := issuer.NewPodCache(pcs.CoreV1())
+		go pods.Run(ctx)
+		go func() {
+			// The first list of every running pod is a peak (some
+			// kilobytes a pod) of which the cache keeps a few hundred
+			// bytes a pod: the rest goes back to the system now, not at
+			// the runtime's next forced collection.
+			if cache.WaitForCacheSync(ctx.Done(), pods.HasSynced) {
+				debug.FreeOSMemory()
+			}
+		}()
+		podCheck = issuer.CachedPodCheck(pods, cs.CoreV1())
+	}
 	iss, err := issuer.New(issuer.Options{
-		Config: cfg, PodCheck: issuer.APIPodCheck(cs.CoreV1()), Inventory: plugins.Inventory,
+		Config: cfg, PodCheck: podCheck, Inventory: plugins.Inventory,
 		ReapInterval: f.reap, Audit: audit.New(auditOut), OnReap: countReaps(m),
 		Use: issuer.UseOptions{Interval: f.useInterval, Meter: m.Use(),
 			Resolver: use.KubeResolver{Pods: cs.CoreV1(), Nodes: cs.CoreV1()}},

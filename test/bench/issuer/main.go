@@ -1,11 +1,12 @@
 // Command issuer measures the cluster issuer under a burst: N publishes
 // (mints) at once from simulated nodes, each node plugin with its own
 // bound token and HTTPS connections, through two replicas of the real
-// "ephemeral-secrets-csi issuer" (real kube-apiserver: TokenReview and
-// a fresh GET of each pod; real PostgreSQL). It samples pg_stat_activity
-// for the admin connections in use, and times mints in the driver's own
-// process (the issuer without a cluster) against mints through the
-// issuer in the same run. It prints a table and writes JSON. Run it
+// "ephemeral-secrets-csi issuer" (real kube-apiserver: TokenReview, the
+// issuers' pod caches, each mint's Credential; real PostgreSQL). It
+// samples pg_stat_activity for the admin connections in use, and times
+// mints in the driver's own process (the issuer without a cluster)
+// against mints through the issuer in the same run, counting the API
+// server's requests per mint. It prints a table and writes JSON. Run it
 // through "make bench".
 package main
 
@@ -37,6 +38,7 @@ import (
 	"github.com/ephemeral-secrets/csi-driver/pkg/issuer/remote"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider/postgres"
+	"github.com/ephemeral-secrets/csi-driver/test/bench/resident"
 	"github.com/ephemeral-secrets/csi-driver/test/harness"
 	"github.com/ephemeral-secrets/csi-driver/test/issuertest"
 	"github.com/ephemeral-secrets/csi-driver/test/kube"
@@ -50,8 +52,9 @@ func main() {
 	seq := flag.Int("seq", 100, "mints one at a time, in-process and through the issuer")
 	qps := flag.String("kube-api-qps", "", "the issuers' --kube-api-qps (burst: twice it); empty: their default")
 	rounds := flag.Int("rounds", 3, "rounds of every row; the table gives each figure's median over them")
+	gap := flag.Duration("c1-gap", 0, "pause after each mint of the c1 rows, both paths (0: back to back, so a mint's status write through the issuer overlaps the next mint)")
 	flag.Parse()
-	if err := run(*out, *burst, *nodes, *seq, *rounds, *qps); err != nil {
+	if err := run(*out, *burst, *nodes, *seq, *rounds, *qps, *gap); err != nil {
 		fmt.Fprintln(os.Stderr, "bench issuer:", err)
 		os.Exit(1)
 	}
@@ -74,6 +77,8 @@ type round struct {
 	Drop map[string]latency `json:"drop"`
 	// C1Ratio is the issuer's p50 at concurrency 1 over the in-process one.
 	C1Ratio float64 `json:"c1_p50_ratio"`
+	// C1API is the API server's requests per mint of the issuer's c1 row.
+	C1API c1Cost `json:"c1_api_requests_per_mint"`
 	// Records is how many Credentials of the issuer burst were there when
 	// its last mint answered; Recorded that it was all of them (else the
 	// burst row is void).
@@ -83,6 +88,15 @@ type round struct {
 	// the burst said Issued (its status is written off the mint's path).
 	StatusLagS float64 `json:"burst_status_issued_after_s"`
 	API        apiCost `json:"burst_api_requests_per_mint"`
+}
+
+// c1Cost is the API server's requests per mint one at a time: the
+// TokenReviews (a node's first call after its cached review expired),
+// the pod reads (a pod its cache did not hold) and the Credential writes.
+type c1Cost struct {
+	Reviews    float64 `json:"token_reviews"`
+	PodReads   float64 `json:"pod_reads"`
+	CredWrites float64 `json:"credential_writes"`
 }
 
 // apiCost is the API server's requests per mint of the issuer burst
@@ -97,16 +111,24 @@ type apiCost struct {
 
 type results struct {
 	Burst      int     `json:"burst"`
+	C1GapMS    float64 `json:"c1_gap_ms,omitempty"`
 	KubeAPIQPS string  `json:"issuer_kube_api_qps,omitempty"`
 	Nodes      int     `json:"nodes"`
 	Replicas   int     `json:"issuer_replicas"`
 	MaxConns   int     `json:"max_conns_per_replica"`
 	Median     round   `json:"median"`
-	Rounds     []round `json:"rounds"`
-	Machine    struct {
+	// IssuerMemory is each replica's resident memory at the end (its pod
+	// cache holding the run's pods, its Credential informer the run's
+	// records).
+	IssuerMemory []memory `json:"issuer_memory_at_end"`
+	Rounds       []round  `json:"rounds"`
+	Machine      struct {
 		CPUs int    `json:"cpus"`
 		Go   string `json:"go"`
 		Date string `json:"date"`
+		// LoadAvg is the 1-minute load average at the start and at the
+		// end: the machine is shared, and every figure moves with it.
+		LoadAvg [2]float64 `json:"load_average_start_end"`
 	} `json:"machine"`
 }
 
@@ -141,11 +163,13 @@ const (
 
 var params = map[string]string{"connection": "main", "role": "app"}
 
-func run(out string, burst, nodes, seq, rounds int, qps string) error {
+func run(out string, burst, nodes, seq, rounds int, qps string, gap time.Duration) error {
 	ctx := context.Background()
 	var r results
 	r.Burst, r.Nodes, r.Replicas, r.MaxConns, r.KubeAPIQPS = burst, nodes, replicas, maxConns, qps
+	r.C1GapMS = float64(gap.Microseconds()) / 1000
 	r.Machine.CPUs, r.Machine.Go, r.Machine.Date = runtime.NumCPU(), runtime.Version(), time.Now().UTC().Format(time.RFC3339)
+	r.Machine.LoadAvg[0] = loadAverage()
 
 	dir, err := os.MkdirTemp("", "esc-bench-issuer-")
 	if err != nil {
@@ -298,7 +322,7 @@ func run(out string, burst, nodes, seq, rounds int, qps string) error {
 	if err != nil {
 		return err
 	}
-	b := &bench{ctx: ctx, sampler: sampler, api: admin, inv: inv, pods: pods, plugins: plugins, inProcess: inProcess}
+	b := &bench{ctx: ctx, sampler: sampler, api: admin, inv: inv, pods: pods, plugins: plugins, inProcess: inProcess, gap: gap}
 	for round := range rounds {
 		fmt.Printf("round %d of %d\n", round+1, rounds)
 		rr, err := b.round(fmt.Sprintf("r%d", round), burst, seq)
@@ -311,6 +335,14 @@ func run(out string, burst, nodes, seq, rounds int, qps string) error {
 		}
 	}
 	r.Median = median(r.Rounds)
+	r.Machine.LoadAvg[1] = loadAverage()
+	for _, is := range issuers {
+		m, err := memoryOf(is.Pid())
+		if err != nil {
+			return err
+		}
+		r.IssuerMemory = append(r.IssuerMemory, m)
+	}
 
 	fmt.Printf("\nmedians of %d rounds (each row's figure from each round, then their median):\n", rounds)
 	fmt.Printf("%-18s %-6s %9s %9s %8s %9s %7s %s\n", "", "", "p50 ms", "p99 ms", "wall s", "per s", "fails", "max admin conns")
@@ -330,12 +362,21 @@ func run(out string, burst, nodes, seq, rounds int, qps string) error {
 	}
 	m := r.Median
 	fmt.Printf("issuer c1 / in-process c1 p50: %.2fx (each round: %s)\n", m.C1Ratio, roundsOf(r.Rounds, func(x round) float64 { return x.C1Ratio }))
+	fmt.Printf("(load average: %.2f at the start, %.2f at the end, on %d CPUs)\n", r.Machine.LoadAvg[0], r.Machine.LoadAvg[1], r.Machine.CPUs)
+	if gap > 0 {
+		fmt.Printf("(c1 rows: a pause of %v after each mint, both paths)\n", gap)
+	}
+	fmt.Printf("issuer c1, API requests per mint: %.2f TokenReviews, %.2f pod reads, %.2f Credential writes (status included)\n",
+		m.C1API.Reviews, m.C1API.PodReads, m.C1API.CredWrites)
 	fmt.Printf("issuer burst wall: %.2f s, in-process burst wall: %.2f s (each round: %s)\n", m.Mint["issuer burst"].WallS,
 		m.Mint["in-process burst"].WallS, roundsOf(r.Rounds, func(x round) float64 { return x.Mint["issuer burst"].WallS }))
 	fmt.Printf("issuer burst: all %d Credentials there when the last mint answered in every round: %v; their status all Issued %.2f s after it\n",
 		burst, allRecorded(r.Rounds), m.StatusLagS)
 	fmt.Printf("issuer burst, API requests per mint until the last answer: %.2f Credential writes, %.2f Credential reads, %.2f pod reads; %.2f Credential writes once every status is written\n",
 		m.API.CredWritesPath, m.API.CredReadsPath, m.API.PodReadsPath, m.API.CredWritesAll)
+	for i, m := range r.IssuerMemory {
+		fmt.Printf("issuer replica %d at the end (%d pods in the cluster): %.1f MiB resident, %.1f MiB anonymous\n", i+1, len(pods)+nodes, m.RSS, m.Anon)
+	}
 	fmt.Printf("(admin connections: the issuer's %d replicas x maxConns %d = %d at most; in-process, one pool of %d)\n",
 		replicas, maxConns, replicas*maxConns, maxConns)
 	for _, rr := range r.Rounds {
@@ -359,6 +400,8 @@ type bench struct {
 	pods      []pod
 	plugins   []*postgres.Provider
 	inProcess *postgres.Provider
+	// gap is the pause after each mint of the c1 rows.
+	gap time.Duration
 }
 
 type pod struct {
@@ -417,7 +460,11 @@ func (b *bench) round(tag string, burst, seq int) (round, error) {
 	}
 	mintAll := func(name string, jobs []job, concurrency int, via func(pod) *postgres.Provider) error {
 		stop := b.watch(appOf(name))
-		ds, fails, wall := timeAll(len(jobs), concurrency, func(i int) error {
+		gap := time.Duration(0)
+		if concurrency == 1 {
+			gap = b.gap
+		}
+		ds, fails, wall := timeAll(len(jobs), concurrency, gap, func(i int) error {
 			j := jobs[i]
 			l, err := via(j.pod).Issue(ctx, provider.Request{LeaseID: j.lease, VolumeID: j.pod.volume, Class: "shop/orders-db", Params: params, Pod: j.pod.p})
 			if err == nil {
@@ -441,7 +488,7 @@ func (b *bench) round(tag string, burst, seq int) (round, error) {
 	}
 	dropAll := func(name string, concurrency int, via func(i int) *postgres.Provider) error {
 		stop := b.watch(appOf(name))
-		ds, fails, wall := timeAll(len(live), concurrency, func(i int) error { return via(i).Revoke(ctx, live[i]) })
+		ds, fails, wall := timeAll(len(live), concurrency, 0, func(i int) error { return via(i).Revoke(ctx, live[i]) })
 		l := summarize(ds, fails)
 		l.WallS, l.AdminConns = wall.Seconds(), stop()
 		rr.Drop[name] = l
@@ -472,17 +519,42 @@ func (b *bench) round(tag string, burst, seq int) (round, error) {
 	delete(rr.Drop, "warm-up")
 	// One at a time, alternating paths in blocks, so both see the same machine.
 	fmt.Printf("  %d mints one at a time, in-process and through the issuer ...\n", seq)
+	var c1 requestCounts
 	for blk := 0; blk < seq; blk += 10 {
 		n := min(10, seq-blk)
 		for _, p := range []struct {
 			name string
 			via  func(pod) *postgres.Provider
 		}{{"in-process c1", viaLocal}, {"issuer c1", viaIssuer}} {
+			before, err := b.requests()
+			if err != nil {
+				return rr, err
+			}
 			if err := mintAll(p.name, jobs(fmt.Sprintf("%s-%d", p.name[:5], blk), burst+blk, n), 1, p.via); err != nil {
 				return rr, err
 			}
+			after, err := b.requests()
+			if err != nil {
+				return rr, err
+			}
+			if p.name == "issuer c1" {
+				// The block's status writes (after its answers, deferred
+				// while mints are under way) go before the next block, so
+				// that neither path's block runs beside the other's work.
+				for deadline := time.Now().Add(5 * time.Second); after.credWrites-before.credWrites < int64(2*n) && time.Now().Before(deadline); {
+					time.Sleep(20 * time.Millisecond)
+					if after, err = b.requests(); err != nil {
+						return rr, err
+					}
+				}
+				c1.reviews += after.reviews - before.reviews
+				c1.podReads += after.podReads - before.podReads
+				c1.credWrites += after.credWrites - before.credWrites
+			}
 		}
 	}
+	rr.C1API = c1Cost{Reviews: float64(c1.reviews) / float64(seq), PodReads: float64(c1.podReads) / float64(seq),
+		CredWrites: float64(c1.credWrites) / float64(seq)}
 	if err := dropAll("in-process c1 cleanup", 4, func(int) *postgres.Provider { return b.inProcess }); err != nil {
 		return rr, err
 	}
@@ -572,7 +644,7 @@ func (b *bench) records(prefix string) (all, issued int, err error) {
 }
 
 // requestCounts are counters of the API server's requests so far.
-type requestCounts struct{ credWrites, credReads, podReads int64 }
+type requestCounts struct{ credWrites, credReads, podReads, reviews int64 }
 
 // requests reads the API server's apiserver_request_total: the writes
 // and reads of Credentials, and the reads of pods (one GET, by any
@@ -604,9 +676,37 @@ func (b *bench) requests() (requestCounts, error) {
 			c.credReads += int64(v)
 		case has("resource", "pods") && has("verb", "GET") && has("subresource", ""):
 			c.podReads += int64(v)
+		case has("resource", "tokenreviews") && has("verb", "POST"):
+			c.reviews += int64(v)
 		}
 	}
 	return c, nil
+}
+
+// memory is a process's resident memory, MiB.
+type memory struct {
+	RSS  float64 `json:"rss_mib"`
+	Anon float64 `json:"anon_mib"`
+}
+
+// memoryOf reads the resident memory of process pid.
+func memoryOf(pid int) (memory, error) {
+	total, anon, err := resident.MiB(pid)
+	return memory{RSS: total, Anon: anon}, err
+}
+
+// loadAverage is the 1-minute load average (0 if unknown).
+func loadAverage() float64 {
+	data, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return 0
+	}
+	f := strings.Fields(string(data))
+	if len(f) == 0 {
+		return 0
+	}
+	v, _ := strconv.ParseFloat(f[0], 64)
+	return v
 }
 
 // roundsOf lists f of each round.
@@ -664,6 +764,11 @@ func median(rs []round) round {
 		m.Drop[name] = medLatency(func(r round) latency { return r.Drop[name] })
 	}
 	m.C1Ratio = med(func(r round) float64 { return r.C1Ratio })
+	m.C1API = c1Cost{
+		Reviews:    med(func(r round) float64 { return r.C1API.Reviews }),
+		PodReads:   med(func(r round) float64 { return r.C1API.PodReads }),
+		CredWrites: med(func(r round) float64 { return r.C1API.CredWrites }),
+	}
 	m.StatusLagS = med(func(r round) float64 { return r.StatusLagS })
 	m.Records = int(med(func(r round) float64 { return float64(r.Records) }))
 	m.API = apiCost{
@@ -675,7 +780,9 @@ func median(rs []round) round {
 	return m
 }
 
-func timeAll(n, concurrency int, f func(i int) error) ([]time.Duration, int, time.Duration) {
+// timeAll runs f for 0..n-1, concurrency at once, and times each; gap is
+// a pause after each (not timed, in the wall time).
+func timeAll(n, concurrency int, gap time.Duration, f func(i int) error) ([]time.Duration, int, time.Duration) {
 	ds := make([]time.Duration, n)
 	var fails atomic.Int64
 	var firstErr error
@@ -689,6 +796,7 @@ func timeAll(n, concurrency int, f func(i int) error) ([]time.Duration, int, tim
 		go func() {
 			defer wg.Done()
 			defer func() { <-sem }()
+			defer time.Sleep(gap)
 			t := time.Now()
 			if err := f(i); err != nil {
 				fails.Add(1)
