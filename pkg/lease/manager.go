@@ -403,6 +403,7 @@ func (m *Manager) publishNew(ctx context.Context, h *volume.Held, v Volume) erro
 	m.noteIssued(meta, l)
 	m.audit(withExpiry(withStage(rec, audit.Issue), l.ExpiresAt), audit.Success, nil)
 	m.opts.Metrics.LeaseOp(class.Provider, metrics.OpIssue, metrics.Success)
+	m.opts.Metrics.Issued(pod.Namespace, pod.ServiceAccount, class.Provider)
 	return nil
 }
 

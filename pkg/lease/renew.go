@@ -151,6 +151,7 @@ func (m *Manager) rotate(ctx context.Context, h *volume.Held, prov provider.Prov
 	}
 	m.audit(withExpiry(withStage(recordFor(v.Meta(), nl), audit.Rotate), nl.ExpiresAt), audit.Success, nil)
 	m.opts.Metrics.LeaseOp(meta.Provider, metrics.OpRotate, metrics.Success)
+	m.opts.Metrics.Issued(meta.Pod.Namespace, meta.Pod.ServiceAccount, meta.Provider)
 	return nil
 }
 

@@ -235,6 +235,7 @@ func (m *Manager) IssueTask(ctx context.Context, volumeID, task string, ttl time
 	rec.Role = l.Role
 	m.audit(withExpiry(withStage(rec, audit.Issue), end), audit.Success, nil)
 	m.opts.Metrics.LeaseOp(meta.Provider, metrics.OpIssue, metrics.Success)
+	m.opts.Metrics.Issued(meta.Pod.Namespace, meta.Pod.ServiceAccount, meta.Provider)
 	return taskInfo(taskCredential(v.Meta(), task, t)), nil
 }
 

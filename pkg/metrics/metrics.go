@@ -54,6 +54,7 @@ type Metrics struct {
 	reg          *prometheus.Registry
 	rpc          *prometheus.HistogramVec
 	leaseOps     *prometheus.CounterVec
+	saIssues     *prometheus.CounterVec // issues.go
 	authFailures *prometheus.CounterVec
 	kubeRequests *prometheus.CounterVec
 	firstSeen    *prometheus.CounterVec
@@ -110,6 +111,7 @@ func New(state func() State) *Metrics {
 	}, []string{"namespace", "endpoint", "code"})
 	m.reg.MustRegister(m.leaseAPI)
 	m.reaper = newReaper(m.reg)
+	m.saIssues = newServiceAccountIssues(m.reg)
 	m.use = newUse(m.reg)
 	m.registerHealth()
 	m.reg.MustRegister(m.rpc, m.leaseOps, m.authFailures, m.kubeRequests, m.firstSeen, m.refusals, m.configGen, m.configErrors,

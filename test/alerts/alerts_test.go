@@ -269,7 +269,8 @@ func roleGone(t *testing.T, role string) {
 
 // Each alert, run by promtool on series scraped from the real node plugin
 // and issuer (against a real PostgreSQL and kube-apiserver): none fires
-// while all is well; each fires, with its labels, when its condition is
+// while all is well (where the issue-rate rule sees a service account's
+// issues); each fires, with its labels, when its condition is
 // made real: PostgreSQL down (issue and revoke errors on the node and in
 // the issuer, a Credential held in Revoking, the reaper failing, sessions
 // unseen), tenants refused (first requests, authorization failures, a
@@ -293,16 +294,25 @@ func TestAlertsOnRealMetrics(t *testing.T) {
 	driver := Target{URL: "http://" + drv.MetricsAddr + "/metrics", Labels: map[string]string{"job": jobs["node"], "node": node, "instance": drv.MetricsAddr}}
 	both := []Target{driver, issuerTarget(is, jobs["issuer"])}
 
-	// Healthy: a credential issued and revoked, two live.
-	a := tenant(t, "orders-a")
-	roleA := publish(t, k, a)
-	if err := k.Unpublish(ctx, a, volume.Name); err != nil {
-		t.Fatal(err)
-	}
+	// Healthy: a credential issued and revoked, two live; the last two
+	// issued 4 and 3 steps before the end (under the namespace's cap of
+	// two), so that their service account's issue rate is above zero,
+	// under the anomaly's floor.
+	a, b, c := tenant(t, "orders-a"), tenant(t, "orders-b"), tenant(t, "orders-c")
+	roleB := publish(t, k, b)
+	var roleA, roleC string
+	healthy := record(both, 30, func(i int) {
+		switch i {
+		case 26:
+			roleA = publish(t, k, a)
+			if err := k.Unpublish(ctx, a, volume.Name); err != nil {
+				t.Fatal(err)
+			}
+		case 27:
+			roleC = publish(t, k, c)
+		}
+	})
 	roleGone(t, roleA)
-	b, c := tenant(t, "orders-b"), tenant(t, "orders-c")
-	roleB, roleC := publish(t, k, b), publish(t, k, c)
-	healthy := record(both, 30, nil)
 
 	// PostgreSQL down: b's Credential deleted (the kill switch), c's
 	// volume unpublished, d's publish tried at every step.
@@ -392,7 +402,10 @@ func TestAlertsOnRealMetrics(t *testing.T) {
 
 	nodeLabels := map[string]string{"node": node}
 	cases := []Case{
-		{Name: "healthy", Recording: healthy},
+		// The issue-rate rule reads the node plugin's real series: the
+		// pods' namespace and service account, summed over nodes.
+		{Name: "healthy", Recording: healthy, Exprs: []Expr{{Expr: rateRule + " > bool 0",
+			Samples: []Sample{{Labels: `{namespace="shop",service_account="orders"}`, Value: 1}}}}},
 		{Name: "postgres down", Recording: down, Firing: map[string][]map[string]string{
 			"EphemeralSecretsIssueFailing":            {nodeLabels},
 			"EphemeralSecretsRevocationFailing":       {{"node": node, "provider": "postgres"}},

@@ -62,10 +62,15 @@ func up(jobs map[string]string, steps int, nodes ...string) []Series {
 	return out
 }
 
+// rateRule is the recording rule of a service account's 5-minute issue
+// rate (summed over nodes and providers).
+const rateRule = "namespace_service_account:ephemeral_secrets_service_account_issues:rate5m"
+
 // The alerts of the use of credentials and of issue-rate anomalies, run
 // by promtool on series written out (a day of history, which no real run
 // can record; the use metrics' names and labels are the issuer's, see
-// pkg/issuer/use): each fires where it must and nowhere else.
+// pkg/issuer/use, and the node plugin's, pkg/metrics/issues.go): each
+// fires where it must and nowhere else.
 func TestUseAndIssueRateAlerts(t *testing.T) {
 	promtool, err := harness.Tool("promtool")
 	if err != nil {
@@ -73,25 +78,30 @@ func TestUseAndIssueRateAlerts(t *testing.T) {
 	}
 	rules, jobs := rendered(t)
 
-	// Issue rates, a minute a step, a day and 25 minutes: n1 issues one
-	// credential a minute, then 30 (a spike: fires); n2 forty a minute
-	// all day (high, but its own usual: quiet); n3 one, then four (below
-	// five times its average: quiet); n4 is new, 30 a minute for its hour
-	// (no day behind it: quiet); n5 one, then 5 a minute (five times, but
-	// under the floor of 6 a minute: quiet).
+	// Issue rates by service account, a minute a step, a day and 25
+	// minutes. shop/orders issues half a credential a minute on each of
+	// two nodes (postgres on n1, vault on n2), then four a minute on each:
+	// eight a minute in all, fires (on neither node alone: each is under
+	// the floor of 6 a minute). shop/web 40 a minute all day (high, but
+	// its own usual: quiet); lab/orders, the same name in another
+	// namespace, one a minute all day (quiet); lab/agents one, then four
+	// (below five times its average: quiet); lab/batch is new, 30 a minute
+	// for its hour (no day behind it: quiet); lab/cron 0.2, then 5 a
+	// minute (25 times its average, under the floor: quiet).
 	const day, spike = 1440, 25
 	steps := day + spike + 1
-	issues := func(n string) string {
-		return `ephemeral_secrets_lease_operations_total{instance="` + n + `:9810",job="` + jobs["node"] + `",node="` + n + `",operation="issue",outcome="success",provider="postgres"}`
+	issues := func(node, prov, ns, sa string) string {
+		return `ephemeral_secrets_service_account_issues_total{instance="` + node + `:9810",job="` + jobs["node"] + `",namespace="` + ns +
+			`",node="` + node + `",provider="` + prov + `",service_account="` + sa + `"}`
 	}
-	rate := append(up(jobs, steps, "n1", "n2", "n3", "n4", "n5"),
-		Series{Series: issues("n1"), Values: ramp{at: []int{0, day}, slopes: []float64{1, 30}}.values(steps)},
-		Series{Series: issues("n2"), Values: ramp{at: []int{0}, slopes: []float64{40}}.values(steps)},
-		Series{Series: issues("n3"), Values: ramp{at: []int{0, day}, slopes: []float64{1, 4}}.values(steps)},
-		Series{Series: issues("n4"), Values: ramp{from: steps - 60, at: []int{0}, slopes: []float64{30}}.values(steps)},
-		Series{Series: issues("n5"), Values: ramp{at: []int{0, day}, slopes: []float64{1, 5}}.values(steps)},
-		// Failed issues do not count.
-		Series{Series: strings.Replace(issues("n2"), `outcome="success"`, `outcome="error"`, 1), Values: ramp{at: []int{0, day}, slopes: []float64{0, 100}}.values(steps)},
+	rate := append(up(jobs, steps, "n1", "n2", "n3"),
+		Series{Series: issues("n1", "postgres", "shop", "orders"), Values: ramp{at: []int{0, day}, slopes: []float64{0.5, 4}}.values(steps)},
+		Series{Series: issues("n2", "vault", "shop", "orders"), Values: ramp{at: []int{0, day}, slopes: []float64{0.5, 4}}.values(steps)},
+		Series{Series: issues("n1", "postgres", "shop", "web"), Values: ramp{at: []int{0}, slopes: []float64{40}}.values(steps)},
+		Series{Series: issues("n3", "postgres", "lab", "orders"), Values: ramp{at: []int{0}, slopes: []float64{1}}.values(steps)},
+		Series{Series: issues("n3", "postgres", "lab", "agents"), Values: ramp{at: []int{0, day}, slopes: []float64{1, 4}}.values(steps)},
+		Series{Series: issues("n2", "postgres", "lab", "batch"), Values: ramp{from: steps - 60, at: []int{0}, slopes: []float64{30}}.values(steps)},
+		Series{Series: issues("n3", "vault", "lab", "cron"), Values: ramp{at: []int{0, day}, slopes: []float64{0.2, 5}}.values(steps)},
 	)
 
 	// Use, a minute a step for 30 minutes: role app's credential used
@@ -125,9 +135,13 @@ func TestUseAndIssueRateAlerts(t *testing.T) {
 
 	cases := []Case{
 		{Name: "issue rates", Series: rate, Interval: time.Minute, Steps: steps,
-			Firing: map[string][]map[string]string{"EphemeralSecretsIssueRateAnomaly": {{"node": "n1", "provider": "postgres"}}},
-			Exprs: []Expr{{Expr: `node_provider:ephemeral_secrets_lease_issues:rate5m{node="n2"}`,
-				Samples: []Sample{{Labels: `node_provider:ephemeral_secrets_lease_issues:rate5m{node="n2",provider="postgres"}`, Value: 40.0 / 60}}}}},
+			Firing: map[string][]map[string]string{"EphemeralSecretsIssueRateAnomaly": {{"namespace": "shop", "service_account": "orders"}}},
+			Exprs: []Expr{
+				{Expr: rateRule + `{namespace="shop",service_account="web"}`,
+					Samples: []Sample{{Labels: rateRule + `{namespace="shop",service_account="web"}`, Value: 40.0 / 60}}},
+				{Expr: rateRule + `{namespace="shop",service_account="orders"}`,
+					Samples: []Sample{{Labels: rateRule + `{namespace="shop",service_account="orders"}`, Value: 8.0 / 60}}},
+			}},
 		{Name: "use", Series: use, Interval: time.Minute, Steps: useSteps,
 			Firing: map[string][]map[string]string{
 				"EphemeralSecretsCredentialUsedElsewhere": {
