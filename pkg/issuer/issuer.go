@@ -135,7 +135,7 @@ func (i *Issuer) Mint(ctx context.Context, c Caller, r postgres.MintRequest) (po
 	if err != nil {
 		return postgres.Grant{}, err
 	}
-	tag := pgengine.Tag{LeaseID: r.LeaseID, Role: t.ref(), Class: r.Class, Pod: r.Pod, Node: c.Node}
+	tag := pgengine.Tag{LeaseID: r.LeaseID, Role: t.ref(), Class: r.Class, Pod: r.Pod, Node: c.Node, Volume: r.VolumeID}
 	ttl, err := check(t, tag, r)
 	if err != nil {
 		return postgres.Grant{}, err

@@ -162,6 +162,25 @@ func TestUseIsAudited(t *testing.T) {
 	if strings.Join(ev, " ") != "summary" || details[0] != "revoked; never used" {
 		t.Errorf("use records of an idle credential: %v %q", ev, details)
 	}
+	// Each use record names the volume, as its issue record does (the
+	// role's tag carries it).
+	vols := map[string]map[string]bool{}
+	for _, r := range auditOf(t, f) {
+		p, _ := r["pod"].(map[string]any)
+		if r["stage"] == "issue" || r["stage"] == "use" {
+			k := fmt.Sprint(p["name"], " ", r["stage"])
+			if vols[k] == nil {
+				vols[k] = map[string]bool{}
+			}
+			vols[k][fmt.Sprint(r["volume_id"])] = true
+		}
+	}
+	for _, p := range []kubelet.Pod{pod, idle} {
+		issued, used := vols[p.Name+" issue"], vols[p.Name+" use"]
+		if len(issued) != 1 || len(used) != 1 || fmt.Sprint(issued) != fmt.Sprint(used) {
+			t.Errorf("%s: volume of the issue records %v, of the use records %v: want the same one", p.Name, issued, used)
+		}
+	}
 }
 
 // A login from an address none expected is a foreign use, acted on as

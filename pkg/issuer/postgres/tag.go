@@ -25,7 +25,10 @@ type Tag struct {
 	Pod   provider.Pod
 	// Node is the node whose plugin asked for the role; empty when the
 	// driver's own process asked (no cluster).
-	Node    string
+	Node string
+	// Volume is the CSI volume the role is for (absent from roles tagged
+	// before it was recorded).
+	Volume  string
 	Created time.Time
 }
 
@@ -33,9 +36,9 @@ type Tag struct {
 // a character set checked before the role is made (Check), so it
 // needs no quoting.
 func (t Tag) String() string {
-	return fmt.Sprintf("%slease=%s role=%s class=%s ns=%s pod=%s uid=%s sa=%s node=%s created=%s", tagPrefix,
+	return fmt.Sprintf("%slease=%s role=%s class=%s ns=%s pod=%s uid=%s sa=%s node=%s vol=%s created=%s", tagPrefix,
 		t.LeaseID, t.Role, t.Class, t.Pod.Namespace, t.Pod.Name, t.Pod.UID, t.Pod.ServiceAccount, t.Node,
-		t.Created.UTC().Format(time.RFC3339))
+		t.Volume, t.Created.UTC().Format(time.RFC3339))
 }
 
 // parseTag reads a role's comment; ok is false for a comment the driver
@@ -65,6 +68,8 @@ func parseTag(comment string) (Tag, bool) {
 			t.Pod.ServiceAccount = v
 		case "node":
 			t.Node = v
+		case "vol":
+			t.Volume = v
 		case "created":
 			t.Created, _ = time.Parse(time.RFC3339, v)
 		}
@@ -91,9 +96,9 @@ func (t Tag) Check() error {
 	if !leaseIDPattern.MatchString(t.LeaseID) {
 		return fmt.Errorf("%w: lease ID must be of [a-z0-9-]", provider.ErrInvalidParameters)
 	}
-	for _, v := range []string{t.Class, t.Node, t.Pod.Namespace, t.Pod.Name, t.Pod.UID, t.Pod.ServiceAccount} {
+	for _, v := range []string{t.Class, t.Node, t.Volume, t.Pod.Namespace, t.Pod.Name, t.Pod.UID, t.Pod.ServiceAccount} {
 		if !namePattern.MatchString(v) {
-			return fmt.Errorf("%w: pod identity or class of unexpected characters", provider.ErrInvalidParameters)
+			return fmt.Errorf("%w: pod identity, volume or class of unexpected characters", provider.ErrInvalidParameters)
 		}
 	}
 	return nil

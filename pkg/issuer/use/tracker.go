@@ -255,7 +255,7 @@ func (t *Tracker) newCred(conn string, cs *connState, r pgengine.SampledRole, no
 	_, role, _ := strings.Cut(r.Tag.Role, "/")
 	c := &cred{
 		rec: credential.Record{
-			LeaseID: r.Tag.LeaseID, Pod: r.Tag.Pod, Node: r.Tag.Node, Class: r.Tag.Class, Provider: postgres.Name,
+			LeaseID: r.Tag.LeaseID, VolumeID: r.Tag.Volume, Pod: r.Tag.Pod, Node: r.Tag.Node, Class: r.Tag.Class, Provider: postgres.Name,
 			Role: r.Tag.Role, Name: r.Name, IssuedAt: r.Tag.Created,
 		},
 		role: role, known: map[string]bool{}, open: map[sessionKey]bool{},
