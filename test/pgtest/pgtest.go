@@ -36,6 +36,9 @@ type Options struct {
 	ClientNets []string
 	// MaxConnections is the server's max_connections (default 200).
 	MaxConnections int
+	// Durable keeps fsync on (a commit waits for its WAL on disk, as in
+	// production); by default the tests' server does not sync.
+	Durable bool
 }
 
 // Server is a running (or stopped) PostgreSQL.
@@ -137,7 +140,10 @@ func (s *Server) Restart() error {
 	defer log.Close()
 	s.cmd = s.command(filepath.Join(s.bin, "postgres"), "-D", filepath.Join(s.dir, "data"),
 		"-p", strconv.Itoa(s.Port), "-k", s.dir, "-c", "listen_addresses="+strings.Join(append([]string{"127.0.0.1"}, s.opts.Listen...), ","),
-		"-c", "fsync=off", "-c", "full_page_writes=off", "-c", "max_connections="+strconv.Itoa(cmp.Or(s.opts.MaxConnections, 200)))
+		"-c", "max_connections="+strconv.Itoa(cmp.Or(s.opts.MaxConnections, 200)))
+	if !s.opts.Durable {
+		s.cmd.Args = append(s.cmd.Args, "-c", "fsync=off", "-c", "full_page_writes=off")
+	}
 	s.cmd.Stdout, s.cmd.Stderr = log, log
 	if err := s.cmd.Start(); err != nil {
 		return err

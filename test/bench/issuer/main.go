@@ -53,8 +53,9 @@ func main() {
 	qps := flag.String("kube-api-qps", "", "the issuers' --kube-api-qps (burst: twice it); empty: their default")
 	rounds := flag.Int("rounds", 3, "rounds of every row; the table gives each figure's median over them")
 	gap := flag.Duration("c1-gap", 0, "pause after each mint of the c1 rows, both paths (0: back to back, so a mint's status write through the issuer overlaps the next mint)")
+	durable := flag.Bool("postgres-fsync", true, "PostgreSQL syncs its commits, as in production and as the API server's etcd does (false: the tests' server, which does not sync, against an etcd that does)")
 	flag.Parse()
-	if err := run(*out, *burst, *nodes, *seq, *rounds, *qps, *gap); err != nil {
+	if err := run(*out, *burst, *nodes, *seq, *rounds, *qps, *gap, *durable); err != nil {
 		fmt.Fprintln(os.Stderr, "bench issuer:", err)
 		os.Exit(1)
 	}
@@ -110,13 +111,16 @@ type apiCost struct {
 }
 
 type results struct {
-	Burst      int     `json:"burst"`
-	C1GapMS    float64 `json:"c1_gap_ms,omitempty"`
-	KubeAPIQPS string  `json:"issuer_kube_api_qps,omitempty"`
-	Nodes      int     `json:"nodes"`
-	Replicas   int     `json:"issuer_replicas"`
-	MaxConns   int     `json:"max_conns_per_replica"`
-	Median     round   `json:"median"`
+	Burst   int     `json:"burst"`
+	C1GapMS float64 `json:"c1_gap_ms,omitempty"`
+	// PostgresFsync says whether PostgreSQL synced its commits (the
+	// API server's etcd always does).
+	PostgresFsync bool   `json:"postgres_fsync"`
+	KubeAPIQPS    string `json:"issuer_kube_api_qps,omitempty"`
+	Nodes         int    `json:"nodes"`
+	Replicas      int    `json:"issuer_replicas"`
+	MaxConns      int    `json:"max_conns_per_replica"`
+	Median        round  `json:"median"`
 	// IssuerMemory is each replica's resident memory at the end (its pod
 	// cache holding the run's pods, its Credential informer the run's
 	// records).
@@ -163,10 +167,11 @@ const (
 
 var params = map[string]string{"connection": "main", "role": "app"}
 
-func run(out string, burst, nodes, seq, rounds int, qps string, gap time.Duration) error {
+func run(out string, burst, nodes, seq, rounds int, qps string, gap time.Duration, durable bool) error {
 	ctx := context.Background()
 	var r results
 	r.Burst, r.Nodes, r.Replicas, r.MaxConns, r.KubeAPIQPS = burst, nodes, replicas, maxConns, qps
+	r.PostgresFsync = durable
 	r.C1GapMS = float64(gap.Microseconds()) / 1000
 	r.Machine.CPUs, r.Machine.Go, r.Machine.Date = runtime.NumCPU(), runtime.Version(), time.Now().UTC().Format(time.RFC3339)
 	r.Machine.LoadAvg[0] = loadAverage()
@@ -181,7 +186,7 @@ func run(out string, burst, nodes, seq, rounds int, qps string, gap time.Duratio
 	if err != nil {
 		return err
 	}
-	pg, err := pgtest.Start()
+	pg, err := pgtest.StartWith(pgtest.Options{Durable: durable})
 	if err != nil {
 		return err
 	}
@@ -363,6 +368,7 @@ func run(out string, burst, nodes, seq, rounds int, qps string, gap time.Duratio
 	m := r.Median
 	fmt.Printf("issuer c1 / in-process c1 p50: %.2fx (each round: %s)\n", m.C1Ratio, roundsOf(r.Rounds, func(x round) float64 { return x.C1Ratio }))
 	fmt.Printf("(load average: %.2f at the start, %.2f at the end, on %d CPUs)\n", r.Machine.LoadAvg[0], r.Machine.LoadAvg[1], r.Machine.CPUs)
+	fmt.Printf("(PostgreSQL fsync: %v; the API server's etcd syncs its writes on disk)\n", durable)
 	if gap > 0 {
 		fmt.Printf("(c1 rows: a pause of %v after each mint, both paths)\n", gap)
 	}
