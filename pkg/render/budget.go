@@ -116,6 +116,32 @@ func (r *run) wrote(n int) error {
 // left is how many bytes one function call may still make.
 func (r *run) left() int64 { return 4*r.limits.MaxBytes - r.work }
 
+// operands refuses a call of a string-making function (print, printf,
+// println, html, js, urlquery) whose operands alone hold more bytes than
+// the budget has left: fmt builds the whole string before it can be
+// charged, and the same 1 MB value named 4 000 times in one call would be
+// 4 GB. What a call then builds is at most a few times what is left (the
+// escapers' expansion, printf's widths: checkFormat).
+func (r *run) operands(args []any) error {
+	var n int64
+	for _, a := range args {
+		switch v := a.(type) {
+		case string:
+			n += int64(len(v))
+		case []byte:
+			n += int64(len(v))
+		case map[string]string:
+			for k, x := range v {
+				n += int64(len(k) + len(x))
+			}
+		}
+		if n > r.left() {
+			return fmt.Errorf("%w: the operands of one call hold more than the %d bytes left", errBytes, r.left())
+		}
+	}
+	return nil
+}
+
 // writer is a template's output: it fails past the byte budget, and
 // checks the deadline.
 type writer struct {
@@ -136,10 +162,12 @@ func (w *writer) Write(p []byte) (int, error) {
 // stepFunc is the name of the step counter inserted into range bodies.
 const stepFunc = "esc_step"
 
-// checkFormat refuses a printf format whose width or precision could make
-// fmt build more than max bytes before anyone sees them, and "*" widths,
-// whose value comes from an argument.
+// checkFormat refuses a printf format whose widths and precisions, all
+// of its directives together, could make fmt build more than max bytes
+// before anyone sees them, and "*" widths, whose value comes from an
+// argument.
 func checkFormat(format string, max int64) error {
+	var total int64
 	for i := 0; i < len(format); i++ {
 		if format[i] != '%' {
 			continue
@@ -152,10 +180,11 @@ func checkFormat(format string, max int64) error {
 			if c >= '1' && c <= '9' {
 				var n int64
 				for ; i < len(format) && format[i] >= '0' && format[i] <= '9'; i++ {
-					if n = n*10 + int64(format[i]-'0'); n > max {
-						return fmt.Errorf("%w: printf: a width or precision of more than %d bytes", errBytes, max)
+					if n = n*10 + int64(format[i]-'0'); total+n > max {
+						return fmt.Errorf("%w: printf: widths and precisions of more than %d bytes", errBytes, max)
 					}
 				}
+				total += n
 				i--
 				continue
 			}

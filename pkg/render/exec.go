@@ -173,22 +173,27 @@ func (e *evaluator) rangeOver(dot any, r *parse.RangeNode) (control, error) {
 	// as text/template gives them (one variable: the element).
 	one := func(index, elem any) (control, error) {
 		defer e.pop(mark)
+		var err error
 		if len(decl) > 0 {
 			switch {
 			case r.Pipe.IsAssign && len(decl) > 1:
-				e.set(decl[0].Ident[0], index)
+				err = e.set(decl[0].Ident[0], index)
 			case r.Pipe.IsAssign:
-				e.set(decl[0].Ident[0], elem)
+				err = e.set(decl[0].Ident[0], elem)
 			default:
 				e.vars[len(e.vars)-1].value = elem
 			}
 		}
-		if len(decl) > 1 {
+		if len(decl) > 1 && err == nil {
 			if r.Pipe.IsAssign {
-				e.set(decl[1].Ident[0], elem)
+				err = e.set(decl[1].Ident[0], elem)
 			} else {
 				e.vars[len(e.vars)-2].value = index
 			}
+		}
+		if err != nil {
+			var none control
+			return none, err
 		}
 		return e.walk(elem, r.List)
 	}
@@ -255,7 +260,9 @@ func (e *evaluator) pipeline(dot any, p *parse.PipeNode) (any, error) {
 	}
 	for _, d := range p.Decl {
 		if p.IsAssign {
-			e.set(d.Ident[0], v)
+			if err := e.set(d.Ident[0], v); err != nil {
+				return nil, err
+			}
 		} else {
 			e.vars = append(e.vars, variable{d.Ident[0], v})
 		}
@@ -507,13 +514,14 @@ func (e *evaluator) lookup(name string) (any, error) {
 	return nil, e.errorf("undefined variable: %s", name)
 }
 
-func (e *evaluator) set(name string, v any) {
+func (e *evaluator) set(name string, v any) error {
 	for i := len(e.vars) - 1; i >= 0; i-- {
 		if e.vars[i].name == name {
 			e.vars[i].value = v
-			return
+			return nil
 		}
 	}
+	return e.errorf("undefined variable: %s", name)
 }
 
 func (e *evaluator) pop(mark int) { e.vars = e.vars[:mark] }
@@ -552,6 +560,9 @@ func (r *run) functions() map[string]function {
 			if err := r.step(); err != nil {
 				return nil, err
 			}
+			if err := r.operands(args); err != nil {
+				return nil, err
+			}
 			s := f(args...)
 			return s, r.made(len(s))
 		}}
@@ -569,6 +580,9 @@ func (r *run) functions() map[string]function {
 			}
 			format := args[0].(string)
 			if err := checkFormat(format, r.left()); err != nil {
+				return nil, err
+			}
+			if err := r.operands(args[1:]); err != nil {
 				return nil, err
 			}
 			s := fmt.Sprintf(format, args[1:]...)

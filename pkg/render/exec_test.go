@@ -3,6 +3,7 @@ package render
 import (
 	"errors"
 	"fmt"
+	"runtime"
 	"strings"
 	"testing"
 	"text/template"
@@ -21,6 +22,9 @@ func referenceFuncs(r *run) template.FuncMap {
 			if err := r.step(); err != nil {
 				return "", err
 			}
+			if err := r.operands(args); err != nil {
+				return "", err
+			}
 			s := f(args...)
 			return s, r.made(len(s))
 		}
@@ -37,6 +41,9 @@ func referenceFuncs(r *run) template.FuncMap {
 				return "", err
 			}
 			if err := checkFormat(format, r.left()); err != nil {
+				return "", err
+			}
+			if err := r.operands(args); err != nil {
 				return "", err
 			}
 			s := fmt.Sprintf(format, args...)
@@ -226,4 +233,52 @@ func FuzzExecMatchesTextTemplate(f *testing.F) {
 			t.Errorf("%s: %s", tmpl, d)
 		}
 	})
+}
+
+// One call cannot build far past the budget before it is charged: its
+// operands count first (the same value named a thousand times), and a
+// format's widths count all together (each under the budget, a hundred of
+// them over it). Both are refused before fmt builds anything.
+func TestOneCallCannotBuildPastTheBudget(t *testing.T) {
+	many := func(n int, s string) string { return strings.Repeat(s, n) }
+	for _, tmpl := range []string{
+		`{{$x := printf "%60000s" ""}}{{print` + many(2000, " $x") + `}}`,
+		`{{$x := printf "%60000s" ""}}{{html` + many(2000, " $x") + `}}`,
+		`{{$x := printf "%60000s" ""}}{{printf "%.0s"` + many(2000, " $x") + `}}`,
+		`{{$f := print "` + many(100, "%200000s") + `"}}{{printf $f}}`,
+	} {
+		var before, after runtime.MemStats
+		runtime.GC()
+		runtime.ReadMemStats(&before)
+		ours, ref, ok := runBoth(tmpl, Limits{MaxSteps: 1000, MaxBytes: 64 << 10, Timeout: time.Minute})
+		runtime.ReadMemStats(&after)
+		if !ok {
+			t.Fatalf("%.60s… does not parse", tmpl)
+		}
+		if !errors.Is(ours.err, errBytes) {
+			t.Errorf("%.60s…: %v, want %v", tmpl, ours.err, errBytes)
+		}
+		if d := differ(ours, ref); d != "" {
+			t.Errorf("%.60s…: %s", tmpl, d)
+		}
+		// Both runs together: the budget is 256 KiB of work each.
+		if got := after.TotalAlloc - before.TotalAlloc; got > 16<<20 {
+			t.Errorf("%.60s…: %d MB allocated, want the call refused before it builds", tmpl, got>>20)
+		}
+	}
+}
+
+// A template that assigns to a variable it never declared fails, as in
+// text/template (the parser lets some through: $0).
+func TestExecAssignsOnlyDeclaredVariables(t *testing.T) {
+	ours, ref, ok := runBoth(`{{$0 =00}}`, Limits{MaxSteps: 1000, MaxBytes: 64 << 10, Timeout: time.Minute})
+	if !ok {
+		t.Skip("the parser refuses it")
+	}
+	if ours.err == nil {
+		t.Errorf("assigning an undeclared variable rendered %q", ours.out)
+	}
+	if d := differ(ours, ref); d != "" {
+		t.Error(d)
+	}
 }
