@@ -506,7 +506,12 @@ func (t *Tracker) kill(ctx context.Context, conn string, c *cred, addr string) {
 			steps = append(steps, "files withdrawn")
 		}
 	}
-	if t.o.Drop != nil {
+	// The role is dropped only once the withdrawal held: a dropped role
+	// leaves the samples, and with it the retry of a withdrawal that
+	// failed, and the volume would be issued a credential again. Until
+	// then the role stays, unable to log in (EndSessions), and is killed
+	// again at the next sample.
+	if t.o.Drop != nil && len(errs) == 0 {
 		if err := t.o.Drop(ctx, c.rec); err != nil {
 			errs = append(errs, fmt.Errorf("dropping its role: %w", err))
 		} else {

@@ -351,6 +351,41 @@ func TestForeignUse(t *testing.T) {
 	}
 }
 
+// A kill whose withdrawal fails keeps the role (unable to log in, its
+// sessions ended) so that the next sample kills it again: dropped, the
+// role would leave the samples, the withdrawal would never be retried,
+// and the volume would be issued a credential again.
+func TestKillRetriesAFailedWithdrawalBeforeDropping(t *testing.T) {
+	ctx := context.Background()
+	w := newWorld(t, setup{onForeignUse: "revoke", recorder: true})
+	w.rec.failWithdraw = 1
+	id := "team-f-retry"
+	l := w.issue(id, "f")
+	w.login(l, thief)
+	w.sample(time.Second)
+	exists, err := pg.RoleExists(ctx, l.Values["username"])
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !exists {
+		t.Fatal("the role was dropped though its record could not be withdrawn")
+	}
+	if _, err := pgx.Connect(ctx, pg.URL(l.Values["username"], l.Values["password"])); err == nil {
+		t.Error("a role whose kill is under way still logs in")
+	}
+	w.sample(time.Second)
+	if !slices.Contains(w.rec.calls(), "withdraw "+id) {
+		t.Fatalf("the withdrawal was not tried again: %v", w.rec.calls())
+	}
+	if exists, err = pg.RoleExists(ctx, l.Values["username"]); err != nil || exists {
+		t.Errorf("after the withdrawal held, the role exists: %v %v", exists, err)
+	}
+	got := events(w.records(id))
+	if n := len(slices.DeleteFunc(slices.Clone(got), func(e string) bool { return e != "kill:revoke" })); n != 2 {
+		t.Errorf("use records %v, want two kill records (the failed one, then the one that held)", got)
+	}
+}
+
 // Run samples at once, then at each tick of its clock, until its context
 // ends.
 func TestRunSamplesEveryInterval(t *testing.T) {
@@ -570,6 +605,8 @@ type recorder struct {
 	mu  sync.Mutex
 	log []string
 	raw []string
+	// failWithdraw fails that many Withdraws before the next succeeds.
+	failWithdraw int
 }
 
 func (r *recorder) note(s string, v any) error {
@@ -590,6 +627,13 @@ func (r *recorder) UsedElsewhere(_ context.Context, e credential.Record, addr, a
 }
 
 func (r *recorder) Withdraw(_ context.Context, e credential.Record) error {
+	r.mu.Lock()
+	if r.failWithdraw > 0 {
+		r.failWithdraw--
+		r.mu.Unlock()
+		return errors.New("the API server is unavailable")
+	}
+	r.mu.Unlock()
 	return r.note("withdraw "+e.LeaseID, e)
 }
 
