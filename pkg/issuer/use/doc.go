@@ -27,6 +27,7 @@ package use
 
 import (
 	"context"
+	"errors"
 	"net/netip"
 	"time"
 
@@ -66,6 +67,18 @@ type Recorder interface {
 type Resolver interface {
 	Expected(ctx context.Context, e credential.Record) ([]netip.Addr, error)
 }
+
+// ErrNoPodAddress is what a Resolver returns (wrapped, with the addresses
+// it has) for a pod that exists but has no IP yet: kubelet mounts its
+// volumes, and so mints its credential, before the pod's sandbox has an
+// address. The tracker then waits (PodAddressWait at most, from the
+// credential's issue) before it calls a source foreign.
+var ErrNoPodAddress = errors.New("the pod has no IP yet")
+
+// PodAddressWait bounds how long a credential's new sources wait for its
+// pod's IPs: a pod that has none by then (stuck before its sandbox) is
+// judged on its node's addresses and the networks alone.
+const PodAddressWait = 30 * time.Second
 
 // Meter counts what the tracker sees (*metrics.Use; nil records
 // nothing).

@@ -46,6 +46,18 @@ func (k KubeResolver) Expected(ctx context.Context, e credential.Record) ([]neti
 			out = append(out, a.Unmap())
 		}
 	}
+	// A pod's IPs come after its volumes (and its credential): a running
+	// pod that uses its own network has them soon.
+	noIP := len(out) == 0 && !pod.Spec.HostNetwork && pod.Status.Phase != corev1.PodSucceeded && pod.Status.Phase != corev1.PodFailed
+	out, err = k.node(ctx, pod, e, out)
+	if err == nil && noIP {
+		err = fmt.Errorf("pod %s/%s: %w", e.Pod.Namespace, e.Pod.Name, ErrNoPodAddress)
+	}
+	return out, err
+}
+
+// node adds the addresses of pod's node to out.
+func (k KubeResolver) node(ctx context.Context, pod *corev1.Pod, e credential.Record, out []netip.Addr) ([]netip.Addr, error) {
 	nodeName := pod.Spec.NodeName
 	if nodeName == "" {
 		nodeName = e.Node

@@ -2,6 +2,7 @@ package use_test
 
 import (
 	"context"
+	"errors"
 	"net/netip"
 	"slices"
 	"testing"
@@ -80,5 +81,16 @@ func TestKubeResolver(t *testing.T) {
 		if !slices.Equal(got, want) {
 			t.Errorf("%s: %v, want %v", name, got, want)
 		}
+	}
+	// A pod with no IP yet (its volumes are mounted before its sandbox
+	// has one): its node's addresses, and ErrNoPodAddress so that its
+	// sources wait.
+	early, _, err := objs.TenantPod(ctx, "shop", "early", "orders-sa", "node-a", "orders-db")
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := r.Expected(ctx, credential.Record{Pod: early, Node: "node-a"})
+	if !errors.Is(err, use.ErrNoPodAddress) || len(got) != 2 {
+		t.Errorf("a pod without IPs: %v, %v; want its node's two addresses and ErrNoPodAddress", got, err)
 	}
 }

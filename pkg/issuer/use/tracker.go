@@ -102,9 +102,12 @@ type cred struct {
 	// before are not known. failuresAt is the connection's failures then.
 	late       bool
 	failuresAt int
-	// expected are its pod's and node's addresses (resolved, once).
+	// expected are its pod's and node's addresses (resolved when its
+	// first unlisted source came, and again, at most once an interval,
+	// before a source is called foreign).
 	expected    []netip.Addr
 	resolved    bool
+	resolvedAt  time.Time
 	resolveSaid bool
 	// written is the LastUsedAt last written to the record.
 	written    time.Time
@@ -329,7 +332,7 @@ func (t *Tracker) observe(ctx context.Context, conn string, cs *connState, c *cr
 		if err != nil {
 			// Classed at a later sample, while the session is open; said
 			// once per credential.
-			if !c.resolveSaid {
+			if !c.resolveSaid && !errors.Is(err, ErrNoPodAddress) {
 				c.resolveSaid = true
 				klog.ErrorS(err, "Reading the addresses a credential is expected to be used from; its new sources wait",
 					"lease", c.rec.LeaseID, "pod", c.rec.Pod.Namespace+"/"+c.rec.Pod.Name)
@@ -434,16 +437,24 @@ func (t *Tracker) foreign(ctx context.Context, conn string, c *cred, addr string
 	if t.o.Resolver == nil {
 		return true, nil
 	}
-	if !c.resolved {
+	known := func() bool { return slices.ContainsFunc(c.expected, func(e netip.Addr) bool { return e.Unmap() == a }) }
+	// Asked once, and again (at most once an interval) before an address
+	// is called foreign: a pod's IPs come after its credential, and change
+	// with its sandbox.
+	now := t.o.Clock.Now()
+	if !c.resolved || !known() && now.Sub(c.resolvedAt) >= t.o.Interval {
 		rctx, cancel := context.WithTimeout(ctx, actionTimeout)
 		addrs, err := t.o.Resolver.Expected(rctx, c.rec)
 		cancel()
-		if err != nil {
+		switch {
+		case errors.Is(err, ErrNoPodAddress) && now.Sub(c.rec.IssuedAt) < PodAddressWait:
+			return false, err // its sources wait for the pod's IPs
+		case err != nil && !errors.Is(err, ErrNoPodAddress):
 			return false, err
 		}
-		c.expected, c.resolved = addrs, true
+		c.expected, c.resolved, c.resolvedAt = addrs, true, now
 	}
-	return !slices.ContainsFunc(c.expected, func(e netip.Addr) bool { return e.Unmap() == a }), nil
+	return !known(), nil
 }
 
 // action is what c's role says to do on a foreign use (alert when the

@@ -549,6 +549,61 @@ func TestResolverAddressesAreExpected(t *testing.T) {
 	_ = w.node.Revoke(ctx, leaseOf(l, "team-r-resolved1"))
 }
 
+// The pod's own address is never foreign for coming before the pod's IPs
+// are known (kubelet mints the credential before the sandbox has an
+// address) or after they changed (a new sandbox): the tracker waits for
+// them, and asks again before it calls an address foreign. A pod that
+// never gets one is judged without it after PodAddressWait.
+func TestPodAddressesAreWaitedForAndAskedAgain(t *testing.T) {
+	ctx := context.Background()
+	t.Run("not yet", func(t *testing.T) {
+		res := &resolver{err: use.ErrNoPodAddress}
+		w := newWorld(t, setup{resolver: res, noExpectedCIDRs: true, onForeignUse: "revoke", recorder: true})
+		l := w.issue("team-r-noip", "r")
+		w.login(l, thief)
+		w.sample(time.Second)
+		if u, _ := w.tracker.Usage("team-r-noip"); len(u.Sources) != 0 {
+			t.Fatalf("a source classed before the pod had an IP: %+v", u.Sources)
+		}
+		res.addrs, res.err = []netip.Addr{netip.MustParseAddr(thief)}, nil // the pod's IP is known now
+		w.sample(time.Second)
+		if u, _ := w.tracker.Usage("team-r-noip"); len(u.Sources) != 1 || u.Sources[0].Foreign {
+			t.Errorf("the pod's own address: %+v", u.Sources)
+		}
+		if slices.Contains(w.rec.calls(), "withdraw team-r-noip") {
+			t.Error("the pod's own use was killed")
+		}
+		_ = w.node.Revoke(ctx, leaseOf(l, "team-r-noip"))
+	})
+	t.Run("never", func(t *testing.T) {
+		res := &resolver{err: use.ErrNoPodAddress}
+		w := newWorld(t, setup{resolver: res, noExpectedCIDRs: true})
+		l := w.issue("team-r-never", "r")
+		w.login(l, thief)
+		w.sample(time.Second)
+		w.sample(use.PodAddressWait)
+		if u, _ := w.tracker.Usage("team-r-never"); len(u.Sources) != 1 || !u.Sources[0].Foreign {
+			t.Errorf("a use while the pod never had an IP: %+v, want foreign after %v", u.Sources, use.PodAddressWait)
+		}
+		_ = w.node.Revoke(ctx, leaseOf(l, "team-r-never"))
+	})
+	t.Run("changed", func(t *testing.T) {
+		res := &resolver{addrs: []netip.Addr{netip.MustParseAddr("127.0.0.1")}}
+		w := newWorld(t, setup{resolver: res, noExpectedCIDRs: true})
+		l := w.issue("team-r-moved", "r")
+		w.login(l, "127.0.0.1")
+		w.sample(time.Second)
+		res.addrs = append(res.addrs, netip.MustParseAddr(thief)) // a new sandbox, a new IP
+		w.login(l, thief)
+		w.sample(time.Second)
+		u, _ := w.tracker.Usage("team-r-moved")
+		if len(u.Sources) != 2 || u.Sources[0].Foreign || u.Sources[1].Foreign || res.asked != 2 {
+			t.Errorf("sources %+v after the pod's IP changed, resolver asked %d times (want 2)", u.Sources, res.asked)
+		}
+		_ = w.node.Revoke(ctx, leaseOf(l, "team-r-moved"))
+	})
+}
+
 // No credential value reaches the audit trail, the log or the metrics,
 // even for a foreign use that is killed.
 func TestNoCredentialInRecordsLogsOrMetrics(t *testing.T) {
