@@ -18,13 +18,16 @@ const writers = 4
 
 // writer writes usages to the Recorder off the sampling's path. A usage
 // queued for a credential whose earlier one is not written yet replaces
-// it: only the latest is written.
+// it: only the latest is written. One credential's writes never run at
+// once: a newer usage waits for the write in flight, which could
+// otherwise land last and take a source back out of the record.
 type writer struct {
 	rec Recorder
 
-	mu      sync.Mutex
-	pending map[string]write // by lease ID
-	order   []string         // lease IDs, first queued first
+	mu       sync.Mutex
+	pending  map[string]write // by lease ID
+	order    []string         // lease IDs, first queued first
+	inflight map[string]bool  // lease IDs being written
 	closed  bool
 	wake    *sync.Cond
 	stop    context.CancelFunc
@@ -39,7 +42,7 @@ type write struct {
 
 // newWriter starts the writers of rec (none when rec is nil).
 func newWriter(rec Recorder) *writer {
-	w := &writer{rec: rec, pending: map[string]write{}}
+	w := &writer{rec: rec, pending: map[string]write{}, inflight: map[string]bool{}}
 	w.wake = sync.NewCond(&w.mu)
 	w.ctx, w.stop = context.WithCancel(context.Background())
 	if rec == nil {
@@ -73,17 +76,20 @@ func (w *writer) run() {
 	defer w.done.Done()
 	for {
 		w.mu.Lock()
-		for len(w.order) == 0 && !w.closed {
+		i := w.next()
+		for i < 0 && !(w.closed && len(w.order) == 0) {
 			w.wake.Wait()
+			i = w.next()
 		}
-		if len(w.order) == 0 {
+		if i < 0 {
 			w.mu.Unlock()
 			return
 		}
-		lease := w.order[0]
-		w.order = w.order[1:]
+		lease := w.order[i]
+		w.order = append(w.order[:i], w.order[i+1:]...)
 		job := w.pending[lease]
 		delete(w.pending, lease)
+		w.inflight[lease] = true
 		w.mu.Unlock()
 
 		ctx, cancel := context.WithTimeout(w.ctx, actionTimeout)
@@ -92,7 +98,22 @@ func (w *writer) run() {
 		if err != nil && !errors.Is(err, credential.ErrRecordGone) && w.ctx.Err() == nil {
 			klog.ErrorS(err, "Recording a credential's use in its record", "lease", lease)
 		}
+		w.mu.Lock()
+		delete(w.inflight, lease)
+		w.wake.Broadcast() // a newer usage of lease may wait for it
+		w.mu.Unlock()
 	}
+}
+
+// next is the index in order of the first credential not being written,
+// or -1. w.mu is held.
+func (w *writer) next() int {
+	for i, lease := range w.order {
+		if !w.inflight[lease] {
+			return i
+		}
+	}
+	return -1
 }
 
 // close writes what is queued, for d at most, then stops the writers.
