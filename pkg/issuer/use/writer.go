@@ -28,11 +28,11 @@ type writer struct {
 	pending  map[string]write // by lease ID
 	order    []string         // lease IDs, first queued first
 	inflight map[string]bool  // lease IDs being written
-	closed  bool
-	wake    *sync.Cond
-	stop    context.CancelFunc
-	ctx     context.Context
-	done    sync.WaitGroup
+	closed   bool
+	wake     *sync.Cond
+	stop     context.CancelFunc
+	ctx      context.Context
+	done     sync.WaitGroup
 }
 
 type write struct {
