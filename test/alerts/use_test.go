@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/ephemeral-secrets/csi-driver/test/harness"
 )
@@ -54,6 +56,17 @@ func TestForeignUseOnRealMetrics(t *testing.T) {
 	pod := tenant(t, "orders-used")
 	target, err := k.Publish(ctx, pod, volume)
 	if err != nil {
+		t.Fatal(err)
+	}
+	// Its sandbox gets an address after its volumes, as a real kubelet
+	// reports it: until then the issuer waits before it calls a source
+	// foreign (use.PodAddressWait).
+	p, err := objs.CS.CoreV1().Pods(pod.Namespace).Get(ctx, pod.Name, metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.Status.PodIP, p.Status.PodIPs = "10.244.0.9", []corev1.PodIP{{IP: "10.244.0.9"}}
+	if _, err := objs.CS.CoreV1().Pods(pod.Namespace).UpdateStatus(ctx, p, metav1.UpdateOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	read := func(f string) string {
