@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"strings"
-	"sync/atomic"
 	"time"
 
 	"k8s.io/klog/v2"
@@ -53,16 +52,12 @@ type Issuer struct {
 	// records writes the Inventory's status of each credential off the
 	// requests' path (nil without an Inventory).
 	records *recordWriter
-	// minting counts the mints under way: at burstMints or more, the
-	// status writes wait.
-	minting atomic.Int64
+	// minting tells whether mints are under way or just were: the
+	// status writes wait meanwhile.
+	minting mintActivity
 	// use observes the credentials' use while Run runs (nil: not asked).
 	use *use.Tracker
 }
-
-// burstMints is how many mints under way make a burst, whose requests
-// to the API server go before the records' status writes.
-const burstMints = 8
 
 // Defaults.
 const (
@@ -94,7 +89,7 @@ func New(o Options) (*Issuer, error) {
 	i := &Issuer{admin: a, opts: o}
 	if o.Inventory != nil {
 		i.records = newRecordWriter(o.Inventory, i.recordGone, recordWorkers, nil, deferral{
-			busy: func() bool { return i.minting.Load() >= burstMints }, max: recordDefer, now: o.Now})
+			busy: func() bool { return i.minting.busy(o.Now()) }, max: recordDefer, now: o.Now})
 	}
 	i.use = i.newTracker(o.Use)
 	return i, nil
@@ -129,8 +124,8 @@ func (i *Issuer) Close() {
 // is made for a pod that is not the caller's. A refusal leaves nothing
 // behind.
 func (i *Issuer) Mint(ctx context.Context, c Caller, r postgres.MintRequest) (postgres.Grant, error) {
-	i.minting.Add(1)
-	defer i.minting.Add(-1)
+	i.minting.begin()
+	defer func() { i.minting.end(i.opts.Now()) }()
 	t, err := i.lookup(r.Params)
 	if err != nil {
 		return postgres.Grant{}, err

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"k8s.io/client-go/util/workqueue"
@@ -22,14 +23,16 @@ import (
 // was learnt last (an extension queued behind its mint's status replaces
 // it), and a lease dropped before its write is not written at all
 // (forget). A failed write is retried with backoff until it succeeds or
-// the lease is dropped. Under a burst of mints (busy), a write waits for
-// it to pass, recordDefer at most after it was queued (so that under a
-// sustained burst the writes still flow, that long behind): the mints'
-// own requests to the API server go first, and the status writes follow,
-// coalescing meanwhile. A
-// record found deleted (the kill switch, or the
-// pod's deletion, while the role was being made) has its role ended by
-// gone: its revocation may have run before the role existed.
+// the lease is dropped. While mints are under way, or one answered less
+// than mintQuiet ago (busy: mintActivity), a write waits, recordDefer at
+// most after it was queued (so that under a sustained stream of mints
+// the writes still flow, that long behind): a write nobody waits for
+// never takes the API server's time from a mint somebody waits for (a
+// status write costs it about twice a record's creation), and the
+// writes follow, coalescing meanwhile. A record found deleted (the kill
+// switch, or the pod's deletion, while the role was being made) has its
+// role ended by gone: its revocation may have run before the role
+// existed.
 type recordWriter struct {
 	inv   Inventory
 	gone  func(ctx context.Context, e credential.Record)
@@ -55,6 +58,31 @@ const (
 	// recordDrain is how long close lets the writes queued go out.
 	recordDrain = 5 * time.Second
 )
+
+// mintQuiet is how long after a mint's answer the status writes still
+// wait: the next of mints asked one after another (a node plugin's
+// publishes in turn) comes sooner than that.
+const mintQuiet = 20 * time.Millisecond
+
+// mintActivity counts the mints under way and remembers when the last
+// one ended: busy tells the status writes to wait.
+type mintActivity struct {
+	under   atomic.Int64
+	lastEnd atomic.Int64 // UnixNano
+}
+
+func (m *mintActivity) begin() { m.under.Add(1) }
+
+func (m *mintActivity) end(now time.Time) {
+	m.lastEnd.Store(now.UnixNano())
+	m.under.Add(-1)
+}
+
+// busy reports whether a mint is under way or ended less than mintQuiet
+// before now.
+func (m *mintActivity) busy(now time.Time) bool {
+	return m.under.Load() > 0 || now.UnixNano()-m.lastEnd.Load() < int64(mintQuiet)
+}
 
 // pendingWrite is the write a lease waits for: what was learnt last, and
 // when its first write still pending was queued.

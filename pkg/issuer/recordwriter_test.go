@@ -168,3 +168,32 @@ func TestABurstDefersAWriteFromWhenItWasQueued(t *testing.T) {
 		return len(inv.log()) == 5, nil
 	})
 }
+
+// TestOneMintHoldsTheStatusWrites: a single mint under way, or one that
+// answered less than mintQuiet ago, holds the status writes; they go
+// once mintQuiet has passed with no mint.
+func TestOneMintHoldsTheStatusWrites(t *testing.T) {
+	var m mintActivity
+	t0 := time.Unix(1000, 0)
+	if m.busy(t0) {
+		t.Fatal("busy before any mint")
+	}
+	m.begin()
+	if !m.busy(t0.Add(time.Hour)) {
+		t.Error("not busy while one mint is under way")
+	}
+	m.begin()
+	m.end(t0)
+	if !m.busy(t0.Add(time.Hour)) {
+		t.Error("not busy while the second of two mints is under way")
+	}
+	m.end(t0.Add(time.Second))
+	for _, c := range []struct {
+		after time.Duration
+		busy  bool
+	}{{0, true}, {mintQuiet - time.Millisecond, true}, {mintQuiet, false}, {time.Minute, false}} {
+		if got := m.busy(t0.Add(time.Second + c.after)); got != c.busy {
+			t.Errorf("%v after the last mint: busy %v, want %v", c.after, got, c.busy)
+		}
+	}
+}

@@ -453,6 +453,10 @@ func (b *bench) round(tag string, burst, seq int) (round, error) {
 	ctx := b.ctx
 	rr := round{Mint: map[string]latency{}, Drop: map[string]latency{}}
 	var live []provider.Lease
+	// liveVia is the path each live lease was minted through, which drops
+	// it (a lease minted through the issuer and dropped in process would
+	// leave its record for the inventory to clean up during a later row).
+	var liveVia []*postgres.Provider
 	var liveMu sync.Mutex
 	// raw keeps each row's samples, so that a row measured in blocks has
 	// exact percentiles.
@@ -477,6 +481,7 @@ func (b *bench) round(tag string, burst, seq int) (round, error) {
 				l.ID, l.Params = j.lease, params
 				liveMu.Lock()
 				live = append(live, l)
+				liveVia = append(liveVia, via(j.pod))
 				liveMu.Unlock()
 			}
 			return err
@@ -492,13 +497,14 @@ func (b *bench) round(tag string, burst, seq int) (round, error) {
 		}
 		return nil
 	}
-	dropAll := func(name string, concurrency int, via func(i int) *postgres.Provider) error {
+	dropAll := func(name string, concurrency int) error {
+		via := func(i int) *postgres.Provider { return liveVia[i] }
 		stop := b.watch(appOf(name))
 		ds, fails, wall := timeAll(len(live), concurrency, 0, func(i int) error { return via(i).Revoke(ctx, live[i]) })
 		l := summarize(ds, fails)
 		l.WallS, l.AdminConns = wall.Seconds(), stop()
 		rr.Drop[name] = l
-		live = nil
+		live, liveVia = nil, nil
 		if fails > 0 {
 			return fmt.Errorf("%s: %d drops failed", name, fails)
 		}
@@ -518,53 +524,59 @@ func (b *bench) round(tag string, burst, seq int) (round, error) {
 	if err := mintAll("warm-up", jobs("warm", burst, min(seq, 20)), 4, viaIssuer); err != nil {
 		return rr, err
 	}
-	if err := dropAll("warm-up", 4, func(int) *postgres.Provider { return b.inProcess }); err != nil {
+	if err := dropAll("warm-up", 4); err != nil {
 		return rr, err
 	}
 	delete(rr.Mint, "warm-up")
 	delete(rr.Drop, "warm-up")
 	// One at a time, alternating paths in blocks, so both see the same machine.
 	fmt.Printf("  %d mints one at a time, in-process and through the issuer ...\n", seq)
-	var c1 requestCounts
+	// The API server's counters are read once before the row and once
+	// after it: a read of its /metrics costs it tens of milliseconds of
+	// CPU and a garbage collection, which, read around every block,
+	// landed in the next block's mints.
+	c1Before, err := b.requests()
+	if err != nil {
+		return rr, err
+	}
+	if os.Getenv("PROF") != "" && tag == "r0" {
+		go func() {
+			data, err := b.api.CoreV1().RESTClient().Get().AbsPath("/debug/pprof/profile").Param("seconds", "4").DoRaw(ctx)
+			fmt.Println("PROFILE", len(data), err)
+			os.WriteFile("/tmp/apiserver.pprof", data, 0o644)
+		}()
+	}
 	for blk := 0; blk < seq; blk += 10 {
 		n := min(10, seq-blk)
 		for _, p := range []struct {
 			name string
 			via  func(pod) *postgres.Provider
 		}{{"in-process c1", viaLocal}, {"issuer c1", viaIssuer}} {
-			before, err := b.requests()
-			if err != nil {
-				return rr, err
-			}
-			if err := mintAll(p.name, jobs(fmt.Sprintf("%s-%d", p.name[:5], blk), burst+blk, n), 1, p.via); err != nil {
-				return rr, err
-			}
-			after, err := b.requests()
-			if err != nil {
+			block := jobs(fmt.Sprintf("%s-%d", p.name[:5], blk), burst+blk, n)
+			if err := mintAll(p.name, block, 1, p.via); err != nil {
 				return rr, err
 			}
 			if p.name == "issuer c1" {
-				// The block's status writes (after its answers, deferred
-				// while mints are under way) go before the next block, so
-				// that neither path's block runs beside the other's work.
-				for deadline := time.Now().Add(5 * time.Second); after.credWrites-before.credWrites < int64(2*n) && time.Now().Before(deadline); {
-					time.Sleep(20 * time.Millisecond)
-					if after, err = b.requests(); err != nil {
-						return rr, err
-					}
+				// The block's status writes (after its answers) go before
+				// the next block, so that neither path's block runs beside
+				// the other's work.
+				if err := b.awaitIssued(block); err != nil {
+					return rr, err
 				}
-				c1.reviews += after.reviews - before.reviews
-				c1.podReads += after.podReads - before.podReads
-				c1.credWrites += after.credWrites - before.credWrites
 			}
 		}
 	}
-	rr.C1API = c1Cost{Reviews: float64(c1.reviews) / float64(seq), PodReads: float64(c1.podReads) / float64(seq),
-		CredWrites: float64(c1.credWrites) / float64(seq)}
-	if err := dropAll("in-process c1 cleanup", 4, func(int) *postgres.Provider { return b.inProcess }); err != nil {
+	c1After, err := b.requests()
+	if err != nil {
 		return rr, err
 	}
-	delete(rr.Drop, "in-process c1 cleanup")
+	rr.C1API = c1Cost{Reviews: float64(c1After.reviews-c1Before.reviews) / float64(seq),
+		PodReads:   float64(c1After.podReads-c1Before.podReads) / float64(seq),
+		CredWrites: float64(c1After.credWrites-c1Before.credWrites) / float64(seq)}
+	if err := dropAll("c1 cleanup", 4); err != nil {
+		return rr, err
+	}
+	delete(rr.Drop, "c1 cleanup")
 	if l := rr.Mint["in-process c1"]; l.P50 > 0 {
 		rr.C1Ratio = rr.Mint["issuer c1"].P50 / l.P50
 	}
@@ -613,21 +625,37 @@ func (b *bench) round(tag string, burst, seq int) (round, error) {
 		CredWritesAll:  float64(settled.credWrites-before.credWrites) / n,
 	}
 	fmt.Printf("  burst: %d drops at once through the issuer ...\n", burst)
-	byLease := map[string]int{}
-	for _, j := range jobs("burst", 0, burst) {
-		byLease[j.lease] = j.pod.node
-	}
-	if err := dropAll("issuer burst", burst, func(i int) *postgres.Provider { return b.plugins[byLease[live[i].ID]] }); err != nil {
+	if err := dropAll("issuer burst", burst); err != nil {
 		return rr, err
 	}
 	fmt.Printf("  burst: %d mints at once in-process ...\n", burst)
 	if err := mintAll("in-process burst", jobs("local-burst", 0, burst), burst, viaLocal); err != nil {
 		return rr, err
 	}
-	if err := dropAll("in-process burst", burst, func(int) *postgres.Provider { return b.inProcess }); err != nil {
+	if err := dropAll("in-process burst", burst); err != nil {
 		return rr, err
 	}
 	return rr, nil
+}
+
+// awaitIssued waits, for 5 s at most, until the Credential of each of
+// jobs says Issued: its status written. It reads them one by one, which
+// costs the API server little.
+func (b *bench) awaitIssued(jobs []job) error {
+	deadline := time.Now().Add(5 * time.Second)
+	for _, j := range jobs {
+		for {
+			c, err := b.inv.Get(b.ctx, j.pod.p.Namespace, inventory.Name(j.lease))
+			if err != nil {
+				return fmt.Errorf("the Credential of %s: %w", j.lease, err)
+			}
+			if c.Status.State == v1alpha1.StateIssued || time.Now().After(deadline) {
+				break
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+	return nil
 }
 
 // records counts the Credentials in the tenant's namespace whose lease
