@@ -52,7 +52,7 @@ func main() {
 	seq := flag.Int("seq", 100, "mints one at a time, in-process and through the issuer")
 	qps := flag.String("kube-api-qps", "", "the issuers' --kube-api-qps (burst: twice it); empty: their default")
 	rounds := flag.Int("rounds", 3, "rounds of every row; the table gives each figure's median over them")
-	gap := flag.Duration("c1-gap", 0, "pause after each mint of the c1 rows, both paths (0: back to back, so a mint's status write through the issuer overlaps the next mint)")
+	gap := flag.Duration("c1-gap", 0, "pause after each mint of the c1 rows, both paths (0: back to back; the issuer writes each mint's status once mints pause for 20 ms, so a pause longer than that lets the writes go between mints)")
 	durable := flag.Bool("postgres-fsync", true, "PostgreSQL syncs its commits, as in production and as the API server's etcd does (false: the tests' server, which does not sync, against an etcd that does)")
 	flag.Parse()
 	if err := run(*out, *burst, *nodes, *seq, *rounds, *qps, *gap, *durable); err != nil {
