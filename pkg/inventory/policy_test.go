@@ -192,6 +192,21 @@ func TestNodePolicyConfinesAPluginToItsNode(t *testing.T) {
 	if _, err := plugin.Update(ctx, c); err == nil || !strings.Contains(err.Error(), "issuer's finalizer") {
 		t.Errorf("node a removes the issuer's finalizer: %v", err)
 	}
+	// Nor may it rewrite the issuer's account of that credential: its
+	// state, its use, a foreign source (the evidence of a theft).
+	if c, err = plugin.Get(ctx, ns, inventory.Name(issued.LeaseID)); err != nil {
+		t.Fatal(err)
+	}
+	c.Status.State = v1alpha1.StateIssued
+	c.Status.Sources = nil
+	c.Status.SourcesSummary = "10.0.0.9"
+	if _, err := plugin.UpdateStatus(ctx, c); err == nil || !strings.Contains(err.Error(), "holds the issuer's finalizer") {
+		t.Errorf("node a rewrites the status of the issuer's record: %v", err)
+	}
+	c.Labels["extra"] = "x"
+	if _, err := plugin.Update(ctx, c); err == nil || !strings.Contains(err.Error(), "holds the issuer's finalizer") {
+		t.Errorf("node a relabels the issuer's record: %v", err)
+	}
 	// A token not bound to a pod names no node.
 	unbound := accountClient(t, pluginAccount, nil)
 	other.LeaseID = ns + "-app-unbound01"
