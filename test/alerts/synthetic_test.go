@@ -110,7 +110,9 @@ func TestUseAndIssueRateAlerts(t *testing.T) {
 	// minutes ago (fires); reports' at zero all along and batch's first
 	// foreign use 20 minutes ago (quiet); the replica connection blind for
 	// its last 8 minutes (fires), main never (but on a replica that led
-	// no more: quiet).
+	// no more: quiet). Node plugins that make roles themselves: n1 blind
+	// on main for its last 8 minutes (fires), n2 for its last 3 (quiet:
+	// under 5 minutes), n3 never.
 	const useSteps = 30
 	foreign := func(role, action string) string {
 		return `ephemeral_secrets_use_foreign_total{action="` + action + `",connection="main",instance="10.0.0.9:9811",job="` + jobs["issuer"] + `",pod="issuer-1",role="` + role + `"}`
@@ -120,7 +122,13 @@ func TestUseAndIssueRateAlerts(t *testing.T) {
 	}
 	// issuer-2 led, blind on main, and leads no more: its gauge is stale.
 	replica := `{instance="10.0.0.10:9811",job="` + jobs["issuer"] + `",pod="issuer-2"}`
-	use := append(up(jobs, useSteps, "n1"),
+	nodeBlind := func(node string) string {
+		return `ephemeral_secrets_use_sampling_blind{connection="main",instance="` + node + `:9810",job="` + jobs["node"] + `",node="` + node + `"}`
+	}
+	use := append(up(jobs, useSteps, "n1", "n2", "n3"),
+		Series{Series: nodeBlind("n1"), Values: strings.Repeat("0 ", useSteps-9) + constant(1, 0, 9)},
+		Series{Series: nodeBlind("n2"), Values: strings.Repeat("0 ", useSteps-4) + constant(1, 0, 4)},
+		Series{Series: nodeBlind("n3"), Values: constant(0, 0, useSteps)},
 		Series{Series: foreign("app", "revoke"), Values: constant(1, useSteps-5, useSteps)},
 		Series{Series: foreign("orders", "alert"), Values: strings.Repeat("0 ", useSteps-4) + "1 1 1 1"},
 		Series{Series: foreign("reports", "alert"), Values: constant(0, 0, useSteps)},
@@ -149,6 +157,7 @@ func TestUseAndIssueRateAlerts(t *testing.T) {
 					{"connection": "main", "role": "orders", "action": "alert"},
 				},
 				"EphemeralSecretsIssuerCannotSeeSessions": {{"connection": "replica"}},
+				"EphemeralSecretsNodeCannotSeeSessions":   {{"node": "n1", "connection": "main"}},
 			}},
 	}
 	out, err := TestRules(promtool, t.TempDir(), rules, cases)
