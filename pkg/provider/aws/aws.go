@@ -6,7 +6,9 @@
 //
 // STS sessions cannot be revoked one by one: at unpublish their files go,
 // and the audit says the credentials stay valid until their expiry, which
-// defaults to the shortest STS allows (15 minutes).
+// defaults to the shortest STS allows (15 minutes). A rotation poll
+// (rotationPollInterval) reads the secrets again but mints no session
+// while the ones the pod holds have time left (carrySessions).
 //
 // It imports pkg/provider (the contract) and pkg/volumepath (the rule for
 // the file names a class asks for), nothing else of ours.
