@@ -6,7 +6,9 @@
 //
 // STS sessions cannot be revoked one by one: at unpublish their files go,
 // and the audit says the credentials stay valid until their expiry, which
-// defaults to the shortest STS allows (15 minutes).
+// defaults to the shortest STS allows (15 minutes). A rotation poll
+// (rotationPollInterval) reads the secrets again but mints no session
+// while the ones the pod holds have time left (carrySessions).
 //
 // It imports pkg/provider (the contract) and pkg/volumepath (the rule for
 // the file names a class asks for), nothing else of ours.
@@ -14,6 +16,8 @@ package aws
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -184,46 +188,34 @@ func (p *Provider) Issue(ctx context.Context, req provider.Request) (provider.Le
 	stsEP := ep.sts
 	base := aws.Config{Region: c.region, Credentials: aws.AnonymousCredentials{}}
 	stsAnon := sts.NewFromConfig(base, func(o *sts.Options) { o.BaseEndpoint, o.HTTPClient = stsEP, p.httpOr(stsEP, o.HTTPClient) })
-	l := provider.Lease{Values: map[string]string{}, Handle: map[string]string{}, IssuedAt: p.now(), Role: ""}
+	start := p.now()
+	l := provider.Lease{Values: map[string]string{}, Handle: map[string]string{}, IssuedAt: start, Role: ""}
 	versions := map[string]string{}
 
+	// A rotation poll keeps the sessions the lease it replaces holds while
+	// they have time left; anything else mints them anew.
+	sessions, carried := carrySessions(c, req.Prior, start, l.Values)
+	if !carried {
+		if sessions, err = p.mintSessions(ctx, c, req, stsEP, stsAnon, jwt, start, l.Values); err != nil {
+			return provider.Lease{}, err
+		}
+	}
 	for _, o := range c.objects {
-		if o.ObjectType != TypeSTS {
-			continue
-		}
-		var creds *ststypes.Credentials
-		switch o.AssumeWith {
-		case "node":
-			nodeCfg, err := config.LoadDefaultConfig(ctx, config.WithRegion(c.region))
-			if err != nil {
-				return provider.Lease{}, fmt.Errorf("%w: node credentials: %v", provider.ErrUnavailable, err)
+		if s, ok := sessions[o.ObjectName]; ok && o.ObjectType == TypeSTS {
+			// The lease is as old as its oldest session: the manager renews
+			// a carried one where it would have renewed it uncarried.
+			if s.IssuedAt.Before(l.IssuedAt) {
+				l.IssuedAt = s.IssuedAt
 			}
-			out, err := sts.NewFromConfig(nodeCfg, func(op *sts.Options) { op.BaseEndpoint, op.HTTPClient = stsEP, p.httpOr(stsEP, op.HTTPClient) }).AssumeRole(ctx, &sts.AssumeRoleInput{
-				RoleArn: aws.String(o.RoleArn), RoleSessionName: aws.String(sessionName(req)),
-				DurationSeconds: aws.Int32(o.DurationSeconds), Policy: optional(o.SessionPolicy), Tags: podTags(req, o.SessionTags),
-			})
-			if err != nil {
-				return provider.Lease{}, classify(err, "AssumeRole")
+			if !s.ExpiresAt.IsZero() && (l.ExpiresAt.IsZero() || s.ExpiresAt.Before(l.ExpiresAt)) {
+				l.ExpiresAt = s.ExpiresAt
 			}
-			creds = out.Credentials
-		default:
-			out, err := stsAnon.AssumeRoleWithWebIdentity(ctx, &sts.AssumeRoleWithWebIdentityInput{
-				RoleArn: aws.String(o.RoleArn), RoleSessionName: aws.String(sessionName(req)), WebIdentityToken: aws.String(jwt),
-				DurationSeconds: aws.Int32(o.DurationSeconds), Policy: optional(o.SessionPolicy),
-			})
-			if err != nil {
-				return provider.Lease{}, classifyLogin(err)
-			}
-			creds = out.Credentials
+			l.Role = o.RoleArn
 		}
-		if creds == nil || creds.AccessKeyId == nil || creds.SecretAccessKey == nil {
-			return provider.Lease{}, fmt.Errorf("%w: STS returned no credentials", provider.ErrUnavailable)
-		}
-		addCredentialFiles(l.Values, o.ObjectName, creds)
-		if creds.Expiration != nil && (l.ExpiresAt.IsZero() || creds.Expiration.Before(l.ExpiresAt)) {
-			l.ExpiresAt = *creds.Expiration
-		}
-		l.Role = o.RoleArn
+	}
+	if len(sessions) > 0 {
+		sj, _ := json.Marshal(sessions)
+		l.Handle["sessions"] = string(sj)
 	}
 
 	if c.hasSecrets() && l.Role == "" {
@@ -252,9 +244,135 @@ func (p *Provider) Issue(ctx context.Context, req provider.Request) (provider.Le
 	vj, _ := json.Marshal(versions)
 	l.Handle["versions"] = string(vj)
 	if c.rotationPoll > 0 && c.hasSecrets() {
-		l.RenewAt = l.IssuedAt.Add(c.rotationPoll)
+		l.RenewAt = start.Add(c.rotationPoll)
 	}
 	return l, nil
+}
+
+// session is what a lease records, in its Handle, of one sts object's
+// session: a digest of what it was minted for (specOf), when, and its
+// expiry as STS gave it. Nothing of it is secret; Handle is the
+// provider's own state, never rendered into the volume nor logged.
+type session struct {
+	Spec      string    `json:"spec"`
+	IssuedAt  time.Time `json:"issuedAt"`
+	ExpiresAt time.Time `json:"expiresAt,omitzero"`
+}
+
+// specOf digests everything of the class that shapes an sts object's
+// session: the object (role, duration, policy, tags, how it is assumed),
+// the region and the STS endpoint. A session is carried over only to an
+// object of the same digest.
+func specOf(o Object, c classParams) string {
+	b, _ := json.Marshal(struct {
+		Object
+		Region, Endpoint string
+	}{o, c.region, c.stsEndpoint})
+	sum := sha256.Sum256(b)
+	return hex.EncodeToString(sum[:])
+}
+
+// carryMargin is how long a carried session must still have to live
+// after the next rotation poll: a re-issue failing then has its retries
+// before the session ends.
+const carryMargin = time.Minute
+
+// mintSessions mints a session for each sts object of c, adds its files
+// to values and returns what the lease records of them.
+func (p *Provider) mintSessions(ctx context.Context, c classParams, req provider.Request, stsEP *string, stsAnon *sts.Client,
+	jwt string, now time.Time, values map[string]string) (map[string]session, error) {
+	sessions := map[string]session{}
+	for _, o := range c.objects {
+		if o.ObjectType != TypeSTS {
+			continue
+		}
+		var creds *ststypes.Credentials
+		switch o.AssumeWith {
+		case "node":
+			nodeCfg, err := config.LoadDefaultConfig(ctx, config.WithRegion(c.region))
+			if err != nil {
+				return nil, fmt.Errorf("%w: node credentials: %v", provider.ErrUnavailable, err)
+			}
+			out, err := sts.NewFromConfig(nodeCfg, func(op *sts.Options) { op.BaseEndpoint, op.HTTPClient = stsEP, p.httpOr(stsEP, op.HTTPClient) }).AssumeRole(ctx, &sts.AssumeRoleInput{
+				RoleArn: aws.String(o.RoleArn), RoleSessionName: aws.String(sessionName(req)),
+				DurationSeconds: aws.Int32(o.DurationSeconds), Policy: optional(o.SessionPolicy), Tags: podTags(req, o.SessionTags),
+			})
+			if err != nil {
+				return nil, classify(err, "AssumeRole")
+			}
+			creds = out.Credentials
+		default:
+			out, err := stsAnon.AssumeRoleWithWebIdentity(ctx, &sts.AssumeRoleWithWebIdentityInput{
+				RoleArn: aws.String(o.RoleArn), RoleSessionName: aws.String(sessionName(req)), WebIdentityToken: aws.String(jwt),
+				DurationSeconds: aws.Int32(o.DurationSeconds), Policy: optional(o.SessionPolicy),
+			})
+			if err != nil {
+				return nil, classifyLogin(err)
+			}
+			creds = out.Credentials
+		}
+		if creds == nil || creds.AccessKeyId == nil || creds.SecretAccessKey == nil {
+			return nil, fmt.Errorf("%w: STS returned no credentials", provider.ErrUnavailable)
+		}
+		addCredentialFiles(values, o.ObjectName, creds)
+		s := session{Spec: specOf(o, c), IssuedAt: now}
+		if creds.Expiration != nil {
+			s.ExpiresAt = *creds.Expiration
+		}
+		sessions[o.ObjectName] = s
+	}
+	return sessions, nil
+}
+
+// carrySessions copies into values the files of every sts object of c
+// from prior, the lease a re-issue replaces (nil at a publish), and
+// returns what prior recorded of their sessions, when all of these hold;
+// it copies nothing and returns false otherwise:
+//
+//   - the re-issue is the rotation poll prior asked for (its RenewAt has
+//     come). The manager re-issues at the earlier of that and its own
+//     renewal point of the sessions, which carrying keeps where it was
+//     (the lease's IssuedAt is its oldest session's): a re-issue before
+//     RenewAt is that renewal, a lapse or a rotation the pod asked for,
+//     and mints. (One at RenewAt past the renewal point, a retry late
+//     after failures, carries; the manager then finds the new lease's
+//     renewal point past and re-issues at once, before its RenewAt: that
+//     one mints.)
+//   - prior recorded a session for each object, minted for the same
+//     object, region and endpoint (specOf), with its three files;
+//   - each session, by the expiry STS gave it, outlives the next poll by
+//     carryMargin: a session is never carried into its last poll
+//     interval, whatever the manager's renewal point.
+func carrySessions(c classParams, prior *provider.Lease, now time.Time, values map[string]string) (map[string]session, bool) {
+	if prior == nil || !c.hasSTS() || prior.RenewAt.IsZero() || now.Before(prior.RenewAt) {
+		return nil, false
+	}
+	var had map[string]session
+	if json.Unmarshal([]byte(prior.Handle["sessions"]), &had) != nil {
+		return nil, false
+	}
+	sessions := map[string]session{}
+	for _, o := range c.objects {
+		if o.ObjectType != TypeSTS {
+			continue
+		}
+		s, ok := had[o.ObjectName]
+		if !ok || s.Spec != specOf(o, c) || s.IssuedAt.After(now) || !s.ExpiresAt.After(now.Add(c.rotationPoll+carryMargin)) {
+			return nil, false
+		}
+		for _, f := range sessionFiles(o.ObjectName) {
+			if _, ok := prior.Values[f]; !ok {
+				return nil, false
+			}
+		}
+		sessions[o.ObjectName] = s
+	}
+	for name := range sessions {
+		for _, f := range sessionFiles(name) {
+			values[f] = prior.Values[f]
+		}
+	}
+	return sessions, true
 }
 
 // carryPinned copies into values the files of each Secrets Manager or
@@ -427,9 +545,10 @@ func getParameter(ctx context.Context, cl *ssm.Client, o Object) (string, string
 }
 
 // Renew: STS sessions cannot be extended, and a rotation poll is a fresh
-// read; the manager re-issues (a new session, the secrets read again but
-// for pinned versions, carried over from the lease replaced) and swaps
-// the files only where a value changed.
+// read; the manager re-issues (the secrets read again but for pinned
+// versions, the sessions minted anew but at a poll while they have time
+// left: both carried over from the lease replaced) and swaps the files
+// only where a value changed.
 func (p *Provider) Renew(_ context.Context, l provider.Lease) (provider.Lease, error) {
 	return l, provider.ErrNotRenewable
 }

@@ -188,7 +188,7 @@ func parseParams(p map[string]string, defaultRegion string) (classParams, error)
 			if o.AssumeWith != "webIdentity" && o.AssumeWith != "node" {
 				return c, fmt.Errorf("%w: %s: assumeWith is webIdentity or node", provider.ErrInvalidParameters, o.ObjectName)
 			}
-			for _, n := range []string{o.ObjectName, o.ObjectName + ".json", o.ObjectName + ".env"} {
+			for _, n := range sessionFiles(o.ObjectName) {
 				if err := claim(n); err != nil {
 					return c, err
 				}
@@ -213,6 +213,10 @@ func validRegion(s string) bool {
 	}
 	return true
 }
+
+// sessionFiles are the files of an sts object's session (see
+// addCredentialFiles).
+func sessionFiles(name string) []string { return []string{name, name + ".json", name + ".env"} }
 
 // fileName is where an object's value goes: its alias, or its name with
 // slashes made underscores (as the AWS provider does).
