@@ -568,7 +568,7 @@ func (t *Tracker) foreignUse(ctx context.Context, conn string, c *cred, addr str
 		"pod", c.rec.Pod.Namespace+"/"+c.rec.Pod.Name, "address", addr, "moreAddresses", more, "action", action)
 	detail := "foreign use from " + addr
 	if more > 0 {
-		detail += fmt.Sprintf(" and %d more addresses none expected since the last report", more)
+		detail += fmt.Sprintf(" and %d more addresses none expected", more)
 	}
 	t.audit(c, detail+": "+action, audit.Success, "",
 		&audit.UseDetail{Event: audit.UseForeign, Source: addr, Foreign: true, Action: action, Usage: &u})
