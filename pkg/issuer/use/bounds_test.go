@@ -86,15 +86,31 @@ func TestManyForeignSourcesAreBounded(t *testing.T) {
 	if u, _ := w.tracker.Usage(id); u.Dropped != want {
 		t.Errorf("%d dropped after more samples, want %d", u.Dropped, want)
 	}
+
+	// One more thief within the minute is held back, then told when the
+	// role goes, before its summary.
+	w.login(l, thieves(addrs))
+	w.sample(time.Second)
+	if n := len(only(w.records(id), "foreign:alert")); n != 2 {
+		t.Errorf("%d foreign reports within a minute of the last, want 2", n)
+	}
+	if err := w.node.Revoke(ctx, leaseOf(l, id)); err != nil {
+		t.Fatal(err)
+	}
+	w.sample(time.Second)
+	got := events(w.records(id))
+	if !slices.Equal(got[len(got)-2:], []string{"foreign:alert", "summary"}) || len(only(w.records(id), "foreign:alert")) != 3 {
+		t.Errorf("records end %v, want the held-back foreign use told before the summary", got[len(got)-2:])
+	}
 	w.tracker.Close()
 	warned := slices.DeleteFunc(w.rec.calls(), func(c string) bool { return !strings.HasPrefix(c, "elsewhere ") })
-	if !slices.Equal(warned, []string{"elsewhere " + id + " " + thieves(0) + " alert", "elsewhere " + id + " " + thieves(batch) + " alert"}) {
-		t.Errorf("the pod was warned %v, want of the two reports", warned)
+	if !slices.Equal(warned, []string{"elsewhere " + id + " " + thieves(0) + " alert", "elsewhere " + id + " " + thieves(batch) + " alert",
+		"elsewhere " + id + " " + thieves(addrs) + " alert"}) {
+		t.Errorf("the pod was warned %v, want of the three reports", warned)
 	}
-	if n := w.meter.get("foreign alert"); n != 2 {
-		t.Errorf("the foreign metric counted %d, want 2", n)
+	if n := w.meter.get("foreign alert"); n != 3 {
+		t.Errorf("the foreign metric counted %d, want 3", n)
 	}
-	_ = w.node.Revoke(ctx, leaseOf(l, id))
 }
 
 // With onForeignUse revoke, a foreign use is acted on at once even within

@@ -407,7 +407,10 @@ func (t *Tracker) observe(ctx context.Context, conn string, cs *connState, c *cr
 	for _, n := range sources {
 		c.addSource(n, now)
 	}
-	write := first || len(sources) > 0 || now.Sub(c.written) >= lastUsedEvery
+	// An address past those remembered only adds to Dropped: written
+	// with the next write, not one write each.
+	tracked := slices.ContainsFunc(sources, func(n newSource) bool { return !n.untracked })
+	write := first || tracked || now.Sub(c.written) >= lastUsedEvery
 	if write {
 		c.written = now
 	}
@@ -659,12 +662,18 @@ func (t *Tracker) checkUnused(conn string, cs *connState, c *cred, now time.Time
 		audit.Success, "", &audit.UseDetail{Event: audit.UseUnused, Usage: &u})
 }
 
-// summarise writes c's summary: its role is gone.
+// summarise writes c's summary: its role is gone. The foreign uses held
+// back since its last report are reported first (nothing is left to
+// kill).
 func (t *Tracker) summarise(ctx context.Context, conn string, cs *connState, c *cred) {
 	t.mu.Lock()
 	u := c.snapshot(cs)
 	seen := c.seen
 	t.mu.Unlock()
+	if action := t.action(conn, c); c.pending > 0 && action != pgengine.ForeignRevoke {
+		t.foreignUse(ctx, conn, c, c.pendingAddr, c.pending-1, action, u)
+		c.pending, c.pendingAddr = 0, ""
+	}
 	var detail string
 	switch {
 	case !u.FirstUsedAt.IsZero():
