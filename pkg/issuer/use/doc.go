@@ -13,6 +13,19 @@
 // role is gone (dropped, reaped, killed) its summary is written: used or
 // never used, sessions seen, first and last use, sources.
 //
+// What one credential's use costs is bounded, however many addresses a
+// thief uses: 64 addresses are remembered (the first 8 listed in its
+// record, the others counted); past them a session from an address not
+// remembered is counted once (droppedSources), with one audit record
+// that the addresses outgrew the memory. Its first foreign use is
+// reported at once (the audit record, the metric, the pod's Warning, and
+// with revoke the kill); the next ones at most once a minute, each
+// report telling how many foreign addresses came since, and those held
+// back when its role goes are told before its summary. With revoke every
+// foreign use is acted on at once. The pod's Warning is sent off the
+// sampling's path, and one that fails is tried again with backoff, 5
+// times in all.
+//
 // When the admin cannot see other roles' sessions (no pg_read_all_stats,
 // not a superuser) or sampling fails, it says so (the blind gauge, a log
 // line at each change) and never calls a credential unused
@@ -55,6 +68,8 @@ type Engine interface {
 // in-process.
 type Recorder interface {
 	Used(ctx context.Context, e credential.Record, u credential.Usage) error
+	// UsedElsewhere is called off the sampling's path, and again (with
+	// backoff, a few times) when it fails.
 	UsedElsewhere(ctx context.Context, e credential.Record, addr, action string) error
 	Withdraw(ctx context.Context, e credential.Record) error
 }
@@ -81,7 +96,10 @@ var ErrNoPodAddress = errors.New("the pod has no IP yet")
 const PodAddressWait = 30 * time.Second
 
 // Meter counts what the tracker sees (*metrics.Use; nil records
-// nothing).
+// nothing). Foreign counts the foreign-use reports (one per credential a
+// minute at most, but with revoke); Blind is reset (false) for each
+// connection when Run returns: a tracker that stopped sampling (its
+// leadership lost) is not blind.
 type Meter interface {
 	Sessions(conn string, n int)
 	FirstUse(conn string)

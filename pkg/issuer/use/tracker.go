@@ -27,8 +27,16 @@ const (
 	// to the record.
 	lastUsedEvery = time.Minute
 	// maxKnown bounds the addresses remembered per credential: beyond
-	// credential.MaxSources they are only counted (Usage.Dropped).
+	// credential.MaxSources they are only counted (Usage.Dropped). Past
+	// it, a session from an address not remembered is counted once, when
+	// it is first seen, and not recorded one by one.
 	maxKnown = 64
+	// foreignEvery is how often, at most, a credential's foreign uses
+	// are reported (the audit record, the metric, the pod's Warning)
+	// after its first, which is at once: the ones in between are counted
+	// and told by the next report. onForeignUse revoke reports at once,
+	// always (its report ends the credential).
+	foreignEvery = time.Minute
 	// sampleTimeout bounds one sample; actionTimeout one kill or write.
 	sampleTimeout = 5 * time.Second
 	actionTimeout = 10 * time.Second
@@ -92,8 +100,13 @@ type cred struct {
 	rec   credential.Record
 	role  string // the configuration's role name
 	usage credential.Usage
-	// known are the addresses seen (bounded by maxKnown).
-	known map[string]bool
+	// known are the addresses seen (bounded by maxKnown); counted are
+	// the open sessions from an address not remembered (known was full)
+	// already counted, so that they are counted once; overflowSaid: the
+	// audit record said the addresses outgrew known.
+	known        map[string]bool
+	counted      map[sessionKey]bool
+	overflowSaid bool
 	// open are the sessions of the last sample; seen counts the new
 	// sessions of its life.
 	open map[sessionKey]bool
@@ -115,6 +128,12 @@ type cred struct {
 	// killing is a foreign address whose kill failed: tried again at
 	// the next sample.
 	killing string
+	// reportedAt is when its last foreign use was reported (zero: none
+	// yet); pending counts the foreign addresses seen since and not
+	// reported, the first of them pendingAddr.
+	reportedAt  time.Time
+	pending     int
+	pendingAddr string
 }
 
 type sessionKey struct {
@@ -134,15 +153,18 @@ func New(o Options) *Tracker {
 	if o.Meter == nil {
 		o.Meter = noMeter{}
 	}
-	return &Tracker{o: o, conns: map[string]*connState{}, writes: newWriter(o.Recorder)}
+	return &Tracker{o: o, conns: map[string]*connState{}, writes: newWriter(o.Recorder, o.Clock)}
 }
 
 // Run samples every Interval, the first time at once, until ctx is done;
-// each run starts afresh (a new leader's term).
+// each run starts afresh (a new leader's term). When it returns (the
+// leadership lost, or shutdown) its connections' blind gauges are reset:
+// a tracker that no longer samples says nothing of what it cannot see.
 func (t *Tracker) Run(ctx context.Context) {
 	t.mu.Lock()
 	t.conns = map[string]*connState{}
 	t.mu.Unlock()
+	defer t.stopped()
 	tick := t.o.Clock.NewTicker(t.o.Interval)
 	defer tick.Stop()
 	for {
@@ -152,6 +174,19 @@ func (t *Tracker) Run(ctx context.Context) {
 			return
 		case <-tick.C():
 		}
+	}
+}
+
+// stopped resets the blind gauge of every connection this term sampled.
+func (t *Tracker) stopped() {
+	t.mu.Lock()
+	conns := make([]string, 0, len(t.conns))
+	for conn := range t.conns {
+		conns = append(conns, conn)
+	}
+	t.mu.Unlock()
+	for _, conn := range conns {
+		t.o.Meter.Blind(conn, false)
 	}
 }
 
@@ -261,7 +296,7 @@ func (t *Tracker) newCred(conn string, cs *connState, r pgengine.SampledRole, no
 			LeaseID: r.Tag.LeaseID, VolumeID: r.Tag.Volume, Pod: r.Tag.Pod, Node: r.Tag.Node, Class: r.Tag.Class, Provider: postgres.Name,
 			Role: r.Tag.Role, Name: r.Name, IssuedAt: r.Tag.Created,
 		},
-		role: role, known: map[string]bool{}, open: map[sessionKey]bool{},
+		role: role, known: map[string]bool{}, counted: map[sessionKey]bool{}, open: map[sessionKey]bool{},
 		failuresAt: cs.failures,
 		// A role made before the last interval (and a second of the
 		// tag's rounding) was live before this tracker looked.
@@ -297,6 +332,11 @@ func (t *Tracker) observe(ctx context.Context, conn string, cs *connState, c *cr
 	c.open = open
 	c.seen += fresh
 	t.mu.Unlock()
+	for k := range c.counted {
+		if !open[k] {
+			delete(c.counted, k)
+		}
+	}
 	if fresh > 0 {
 		t.o.Meter.Sessions(conn, fresh)
 	}
@@ -305,18 +345,16 @@ func (t *Tracker) observe(ctx context.Context, conn string, cs *connState, c *cr
 	}
 	if len(r.Sessions) == 0 {
 		t.checkUnused(conn, cs, c, now)
+		t.reportForeign(ctx, conn, cs, c, nil, now)
 		return
 	}
 	// The addresses not seen before, in the order their sessions began;
-	// each is classed before anything is recorded of it.
+	// each is classed before anything is recorded of it. Those past the
+	// addresses remembered (untracked) are counted once per session.
 	sessions := slices.Clone(r.Sessions)
 	slices.SortFunc(sessions, func(a, b pgengine.Session) int { return a.Started.Compare(b.Started) })
-	type newSource struct {
-		addr    string
-		started time.Time
-		foreign bool
-	}
 	var sources []newSource
+	room := maxKnown - len(c.known)
 	for _, s := range sessions {
 		if s.Hidden() {
 			continue
@@ -325,7 +363,14 @@ func (t *Tracker) observe(ctx context.Context, conn string, cs *connState, c *cr
 		if addr == "" {
 			addr = Local
 		}
-		if c.known[addr] || slices.ContainsFunc(sources, func(n newSource) bool { return n.addr == addr }) {
+		k := sessionKey{s.PID, s.Started}
+		if c.known[addr] || c.counted[k] {
+			continue
+		}
+		if i := slices.IndexFunc(sources, func(n newSource) bool { return n.addr == addr }); i >= 0 {
+			if sources[i].untracked {
+				c.counted[k] = true
+			}
 			continue
 		}
 		foreign, err := t.foreign(ctx, conn, c, addr)
@@ -339,7 +384,12 @@ func (t *Tracker) observe(ctx context.Context, conn string, cs *connState, c *cr
 			}
 			break
 		}
-		sources = append(sources, newSource{addr, s.Started, foreign})
+		n := newSource{addr: addr, started: s.Started, foreign: foreign, untracked: room <= 0}
+		if n.untracked {
+			c.counted[k] = true
+		}
+		room--
+		sources = append(sources, n)
 	}
 
 	t.mu.Lock()
@@ -355,9 +405,12 @@ func (t *Tracker) observe(ctx context.Context, conn string, cs *connState, c *cr
 	c.usage.LastUsedAt = now
 	c.usage.Sessions = max(c.usage.Sessions, len(r.Sessions))
 	for _, n := range sources {
-		c.addSource(n.addr, n.started, n.foreign, now)
+		c.addSource(n, now)
 	}
-	write := first || len(sources) > 0 || now.Sub(c.written) >= lastUsedEvery
+	// An address past those remembered only adds to Dropped: written
+	// with the next write, not one write each.
+	tracked := slices.ContainsFunc(sources, func(n newSource) bool { return !n.untracked })
+	write := first || tracked || now.Sub(c.written) >= lastUsedEvery
 	if write {
 		c.written = now
 	}
@@ -379,17 +432,58 @@ func (t *Tracker) observe(ctx context.Context, conn string, cs *connState, c *cr
 		t.audit(c, detail, audit.Success, "", d)
 	}
 	for _, n := range others {
-		t.audit(c, "used from a new address: "+describe(n.addr, n.foreign), audit.Success, "",
-			&audit.UseDetail{Event: audit.UseSource, Source: n.addr, Foreign: n.foreign, Usage: &u})
+		switch {
+		case !n.untracked:
+			t.audit(c, "used from a new address: "+describe(n.addr, n.foreign), audit.Success, "",
+				&audit.UseDetail{Event: audit.UseSource, Source: n.addr, Foreign: n.foreign, Usage: &u})
+		case !c.overflowSaid:
+			c.overflowSaid = true
+			t.audit(c, fmt.Sprintf("used from more addresses than are remembered (%d); this one is %s, and the next new ones are only counted (droppedSources), not recorded one by one",
+				maxKnown, describe(n.addr, n.foreign)), audit.Success, "",
+				&audit.UseDetail{Event: audit.UseSource, Source: n.addr, Foreign: n.foreign, Usage: &u})
+		}
 	}
 	if write {
 		t.writes.used(c.rec, u)
 	}
+	t.reportForeign(ctx, conn, cs, c, sources, now)
+}
+
+// newSource is an address of a credential's sessions not seen before;
+// untracked when the credential's remembered addresses are full.
+type newSource struct {
+	addr      string
+	started   time.Time
+	foreign   bool
+	untracked bool
+}
+
+// reportForeign reports c's foreign uses: the foreign ones of sources
+// and those held back before. The first report is made at once; the next
+// ones at most once per foreignEvery, each telling how many foreign
+// addresses came since the last. onForeignUse revoke reports (and kills)
+// at once, always.
+func (t *Tracker) reportForeign(ctx context.Context, conn string, cs *connState, c *cred, sources []newSource, now time.Time) {
 	for _, n := range sources {
 		if n.foreign {
-			t.foreignUse(ctx, conn, c, n.addr, u)
+			if c.pending == 0 {
+				c.pendingAddr = n.addr
+			}
+			c.pending++
 		}
 	}
+	if c.pending == 0 {
+		return
+	}
+	action := t.action(conn, c)
+	if !c.reportedAt.IsZero() && now.Sub(c.reportedAt) < foreignEvery && action != pgengine.ForeignRevoke {
+		return
+	}
+	t.mu.Lock()
+	u := c.snapshot(cs)
+	t.mu.Unlock()
+	t.foreignUse(ctx, conn, c, c.pendingAddr, c.pending-1, action, u)
+	c.reportedAt, c.pending, c.pendingAddr = now, 0, ""
 }
 
 func describe(addr string, foreign bool) string {
@@ -399,19 +493,21 @@ func describe(addr string, foreign bool) string {
 	return addr + " (expected)"
 }
 
-// addSource remembers addr, listing it while Sources has room.
-func (c *cred) addSource(addr string, started time.Time, foreign bool, now time.Time) {
-	if len(c.known) < maxKnown {
-		c.known[addr] = true
+// addSource remembers n's address (unless untracked), listing it while
+// Sources has room, else counting it (Dropped).
+func (c *cred) addSource(n newSource, now time.Time) {
+	if !n.untracked {
+		c.known[n.addr] = true
 	}
 	if len(c.usage.Sources) >= credential.MaxSources {
 		c.usage.Dropped++
 		return
 	}
+	started := n.started
 	if started.IsZero() || started.After(now) {
 		started = now
 	}
-	c.usage.Sources = append(c.usage.Sources, credential.Source{Address: addr, FirstSeen: started, Foreign: foreign})
+	c.usage.Sources = append(c.usage.Sources, credential.Source{Address: n.addr, FirstSeen: started, Foreign: n.foreign})
 }
 
 // foreign classes addr for c: expected when in the connection's
@@ -466,22 +562,21 @@ func (t *Tracker) action(conn string, c *cred) string {
 	return pgengine.ForeignAlert
 }
 
-// foreignUse acts on c's use from addr, which none expected.
-func (t *Tracker) foreignUse(ctx context.Context, conn string, c *cred, addr string, u credential.Usage) {
-	action := t.action(conn, c)
+// foreignUse acts on c's use from addr, which none expected, and from
+// more such addresses since its last report. The pod's Warning is sent
+// off the sampling's path (and tried again when it fails).
+func (t *Tracker) foreignUse(ctx context.Context, conn string, c *cred, addr string, more int, action string, u credential.Usage) {
 	t.o.Meter.Foreign(conn, c.role, action)
 	klog.InfoS("A credential was used from an address none expected", "lease", c.rec.LeaseID,
-		"pod", c.rec.Pod.Namespace+"/"+c.rec.Pod.Name, "address", addr, "action", action)
-	t.audit(c, "foreign use from "+addr+": "+action, audit.Success, "",
+		"pod", c.rec.Pod.Namespace+"/"+c.rec.Pod.Name, "address", addr, "moreAddresses", more, "action", action)
+	detail := "foreign use from " + addr
+	if more > 0 {
+		detail += fmt.Sprintf(" and %d more addresses none expected", more)
+	}
+	t.audit(c, detail+": "+action, audit.Success, "",
 		&audit.UseDetail{Event: audit.UseForeign, Source: addr, Foreign: true, Action: action, Usage: &u})
-	if action != pgengine.ForeignRecord && t.o.Recorder != nil {
-		actx, cancel := context.WithTimeout(ctx, actionTimeout)
-		err := t.o.Recorder.UsedElsewhere(actx, c.rec, addr, action)
-		cancel()
-		if err != nil {
-			klog.ErrorS(err, "Warning the pod of a foreign use of its credential", "lease", c.rec.LeaseID,
-				"pod", c.rec.Pod.Namespace+"/"+c.rec.Pod.Name)
-		}
+	if action != pgengine.ForeignRecord {
+		t.writes.usedElsewhere(c.rec, addr, action)
 	}
 	if action == pgengine.ForeignRevoke {
 		t.kill(ctx, conn, c, addr)
@@ -567,12 +662,18 @@ func (t *Tracker) checkUnused(conn string, cs *connState, c *cred, now time.Time
 		audit.Success, "", &audit.UseDetail{Event: audit.UseUnused, Usage: &u})
 }
 
-// summarise writes c's summary: its role is gone.
+// summarise writes c's summary: its role is gone. The foreign uses held
+// back since its last report are reported first (nothing is left to
+// kill).
 func (t *Tracker) summarise(ctx context.Context, conn string, cs *connState, c *cred) {
 	t.mu.Lock()
 	u := c.snapshot(cs)
 	seen := c.seen
 	t.mu.Unlock()
+	if action := t.action(conn, c); c.pending > 0 && action != pgengine.ForeignRevoke {
+		t.foreignUse(ctx, conn, c, c.pendingAddr, c.pending-1, action, u)
+		c.pending, c.pendingAddr = 0, ""
+	}
 	var detail string
 	switch {
 	case !u.FirstUsedAt.IsZero():

@@ -35,12 +35,17 @@ import (
 var pg *pgtest.Server
 
 // thief is the second loopback address a stolen credential is used from:
-// the server listens on 127.0.0.1 and lets 127.0.0.2 log in too.
+// the server listens on 127.0.0.1 and lets 127.0.0.2 log in too, and the
+// addresses of thieves (thieves(i)).
 const thief = "127.0.0.2"
+
+// thieves is the i-th (0 to 253) of many loopback addresses a stolen
+// credential is used from.
+func thieves(i int) string { return fmt.Sprintf("127.0.1.%d", i+1) }
 
 func TestMain(m *testing.M) {
 	var err error
-	if pg, err = pgtest.StartWith(pgtest.Options{ClientNets: []string{thief + "/32"}}); err != nil {
+	if pg, err = pgtest.StartWith(pgtest.Options{ClientNets: []string{thief + "/32", "127.0.1.0/24"}}); err != nil {
 		fmt.Println(err)
 		os.Exit(1)
 	}
@@ -660,8 +665,13 @@ type recorder struct {
 	mu  sync.Mutex
 	log []string
 	raw []string
-	// failWithdraw fails that many Withdraws before the next succeeds.
-	failWithdraw int
+	// failWithdraw fails that many Withdraws before the next succeeds;
+	// failElsewhere that many UsedElsewheres. holdElsewhere, when set,
+	// holds each UsedElsewhere until it is closed; elsewhereTries and
+	// elsewhereDone count the calls made and returned.
+	failWithdraw, failElsewhere   int
+	holdElsewhere                 chan struct{}
+	elsewhereTries, elsewhereDone int
 }
 
 func (r *recorder) note(s string, v any) error {
@@ -677,8 +687,38 @@ func (r *recorder) Used(_ context.Context, e credential.Record, u credential.Usa
 	return r.note("used "+e.LeaseID, []any{e, u})
 }
 
-func (r *recorder) UsedElsewhere(_ context.Context, e credential.Record, addr, action string) error {
+func (r *recorder) UsedElsewhere(ctx context.Context, e credential.Record, addr, action string) error {
+	r.mu.Lock()
+	r.elsewhereTries++
+	hold := r.holdElsewhere
+	r.mu.Unlock()
+	defer func() {
+		r.mu.Lock()
+		r.elsewhereDone++
+		r.mu.Unlock()
+	}()
+	if hold != nil {
+		select {
+		case <-hold:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	r.mu.Lock()
+	if r.failElsewhere > 0 {
+		r.failElsewhere--
+		r.mu.Unlock()
+		return errors.New("the API server is unavailable")
+	}
+	r.mu.Unlock()
 	return r.note("elsewhere "+e.LeaseID+" "+addr+" "+action, e)
+}
+
+// elsewhere is how many UsedElsewheres were made and returned.
+func (r *recorder) elsewhere() (tries, done int) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.elsewhereTries, r.elsewhereDone
 }
 
 func (r *recorder) Withdraw(_ context.Context, e credential.Record) error {
@@ -751,6 +791,13 @@ func (m *meter) Foreign(conn, role, action string) { m.add("foreign "+action, 1)
 func (m *meter) NeverUsed(conn, role string)       { m.add("never "+role, 1) }
 func (m *meter) Unused(conn, role string)          { m.add("unused "+role, 1) }
 func (m *meter) Sampled(string, time.Duration)     { m.add("samples", 1) }
+
+// isBlind is the blind gauge of conn.
+func (m *meter) isBlind(conn string) bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.blind[conn]
+}
 func (m *meter) Blind(conn string, blind bool) {
 	m.mu.Lock()
 	defer m.mu.Unlock()

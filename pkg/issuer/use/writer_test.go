@@ -6,6 +6,8 @@ import (
 	"testing"
 	"time"
 
+	"k8s.io/utils/clock"
+
 	"github.com/ephemeral-secrets/csi-driver/pkg/credential"
 )
 
@@ -50,7 +52,7 @@ func (r *slowRecorder) Withdraw(context.Context, credential.Record) error { retu
 // after it and take a source back out of the record.
 func TestOneCredentialsWritesDoNotOverlap(t *testing.T) {
 	r := &slowRecorder{running: map[string]int{}, last: map[string]int{}, first: make(chan struct{}), release: make(chan struct{})}
-	w := newWriter(r)
+	w := newWriter(r, clock.RealClock{})
 	e := credential.Record{LeaseID: "l1"}
 	w.used(e, credential.Usage{Sessions: 1})
 	<-r.first
