@@ -2,10 +2,12 @@
 # mount tmpfs. `make demo` and `make test` install what they need.
 
 GO        ?= go
-# The image's two binaries: the node plugin (the DaemonSet), and the
-# all-in-one (the issuer, the housekeeper, the uninstall hook, and the node
-# plugin with every provider and the issuer in process).
+# The image's three binaries: the node plugin (the DaemonSet), the node
+# plugin with the aws provider (the DaemonSet with providers.aws.enabled),
+# and the all-in-one (the issuer, the housekeeper, the uninstall hook, and
+# the node plugin with every provider and the issuer in process).
 BIN       := bin/ephemeral-secrets-csi
+BIN_AWS   := bin/ephemeral-secrets-csi-aws
 BIN_ALL   := bin/ephemeral-secrets-csi-all
 VERSION   ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS   := -s -w -X main.version=$(VERSION)
@@ -30,6 +32,7 @@ all: build
 
 build:
 	CGO_ENABLED=0 $(GO) build -trimpath -tags $(GOTAGS) -ldflags "$(LDFLAGS)" -o $(BIN) ./cmd/ephemeral-secrets-csi
+	CGO_ENABLED=0 $(GO) build -trimpath -tags $(GOTAGS) -ldflags "$(LDFLAGS)" -o $(BIN_AWS) ./cmd/ephemeral-secrets-csi-aws
 	CGO_ENABLED=0 $(GO) build -trimpath -tags $(GOTAGS) -ldflags "$(LDFLAGS)" -o $(BIN_ALL) ./cmd/ephemeral-secrets-csi-all
 
 # The images, without Docker (test/image/cmd/mkimage): archives for
@@ -233,7 +236,7 @@ $(CYCLONEDX):
 	GOBIN=$(dir $@) $(GO) install github.com/CycloneDX/cyclonedx-gomod/cmd/cyclonedx-gomod@$(CYCLONEDX_VERSION)
 sbom: $(CYCLONEDX)
 	@mkdir -p bin
-	for arch in amd64 arm64; do for b in ephemeral-secrets-csi ephemeral-secrets-csi-all; do \
+	for arch in amd64 arm64; do for b in ephemeral-secrets-csi ephemeral-secrets-csi-aws ephemeral-secrets-csi-all; do \
 		CGO_ENABLED=0 GOOS=linux GOARCH=$$arch $(CYCLONEDX) app -main cmd/$$b -json -licenses \
 			-notimestamp -noserial -output bin/$$b-$(RELEASE)-linux-$$arch.cdx.json . || exit 1; \
 	done; done
@@ -247,6 +250,7 @@ image-sbom: sbom
 	for arch in amd64 arm64; do \
 		$(GO) run ./test/image/cmd/imagesbom --layout bin/image-layout --platform linux/$$arch --name $(IMAGE_REPOSITORY) \
 			--binary /ephemeral-secrets-csi --binary-sbom bin/ephemeral-secrets-csi-$(RELEASE)-linux-$$arch.cdx.json \
+			--binary /ephemeral-secrets-csi-aws --binary-sbom bin/ephemeral-secrets-csi-aws-$(RELEASE)-linux-$$arch.cdx.json \
 			--binary /ephemeral-secrets-csi-all --binary-sbom bin/ephemeral-secrets-csi-all-$(RELEASE)-linux-$$arch.cdx.json \
 			--out bin/ephemeral-secrets-csi-image-$(RELEASE)-linux-$$arch.cdx.json || exit 1; \
 	done
