@@ -320,25 +320,28 @@ BENCH_BEFORE ?= 028f765
 bench: postgres kube
 	CGO_ENABLED=0 $(GO) build -trimpath -tags $(GOTAGS) -ldflags "$(LDFLAGS)" -o bin/bench-driver ./test/bench/driver
 	CGO_ENABLED=0 $(GO) build -trimpath -tags $(GOTAGS) -ldflags "$(LDFLAGS)" -o bin/bench-driver-all ./test/bench/driver/all
+	CGO_ENABLED=0 $(GO) build -trimpath -tags $(GOTAGS) -ldflags "$(LDFLAGS)" -o bin/bench-driver-aws ./test/bench/driver/aws
 	rm -rf bin/bench-before-src && mkdir -p bin/bench-before-src && git archive $(BENCH_BEFORE) | tar -x -C bin/bench-before-src
 	cd bin/bench-before-src && CGO_ENABLED=0 $(GO) build -trimpath -ldflags "$(LDFLAGS)" -o ../bench-driver-before ./test/bench/driver
 	rm -rf bin/bench-before-src
-	$(GO) run ./test/bench --driver bin/bench-driver --driver-all bin/bench-driver-all --before bin/bench-driver-before --out bench-results.json
+	$(GO) run ./test/bench --driver bin/bench-driver --driver-aws bin/bench-driver-aws --driver-all bin/bench-driver-all --before bin/bench-driver-before --out bench-results.json
 	$(GO) run ./test/bench/issuer --out bench-issuer-results.json
 	$(GO) test -run '^$$' -bench . -benchmem -benchtime 2000x ./pkg/storage ./pkg/render
 	$(GO) test -run '^$$' -bench . -benchtime 200x ./pkg/issuer
 	$(GO) test -run '^$$' -bench SampleSessions -benchtime 200x ./pkg/issuer/postgres
 
-# The memory rows alone (no PostgreSQL, no API server): the node plugin
-# and BENCH_BEFORE's, idle and with 1,000 volumes, in turn for
-# BENCH_ROUNDS rounds; medians, every sample in bench-memory-results.json.
+# The memory rows alone (no PostgreSQL, no API server): the node plugin,
+# the aws node plugin (with an aws section) and BENCH_BEFORE's node
+# plugin, idle and with 1,000 volumes, in turn for BENCH_ROUNDS rounds;
+# medians, every sample in bench-memory-results.json.
 BENCH_ROUNDS ?= 5
 bench-memory:
 	CGO_ENABLED=0 $(GO) build -trimpath -tags $(GOTAGS) -ldflags "$(LDFLAGS)" -o bin/bench-driver ./test/bench/driver
+	CGO_ENABLED=0 $(GO) build -trimpath -tags $(GOTAGS) -ldflags "$(LDFLAGS)" -o bin/bench-driver-aws ./test/bench/driver/aws
 	rm -rf bin/bench-before-src && mkdir -p bin/bench-before-src && git archive $(BENCH_BEFORE) | tar -x -C bin/bench-before-src
 	cd bin/bench-before-src && CGO_ENABLED=0 $(GO) build -trimpath -ldflags "$(LDFLAGS)" -o ../bench-driver-before ./test/bench/driver
 	rm -rf bin/bench-before-src
-	$(GO) run ./test/bench --only memory --rounds $(BENCH_ROUNDS) --driver bin/bench-driver --before bin/bench-driver-before --out bench-memory-results.json
+	$(GO) run ./test/bench --only memory --rounds $(BENCH_ROUNDS) --driver bin/bench-driver --driver-aws bin/bench-driver-aws --before bin/bench-driver-before --out bench-memory-results.json
 
 # Pod start-up in a real cluster (the node of `make cluster`, the driver
 # built with the static provider): pods with our volume against pods with
