@@ -2,10 +2,12 @@
 # mount tmpfs. `make demo` and `make test` install what they need.
 
 GO        ?= go
-# The image's two binaries: the node plugin (the DaemonSet), and the
-# all-in-one (the issuer, the housekeeper, the uninstall hook, and the node
-# plugin with every provider and the issuer in process).
+# The image's three binaries: the node plugin (the DaemonSet), the node
+# plugin with the aws provider (the DaemonSet with providers.aws.enabled),
+# and the all-in-one (the issuer, the housekeeper, the uninstall hook, and
+# the node plugin with every provider and the issuer in process).
 BIN       := bin/ephemeral-secrets-csi
+BIN_AWS   := bin/ephemeral-secrets-csi-aws
 BIN_ALL   := bin/ephemeral-secrets-csi-all
 VERSION   ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS   := -s -w -X main.version=$(VERSION)
@@ -30,6 +32,7 @@ all: build
 
 build:
 	CGO_ENABLED=0 $(GO) build -trimpath -tags $(GOTAGS) -ldflags "$(LDFLAGS)" -o $(BIN) ./cmd/ephemeral-secrets-csi
+	CGO_ENABLED=0 $(GO) build -trimpath -tags $(GOTAGS) -ldflags "$(LDFLAGS)" -o $(BIN_AWS) ./cmd/ephemeral-secrets-csi-aws
 	CGO_ENABLED=0 $(GO) build -trimpath -tags $(GOTAGS) -ldflags "$(LDFLAGS)" -o $(BIN_ALL) ./cmd/ephemeral-secrets-csi-all
 
 # The images, without Docker (test/image/cmd/mkimage): archives for
@@ -233,7 +236,7 @@ $(CYCLONEDX):
 	GOBIN=$(dir $@) $(GO) install github.com/CycloneDX/cyclonedx-gomod/cmd/cyclonedx-gomod@$(CYCLONEDX_VERSION)
 sbom: $(CYCLONEDX)
 	@mkdir -p bin
-	for arch in amd64 arm64; do for b in ephemeral-secrets-csi ephemeral-secrets-csi-all; do \
+	for arch in amd64 arm64; do for b in ephemeral-secrets-csi ephemeral-secrets-csi-aws ephemeral-secrets-csi-all; do \
 		CGO_ENABLED=0 GOOS=linux GOARCH=$$arch $(CYCLONEDX) app -main cmd/$$b -json -licenses \
 			-notimestamp -noserial -output bin/$$b-$(RELEASE)-linux-$$arch.cdx.json . || exit 1; \
 	done; done
@@ -247,6 +250,7 @@ image-sbom: sbom
 	for arch in amd64 arm64; do \
 		$(GO) run ./test/image/cmd/imagesbom --layout bin/image-layout --platform linux/$$arch --name $(IMAGE_REPOSITORY) \
 			--binary /ephemeral-secrets-csi --binary-sbom bin/ephemeral-secrets-csi-$(RELEASE)-linux-$$arch.cdx.json \
+			--binary /ephemeral-secrets-csi-aws --binary-sbom bin/ephemeral-secrets-csi-aws-$(RELEASE)-linux-$$arch.cdx.json \
 			--binary /ephemeral-secrets-csi-all --binary-sbom bin/ephemeral-secrets-csi-all-$(RELEASE)-linux-$$arch.cdx.json \
 			--out bin/ephemeral-secrets-csi-image-$(RELEASE)-linux-$$arch.cdx.json || exit 1; \
 	done
@@ -316,25 +320,28 @@ BENCH_BEFORE ?= 028f765
 bench: postgres kube
 	CGO_ENABLED=0 $(GO) build -trimpath -tags $(GOTAGS) -ldflags "$(LDFLAGS)" -o bin/bench-driver ./test/bench/driver
 	CGO_ENABLED=0 $(GO) build -trimpath -tags $(GOTAGS) -ldflags "$(LDFLAGS)" -o bin/bench-driver-all ./test/bench/driver/all
+	CGO_ENABLED=0 $(GO) build -trimpath -tags $(GOTAGS) -ldflags "$(LDFLAGS)" -o bin/bench-driver-aws ./test/bench/driver/aws
 	rm -rf bin/bench-before-src && mkdir -p bin/bench-before-src && git archive $(BENCH_BEFORE) | tar -x -C bin/bench-before-src
 	cd bin/bench-before-src && CGO_ENABLED=0 $(GO) build -trimpath -ldflags "$(LDFLAGS)" -o ../bench-driver-before ./test/bench/driver
 	rm -rf bin/bench-before-src
-	$(GO) run ./test/bench --driver bin/bench-driver --driver-all bin/bench-driver-all --before bin/bench-driver-before --out bench-results.json
+	$(GO) run ./test/bench --driver bin/bench-driver --driver-aws bin/bench-driver-aws --driver-all bin/bench-driver-all --before bin/bench-driver-before --out bench-results.json
 	$(GO) run ./test/bench/issuer --out bench-issuer-results.json
 	$(GO) test -run '^$$' -bench . -benchmem -benchtime 2000x ./pkg/storage ./pkg/render
 	$(GO) test -run '^$$' -bench . -benchtime 200x ./pkg/issuer
 	$(GO) test -run '^$$' -bench SampleSessions -benchtime 200x ./pkg/issuer/postgres
 
-# The memory rows alone (no PostgreSQL, no API server): the node plugin
-# and BENCH_BEFORE's, idle and with 1,000 volumes, in turn for
-# BENCH_ROUNDS rounds; medians, every sample in bench-memory-results.json.
+# The memory rows alone (no PostgreSQL, no API server): the node plugin,
+# the aws node plugin (with an aws section) and BENCH_BEFORE's node
+# plugin, idle and with 1,000 volumes, in turn for BENCH_ROUNDS rounds;
+# medians, every sample in bench-memory-results.json.
 BENCH_ROUNDS ?= 5
 bench-memory:
 	CGO_ENABLED=0 $(GO) build -trimpath -tags $(GOTAGS) -ldflags "$(LDFLAGS)" -o bin/bench-driver ./test/bench/driver
+	CGO_ENABLED=0 $(GO) build -trimpath -tags $(GOTAGS) -ldflags "$(LDFLAGS)" -o bin/bench-driver-aws ./test/bench/driver/aws
 	rm -rf bin/bench-before-src && mkdir -p bin/bench-before-src && git archive $(BENCH_BEFORE) | tar -x -C bin/bench-before-src
 	cd bin/bench-before-src && CGO_ENABLED=0 $(GO) build -trimpath -ldflags "$(LDFLAGS)" -o ../bench-driver-before ./test/bench/driver
 	rm -rf bin/bench-before-src
-	$(GO) run ./test/bench --only memory --rounds $(BENCH_ROUNDS) --driver bin/bench-driver --before bin/bench-driver-before --out bench-memory-results.json
+	$(GO) run ./test/bench --only memory --rounds $(BENCH_ROUNDS) --driver bin/bench-driver --driver-aws bin/bench-driver-aws --before bin/bench-driver-before --out bench-memory-results.json
 
 # Pod start-up in a real cluster (the node of `make cluster`, the driver
 # built with the static provider): pods with our volume against pods with

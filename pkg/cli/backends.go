@@ -34,8 +34,9 @@ import (
 // file when it changes; the issuer reads its file at start only.
 //
 // This binary serves the vault and gcp sections itself; the others are
-// Sections of the build (ephemeral-secrets-csi-all: postgres with the issuer in
-// process, and aws), whose types pkg/cli/allinone documents. Here they
+// Sections of the build (ephemeral-secrets-csi-aws: aws, see
+// pkg/cli/awssection; ephemeral-secrets-csi-all: postgres with the issuer
+// in process, and aws), whose types pkg/cli/allinone documents. Here they
 // are kept undecoded, so that the node plugin links neither the issuer
 // nor the AWS SDK.
 type backendConfig struct {
@@ -86,6 +87,10 @@ type SectionEnv struct {
 	Metrics *metrics.Metrics
 }
 
+// NotValid is the error of a section that does not decode, said as of
+// the whole file (check-config locates the key): it never quotes data.
+func (e SectionEnv) NotValid() error { return errNotValid(e.Path) }
+
 // InProcess is what an issuer in the driver's process is given beside
 // its section (ephemeral-secrets-csi-all serve, without a cluster issuer).
 type InProcess struct {
@@ -115,8 +120,8 @@ var notServed = map[string]string{
 	"postgres": "a postgres section, which this node plugin does not serve: the admin credential belongs to the issuer " +
 		"(--issuer-address); remove the section from the node's backend configuration, or run " +
 		"\"ephemeral-secrets-csi-all serve\" (the node plugin with the issuer in process, when there is no cluster issuer)",
-	"aws": "an aws section, which this node plugin does not serve: run \"ephemeral-secrets-csi-all serve\" " +
-		"(the chart does with providers.aws.enabled)",
+	"aws": "an aws section, which this node plugin does not serve: run \"ephemeral-secrets-csi-aws serve\" " +
+		"(the chart does with providers.aws.enabled), or \"ephemeral-secrets-csi-all serve\"",
 }
 
 // providers builds the providers data (the content of the backend file)

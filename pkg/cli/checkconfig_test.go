@@ -36,7 +36,7 @@ func TestCheckConfigNodePlugin(t *testing.T) {
 		{"postgres beside the issuer", pg + vault, "node", 1, []string{"the admin credential belongs to the issuer", "ephemeral-secrets-csi-all serve"}},
 		{"postgres in process", pg, "all", 1, []string{"ephemeral-secrets-csi-all serve"}},
 		{"a section this binary does not decode is not located", pg, "node", 1, []string{"does not load"}},
-		{"aws", aws, "node", 1, []string{"an aws section", "ephemeral-secrets-csi-all serve", "providers.aws.enabled"}},
+		{"aws", aws, "node", 1, []string{"an aws section", "ephemeral-secrets-csi-aws serve", "providers.aws.enabled"}},
 		{"the issuer's side", pg, "issuer", 1, []string{"ephemeral-secrets-csi-all"}},
 		// The verdict only: the key's line is the all-in-one's to give
 		// (Options.Locate), which this binary runs when it is beside it.

@@ -8,8 +8,10 @@
 // cluster's commands (the issuer, the housekeeper, the uninstall hook)
 // and the node plugin with every provider and the issuer in process are
 // ephemeral-secrets-csi-all (pkg/cli/allinone), which runs this command
-// line with Options. The binary's main only calls Main; a build with
-// extra providers (the benchmark's) passes them in.
+// line with Options; ephemeral-secrets-csi-aws is this command line with
+// the aws section (pkg/cli/awssection, MainOf). The binary's main only
+// calls Main; a build with extra providers (the benchmark's) passes them
+// in.
 package cli
 
 import (
@@ -86,9 +88,18 @@ const AllBinary = "ephemeral-secrets-csi-all"
 // check-config are run by ephemeral-secrets-csi-all when it is beside
 // this binary (as in the image).
 func Main(version string, args []string, extra ...Register) int {
-	o := Options{Extra: extra}
-	if self, err := os.Executable(); err == nil {
-		o.Sibling = filepath.Join(filepath.Dir(self), AllBinary)
+	return MainOf(version, args, Options{Extra: extra})
+}
+
+// MainOf is Main for a node plugin that o extends with sections
+// (ephemeral-secrets-csi-aws): ephemeral-secrets-csi-all beside the
+// binary, unless o names another Sibling, runs the cluster's commands and
+// check-config.
+func MainOf(version string, args []string, o Options) int {
+	if o.Sibling == "" {
+		if self, err := os.Executable(); err == nil {
+			o.Sibling = filepath.Join(filepath.Dir(self), AllBinary)
+		}
 	}
 	return Run(version, args, o)
 }

@@ -5,13 +5,15 @@
 // table and writes bench-results.json. Run it as root through "make bench".
 //
 // The node plugin's own binary (--driver) gives the static and memory
-// rows; the all-in-one (--driver-all: the issuer in process) the
+// rows; the node plugin with the aws section (--driver-aws, optional:
+// test/bench/driver/aws) a memory row beside it; the all-in-one
+// (--driver-all: the issuer in process) the
 // postgres, give-back and backlog rows, and the cluster issuer's memory
 // (on test/kube's API server); the previous binary (--before, built from
 // an earlier commit in the same run) the memory rows' baseline. Every
 // binary's size is reported. --only memory runs the memory rows alone,
-// the node plugin's and --before's in turn, several rounds (make
-// bench-memory).
+// the node plugin's, --driver-aws's and --before's in turn, several
+// rounds (make bench-memory).
 package main
 
 import (
@@ -40,6 +42,7 @@ import (
 
 func main() {
 	bin := flag.String("driver", "bin/bench-driver", "benchmark build of the node plugin (test/bench/driver)")
+	binAWS := flag.String("driver-aws", "", "benchmark build of the node plugin with the aws section (test/bench/driver/aws): a memory row (empty: none)")
 	binAll := flag.String("driver-all", "bin/bench-driver-all", "benchmark build of the all-in-one (test/bench/driver/all): the postgres rows, the issuer's memory")
 	before := flag.String("before", "", "the node plugin's benchmark build of an earlier commit: the memory rows' baseline (empty: none)")
 	out := flag.String("out", "bench-results.json", "where the JSON results go")
@@ -57,21 +60,31 @@ func main() {
 	})
 	flag.Parse()
 	if *only == "memory" {
-		if err := runMemory(binaries{node: *bin, before: *before}, *out, *n16, *rounds, driverArgs); err != nil {
+		// The all-in-one, with the aws section (what the chart ran with
+		// providers.aws.enabled before ephemeral-secrets-csi-aws), only
+		// when named.
+		mb := binaries{node: *bin, aws: *binAWS, before: *before}
+		flag.Visit(func(f *flag.Flag) {
+			if f.Name == "driver-all" {
+				mb.all = *binAll
+			}
+		})
+		if err := runMemory(mb, *out, *n16, *rounds, driverArgs); err != nil {
 			fmt.Fprintln(os.Stderr, "bench:", err)
 			os.Exit(1)
 		}
 		return
 	}
-	if err := run(binaries{node: *bin, all: *binAll, before: *before}, *out, *n1, *n16, *npg, *ngb, *nbl, *only == "backlog", driverArgs); err != nil {
+	if err := run(binaries{node: *bin, aws: *binAWS, all: *binAll, before: *before}, *out, *n1, *n16, *npg, *ngb, *nbl, *only == "backlog", driverArgs); err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)
 		os.Exit(1)
 	}
 }
 
-// binaries are the benchmark's builds: the node plugin's, the
-// all-in-one's, and an earlier commit's node plugin (optional).
-type binaries struct{ node, all, before string }
+// binaries are the benchmark's builds: the node plugin's, the node
+// plugin's with the aws section (optional), the all-in-one's, and an
+// earlier commit's node plugin (optional).
+type binaries struct{ node, aws, all, before string }
 
 // memory is a process's resident memory, all of it and the anonymous
 // part (heap, stacks): the rest is the binary's own clean, file-backed
@@ -106,6 +119,9 @@ type results struct {
 	RSS memory `json:"rss_mib"`
 	// RSSBefore is the earlier commit's node plugin, measured alike.
 	RSSBefore *memory `json:"rss_before_mib,omitempty"`
+	// RSSAWS is the node plugin with the aws section (an aws section in
+	// its backend file), measured alike.
+	RSSAWS *memory `json:"rss_aws_node_mib,omitempty"`
 	// RSSAll is the all-in-one serving as a node plugin with the issuer in
 	// process, idle; RSSIssuer the cluster issuer (the all-in-one's
 	// "issuer", leading, no request), idle.
@@ -114,6 +130,7 @@ type results struct {
 	// BinaryMB are the stripped binaries' sizes (MB, 10^6 bytes).
 	BinaryMB struct {
 		Node   float64 `json:"node"`
+		AWS    float64 `json:"aws_node,omitempty"`
 		All    float64 `json:"all_in_one"`
 		Before float64 `json:"before,omitempty"`
 	} `json:"binary_mb"`
@@ -177,6 +194,11 @@ func run(bins binaries, out string, n1, n16, npg, ngb, nbl int, onlyBacklog bool
 			return err
 		}
 	}
+	if bins.aws != "" {
+		if r.BinaryMB.AWS, err = sizeMB(bins.aws); err != nil {
+			return err
+		}
+	}
 
 	env, err := newEnv()
 	if err != nil {
@@ -206,11 +228,15 @@ func run(bins binaries, out string, n1, n16, npg, ngb, nbl int, onlyBacklog bool
 	if err := os.WriteFile(backends, []byte(fmt.Sprintf(backendsYAML, pg.AdminURL())), 0o600); err != nil {
 		return err
 	}
-	// start runs bin as the node plugin on the environment; backends: with
-	// the postgres section (the issuer in process).
-	start := func(bin, name string, withBackends bool) (*harness.Driver, *kubelet.Kubelet, error) {
+	awsBackends, err := writeAWSBackends(env.Base)
+	if err != nil {
+		return err
+	}
+	// start runs bin as the node plugin on the environment, with the
+	// backend file backends (none: "").
+	start := func(bin, name, backends string) (*harness.Driver, *kubelet.Kubelet, error) {
 		args := []string{"--classes-file", classes, "--audit-log", filepath.Join(env.Base, "audit.log"), "-v", "0"}
-		if withBackends {
+		if backends != "" {
 			args = append(args, "--backend-config", backends)
 		}
 		drv := &harness.Driver{Bin: bin, Env: env, LogFile: filepath.Join(env.Base, name+".log"), Args: append(args, driverArgs...)}
@@ -227,7 +253,7 @@ func run(bins binaries, out string, n1, n16, npg, ngb, nbl int, onlyBacklog bool
 	}
 
 	if !onlyBacklog {
-		drv, kube, err := start(bins.node, "driver", false)
+		drv, kube, err := start(bins.node, "driver", "")
 		if err != nil {
 			return err
 		}
@@ -237,23 +263,35 @@ func run(bins binaries, out string, n1, n16, npg, ngb, nbl int, onlyBacklog bool
 		if err != nil {
 			return err
 		}
-		if bins.before != "" {
-			fmt.Printf("before (%s): memory idle and with %d volumes ...\n", filepath.Base(bins.before), n16)
-			drv, kube, err := start(bins.before, "before", false)
+		// memoryOf measures bin's memory as the node plugin's, with the
+		// backend file backends.
+		memoryOf := func(what, bin, name, backends string) (*memory, error) {
+			fmt.Printf("%s (%s): memory idle and with %d volumes ...\n", what, filepath.Base(bin), n16)
+			drv, kube, err := start(bin, name, backends)
 			if err != nil {
+				return nil, err
+			}
+			defer drv.Stop()
+			defer kube.Close()
+			m := &memory{}
+			if err := measureMemory(ctx, kube, drv, n16, m); err != nil {
+				return nil, fmt.Errorf("%s: %w", what, err)
+			}
+			return m, nil
+		}
+		if bins.before != "" {
+			if r.RSSBefore, err = memoryOf("before", bins.before, "before", ""); err != nil {
 				return err
 			}
-			r.RSSBefore = &memory{}
-			err = measureMemory(ctx, kube, drv, n16, r.RSSBefore)
-			kube.Close()
-			drv.Stop()
-			if err != nil {
-				return fmt.Errorf("before: %w", err)
+		}
+		if bins.aws != "" {
+			if r.RSSAWS, err = memoryOf("aws node plugin", bins.aws, "driver-aws", awsBackends); err != nil {
+				return err
 			}
 		}
 	}
 
-	drv, kube, err := start(bins.all, "driver-all", true)
+	drv, kube, err := start(bins.all, "driver-all", backends)
 	if err != nil {
 		return err
 	}
@@ -691,6 +729,9 @@ func printTable(r *results, bin string) {
 	if r.RSSBefore != nil {
 		mem("  before (the earlier commit's, same run)", *r.RSSBefore, r.BinaryMB.Before)
 	}
+	if r.RSSAWS != nil {
+		mem("aws node plugin (aws section loaded)", *r.RSSAWS, r.BinaryMB.AWS)
+	}
 	mem("all-in-one as node plugin, issuer in process", r.RSSAll, r.BinaryMB.All)
 	mem("issuer (all-in-one issuer, leading)", r.RSSIssuer, 0)
 	fmt.Println("(anon: heap and stacks; the rest is the binary's own file-backed pages)")
@@ -758,6 +799,17 @@ spec:
     role: bench
     leaseAPI: "true"
 `
+
+// awsBackendsYAML is the aws node plugin's backend file: an aws section,
+// so the provider is built as in a cluster (it connects to nothing until
+// a class uses it; the benchmark's classes use the static provider).
+const awsBackendsYAML = "aws:\n  region: eu-west-1\n"
+
+// writeAWSBackends writes awsBackendsYAML into dir and returns its path.
+func writeAWSBackends(dir string) (string, error) {
+	path := filepath.Join(dir, "backends-aws.yaml")
+	return path, os.WriteFile(path, []byte(awsBackendsYAML), 0o600)
+}
 
 const backendsYAML = `postgres:
   connections:

@@ -394,11 +394,11 @@ func TestTokensInSecretsIsAnExplicitValue(t *testing.T) {
 // Install profiles: the issuer runs only with providers.postgres.enabled
 // (and issuer.enabled); a Vault-only or AWS-only install has no issuer,
 // no way to it, and a backend Secret the node plugins need. The node
-// plugin runs the image's lean binary unless it needs what only the
-// all-in-one links (aws; the issuer in process); the cluster's pods run
-// the all-in-one.
+// plugin runs the image's lean binary, the lean one with aws where aws is
+// enabled, the all-in-one only where it runs the issuer in process; the
+// cluster's pods run the all-in-one.
 func TestProfiles(t *testing.T) {
-	const node, all = "/ephemeral-secrets-csi", "/ephemeral-secrets-csi-all"
+	const node, aws, all = "/ephemeral-secrets-csi", "/ephemeral-secrets-csi-aws", "/ephemeral-secrets-csi-all"
 	for _, tc := range []struct {
 		name     string
 		set      string
@@ -408,11 +408,12 @@ func TestProfiles(t *testing.T) {
 	}{
 		{"default", "", false, false, node},
 		{"vault only", "providers.vault.enabled=true", false, false, node},
-		{"aws only", "providers.aws.enabled=true", false, false, all},
+		{"aws only", "providers.aws.enabled=true", false, false, aws},
 		{"gcp only", "providers.gcp.enabled=true,providers.gcp.tokenAudience=https://iam.googleapis.com/x", false, false, node},
 		{"postgres through the issuer", "providers.postgres.enabled=true", true, true, node},
 		{"postgres and vault", "providers.postgres.enabled=true,providers.vault.enabled=true", true, true, node},
-		{"postgres and aws", "providers.postgres.enabled=true,providers.aws.enabled=true", true, true, all},
+		{"postgres and aws", "providers.postgres.enabled=true,providers.aws.enabled=true", true, true, aws},
+		{"postgres held by the nodes, and aws", "providers.postgres.enabled=true,issuer.enabled=false,providers.aws.enabled=true", false, false, all},
 		{"postgres held by the nodes", "providers.postgres.enabled=true,issuer.enabled=false", false, false, all},
 		{"issuer without postgres", "issuer.enabled=true", false, false, node},
 	} {

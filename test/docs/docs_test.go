@@ -121,9 +121,9 @@ func markedBlocks(t *testing.T, file string) []block {
 func tools(t *testing.T, kubectl bool) string {
 	t.Helper()
 	dir := t.TempDir()
-	// Both binaries of the image, side by side as there: the node
-	// plugin's runs the cluster's commands and check-config by the other.
-	for _, bin := range []string{"ephemeral-secrets-csi", "ephemeral-secrets-csi-all"} {
+	// The image's binaries, side by side as there: the node plugins run
+	// the cluster's commands and check-config by the all-in-one.
+	for _, bin := range []string{"ephemeral-secrets-csi", "ephemeral-secrets-csi-aws", "ephemeral-secrets-csi-all"} {
 		build := exec.Command("go", "build", "-o", filepath.Join(dir, bin), "./cmd/"+bin)
 		build.Dir = root
 		if out, err := build.CombinedOutput(); err != nil {

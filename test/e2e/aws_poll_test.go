@@ -48,7 +48,7 @@ spec:
         objectAlias: token
 `, minio.RoleARN, counter.URL, awsSecrets.URL())
 	backends := fmt.Sprintf("aws:\n  region: us-east-1\n  endpoints: [%q, %q]\n", counter.URL, awsSecrets.URL())
-	f := startFixture(t, classes, backends, "--renew-fraction", "0.015")
+	f := startFixtureOf(t, awsBin, classes, backends, "--renew-fraction", "0.015")
 	awsSecrets.PutSecret("prod/polled-beside-session", "beside-session-v1")
 	sessions := func() int { return counter.Calls("AssumeRoleWithWebIdentity", "1200") }
 	reads := func() int { return counter.Calls("AssumeRoleWithWebIdentity", "900") }

@@ -184,7 +184,7 @@ func setupAWS(t *testing.T, extra ...string) *fixture {
 	t.Helper()
 	startAWS(t)
 	backends := fmt.Sprintf("aws:\n  region: us-east-1\n  endpoints: [%q, %q]\n", minio.URL, awsSecrets.URL())
-	return startFixture(t, awsClasses(), backends, extra...)
+	return startFixtureOf(t, awsBin, awsClasses(), backends, extra...)
 }
 
 func awsPod(t *testing.T, name string) kubelet.Pod {

@@ -145,7 +145,7 @@ func testHandover(t *testing.T, stop func(*harness.Driver)) {
 	readSecret(t, target, "password")
 
 	// The second instance: the same node, the same flags.
-	second := &harness.Driver{Bin: driverBin, Env: f.env, Args: f.driver.Args}
+	second := &harness.Driver{Bin: f.driver.Bin, Env: f.env, Args: f.driver.Args}
 	if err := second.Launch(); err != nil {
 		t.Fatal(err)
 	}

@@ -18,7 +18,10 @@ import (
 
 var (
 	driverBin string
-	pg        *pgtest.Server
+	// awsBin is the node plugin with the aws provider: the aws tests'
+	// driver, as the chart runs it with providers.aws.enabled.
+	awsBin string
+	pg     *pgtest.Server
 )
 
 func TestMain(m *testing.M) {
@@ -37,6 +40,10 @@ func run(m *testing.M) int {
 	}
 	defer os.RemoveAll(dir)
 	if driverBin, err = harness.Build(dir); err != nil {
+		fmt.Println(err)
+		return 1
+	}
+	if awsBin, err = harness.BuildAWS(dir); err != nil {
 		fmt.Println(err)
 		return 1
 	}
@@ -264,6 +271,12 @@ func setup(t *testing.T, ttl, maxTTL string, extra ...string) *fixture {
 // and backend configuration, and stops and removes it all at the end.
 func startFixture(t *testing.T, classesYAML, backendsYAML string, extra ...string) *fixture {
 	t.Helper()
+	return startFixtureOf(t, driverBin, classesYAML, backendsYAML, extra...)
+}
+
+// startFixtureOf is startFixture with the driver binary bin.
+func startFixtureOf(t *testing.T, bin, classesYAML, backendsYAML string, extra ...string) *fixture {
+	t.Helper()
 	env, err := harness.NewEnv()
 	if err != nil {
 		t.Fatal(err)
@@ -282,7 +295,7 @@ func startFixture(t *testing.T, classesYAML, backendsYAML string, extra ...strin
 		"--audit-log", f.audit,
 		"--retry-min", "200ms", "--retry-max", "1s", "--backend-timeout", "5s",
 	}, extra...)
-	f.driver = &harness.Driver{Bin: driverBin, Env: env, Args: args}
+	f.driver = &harness.Driver{Bin: bin, Env: env, Args: args}
 	if err := f.driver.Start(context.Background()); err != nil {
 		t.Fatal(err)
 	}

@@ -40,6 +40,13 @@ func BuildNode(dir string) (string, error) {
 	return BuildPackage(dir, "./cmd/ephemeral-secrets-csi")
 }
 
+// BuildAWS compiles the node plugin with the aws provider,
+// ephemeral-secrets-csi-aws (the chart's node plugin with
+// providers.aws.enabled), into dir.
+func BuildAWS(dir string) (string, error) {
+	return BuildPackage(dir, "./cmd/ephemeral-secrets-csi-aws")
+}
+
 // BuildPackage compiles a main package of this module (a test build of the
 // driver with an extra provider) into dir.
 func BuildPackage(dir, pkg string) (string, error) {

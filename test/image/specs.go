@@ -47,20 +47,25 @@ func baseFiles() []File {
 	}
 }
 
-// DriverSpec is the driver's image: its two static binaries, the node
+// DriverSpec is the driver's image: its three static binaries, the node
 // plugin at /ephemeral-secrets-csi, run as `ephemeral-secrets-csi serve`
-// by root (it mounts tmpfs; the image's default command), and the
-// all-in-one at /ephemeral-secrets-csi-all (the issuer, the housekeeper,
-// the uninstall hook, and the node plugin with every provider and the
-// issuer in process: the chart names it as the command where it runs
-// it); the build machine's CA certificates, /etc/passwd and /etc/group,
-// and the OCI labels.
+// by root (it mounts tmpfs; the image's default command), the node plugin
+// with the aws provider at /ephemeral-secrets-csi-aws, and the all-in-one
+// at /ephemeral-secrets-csi-all (the issuer, the housekeeper, the
+// uninstall hook, and the node plugin with every provider and the issuer
+// in process): the chart names the binary as the command where it runs
+// another than the default; the build machine's CA certificates,
+// /etc/passwd and /etc/group, and the OCI labels.
 func DriverSpec(ctx context.Context, repoRoot, platform, name, version string) (Spec, error) {
 	return DriverSpecOf(ctx, repoRoot, "./cmd/ephemeral-secrets-csi", platform, name, version)
 }
 
-// AllPackage is the all-in-one binary's main package.
-const AllPackage = "./cmd/ephemeral-secrets-csi-all"
+// The main packages of the image's other binaries: the node plugin with
+// the aws provider, and the all-in-one.
+const (
+	AWSPackage = "./cmd/ephemeral-secrets-csi-aws"
+	AllPackage = "./cmd/ephemeral-secrets-csi-all"
+)
 
 // DriverSpecOf is DriverSpec with the node plugin built from another
 // main package of the module, such as the benchmark's build of the driver
@@ -77,6 +82,10 @@ func DriverSpecOf(ctx context.Context, repoRoot, pkg, platform, name, version st
 	if err != nil {
 		return Spec{}, err
 	}
+	aws, err := BuildGo(ctx, repoRoot, AWSPackage, platform, "-X main.version="+version)
+	if err != nil {
+		return Spec{}, err
+	}
 	all, err := BuildGo(ctx, repoRoot, AllPackage, platform, "-X main.version="+version)
 	if err != nil {
 		return Spec{}, err
@@ -89,6 +98,7 @@ func DriverSpecOf(ctx context.Context, repoRoot, pkg, platform, name, version st
 		Platform: platform,
 		Files: append(baseFiles(),
 			File{Path: "/ephemeral-secrets-csi", Mode: 0o755, Data: bin},
+			File{Path: "/ephemeral-secrets-csi-aws", Mode: 0o755, Data: aws},
 			File{Path: "/ephemeral-secrets-csi-all", Mode: 0o755, Data: all},
 			File{Path: CABundle, Mode: 0o644, Data: ca}),
 		Entrypoint: []string{"/ephemeral-secrets-csi"},

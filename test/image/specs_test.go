@@ -72,8 +72,10 @@ func TestDriverSpec(t *testing.T) {
 	if !strings.HasPrefix(files["/etc/passwd"], "-rw-r--r-- root:x:0:0:") || !strings.Contains(files["/etc/passwd"], "\nnonroot:x:65532:65532:") {
 		t.Errorf("/etc/passwd: %q", files["/etc/passwd"])
 	}
-	if !strings.HasPrefix(files["/ephemeral-secrets-csi"], "-rwxr-xr-x \x7fELF") {
-		t.Errorf("/ephemeral-secrets-csi is not an executable")
+	for _, bin := range []string{"/ephemeral-secrets-csi", "/ephemeral-secrets-csi-aws", "/ephemeral-secrets-csi-all"} {
+		if !strings.HasPrefix(files[bin], "-rwxr-xr-x \x7fELF") {
+			t.Errorf("%s is not an executable", bin)
+		}
 	}
 }
 
@@ -100,9 +102,11 @@ func TestProjectImagesRun(t *testing.T) {
 			t.Fatal(err)
 		}
 		load(t, s)
-		out, err := c.ctr(ctx, "run", "--rm", s.Name, "driver-version", "/ephemeral-secrets-csi", "version")
-		if err != nil || strings.TrimSpace(out) != "v9.9.9-test" {
-			t.Errorf("the driver says %q, %v", out, err)
+		for i, bin := range []string{"/ephemeral-secrets-csi", "/ephemeral-secrets-csi-aws", "/ephemeral-secrets-csi-all"} {
+			out, err := c.ctr(ctx, "run", "--rm", s.Name, fmt.Sprintf("driver-version-%d", i), bin, "version")
+			if err != nil || strings.TrimSpace(out) != "v9.9.9-test" {
+				t.Errorf("%s says %q, %v", bin, out, err)
+			}
 		}
 	})
 

@@ -65,12 +65,15 @@ var rank = map[string]int{
 	// 6: the node's edges: the CSI server and the lease socket.
 	"pkg/driver":   6,
 	"pkg/leaseapi": 6,
-	// 7: the node plugin's command line, 8: the all-in-one's, 9: the
-	// binaries.
+	// 7: the node plugin's command line, 8: its aws section (the aws
+	// node plugin's and the all-in-one's), 9: the all-in-one's command
+	// line, 10: the binaries.
 	"pkg/cli":                       7,
-	"pkg/cli/allinone":              8,
-	"cmd/ephemeral-secrets-csi":     9,
-	"cmd/ephemeral-secrets-csi-all": 9,
+	"pkg/cli/awssection":            8,
+	"pkg/cli/allinone":              9,
+	"cmd/ephemeral-secrets-csi":     10,
+	"cmd/ephemeral-secrets-csi-aws": 10,
+	"cmd/ephemeral-secrets-csi-all": 10,
 }
 
 // allowed are the imports against the order that are known and meant to
@@ -223,7 +226,7 @@ func deps(t *testing.T, pkg string, tags ...string) []string {
 }
 
 func TestTheBinaryLinksNoTestOnlyPackage(t *testing.T) {
-	for _, bin := range []string{"./cmd/ephemeral-secrets-csi", "./cmd/ephemeral-secrets-csi-all"} {
+	for _, bin := range []string{"./cmd/ephemeral-secrets-csi", "./cmd/ephemeral-secrets-csi-aws", "./cmd/ephemeral-secrets-csi-all"} {
 		d := deps(t, bin)
 		for _, p := range testOnly {
 			if slices.Contains(d, module+p) {
@@ -233,12 +236,25 @@ func TestTheBinaryLinksNoTestOnlyPackage(t *testing.T) {
 	}
 }
 
+// nodePlugins are the binaries a DaemonSet runs as the node plugin: the
+// lean one, and the same with the aws section (the chart's with
+// providers.aws.enabled), which may link the AWS SDK (mayLink: prefixes
+// of import paths taken off nodeNeverLinks) and nothing else the lean
+// one must not.
+var nodePlugins = []struct {
+	pkg     string
+	mayLink []string
+}{
+	{"./cmd/ephemeral-secrets-csi", nil},
+	{"./cmd/ephemeral-secrets-csi-aws", []string{"github.com/aws/"}},
+}
+
 // nodeNeverLinks are what the node plugin's binary must not link: a
 // DaemonSet pays for every page of a binary on every node, and any typed
 // client-go client runs kubernetes/scheme's init (every API group: 10 MiB
 // resident here), the AWS SDK's inits 6 MiB more. Prefixes of import
 // paths; the cluster's commands and those providers are
-// ephemeral-secrets-csi-all's.
+// ephemeral-secrets-csi-all's (the AWS SDK also ephemeral-secrets-csi-aws's).
 var nodeNeverLinks = []string{
 	"k8s.io/client-go/kubernetes",
 	"k8s.io/client-go/informers",
@@ -267,15 +283,23 @@ var nodeNeverLinksExactly = []string{
 }
 
 func TestTheNodePluginLinksOnlyWhatANodeNeeds(t *testing.T) {
-	d := deps(t, "./cmd/ephemeral-secrets-csi")
-	for _, p := range d {
-		if slices.Contains(nodeNeverLinksExactly, p) {
-			t.Errorf("the node plugin links %s", p)
-			continue
+	for _, bin := range nodePlugins {
+		d := deps(t, bin.pkg)
+		for _, p := range d {
+			if slices.Contains(nodeNeverLinksExactly, p) {
+				t.Errorf("%s links %s", bin.pkg, p)
+				continue
+			}
+			for _, prefix := range nodeNeverLinks {
+				if strings.HasPrefix(p, prefix) && !slices.Contains(bin.mayLink, prefix) {
+					t.Errorf("%s links %s", bin.pkg, p)
+				}
+			}
 		}
-		for _, prefix := range nodeNeverLinks {
-			if strings.HasPrefix(p, prefix) {
-				t.Errorf("the node plugin links %s", p)
+		// What it may link, it does: the allowance is not stale.
+		for _, prefix := range bin.mayLink {
+			if !slices.ContainsFunc(d, func(p string) bool { return strings.HasPrefix(p, prefix) }) {
+				t.Errorf("%s links nothing under %s: remove it from its mayLink", bin.pkg, prefix)
 			}
 		}
 	}
@@ -288,8 +312,8 @@ func TestTheNodePluginLinksOnlyWhatANodeNeeds(t *testing.T) {
 	}
 }
 
-// TestTheNodePluginKeepsDeadCodeElimination: the node plugin, built as it
-// ships, reaches no call that looks a method up by name at run time
+// TestTheNodePluginKeepsDeadCodeElimination: each node plugin, built as
+// it ships, reaches no call that looks a method up by name at run time
 // (reflect's Method, MethodByName; text/template's and html/template's
 // Execute, and whatever calls them). One such call anywhere makes the
 // linker keep every exported method of every type the binary links: 3.5
@@ -297,13 +321,22 @@ func TestTheNodePluginLinksOnlyWhatANodeNeeds(t *testing.T) {
 // every node. pkg/render runs templates with an evaluator of its own for
 // this reason.
 func TestTheNodePluginKeepsDeadCodeElimination(t *testing.T) {
-	for _, p := range deps(t, "./cmd/ephemeral-secrets-csi", image.BuildTags) {
+	for _, bin := range nodePlugins {
+		t.Run(filepath.Base(bin.pkg), func(t *testing.T) {
+			keepsDeadCodeElimination(t, bin.pkg)
+		})
+	}
+}
+
+// keepsDeadCodeElimination checks main package pkg as the test above says.
+func keepsDeadCodeElimination(t *testing.T, pkg string) {
+	for _, p := range deps(t, pkg, image.BuildTags) {
 		if slices.Contains(nodeNeverLinksBuilt, p) {
-			t.Errorf("the node plugin, built with -tags %s, links %s", image.BuildTags, p)
+			t.Errorf("%s, built with -tags %s, links %s", pkg, image.BuildTags, p)
 		}
 	}
 	// The linker says which reachable functions make such calls.
-	cmd := exec.Command("go", "build", "-tags", image.BuildTags, "-ldflags=-dumpdep", "-o", filepath.Join(t.TempDir(), "node"), "./cmd/ephemeral-secrets-csi")
+	cmd := exec.Command("go", "build", "-tags", image.BuildTags, "-ldflags=-dumpdep", "-o", filepath.Join(t.TempDir(), "node"), pkg)
 	cmd.Dir = "../.."
 	out, err := cmd.CombinedOutput()
 	if err != nil {
@@ -320,7 +353,7 @@ func TestTheNodePluginKeepsDeadCodeElimination(t *testing.T) {
 		for _, sym := range []string{from, to} {
 			if name, found := strings.CutSuffix(sym, " <ReflectMethod>"); found && !seen[name] {
 				seen[name] = true
-				t.Errorf("the node plugin reaches %s, which looks methods up by name: the linker keeps every exported method", name)
+				t.Errorf("%s reaches %s, which looks methods up by name: the linker keeps every exported method", pkg, name)
 			}
 		}
 	}

@@ -461,6 +461,12 @@ func (p *profiles) awsOnly(t *testing.T) {
 		t.Fatal(err)
 	}
 	installProfile(t, backendsYAML, false, "providers.aws.enabled=true")
+	// The node plugin is the lean one with aws, not the all-in-one.
+	for _, c := range driverPod(t).Spec.Containers {
+		if c.Name == "driver" && !slices.Equal(c.Command, []string{"/ephemeral-secrets-csi-aws"}) {
+			t.Errorf("the node plugin runs %q, want /ephemeral-secrets-csi-aws", c.Command)
+		}
+	}
 	p.startAWSExample(t)
 }
 

@@ -1,21 +1,24 @@
 // Package allinone is the command line of ephemeral-secrets-csi-all,
-// the image's second binary: the cluster's commands ("issuer", the
+// the image's all-in-one binary: the cluster's commands ("issuer", the
 // cluster issuer; "housekeeper", the inventory's always-on controller;
 // "uninstall", helm's pre-delete hook) and the node plugin's own
 // (pkg/cli: "serve", "leases", "check-config") with every provider: the
 // postgres section served by an issuer in this process (a cluster without
-// the issuer Deployment, the demo) and aws. The node plugin's binary,
-// ephemeral-secrets-csi, links none of this: leader election, the typed
-// clientset and the informers of the inventory's controller, the
-// PostgreSQL engine and the AWS SDK cost a DaemonSet their pages on every
-// node.
+// the issuer Deployment, the demo) and aws. The node plugin's binaries,
+// ephemeral-secrets-csi and ephemeral-secrets-csi-aws (the same with the
+// aws section), link none of the rest: leader election, the typed
+// clientset and the informers of the inventory's controller and the
+// PostgreSQL engine cost a DaemonSet their pages on every node (the AWS
+// SDK too, where no aws section is served).
 //
 // It imports pkg/cli (the node plugin's command line, which it extends
-// with Options), pkg/issuer, pkg/issuer/postgres, pkg/issuer/remote and pkg/issuer/use
+// with Options), pkg/cli/awssection (the aws section, as the aws node
+// plugin serves it), pkg/issuer, pkg/issuer/postgres, pkg/issuer/remote and pkg/issuer/use
 // (the issuer, its transport, the pod and node resolver of its use
 // observation), pkg/inventory (the issuer's recorder,
 // the controller, the housekeeper), pkg/provider/aws, pkg/provider/vault,
-// pkg/provider/gcp and pkg/provider/postgres (the sections it serves), pkg/driver (the
+// pkg/provider/gcp and pkg/provider/postgres (the sections it serves and
+// check-config locates), pkg/driver (the
 // driver's name), pkg/credential (the record the inventory's controller
 // revokes), pkg/audit and pkg/metrics; pkg/events sends the cluster
 // issuer's Warning of a credential used elsewhere.
@@ -31,6 +34,7 @@ import (
 	"sigs.k8s.io/yaml"
 
 	"github.com/ephemeral-secrets/csi-driver/pkg/cli"
+	"github.com/ephemeral-secrets/csi-driver/pkg/cli/awssection"
 	"github.com/ephemeral-secrets/csi-driver/pkg/issuer"
 	pgengine "github.com/ephemeral-secrets/csi-driver/pkg/issuer/postgres"
 	"github.com/ephemeral-secrets/csi-driver/pkg/provider/aws"
@@ -76,19 +80,13 @@ func Main(version string, args []string, extra ...cli.Register) int {
 func Options(extra ...cli.Register) cli.Options {
 	return cli.Options{
 		Extra:       extra,
-		Sections:    map[string]cli.Section{"postgres": {Build: postgresSection}, "aws": {Build: awsSection}},
+		Sections:    map[string]cli.Section{"postgres": {Build: postgresSection}, awssection.Name: {Build: awssection.Build}},
 		Locate:      func(data []byte) []string { return locate(data, reflect.TypeFor[backendConfig]()) },
 		CheckIssuer: checkIssuerFile,
 		Commands: map[string]func(string, []string) error{
 			"issuer": issuerCmd, "housekeeper": housekeeperCmd, "uninstall": uninstallCmd,
 		},
 	}
-}
-
-// errNotValid is a section that does not decode, said as of the whole
-// file (check-config locates the key); it never quotes data.
-func errNotValid(env cli.SectionEnv) error {
-	return fmt.Errorf("backend config %s: not valid (check its keys and indentation)", env.Path)
 }
 
 // postgresSection serves the postgres section with an issuer in this
@@ -99,7 +97,7 @@ func errNotValid(env cli.SectionEnv) error {
 func postgresSection(data []byte, env cli.SectionEnv) (cli.Built, error) {
 	var cfg pgengine.Config
 	if err := yaml.UnmarshalStrict(data, &cfg); err != nil {
-		return cli.Built{}, errNotValid(env)
+		return cli.Built{}, env.NotValid()
 	}
 	iss, err := issuer.New(issuer.Options{Config: cfg, ReapInterval: env.Reap, Audit: env.Audit, OnReap: countReaps(env.Metrics),
 		// No pods to resolve: the connections' expectedSources only.
@@ -108,19 +106,6 @@ func postgresSection(data []byte, env cli.SectionEnv) (cli.Built, error) {
 		return cli.Built{}, err
 	}
 	return cli.Built{Provider: postgres.NewNode(iss.Local()), Run: iss.Run, Close: iss.Close}, nil
-}
-
-// awsSection serves the aws section.
-func awsSection(data []byte, env cli.SectionEnv) (cli.Built, error) {
-	var cfg aws.Config
-	if err := yaml.UnmarshalStrict(data, &cfg); err != nil {
-		return cli.Built{}, errNotValid(env)
-	}
-	p, err := aws.New(cfg)
-	if err != nil {
-		return cli.Built{}, err
-	}
-	return cli.Built{Provider: p}, nil
 }
 
 // decodeBackends decodes the backend file (read from path) strictly: an

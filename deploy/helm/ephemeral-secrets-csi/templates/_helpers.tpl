@@ -145,17 +145,21 @@ run with), as YAML: a map from each ClusterRole's name to its rules.
 {{- end -}}
 
 {{/*
-The image holds two binaries. The node plugin's own, ephemeral-secrets-csi
-(vault, and postgres through the issuer), links no typed Kubernetes client,
-issuer or AWS SDK: a DaemonSet pays for its pages on every node. The
-all-in-one, ephemeral-secrets-csi-all, runs the issuer, the housekeeper and
-the uninstall hook, and is the node plugin where a node needs what only it
-links: the aws provider, or the issuer in process (postgres without the
-issuer Deployment).
+The image holds three binaries. The node plugin's own, ephemeral-secrets-csi
+(vault, gcp, and postgres through the issuer), links no typed Kubernetes
+client, issuer or AWS SDK: a DaemonSet pays for its pages on every node.
+ephemeral-secrets-csi-aws is the same node plugin with the aws provider
+(the AWS SDK, and nothing of the issuer): the node plugin where aws is
+enabled. The all-in-one, ephemeral-secrets-csi-all, runs the issuer, the
+housekeeper and the uninstall hook, and is the node plugin only where a
+node runs the issuer in process (postgres without the issuer Deployment),
+with aws or without.
 */}}
 {{- define "esc.nodeBinary" -}}
-{{- if or .Values.providers.aws.enabled (and .Values.providers.postgres.enabled (not .Values.issuer.enabled)) -}}
+{{- if and .Values.providers.postgres.enabled (not .Values.issuer.enabled) -}}
 /ephemeral-secrets-csi-all
+{{- else if .Values.providers.aws.enabled -}}
+/ephemeral-secrets-csi-aws
 {{- else -}}
 /ephemeral-secrets-csi
 {{- end -}}
