@@ -271,3 +271,50 @@ func TestRunEndResetsTheBlindGauge(t *testing.T) {
 		t.Error("the blind gauge is still set after Run returned")
 	}
 }
+
+// A foreign use held back (within a minute of the credential's last
+// report) is reported when the tracker stops (its leadership lost, or
+// shutdown), not lost: the next leader starts afresh and never sees a
+// session that ended meanwhile.
+func TestHeldBackForeignUseIsReportedWhenRunStops(t *testing.T) {
+	ctx := context.Background()
+	w := newWorld(t, setup{onForeignUse: "alert"})
+	id := "team-m-heldback"
+	l := w.issue(id, "m")
+	w.login(l, thieves(0))
+	rctx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() { defer close(done); w.tracker.Run(rctx) }()
+	defer func() { cancel(); <-done }()
+	waitUntil := func(what string, ok func() bool, step bool) {
+		t.Helper()
+		deadline := time.Now().Add(20 * time.Second)
+		for steps := 0; !ok(); steps++ {
+			if time.Now().After(deadline) {
+				t.Fatalf("never saw %s", what)
+			}
+			// A sample a second, half a minute at most: well within a
+			// minute of the first report.
+			if step && steps < 30 {
+				w.clock.Step(time.Second)
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+	waitUntil("the first foreign use reported", func() bool { return len(only(w.records(id), "foreign:alert")) == 1 }, false)
+	second := w.login(l, thieves(1))
+	waitUntil("the second foreign address", func() bool {
+		return slices.ContainsFunc(only(w.records(id), "source"), func(r audit.Record) bool { return r.Use.Source == thieves(1) })
+	}, true)
+	if n := len(only(w.records(id), "foreign:alert")); n != 1 {
+		t.Fatalf("%d foreign reports within a minute of the first, want 1 (the second held back)", n)
+	}
+	_ = second.Close(ctx)
+	cancel()
+	<-done
+	foreign := only(w.records(id), "foreign:alert")
+	if len(foreign) != 2 || foreign[1].Use.Source != thieves(1) {
+		t.Errorf("after Run stopped: %d foreign reports (%v), want 2, the second from %s", len(foreign), events(foreign), thieves(1))
+	}
+	_ = w.node.Revoke(ctx, leaseOf(l, id))
+}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"net/netip"
 	"slices"
 	"strings"
@@ -158,8 +159,9 @@ func New(o Options) *Tracker {
 
 // Run samples every Interval, the first time at once, until ctx is done;
 // each run starts afresh (a new leader's term). When it returns (the
-// leadership lost, or shutdown) its connections' blind gauges are reset:
-// a tracker that no longer samples says nothing of what it cannot see.
+// leadership lost, or shutdown) the foreign uses it held back are
+// reported, and its connections' blind gauges are reset: a tracker that
+// no longer samples says nothing of what it cannot see.
 func (t *Tracker) Run(ctx context.Context) {
 	t.mu.Lock()
 	t.conns = map[string]*connState{}
@@ -177,15 +179,18 @@ func (t *Tracker) Run(ctx context.Context) {
 	}
 }
 
-// stopped resets the blind gauge of every connection this term sampled.
+// stopped reports the foreign uses held back (the next term starts
+// afresh, and never sees a session that ended meanwhile), then resets
+// the blind gauge of every connection this term sampled. Run alone
+// touches the creds: it calls stopped when it no longer samples.
 func (t *Tracker) stopped() {
 	t.mu.Lock()
-	conns := make([]string, 0, len(t.conns))
-	for conn := range t.conns {
-		conns = append(conns, conn)
-	}
+	conns := maps.Clone(t.conns)
 	t.mu.Unlock()
-	for _, conn := range conns {
+	for conn, cs := range conns {
+		for _, c := range cs.creds {
+			t.reportHeldBack(context.Background(), conn, cs, c)
+		}
 		t.o.Meter.Blind(conn, false)
 	}
 }
@@ -662,18 +667,28 @@ func (t *Tracker) checkUnused(conn string, cs *connState, c *cred, now time.Time
 		audit.Success, "", &audit.UseDetail{Event: audit.UseUnused, Usage: &u})
 }
 
+// reportHeldBack reports c's foreign uses held back since its last
+// report, when nothing is left to kill (its role is gone) or nobody
+// will (the tracker stops): revoke holds none back.
+func (t *Tracker) reportHeldBack(ctx context.Context, conn string, cs *connState, c *cred) {
+	if action := t.action(conn, c); c.pending > 0 && action != pgengine.ForeignRevoke {
+		t.mu.Lock()
+		u := c.snapshot(cs)
+		t.mu.Unlock()
+		t.foreignUse(ctx, conn, c, c.pendingAddr, c.pending-1, action, u)
+		c.pending, c.pendingAddr = 0, ""
+	}
+}
+
 // summarise writes c's summary: its role is gone. The foreign uses held
 // back since its last report are reported first (nothing is left to
 // kill).
 func (t *Tracker) summarise(ctx context.Context, conn string, cs *connState, c *cred) {
+	t.reportHeldBack(ctx, conn, cs, c)
 	t.mu.Lock()
 	u := c.snapshot(cs)
 	seen := c.seen
 	t.mu.Unlock()
-	if action := t.action(conn, c); c.pending > 0 && action != pgengine.ForeignRevoke {
-		t.foreignUse(ctx, conn, c, c.pendingAddr, c.pending-1, action, u)
-		c.pending, c.pendingAddr = 0, ""
-	}
 	var detail string
 	switch {
 	case !u.FirstUsedAt.IsZero():
