@@ -363,7 +363,7 @@ func (m *Manager) publishNew(ctx context.Context, h *volume.Held, v Volume) erro
 	}
 
 	asked := m.clock.Now()
-	l, err := m.issue(ctx, prov, meta, leaseID, v.Mount.Tokens, v.ID, nil)
+	l, err := m.issue(ctx, prov, meta, leaseID, v.Mount.Tokens, v.ID, nil, false)
 	if err != nil {
 		return undo(l, err)
 	}
@@ -419,16 +419,17 @@ func (m *Manager) mount(id, target string) error {
 
 // issue asks prov for lease id, for the volume (or, volumeID empty, a
 // task of the volume) meta describes, in place of prior (nil: a new
-// credential, see provider.Request.Prior), and names the lease as the
+// credential, see provider.Request.Prior; fresh: the pod asked for a new
+// one, provider.Request.Fresh), and names the lease as the
 // manager records it. A failed call returns the lease by ID alone where
 // the backend may have acted before it failed (a timeout): revoking by
 // ID, which is idempotent, rather than risk a leak.
 func (m *Manager) issue(ctx context.Context, prov provider.Provider, meta Metadata, id string,
-	tokens map[string]provider.Token, volumeID string, prior *provider.Lease) (provider.Lease, error) {
+	tokens map[string]provider.Token, volumeID string, prior *provider.Lease, fresh bool) (provider.Lease, error) {
 	ictx, cancel := context.WithTimeout(ctx, m.opts.BackendTimeout)
 	defer cancel()
 	l, err := prov.Issue(ictx, provider.Request{
-		LeaseID: id, VolumeID: volumeID, Class: meta.Class, Params: meta.Params, Pod: meta.Pod, Tokens: tokens, Prior: prior,
+		LeaseID: id, VolumeID: volumeID, Class: meta.Class, Params: meta.Params, Pod: meta.Pod, Tokens: tokens, Prior: prior, Fresh: fresh,
 	})
 	if err != nil {
 		for _, definite := range []error{provider.ErrPermissionDenied, provider.ErrInvalidParameters, provider.ErrNotFound, provider.ErrMisconfigured} {

@@ -12,11 +12,13 @@ import (
 )
 
 // reissuing is a provider that cannot extend a lease, so that every
-// renewal re-issues, and that remembers the Prior of each Issue.
+// renewal re-issues, and that remembers the Prior of each Issue and
+// whether the pod asked for it (Fresh).
 type reissuing struct {
 	provider.Provider
 	mu     sync.Mutex
 	priors []*provider.Lease
+	fresh  []bool
 }
 
 func (r *reissuing) Issue(ctx context.Context, req provider.Request) (provider.Lease, error) {
@@ -28,6 +30,7 @@ func (r *reissuing) Issue(ctx context.Context, req provider.Request) (provider.L
 		p = &c
 	}
 	r.priors = append(r.priors, p)
+	r.fresh = append(r.fresh, req.Fresh)
 	r.mu.Unlock()
 	return r.Provider.Issue(ctx, req)
 }
@@ -43,10 +46,19 @@ func (r *reissuing) issued() []*provider.Lease {
 	return append([]*provider.Lease(nil), r.priors...)
 }
 
+// asked tells, for each Issue call so far, whether it was Fresh.
+func (r *reissuing) asked() []bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return append([]bool(nil), r.fresh...)
+}
+
 // A provider is handed the lease it replaces at each re-issue (a renewal,
 // a rotation the pod asks for), with its values, and nothing at a
 // publish, a republish or a task's issue: what it may carry over comes
-// only from the volume's own live lease.
+// only from the volume's own live lease. Only the rotation the pod asks
+// for is Fresh: it must get a new credential, whatever its prior's
+// renewal time says.
 func TestReissueIsHandedThePriorLease(t *testing.T) {
 	inTiers(t, time.Hour, testReissueIsHandedThePriorLease)
 }
@@ -96,6 +108,9 @@ func testReissueIsHandedThePriorLease(t *testing.T, n *node) {
 		if last == nil || last.ID != cur.ID || !maps.Equal(last.Values, cur.Values) || len(cur.Values) == 0 {
 			t.Errorf("re-issue %d: prior %+v, want the live lease %s with its values", i, last, cur.ID)
 		}
+		if fresh := prov.asked(); fresh[len(fresh)-1] != (i == 1) {
+			t.Errorf("re-issue %d: Fresh %v, want it only where the pod asked (the second)", i, fresh)
+		}
 		if leaseOf().ID == cur.ID {
 			t.Errorf("re-issue %d did not replace the lease", i)
 		}
@@ -103,8 +118,8 @@ func testReissueIsHandedThePriorLease(t *testing.T, n *node) {
 	if _, err := m.IssueTask(ctx, v.ID, "t1", 0); err != nil {
 		t.Fatal(err)
 	}
-	if p := prov.issued(); len(p) != 4 || p[3] != nil {
-		t.Errorf("a task's issue: %d Issue calls, last prior %+v; want 4, the last without a prior", len(p), p[len(p)-1])
+	if p, fresh := prov.issued(), prov.asked(); len(p) != 4 || p[3] != nil || fresh[0] || fresh[3] {
+		t.Errorf("a task's issue: %d Issue calls, last prior %+v; want 4, the last without a prior, neither it nor the publish Fresh", len(p), p[len(p)-1])
 	}
 	unpublish(t, m, v)
 	m.drain(ctx)

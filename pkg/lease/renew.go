@@ -87,7 +87,7 @@ func (m *Manager) renew(id string) {
 	// A lapsed lease is replaced, not revived: the pod gets a fresh one as
 	// soon as the backend answers.
 	if lapsed || errors.Is(err, provider.ErrNotRenewable) {
-		if err = m.rotate(ctx, h, prov, v); err == nil {
+		if err = m.rotate(ctx, h, prov, v, false); err == nil {
 			return
 		}
 	}
@@ -118,15 +118,16 @@ func (m *Manager) recordLapse(h *volume.Held, v *volume.Volume) {
 	klog.ErrorS(nil, "Lease lapsed while its pod held it", "volumeID", meta.VolumeID, "leaseID", l.ID, "expiredAt", l.ExpiresAt)
 }
 
-// rotate issues a fresh lease for v, swaps the files to it and queues the
-// revocation of the old one. Each step is recorded before the next, so
+// rotate issues a fresh lease for v (byPod: its pod asked, and wants a
+// new credential), swaps the files to it and queues the revocation of
+// the old one. Each step is recorded before the next, so
 // that recovery can finish or undo a rotation stopped anywhere:
 //
 //  1. the intent (metadata names the new lease as pending), then Issue;
 //  2. the new lease's record (beside the old one's);
 //  3. the files, then the metadata naming the new lease: the switch;
 //  4. the old lease's revocation queued, then its record removed.
-func (m *Manager) rotate(ctx context.Context, h *volume.Held, prov provider.Provider, v *volume.Volume) error {
+func (m *Manager) rotate(ctx context.Context, h *volume.Held, prov provider.Provider, v *volume.Volume, byPod bool) error {
 	meta := v.Meta()
 	newID := state.NewLeaseID(meta.Pod)
 	meta.PendingLeaseID = newID
@@ -136,7 +137,7 @@ func (m *Manager) rotate(ctx context.Context, h *volume.Held, prov provider.Prov
 	v.SetMeta(h, meta)
 	asked := m.clock.Now()
 	prior := v.Lease()
-	nl, err := m.issue(ctx, prov, meta, newID, v.Tokens(), meta.VolumeID, &prior)
+	nl, err := m.issue(ctx, prov, meta, newID, v.Tokens(), meta.VolumeID, &prior, byPod)
 	if err != nil {
 		m.abandon(h, v, nl, false)
 		return fmt.Errorf("re-issuing: %w", err)

@@ -150,7 +150,7 @@ func (m *Manager) RotateNow(ctx context.Context, volumeID string) (Info, error) 
 	}
 	cctx, cancel := context.WithTimeout(ctx, m.opts.BackendTimeout)
 	defer cancel()
-	if err := m.rotate(cctx, h, prov, v); err != nil {
+	if err := m.rotate(cctx, h, prov, v, true); err != nil {
 		return Info{}, err
 	}
 	return infoOf(v.Meta()), nil
@@ -194,7 +194,7 @@ func (m *Manager) IssueTask(ctx context.Context, volumeID, task string, ttl time
 	if err := m.setTask(h, v, task, &Task{LeaseID: leaseID, State: StateIssuing}); err != nil {
 		return fail(fmt.Errorf("recording the task: %w", err))
 	}
-	l, err := m.issue(ctx, prov, meta, leaseID, v.Tokens(), "", nil)
+	l, err := m.issue(ctx, prov, meta, leaseID, v.Tokens(), "", nil, false)
 	undo := func(l provider.Lease, cause error) (TaskInfo, error) {
 		if l.ID != "" {
 			m.enqueueOrLog(l, v.Meta(), "task issue failed")

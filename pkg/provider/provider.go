@@ -86,6 +86,11 @@ type Request struct {
 	// for anything the class or the admin's configuration decides, and
 	// must not modify it. Its values are secret.
 	Prior *Lease
+	// Fresh is set when the pod asked for a new credential (the lease
+	// socket's rotate): a provider carries over from Prior nothing that
+	// grants access (an STS session), whenever it comes; only what cannot
+	// have changed (a pinned version's value).
+	Fresh bool
 }
 
 // Lease is one credential a backend issued.

@@ -194,7 +194,7 @@ func (p *Provider) Issue(ctx context.Context, req provider.Request) (provider.Le
 
 	// A rotation poll keeps the sessions the lease it replaces holds while
 	// they have time left; anything else mints them anew.
-	sessions, carried := carrySessions(c, req.Prior, start, l.Values)
+	sessions, carried := carrySessions(c, req, start, l.Values)
 	if !carried {
 		if sessions, err = p.mintSessions(ctx, c, req, stsEP, stsAnon, jwt, start, l.Values); err != nil {
 			return provider.Lease{}, err
@@ -325,10 +325,12 @@ func (p *Provider) mintSessions(ctx context.Context, c classParams, req provider
 }
 
 // carrySessions copies into values the files of every sts object of c
-// from prior, the lease a re-issue replaces (nil at a publish), and
-// returns what prior recorded of their sessions, when all of these hold;
-// it copies nothing and returns false otherwise:
+// from prior (req.Prior), the lease a re-issue replaces (nil at a
+// publish), and returns what prior recorded of their sessions, when all
+// of these hold; it copies nothing and returns false otherwise:
 //
+//   - the pod did not ask for a new credential (req.Fresh, its lease
+//     socket's rotate: whenever it comes, even with the poll due);
 //   - the re-issue is the rotation poll prior asked for (its RenewAt has
 //     come). The manager re-issues at the earlier of that and its own
 //     renewal point of the sessions, which carrying keeps where it was
@@ -343,8 +345,9 @@ func (p *Provider) mintSessions(ctx context.Context, c classParams, req provider
 //   - each session, by the expiry STS gave it, outlives the next poll by
 //     carryMargin: a session is never carried into its last poll
 //     interval, whatever the manager's renewal point.
-func carrySessions(c classParams, prior *provider.Lease, now time.Time, values map[string]string) (map[string]session, bool) {
-	if prior == nil || !c.hasSTS() || prior.RenewAt.IsZero() || now.Before(prior.RenewAt) {
+func carrySessions(c classParams, req provider.Request, now time.Time, values map[string]string) (map[string]session, bool) {
+	prior := req.Prior
+	if prior == nil || req.Fresh || !c.hasSTS() || prior.RenewAt.IsZero() || now.Before(prior.RenewAt) {
 		return nil, false
 	}
 	var had map[string]session

@@ -49,8 +49,9 @@ func startPeers(t *testing.T) *awsPeers {
 // their expiry and the lease's issue time (the manager's renewal point of
 // them stays where it was). Everything else mints: a publish, a re-issue
 // before the poll is due (the manager's own renewal, a rotation the pod
-// asked for), a session near its end, a class whose session differs, a
-// prior lease that recorded no session.
+// asked for), a rotation the pod asked for when the poll is due (Fresh:
+// the pod wants a new credential), a session near its end, a class whose
+// session differs, a prior lease that recorded no session.
 func TestPollCarriesSessionsOverUntilNearTheirEnd(t *testing.T) {
 	e := startPeers(t)
 	e.secrets.PutSecret("prod/db", "db-password-v1")
@@ -84,9 +85,9 @@ func TestPollCarriesSessionsOverUntilNearTheirEnd(t *testing.T) {
 		RegionParam: "us-east-1", RoleArnParam: e.minio.RoleARN, STSEndpointParam: e.sts.URL,
 		SMEndpointParam: e.secrets.URL(), RotationPollParam: "2m", ObjectsParam: objects(1800),
 	}
-	issue := func(t *testing.T, id string, params map[string]string, prior *provider.Lease) provider.Lease {
+	issue := func(t *testing.T, id string, params map[string]string, prior *provider.Lease, fresh bool) provider.Lease {
 		t.Helper()
-		l, err := p.Issue(context.Background(), provider.Request{LeaseID: id, Params: params, Prior: prior,
+		l, err := p.Issue(context.Background(), provider.Request{LeaseID: id, Params: params, Prior: prior, Fresh: fresh,
 			Pod:    provider.Pod{Namespace: "team-a", Name: "p", UID: "u", ServiceAccount: "app"},
 			Tokens: map[string]provider.Token{DefaultAudience: {Token: tok}}})
 		if err != nil {
@@ -108,7 +109,7 @@ func TestPollCarriesSessionsOverUntilNearTheirEnd(t *testing.T) {
 	}
 
 	before := seen()
-	first := issue(t, "publish", params, nil)
+	first := issue(t, "publish", params, nil, false)
 	if got := seen(); got != (counts{before.web + 1, before.node + 1, before.reads + 1}) {
 		t.Fatalf("a publish: calls %+v after %+v, want a session of each kind and a read", got, before)
 	}
@@ -139,7 +140,7 @@ func TestPollCarriesSessionsOverUntilNearTheirEnd(t *testing.T) {
 		}
 		now = prior.RenewAt.Add(time.Second)
 		before := seen()
-		next := issue(t, fmt.Sprintf("poll-%d", i), params, &prior)
+		next := issue(t, fmt.Sprintf("poll-%d", i), params, &prior, false)
 		if got := seen(); got != (counts{before.web, before.node, before.reads + 1}) {
 			t.Errorf("poll %d: calls %+v after %+v, want one read and no session", i, got, before)
 		}
@@ -167,18 +168,20 @@ func TestPollCarriesSessionsOverUntilNearTheirEnd(t *testing.T) {
 		at     time.Time
 		params map[string]string
 		prior  *provider.Lease
+		fresh  bool
 	}{
-		{"a publish", prior.RenewAt, params, nil},
-		{"a re-issue before the poll is due", prior.RenewAt.Add(-time.Second), params, &prior},
-		{"a poll with less than the next poll and a minute left", first.ExpiresAt.Add(-3 * time.Minute), params, &prior},
-		{"a poll after the sessions lapsed", first.ExpiresAt.Add(time.Minute), params, &prior},
-		{"a poll for a class whose session differs", prior.RenewAt, otherDuration, &prior},
-		{"a poll of a lease that recorded no session", prior.RenewAt, params, &noSessions},
+		{"a publish", prior.RenewAt, params, nil, false},
+		{"a re-issue before the poll is due", prior.RenewAt.Add(-time.Second), params, &prior, false},
+		{"a rotation the pod asked for when the poll is due", prior.RenewAt.Add(time.Second), params, &prior, true},
+		{"a poll with less than the next poll and a minute left", first.ExpiresAt.Add(-3 * time.Minute), params, &prior, false},
+		{"a poll after the sessions lapsed", first.ExpiresAt.Add(time.Minute), params, &prior, false},
+		{"a poll for a class whose session differs", prior.RenewAt, otherDuration, &prior, false},
+		{"a poll of a lease that recorded no session", prior.RenewAt, params, &noSessions, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			now = tc.at
 			before := seen()
-			l := issue(t, "reissue", tc.params, tc.prior)
+			l := issue(t, "reissue", tc.params, tc.prior, tc.fresh)
 			got := seen()
 			if got.node != before.node+1 || got.web+e.sts.Calls("AssumeRoleWithWebIdentity", "3600") <= before.web {
 				t.Errorf("calls %+v after %+v, want both sessions minted", got, before)
