@@ -539,13 +539,6 @@ func (b *bench) round(tag string, burst, seq int) (round, error) {
 	if err != nil {
 		return rr, err
 	}
-	if os.Getenv("PROF") != "" && tag == "r0" {
-		go func() {
-			data, err := b.api.CoreV1().RESTClient().Get().AbsPath("/debug/pprof/profile").Param("seconds", "4").DoRaw(ctx)
-			fmt.Println("PROFILE", len(data), err)
-			os.WriteFile("/tmp/apiserver.pprof", data, 0o644)
-		}()
-	}
 	for blk := 0; blk < seq; blk += 10 {
 		n := min(10, seq-blk)
 		for _, p := range []struct {
