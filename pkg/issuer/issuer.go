@@ -54,7 +54,7 @@ type Issuer struct {
 	records *recordWriter
 	// minting tells whether mints are under way or just were: the
 	// status writes wait meanwhile.
-	minting mintActivity
+	minting *mintActivity
 	// use observes the credentials' use while Run runs (nil: not asked).
 	use *use.Tracker
 }
@@ -86,10 +86,10 @@ func New(o Options) (*Issuer, error) {
 	if err != nil {
 		return nil, err
 	}
-	i := &Issuer{admin: a, opts: o}
+	i := &Issuer{admin: a, opts: o, minting: newMintActivity(time.Now())}
 	if o.Inventory != nil {
 		i.records = newRecordWriter(o.Inventory, i.recordGone, recordWorkers, nil, deferral{
-			busy: func() bool { return i.minting.busy(o.Now()) }, max: recordDefer, now: o.Now})
+			busy: func() bool { return i.minting.busy(time.Now()) }, max: recordDefer, now: o.Now})
 	}
 	i.use = i.newTracker(o.Use)
 	return i, nil
@@ -125,7 +125,7 @@ func (i *Issuer) Close() {
 // behind.
 func (i *Issuer) Mint(ctx context.Context, c Caller, r postgres.MintRequest) (postgres.Grant, error) {
 	i.minting.begin()
-	defer func() { i.minting.end(i.opts.Now()) }()
+	defer func() { i.minting.end(time.Now()) }()
 	t, err := i.lookup(r.Params)
 	if err != nil {
 		return postgres.Grant{}, err

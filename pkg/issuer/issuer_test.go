@@ -598,3 +598,53 @@ func TestTheRecordAndTheRoleAreMadeAtOnce(t *testing.T) {
 		})
 	}
 }
+
+// TestAStatusWriteWaitsForTheMintUnderWay: a mint's status is not
+// written while another mint is under way (one is enough: a status write
+// costs the API server about twice a record's creation, and nobody waits
+// for it), and is written once that mint has answered.
+func TestAStatusWriteWaitsForTheMintUnderWay(t *testing.T) {
+	ctx := context.Background()
+	inv := newInventory()
+	slowID, quickID := "team-w-slow0001", "team-w-quick001"
+	entered, release := make(chan struct{}), make(chan struct{})
+	inv.before = func(ctx context.Context, e credential.Record) error {
+		if e.LeaseID == slowID {
+			close(entered)
+			<-release
+		}
+		return nil
+	}
+	iss, _ := newIssuer(t, Options{Inventory: inv})
+	node := postgres.NewNode(as{iss, Caller{Node: "n1"}})
+	type result struct {
+		l   provider.Lease
+		err error
+	}
+	slow := make(chan result, 1)
+	go func() {
+		l, err := issue(ctx, node, slowID, appPod("w1"))
+		slow <- result{l, err}
+	}()
+	<-entered
+	l, err := issue(ctx, node, quickID, appPod("w2"))
+	if err != nil {
+		close(release)
+		t.Fatalf("Mint: %v", err)
+	}
+	defer func() { _ = node.Revoke(ctx, l) }()
+	time.Sleep(300 * time.Millisecond) // well past mintQuiet, well within recordDefer
+	_, state := inv.get(quickID)
+	close(release)
+	if state != "issuing" {
+		t.Errorf("the status of a mint was written (%q) while another mint was under way", state)
+	}
+	r := <-slow
+	if r.err != nil {
+		t.Fatalf("the other mint: %v", r.err)
+	}
+	defer func() { _ = node.Revoke(ctx, r.l) }()
+	for _, id := range []string{quickID, slowID} {
+		inv.eventually(t, id, "the status written once no mint is under way", func(_ credential.Record, state string) bool { return state == "issued" })
+	}
+}

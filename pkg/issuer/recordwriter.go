@@ -65,23 +65,31 @@ const (
 const mintQuiet = 20 * time.Millisecond
 
 // mintActivity counts the mints under way and remembers when the last
-// one ended: busy tells the status writes to wait.
+// one ended: busy tells the status writes to wait. Its times are read
+// against epoch: given time.Now()'s readings, on the monotonic clock (a
+// step of the wall clock changes nothing), and never the issuer's
+// injected clock, which a test may hold still.
 type mintActivity struct {
+	epoch   time.Time
 	under   atomic.Int64
-	lastEnd atomic.Int64 // UnixNano
+	ended   atomic.Bool
+	lastEnd atomic.Int64 // since epoch
 }
+
+func newMintActivity(epoch time.Time) *mintActivity { return &mintActivity{epoch: epoch} }
 
 func (m *mintActivity) begin() { m.under.Add(1) }
 
 func (m *mintActivity) end(now time.Time) {
-	m.lastEnd.Store(now.UnixNano())
+	m.lastEnd.Store(int64(now.Sub(m.epoch)))
+	m.ended.Store(true)
 	m.under.Add(-1)
 }
 
 // busy reports whether a mint is under way or ended less than mintQuiet
 // before now.
 func (m *mintActivity) busy(now time.Time) bool {
-	return m.under.Load() > 0 || now.UnixNano()-m.lastEnd.Load() < int64(mintQuiet)
+	return m.under.Load() > 0 || m.ended.Load() && int64(now.Sub(m.epoch))-m.lastEnd.Load() < int64(mintQuiet)
 }
 
 // pendingWrite is the write a lease waits for: what was learnt last, and

@@ -173,8 +173,8 @@ func TestABurstDefersAWriteFromWhenItWasQueued(t *testing.T) {
 // answered less than mintQuiet ago, holds the status writes; they go
 // once mintQuiet has passed with no mint.
 func TestOneMintHoldsTheStatusWrites(t *testing.T) {
-	var m mintActivity
 	t0 := time.Unix(1000, 0)
+	m := newMintActivity(t0)
 	if m.busy(t0) {
 		t.Fatal("busy before any mint")
 	}
