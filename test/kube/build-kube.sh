@@ -21,6 +21,10 @@ out=${1:-${XDG_CACHE_HOME:-$HOME/.cache}/ephemeral-secrets-csi/bin}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 COMMANDS=${KUBE_COMMANDS:-"kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy"}
+# One build at a time into one directory: `make -j` may run the kube and
+# kubectl targets side by side; the second finds the first's commands.
+exec 9>"$out/.build-kube.lock"
+flock 9
 # kubectl (built for "make cluster" only) prints its version differently.
 version() { if [ "$1" = kubectl ]; then "$out/$1" version --client; else "$out/$1" --version; fi; }
 missing=""
@@ -69,12 +73,17 @@ echo "building$missing v$K8S (several minutes) ..."
 GOFLAGS=-mod=mod go mod tidy -e 2>&1 | grep -v "is a program, not an importable package" || true
 pkg=k8s.io/kubernetes/pkg/version
 base=k8s.io/component-base/version
+# Every missing command in one go build: one load of the package graph,
+# and each command's link runs beside the other commands' compiles (six
+# builds one after the other left a core idle through each link). Without
+# DWARF (the linker's -w drops it anyway): less to compile.
 build() {
-	for c in $missing; do
-		GOFLAGS=-mod=mod CGO_ENABLED=0 go build -trimpath -o "$out/$c" \
-			-ldflags "-s -w -X $base.gitVersion=v$K8S -X $base.gitMajor=1 -X $base.gitMinor=$MINOR -X $pkg.gitVersion=v$K8S" \
-			"k8s.io/kubernetes/cmd/$c" || return 1
-	done
+	pkgs=""
+	for c in $missing; do pkgs="$pkgs k8s.io/kubernetes/cmd/$c"; done
+	# shellcheck disable=SC2086 # one word per package
+	GOFLAGS=-mod=mod CGO_ENABLED=0 go build -trimpath -o "$out/" -gcflags=all=-dwarf=false \
+		-ldflags "-s -w -X $base.gitVersion=v$K8S -X $base.gitMajor=1 -X $base.gitMinor=$MINOR -X $pkg.gitVersion=v$K8S" \
+		$pkgs
 }
 if ! build; then
 	echo "retrying after another tidy ..."

@@ -51,7 +51,7 @@ cd "$work"
 echo "building vault v$VERSION (a few minutes) ..."
 GOFLAGS=-mod=mod go mod tidy -e 2>&1 | grep -v "is a program, not an importable package" || true
 build() {
-	GOFLAGS=-mod=mod CGO_ENABLED=0 go build -trimpath -o "$out/vault" \
+	GOFLAGS=-mod=mod CGO_ENABLED=0 go build -trimpath -gcflags=all=-dwarf=false -o "$out/vault" \
 		-ldflags "-s -w -X github.com/hashicorp/vault/version.Version=$VERSION" github.com/hashicorp/vault
 }
 if ! build; then
